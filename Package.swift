@@ -1,0 +1,59 @@
+// swift-tools-version: 6.1
+// The remote-desktop access gateway: see docs/ARCHITECTURE.md for the map of
+// targets. Dependencies point one way, from the executables at the top down
+// to the C shims and system libraries at the bottom.
+import PackageDescription
+
+let package = Package(
+    name: "RemoteDesktopGateway",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "leostream-gateway", targets: ["leostream-gateway"]),
+        .executable(name: "relay-bench", targets: ["relay-bench"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+    ],
+    targets: [
+        // C: Linux calls Swift's Glibc module does not expose (splice, accept4, ...).
+        .target(name: "CSystemShim"),
+        // System libraries through pkg-config. Only OpenSSL is used by the
+        // first issues; libnftnl/libmnl serve the kernel path, libsystemd the
+        // sd_notify readiness protocol.
+        .systemLibrary(name: "COpenSSL", pkgConfig: "openssl",
+                       providers: [.apt(["libssl-dev"])]),
+        .systemLibrary(name: "CNftnl", pkgConfig: "libnftnl",
+                       providers: [.apt(["libnftnl-dev"])]),
+        .systemLibrary(name: "CMnl", pkgConfig: "libmnl",
+                       providers: [.apt(["libmnl-dev"])]),
+        .systemLibrary(name: "CSystemd", pkgConfig: "libsystemd",
+                       providers: [.apt(["libsystemd-dev"])]),
+
+        // The typed system layer: the only Swift code that imports Glibc for I/O.
+        .target(name: "SystemLayer", dependencies: ["CSystemShim"]),
+        // One epoll loop per thread, its command queue and timers.
+        .target(name: "EventLoop", dependencies: ["SystemLayer"]),
+        // The TCP data plane: rules, admission, pipe pool, splice relay.
+        .target(name: "Relay", dependencies: [
+            "SystemLayer", "EventLoop",
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        // The gateway config file: parsing and validation with file:line errors.
+        .target(name: "GatewayConfig", dependencies: ["Relay", "SystemLayer"]),
+        .executableTarget(name: "leostream-gateway", dependencies: [
+            "GatewayConfig", "Relay", "SystemLayer",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        // Load generator and servers used by Bench/run (not part of the product).
+        .executableTarget(name: "relay-bench", dependencies: ["SystemLayer", "EventLoop"],
+                          path: "Bench/relay-bench"),
+
+        .testTarget(name: "SystemLayerTests", dependencies: ["SystemLayer"]),
+        .testTarget(name: "EventLoopTests", dependencies: ["EventLoop", "SystemLayer"]),
+        .testTarget(name: "RelayTests", dependencies: ["Relay", "EventLoop", "SystemLayer"]),
+        .testTarget(name: "GatewayConfigTests", dependencies: ["GatewayConfig", "Relay"]),
+        .testTarget(name: "GatewayE2ETests", dependencies: ["SystemLayer"]),
+    ]
+)

@@ -1,0 +1,101 @@
+// C shims for the Linux calls and constants Swift's Glibc module does not
+// reach: GNU-only calls such as splice(2) and accept4(2), and macros or
+// enum-valued constants that Swift imports awkwardly or not at all.
+//
+// Every function here is a thin wrapper named after the C call with the
+// `shim_` prefix. None retries EINTR or interprets errors: that happens in one
+// place, `SystemLayer/Syscall.swift`.
+#ifndef C_SYSTEM_SHIM_H
+#define C_SYSTEM_SHIM_H
+
+#include <stdint.h>
+#include <stddef.h>
+#include <sys/types.h>
+#include <sys/socket.h>
+#include <netinet/in.h>
+#include <sys/epoll.h>
+
+// MARK: errno
+
+int shim_errno(void);
+void shim_set_errno(int value);
+
+// MARK: epoll
+
+int shim_epoll_create(void);
+int shim_epoll_ctl(int epfd, int op, int fd, uint32_t events, uint64_t data);
+/// Waits for events and copies them into two parallel arrays, so that Swift
+/// never has to deal with the packed `struct epoll_event` layout on x86_64.
+int shim_epoll_wait(int epfd, uint32_t *events, uint64_t *data, int maxevents, int timeout_ms);
+
+extern const uint32_t SHIM_EPOLLIN;
+extern const uint32_t SHIM_EPOLLOUT;
+extern const uint32_t SHIM_EPOLLERR;
+extern const uint32_t SHIM_EPOLLHUP;
+extern const uint32_t SHIM_EPOLLRDHUP;
+extern const uint32_t SHIM_EPOLLET;
+extern const uint32_t SHIM_EPOLLEXCLUSIVE;
+extern const int SHIM_EPOLL_CTL_ADD;
+extern const int SHIM_EPOLL_CTL_MOD;
+extern const int SHIM_EPOLL_CTL_DEL;
+
+// MARK: eventfd, pipes, splice
+
+int shim_eventfd(unsigned int initval);
+int shim_pipe2(int fds[2]);
+int shim_set_pipe_size(int fd, int size);
+int shim_get_pipe_size(int fd);
+/// splice(2) with SPLICE_F_MOVE | SPLICE_F_NONBLOCK and no offsets.
+ssize_t shim_splice(int fd_in, int fd_out, size_t len);
+
+// MARK: sockets
+
+/// accept4(2) with SOCK_NONBLOCK | SOCK_CLOEXEC.
+int shim_accept4(int fd, struct sockaddr *addr, socklen_t *len);
+/// socket(2) with SOCK_NONBLOCK | SOCK_CLOEXEC.
+int shim_socket(int domain, int type, int protocol);
+int shim_setsockopt_int(int fd, int level, int name, int value);
+int shim_getsockopt_int(int fd, int level, int name, int *value);
+/// Sets SO_LINGER to {on, 0 s}, so that close(2) sends a RST.
+int shim_set_linger_zero(int fd);
+
+extern const int SHIM_SOCK_STREAM;
+extern const int SHIM_SOCK_DGRAM;
+extern const int SHIM_SO_REUSEPORT;
+extern const int SHIM_SO_REUSEADDR;
+extern const int SHIM_SO_KEEPALIVE;
+extern const int SHIM_SO_ERROR;
+extern const int SHIM_SO_RCVBUF;
+extern const int SHIM_SO_SNDBUF;
+extern const int SHIM_TCP_NODELAY;
+extern const int SHIM_TCP_KEEPIDLE;
+extern const int SHIM_TCP_KEEPINTVL;
+extern const int SHIM_TCP_KEEPCNT;
+extern const int SHIM_TCP_USER_TIMEOUT;
+extern const int SHIM_IPPROTO_TCP;
+extern const int SHIM_IPPROTO_IPV6;
+extern const int SHIM_IPV6_V6ONLY;
+
+// MARK: signals and threads
+
+/// Blocks SIGTERM, SIGINT, SIGHUP, SIGUSR1 and SIGPIPE in the calling thread,
+/// so that threads started afterwards inherit the mask and the signals are
+/// taken only by `shim_wait_signal`.
+int shim_block_process_signals(void);
+/// Waits for one of the signals blocked by `shim_block_process_signals`,
+/// other than SIGPIPE, and returns its number, or -1 on error.
+int shim_wait_signal(void);
+/// Sends `sig` to this process.
+int shim_raise_process(int sig);
+int shim_pthread_set_name(const char *name);
+
+// MARK: resources
+
+/// The soft RLIMIT_NOFILE.
+long shim_open_files_limit(void);
+/// Sets the soft RLIMIT_NOFILE (tests use this to provoke EMFILE).
+int shim_set_open_files_limit(long soft);
+/// Monotonic clock in nanoseconds.
+uint64_t shim_monotonic_ns(void);
+
+#endif

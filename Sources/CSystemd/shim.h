@@ -1,0 +1,2 @@
+// Umbrella header for the libsystemd system library; see Package.swift.
+#include <systemd/sd-daemon.h>

@@ -1,0 +1,275 @@
+import Relay
+import SystemLayer
+
+/// Everything `leostream-gateway serve` needs, read from a config file.
+public struct GatewayConfiguration: Sendable, Equatable {
+    public var settings = RelaySettings()
+    public var drainTimeoutNanoseconds: UInt64 = 30_000_000_000
+    public var logLevel = "info"
+    public var rules: [RelayRule] = []
+
+    public init() {}
+}
+
+/// A config file error, naming the file, the line and what was wrong.
+public struct ConfigError: Error, Equatable, Sendable, CustomStringConvertible {
+    public let file: String
+    public let line: Int
+    public let message: String
+
+    public init(file: String, line: Int, message: String) {
+        self.file = file
+        self.line = line
+        self.message = message
+    }
+
+    public var description: String { line > 0 ? "\(file):\(line): \(message)" : "\(file): \(message)" }
+}
+
+/// Reads the gateway's config format: `key = value` lines, `#` comments and
+/// `[forward NAME]` sections. See Config/gateway.example.conf.
+public enum ConfigParser {
+    /// Reads and validates the file at `path`.
+    /// - Throws: `ConfigError` for an unreadable file or the first bad line.
+    public static func load(path: String) throws(ConfigError) -> GatewayConfiguration {
+        guard let text = readFile(path) else {
+            throw ConfigError(file: path, line: 0, message: "cannot read the file: \(Errno.current)")
+        }
+        return try parse(text, file: path)
+    }
+
+    /// Parses config text; `file` is used in error messages.
+    /// - Throws: `ConfigError` for the first bad line.
+    public static func parse(_ text: String, file: String = "<config>") throws(ConfigError) -> GatewayConfiguration {
+        var config = GatewayConfiguration()
+        var forwards: [(name: String, line: Int, keys: [String: (value: String, line: Int)])] = []
+        var globalsSeen: Set<String> = []
+        var lineNumber = 0
+
+        func fail(_ message: String, at line: Int? = nil) -> ConfigError {
+            ConfigError(file: file, line: line ?? lineNumber, message: message)
+        }
+
+        for rawLine in text.split(separator: "\n", omittingEmptySubsequences: false) {
+            lineNumber += 1
+            var line = Substring(rawLine)
+            if let hash = line.firstIndex(of: "#") { line = line[..<hash] }
+            let trimmed = line.trimmingWhitespace()
+            if trimmed.isEmpty { continue }
+            if trimmed.hasPrefix("[") {
+                guard trimmed.hasSuffix("]") else { throw fail("section header must end with ']'") }
+                let inner = trimmed.dropFirst().dropLast().trimmingWhitespace()
+                let words = inner.split(separator: " ", omittingEmptySubsequences: true)
+                guard words.count == 2, words[0] == "forward" else {
+                    throw fail("unknown section [\(inner)]: expected [forward NAME]")
+                }
+                let name = String(words[1])
+                guard name.allSatisfy({ $0.isLetter || $0.isNumber || $0 == "-" || $0 == "_" || $0 == "." }), name.count <= 100 else {
+                    throw fail("forward name \"\(name)\" may hold only letters, digits, '-', '_' and '.' (at most 100)")
+                }
+                if let previous = forwards.first(where: { $0.name == name }) {
+                    throw fail("forward \"\(name)\" is already defined on line \(previous.line)")
+                }
+                forwards.append((name, lineNumber, [:]))
+                continue
+            }
+            guard let equals = trimmed.firstIndex(of: "=") else {
+                throw fail("expected `key = value`, found \"\(trimmed)\"")
+            }
+            let key = String(trimmed[..<equals].trimmingWhitespace()).lowercased()
+            let value = String(trimmed[trimmed.index(after: equals)...].trimmingWhitespace())
+            guard !key.isEmpty else { throw fail("missing key before '='") }
+            guard !value.isEmpty else { throw fail("\(key): missing value") }
+            if forwards.isEmpty {
+                guard globalsSeen.insert(key).inserted else { throw fail("\(key) is set twice") }
+                try applyGlobal(key: key, value: value, to: &config, fail: { fail($0) })
+            } else {
+                guard forwards[forwards.count - 1].keys[key] == nil else {
+                    throw fail("\(key) is set twice in [forward \(forwards[forwards.count - 1].name)]")
+                }
+                forwards[forwards.count - 1].keys[key] = (value, lineNumber)
+            }
+        }
+
+        for forward in forwards {
+            config.rules.append(try makeRule(forward.name, line: forward.line, keys: forward.keys, file: file))
+        }
+        do {
+            try RelayRule.check(config.rules)
+        } catch {
+            let line: Int = {
+                switch error {
+                case .duplicateID(let id), .invalid(let id, _), .listenFailed(let id, _, _):
+                    return forwards.first { $0.name == id }?.line ?? 0
+                case .conflictingRules(_, let second, _):
+                    return forwards.first { $0.name == second }?.line ?? 0
+                }
+            }()
+            throw ConfigError(file: file, line: line, message: error.description)
+        }
+        return config
+    }
+
+    private static func applyGlobal(key: String, value: String, to config: inout GatewayConfiguration,
+                                    fail: (String) -> ConfigError) throws(ConfigError) {
+        switch key {
+        case "loops":
+            config.settings.loops = try integer(key, value, in: 1...256, fail)
+        case "max_connections":
+            config.settings.maxConnections = try integer(key, value, in: 1...10_000_000, fail)
+        case "max_connections_per_listener":
+            config.settings.maxConnectionsPerListener = try integer(key, value, in: 1...10_000_000, fail)
+        case "connect_timeout":
+            guard let d = try duration(key, value, allowOff: false, fail), d > 0 else { throw fail("\(key) must be more than 0") }
+            config.settings.connectTimeoutNanoseconds = d
+        case "drain_timeout":
+            config.drainTimeoutNanoseconds = try duration(key, value, allowOff: false, fail) ?? 0
+        case "keepalive_idle":
+            config.settings.liveness.keepaliveIdle = try seconds(key, value, in: 1...32767, fail)
+        case "keepalive_interval":
+            config.settings.liveness.keepaliveInterval = try seconds(key, value, in: 1...32767, fail)
+        case "keepalive_count":
+            config.settings.liveness.keepaliveCount = try integer(key, value, in: 1...127, fail)
+        case "user_timeout":
+            let d = try duration(key, value, allowOff: true, fail) ?? 0
+            config.settings.liveness.userTimeoutMilliseconds = Int(d / 1_000_000)
+        case "pipe_size":
+            config.settings.pipeSize = try size(key, value, in: 4096...(1 << 20), fail)
+        case "max_pipes":
+            config.settings.maxPipes = try integer(key, value, in: 0...100_000, fail)
+        case "log_level":
+            let levels = ["trace", "debug", "info", "notice", "warning", "error", "critical"]
+            guard levels.contains(value.lowercased()) else {
+                throw fail("log_level: \"\(value)\" is not one of \(levels.joined(separator: ", "))")
+            }
+            config.logLevel = value.lowercased()
+        default:
+            throw fail("unknown setting \"\(key)\"")
+        }
+    }
+
+    private static func makeRule(_ name: String, line: Int, keys: [String: (value: String, line: Int)],
+                                 file: String) throws(ConfigError) -> RelayRule {
+        let known: Set<String> = ["listen", "target", "allow", "idle_timeout", "max_connections"]
+        for (key, entry) in keys where !known.contains(key) {
+            throw ConfigError(file: file, line: entry.line, message: "unknown setting \"\(key)\" in [forward \(name)]")
+        }
+        guard let listenEntry = keys["listen"] else {
+            throw ConfigError(file: file, line: line, message: "[forward \(name)] needs `listen = ADDRESS:PORT`")
+        }
+        guard let targetEntry = keys["target"] else {
+            throw ConfigError(file: file, line: line, message: "[forward \(name)] needs `target = HOST:PORT`")
+        }
+        guard let listen = SocketAddress(listenEntry.value) else {
+            throw ConfigError(file: file, line: listenEntry.line,
+                              message: "listen: \"\(listenEntry.value)\" is not a numeric address and port (e.g. 0.0.0.0:20001 or [::]:20001)")
+        }
+        guard listen.port != 0 else {
+            throw ConfigError(file: file, line: listenEntry.line, message: "listen: port must be 1-65535")
+        }
+        guard let (host, port) = SocketAddress.splitHostPort(targetEntry.value), port != 0 else {
+            throw ConfigError(file: file, line: targetEntry.line,
+                              message: "target: \"\(targetEntry.value)\" is not HOST:PORT with a port of 1-65535")
+        }
+        let target: SocketAddress
+        do {
+            target = try SocketAddress.resolve(host: host, port: port)
+        } catch {
+            throw ConfigError(file: file, line: targetEntry.line, message: "target: \(error)")
+        }
+        var allow: [CIDR] = []
+        if let allowEntry = keys["allow"] {
+            for item in allowEntry.value.split(separator: ",") {
+                let text = String(item.trimmingWhitespace())
+                guard let prefix = CIDR(text) else {
+                    throw ConfigError(file: file, line: allowEntry.line,
+                                      message: "allow: \"\(text)\" is not an address or CIDR prefix (e.g. 203.0.113.0/24)")
+                }
+                allow.append(prefix)
+            }
+        }
+        var rule = RelayRule(id: name, listen: listen, allow: allow, target: target)
+        if let idle = keys["idle_timeout"] {
+            let fail = { (message: String) in ConfigError(file: file, line: idle.line, message: message) }
+            rule.idleTimeoutNanoseconds = try duration("idle_timeout", idle.value, allowOff: true, fail)
+        }
+        if let max = keys["max_connections"] {
+            let fail = { (message: String) in ConfigError(file: file, line: max.line, message: message) }
+            rule.maxConnections = try integer("max_connections", max.value, in: 1...10_000_000, fail)
+        }
+        return rule
+    }
+
+    // MARK: Values
+
+    static func integer(_ key: String, _ value: String, in range: ClosedRange<Int>,
+                        _ fail: (String) -> ConfigError) throws(ConfigError) -> Int {
+        guard let n = Int(value), range.contains(n) else {
+            throw fail("\(key): \"\(value)\" is not a whole number from \(range.lowerBound) to \(range.upperBound)")
+        }
+        return n
+    }
+
+    /// Parses `500ms`, `5s`, `2m`, `1h` (or `off` when allowed, giving nil) into nanoseconds.
+    static func duration(_ key: String, _ value: String, allowOff: Bool,
+                         _ fail: (String) -> ConfigError) throws(ConfigError) -> UInt64? {
+        let lower = value.lowercased()
+        if allowOff && (lower == "off" || lower == "0") { return nil }
+        let units: [(String, UInt64)] = [("ms", 1_000_000), ("s", 1_000_000_000), ("m", 60_000_000_000), ("h", 3_600_000_000_000)]
+        for (suffix, scale) in units where lower.hasSuffix(suffix) {
+            let number = lower.dropLast(suffix.count)
+            if let n = UInt64(number), n <= 1_000_000_000, !number.isEmpty {
+                return n * scale
+            }
+        }
+        throw fail("\(key): \"\(value)\" is not a duration (e.g. 500ms, 5s, 2m, 1h\(allowOff ? " or off" : ""))")
+    }
+
+    static func seconds(_ key: String, _ value: String, in range: ClosedRange<Int>,
+                        _ fail: (String) -> ConfigError) throws(ConfigError) -> Int {
+        let nanos = try duration(key, value, allowOff: false, fail) ?? 0
+        let secs = Int(nanos / 1_000_000_000)
+        guard nanos % 1_000_000_000 == 0, range.contains(secs) else {
+            throw fail("\(key): \"\(value)\" must be whole seconds from \(range.lowerBound)s to \(range.upperBound)s")
+        }
+        return secs
+    }
+
+    /// Parses `65536`, `64k` or `1m` into bytes.
+    static func size(_ key: String, _ value: String, in range: ClosedRange<Int>,
+                     _ fail: (String) -> ConfigError) throws(ConfigError) -> Int {
+        let lower = value.lowercased()
+        var scale = 1
+        var digits = Substring(lower)
+        if lower.hasSuffix("k") { scale = 1024; digits = digits.dropLast() }
+        else if lower.hasSuffix("m") { scale = 1 << 20; digits = digits.dropLast() }
+        guard let n = Int(digits), range.contains(n * scale) else {
+            throw fail("\(key): \"\(value)\" is not a size from \(range.lowerBound) to \(range.upperBound) bytes (e.g. 64k, 1m)")
+        }
+        return n * scale
+    }
+
+    private static func readFile(_ path: String) -> String? {
+        guard let fd = try? FileDescriptor.openReadOnly(path) else { return nil }
+        defer { fd.close() }
+        var data: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let result = chunk.withUnsafeMutableBytes { try? fd.read(into: $0) }
+            guard case .done(let n)? = result else { return nil }
+            if n == 0 { break }
+            data.append(contentsOf: chunk[0..<n])
+            if data.count > 16 << 20 { return nil }
+        }
+        return String(decoding: data, as: UTF8.self)
+    }
+}
+
+extension StringProtocol {
+    func trimmingWhitespace() -> Substring {
+        var s = Substring(self)
+        while let first = s.first, first == " " || first == "\t" || first == "\r" { s = s.dropFirst() }
+        while let last = s.last, last == " " || last == "\t" || last == "\r" { s = s.dropLast() }
+        return s
+    }
+}

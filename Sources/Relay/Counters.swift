@@ -1,0 +1,81 @@
+import Synchronization
+
+/// Per-loop event counters. Each loop writes only its own instance (relaxed
+/// atomics on an uncontended line); readers sum the loops' instances.
+final class LoopCounters: Sendable {
+    let accepted = Atomic<Int>(0)
+    let established = Atomic<Int>(0)
+    let closed = Atomic<Int>(0)
+    let active = Atomic<Int>(0)
+    let connectRefused = Atomic<Int>(0)
+    let connectTimedOut = Atomic<Int>(0)
+    let connectOtherFailure = Atomic<Int>(0)
+    let resets = Atomic<Int>(0)
+    let idleClosed = Atomic<Int>(0)
+    let revoked = Atomic<Int>(0)
+    let spliceFallbacks = Atomic<Int>(0)
+    let bytesClientToTarget = Atomic<Int>(0)
+    let bytesTargetToClient = Atomic<Int>(0)
+    let refusedGlobalLimit = Atomic<Int>(0)
+    let refusedListenerLimit = Atomic<Int>(0)
+    let refusedNotAllowed = Atomic<Int>(0)
+    let refusedDescriptors = Atomic<Int>(0)
+    let refusedDraining = Atomic<Int>(0)
+
+    init() {}
+
+    @inline(__always)
+    func bump(_ counter: borrowing Atomic<Int>, by amount: Int = 1) {
+        counter.wrappingAdd(amount, ordering: .relaxed)
+    }
+
+    func refusal(_ reason: RefusalReason) -> Int {
+        switch reason {
+        case .globalLimit: refusedGlobalLimit.load(ordering: .relaxed)
+        case .listenerLimit: refusedListenerLimit.load(ordering: .relaxed)
+        case .notAllowed: refusedNotAllowed.load(ordering: .relaxed)
+        case .descriptorsExhausted: refusedDescriptors.load(ordering: .relaxed)
+        case .draining: refusedDraining.load(ordering: .relaxed)
+        }
+    }
+
+    func countRefusal(_ reason: RefusalReason) {
+        switch reason {
+        case .globalLimit: bump(refusedGlobalLimit)
+        case .listenerLimit: bump(refusedListenerLimit)
+        case .notAllowed: bump(refusedNotAllowed)
+        case .descriptorsExhausted: bump(refusedDescriptors)
+        case .draining: bump(refusedDraining)
+        }
+    }
+}
+
+/// A point-in-time sum of every loop's counters.
+public struct RelayStats: Sendable, Equatable, CustomStringConvertible {
+    public var accepted = 0
+    public var established = 0
+    public var closed = 0
+    public var active = 0
+    public var refused: [RefusalReason: Int] = [:]
+    public var connectRefused = 0
+    public var connectTimedOut = 0
+    public var connectOtherFailure = 0
+    public var resets = 0
+    public var idleClosed = 0
+    public var revoked = 0
+    public var spliceFallbacks = 0
+    public var bytesClientToTarget = 0
+    public var bytesTargetToClient = 0
+    public var pipesOpen = 0
+
+    public var totalRefused: Int { refused.values.reduce(0, +) }
+    public var failed: Int { connectRefused + connectTimedOut + connectOtherFailure }
+
+    public var description: String {
+        let refusals = RefusalReason.allCases.map { "\($0.rawValue)=\(refused[$0, default: 0])" }.joined(separator: " ")
+        return "accepted=\(accepted) established=\(established) active=\(active) closed=\(closed) "
+            + "failed=\(failed) (refused=\(connectRefused) timeout=\(connectTimedOut) other=\(connectOtherFailure)) "
+            + "resets=\(resets) idle_closed=\(idleClosed) revoked=\(revoked) refusals: \(refusals) "
+            + "bytes c->t=\(bytesClientToTarget) t->c=\(bytesTargetToClient) pipes_open=\(pipesOpen)"
+    }
+}

@@ -1,0 +1,239 @@
+import EventLoop
+import Logging
+import SystemLayer
+
+/// A loop's share of the relay: its listening sockets, its connections, its
+/// pipe pool and counters. Touched only on the loop's thread.
+final class LoopContext {
+    unowned let loop: EventLoop
+    let settings: RelaySettings
+    let admission: AdmissionControl
+    let counters = LoopCounters()
+    let pool: PipePool
+    let log: RateLimitedLog
+    private(set) var connections: [UInt64: RelayConnection] = [:]
+    private var listeners: [SocketAddress: ListenerHandler] = [:]
+    private var nextID: UInt64 = 0
+    private var reserve: FileDescriptor?
+    private(set) var draining = false
+
+    init(loop: EventLoop, settings: RelaySettings, admission: AdmissionControl, budget: PipeBudget, logger: Logger) {
+        self.loop = loop
+        self.settings = settings
+        self.admission = admission
+        pool = PipePool(budget: budget, pipeSize: settings.pipeSize, maxIdle: settings.idlePipesPerLoop)
+        log = RateLimitedLog(logger: logger)
+        reserve = try? FileDescriptor.openReadOnly("/dev/null")
+        nextID = UInt64(loop.id) << 48
+    }
+
+    // MARK: Rules
+
+    /// Switches to `ruleSet`: listeners it no longer has are closed (their
+    /// established connections go on), new ones are registered with the
+    /// sockets the engine opened for this loop, and kept ones get their new rules.
+    func install(_ ruleSet: RuleSet, newSockets: [SocketAddress: FileDescriptor]) {
+        for (address, listener) in listeners where ruleSet.listeners[address] == nil {
+            listener.close()
+            listeners[address] = nil
+        }
+        for (address, rules) in ruleSet.listeners {
+            if let listener = listeners[address] {
+                listener.rules = rules
+            } else if let fd = newSockets[address] {
+                let listener = ListenerHandler(fd: fd, rules: rules, context: self)
+                do {
+                    try loop.register(fd, interest: [.readable], handler: listener)
+                    listeners[address] = listener
+                } catch {
+                    log.logger.error("cannot watch listener \(address) on loop \(loop.id): \(error)")
+                    fd.close()
+                }
+            }
+        }
+    }
+
+    /// Stops accepting: closes every listener and refuses what is still queued.
+    func stopListening() {
+        draining = true
+        for listener in listeners.values { listener.close() }
+        listeners.removeAll()
+    }
+
+    /// Closes the connections of `ruleID` with a reset on both sides.
+    /// - Returns: how many were closed.
+    func revoke(ruleID: String) -> Int {
+        let doomed = connections.values.filter { $0.rule.id == ruleID }
+        for connection in doomed {
+            connection.close(resetClient: true, resetUpstream: true)
+            counters.bump(counters.revoked)
+        }
+        return doomed.count
+    }
+
+    /// Closes every connection (the end of a drain).
+    func closeAll() -> Int {
+        let all = Array(connections.values)
+        for connection in all { connection.close(resetClient: true, resetUpstream: true) }
+        pool.drainIdle()
+        return all.count
+    }
+
+    // MARK: Accepting
+
+    /// Takes a new client from `listener`: admission, rule match, then the
+    /// upstream connect. A refused client is reset at once.
+    func accepted(_ accepted: AcceptedConnection, on listener: ListenerHandler) {
+        counters.bump(counters.accepted)
+        if draining { return refuse(accepted, listener: listener, reason: .draining) }
+        guard let rule = listener.rules.match(accepted.peer.ip.unmapped) else {
+            return refuse(accepted, listener: listener, reason: .notAllowed)
+        }
+        let gate = listener.rules.gate
+        if let reason = admission.admit(gate) {
+            return refuse(accepted, listener: listener, reason: reason)
+        }
+        let upstream: FileDescriptor
+        do {
+            upstream = try Socket.makeTCP(family: rule.target.family)
+        } catch {
+            admission.release(gate)
+            if error.isDescriptorExhaustion {
+                return refuse(accepted, listener: listener, reason: .descriptorsExhausted)
+            }
+            counters.bump(counters.connectOtherFailure)
+            log.limited(.connectFailure, "cannot open a socket to \(rule.target) for rule \"\(rule.id)\": \(error)")
+            Socket.setResetOnClose(accepted.fd)
+            accepted.fd.close()
+            return
+        }
+        Socket.setNoDelay(accepted.fd)
+        Socket.setNoDelay(upstream)
+        Socket.apply(settings.liveness, to: accepted.fd)
+        nextID &+= 1
+        let connection = RelayConnection(id: nextID, client: accepted.fd, upstream: upstream, clientAddress: accepted.peer,
+                                         rule: rule, gate: gate, context: self, now: loop.now)
+        let interest: EpollEvents = [.readable, .writable, .readHangUp, .edgeTriggered]
+        do {
+            try loop.register(accepted.fd, interest: interest, handler: connection)
+            try loop.register(upstream, interest: interest, handler: connection)
+        } catch {
+            loop.deregister(accepted.fd)
+            admission.release(gate)
+            Socket.setResetOnClose(accepted.fd)
+            accepted.fd.close()
+            upstream.close()
+            counters.bump(counters.connectOtherFailure)
+            log.limited(.connectFailure, "cannot watch connection from \(accepted.peer): \(error)")
+            return
+        }
+        connections[connection.id] = connection
+        counters.bump(counters.active)
+        connection.startConnect(loop: loop)
+    }
+
+    private func refuse(_ accepted: AcceptedConnection, listener: ListenerHandler, reason: RefusalReason) {
+        counters.countRefusal(reason)
+        Socket.setResetOnClose(accepted.fd)
+        accepted.fd.close()
+        log.limited(.refusal, "refused \(accepted.peer) on \(listener.rules.address): \(Self.explain(reason, listener.rules.gate, admission))")
+    }
+
+    static func explain(_ reason: RefusalReason, _ gate: AdmissionGate, _ admission: AdmissionControl) -> String {
+        switch reason {
+        case .globalLimit: "MaxConnections (\(admission.global.limit)) reached"
+        case .listenerLimit: "listener MaxConnections (\(gate.limit)) reached"
+        case .notAllowed: "no rule on this port allows this client"
+        case .descriptorsExhausted: "out of file descriptors"
+        case .draining: "shutting down"
+        }
+    }
+
+    /// The process is out of descriptors: refuse the client at the head of the
+    /// queue with the reserve descriptor's help, so it is told at once rather
+    /// than left waiting, and pause the listener briefly so that a full accept
+    /// queue cannot spin the loop.
+    func descriptorsExhausted(on listener: ListenerHandler) {
+        counters.countRefusal(.descriptorsExhausted)
+        log.limited(.descriptors, "out of file descriptors (limit \(ProcessResources.openFilesLimit)) on \(listener.rules.address): refusing new clients until some close")
+        if let spare = reserve {
+            spare.close()
+            reserve = nil
+            if case .done(let victim)? = try? Socket.accept(listener.fd) {
+                Socket.setResetOnClose(victim.fd)
+                victim.fd.close()
+            }
+            reserve = try? FileDescriptor.openReadOnly("/dev/null")
+        }
+        listener.pause(nanoseconds: 50_000_000)
+    }
+
+    func connectionClosed(_ connection: RelayConnection, wasEstablished: Bool) {
+        connections[connection.id] = nil
+        admission.release(connection.gate)
+        counters.bump(counters.active, by: -1)
+        counters.bump(counters.closed)
+        counters.bump(counters.bytesClientToTarget, by: Int(truncatingIfNeeded: connection.toTarget.delivered))
+        counters.bump(counters.bytesTargetToClient, by: Int(truncatingIfNeeded: connection.toClient.delivered))
+        if log.logger.logLevel <= .debug {
+            let seconds = Double(loop.now &- connection.startedAt) / 1e9
+            log.logger.debug("closed \(connection.clientAddress) -> \(connection.rule.target) rule=\(connection.rule.id) established=\(wasEstablished) bytes_to_target=\(connection.toTarget.delivered) bytes_to_client=\(connection.toClient.delivered) seconds=\(seconds)")
+        }
+    }
+}
+
+/// A loop's listening socket for one address, with the rules that use it.
+final class ListenerHandler: EventHandler, TimerHandler {
+    let fd: FileDescriptor
+    var rules: ListenerRules
+    unowned let context: LoopContext
+    private var closed = false
+    private var paused = false
+
+    init(fd: FileDescriptor, rules: ListenerRules, context: LoopContext) {
+        self.fd = fd
+        self.rules = rules
+        self.context = context
+    }
+
+    /// Accepts up to 64 clients per readiness event (the socket is
+    /// level-triggered, so what is left is reported again), to stay fair to
+    /// the connections already on this loop.
+    func handle(events: EpollEvents, fd: FileDescriptor, loop: EventLoop) {
+        for _ in 0..<64 {
+            guard !closed, !paused else { return }
+            do {
+                switch try Socket.accept(fd) {
+                case .wouldBlock: return
+                case .done(let connection): context.accepted(connection, on: self)
+                }
+            } catch where error.isDescriptorExhaustion {
+                context.descriptorsExhausted(on: self)
+                return
+            } catch {
+                // ECONNABORTED, EPROTO, ENETDOWN...: that client is gone; go on.
+                continue
+            }
+        }
+    }
+
+    func pause(nanoseconds: UInt64) {
+        guard !paused, !closed else { return }
+        paused = true
+        try? context.loop.modify(fd, interest: [])
+        context.loop.schedule(afterNanoseconds: nanoseconds, target: self)
+    }
+
+    func timerFired(tag: Int, loop: EventLoop) {
+        guard paused, !closed else { return }
+        paused = false
+        try? loop.modify(fd, interest: [.readable])
+    }
+
+    func close() {
+        guard !closed else { return }
+        closed = true
+        context.loop.deregister(fd)
+        fd.close()
+    }
+}

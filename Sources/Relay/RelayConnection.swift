@@ -1,0 +1,208 @@
+import EventLoop
+import SystemLayer
+
+/// One relayed TCP connection: the client's socket, the upstream socket and
+/// the two directions between them. Lives on one loop and is touched only
+/// from that loop's thread.
+final class RelayConnection: EventHandler, TimerHandler {
+    enum State { case connecting, established, closed }
+
+    private enum TimerTag: Int { case connect = 1, idle = 2 }
+
+    let id: UInt64
+    let client: FileDescriptor
+    let upstream: FileDescriptor
+    let clientAddress: SocketAddress
+    let rule: RelayRule
+    let gate: AdmissionGate
+    unowned let context: LoopContext
+    let startedAt: UInt64
+
+    private(set) var state: State = .connecting
+    var toTarget: RelayDirection<SocketDirectionIO>
+    var toClient: RelayDirection<SocketDirectionIO>
+    private var lastActivity: UInt64
+    private var connectTimer: TimerID?
+    private var idleTimer: TimerID?
+
+    init(id: UInt64, client: FileDescriptor, upstream: FileDescriptor, clientAddress: SocketAddress,
+         rule: RelayRule, gate: AdmissionGate, context: LoopContext, now: UInt64) {
+        self.id = id
+        self.client = client
+        self.upstream = upstream
+        self.clientAddress = clientAddress
+        self.rule = rule
+        self.gate = gate
+        self.context = context
+        startedAt = now
+        lastActivity = now
+        toTarget = RelayDirection(io: SocketDirectionIO(source: client, destination: upstream, pool: context.pool))
+        toClient = RelayDirection(io: SocketDirectionIO(source: upstream, destination: client, pool: context.pool))
+    }
+
+    /// Starts the non-blocking connect; the connection is registered already.
+    func startConnect(loop: EventLoop) {
+        let progress: ConnectProgress
+        do {
+            progress = try Socket.connect(upstream, to: rule.target)
+        } catch {
+            connectFailed(error)
+            return
+        }
+        switch progress {
+        case .connected:
+            becomeEstablished(loop: loop)
+        case .inProgress:
+            connectTimer = loop.schedule(afterNanoseconds: context.settings.connectTimeoutNanoseconds,
+                                         target: self, tag: TimerTag.connect.rawValue)
+        }
+    }
+
+    func handle(events: EpollEvents, fd: FileDescriptor, loop: EventLoop) {
+        switch state {
+        case .closed:
+            return
+        case .connecting:
+            if fd == upstream {
+                guard !events.isDisjoint(with: [.writable, .error, .hangUp]) else { return }
+                if let error = Socket.pendingError(upstream) {
+                    connectFailed(error)
+                } else {
+                    becomeEstablished(loop: loop)
+                }
+            } else if !events.isDisjoint(with: [.error, .hangUp]) {
+                // The client vanished before the target answered.
+                close(resetClient: false, resetUpstream: true)
+            }
+        case .established:
+            let before = toTarget.delivered &+ toClient.delivered
+            let fromReadSide: EpollEvents = [.readable, .readHangUp, .hangUp, .error]
+            let fromWriteSide: EpollEvents = [.writable, .hangUp, .error]
+            var target: PumpOutcome? = nil
+            var back: PumpOutcome? = nil
+            if fd == client {
+                if !events.isDisjoint(with: fromReadSide) { target = toTarget.pump() }
+                if !events.isDisjoint(with: fromWriteSide) { back = toClient.pump() }
+            } else {
+                if !events.isDisjoint(with: fromReadSide) { back = toClient.pump() }
+                if !events.isDisjoint(with: fromWriteSide) { target = toTarget.pump() }
+            }
+            if rule.idleTimeoutNanoseconds != nil, toTarget.delivered &+ toClient.delivered != before {
+                lastActivity = loop.now
+            }
+            settle(target, back)
+        }
+    }
+
+    /// Acts on the pumps' outcomes: a failure resets the other side; two
+    /// finished directions close the connection.
+    private func settle(_ target: PumpOutcome?, _ back: PumpOutcome?) {
+        switch target {
+        case .sourceFailed?:
+            // The client failed (reset): pass the reset on to the target.
+            return close(resetClient: false, resetUpstream: true, countReset: true)
+        case .destinationFailed?:
+            return close(resetClient: true, resetUpstream: false, countReset: true)
+        default: break
+        }
+        switch back {
+        case .sourceFailed?:
+            return close(resetClient: true, resetUpstream: false, countReset: true)
+        case .destinationFailed?:
+            return close(resetClient: false, resetUpstream: true, countReset: true)
+        default: break
+        }
+        if toTarget.finished && toClient.finished {
+            close(resetClient: false, resetUpstream: false)
+        }
+    }
+
+    private func becomeEstablished(loop: EventLoop) {
+        if let timer = connectTimer { loop.cancel(timer); connectTimer = nil }
+        state = .established
+        context.counters.bump(context.counters.established)
+        Socket.apply(context.settings.liveness, to: upstream)
+        if let idle = rule.idleTimeoutNanoseconds {
+            lastActivity = loop.now
+            idleTimer = loop.schedule(afterNanoseconds: idle, target: self, tag: TimerTag.idle.rawValue)
+        }
+        // Bytes the client sent while the connect was in progress are waiting:
+        // with edge-triggered readiness no new event would announce them.
+        let target = toTarget.pump()
+        let back = state == .established ? toClient.pump() : nil
+        if state == .established { settle(target, back) }
+    }
+
+    private func connectFailed(_ error: Errno) {
+        if error == .connectionRefused {
+            context.counters.bump(context.counters.connectRefused)
+        } else if error == .timedOut {
+            context.counters.bump(context.counters.connectTimedOut)
+        } else {
+            context.counters.bump(context.counters.connectOtherFailure)
+        }
+        context.log.limited(.connectFailure, "cannot reach \(rule.target) for rule \"\(rule.id)\" (client \(clientAddress)): \(error)")
+        close(resetClient: true, resetUpstream: false)
+    }
+
+    func timerFired(tag: Int, loop: EventLoop) {
+        guard state != .closed else { return }
+        switch TimerTag(rawValue: tag) {
+        case .connect?:
+            connectTimer = nil
+            if state == .connecting { connectFailed(.timedOut) }
+        case .idle?:
+            guard let idle = rule.idleTimeoutNanoseconds else { return }
+            let quiet = loop.now &- lastActivity
+            if quiet >= idle {
+                context.counters.bump(context.counters.idleClosed)
+                close(resetClient: false, resetUpstream: false)
+            } else {
+                idleTimer = loop.schedule(afterNanoseconds: idle - quiet, target: self, tag: TimerTag.idle.rawValue)
+            }
+        case nil:
+            return
+        }
+    }
+
+    /// Closes both sockets. A side marked for reset gets a RST instead of a FIN.
+    func close(resetClient: Bool, resetUpstream: Bool, countReset: Bool = false) {
+        guard state != .closed else { return }
+        let wasEstablished = state == .established
+        state = .closed
+        let loop = context.loop
+        if let timer = connectTimer { loop.cancel(timer) }
+        if let timer = idleTimer { loop.cancel(timer) }
+        loop.deregister(client)
+        loop.deregister(upstream)
+        if resetClient { Socket.setResetOnClose(client) }
+        if resetUpstream { Socket.setResetOnClose(upstream) }
+        client.close()
+        upstream.close()
+        toTarget.io.discardBuffer()
+        toClient.io.discardBuffer()
+        if toTarget.io.fellBack || toClient.io.fellBack { context.counters.bump(context.counters.spliceFallbacks) }
+        if countReset { context.counters.bump(context.counters.resets) }
+        context.connectionClosed(self, wasEstablished: wasEstablished)
+    }
+
+    var info: ConnectionInfo {
+        ConnectionInfo(id: id, loop: context.loop.id, rule: rule.id, client: clientAddress, target: rule.target,
+                       startedAtNanoseconds: startedAt, established: state == .established,
+                       bytesClientToTarget: toTarget.delivered, bytesTargetToClient: toClient.delivered)
+    }
+}
+
+/// What the engine reports about one live connection.
+public struct ConnectionInfo: Sendable, Equatable {
+    public let id: UInt64
+    public let loop: Int
+    public let rule: String
+    public let client: SocketAddress
+    public let target: SocketAddress
+    /// Monotonic clock reading at accept.
+    public let startedAtNanoseconds: UInt64
+    public let established: Bool
+    public let bytesClientToTarget: UInt64
+    public let bytesTargetToClient: UInt64
+}

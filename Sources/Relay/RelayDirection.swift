@@ -1,0 +1,193 @@
+import SystemLayer
+
+/// What one direction of a relay can do with its source, its in-flight
+/// buffer (a pipe, or memory when splice cannot be used) and its destination.
+/// The socket implementation is `SocketDirectionIO`; tests drive the pump
+/// with a scripted one, without sockets.
+public protocol DirectionIO {
+    /// Makes sure an in-flight buffer is held.
+    /// - Returns: its capacity in bytes.
+    mutating func acquireBuffer() -> Int
+    /// Gives back the buffer; called only when it is empty.
+    mutating func releaseBuffer()
+    /// Moves up to `maxBytes` from the source into the buffer.
+    /// - Returns: `.done(0)` at end of stream, `.done(n)`, or `.wouldBlock` (source empty).
+    mutating func fill(maxBytes: Int) throws(Errno) -> IOResult<Int>
+    /// Moves up to `maxBytes` from the buffer to the destination.
+    /// - Returns: `.done(n)` or `.wouldBlock` (destination full).
+    mutating func flush(maxBytes: Int) throws(Errno) -> IOResult<Int>
+    /// Tells the destination that no more bytes will come (a FIN).
+    mutating func finishDestination()
+}
+
+/// Where a direction stopped after a pump.
+public enum PumpOutcome: Equatable, Sendable {
+    /// The source had nothing more; wait for it to become readable.
+    case waitingForSource
+    /// The destination is full; wait for it to become writable. The source is
+    /// not read meanwhile: that is the backpressure.
+    case waitingForDestination
+    /// The source ended and everything was delivered; the FIN was passed on.
+    case finished
+    /// Reading the source failed (e.g. the peer reset).
+    case sourceFailed(Errno)
+    /// Writing the destination failed.
+    case destinationFailed(Errno)
+}
+
+/// One direction of a relay: a pure state machine over `DirectionIO`.
+///
+/// Invariant: the source is read only when the buffer is empty, so a
+/// would-block from `fill` always means "source empty", never "buffer full";
+/// with edge-triggered readiness, the pump therefore always stops at a point
+/// where a later event (source readable, destination writable) will resume it.
+public struct RelayDirection<IO: DirectionIO> {
+    public var io: IO
+    /// Bytes read from the source and not yet written to the destination.
+    public private(set) var inFlight = 0
+    /// Bytes delivered to the destination.
+    public private(set) var delivered: UInt64 = 0
+    public private(set) var sourceEnded = false
+    public private(set) var finished = false
+
+    public init(io: IO) { self.io = io }
+
+    /// Moves bytes until the source is empty, the destination is full, the
+    /// stream ended or a side failed.
+    public mutating func pump() -> PumpOutcome {
+        if finished { return .finished }
+        while true {
+            while inFlight > 0 {
+                let result: IOResult<Int>
+                do { result = try io.flush(maxBytes: inFlight) } catch { return .destinationFailed(error) }
+                guard case .done(let n) = result else { return .waitingForDestination }
+                inFlight -= n
+                delivered &+= UInt64(n)
+            }
+            if sourceEnded {
+                io.releaseBuffer()
+                io.finishDestination()
+                finished = true
+                return .finished
+            }
+            let capacity = io.acquireBuffer()
+            let result: IOResult<Int>
+            do { result = try io.fill(maxBytes: capacity) } catch {
+                io.releaseBuffer()
+                return .sourceFailed(error)
+            }
+            switch result {
+            case .done(0):
+                sourceEnded = true
+            case .done(let n):
+                inFlight = n
+            case .wouldBlock:
+                io.releaseBuffer()
+                return .waitingForSource
+            }
+        }
+    }
+}
+
+/// The in-flight buffer of one direction.
+enum Carrier {
+    case none
+    case pipe(Pipe)
+    case memory(UnsafeMutableRawBufferPointer, offset: Int, end: Int)
+}
+
+/// `DirectionIO` on two sockets: splice through a pooled pipe, or read/write
+/// through memory when no pipe can be had or the kernel refuses to splice.
+struct SocketDirectionIO: DirectionIO {
+    let source: FileDescriptor
+    let destination: FileDescriptor
+    unowned let pool: PipePool
+    var carrier: Carrier = .none
+    /// Set once splice answered EINVAL/ENOSYS: copy from then on.
+    var spliceUnsupported = false
+    var fellBack = false
+
+    static let memoryChunk = 64 * 1024
+
+    init(source: FileDescriptor, destination: FileDescriptor, pool: PipePool) {
+        self.source = source
+        self.destination = destination
+        self.pool = pool
+    }
+
+    mutating func acquireBuffer() -> Int {
+        switch carrier {
+        case .pipe(let pipe): return pipe.capacity
+        case .memory(let buffer, _, _): return buffer.count
+        case .none:
+            if !spliceUnsupported, let pipe = pool.take() {
+                carrier = .pipe(pipe)
+                return pipe.capacity
+            }
+            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Self.memoryChunk, alignment: 16)
+            carrier = .memory(buffer, offset: 0, end: 0)
+            return buffer.count
+        }
+    }
+
+    mutating func releaseBuffer() {
+        switch carrier {
+        case .none: return
+        case .pipe(let pipe): pool.give(pipe)
+        case .memory(let buffer, _, _): buffer.deallocate()
+        }
+        carrier = .none
+    }
+
+    /// Releases the buffer whatever it holds (the connection is closing).
+    mutating func discardBuffer() {
+        switch carrier {
+        case .none: return
+        case .pipe(let pipe): pool.discard(pipe)
+        case .memory(let buffer, _, _): buffer.deallocate()
+        }
+        carrier = .none
+    }
+
+    @inline(__always)
+    mutating func fill(maxBytes: Int) throws(Errno) -> IOResult<Int> {
+        switch carrier {
+        case .pipe(let pipe):
+            do {
+                return try Splice.move(from: source, to: pipe.writeEnd, maxBytes: maxBytes)
+            } catch let error where error == .invalidArgument || error == .notSupported {
+                // This pair cannot splice: switch to copying for good. The pipe
+                // is empty (the source is read only into an empty buffer).
+                spliceUnsupported = true
+                fellBack = true
+                releaseBuffer()
+                _ = acquireBuffer()
+                return try fill(maxBytes: maxBytes)
+            }
+        case .memory(let buffer, _, _):
+            let result = try source.read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<min(maxBytes, buffer.count)]))
+            if case .done(let n) = result { carrier = .memory(buffer, offset: 0, end: n) }
+            return result
+        case .none:
+            preconditionFailure("fill without a buffer")
+        }
+    }
+
+    @inline(__always)
+    mutating func flush(maxBytes: Int) throws(Errno) -> IOResult<Int> {
+        switch carrier {
+        case .pipe(let pipe):
+            return try Splice.move(from: pipe.readEnd, to: destination, maxBytes: maxBytes)
+        case .memory(let buffer, let offset, let end):
+            let result = try destination.write(UnsafeRawBufferPointer(rebasing: buffer[offset..<end]))
+            if case .done(let n) = result { carrier = .memory(buffer, offset: offset + n, end: end) }
+            return result
+        case .none:
+            preconditionFailure("flush without a buffer")
+        }
+    }
+
+    func finishDestination() {
+        Socket.shutdownWrite(destination)
+    }
+}

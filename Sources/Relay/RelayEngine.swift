@@ -1,0 +1,199 @@
+import EventLoop
+import Logging
+import Synchronization
+import SystemLayer
+
+/// The TCP relay: a group of event loops that carry out a rule set.
+///
+/// Control calls (`apply`, `revoke`, `drain`, `stats`, ...) may come from any
+/// thread and are serialized; they reach the loops as commands carrying
+/// immutable snapshots, so the data path takes no lock.
+public final class RelayEngine: Sendable {
+    public let settings: RelaySettings
+    public let admission: AdmissionControl
+    public let pipeBudget: PipeBudget
+    private let group: EventLoopGroup
+    private let contexts: LoopContexts
+    private let logger: Logger
+    private let control: Mutex<ControlState>
+
+    private struct ControlState {
+        var ruleSet = RuleSet.empty
+        var gates: [SocketAddress: AdmissionGate] = [:]
+        var stopped = false
+    }
+
+    /// Holds the per-loop contexts; each is touched only by commands on its own loop.
+    private final class LoopContexts: @unchecked Sendable {
+        var all: [LoopContext] = []
+    }
+
+    /// Starts the loops. No listener is open until `apply`.
+    /// - Throws: `Errno` when a loop cannot be created.
+    public init(settings: RelaySettings, logger: Logger = Logger(label: "relay")) throws(Errno) {
+        self.settings = settings
+        self.logger = logger
+        admission = AdmissionControl(maxConnections: settings.maxConnections)
+        pipeBudget = PipeBudget(limit: settings.maxPipes)
+        group = try EventLoopGroup(count: settings.loops, name: "relay")
+        control = Mutex(ControlState())
+        let contexts = LoopContexts()
+        for loop in group.loops {
+            contexts.all.append(LoopContext(loop: loop, settings: settings, admission: admission,
+                                            budget: pipeBudget, logger: logger))
+        }
+        self.contexts = contexts
+    }
+
+    /// Replaces the rule set. New listeners are opened first, on this thread;
+    /// if any cannot be opened, the ones opened so far are closed and nothing
+    /// changes. Established connections are never touched: a removed rule
+    /// only stops new connections.
+    /// - Throws: `RuleError` naming the rule and the reason.
+    public func apply(_ rules: [RelayRule]) throws(RuleError) {
+        try RuleError.validate(rules)
+        try control.withLock { state throws(RuleError) in
+            guard !state.stopped else { throw RuleError.invalid(rule: "-", reason: "the relay is shutting down") }
+            let current = Set(state.ruleSet.listeners.keys)
+            let wanted = Set(rules.map(\.listen))
+            var opened: [SocketAddress: [FileDescriptor]] = [:]
+            do throws(RuleError) {
+                for address in wanted.subtracting(current).sorted(by: { $0.description < $1.description }) {
+                    let owner = rules.first { $0.listen == address }!.id
+                    do throws(SystemCallError) {
+                        try Socket.probeFree(address)
+                        var fds: [FileDescriptor] = []
+                        for _ in group.loops {
+                            do throws(SystemCallError) {
+                                fds.append(try Socket.listen(on: address, reusePort: true, backlog: settings.listenBacklog))
+                            } catch {
+                                fds.forEach { $0.close() }
+                                throw error
+                            }
+                        }
+                        opened[address] = fds
+                    } catch {
+                        throw RuleError.listenFailed(rule: owner, address: address, error)
+                    }
+                }
+            } catch {
+                for fds in opened.values { fds.forEach { $0.close() } }
+                throw error
+            }
+
+            var gates: [SocketAddress: AdmissionGate] = [:]
+            for address in wanted {
+                let limit = rules.filter { $0.listen == address }.compactMap(\.maxConnections).min()
+                    ?? settings.maxConnectionsPerListener
+                let gate = state.gates[address] ?? AdmissionGate(address: address.description, limit: limit)
+                gate.setLimit(limit)
+                gates[address] = gate
+            }
+            let ruleSet = RuleSet(rules: rules, gates: gates)
+            state.ruleSet = ruleSet
+            state.gates = gates
+            let sockets = opened
+            let contexts = self.contexts
+            group.onEveryLoop { loop in
+                let mine = sockets.mapValues { $0[loop.id] }
+                contexts.all[loop.id].install(ruleSet, newSockets: mine)
+            }
+        }
+        logger.info("rules applied: \(rules.count) rule(s) on \(Set(rules.map(\.listen)).count) listener(s)")
+    }
+
+    /// The rules in force.
+    public var rules: [RelayRule] { control.withLock { $0.ruleSet.rules } }
+
+    /// Removes the rule `id` and closes its established connections (with a
+    /// reset on both sides).
+    /// - Returns: how many connections were closed, or nil when no such rule exists.
+    @discardableResult
+    public func revoke(ruleID: String) -> Int? {
+        let remaining: [RelayRule]? = control.withLock { state in
+            guard state.ruleSet.rules.contains(where: { $0.id == ruleID }) else { return nil }
+            return state.ruleSet.rules.filter { $0.id != ruleID }
+        }
+        guard let remaining else { return nil }
+        // Removing a rule from a valid set cannot make it invalid or open a listener.
+        try? apply(remaining)
+        let closed = Mutex(0)
+        let contexts = self.contexts
+        group.onEveryLoop { loop in
+            let n = contexts.all[loop.id].revoke(ruleID: ruleID)
+            closed.withLock { $0 += n }
+        }
+        let total = closed.withLock { $0 }
+        logger.info("rule \"\(ruleID)\" revoked: \(total) connection(s) closed")
+        return total
+    }
+
+    /// Sums every loop's counters.
+    public func stats() -> RelayStats {
+        var stats = RelayStats()
+        for context in contexts.all {
+            let c = context.counters
+            stats.accepted += c.accepted.load(ordering: .relaxed)
+            stats.established += c.established.load(ordering: .relaxed)
+            stats.closed += c.closed.load(ordering: .relaxed)
+            stats.active += c.active.load(ordering: .relaxed)
+            stats.connectRefused += c.connectRefused.load(ordering: .relaxed)
+            stats.connectTimedOut += c.connectTimedOut.load(ordering: .relaxed)
+            stats.connectOtherFailure += c.connectOtherFailure.load(ordering: .relaxed)
+            stats.resets += c.resets.load(ordering: .relaxed)
+            stats.idleClosed += c.idleClosed.load(ordering: .relaxed)
+            stats.revoked += c.revoked.load(ordering: .relaxed)
+            stats.spliceFallbacks += c.spliceFallbacks.load(ordering: .relaxed)
+            stats.bytesClientToTarget += c.bytesClientToTarget.load(ordering: .relaxed)
+            stats.bytesTargetToClient += c.bytesTargetToClient.load(ordering: .relaxed)
+            for reason in RefusalReason.allCases { stats.refused[reason, default: 0] += c.refusal(reason) }
+        }
+        stats.pipesOpen = pipeBudget.count
+        return stats
+    }
+
+    /// Every live connection with its accounting.
+    public func connections() -> [ConnectionInfo] {
+        let found = Mutex<[ConnectionInfo]>([])
+        let contexts = self.contexts
+        group.onEveryLoop { loop in
+            let mine = contexts.all[loop.id].connections.values.map(\.info)
+            found.withLock { $0.append(contentsOf: mine) }
+        }
+        return found.withLock { $0 }.sorted { $0.id < $1.id }
+    }
+
+    /// Graceful stop: closes every listener at once, lets established
+    /// connections finish for up to `timeoutNanoseconds`, then resets what is left.
+    /// - Returns: how many connections had to be closed at the deadline.
+    @discardableResult
+    public func drain(timeoutNanoseconds: UInt64) -> Int {
+        control.withLock { state in
+            state.stopped = true
+            state.ruleSet = .empty
+        }
+        let contexts = self.contexts
+        group.onEveryLoop { loop in contexts.all[loop.id].stopListening() }
+        let deadline = MonotonicClock.nowNanoseconds &+ timeoutNanoseconds
+        while stats().active > 0 && MonotonicClock.nowNanoseconds < deadline {
+            BlockingWait.sleep(milliseconds: 20)
+        }
+        let forced = Mutex(0)
+        group.onEveryLoop { loop in
+            let n = contexts.all[loop.id].closeAll()
+            forced.withLock { $0 += n }
+        }
+        return forced.withLock { $0 }
+    }
+
+    /// Stops the loops (after `drain`, or at once when there is nothing to keep).
+    public func shutdown() {
+        control.withLock { $0.stopped = true }
+        let contexts = self.contexts
+        group.onEveryLoop { loop in
+            contexts.all[loop.id].stopListening()
+            _ = contexts.all[loop.id].closeAll()
+        }
+        group.shutdown()
+    }
+}
