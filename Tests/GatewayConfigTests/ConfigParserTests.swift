@@ -1,0 +1,105 @@
+import Testing
+import GatewayConfig
+import Relay
+import SystemLayer
+
+@Suite("Config parser")
+struct ConfigParserTests {
+    @Test("a full config parses into settings and forwards")
+    func full() throws {
+        let config = try ConfigParser.parse("""
+            # comment
+            loops = 3
+            max_connections = 500   # trailing comment
+            max_connections_per_listener = 50
+            connect_timeout = 1500ms
+            drain_timeout = 2m
+            keepalive_idle = 30s
+            keepalive_interval = 5s
+            keepalive_count = 4
+            user_timeout = off
+            pipe_size = 64k
+            max_pipes = 16
+            log_level = DEBUG
+
+            [forward rdp-1]
+            listen = 0.0.0.0:20001
+            target = 10.1.2.3:3389
+            allow = 203.0.113.0/24, 198.51.100.7
+            idle_timeout = 1h
+            max_connections = 2
+
+            [forward ssh]
+            listen = [::1]:2222
+            target = localhost:22
+            """, file: "gw.conf")
+        #expect(config.settings.loops == 3)
+        #expect(config.settings.maxConnections == 500)
+        #expect(config.settings.maxConnectionsPerListener == 50)
+        #expect(config.settings.connectTimeoutNanoseconds == 1_500_000_000)
+        #expect(config.drainTimeoutNanoseconds == 120_000_000_000)
+        #expect(config.settings.liveness == Liveness(keepaliveIdle: 30, keepaliveInterval: 5, keepaliveCount: 4, userTimeoutMilliseconds: 0))
+        #expect(config.settings.pipeSize == 65536 && config.settings.maxPipes == 16)
+        #expect(config.logLevel == "debug")
+        #expect(config.rules.count == 2)
+        let rdp = config.rules[0]
+        #expect(rdp.id == "rdp-1" && rdp.listen == SocketAddress("0.0.0.0:20001") && rdp.target == SocketAddress("10.1.2.3:3389"))
+        #expect(rdp.allow == [CIDR("203.0.113.0/24")!, CIDR("198.51.100.7/32")!])
+        #expect(rdp.idleTimeoutNanoseconds == 3_600_000_000_000 && rdp.maxConnections == 2)
+        #expect(config.rules[1].listen.ip == IPAddress("::1"))
+        #expect(config.rules[1].idleTimeoutNanoseconds == nil)
+    }
+
+    @Test("defaults: no idle timeout, keepalive on, 5 s connect timeout")
+    func defaults() throws {
+        let config = try ConfigParser.parse("[forward a]\nlisten = 127.0.0.1:1000\ntarget = 127.0.0.1:2000\n")
+        #expect(config.rules[0].idleTimeoutNanoseconds == nil)
+        #expect(config.settings.connectTimeoutNanoseconds == 5_000_000_000)
+        #expect(config.settings.liveness.keepaliveIdle == 60)
+        #expect(config.settings.liveness.userTimeoutMilliseconds == 120_000)
+    }
+
+    @Test("every error names the file, the line and the field",
+          arguments: [
+            ("loops = 0", 1, "loops"),
+            ("loops = 2\nloops = 3", 2, "set twice"),
+            ("connect_timeout = 5", 1, "connect_timeout"),
+            ("connect_timeout = off", 1, "connect_timeout"),
+            ("pipe_size = 2g", 1, "pipe_size"),
+            ("log_level = loud", 1, "log_level"),
+            ("just words", 1, "expected `key = value`"),
+            ("= 4", 1, "missing key"),
+            ("loops =", 1, "missing value"),
+            ("[forward]", 1, "expected [forward NAME]"),
+            ("[forward a b]", 1, "expected [forward NAME]"),
+            ("[forward a/b]", 1, "may hold only"),
+            ("[forward a", 1, "must end with"),
+            ("[forward a]\ntarget = 127.0.0.1:1", 1, "needs `listen"),
+            ("[forward a]\nlisten = 127.0.0.1:0\ntarget = 127.0.0.1:1", 2, "port must be 1-65535"),
+            ("[forward a]\nlisten = 127.0.0.1:1\ntarget = 127.0.0.1", 3, "target"),
+            ("[forward a]\nlisten = 127.0.0.1:1\ntarget = no-such-host.invalid:1", 3, "cannot resolve"),
+            ("[forward a]\nlisten = 127.0.0.1:1\ntarget = 127.0.0.1:2\nidle_timeout = soon", 4, "idle_timeout"),
+            ("[forward a]\nlisten = 127.0.0.1:1\ntarget = 127.0.0.1:2\nmax_connections = 0", 4, "max_connections"),
+            ("[forward a]\nlisten = 127.0.0.1:1\ntarget = 127.0.0.1:2\nlisten = 127.0.0.1:3", 4, "set twice"),
+            ("[forward a]\nlisten = 127.0.0.1:1\ntarget = 127.0.0.1:2\n[forward b]\nlisten = 127.0.0.1:1\ntarget = 127.0.0.1:3", 4, "both listen on"),
+            ("[forward a]\nlisten = 0.0.0.0:1\ntarget = 127.0.0.1:2\n[forward b]\nlisten = 127.0.0.1:1\ntarget = 127.0.0.1:3", 4, "both listen on"),
+          ])
+    func errors(text: String, line: Int, fragment: String) {
+        #expect {
+            try ConfigParser.parse(text, file: "gw.conf")
+        } throws: { error in
+            guard let error = error as? ConfigError else { return false }
+            return error.file == "gw.conf" && error.line == line && error.description.contains(fragment)
+                && error.description.hasPrefix("gw.conf:\(line): ")
+        }
+    }
+
+    @Test("an unreadable file is named")
+    func missingFile() {
+        #expect {
+            try ConfigParser.load(path: "/nonexistent/gw.conf")
+        } throws: { error in
+            "\(error)".hasPrefix("/nonexistent/gw.conf: cannot read the file")
+        }
+    }
+}
