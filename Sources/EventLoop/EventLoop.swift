@@ -160,6 +160,17 @@ public final class EventLoop: @unchecked Sendable {
         slots[index].generation = 0
     }
 
+    /// Forgets `fd` without an epoll_ctl call, for a descriptor about to be
+    /// closed: closing the last reference removes it from epoll, and the
+    /// generation in its token drops any event for it still in this batch.
+    @inline(__always)
+    public func forget(_ fd: FileDescriptor) {
+        let index = Int(fd.rawValue)
+        guard index < slots.count else { return }
+        slots[index].handler = nil
+        slots[index].generation = 0
+    }
+
     @inline(__always)
     private func token(_ fd: FileDescriptor, _ generation: UInt32) -> UInt64 {
         UInt64(generation) << 32 | UInt64(UInt32(bitPattern: fd.rawValue))

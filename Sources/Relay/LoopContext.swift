@@ -107,9 +107,9 @@ final class LoopContext {
             accepted.fd.close()
             return
         }
-        Socket.setNoDelay(accepted.fd)
+        // The accepted socket inherits TCP_NODELAY, keepalive and
+        // TCP_USER_TIMEOUT from its listener (set once in `RelayEngine.apply`).
         Socket.setNoDelay(upstream)
-        Socket.apply(settings.liveness, to: accepted.fd)
         nextID &+= 1
         let connection = RelayConnection(id: nextID, client: accepted.fd, upstream: upstream, clientAddress: accepted.peer,
                                          rule: rule, gate: gate, context: self, now: loop.now)

@@ -173,8 +173,9 @@ final class RelayConnection: EventHandler, TimerHandler {
         let loop = context.loop
         if let timer = connectTimer { loop.cancel(timer) }
         if let timer = idleTimer { loop.cancel(timer) }
-        loop.deregister(client)
-        loop.deregister(upstream)
+        // close(2) takes the descriptors out of epoll; no epoll_ctl needed.
+        loop.forget(client)
+        loop.forget(upstream)
         if resetClient { Socket.setResetOnClose(client) }
         if resetUpstream { Socket.setResetOnClose(upstream) }
         client.close()

@@ -65,7 +65,12 @@ public final class RelayEngine: Sendable {
                         var fds: [FileDescriptor] = []
                         for _ in group.loops {
                             do throws(SystemCallError) {
-                                fds.append(try Socket.listen(on: address, reusePort: true, backlog: settings.listenBacklog))
+                                let fd = try Socket.listen(on: address, reusePort: true, backlog: settings.listenBacklog)
+                                // Accepted sockets inherit these, which saves
+                                // several setsockopt calls per connection.
+                                Socket.setNoDelay(fd)
+                                Socket.apply(settings.liveness, to: fd)
+                                fds.append(fd)
                             } catch {
                                 fds.forEach { $0.close() }
                                 throw error

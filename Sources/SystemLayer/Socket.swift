@@ -184,6 +184,7 @@ public enum Socket {
     public static let optionKeepIdle = SHIM_TCP_KEEPIDLE
     public static let optionUserTimeout = SHIM_TCP_USER_TIMEOUT
     public static let optionNoDelay = SHIM_TCP_NODELAY
+    public static let optionAcceptConn = SHIM_SO_ACCEPTCONN
 }
 
 /// A connection taken from a listener's accept queue.

@@ -173,16 +173,20 @@ struct RelayAdmissionTests {
         // The relay's upstream socket is the peer of `upstream`: find it by
         // its port among this process's descriptors.
         #expect(eventually { engine.stats().established == 1 })
-        var found = false
+        // Both of the relay's sockets: the accepted one (local port = the
+        // listen port; it inherits from the listener) and the upstream one.
+        var accepted = false, outgoing = false
         for raw in Int32(3)..<Int32(4096) {
             let fd = FileDescriptor(rawValue: raw)
             guard let local = Socket.localAddress(fd), local.ip == IPAddress("127.0.0.1"),
-                  Socket.intOption(fd, level: Socket.levelTCP, name: Socket.optionKeepIdle) == 77 else { continue }
+                  Socket.intOption(fd, level: Socket.levelTCP, name: Socket.optionKeepIdle) == 77,
+                  Socket.intOption(fd, level: Socket.levelSocket, name: Socket.optionAcceptConn) == 0 else { continue }
             #expect(Socket.intOption(fd, level: Socket.levelSocket, name: Socket.optionKeepAlive) == 1)
             #expect(Socket.intOption(fd, level: Socket.levelTCP, name: Socket.optionUserTimeout) == 45_000)
-            found = true
+            #expect(Socket.intOption(fd, level: Socket.levelTCP, name: Socket.optionNoDelay) == 1)
+            if local.port == listen.port { accepted = true } else { outgoing = true }
         }
-        #expect(found)
+        #expect(accepted && outgoing)
     }
 
     @Test("an idle timeout, when a rule sets one, closes a quiet session; none by default")

@@ -65,6 +65,7 @@ extern const int SHIM_SO_REUSEPORT;
 extern const int SHIM_SO_REUSEADDR;
 extern const int SHIM_SO_KEEPALIVE;
 extern const int SHIM_SO_ERROR;
+extern const int SHIM_SO_ACCEPTCONN;
 extern const int SHIM_SO_RCVBUF;
 extern const int SHIM_SO_SNDBUF;
 extern const int SHIM_TCP_NODELAY;
