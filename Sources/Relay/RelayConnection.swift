@@ -7,7 +7,7 @@ import SystemLayer
 final class RelayConnection: EventHandler, TimerHandler {
     enum State { case connecting, established, closed }
 
-    private enum TimerTag: Int { case connect = 1, idle = 2 }
+    private enum TimerTag: Int { case connect = 1, idle = 2, liveness = 3 }
 
     let id: UInt64
     let client: FileDescriptor
@@ -24,6 +24,9 @@ final class RelayConnection: EventHandler, TimerHandler {
     private var lastActivity: UInt64
     private var connectTimer: TimerID?
     private var idleTimer: TimerID?
+    private var livenessTimer: TimerID?
+    /// The client sent something while the connect was in progress.
+    private var clientReadableDuringConnect = false
 
     init(id: UInt64, client: FileDescriptor, upstream: FileDescriptor, clientAddress: SocketAddress,
          rule: RelayRule, gate: AdmissionGate, context: LoopContext, now: UInt64) {
@@ -51,7 +54,7 @@ final class RelayConnection: EventHandler, TimerHandler {
         }
         switch progress {
         case .connected:
-            becomeEstablished(loop: loop)
+            becomeEstablished(loop: loop, upstreamReadable: true)
         case .inProgress:
             connectTimer = loop.schedule(afterNanoseconds: context.settings.connectTimeoutNanoseconds,
                                          target: self, tag: TimerTag.connect.rawValue)
@@ -65,14 +68,18 @@ final class RelayConnection: EventHandler, TimerHandler {
         case .connecting:
             if fd == upstream {
                 guard !events.isDisjoint(with: [.writable, .error, .hangUp]) else { return }
-                if let error = Socket.pendingError(upstream) {
-                    connectFailed(error)
+                // Writable without error or hang-up means connected; only a
+                // failure needs SO_ERROR to say why.
+                if events.isDisjoint(with: [.error, .hangUp]) {
+                    becomeEstablished(loop: loop, upstreamReadable: !events.isDisjoint(with: [.readable, .readHangUp]))
                 } else {
-                    becomeEstablished(loop: loop)
+                    connectFailed(Socket.pendingError(upstream) ?? .connectionRefused)
                 }
             } else if !events.isDisjoint(with: [.error, .hangUp]) {
                 // The client vanished before the target answered.
                 close(resetClient: false, resetUpstream: true)
+            } else if !events.isDisjoint(with: [.readable, .readHangUp]) {
+                clientReadableDuringConnect = true
             }
         case .established:
             let before = toTarget.delivered &+ toClient.delivered
@@ -114,23 +121,44 @@ final class RelayConnection: EventHandler, TimerHandler {
         }
         if toTarget.finished && toClient.finished {
             close(resetClient: false, resetUpstream: false)
+        } else {
+            // Once one direction is over, the other's end of stream is
+            // followed at once by close(2), which sends the FIN itself.
+            // (Both receive buffers are drained by then, so the close cannot
+            // turn into a reset.)
+            toClient.io.closeFollows = toTarget.finished
+            toTarget.io.closeFollows = toClient.finished
         }
     }
 
-    private func becomeEstablished(loop: EventLoop) {
+    /// - Parameter upstreamReadable: the event that announced the connection
+    ///   also said the target had sent something (epoll reports the whole
+    ///   readiness mask with an edge).
+    private func becomeEstablished(loop: EventLoop, upstreamReadable: Bool) {
         if let timer = connectTimer { loop.cancel(timer); connectTimer = nil }
         state = .established
         context.counters.bump(context.counters.established)
-        Socket.apply(context.settings.liveness, to: upstream)
+        // Keepalive's first probe comes after minutes of silence, so setting
+        // it on the upstream socket a moment later changes nothing for a
+        // session and spares short connections five setsockopt calls. (The
+        // client's socket inherited it from the listener.)
+        let delay = context.settings.livenessDelayNanoseconds
+        if delay == 0 {
+            Socket.apply(context.settings.liveness, to: upstream)
+        } else {
+            livenessTimer = loop.schedule(afterNanoseconds: delay, target: self, tag: TimerTag.liveness.rawValue)
+        }
         if let idle = rule.idleTimeoutNanoseconds {
             lastActivity = loop.now
             idleTimer = loop.schedule(afterNanoseconds: idle, target: self, tag: TimerTag.idle.rawValue)
         }
         // Bytes the client sent while the connect was in progress are waiting:
         // with edge-triggered readiness no new event would announce them.
-        let target = toTarget.pump()
-        let back = state == .established ? toClient.pump() : nil
-        if state == .established { settle(target, back) }
+        // A side that has shown nothing is not read: its first bytes will
+        // raise an edge of their own.
+        let target = clientReadableDuringConnect ? toTarget.pump() : nil
+        let back = upstreamReadable ? toClient.pump() : nil
+        settle(target, back)
     }
 
     private func connectFailed(_ error: Errno) {
@@ -160,6 +188,9 @@ final class RelayConnection: EventHandler, TimerHandler {
             } else {
                 idleTimer = loop.schedule(afterNanoseconds: idle - quiet, target: self, tag: TimerTag.idle.rawValue)
             }
+        case .liveness?:
+            livenessTimer = nil
+            Socket.apply(context.settings.liveness, to: upstream)
         case nil:
             return
         }
@@ -173,6 +204,7 @@ final class RelayConnection: EventHandler, TimerHandler {
         let loop = context.loop
         if let timer = connectTimer { loop.cancel(timer) }
         if let timer = idleTimer { loop.cancel(timer) }
+        if let timer = livenessTimer { loop.cancel(timer) }
         // close(2) takes the descriptors out of epoll; no epoll_ctl needed.
         loop.forget(client)
         loop.forget(upstream)

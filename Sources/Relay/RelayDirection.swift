@@ -106,6 +106,9 @@ struct SocketDirectionIO: DirectionIO {
     /// Set once splice answered EINVAL/ENOSYS: copy from then on.
     var spliceUnsupported = false
     var fellBack = false
+    /// The opposite direction has finished, so the connection closes right
+    /// after this one ends and the explicit shutdown can be skipped.
+    var closeFollows = false
 
     static let memoryChunk = 64 * 1024
 
@@ -188,6 +191,6 @@ struct SocketDirectionIO: DirectionIO {
     }
 
     func finishDestination() {
-        Socket.shutdownWrite(destination)
+        if !closeFollows { Socket.shutdownWrite(destination) }
     }
 }

@@ -20,6 +20,9 @@ public struct RelaySettings: Sendable, Equatable {
     public var idlePipesPerLoop: Int
     /// The accept queue of each listening socket.
     public var listenBacklog: Int32
+    /// How long after establishment the upstream socket gets its keepalive
+    /// settings (0: at once). See `RelayConnection.becomeEstablished`.
+    public var livenessDelayNanoseconds: UInt64 = 1_000_000_000
 
     public init(loops: Int = RelaySettings.coreCount, maxConnections: Int = 10_000, maxConnectionsPerListener: Int = 10_000,
                 connectTimeoutNanoseconds: UInt64 = 5_000_000_000, liveness: Liveness = Liveness(),

@@ -176,6 +176,8 @@ struct RelayAdmissionTests {
         // Both of the relay's sockets: the accepted one (local port = the
         // listen port; it inherits from the listener) and the upstream one.
         var accepted = false, outgoing = false
+        // The upstream socket gets its settings livenessDelay (1 s) after establishment.
+        #expect(eventually(5) { scanLiveSockets(listen: listen).outgoing })
         for raw in Int32(3)..<Int32(4096) {
             let fd = FileDescriptor(rawValue: raw)
             guard let local = Socket.localAddress(fd), local.ip == IPAddress("127.0.0.1"),
@@ -211,4 +213,17 @@ struct RelayAdmissionTests {
         try patient.send([1])
         #expect(patientUp.readExactly(1) == [1])
     }
+}
+
+/// Which of this process's sockets carry the test's keepalive settings.
+func scanLiveSockets(listen: SocketAddress) -> (accepted: Bool, outgoing: Bool) {
+    var accepted = false, outgoing = false
+    for raw in Int32(3)..<Int32(4096) {
+        let fd = FileDescriptor(rawValue: raw)
+        guard let local = Socket.localAddress(fd), local.ip == IPAddress("127.0.0.1"),
+              Socket.intOption(fd, level: Socket.levelTCP, name: Socket.optionKeepIdle) == 77,
+              Socket.intOption(fd, level: Socket.levelSocket, name: Socket.optionAcceptConn) == 0 else { continue }
+        if local.port == listen.port { accepted = true } else { outgoing = true }
+    }
+    return (accepted, outgoing)
 }
