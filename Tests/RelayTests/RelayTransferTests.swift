@@ -6,11 +6,13 @@ import SystemLayer
 /// in order, with half-closes in either order.
 @Suite("Relay transfers", .serialized)
 struct RelayTransferTests {
-    @Test("random payloads of random sizes both ways with half-closes arrive byte for byte")
-    func randomPayloads() throws {
+    @Test("random payloads of random sizes both ways with half-closes arrive byte for byte",
+          arguments: [1024, 0])
+    func randomPayloads(maxPipes: Int) throws {
+        // maxPipes 0 forces every byte through the memory-copy fallback.
         let server = try PayloadServer()
         defer { server.stop() }
-        let engine = try makeEngine()
+        let engine = try makeEngine { $0.maxPipes = maxPipes }
         defer { engine.shutdown() }
         let listen = freeLoopbackAddress()
         try engine.apply([RelayRule(id: "t", listen: listen, target: server.address)])
@@ -39,6 +41,7 @@ struct RelayTransferTests {
         let stats = engine.stats()
         #expect(stats.established == 60)
         #expect(stats.resets == 0)
+        if maxPipes == 0 { #expect(stats.pipesOpen == 0 && stats.spliceFallbacks == 0) }
         let upTotal = plans.reduce(UInt64(0)) { $0 + $1.upLength + UInt64(PayloadHeader.size) }
         #expect(stats.bytesClientToTarget == Int(upTotal))
         #expect(stats.bytesTargetToClient == Int(plans.reduce(UInt64(0)) { $0 + $1.downLength }))
