@@ -150,3 +150,171 @@ uint64_t shim_monotonic_ns(void) {
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
+
+// MARK: datagram batches
+
+#include <stdlib.h>
+#include <string.h>
+#include <sys/uio.h>
+
+#define SHIM_DGRAM_MAX 64
+// Room for one in6_pktinfo control message (the larger of the two).
+#define SHIM_CONTROL_SIZE 64
+
+struct shim_dgram_batch {
+    int capacity;
+    int buffer_size;
+    int count;
+    unsigned char *data;
+    struct mmsghdr headers[SHIM_DGRAM_MAX];
+    struct iovec iov[SHIM_DGRAM_MAX];
+    struct sockaddr_storage addresses[SHIM_DGRAM_MAX];
+    _Alignas(struct cmsghdr) unsigned char control[SHIM_DGRAM_MAX][SHIM_CONTROL_SIZE];
+};
+
+_Static_assert(sizeof(struct in6_pktinfo) + sizeof(struct cmsghdr) + 16 <= SHIM_CONTROL_SIZE, "control buffer too small");
+
+shim_dgram_batch *shim_dgram_batch_create(int capacity, int buffer_size) {
+    if (capacity < 1 || capacity > SHIM_DGRAM_MAX || buffer_size < 0) return NULL;
+    shim_dgram_batch *b = calloc(1, sizeof(*b));
+    if (!b) return NULL;
+    b->capacity = capacity;
+    b->buffer_size = buffer_size;
+    if (buffer_size > 0) {
+        b->data = malloc((size_t)capacity * (size_t)buffer_size);
+        if (!b->data) { free(b); return NULL; }
+    }
+    return b;
+}
+
+void shim_dgram_batch_destroy(shim_dgram_batch *b) {
+    if (!b) return;
+    free(b->data);
+    free(b);
+}
+
+int shim_dgram_batch_capacity(const shim_dgram_batch *b) { return b->capacity; }
+
+int shim_dgram_recv(int fd, shim_dgram_batch *b) {
+    for (int i = 0; i < b->capacity; i++) {
+        b->iov[i].iov_base = b->data + (size_t)i * (size_t)b->buffer_size;
+        b->iov[i].iov_len = (size_t)b->buffer_size;
+        struct msghdr *m = &b->headers[i].msg_hdr;
+        m->msg_name = &b->addresses[i];
+        m->msg_namelen = sizeof(b->addresses[i]);
+        m->msg_iov = &b->iov[i];
+        m->msg_iovlen = 1;
+        m->msg_control = b->control[i];
+        m->msg_controllen = SHIM_CONTROL_SIZE;
+        m->msg_flags = 0;
+        b->headers[i].msg_len = 0;
+    }
+    int n = recvmmsg(fd, b->headers, (unsigned int)b->capacity, 0, NULL);
+    b->count = n > 0 ? n : 0;
+    return n;
+}
+
+size_t shim_dgram_length(const shim_dgram_batch *b, int i) { return b->headers[i].msg_len; }
+
+int shim_dgram_truncated(const shim_dgram_batch *b, int i) {
+    return (b->headers[i].msg_hdr.msg_flags & MSG_TRUNC) != 0;
+}
+
+const struct sockaddr *shim_dgram_peer(const shim_dgram_batch *b, int i, socklen_t *length) {
+    *length = b->headers[i].msg_hdr.msg_namelen;
+    return (const struct sockaddr *)&b->addresses[i];
+}
+
+int shim_dgram_local(const shim_dgram_batch *b, int i, struct sockaddr_storage *out) {
+    const struct msghdr *m = &b->headers[i].msg_hdr;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR((struct msghdr *)m); c; c = CMSG_NXTHDR((struct msghdr *)m, c)) {
+        if (c->cmsg_level == IPPROTO_IP && c->cmsg_type == IP_PKTINFO) {
+            struct in_pktinfo info;
+            memcpy(&info, CMSG_DATA(c), sizeof(info));
+            struct sockaddr_in *sin = (struct sockaddr_in *)out;
+            memset(sin, 0, sizeof(*sin));
+            sin->sin_family = AF_INET;
+            sin->sin_addr = info.ipi_addr;
+            return 1;
+        }
+        if (c->cmsg_level == IPPROTO_IPV6 && c->cmsg_type == IPV6_PKTINFO) {
+            struct in6_pktinfo info;
+            memcpy(&info, CMSG_DATA(c), sizeof(info));
+            struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)out;
+            memset(sin6, 0, sizeof(*sin6));
+            sin6->sin6_family = AF_INET6;
+            sin6->sin6_addr = info.ipi6_addr;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+void shim_dgram_tx_reset(shim_dgram_batch *tx) { tx->count = 0; }
+int shim_dgram_tx_count(const shim_dgram_batch *tx) { return tx->count; }
+
+int shim_dgram_tx_add(shim_dgram_batch *tx, const shim_dgram_batch *rx, int index,
+                      const struct sockaddr *destination, socklen_t destination_length,
+                      const struct sockaddr_storage *source) {
+    if (tx->count >= tx->capacity) return 0;
+    int i = tx->count++;
+    tx->iov[i].iov_base = rx->iov[index].iov_base;
+    tx->iov[i].iov_len = rx->headers[index].msg_len;
+    struct msghdr *m = &tx->headers[i].msg_hdr;
+    memset(m, 0, sizeof(*m));
+    m->msg_iov = &tx->iov[i];
+    m->msg_iovlen = 1;
+    if (destination) {
+        if (destination_length > sizeof(tx->addresses[i])) destination_length = sizeof(tx->addresses[i]);
+        memcpy(&tx->addresses[i], destination, destination_length);
+        m->msg_name = &tx->addresses[i];
+        m->msg_namelen = destination_length;
+    }
+    if (source && source->ss_family == AF_INET) {
+        m->msg_control = tx->control[i];
+        m->msg_controllen = CMSG_SPACE(sizeof(struct in_pktinfo));
+        memset(tx->control[i], 0, SHIM_CONTROL_SIZE);
+        struct cmsghdr *c = CMSG_FIRSTHDR(m);
+        c->cmsg_level = IPPROTO_IP;
+        c->cmsg_type = IP_PKTINFO;
+        c->cmsg_len = CMSG_LEN(sizeof(struct in_pktinfo));
+        struct in_pktinfo info;
+        memset(&info, 0, sizeof(info));
+        info.ipi_spec_dst = ((const struct sockaddr_in *)source)->sin_addr;
+        memcpy(CMSG_DATA(c), &info, sizeof(info));
+    } else if (source && source->ss_family == AF_INET6) {
+        m->msg_control = tx->control[i];
+        m->msg_controllen = CMSG_SPACE(sizeof(struct in6_pktinfo));
+        memset(tx->control[i], 0, SHIM_CONTROL_SIZE);
+        struct cmsghdr *c = CMSG_FIRSTHDR(m);
+        c->cmsg_level = IPPROTO_IPV6;
+        c->cmsg_type = IPV6_PKTINFO;
+        c->cmsg_len = CMSG_LEN(sizeof(struct in6_pktinfo));
+        struct in6_pktinfo info;
+        memset(&info, 0, sizeof(info));
+        info.ipi6_addr = ((const struct sockaddr_in6 *)source)->sin6_addr;
+        memcpy(CMSG_DATA(c), &info, sizeof(info));
+    }
+    tx->headers[i].msg_len = 0;
+    return 1;
+}
+
+int shim_dgram_send(int fd, shim_dgram_batch *tx, int start) {
+    if (start >= tx->count) return 0;
+    return sendmmsg(fd, tx->headers + start, (unsigned int)(tx->count - start), 0);
+}
+
+int shim_enable_pktinfo(int fd, int family) {
+    int on = 1;
+    if (family == AF_INET6) return setsockopt(fd, IPPROTO_IPV6, IPV6_RECVPKTINFO, &on, sizeof(on));
+    return setsockopt(fd, IPPROTO_IP, IP_PKTINFO, &on, sizeof(on));
+}
+
+size_t shim_dgram_copy_first(const shim_dgram_batch *tx, void *out, size_t length) {
+    if (tx->count < 1) return 0;
+    size_t n = tx->iov[0].iov_len < length ? tx->iov[0].iov_len : length;
+    memcpy(out, tx->iov[0].iov_base, n);
+    return n;
+}
+
+size_t shim_dgram_tx_length(const shim_dgram_batch *tx, int i) { return tx->iov[i].iov_len; }

@@ -137,6 +137,14 @@ public enum ConfigParser {
             config.settings.pipeSize = try size(key, value, in: 4096...(1 << 20), fail)
         case "max_pipes":
             config.settings.maxPipes = try integer(key, value, in: 0...100_000, fail)
+        case "max_flows":
+            config.settings.maxFlows = try integer(key, value, in: 1...10_000_000, fail)
+        case "max_flows_per_listener":
+            config.settings.maxFlowsPerListener = try integer(key, value, in: 1...10_000_000, fail)
+        case "udp_receive_buffer":
+            config.settings.udpReceiveBuffer = try size(key, value, in: 0...(256 << 20), fail)
+        case "udp_send_buffer":
+            config.settings.udpSendBuffer = try size(key, value, in: 0...(256 << 20), fail)
         case "log_level":
             let levels = ["trace", "debug", "info", "notice", "warning", "error", "critical"]
             guard levels.contains(value.lowercased()) else {
@@ -150,7 +158,8 @@ public enum ConfigParser {
 
     private static func makeRule(_ name: String, line: Int, keys: [String: (value: String, line: Int)],
                                  file: String) throws(ConfigError) -> RelayRule {
-        let known: Set<String> = ["listen", "target", "allow", "idle_timeout", "max_connections"]
+        let known: Set<String> = ["listen", "target", "allow", "idle_timeout", "max_connections",
+                                  "protocol", "udp_idle_timeout", "max_flows", "source_ports"]
         for (key, entry) in keys where !known.contains(key) {
             throw ConfigError(file: file, line: entry.line, message: "unknown setting \"\(key)\" in [forward \(name)]")
         }
@@ -192,6 +201,41 @@ public enum ConfigParser {
         if let idle = keys["idle_timeout"] {
             let fail = { (message: String) in ConfigError(file: file, line: idle.line, message: message) }
             rule.idleTimeoutNanoseconds = try duration("idle_timeout", idle.value, allowOff: true, fail)
+        }
+        if let proto = keys["protocol"] {
+            switch proto.value.lowercased() {
+            case "tcp": rule.transport = .tcp
+            case "udp": rule.transport = .udp
+            case "tcp+udp", "udp+tcp", "both": rule.transport = .both
+            default:
+                throw ConfigError(file: file, line: proto.line,
+                                  message: "protocol: \"\(proto.value)\" is not tcp, udp or tcp+udp")
+            }
+        }
+        if let idle = keys["udp_idle_timeout"] {
+            let fail = { (message: String) in ConfigError(file: file, line: idle.line, message: message) }
+            guard let d = try duration("udp_idle_timeout", idle.value, allowOff: false, fail), d > 0 else {
+                throw fail("udp_idle_timeout must be more than 0")
+            }
+            rule.udpIdleTimeoutNanoseconds = d
+        }
+        if let flows = keys["max_flows"] {
+            let fail = { (message: String) in ConfigError(file: file, line: flows.line, message: message) }
+            rule.maxFlows = try integer("max_flows", flows.value, in: 1...10_000_000, fail)
+        }
+        if let ports = keys["source_ports"] {
+            let parts = ports.value.split(separator: "-", omittingEmptySubsequences: false).map { String($0.trimmingWhitespace()) }
+            guard (1...2).contains(parts.count), let low = UInt16(parts[0]), let high = UInt16(parts.last!), low >= 1, low <= high else {
+                throw ConfigError(file: file, line: ports.line,
+                                  message: "source_ports: \"\(ports.value)\" is not a port or range of ports 1-65535 (e.g. 55000 or 55000-55099)")
+            }
+            guard rule.transport.contains(.udp) else {
+                throw ConfigError(file: file, line: ports.line, message: "source_ports applies to udp forwards only (set protocol = udp or tcp+udp)")
+            }
+            rule.sourcePorts = low...high
+        }
+        for key in ["udp_idle_timeout", "max_flows"] where keys[key] != nil && !rule.transport.contains(.udp) {
+            throw ConfigError(file: file, line: keys[key]!.line, message: "\(key) applies to udp forwards only (set protocol = udp or tcp+udp)")
         }
         if let max = keys["max_connections"] {
             let fail = { (message: String) in ConfigError(file: file, line: max.line, message: message) }

@@ -4,11 +4,21 @@ import SystemLayer
 
 /// A loop's share of the relay: its listening sockets, its connections, its
 /// pipe pool and counters. Touched only on the loop's thread.
-final class LoopContext {
+final class LoopContext: TimerHandler {
     unowned let loop: EventLoop
     let settings: RelaySettings
     let admission: AdmissionControl
+    let flowAdmission: AdmissionControl
+    let sourcePorts: SourcePortRegistry
     let counters = LoopCounters()
+    /// The loop's datagram batches, reused for every recvmmsg/sendmmsg.
+    let datagramsIn: DatagramBatch
+    let datagramsOut: DatagramBatch
+    private var udpListeners: [SocketAddress: DatagramListener] = [:]
+    private var datagramCountersByRule: [String: DatagramCounters] = [:]
+    /// Datagrams from senders no rule allows, on any UDP listener of this loop.
+    var unmatchedDrops = 0
+    private var sweeping = false
     let pool: PipePool
     let log: RateLimitedLog
     private(set) var connections: [UInt64: RelayConnection] = [:]
@@ -17,10 +27,16 @@ final class LoopContext {
     private var reserve: FileDescriptor?
     private(set) var draining = false
 
-    init(loop: EventLoop, settings: RelaySettings, admission: AdmissionControl, budget: PipeBudget, logger: Logger) {
+    init(loop: EventLoop, settings: RelaySettings, admission: AdmissionControl, flowAdmission: AdmissionControl,
+         sourcePorts: SourcePortRegistry, budget: PipeBudget, logger: Logger) {
         self.loop = loop
         self.settings = settings
         self.admission = admission
+        self.flowAdmission = flowAdmission
+        self.sourcePorts = sourcePorts
+        let batch = min(max(settings.udpBatch, 1), 64)
+        datagramsIn = DatagramBatch(capacity: batch, bufferSize: 65536)
+        datagramsOut = DatagramBatch(capacity: batch, bufferSize: 0)
         pool = PipePool(budget: budget, pipeSize: settings.pipeSize, maxIdle: settings.idlePipesPerLoop)
         log = RateLimitedLog(logger: logger)
         reserve = try? FileDescriptor.openReadOnly("/dev/null")
@@ -32,7 +48,9 @@ final class LoopContext {
     /// Switches to `ruleSet`: listeners it no longer has are closed (their
     /// established connections go on), new ones are registered with the
     /// sockets the engine opened for this loop, and kept ones get their new rules.
-    func install(_ ruleSet: RuleSet, newSockets: [SocketAddress: FileDescriptor]) {
+    func install(_ ruleSet: RuleSet, newSockets: [SocketAddress: FileDescriptor],
+                 newDatagramSockets: [SocketAddress: FileDescriptor] = [:]) {
+        installDatagram(ruleSet, newSockets: newDatagramSockets)
         for (address, listener) in listeners where ruleSet.listeners[address] == nil {
             listener.close()
             listeners[address] = nil
@@ -54,11 +72,73 @@ final class LoopContext {
     }
 
     /// Stops accepting: closes every listener and refuses what is still queued.
+    /// UDP listeners close with their flows (a datagram flow has nothing to drain).
     func stopListening() {
         draining = true
         for listener in listeners.values { listener.close() }
         listeners.removeAll()
+        for listener in udpListeners.values { listener.close() }
+        udpListeners.removeAll()
     }
+
+    // MARK: UDP
+
+    private func installDatagram(_ ruleSet: RuleSet, newSockets: [SocketAddress: FileDescriptor]) {
+        for (address, listener) in udpListeners where ruleSet.udpListeners[address] == nil {
+            // The rule is gone: its flows end with it (replies could not be
+            // sent without the listening socket), and later datagrams from
+            // their clients meet a closed port.
+            listener.close()
+            udpListeners[address] = nil
+        }
+        for (address, rules) in ruleSet.udpListeners {
+            if let listener = udpListeners[address] {
+                listener.rules = rules
+                // Flows whose rule no longer admits their client end now.
+                for flow in Array(listener.flows.values) where !rules.rules.contains(flow.rule) {
+                    listener.closeFlow(flow)
+                }
+            } else if let fd = newSockets[address] {
+                let listener = DatagramListener(fd: fd, rules: rules, context: self)
+                do {
+                    try loop.register(fd, interest: [.readable], handler: listener)
+                    udpListeners[address] = listener
+                } catch {
+                    log.logger.error("cannot watch udp listener \(address) on loop \(loop.id): \(error)")
+                    fd.close()
+                }
+            }
+        }
+        if !udpListeners.isEmpty && !sweeping {
+            sweeping = true
+            loop.schedule(afterNanoseconds: LoopContext.sweepInterval, target: self)
+        }
+    }
+
+    static let sweepInterval: UInt64 = 1_000_000_000
+
+    /// Once a second: expire idle UDP flows.
+    func timerFired(tag: Int, loop: EventLoop) {
+        for listener in udpListeners.values { listener.expire(now: loop.now) }
+        if udpListeners.isEmpty {
+            sweeping = false
+        } else {
+            loop.schedule(afterNanoseconds: LoopContext.sweepInterval, target: self)
+        }
+    }
+
+    func datagramCounters(for ruleID: String) -> DatagramCounters {
+        if let counters = datagramCountersByRule[ruleID] { return counters }
+        let counters = DatagramCounters()
+        datagramCountersByRule[ruleID] = counters
+        return counters
+    }
+
+    /// This loop's UDP figures by rule.
+    func datagramStats() -> [String: DatagramStats] { datagramCountersByRule.mapValues(\.stats) }
+
+    /// This loop's live UDP flows.
+    func flowInfos() -> [FlowInfo] { udpListeners.values.flatMap { $0.flows.values.map(\.info) } }
 
     /// Closes the connections of `ruleID` with a reset on both sides.
     /// - Returns: how many were closed.

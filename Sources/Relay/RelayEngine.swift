@@ -11,6 +11,9 @@ import SystemLayer
 public final class RelayEngine: Sendable {
     public let settings: RelaySettings
     public let admission: AdmissionControl
+    /// MaxFlows for UDP, globally and per listener.
+    public let flowAdmission: AdmissionControl
+    public let sourcePorts = SourcePortRegistry()
     public let pipeBudget: PipeBudget
     private let group: EventLoopGroup
     private let contexts: LoopContexts
@@ -20,6 +23,7 @@ public final class RelayEngine: Sendable {
     private struct ControlState {
         var ruleSet = RuleSet.empty
         var gates: [SocketAddress: AdmissionGate] = [:]
+        var udpGates: [SocketAddress: AdmissionGate] = [:]
         var stopped = false
     }
 
@@ -34,12 +38,14 @@ public final class RelayEngine: Sendable {
         self.settings = settings
         self.logger = logger
         admission = AdmissionControl(maxConnections: settings.maxConnections)
+        flowAdmission = AdmissionControl(maxConnections: settings.maxFlows)
         pipeBudget = PipeBudget(limit: settings.maxPipes)
         group = try EventLoopGroup(count: settings.loops, name: "relay")
         control = Mutex(ControlState())
         let contexts = LoopContexts()
         for loop in group.loops {
             contexts.all.append(LoopContext(loop: loop, settings: settings, admission: admission,
+                                            flowAdmission: flowAdmission, sourcePorts: sourcePorts,
                                             budget: pipeBudget, logger: logger))
         }
         self.contexts = contexts
@@ -55,8 +61,11 @@ public final class RelayEngine: Sendable {
         try control.withLock { state throws(RuleError) in
             guard !state.stopped else { throw RuleError.invalid(rule: "-", reason: "the relay is shutting down") }
             let current = Set(state.ruleSet.listeners.keys)
-            let wanted = Set(rules.map(\.listen))
+            let wanted = Set(rules.filter { $0.transport.contains(.tcp) }.map(\.listen))
+            let currentUDP = Set(state.ruleSet.udpListeners.keys)
+            let wantedUDP = Set(rules.filter { $0.transport.contains(.udp) }.map(\.listen))
             var opened: [SocketAddress: [FileDescriptor]] = [:]
+            var openedUDP: [SocketAddress: [FileDescriptor]] = [:]
             do throws(RuleError) {
                 for address in wanted.subtracting(current).sorted(by: { $0.description < $1.description }) {
                     let owner = rules.first { $0.listen == address }!.id
@@ -81,30 +90,61 @@ public final class RelayEngine: Sendable {
                         throw RuleError.listenFailed(rule: owner, address: address, error)
                     }
                 }
+                for address in wantedUDP.subtracting(currentUDP).sorted(by: { $0.description < $1.description }) {
+                    let owner = rules.first { $0.listen == address && $0.transport.contains(.udp) }!.id
+                    do throws(SystemCallError) {
+                        try Socket.probeFreeUDP(address)
+                        var fds: [FileDescriptor] = []
+                        for _ in group.loops {
+                            do throws(SystemCallError) {
+                                fds.append(try Socket.bindUDP(address, reusePort: true, packetInfo: address.ip.isUnspecified,
+                                                              receiveBuffer: settings.udpReceiveBuffer,
+                                                              sendBuffer: settings.udpSendBuffer))
+                            } catch {
+                                fds.forEach { $0.close() }
+                                throw error
+                            }
+                        }
+                        openedUDP[address] = fds
+                    } catch {
+                        throw RuleError.listenFailed(rule: owner, address: address, error)
+                    }
+                }
             } catch {
                 for fds in opened.values { fds.forEach { $0.close() } }
+                for fds in openedUDP.values { fds.forEach { $0.close() } }
                 throw error
             }
 
             var gates: [SocketAddress: AdmissionGate] = [:]
             for address in wanted {
-                let limit = rules.filter { $0.listen == address }.compactMap(\.maxConnections).min()
+                let limit = rules.filter { $0.listen == address && $0.transport.contains(.tcp) }.compactMap(\.maxConnections).min()
                     ?? settings.maxConnectionsPerListener
                 let gate = state.gates[address] ?? AdmissionGate(address: address.description, limit: limit)
                 gate.setLimit(limit)
                 gates[address] = gate
             }
-            let ruleSet = RuleSet(rules: rules, gates: gates)
+            var udpGates: [SocketAddress: AdmissionGate] = [:]
+            for address in wantedUDP {
+                let limit = rules.filter { $0.listen == address && $0.transport.contains(.udp) }.compactMap(\.maxFlows).min()
+                    ?? settings.maxFlowsPerListener
+                let gate = state.udpGates[address] ?? AdmissionGate(address: "udp \(address)", limit: limit)
+                gate.setLimit(limit)
+                udpGates[address] = gate
+            }
+            let ruleSet = RuleSet(rules: rules, gates: gates, udpGates: udpGates)
             state.ruleSet = ruleSet
             state.gates = gates
+            state.udpGates = udpGates
             let sockets = opened
+            let udpSockets = openedUDP
             let contexts = self.contexts
             group.onEveryLoop { loop in
-                let mine = sockets.mapValues { $0[loop.id] }
-                contexts.all[loop.id].install(ruleSet, newSockets: mine)
+                contexts.all[loop.id].install(ruleSet, newSockets: sockets.mapValues { $0[loop.id] },
+                                              newDatagramSockets: udpSockets.mapValues { $0[loop.id] })
             }
         }
-        logger.info("rules applied: \(rules.count) rule(s) on \(Set(rules.map(\.listen)).count) listener(s)")
+        logger.info("rules applied: \(rules.count) rule(s) on \(Set(rules.map(\.listen)).count) address(es)")
     }
 
     /// The rules in force.
@@ -155,6 +195,34 @@ public final class RelayEngine: Sendable {
         }
         stats.pipesOpen = pipeBudget.count
         return stats
+    }
+
+    /// UDP figures by rule id, summed over the loops; datagrams from senders
+    /// no rule allows are under the empty id.
+    public func datagramStats() -> [String: DatagramStats] {
+        let found = Mutex<[String: DatagramStats]>([:])
+        let contexts = self.contexts
+        group.onEveryLoop { loop in
+            let context = contexts.all[loop.id]
+            let mine = context.datagramStats()
+            let unmatched = context.unmatchedDrops
+            found.withLock { all in
+                for (id, stats) in mine { all[id, default: DatagramStats()].add(stats) }
+                if unmatched > 0 { all["", default: DatagramStats()].drops[.notAllowed, default: 0] += unmatched }
+            }
+        }
+        return found.withLock { $0 }
+    }
+
+    /// Every live UDP flow with its accounting.
+    public func flows() -> [FlowInfo] {
+        let found = Mutex<[FlowInfo]>([])
+        let contexts = self.contexts
+        group.onEveryLoop { loop in
+            let mine = contexts.all[loop.id].flowInfos()
+            found.withLock { $0.append(contentsOf: mine) }
+        }
+        return found.withLock { $0 }.sorted { $0.client.description < $1.client.description }
     }
 
     /// Every live connection with its accounting.

@@ -1,7 +1,25 @@
 import SystemLayer
 
-/// One port-forward: connections accepted on `listen` from a client inside
-/// `allow` are relayed to `target`.
+/// Which protocols a rule relays on its port number.
+public struct Transport: OptionSet, Hashable, Sendable, CustomStringConvertible {
+    public let rawValue: UInt8
+    public init(rawValue: UInt8) { self.rawValue = rawValue }
+    public static let tcp = Transport(rawValue: 1)
+    public static let udp = Transport(rawValue: 2)
+    public static let both: Transport = [.tcp, .udp]
+
+    public var description: String {
+        switch self {
+        case .tcp: "tcp"
+        case .udp: "udp"
+        case .both: "tcp+udp"
+        default: "none"
+        }
+    }
+}
+
+/// One port-forward: connections (TCP) or flows (UDP) arriving on `listen`
+/// from a client inside `allow` are relayed to `target`.
 public struct RelayRule: Hashable, Sendable, CustomStringConvertible {
     /// A name unique within a rule set (the config section name, or the broker's rule id).
     public var id: String
@@ -15,15 +33,32 @@ public struct RelayRule: Hashable, Sendable, CustomStringConvertible {
     public var idleTimeoutNanoseconds: UInt64?
     /// The connection limit of this rule's listener (nil: the engine's default).
     public var maxConnections: Int?
+    /// TCP, UDP or both on the same port number.
+    public var transport: Transport
+    /// A UDP flow with no datagram either way for this long is removed.
+    public var udpIdleTimeoutNanoseconds: UInt64
+    /// The flow limit of this rule's UDP listener (nil: the engine's default).
+    public var maxFlows: Int?
+    /// UDP flows leave from one of these source ports (e.g. 55000, as the
+    /// PCoIP Security Gateway does) instead of an ephemeral one. Flows to the
+    /// same target share a port only when they cannot be told apart by the
+    /// target's address, so each (port, target) pair serves one flow.
+    public var sourcePorts: ClosedRange<UInt16>?
 
     public init(id: String, listen: SocketAddress, allow: [CIDR] = [], target: SocketAddress,
-                idleTimeoutNanoseconds: UInt64? = nil, maxConnections: Int? = nil) {
+                idleTimeoutNanoseconds: UInt64? = nil, maxConnections: Int? = nil,
+                transport: Transport = .tcp, udpIdleTimeoutNanoseconds: UInt64 = 120_000_000_000,
+                maxFlows: Int? = nil, sourcePorts: ClosedRange<UInt16>? = nil) {
         self.id = id
         self.listen = listen
         self.allow = allow
         self.target = target
         self.idleTimeoutNanoseconds = idleTimeoutNanoseconds
         self.maxConnections = maxConnections
+        self.transport = transport
+        self.udpIdleTimeoutNanoseconds = udpIdleTimeoutNanoseconds
+        self.maxFlows = maxFlows
+        self.sourcePorts = sourcePorts
     }
 
     /// True when `client` may use this rule.
@@ -45,7 +80,9 @@ public struct RelayRule: Hashable, Sendable, CustomStringConvertible {
 
     public var description: String {
         let who = allow.isEmpty ? "anyone" : allow.map(\.description).joined(separator: ",")
-        return "\(id): \(listen) -> \(target) (from \(who))"
+        let proto = transport == .tcp ? "" : " \(transport)"
+        let ports = sourcePorts.map { " from source port \($0.lowerBound == $0.upperBound ? "\($0.lowerBound)" : "\($0.lowerBound)-\($0.upperBound)")" } ?? ""
+        return "\(id):\(proto) \(listen) -> \(target)\(ports) (from \(who))"
     }
 }
 
@@ -67,10 +104,18 @@ public struct ListenerRules: Sendable {
 /// An immutable snapshot of every rule, published to the loops as a whole.
 public struct RuleSet: Sendable {
     public let rules: [RelayRule]
+    /// TCP listeners by address.
     public let listeners: [SocketAddress: ListenerRules]
+    /// UDP listeners by address; their gates count flows.
+    public let udpListeners: [SocketAddress: ListenerRules]
 
-    init(rules: [RelayRule], gates: [SocketAddress: AdmissionGate]) {
+    init(rules: [RelayRule], gates: [SocketAddress: AdmissionGate], udpGates: [SocketAddress: AdmissionGate] = [:]) {
         self.rules = rules
+        listeners = RuleSet.group(rules.filter { $0.transport.contains(.tcp) }, gates)
+        udpListeners = RuleSet.group(rules.filter { $0.transport.contains(.udp) }, udpGates)
+    }
+
+    private static func group(_ rules: [RelayRule], _ gates: [SocketAddress: AdmissionGate]) -> [SocketAddress: ListenerRules] {
         var grouped: [SocketAddress: [RelayRule]] = [:]
         for rule in rules { grouped[rule.listen, default: []].append(rule) }
         var listeners: [SocketAddress: ListenerRules] = [:]
@@ -80,7 +125,7 @@ public struct RuleSet: Sendable {
             }.map(\.element)
             listeners[address] = ListenerRules(address: address, rules: sorted, gate: gates[address]!)
         }
-        self.listeners = listeners
+        return listeners
     }
 
     static let empty = RuleSet(rules: [], gates: [:])
@@ -122,7 +167,21 @@ public enum RuleError: Error, Equatable, Sendable, CustomStringConvertible {
             if let limit = rule.maxConnections, limit < 1 {
                 throw .invalid(rule: rule.id, reason: "max_connections must be at least 1")
             }
-            for other in byListen[rule.listen, default: []] where Set(other.allow) == Set(rule.allow) {
+            if let limit = rule.maxFlows, limit < 1 {
+                throw .invalid(rule: rule.id, reason: "max_flows must be at least 1")
+            }
+            if rule.transport.isEmpty { throw .invalid(rule: rule.id, reason: "protocol must be tcp, udp or both") }
+            if let ports = rule.sourcePorts {
+                guard rule.transport.contains(.udp) else {
+                    throw .invalid(rule: rule.id, reason: "source_ports applies to udp forwards only")
+                }
+                if ports.lowerBound == 0 { throw .invalid(rule: rule.id, reason: "source_ports must be 1-65535") }
+            }
+            if rule.transport.contains(.udp) && rule.udpIdleTimeoutNanoseconds == 0 {
+                throw .invalid(rule: rule.id, reason: "udp_idle_timeout must be more than 0")
+            }
+            for other in byListen[rule.listen, default: []]
+            where Set(other.allow) == Set(rule.allow) && !other.transport.isDisjoint(with: rule.transport) {
                 throw .conflictingRules(other.id, rule.id, listen: rule.listen)
             }
             byListen[rule.listen, default: []].append(rule)
@@ -130,8 +189,10 @@ public enum RuleError: Error, Equatable, Sendable, CustomStringConvertible {
         // A wildcard and a specific address on the same port cannot both be bound.
         for (address, group) in byListen where !address.ip.isUnspecified {
             let wildcard = SocketAddress(ip: address.ip.isIPv4 ? .v4(0) : .v6(0, 0), port: address.port)
-            if let other = byListen[wildcard]?.first {
-                throw .conflictingRules(other.id, group[0].id, listen: address)
+            for rule in group {
+                if let other = byListen[wildcard]?.first(where: { !$0.transport.isDisjoint(with: rule.transport) }) {
+                    throw .conflictingRules(other.id, rule.id, listen: address)
+                }
             }
         }
     }

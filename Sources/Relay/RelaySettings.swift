@@ -23,6 +23,15 @@ public struct RelaySettings: Sendable, Equatable {
     /// How long after establishment the upstream socket gets its keepalive
     /// settings (0: at once). See `RelayConnection.becomeEstablished`.
     public var livenessDelayNanoseconds: UInt64 = 1_000_000_000
+    /// UDP flows for the whole process; new flows beyond it are refused.
+    public var maxFlows: Int = 10_000
+    /// UDP flows per listener when a rule does not set its own.
+    public var maxFlowsPerListener: Int = 10_000
+    /// SO_RCVBUF / SO_SNDBUF for UDP sockets (0: the kernel's default).
+    public var udpReceiveBuffer: Int = 0
+    public var udpSendBuffer: Int = 0
+    /// Datagrams per recvmmsg/sendmmsg call (1-64).
+    public var udpBatch: Int = 32
 
     public init(loops: Int = RelaySettings.coreCount, maxConnections: Int = 10_000, maxConnectionsPerListener: Int = 10_000,
                 connectTimeoutNanoseconds: UInt64 = 5_000_000_000, liveness: Liveness = Liveness(),

@@ -210,6 +210,16 @@ public struct SocketAddress: Hashable, Sendable, CustomStringConvertible {
         }
     }
 
+    /// This address as a `sockaddr_storage`.
+    var storage: sockaddr_storage {
+        var storage = sockaddr_storage()
+        withSockAddr { pointer, length in
+            // Safe: copies `length` bytes of a live sockaddr into storage, which is larger.
+            withUnsafeMutableBytes(of: &storage) { $0.copyMemory(from: UnsafeRawBufferPointer(start: pointer, count: Int(length))) }
+        }
+        return storage
+    }
+
     /// Calls `body` with this address as a `sockaddr` and its length.
     func withSockAddr<R>(_ body: (UnsafePointer<sockaddr>, socklen_t) -> R) -> R {
         switch ip {

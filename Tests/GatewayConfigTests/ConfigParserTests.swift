@@ -50,6 +50,41 @@ struct ConfigParserTests {
         #expect(config.rules[1].idleTimeoutNanoseconds == nil)
     }
 
+    @Test("udp forwards: protocol, flow limits, idle time, source ports and buffers")
+    func udp() throws {
+        let config = try ConfigParser.parse("""
+            max_flows = 2000
+            max_flows_per_listener = 300
+            udp_receive_buffer = 4m
+            udp_send_buffer = 1m
+
+            [forward pcoip-tcp]
+            listen = 0.0.0.0:4172
+            target = 10.0.0.5:4172
+
+            [forward pcoip-udp]
+            listen = 0.0.0.0:4172
+            target = 10.0.0.5:4172
+            protocol = udp
+            udp_idle_timeout = 30s
+            max_flows = 100
+            source_ports = 55000-55009
+
+            [forward nx]
+            listen = 127.0.0.1:4000
+            target = 10.0.0.6:4000
+            protocol = tcp+udp
+            source_ports = 55000
+            """, file: "gw.conf")
+        #expect(config.settings.maxFlows == 2000 && config.settings.maxFlowsPerListener == 300)
+        #expect(config.settings.udpReceiveBuffer == 4 << 20 && config.settings.udpSendBuffer == 1 << 20)
+        #expect(config.rules.map(\.transport) == [.tcp, .udp, .both])
+        let udp = config.rules[1]
+        #expect(udp.udpIdleTimeoutNanoseconds == 30_000_000_000 && udp.maxFlows == 100 && udp.sourcePorts == 55000...55009)
+        #expect(config.rules[0].udpIdleTimeoutNanoseconds == 120_000_000_000 && config.rules[0].sourcePorts == nil)
+        #expect(config.rules[2].sourcePorts == 55000...55000)
+    }
+
     @Test("defaults: no idle timeout, keepalive on, 5 s connect timeout")
     func defaults() throws {
         let config = try ConfigParser.parse("[forward a]\nlisten = 127.0.0.1:1000\ntarget = 127.0.0.1:2000\n")
@@ -83,6 +118,17 @@ struct ConfigParserTests {
             ("[forward a]\nlisten = 127.0.0.1:1\ntarget = 127.0.0.1:2\nlisten = 127.0.0.1:3", 4, "set twice"),
             ("[forward a]\nlisten = 127.0.0.1:1\ntarget = 127.0.0.1:2\n[forward b]\nlisten = 127.0.0.1:1\ntarget = 127.0.0.1:3", 4, "both listen on"),
             ("[forward a]\nlisten = 0.0.0.0:1\ntarget = 127.0.0.1:2\n[forward b]\nlisten = 127.0.0.1:1\ntarget = 127.0.0.1:3", 4, "both listen on"),
+            ("[forward a]\nlisten = 127.0.0.1:1\ntarget = 127.0.0.1:2\nprotocol = sctp", 4, "protocol: \"sctp\" is not tcp, udp or tcp+udp"),
+            ("[forward a]\nlisten = 127.0.0.1:1\ntarget = 127.0.0.1:2\nsource_ports = 55000", 4, "source_ports applies to udp forwards only"),
+            ("[forward a]\nlisten = 127.0.0.1:1\ntarget = 127.0.0.1:2\nprotocol = udp\nsource_ports = 9-1", 5, "source_ports"),
+            ("[forward a]\nlisten = 127.0.0.1:1\ntarget = 127.0.0.1:2\nprotocol = udp\nsource_ports = 0", 5, "source_ports"),
+            ("[forward a]\nlisten = 127.0.0.1:1\ntarget = 127.0.0.1:2\nprotocol = udp\nsource_ports = 70000", 5, "source_ports"),
+            ("[forward a]\nlisten = 127.0.0.1:1\ntarget = 127.0.0.1:2\nudp_idle_timeout = 10s", 4, "udp_idle_timeout applies to udp forwards only"),
+            ("[forward a]\nlisten = 127.0.0.1:1\ntarget = 127.0.0.1:2\nprotocol = udp\nudp_idle_timeout = 0s", 5, "udp_idle_timeout"),
+            ("[forward a]\nlisten = 127.0.0.1:1\ntarget = 127.0.0.1:2\nprotocol = udp\nmax_flows = 0", 5, "max_flows"),
+            ("max_flows = -1", 1, "max_flows"),
+            ("udp_receive_buffer = 1g", 1, "udp_receive_buffer"),
+            ("[forward a]\nlisten = 127.0.0.1:1\ntarget = 127.0.0.1:2\nprotocol = udp\n[forward b]\nlisten = 127.0.0.1:1\ntarget = 127.0.0.1:3\nprotocol = tcp+udp", 5, "both listen on"),
           ])
     func errors(text: String, line: Int, fragment: String) {
         #expect {

@@ -96,3 +96,40 @@ struct EchoClient {
 
     func close() { fd.close() }
 }
+
+/// A UDP echo server on its own thread (end-to-end tests).
+final class UDPEchoServer: @unchecked Sendable {
+    let address: SocketAddress
+    private let fd: FileDescriptor
+    private let stopped = Atomic<Bool>(false)
+
+    /// Binds 127.0.0.1:`port` (0: any free port).
+    init(port: UInt16 = 0) throws {
+        fd = try Socket.bindUDP(SocketAddress(ip: .v4(0x7f00_0001), port: port), reusePort: false)
+        address = Socket.localAddress(fd)!
+        let thread = Thread { [self] in run() }
+        thread.start()
+    }
+
+    private func run() {
+        while !stopped.load(ordering: .relaxed) {
+            guard BlockingWait.readable(fd, timeoutMilliseconds: 100) else { continue }
+            while case .done(let datagram)? = try? Socket.receiveDatagram(fd), let peer = datagram.peer {
+                _ = try? Socket.sendDatagram(fd, datagram.bytes, to: peer)
+            }
+        }
+        fd.close()
+    }
+
+    func stop() { stopped.store(true, ordering: .relaxed) }
+}
+
+/// Sends `text` to `relay` from a fresh UDP socket and returns the reply, if any.
+func udpRoundTrip(_ text: String, via relay: SocketAddress, milliseconds: Int32 = 3000) throws -> String? {
+    let fd = try Socket.bindUDP(SocketAddress("127.0.0.1:0")!, reusePort: false)
+    defer { fd.close() }
+    _ = try Socket.sendDatagram(fd, Array(text.utf8), to: relay)
+    guard BlockingWait.readable(fd, timeoutMilliseconds: milliseconds),
+          case .done(let reply)? = try? Socket.receiveDatagram(fd), reply.peer == relay else { return nil }
+    return String(decoding: reply.bytes, as: UTF8.self)
+}

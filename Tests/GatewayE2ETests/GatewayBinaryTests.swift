@@ -79,6 +79,33 @@ struct GatewayBinaryTests {
         #expect(result.err.contains("127.0.0.1:\(taken.port)") && result.err.contains("already in use"), "stderr: \(result.err)")
     }
 
+    @Test("a tcp+udp forward relays TCP and UDP on one port number, before and after SIGHUP")
+    func tcpAndUDP() throws {
+        let echo = try EchoServer()
+        defer { echo.stop() }
+        let udpEcho = try UDPEchoServer(port: echo.address.port)
+        defer { udpEcho.stop() }
+        let dir = TempDir()
+        defer { dir.cleanup() }
+        let port = freePort()
+        let text = config(forwards: [("both", port, echo.address)]) + "protocol = tcp+udp\nudp_idle_timeout = 30s\n"
+        let file = dir.write("gw.conf", text)
+        let check = try GatewayProcess.run(["--check", "--config", file])
+        #expect(check.status == 0, "\(check.err)")
+        let gateway = try GatewayProcess(["serve", "--config", file])
+        defer { gateway.stop() }
+        #expect(gateway.waitForLog("ready"))
+        let relay = SocketAddress(ip: .v4(0x7f00_0001), port: port)
+        let session = try EchoClient.connect(relay)
+        defer { session.close() }
+        #expect(session.roundTrip("over tcp") == "over tcp")
+        #expect(try udpRoundTrip("over udp", via: relay) == "over udp")
+        gateway.signal(SIGHUP)
+        #expect(gateway.waitForLog("config reloaded"))
+        #expect(try udpRoundTrip("udp after reload", via: relay) == "udp after reload")
+        #expect(session.roundTrip("tcp after reload") == "tcp after reload")
+    }
+
     @Test("SIGHUP reloads forwards without dropping a session; a bad reload changes nothing")
     func reload() throws {
         let echo = try EchoServer()

@@ -100,3 +100,49 @@ int shim_set_open_files_limit(long soft);
 uint64_t shim_monotonic_ns(void);
 
 #endif
+
+// MARK: datagram batches (recvmmsg/sendmmsg)
+
+/// A batch of datagram slots with their headers, addresses and control
+/// buffers, allocated once. A receive batch owns a data buffer per slot; a
+/// send batch points its slots at a receive batch's buffers, so forwarding a
+/// datagram copies no payload in user space.
+typedef struct shim_dgram_batch shim_dgram_batch;
+
+/// Creates a batch of `capacity` slots (at most 64); `buffer_size` bytes of
+/// data per slot for a receive batch, 0 for a send batch.
+shim_dgram_batch *shim_dgram_batch_create(int capacity, int buffer_size);
+void shim_dgram_batch_destroy(shim_dgram_batch *batch);
+int shim_dgram_batch_capacity(const shim_dgram_batch *batch);
+
+/// recvmmsg(2) into every slot. Returns the number received or -1 (errno set).
+int shim_dgram_recv(int fd, shim_dgram_batch *batch);
+/// The length of datagram `i` after a receive (may be 0).
+size_t shim_dgram_length(const shim_dgram_batch *batch, int i);
+/// True when datagram `i` did not fit its buffer and was cut (MSG_TRUNC).
+int shim_dgram_truncated(const shim_dgram_batch *batch, int i);
+/// The sender of datagram `i`.
+const struct sockaddr *shim_dgram_peer(const shim_dgram_batch *batch, int i, socklen_t *length);
+/// The local address datagram `i` was sent to, from IP_PKTINFO/IPV6_PKTINFO.
+/// Writes an AF_INET/AF_INET6 sockaddr (port 0) into `out` and returns 1, or 0 when absent.
+int shim_dgram_local(const shim_dgram_batch *batch, int i, struct sockaddr_storage *out);
+
+/// Empties a send batch.
+void shim_dgram_tx_reset(shim_dgram_batch *tx);
+int shim_dgram_tx_count(const shim_dgram_batch *tx);
+/// Adds datagram `index` of `rx` to `tx`, to `destination` (NULL on a
+/// connected socket) and, when `source` is not NULL, from that local address
+/// (an IP_PKTINFO/IPV6_PKTINFO control message). Returns 0 when `tx` is full.
+int shim_dgram_tx_add(shim_dgram_batch *tx, const shim_dgram_batch *rx, int index,
+                      const struct sockaddr *destination, socklen_t destination_length,
+                      const struct sockaddr_storage *source);
+/// sendmmsg(2) of the slots from `start` on. Returns the number sent or -1.
+int shim_dgram_send(int fd, shim_dgram_batch *tx, int start);
+
+/// Asks the kernel for the destination address of each datagram received on
+/// `fd` (IP_PKTINFO or IPV6_RECVPKTINFO).
+int shim_enable_pktinfo(int fd, int family);
+/// Copies up to `length` bytes of a send batch's first slot into `out` (tests only).
+size_t shim_dgram_copy_first(const shim_dgram_batch *tx, void *out, size_t length);
+/// The payload length of queued slot `i` of a send batch.
+size_t shim_dgram_tx_length(const shim_dgram_batch *tx, int i);

@@ -1,0 +1,280 @@
+import Testing
+@testable import Relay
+import SystemLayer
+
+/// The UDP relay with real sockets on loopback.
+@Suite("UDP relay", .serialized)
+struct RelayDatagramTests {
+    func udpRule(_ id: String, _ listen: SocketAddress, _ target: SocketAddress, transport: Transport = .udp,
+                 idle: UInt64 = 120_000_000_000, maxFlows: Int? = nil, sourcePorts: ClosedRange<UInt16>? = nil,
+                 allow: [CIDR] = []) -> RelayRule {
+        RelayRule(id: id, listen: listen, allow: allow, target: target, transport: transport,
+                  udpIdleTimeoutNanoseconds: idle, maxFlows: maxFlows, sourcePorts: sourcePorts)
+    }
+
+    @Test("datagrams are relayed both ways, replies come from the address the client sent to, counters add up")
+    func basic() throws {
+        let echo = try DatagramEchoServer()
+        defer { echo.stop() }
+        let engine = try makeEngine()
+        defer { engine.shutdown() }
+        let listen = freeUDPAddress()
+        try engine.apply([udpRule("u", listen, echo.address)])
+        let client = try DatagramClient()
+        defer { client.close() }
+        for size in [1, 100, 1200, 9000] {
+            #expect(try client.echo(randomBytes(size), via: listen))
+        }
+        let flows = engine.flows()
+        #expect(flows.count == 1)
+        #expect(flows.first?.client == client.address)
+        #expect(flows.first?.datagramsToTarget == 4 && flows.first?.bytesToTarget == 10_301)
+        #expect(flows.first?.datagramsToClient == 4 && flows.first?.bytesToClient == 10_301)
+        let stats = try #require(engine.datagramStats()["u"])
+        #expect(stats.flowsActive == 1 && stats.flowsCreated == 1)
+        #expect(stats.datagramsToTarget == 4 && stats.datagramsToClient == 4 && stats.bytesToClient == 10_301)
+        #expect(stats.totalDrops == 0)
+    }
+
+    @Test("a wildcard listener answers from the address the client sent to")
+    func wildcardSource() throws {
+        let echo = try DatagramEchoServer()
+        defer { echo.stop() }
+        let engine = try makeEngine()
+        defer { engine.shutdown() }
+        let port = freeUDPAddress().port
+        try engine.apply([udpRule("w", SocketAddress(ip: .v4(0), port: port), echo.address)])
+        let client = try DatagramClient()
+        defer { client.close() }
+        // 127.0.0.2 is a loopback address too; the reply must come from it, not 127.0.0.1.
+        let other = SocketAddress(ip: IPAddress("127.0.0.2")!, port: port)
+        try client.send([1, 2, 3], to: other)
+        let reply = try #require(client.receive())
+        #expect(reply.peer == other)
+        #expect(reply.bytes == [1, 2, 3])
+    }
+
+    @Test("zero-length and 65,507-byte datagrams are relayed intact")
+    func extremeSizes() throws {
+        let echo = try DatagramEchoServer()
+        defer { echo.stop() }
+        let engine = try makeEngine()
+        defer { engine.shutdown() }
+        let listen = freeUDPAddress()
+        try engine.apply([udpRule("sizes", listen, echo.address)])
+        let client = try DatagramClient()
+        defer { client.close() }
+        #expect(try client.echo([], via: listen))
+        #expect(try client.echo(randomBytes(DatagramBatch.maxPayload), via: listen))
+        #expect(try client.echo([7], via: listen))
+    }
+
+    @Test("1,000 concurrent flows: every datagram arrives intact and in order per flow")
+    func thousandFlows() throws {
+        let echo = try DatagramEchoServer()
+        defer { echo.stop() }
+        let engine = try makeEngine { $0.udpReceiveBuffer = 4 << 20; $0.udpSendBuffer = 4 << 20 }
+        defer { engine.shutdown() }
+        let listen = freeUDPAddress()
+        try engine.apply([udpRule("many", listen, echo.address)])
+        let clients = try (0..<1000).map { _ in try DatagramClient() }
+        defer { clients.forEach { $0.close() } }
+        var nextExpected = [Int](repeating: 0, count: clients.count)
+        var outOfOrder = 0, corrupt = 0
+        for round in 0..<10 {
+            for (i, client) in clients.enumerated() {
+                var payload = [UInt8(i & 0xff), UInt8(i >> 8), UInt8(round)]
+                payload += [UInt8](repeating: UInt8(truncatingIfNeeded: i &+ round), count: 50 + (i % 200))
+                try client.send(payload, to: listen)
+            }
+            let deadline = MonotonicClock.nowNanoseconds + 5_000_000_000
+            for (i, client) in clients.enumerated() {
+                guard let reply = client.receive(milliseconds: remainingMilliseconds(until: deadline)) else { continue }
+                let bytes = reply.bytes
+                guard bytes.count == 53 + (i % 200), Int(bytes[0]) | Int(bytes[1]) << 8 == i,
+                      bytes[3...].allSatisfy({ $0 == UInt8(truncatingIfNeeded: i &+ Int(bytes[2])) }) else {
+                    corrupt += 1
+                    continue
+                }
+                if Int(bytes[2]) != nextExpected[i] { outOfOrder += 1 }
+                nextExpected[i] = Int(bytes[2]) + 1
+            }
+            if round == 0 { #expect(engine.flows().count == 1000) }
+        }
+        #expect(corrupt == 0)
+        #expect(outOfOrder == 0)
+        #expect(nextExpected.allSatisfy { $0 == 10 }, "\(nextExpected.filter { $0 != 10 }.count) flows lost datagrams")
+        #expect(echo.senders.count == 1000)
+        let stats = try #require(engine.datagramStats()["many"])
+        #expect(stats.flowsCreated == 1000 && stats.datagramsToTarget == 10_000 && stats.datagramsToClient == 10_000)
+    }
+
+    @Test("idle flows expire after their rule's timeout; active ones stay")
+    func expiry() throws {
+        let echo = try DatagramEchoServer()
+        defer { echo.stop() }
+        let engine = try makeEngine()
+        defer { engine.shutdown() }
+        let quick = freeUDPAddress(), slow = freeUDPAddress()
+        try engine.apply([udpRule("quick", quick, echo.address, idle: 300_000_000),
+                          udpRule("slow", slow, echo.address)])
+        let a = try DatagramClient(), b = try DatagramClient()
+        defer { a.close(); b.close() }
+        #expect(try a.echo([1], via: quick))
+        #expect(try b.echo([2], via: slow))
+        #expect(engine.flows().count == 2)
+        #expect(eventually(5) { engine.datagramStats()["quick"]?.flowsExpired == 1 })
+        #expect(engine.flows().map(\.rule) == ["slow"])
+        // A new datagram from the expired client opens a new flow.
+        #expect(try a.echo([3], via: quick))
+        #expect(engine.datagramStats()["quick"]?.flowsCreated == 2)
+    }
+
+    @Test("MaxFlows: a flood of new senders is refused and counted; existing flows keep working")
+    func flowLimits() throws {
+        let echo = try DatagramEchoServer()
+        defer { echo.stop() }
+        let engine = try makeEngine { $0.maxFlows = 60 }
+        defer { engine.shutdown() }
+        let listen = freeUDPAddress(), other = freeUDPAddress()
+        try engine.apply([udpRule("limited", listen, echo.address, maxFlows: 50),
+                          udpRule("other", other, echo.address)])
+        let veteran = try DatagramClient()
+        defer { veteran.close() }
+        #expect(try veteran.echo([0xAA], via: listen))
+        // A flood of 200 new source addresses.
+        let flood = try (0..<200).map { _ in try DatagramClient() }
+        defer { flood.forEach { $0.close() } }
+        for client in flood { try client.send([1, 2, 3], to: listen) }
+        var answered = 0
+        // Every admitted sender is answered well within a second; after the
+        // deadline, each remaining client is only polled.
+        let deadline = MonotonicClock.nowNanoseconds + 1_000_000_000
+        for client in flood where client.receive(milliseconds: remainingMilliseconds(until: deadline)) != nil {
+            answered += 1
+        }
+        #expect(answered == 49, "the listener limit of 50 (one taken by the veteran) admitted \(answered)")
+        #expect(engine.datagramStats()["limited"]?.drops[.flowLimit] == 151)
+        #expect(try veteran.echo([0xBB], via: listen), "an existing flow stopped working")
+        // The global limit (60) counts every listener.
+        let more = try (0..<15).map { _ in try DatagramClient() }
+        defer { more.forEach { $0.close() } }
+        var admitted = 0
+        for client in more where try client.echo([9], via: other, milliseconds: 300) { admitted += 1 }
+        #expect(admitted == 10)
+        #expect(engine.flowAdmission.global.active == 60)
+    }
+
+    @Test("fixed source port toward several targets; a second flow to the same target takes the next port")
+    func fixedSourcePort() throws {
+        let echo1 = try DatagramEchoServer(), echo2 = try DatagramEchoServer()
+        defer { echo1.stop(); echo2.stop() }
+        let engine = try makeEngine()
+        defer { engine.shutdown() }
+        let base = freeUDPAddress().port
+        let ports = base...(base + 1)
+        let toOne = freeUDPAddress(), toTwo = freeUDPAddress()
+        try engine.apply([udpRule("one", toOne, echo1.address, sourcePorts: ports),
+                          udpRule("two", toTwo, echo2.address, sourcePorts: ports)])
+        let a = try DatagramClient(), b = try DatagramClient(), c = try DatagramClient(), d = try DatagramClient()
+        defer { [a, b, c, d].forEach { $0.close() } }
+        #expect(try a.echo(Array("a".utf8), via: toOne))
+        #expect(try b.echo(Array("b".utf8), via: toTwo))
+        // Both targets saw the same fixed source port; replies were told apart by the target's address.
+        #expect(echo1.senders.keys.map(\.port) == [base])
+        #expect(echo2.senders.keys.map(\.port) == [base])
+        // Collaboration: a second flow to echo1 leaves from the next port.
+        #expect(try c.echo(Array("c".utf8), via: toOne))
+        #expect(Set(echo1.senders.keys.map(\.port)) == [base, base + 1])
+        // Interleaved traffic still reaches the right clients.
+        for round in 0..<20 {
+            #expect(try a.echo([UInt8(round), 1], via: toOne))
+            #expect(try c.echo([UInt8(round), 3], via: toOne))
+            #expect(try b.echo([UInt8(round), 2], via: toTwo))
+        }
+        // The range is used up toward echo1: a third flow is refused and counted.
+        try d.send([4], to: toOne)
+        #expect(d.receive(milliseconds: 300) == nil)
+        #expect(engine.datagramStats()["one"]?.drops[.sourcePortsExhausted] == 1)
+        #expect(engine.sourcePorts.count == 3)
+    }
+
+    @Test("TCP and UDP on one port number at once")
+    func bothOnOnePort() throws {
+        let port = freeUDPAddress().port
+        let tcpTarget = try TestListener()
+        defer { tcpTarget.close() }
+        let echo = try DatagramEchoServer(port: tcpTarget.address.port)
+        defer { echo.stop() }
+        let engine = try makeEngine()
+        defer { engine.shutdown() }
+        let listen = SocketAddress(ip: .v4(0x7f00_0001), port: port)
+        try engine.apply([udpRule("both", listen, tcpTarget.address, transport: .both)])
+        let tcp = try TestClient.connect(listen)
+        defer { tcp.close() }
+        let upstream = try #require(tcpTarget.accept())
+        defer { upstream.close() }
+        let udp = try DatagramClient()
+        defer { udp.close() }
+        try tcp.send([1, 2, 3])
+        #expect(upstream.readExactly(3) == [1, 2, 3])
+        #expect(try udp.echo([4, 5, 6], via: listen))
+        try upstream.send([7])
+        #expect(tcp.readExactly(1) == [7])
+    }
+
+    @Test("an unreachable target, a removed rule and a sender no rule allows: dropped, counted, nothing breaks")
+    func badInput() throws {
+        let echo = try DatagramEchoServer()
+        defer { echo.stop() }
+        let engine = try makeEngine()
+        defer { engine.shutdown() }
+        let dead = freeUDPAddress() // nobody listens: ICMP port unreachable
+        let toDead = freeUDPAddress(), toEcho = freeUDPAddress()
+        try engine.apply([udpRule("dead", toDead, dead),
+                          udpRule("live", toEcho, echo.address),
+                          udpRule("closed", freeUDPAddress(), echo.address, allow: [CIDR("10.0.0.0/8")!])])
+        let client = try DatagramClient()
+        defer { client.close() }
+        for _ in 0..<5 {
+            try client.send([1], to: toDead)
+            BlockingWait.sleep(milliseconds: 20)
+        }
+        #expect(eventually { (engine.datagramStats()["dead"]?.drops[.unreachable] ?? 0) >= 1 })
+        #expect(try client.echo([2], via: toEcho), "one unreachable target broke the relay")
+        // A sender outside every allow-list.
+        let closedPort = engine.rules.first { $0.id == "closed" }!.listen
+        try client.send([3], to: closedPort)
+        #expect(client.receive(milliseconds: 300) == nil)
+        #expect(eventually { engine.datagramStats()[""]?.drops[.notAllowed] == 1 })
+        // The rule is removed: its flows end, the port closes, the rest works.
+        try engine.apply([udpRule("live", toEcho, echo.address)])
+        #expect(engine.flows().map(\.rule) == ["live"])
+        try client.send([4], to: toDead)
+        _ = client.receive(milliseconds: 200)
+        #expect(try client.echo([5], via: toEcho))
+        #expect(engine.flowAdmission.global.active == 1)
+    }
+
+    @Test("a UDP port held by another socket: a clear error and nothing changes")
+    func udpPortInUse() throws {
+        let holder = try DatagramClient()
+        defer { holder.close() }
+        let engine = try makeEngine()
+        defer { engine.shutdown() }
+        let echo = try DatagramEchoServer()
+        defer { echo.stop() }
+        let good = freeUDPAddress()
+        try engine.apply([udpRule("good", good, echo.address)])
+        #expect {
+            try engine.apply([udpRule("good", good, echo.address), udpRule("taken", holder.address, echo.address)])
+        } throws: { error in
+            guard let error = error as? RuleError, case .listenFailed(let rule, _, let cause) = error else { return false }
+            return rule == "taken" && cause.errno == .addressInUse
+        }
+        #expect(engine.rules.map(\.id) == ["good"])
+        let client = try DatagramClient()
+        defer { client.close() }
+        #expect(try client.echo([7], via: good))
+    }
+}
