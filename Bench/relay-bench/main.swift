@@ -5,6 +5,9 @@
 //                        [--threads T] [--warmup SECONDS] [--timeout SECONDS]
 //   relay-bench hold --target HOST:PORT --count N --pid PID[,PID...]
 //                    [--parallel P] [--settle SECONDS] [--verify yes|no] [--message-size BYTES]
+//   relay-bench udpecho --listen HOST:PORT[,HOST:PORT...]
+//   relay-bench udpflood --target HOST:PORT --sink HOST:PORT [--size 64] [--duration 5] [--warmup 0.5] [--batch 32]
+//   relay-bench udpping --target HOST:PORT [--size 64] [--duration 5] [--warmup 0.5] [--timeout 1000]
 //
 // Each measuring subcommand prints one `key=value ...` line on stdout;
 // progress and errors go to stderr.
@@ -17,6 +20,9 @@ let usage = """
                            [--threads 1] [--warmup 0.5] [--timeout 10]
       relay-bench hold --target HOST:PORT --count N --pid PID[,PID...]
                        [--parallel 32] [--settle 2] [--verify yes|no] [--message-size 32]
+      relay-bench udpecho --listen HOST:PORT[,HOST:PORT...]
+      relay-bench udpflood --target HOST:PORT --sink HOST:PORT [--size 64] [--duration 5] [--warmup 0.5] [--batch 32]
+      relay-bench udpping --target HOST:PORT [--size 64] [--duration 5] [--warmup 0.5] [--timeout 1000]
     """
 
 let arguments = CommandLine.arguments
@@ -29,6 +35,9 @@ switch arguments[1] {
 case "echo": runEcho(rest)
 case "connrate": runConnRate(rest)
 case "hold": runHold(rest)
+case "udpecho": runUDPEcho(rest)
+case "udpflood": runUDPFlood(rest)
+case "udpping": runUDPPing(rest)
 case "-h", "--help", "help":
     print(usage)
     exit(0)

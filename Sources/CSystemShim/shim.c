@@ -156,6 +156,17 @@ uint64_t shim_monotonic_ns(void) {
 #include <stdlib.h>
 #include <string.h>
 #include <sys/uio.h>
+#include <netinet/udp.h>
+#ifndef UDP_SEGMENT
+#define UDP_SEGMENT 103
+#endif
+#ifndef SOL_UDP
+#define SOL_UDP 17
+#endif
+/* The kernel's limit on segments per GSO send (UDP_MAX_SEGMENTS). */
+#define SHIM_GSO_MAX_SEGMENTS 64
+/* IPv4's largest UDP payload; a GSO send must not exceed it in total. */
+#define SHIM_GSO_MAX_BYTES 65507
 
 #define SHIM_DGRAM_MAX 64
 // Room for one in6_pktinfo control message (the larger of the two).
@@ -297,6 +308,76 @@ int shim_dgram_tx_add(shim_dgram_batch *tx, const shim_dgram_batch *rx, int inde
     }
     tx->headers[i].msg_len = 0;
     return 1;
+}
+
+int shim_dgram_tx_add_buffer(shim_dgram_batch *tx, const void *base, size_t length) {
+    if (tx->count >= tx->capacity) return 0;
+    int i = tx->count++;
+    tx->iov[i].iov_base = (void *)base;
+    tx->iov[i].iov_len = length;
+    struct msghdr *m = &tx->headers[i].msg_hdr;
+    memset(m, 0, sizeof(*m));
+    m->msg_iov = &tx->iov[i];
+    m->msg_iovlen = 1;
+    tx->headers[i].msg_len = 0;
+    return 1;
+}
+
+static int shim_run_length(const shim_dgram_batch *tx, int start) {
+    size_t segment = tx->iov[start].iov_len;
+    /* Segments must fit the path MTU (else EINVAL); 1452 fits IPv6 over 1500. */
+    if (segment == 0 || segment > 1452) return 1;
+    size_t total = segment;
+    int j = start + 1;
+    while (j < tx->count && j - start < SHIM_GSO_MAX_SEGMENTS) {
+        size_t length = tx->iov[j].iov_len;
+        if (length == 0 || length > segment || total + length > SHIM_GSO_MAX_BYTES) break;
+        total += length;
+        j++;
+        if (length < segment) break; /* a shorter datagram ends the run */
+    }
+    return j - start;
+}
+
+int shim_dgram_send_flow(int fd, shim_dgram_batch *tx, int start, int *gso) {
+    if (start >= tx->count) return 0;
+    if (*gso) {
+        int run = shim_run_length(tx, start);
+        if (run >= 2) {
+            struct msghdr m = tx->headers[start].msg_hdr;
+            unsigned char control[SHIM_CONTROL_SIZE + CMSG_SPACE(sizeof(uint16_t))] __attribute__((aligned(8)));
+            memset(control, 0, sizeof(control));
+            size_t used = 0;
+            if (m.msg_control && m.msg_controllen > 0) {
+                memcpy(control, m.msg_control, m.msg_controllen);
+                used = m.msg_controllen;
+            }
+            struct cmsghdr *c = (struct cmsghdr *)(control + used);
+            c->cmsg_level = SOL_UDP;
+            c->cmsg_type = UDP_SEGMENT;
+            c->cmsg_len = CMSG_LEN(sizeof(uint16_t));
+            uint16_t segment = (uint16_t)tx->iov[start].iov_len;
+            memcpy(CMSG_DATA(c), &segment, sizeof(segment));
+            m.msg_control = control;
+            m.msg_controllen = used + CMSG_SPACE(sizeof(uint16_t));
+            m.msg_iov = &tx->iov[start];
+            m.msg_iovlen = (size_t)run;
+            ssize_t sent = sendmsg(fd, &m, 0);
+            if (sent >= 0) return run;
+            if (errno == EINVAL) {
+                /* e.g. a path MTU below the segment size: this run goes one by one. */
+                return sendmmsg(fd, tx->headers + start, (unsigned int)run, 0);
+            }
+            if (errno != EIO && errno != ENOPROTOOPT && errno != EOPNOTSUPP) return -1;
+            *gso = 0; /* no GSO on this system: datagram by datagram from now on */
+        } else {
+            /* Singles up to the next run, with one sendmmsg. */
+            int end = start + 1;
+            while (end < tx->count && shim_run_length(tx, end) < 2) end++;
+            return sendmmsg(fd, tx->headers + start, (unsigned int)(end - start), 0);
+        }
+    }
+    return sendmmsg(fd, tx->headers + start, (unsigned int)(tx->count - start), 0);
 }
 
 int shim_dgram_send(int fd, shim_dgram_batch *tx, int start) {

@@ -275,7 +275,7 @@ final class DatagramFlow: EventHandler {
     /// and counted (UDP has no backpressure to give).
     @inline(__always)
     func sendUpstream(_ tx: DatagramBatch) {
-        let sent = DatagramFlow.send(tx, on: fd, counters: counters)
+        let sent = DatagramFlow.send(tx, on: fd, counters: counters, context: listener.context)
         datagramsToTarget += sent.datagrams
         bytesToTarget += sent.bytes
         counters.stats.datagramsToTarget += sent.datagrams
@@ -304,7 +304,7 @@ final class DatagramFlow: EventHandler {
                 _ = tx.append(from: rx, index: i, to: client, source: local)
             }
             lastActivity = loop.now
-            let sent = DatagramFlow.send(tx, on: listener.fd, counters: counters)
+            let sent = DatagramFlow.send(tx, on: listener.fd, counters: counters, context: context)
             datagramsToClient += sent.datagrams
             bytesToClient += sent.bytes
             counters.stats.datagramsToClient += sent.datagrams
@@ -314,17 +314,18 @@ final class DatagramFlow: EventHandler {
         }
     }
 
-    /// Sends every queued datagram, skipping one that fails and dropping the
-    /// rest when the socket is full.
+    /// Sends every queued datagram (runs of equal sizes as one GSO send),
+    /// skipping one that fails and dropping the rest when the socket is full.
     /// - Returns: the datagrams and bytes sent.
     @inline(__always)
-    static func send(_ tx: DatagramBatch, on fd: FileDescriptor, counters: DatagramCounters) -> (datagrams: Int, bytes: Int) {
+    static func send(_ tx: DatagramBatch, on fd: FileDescriptor, counters: DatagramCounters,
+                     context: LoopContext) -> (datagrams: Int, bytes: Int) {
         var start = 0
         let total = tx.pending
         var datagrams = 0, bytes = 0
         while start < total {
             do {
-                switch try tx.send(on: fd, from: start) {
+                switch try tx.sendFlow(on: fd, from: start, gso: &context.segmentation) {
                 case .done(let n):
                     for i in start..<(start + n) { bytes += tx.queuedLength(i) }
                     datagrams += n

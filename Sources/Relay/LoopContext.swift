@@ -14,6 +14,8 @@ final class LoopContext: TimerHandler {
     /// The loop's datagram batches, reused for every recvmmsg/sendmmsg.
     let datagramsIn: DatagramBatch
     let datagramsOut: DatagramBatch
+    /// UDP GSO sends (settings.udpSegmentation, cleared when the system refuses it).
+    var segmentation: Bool
     private var udpListeners: [SocketAddress: DatagramListener] = [:]
     private var datagramCountersByRule: [String: DatagramCounters] = [:]
     /// Datagrams from senders no rule allows, on any UDP listener of this loop.
@@ -37,6 +39,7 @@ final class LoopContext: TimerHandler {
         let batch = min(max(settings.udpBatch, 1), 64)
         datagramsIn = DatagramBatch(capacity: batch, bufferSize: 65536)
         datagramsOut = DatagramBatch(capacity: batch, bufferSize: 0)
+        segmentation = settings.udpSegmentation
         pool = PipePool(budget: budget, pipeSize: settings.pipeSize, maxIdle: settings.idlePipesPerLoop)
         log = RateLimitedLog(logger: logger)
         reserve = try? FileDescriptor.openReadOnly("/dev/null")

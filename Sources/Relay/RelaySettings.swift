@@ -27,11 +27,17 @@ public struct RelaySettings: Sendable, Equatable {
     public var maxFlows: Int = 10_000
     /// UDP flows per listener when a rule does not set its own.
     public var maxFlowsPerListener: Int = 10_000
-    /// SO_RCVBUF / SO_SNDBUF for UDP sockets (0: the kernel's default).
-    public var udpReceiveBuffer: Int = 0
-    public var udpSendBuffer: Int = 0
+    /// SO_RCVBUF / SO_SNDBUF for UDP sockets (0: the kernel's default, which
+    /// holds only a few hundred small datagrams: a burst arriving while the
+    /// loop is busy would be dropped). The kernel caps them at
+    /// net.core.rmem_max / wmem_max. A limit, not an allocation.
+    public var udpReceiveBuffer: Int = 4 << 20
+    public var udpSendBuffer: Int = 4 << 20
     /// Datagrams per recvmmsg/sendmmsg call (1-64).
     public var udpBatch: Int = 32
+    /// Send runs of equal-sized datagrams of one flow as one UDP GSO send
+    /// (UDP_SEGMENT); turned off by itself where the system refuses it.
+    public var udpSegmentation = true
 
     public init(loops: Int = RelaySettings.coreCount, maxConnections: Int = 10_000, maxConnectionsPerListener: Int = 10_000,
                 connectTimeoutNanoseconds: UInt64 = 5_000_000_000, liveness: Liveness = Liveness(),

@@ -105,6 +105,24 @@ public final class DatagramBatch {
         return shim_dgram_tx_add(raw, rx.raw, slot, nil, 0, nil) == 1
     }
 
+    /// Queues `buffer` for a connected socket (load generators).
+    /// - Precondition: `buffer` stays valid and unchanged until `send` returns.
+    /// - Returns: false when the batch is full.
+    public func append(buffer: UnsafeRawBufferPointer) -> Bool {
+        shim_dgram_tx_add_buffer(raw, buffer.baseAddress, buffer.count) == 1
+    }
+
+    /// Sends queued datagrams from `start` on, all bound for one destination:
+    /// runs of equal-sized datagrams go as one UDP GSO send while `gso` is
+    /// true (cleared when the system refuses GSO), the rest with sendmmsg(2).
+    /// - Returns: `.done(n)` slots sent (call again from `start + n` for the rest), or `.wouldBlock`.
+    @inline(__always)
+    public func sendFlow(on fd: FileDescriptor, from start: Int, gso: inout Bool) throws(Errno) -> IOResult<Int> {
+        var flag: Int32 = gso ? 1 : 0
+        defer { gso = flag != 0 }
+        return try Syscall.nonBlocking { Int(shim_dgram_send_flow(fd.rawValue, raw, Int32(start), &flag)) }
+    }
+
     /// Sends the queued datagrams from `start` on with one sendmmsg(2).
     /// - Returns: `.done(n)` datagrams sent (possibly fewer than queued), or `.wouldBlock`.
     /// - Throws: `Errno` for the first datagram that failed (ENOBUFS, ECONNREFUSED, ...).

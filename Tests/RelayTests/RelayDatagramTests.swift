@@ -277,4 +277,40 @@ struct RelayDatagramTests {
         defer { client.close() }
         #expect(try client.echo([7], via: good))
     }
+
+    @Test("bursts of one flow, equal sizes and a shorter tail, arrive whole and in order with and without GSO sends",
+          arguments: [true, false])
+    func bursts(segmentation: Bool) throws {
+        let echo = try DatagramEchoServer()
+        defer { echo.stop() }
+        let engine = try makeEngine { $0.udpSegmentation = segmentation }
+        defer { engine.shutdown() }
+        let listen = freeUDPAddress()
+        try engine.apply([udpRule("burst", listen, echo.address)])
+        let client = try DatagramClient()
+        defer { client.close() }
+        // 3 bursts of 200: 1,200-byte datagrams, every tenth one shorter,
+        // and one of 1,472 bytes (above the GSO segment limit) now and then.
+        var sent: [[UInt8]] = []
+        for burst in 0..<3 {
+            for i in 0..<200 {
+                let size = i % 37 == 36 ? 1472 : (i % 10 == 9 ? 100 + i : 1200)
+                var payload = [UInt8](repeating: UInt8(truncatingIfNeeded: i &* 7 &+ burst), count: size)
+                payload[0] = UInt8(burst); payload[1] = UInt8(i & 0xff); payload[2] = UInt8(i >> 8)
+                sent.append(payload)
+                try client.send(payload, to: listen)
+            }
+        }
+        var received: [[UInt8]] = []
+        let deadline = MonotonicClock.nowNanoseconds + 5_000_000_000
+        while received.count < sent.count, let reply = client.receive(milliseconds: remainingMilliseconds(until: deadline)) {
+            #expect(reply.peer == listen)
+            received.append(reply.bytes)
+        }
+        #expect(received.count == sent.count)
+        #expect(received == sent, "datagrams were cut, merged or reordered")
+        let stats = try #require(engine.datagramStats()["burst"])
+        #expect(stats.datagramsToTarget == 600 && stats.datagramsToClient == 600 && stats.totalDrops == 0)
+        #expect(stats.bytesToTarget == sent.reduce(0) { $0 + $1.count })
+    }
 }

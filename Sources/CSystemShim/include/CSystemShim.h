@@ -136,6 +136,17 @@ int shim_dgram_tx_count(const shim_dgram_batch *tx);
 int shim_dgram_tx_add(shim_dgram_batch *tx, const shim_dgram_batch *rx, int index,
                       const struct sockaddr *destination, socklen_t destination_length,
                       const struct sockaddr_storage *source);
+/// Adds `length` bytes at `base` (which must stay valid until sent) to `tx`,
+/// for a connected socket. Returns 0 when `tx` is full.
+int shim_dgram_tx_add_buffer(shim_dgram_batch *tx, const void *base, size_t length);
+/// Sends the slots from `start` on, all bound for one destination (one flow):
+/// a run of two or more equal-sized datagrams (the last may be shorter) goes
+/// out as one sendmsg(2) with UDP_SEGMENT (GSO: one trip through the stack
+/// for the whole run) while `*gso` is non-zero; other slots go with
+/// sendmmsg(2). When the kernel or device refuses GSO, `*gso` is set to 0 and
+/// the run is sent datagram by datagram. Returns the number of slots sent
+/// or -1 with errno set.
+int shim_dgram_send_flow(int fd, shim_dgram_batch *tx, int start, int *gso);
 /// sendmmsg(2) of the slots from `start` on. Returns the number sent or -1.
 int shim_dgram_send(int fd, shim_dgram_batch *tx, int start);
 
