@@ -10,10 +10,18 @@ let package = Package(
     products: [
         .executable(name: "leostream-gateway", targets: ["leostream-gateway"]),
         .executable(name: "relay-bench", targets: ["relay-bench"]),
+        .executable(name: "leostream-broker", targets: ["leostream-broker"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        // The broker core: HTTP server, bcrypt, embedded SQLite.
+        .package(url: "https://github.com/hummingbird-project/hummingbird", from: "2.28.1", traits: []),
+        .package(url: "https://github.com/hummingbird-project/hummingbird-auth", from: "2.5.0"),
+        .package(url: "https://github.com/groue/GRDB.swift", from: "7.10.0"),
+        .package(url: "https://github.com/apple/swift-http-types", from: "1.8.0"),
+        .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.13.0"),
     ],
     targets: [
         // C: Linux calls Swift's Glibc module does not expose (splice, accept4, ...).
@@ -50,10 +58,39 @@ let package = Package(
         .executableTarget(name: "relay-bench", dependencies: ["SystemLayer", "EventLoop"],
                           path: "Bench/relay-bench"),
 
+        // The broker core: domain, validation, the BrokerStore interface and its
+        // SQLite implementation (no HTTP here).
+        .target(name: "BrokerCore", dependencies: [
+            "SystemLayer", "COpenSSL",
+            .product(name: "GRDB", package: "GRDB.swift"),
+            .product(name: "HummingbirdBcrypt", package: "hummingbird-auth"),
+        ]),
+        // The broker's REST API (Leostream-compatible gateway calls, our own
+        // desktops and users) as a Hummingbird application.
+        .target(name: "BrokerAPI", dependencies: [
+            "BrokerCore",
+            .product(name: "Hummingbird", package: "hummingbird"),
+            .product(name: "HTTPTypes", package: "swift-http-types"),
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        .executableTarget(name: "leostream-broker", dependencies: [
+            "BrokerAPI", "BrokerCore", "SystemLayer",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            .product(name: "Hummingbird", package: "hummingbird"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+
         .testTarget(name: "SystemLayerTests", dependencies: ["SystemLayer"]),
         .testTarget(name: "EventLoopTests", dependencies: ["EventLoop", "SystemLayer"]),
         .testTarget(name: "RelayTests", dependencies: ["Relay", "EventLoop", "SystemLayer"]),
         .testTarget(name: "GatewayConfigTests", dependencies: ["GatewayConfig", "Relay"]),
         .testTarget(name: "GatewayE2ETests", dependencies: ["SystemLayer"]),
+        .testTarget(name: "BrokerTests", dependencies: [
+            "BrokerAPI", "BrokerCore",
+            .product(name: "Hummingbird", package: "hummingbird"),
+            .product(name: "GRDB", package: "GRDB.swift"),
+            .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+        ]),
     ]
 )

@@ -1,0 +1,144 @@
+import Foundation
+
+/// Why a store call failed. Every case says what failed in words a user can act on;
+/// the HTTP layer maps them to status codes (400, 404, 409, 409, 503).
+public enum StoreError: Error, Sendable, Equatable, CustomStringConvertible {
+    /// A field is wrong (missing, too long, out of range, names a missing row).
+    case invalid(FieldError)
+    /// No row with that id: "no gateway with id 7".
+    case notFound(String)
+    /// The change would break a uniqueness rule: the field and a sentence.
+    case conflict(field: String, message: String)
+    /// The row is still referenced (or is the last admin) and cannot go.
+    case inUse(String)
+    /// The database cannot be reached, read or written.
+    case unavailable(String)
+
+    public var description: String {
+        switch self {
+        case .invalid(let error): error.description
+        case .notFound(let message): message
+        case .conflict(let field, let message): "\(field): \(message)"
+        case .inUse(let message): message
+        case .unavailable(let message): message
+        }
+    }
+}
+
+/// The schema migrations a database has, against those this build knows.
+public struct SchemaStatus: Sendable, Equatable {
+    /// Identifiers applied to the database, in order.
+    public var applied: [String]
+    /// Identifiers this build knows, in order.
+    public var known: [String]
+
+    public init(applied: [String], known: [String]) {
+        self.applied = applied
+        self.known = known
+    }
+
+    /// The last migration applied ("none" for an empty database).
+    public var version: String { applied.last ?? "none" }
+    /// Known migrations not applied yet (they run at the next `serve`).
+    public var pending: [String] { known.filter { !applied.contains($0) } }
+    /// Applied migrations this build does not know: the database is from a newer broker.
+    public var unknown: [String] { applied.filter { !known.contains($0) } }
+}
+
+/// The result of a store's self-check.
+public struct StoreHealth: Sendable, Equatable {
+    /// Where the data lives (`sqlite:/var/lib/...`).
+    public var location: String
+    /// nil when healthy; otherwise what is wrong, for a person.
+    public var problem: String?
+    /// The schema, when it could be read.
+    public var schema: SchemaStatus?
+
+    public init(location: String, problem: String?, schema: SchemaStatus?) {
+        self.location = location
+        self.problem = problem
+        self.schema = schema
+    }
+
+    public var isHealthy: Bool { problem == nil }
+}
+
+/// A user and the stored hash of their password, for the login check only.
+public struct Credentials: Sendable, Equatable {
+    public var user: User
+    public var passwordHash: String
+}
+
+/// A live session and the user it belongs to.
+public struct AuthenticatedSession: Sendable, Equatable {
+    public var session: Session
+    public var user: User
+}
+
+/// Everything the broker keeps: one interface, so an external PostgreSQL store
+/// can stand beside the embedded SQLite one (`SQLiteBrokerStore`).
+///
+/// Contract for every implementation:
+/// - a write either happens whole or not at all: a call that throws changed nothing;
+/// - `create*` and `update*` validate every field (`StoreError.invalid`) and every
+///   reference, and check uniqueness (`.conflict`) inside the same transaction as the write;
+/// - `delete*` refuses a row that something still references (`.inUse`);
+/// - names and logins are unique without regard to case;
+/// - a database that cannot be reached is `.unavailable`, never a crash.
+public protocol BrokerStore: Sendable {
+    /// Where the data lives, for logs and `--info` (never holds a password).
+    var location: String { get }
+
+    /// The migrations applied and known.
+    func schema() async throws(StoreError) -> SchemaStatus
+    /// Checks that the database can be reached and read now.
+    func health() async -> StoreHealth
+
+    // MARK: Gateways
+    func gateways() async throws(StoreError) -> [Gateway]
+    func gateway(id: Int64) async throws(StoreError) -> Gateway
+    func createGateway(_ changes: GatewayChanges, now: Date) async throws(StoreError) -> Gateway
+    func updateGateway(id: Int64, _ changes: GatewayChanges, now: Date) async throws(StoreError) -> Gateway
+    func deleteGateway(id: Int64) async throws(StoreError)
+    /// Records what the control plane learned about a gateway (heartbeats, version).
+    func recordGatewayState(id: Int64, online: Bool, version: String?, heartbeat: Date?) async throws(StoreError)
+    /// Records (or, with nil, removes) the fingerprint of the key a gateway was enrolled with.
+    func enrollGateway(id: Int64, keyFingerprint: String?, now: Date) async throws(StoreError)
+
+    // MARK: Gateway clusters
+    func gatewayClusters() async throws(StoreError) -> [GatewayCluster]
+    func gatewayCluster(id: Int64) async throws(StoreError) -> GatewayCluster
+    func createGatewayCluster(_ changes: GatewayClusterChanges, now: Date) async throws(StoreError) -> GatewayCluster
+    func updateGatewayCluster(id: Int64, _ changes: GatewayClusterChanges, now: Date) async throws(StoreError) -> GatewayCluster
+    func deleteGatewayCluster(id: Int64) async throws(StoreError)
+
+    // MARK: Desktops
+    func desktops() async throws(StoreError) -> [Desktop]
+    func desktop(id: Int64) async throws(StoreError) -> Desktop
+    func createDesktop(_ changes: DesktopChanges, now: Date) async throws(StoreError) -> Desktop
+    func updateDesktop(id: Int64, _ changes: DesktopChanges, now: Date) async throws(StoreError) -> Desktop
+    func deleteDesktop(id: Int64) async throws(StoreError)
+
+    // MARK: Users
+    func users() async throws(StoreError) -> [User]
+    func user(id: Int64) async throws(StoreError) -> User
+    func userCount() async throws(StoreError) -> Int
+    /// Creates a user; `changes.passwordHash` is required.
+    func createUser(_ changes: UserChanges, now: Date) async throws(StoreError) -> User
+    /// Updates a user; a new password hash ends the user's other sessions.
+    /// Refuses (`.inUse`) to demote or disable the last enabled admin.
+    func updateUser(id: Int64, _ changes: UserChanges, now: Date) async throws(StoreError) -> User
+    /// Deletes a user and their sessions; refuses the last enabled admin.
+    func deleteUser(id: Int64) async throws(StoreError)
+    /// The user with this login (any case) and their password hash, or nil.
+    func credentials(login: String) async throws(StoreError) -> Credentials?
+
+    // MARK: Sessions
+    func createSession(_ session: Session) async throws(StoreError)
+    /// The session with this token hash if it has not expired at `now` and its user is enabled.
+    func session(tokenHash: String, now: Date) async throws(StoreError) -> AuthenticatedSession?
+    func deleteSession(tokenHash: String) async throws(StoreError)
+    /// Removes sessions that expired before `now`; returns how many.
+    @discardableResult
+    func deleteExpiredSessions(now: Date) async throws(StoreError) -> Int
+}

@@ -1,0 +1,166 @@
+import Foundation
+
+/// How a gateway (or a cluster) opens a display port for a connection
+/// (DESIGN.md, "Broker core"). The raw values are the Leostream API's.
+public enum SourceIPMode: Int, Sendable, CaseIterable, Codable {
+    /// A random port from the gateway's range; anyone may connect to it.
+    case randomPortOpen = 0
+    /// The protocol's own port (3389 for RDP, ...), open only to the client's IP.
+    case protocolPortClientOnly = 1
+    /// A random port from the range, open only to the client's IP.
+    case randomPortClientOnly = 2
+}
+
+/// Where a cluster puts a connection's rule. The raw values are the Leostream API's.
+public enum LoadBalanceMethod: String, Sendable, CaseIterable, Codable {
+    /// On every gateway of the cluster (they sit behind an external load balancer).
+    case everyGateway = "E"
+    /// On the gateway the user logged in through.
+    case loginGateway = "P"
+    /// On the gateway with the fewest active connections.
+    case leastConnections = "L"
+}
+
+/// A display gateway the broker can push port-forward rules to.
+public struct Gateway: Sendable, Equatable {
+    public var id: Int64
+    /// 1-100 characters, unique (case-insensitively).
+    public var name: String
+    /// The public IP address or DNS name clients connect to; unique.
+    public var address: String
+    /// The address the broker uses to reach the gateway ("" when none).
+    public var addressPrivate: String
+    /// The gateway cluster, if any.
+    public var loadBalancerID: Int64?
+    public var useSourceIP: SourceIPMode
+    /// The broker address the gateway forwards login traffic to ("" when none).
+    public var forwardTo: String
+    /// The identifier the gateway presents when forwarding ("" when none).
+    public var signature: String
+    public var notes: String
+    // Kept by the control plane, read-only through the API.
+    public var online: Bool
+    public var version: String
+    public var lastHeartbeat: Date?
+    /// SHA-256 fingerprint of the public key the gateway was enrolled with, if enrolled.
+    public var keyFingerprint: String?
+    public var created: Date
+    public var updated: Date
+
+    /// A gateway with every field empty or at its default, the base a create starts from.
+    public static func blank(now: Date) -> Gateway {
+        Gateway(id: 0, name: "", address: "", addressPrivate: "", loadBalancerID: nil,
+                useSourceIP: .randomPortOpen, forwardTo: "", signature: "", notes: "",
+                online: false, version: "", lastHeartbeat: nil, keyFingerprint: nil,
+                created: now, updated: now)
+    }
+}
+
+/// A group of gateways that share a public address and a placement method.
+public struct GatewayCluster: Sendable, Equatable {
+    public var id: Int64
+    /// 1-100 characters, unique (case-insensitively).
+    public var name: String
+    /// The cluster's public address ("" when none).
+    public var address: String
+    public var loadBalanceVia: LoadBalanceMethod
+    public var useSourceIP: SourceIPMode
+    public var notes: String
+    public var created: Date
+    public var updated: Date
+
+    public static func blank(now: Date) -> GatewayCluster {
+        GatewayCluster(id: 0, name: "", address: "", loadBalanceVia: .everyGateway,
+                       useSourceIP: .randomPortOpen, notes: "", created: now, updated: now)
+    }
+}
+
+/// Which transport a display protocol uses on its port.
+public enum Transport: String, Sendable, CaseIterable, Codable {
+    case tcp
+    case udp
+    case both
+}
+
+/// One display protocol a desktop offers, on its own port.
+public struct DesktopProtocol: Sendable, Equatable, Codable {
+    /// A short name such as `rdp`, `nomachine`, `ssh` (1-32 of a-z, 0-9, `-`, `_`, `.`).
+    public var name: String
+    /// 1-65535.
+    public var port: Int
+    public var transport: Transport
+
+    public init(name: String, port: Int, transport: Transport = .tcp) {
+        self.name = name
+        self.port = port
+        self.transport = transport
+    }
+}
+
+/// A remote desktop on a private network.
+public struct Desktop: Sendable, Equatable {
+    public var id: Int64
+    /// 1-100 characters, unique (case-insensitively).
+    public var name: String
+    /// The desktop's private IP address or DNS name, as a gateway reaches it.
+    public var address: String
+    /// At least one; names unique within the desktop.
+    public var protocols: [DesktopProtocol]
+    /// A gateway that carries this desktop's connections, if pinned to one.
+    public var gatewayID: Int64?
+    /// A gateway cluster that carries this desktop's connections, if any.
+    public var loadBalancerID: Int64?
+    public var notes: String
+    public var created: Date
+    public var updated: Date
+
+    public static func blank(now: Date) -> Desktop {
+        Desktop(id: 0, name: "", address: "", protocols: [], gatewayID: nil, loadBalancerID: nil,
+                notes: "", created: now, updated: now)
+    }
+}
+
+/// What a user may do through the API.
+public enum UserRole: String, Sendable, CaseIterable, Codable {
+    /// Everything: gateways, clusters, desktops, users.
+    case admin
+    /// Log in and out, and (later) connect to desktops; nothing administrative.
+    case user
+}
+
+/// A person who logs in to the broker. The password hash never leaves the store
+/// except through `BrokerStore.credentials(login:)`.
+public struct User: Sendable, Equatable {
+    public var id: Int64
+    /// 1-64 characters, unique (case-insensitively).
+    public var login: String
+    public var displayName: String
+    public var role: UserRole
+    /// A disabled user cannot log in (403).
+    public var enabled: Bool
+    public var created: Date
+    public var updated: Date
+
+    public static func blank(now: Date) -> User {
+        User(id: 0, login: "", displayName: "", role: .user, enabled: true, created: now, updated: now)
+    }
+}
+
+/// A logged-in session. Only the SHA-256 of its token is stored.
+public struct Session: Sendable, Equatable {
+    /// Hex SHA-256 of the bearer token.
+    public var tokenHash: String
+    public var userID: Int64
+    public var created: Date
+    public var expires: Date
+    /// The client's address as the HTTP layer saw it ("" when unknown).
+    public var clientAddress: String
+
+    public init(tokenHash: String, userID: Int64, created: Date, expires: Date, clientAddress: String) {
+        self.tokenHash = tokenHash
+        self.userID = userID
+        self.created = created
+        self.expires = expires
+        self.clientAddress = clientAddress
+    }
+}

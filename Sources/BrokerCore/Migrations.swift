@@ -1,0 +1,91 @@
+import GRDB
+
+/// The SQLite schema, as an ordered list of migrations from the first version on.
+/// A migration, once released, never changes: a new schema is a new migration
+/// appended here, so every database reaches the current schema by the same steps.
+enum Migrations {
+    static var migrator: DatabaseMigrator {
+        var migrator = DatabaseMigrator()
+        migrator.registerMigration("0001-initial") { db in
+            // AUTOINCREMENT: an id is never handed out twice, so a REST client
+            // holding an old id cannot reach a newer row by mistake.
+            try db.execute(sql: """
+                CREATE TABLE gateway_cluster (
+                    id INTEGER PRIMARY KEY AUTOINCREMENT,
+                    name TEXT NOT NULL UNIQUE COLLATE NOCASE,
+                    address TEXT NOT NULL DEFAULT '',
+                    load_balance_via TEXT NOT NULL CHECK (load_balance_via IN ('E', 'P', 'L')),
+                    use_src_ip INTEGER NOT NULL DEFAULT 0 CHECK (use_src_ip BETWEEN 0 AND 2),
+                    notes TEXT NOT NULL DEFAULT '',
+                    created DATETIME NOT NULL,
+                    updated DATETIME NOT NULL
+                );
+
+                CREATE TABLE gateway (
+                    id INTEGER PRIMARY KEY AUTOINCREMENT,
+                    name TEXT NOT NULL UNIQUE COLLATE NOCASE,
+                    address TEXT NOT NULL UNIQUE COLLATE NOCASE,
+                    address_private TEXT NOT NULL DEFAULT '',
+                    load_balancer_id INTEGER REFERENCES gateway_cluster(id) ON DELETE RESTRICT,
+                    use_src_ip INTEGER NOT NULL DEFAULT 0 CHECK (use_src_ip BETWEEN 0 AND 2),
+                    forward_to TEXT NOT NULL DEFAULT '',
+                    signature TEXT NOT NULL DEFAULT '',
+                    notes TEXT NOT NULL DEFAULT '',
+                    -- Kept by the control plane.
+                    online BOOLEAN NOT NULL DEFAULT 0,
+                    version TEXT NOT NULL DEFAULT '',
+                    last_heartbeat DATETIME,
+                    key_fingerprint TEXT UNIQUE,
+                    created DATETIME NOT NULL,
+                    updated DATETIME NOT NULL
+                );
+                CREATE INDEX gateway_load_balancer_id ON gateway(load_balancer_id);
+
+                CREATE TABLE desktop (
+                    id INTEGER PRIMARY KEY AUTOINCREMENT,
+                    name TEXT NOT NULL UNIQUE COLLATE NOCASE,
+                    address TEXT NOT NULL,
+                    gateway_id INTEGER REFERENCES gateway(id) ON DELETE RESTRICT,
+                    load_balancer_id INTEGER REFERENCES gateway_cluster(id) ON DELETE RESTRICT,
+                    notes TEXT NOT NULL DEFAULT '',
+                    created DATETIME NOT NULL,
+                    updated DATETIME NOT NULL
+                );
+                CREATE INDEX desktop_gateway_id ON desktop(gateway_id);
+                CREATE INDEX desktop_load_balancer_id ON desktop(load_balancer_id);
+
+                CREATE TABLE desktop_protocol (
+                    desktop_id INTEGER NOT NULL REFERENCES desktop(id) ON DELETE CASCADE,
+                    position INTEGER NOT NULL,
+                    name TEXT NOT NULL,
+                    port INTEGER NOT NULL CHECK (port BETWEEN 1 AND 65535),
+                    transport TEXT NOT NULL CHECK (transport IN ('tcp', 'udp', 'both')),
+                    PRIMARY KEY (desktop_id, name)
+                );
+
+                CREATE TABLE user_account (
+                    id INTEGER PRIMARY KEY AUTOINCREMENT,
+                    login TEXT NOT NULL UNIQUE COLLATE NOCASE,
+                    password_hash TEXT NOT NULL,
+                    display_name TEXT NOT NULL DEFAULT '',
+                    role TEXT NOT NULL CHECK (role IN ('admin', 'user')),
+                    enabled BOOLEAN NOT NULL DEFAULT 1,
+                    created DATETIME NOT NULL,
+                    updated DATETIME NOT NULL
+                );
+
+                -- Only the SHA-256 of a bearer token is kept.
+                CREATE TABLE user_session (
+                    token_hash TEXT PRIMARY KEY NOT NULL,
+                    user_id INTEGER NOT NULL REFERENCES user_account(id) ON DELETE CASCADE,
+                    created DATETIME NOT NULL,
+                    expires DATETIME NOT NULL,
+                    client_address TEXT NOT NULL DEFAULT ''
+                ) WITHOUT ROWID;
+                CREATE INDEX user_session_user_id ON user_session(user_id);
+                CREATE INDEX user_session_expires ON user_session(expires);
+                """)
+        }
+        return migrator
+    }
+}

@@ -1,0 +1,612 @@
+import Foundation
+import GRDB
+
+/// The embedded store: one SQLite file in WAL mode through GRDB.
+///
+/// Writes go through GRDB's single writer, each call in one transaction that
+/// validates, checks references and uniqueness, and writes, so a call that
+/// throws changed nothing. Reads run concurrently beside the writer (WAL).
+public final class SQLiteBrokerStore: BrokerStore {
+    /// How to open the file.
+    public enum Mode: Sendable {
+        /// Create the file if missing and apply pending migrations (`serve`).
+        case readWrite
+        /// Open an existing file without changing it (`--info`, `--health`).
+        case readOnly
+    }
+
+    public let path: String
+    public let mode: Mode
+    public var location: String { "sqlite:\(path)" }
+
+    private let database: any DatabaseWriter
+    /// The file's (device, inode) when opened, to notice it being removed or replaced.
+    private let identity: FileIdentity?
+
+    /// Opens the database at `path`.
+    /// - Throws: `StoreError.unavailable` naming the file when it cannot be opened,
+    ///   is not a database, or holds a schema from a newer broker.
+    public init(path: String, mode: Mode = .readWrite) throws(StoreError) {
+        self.path = path
+        self.mode = mode
+        var configuration = Configuration()
+        configuration.foreignKeysEnabled = true
+        configuration.busyMode = .timeout(5)
+        configuration.label = "broker"
+        do {
+            switch mode {
+            case .readWrite:
+                configuration.journalMode = .wal
+                let pool = try DatabasePool(path: path, configuration: configuration)
+                let migrator = Migrations.migrator
+                let superseded = try pool.read { db in try migrator.hasBeenSuperseded(db) }
+                if superseded {
+                    let applied = try pool.read { db in try Self.appliedIdentifiers(db) }
+                    throw StoreError.unavailable("\(path): the schema (\(applied.joined(separator: ", "))) is from a newer broker than this one (knows \(migrator.migrations.joined(separator: ", "))); refusing to use it")
+                }
+                try migrator.migrate(pool)
+                database = pool
+            case .readOnly:
+                guard FileManager.default.fileExists(atPath: path) else {
+                    throw StoreError.unavailable("\(path): no such database file")
+                }
+                configuration.readonly = true
+                let queue = try DatabaseQueue(path: path, configuration: configuration)
+                // Touch the file now so that garbage is reported at open.
+                _ = try queue.read { db in try Int.fetchOne(db, sql: "SELECT count(*) FROM sqlite_master") }
+                database = queue
+            }
+        } catch let error as StoreError {
+            throw error
+        } catch {
+            throw StoreError.unavailable("\(path): \(Self.describe(error))")
+        }
+        identity = FileIdentity(path: path)
+    }
+
+    // MARK: Schema and health
+
+    public func schema() async throws(StoreError) -> SchemaStatus {
+        try await read { db in
+            SchemaStatus(applied: try Self.appliedIdentifiers(db), known: Migrations.migrator.migrations)
+        }
+    }
+
+    /// Checks that the file is still the one opened, can be opened afresh and read,
+    /// and that the open connection answers.
+    public func health() async -> StoreHealth {
+        if !FileManager.default.fileExists(atPath: path) {
+            return StoreHealth(location: location, problem: "database file \(path) is missing (removed while the broker runs?)", schema: nil)
+        }
+        if let identity, let now = FileIdentity(path: path), now != identity {
+            return StoreHealth(location: location, problem: "database file \(path) was replaced since the broker opened it; restart the broker", schema: nil)
+        }
+        do {
+            // A fresh read-only connection sees what a restart would see: a file that
+            // became unreadable or corrupt fails here even though open handles still work.
+            var configuration = Configuration()
+            configuration.readonly = true
+            configuration.busyMode = .timeout(2)
+            let probe = try DatabaseQueue(path: path, configuration: configuration)
+            let applied: [String] = try await probe.read { db in try Self.appliedIdentifiers(db) }
+            try probe.close()
+            _ = try await database.read { db in try Int.fetchOne(db, sql: "SELECT 1") }
+            let schema = SchemaStatus(applied: applied, known: Migrations.migrator.migrations)
+            if !schema.unknown.isEmpty {
+                return StoreHealth(location: location, problem: "database schema has migrations this broker does not know: \(schema.unknown.joined(separator: ", "))", schema: schema)
+            }
+            if !schema.pending.isEmpty {
+                return StoreHealth(location: location, problem: "database schema is not current: pending \(schema.pending.joined(separator: ", ")) (the next start of the broker applies them)", schema: schema)
+            }
+            return StoreHealth(location: location, problem: nil, schema: schema)
+        } catch {
+            return StoreHealth(location: location, problem: "database \(path) cannot be read: \(Self.describe(error))", schema: nil)
+        }
+    }
+
+    /// Every migration recorded in the file, known to this build or not, in the order applied.
+    private static func appliedIdentifiers(_ db: Database) throws -> [String] {
+        guard try db.tableExists("grdb_migrations") else { return [] }
+        return try String.fetchAll(db, sql: "SELECT identifier FROM grdb_migrations ORDER BY rowid")
+    }
+
+    // MARK: Gateways
+
+    private static let gatewayColumns = """
+        id, name, address, address_private, load_balancer_id, use_src_ip, forward_to, signature, notes,
+        online, version, last_heartbeat, key_fingerprint, created, updated
+        """
+
+    public func gateways() async throws(StoreError) -> [Gateway] {
+        try await read { db in
+            try Row.fetchAll(db, sql: "SELECT \(Self.gatewayColumns) FROM gateway ORDER BY id").map(Self.gateway(from:))
+        }
+    }
+
+    public func gateway(id: Int64) async throws(StoreError) -> Gateway {
+        try await read { db in try Self.fetchGateway(db, id: id) }
+    }
+
+    public func createGateway(_ changes: GatewayChanges, now: Date) async throws(StoreError) -> Gateway {
+        try await write { db in
+            try Self.check { () throws(FieldError) in try changes.requireForCreate() }
+            let gateway = changes.applied(to: .blank(now: now))
+            try Self.checkGateway(db, gateway)
+            try db.execute(sql: """
+                INSERT INTO gateway (name, address, address_private, load_balancer_id, use_src_ip, forward_to,
+                                     signature, notes, created, updated)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                """, arguments: [gateway.name, gateway.address, gateway.addressPrivate, gateway.loadBalancerID,
+                                 gateway.useSourceIP.rawValue, gateway.forwardTo, gateway.signature, gateway.notes,
+                                 now, now])
+            return try Self.fetchGateway(db, id: db.lastInsertedRowID)
+        }
+    }
+
+    public func updateGateway(id: Int64, _ changes: GatewayChanges, now: Date) async throws(StoreError) -> Gateway {
+        try await write { db in
+            let before = try Self.fetchGateway(db, id: id)
+            var gateway = changes.applied(to: before)
+            // Nothing to change (only unknown or read-only fields were sent): no write, `updated` stays.
+            if gateway == before { return before }
+            gateway.updated = now
+            try Self.checkGateway(db, gateway)
+            try db.execute(sql: """
+                UPDATE gateway SET name = ?, address = ?, address_private = ?, load_balancer_id = ?, use_src_ip = ?,
+                                   forward_to = ?, signature = ?, notes = ?, updated = ?
+                WHERE id = ?
+                """, arguments: [gateway.name, gateway.address, gateway.addressPrivate, gateway.loadBalancerID,
+                                 gateway.useSourceIP.rawValue, gateway.forwardTo, gateway.signature, gateway.notes,
+                                 now, id])
+            return try Self.fetchGateway(db, id: id)
+        }
+    }
+
+    public func deleteGateway(id: Int64) async throws(StoreError) {
+        try await write { db in
+            _ = try Self.fetchGateway(db, id: id)
+            let desktops = try Int.fetchOne(db, sql: "SELECT count(*) FROM desktop WHERE gateway_id = ?", arguments: [id]) ?? 0
+            if desktops > 0 {
+                throw StoreError.inUse("gateway \(id) is in use: \(desktops) desktop(s) name it in gateway_id")
+            }
+            try db.execute(sql: "DELETE FROM gateway WHERE id = ?", arguments: [id])
+        }
+    }
+
+    public func recordGatewayState(id: Int64, online: Bool, version: String?, heartbeat: Date?) async throws(StoreError) {
+        try await write { db in
+            _ = try Self.fetchGateway(db, id: id)
+            try db.execute(sql: """
+                UPDATE gateway SET online = ?, version = coalesce(?, version),
+                                   last_heartbeat = coalesce(?, last_heartbeat)
+                WHERE id = ?
+                """, arguments: [online, version, heartbeat, id])
+        }
+    }
+
+    public func enrollGateway(id: Int64, keyFingerprint: String?, now: Date) async throws(StoreError) {
+        try await write { db in
+            _ = try Self.fetchGateway(db, id: id)
+            if let keyFingerprint,
+               let other = try Int64.fetchOne(db, sql: "SELECT id FROM gateway WHERE key_fingerprint = ? AND id != ?",
+                                              arguments: [keyFingerprint, id]) {
+                throw StoreError.conflict(field: "key_fingerprint", message: "this key is already enrolled for gateway \(other)")
+            }
+            try db.execute(sql: "UPDATE gateway SET key_fingerprint = ?, updated = ? WHERE id = ?",
+                           arguments: [keyFingerprint, now, id])
+        }
+    }
+
+    private static func fetchGateway(_ db: Database, id: Int64) throws -> Gateway {
+        guard let row = try Row.fetchOne(db, sql: "SELECT \(gatewayColumns) FROM gateway WHERE id = ?", arguments: [id]) else {
+            throw StoreError.notFound("no gateway with id \(id)")
+        }
+        return gateway(from: row)
+    }
+
+    private static func checkGateway(_ db: Database, _ gateway: Gateway) throws {
+        try check { () throws(FieldError) in try gateway.validate() }
+        if let clusterID = gateway.loadBalancerID {
+            try requireRow(db, table: "gateway_cluster", id: clusterID, field: "load_balancer_id", what: "gateway cluster")
+        }
+        try requireUnique(db, table: "gateway", column: "name", value: gateway.name, except: gateway.id, what: "a gateway named")
+        try requireUnique(db, table: "gateway", column: "address", value: gateway.address, except: gateway.id, what: "a gateway with address")
+    }
+
+    private static func gateway(from row: Row) -> Gateway {
+        Gateway(id: row["id"], name: row["name"], address: row["address"], addressPrivate: row["address_private"],
+                loadBalancerID: row["load_balancer_id"],
+                useSourceIP: SourceIPMode(rawValue: row["use_src_ip"]) ?? .randomPortOpen,
+                forwardTo: row["forward_to"], signature: row["signature"], notes: row["notes"],
+                online: row["online"], version: row["version"], lastHeartbeat: row["last_heartbeat"],
+                keyFingerprint: row["key_fingerprint"], created: row["created"], updated: row["updated"])
+    }
+
+    // MARK: Gateway clusters
+
+    private static let clusterColumns = "id, name, address, load_balance_via, use_src_ip, notes, created, updated"
+
+    public func gatewayClusters() async throws(StoreError) -> [GatewayCluster] {
+        try await read { db in
+            try Row.fetchAll(db, sql: "SELECT \(Self.clusterColumns) FROM gateway_cluster ORDER BY id").map(Self.cluster(from:))
+        }
+    }
+
+    public func gatewayCluster(id: Int64) async throws(StoreError) -> GatewayCluster {
+        try await read { db in try Self.fetchCluster(db, id: id) }
+    }
+
+    public func createGatewayCluster(_ changes: GatewayClusterChanges, now: Date) async throws(StoreError) -> GatewayCluster {
+        try await write { db in
+            try Self.check { () throws(FieldError) in try changes.requireForCreate() }
+            let cluster = changes.applied(to: .blank(now: now))
+            try Self.checkCluster(db, cluster)
+            try db.execute(sql: """
+                INSERT INTO gateway_cluster (name, address, load_balance_via, use_src_ip, notes, created, updated)
+                VALUES (?, ?, ?, ?, ?, ?, ?)
+                """, arguments: [cluster.name, cluster.address, cluster.loadBalanceVia.rawValue,
+                                 cluster.useSourceIP.rawValue, cluster.notes, now, now])
+            return try Self.fetchCluster(db, id: db.lastInsertedRowID)
+        }
+    }
+
+    public func updateGatewayCluster(id: Int64, _ changes: GatewayClusterChanges, now: Date) async throws(StoreError) -> GatewayCluster {
+        try await write { db in
+            let before = try Self.fetchCluster(db, id: id)
+            var cluster = changes.applied(to: before)
+            // Nothing to change (only unknown or read-only fields were sent): no write, `updated` stays.
+            if cluster == before { return before }
+            cluster.updated = now
+            try Self.checkCluster(db, cluster)
+            try db.execute(sql: """
+                UPDATE gateway_cluster SET name = ?, address = ?, load_balance_via = ?, use_src_ip = ?, notes = ?, updated = ?
+                WHERE id = ?
+                """, arguments: [cluster.name, cluster.address, cluster.loadBalanceVia.rawValue,
+                                 cluster.useSourceIP.rawValue, cluster.notes, now, id])
+            return try Self.fetchCluster(db, id: id)
+        }
+    }
+
+    public func deleteGatewayCluster(id: Int64) async throws(StoreError) {
+        try await write { db in
+            _ = try Self.fetchCluster(db, id: id)
+            let gateways = try Int.fetchOne(db, sql: "SELECT count(*) FROM gateway WHERE load_balancer_id = ?", arguments: [id]) ?? 0
+            let desktops = try Int.fetchOne(db, sql: "SELECT count(*) FROM desktop WHERE load_balancer_id = ?", arguments: [id]) ?? 0
+            if gateways + desktops > 0 {
+                throw StoreError.inUse("gateway cluster \(id) is in use: \(gateways) gateway(s) and \(desktops) desktop(s) name it in load_balancer_id")
+            }
+            try db.execute(sql: "DELETE FROM gateway_cluster WHERE id = ?", arguments: [id])
+        }
+    }
+
+    private static func fetchCluster(_ db: Database, id: Int64) throws -> GatewayCluster {
+        guard let row = try Row.fetchOne(db, sql: "SELECT \(clusterColumns) FROM gateway_cluster WHERE id = ?", arguments: [id]) else {
+            throw StoreError.notFound("no gateway cluster with id \(id)")
+        }
+        return cluster(from: row)
+    }
+
+    private static func checkCluster(_ db: Database, _ cluster: GatewayCluster) throws {
+        try check { () throws(FieldError) in try cluster.validate() }
+        try requireUnique(db, table: "gateway_cluster", column: "name", value: cluster.name, except: cluster.id, what: "a gateway cluster named")
+    }
+
+    private static func cluster(from row: Row) -> GatewayCluster {
+        GatewayCluster(id: row["id"], name: row["name"], address: row["address"],
+                       loadBalanceVia: LoadBalanceMethod(rawValue: row["load_balance_via"]) ?? .everyGateway,
+                       useSourceIP: SourceIPMode(rawValue: row["use_src_ip"]) ?? .randomPortOpen,
+                       notes: row["notes"], created: row["created"], updated: row["updated"])
+    }
+
+    // MARK: Desktops
+
+    private static let desktopColumns = "id, name, address, gateway_id, load_balancer_id, notes, created, updated"
+
+    public func desktops() async throws(StoreError) -> [Desktop] {
+        try await read { db in
+            var protocols: [Int64: [DesktopProtocol]] = [:]
+            for row in try Row.fetchAll(db, sql: "SELECT desktop_id, name, port, transport FROM desktop_protocol ORDER BY desktop_id, position") {
+                protocols[row["desktop_id"], default: []].append(Self.desktopProtocol(from: row))
+            }
+            return try Row.fetchAll(db, sql: "SELECT \(Self.desktopColumns) FROM desktop ORDER BY id").map { row in
+                Self.desktop(from: row, protocols: protocols[row["id"]] ?? [])
+            }
+        }
+    }
+
+    public func desktop(id: Int64) async throws(StoreError) -> Desktop {
+        try await read { db in try Self.fetchDesktop(db, id: id) }
+    }
+
+    public func createDesktop(_ changes: DesktopChanges, now: Date) async throws(StoreError) -> Desktop {
+        try await write { db in
+            try Self.check { () throws(FieldError) in try changes.requireForCreate() }
+            let desktop = changes.applied(to: .blank(now: now))
+            try Self.checkDesktop(db, desktop)
+            try db.execute(sql: """
+                INSERT INTO desktop (name, address, gateway_id, load_balancer_id, notes, created, updated)
+                VALUES (?, ?, ?, ?, ?, ?, ?)
+                """, arguments: [desktop.name, desktop.address, desktop.gatewayID, desktop.loadBalancerID,
+                                 desktop.notes, now, now])
+            let id = db.lastInsertedRowID
+            try Self.storeProtocols(db, desktopID: id, desktop.protocols)
+            return try Self.fetchDesktop(db, id: id)
+        }
+    }
+
+    public func updateDesktop(id: Int64, _ changes: DesktopChanges, now: Date) async throws(StoreError) -> Desktop {
+        try await write { db in
+            let before = try Self.fetchDesktop(db, id: id)
+            var desktop = changes.applied(to: before)
+            // Nothing to change (only unknown or read-only fields were sent): no write, `updated` stays.
+            if desktop == before { return before }
+            desktop.updated = now
+            try Self.checkDesktop(db, desktop)
+            try db.execute(sql: """
+                UPDATE desktop SET name = ?, address = ?, gateway_id = ?, load_balancer_id = ?, notes = ?, updated = ?
+                WHERE id = ?
+                """, arguments: [desktop.name, desktop.address, desktop.gatewayID, desktop.loadBalancerID,
+                                 desktop.notes, now, id])
+            if changes.protocols != nil {
+                try db.execute(sql: "DELETE FROM desktop_protocol WHERE desktop_id = ?", arguments: [id])
+                try Self.storeProtocols(db, desktopID: id, desktop.protocols)
+            }
+            return try Self.fetchDesktop(db, id: id)
+        }
+    }
+
+    public func deleteDesktop(id: Int64) async throws(StoreError) {
+        try await write { db in
+            _ = try Self.fetchDesktop(db, id: id)
+            try db.execute(sql: "DELETE FROM desktop WHERE id = ?", arguments: [id])
+        }
+    }
+
+    private static func fetchDesktop(_ db: Database, id: Int64) throws -> Desktop {
+        guard let row = try Row.fetchOne(db, sql: "SELECT \(desktopColumns) FROM desktop WHERE id = ?", arguments: [id]) else {
+            throw StoreError.notFound("no desktop with id \(id)")
+        }
+        let protocols = try Row.fetchAll(db, sql: "SELECT name, port, transport FROM desktop_protocol WHERE desktop_id = ? ORDER BY position",
+                                         arguments: [id]).map(desktopProtocol(from:))
+        return desktop(from: row, protocols: protocols)
+    }
+
+    private static func checkDesktop(_ db: Database, _ desktop: Desktop) throws {
+        try check { () throws(FieldError) in try desktop.validate() }
+        if let gatewayID = desktop.gatewayID {
+            try requireRow(db, table: "gateway", id: gatewayID, field: "gateway_id", what: "gateway")
+        }
+        if let clusterID = desktop.loadBalancerID {
+            try requireRow(db, table: "gateway_cluster", id: clusterID, field: "load_balancer_id", what: "gateway cluster")
+        }
+        try requireUnique(db, table: "desktop", column: "name", value: desktop.name, except: desktop.id, what: "a desktop named")
+    }
+
+    private static func storeProtocols(_ db: Database, desktopID: Int64, _ protocols: [DesktopProtocol]) throws {
+        for (position, entry) in protocols.enumerated() {
+            try db.execute(sql: "INSERT INTO desktop_protocol (desktop_id, position, name, port, transport) VALUES (?, ?, ?, ?, ?)",
+                           arguments: [desktopID, position, entry.name, entry.port, entry.transport.rawValue])
+        }
+    }
+
+    private static func desktop(from row: Row, protocols: [DesktopProtocol]) -> Desktop {
+        Desktop(id: row["id"], name: row["name"], address: row["address"], protocols: protocols,
+                gatewayID: row["gateway_id"], loadBalancerID: row["load_balancer_id"], notes: row["notes"],
+                created: row["created"], updated: row["updated"])
+    }
+
+    private static func desktopProtocol(from row: Row) -> DesktopProtocol {
+        DesktopProtocol(name: row["name"], port: row["port"], transport: Transport(rawValue: row["transport"]) ?? .tcp)
+    }
+
+    // MARK: Users
+
+    private static let userColumns = "id, login, display_name, role, enabled, created, updated"
+
+    public func users() async throws(StoreError) -> [User] {
+        try await read { db in
+            try Row.fetchAll(db, sql: "SELECT \(Self.userColumns) FROM user_account ORDER BY id").map(Self.user(from:))
+        }
+    }
+
+    public func user(id: Int64) async throws(StoreError) -> User {
+        try await read { db in try Self.fetchUser(db, id: id) }
+    }
+
+    public func userCount() async throws(StoreError) -> Int {
+        try await read { db in try Int.fetchOne(db, sql: "SELECT count(*) FROM user_account") ?? 0 }
+    }
+
+    public func createUser(_ changes: UserChanges, now: Date) async throws(StoreError) -> User {
+        try await write { db in
+            try Self.check { () throws(FieldError) in try changes.requireForCreate() }
+            let user = changes.applied(to: .blank(now: now))
+            try Self.checkUser(db, user)
+            try db.execute(sql: """
+                INSERT INTO user_account (login, password_hash, display_name, role, enabled, created, updated)
+                VALUES (?, ?, ?, ?, ?, ?, ?)
+                """, arguments: [user.login, changes.passwordHash, user.displayName, user.role.rawValue,
+                                 user.enabled, now, now])
+            return try Self.fetchUser(db, id: db.lastInsertedRowID)
+        }
+    }
+
+    public func updateUser(id: Int64, _ changes: UserChanges, now: Date) async throws(StoreError) -> User {
+        try await write { db in
+            let before = try Self.fetchUser(db, id: id)
+            var user = changes.applied(to: before)
+            if user == before && changes.passwordHash == nil { return before }
+            user.updated = now
+            try Self.checkUser(db, user)
+            let wasActiveAdmin = before.role == .admin && before.enabled
+            let isActiveAdmin = user.role == .admin && user.enabled
+            if try wasActiveAdmin && !isActiveAdmin && Self.activeAdminCount(db) <= 1 {
+                throw StoreError.inUse("user \(id) is the last enabled admin: its role and enabled cannot change until another admin exists")
+            }
+            try db.execute(sql: """
+                UPDATE user_account SET login = ?, display_name = ?, role = ?, enabled = ?, updated = ?,
+                                        password_hash = coalesce(?, password_hash)
+                WHERE id = ?
+                """, arguments: [user.login, user.displayName, user.role.rawValue, user.enabled, now,
+                                 changes.passwordHash, id])
+            if changes.passwordHash != nil || !user.enabled {
+                try db.execute(sql: "DELETE FROM user_session WHERE user_id = ?", arguments: [id])
+            }
+            return try Self.fetchUser(db, id: id)
+        }
+    }
+
+    public func deleteUser(id: Int64) async throws(StoreError) {
+        try await write { db in
+            let user = try Self.fetchUser(db, id: id)
+            if try user.role == .admin && user.enabled && Self.activeAdminCount(db) <= 1 {
+                throw StoreError.inUse("user \(id) is the last enabled admin and cannot be deleted")
+            }
+            try db.execute(sql: "DELETE FROM user_account WHERE id = ?", arguments: [id])
+        }
+    }
+
+    public func credentials(login: String) async throws(StoreError) -> Credentials? {
+        try await read { db in
+            guard let row = try Row.fetchOne(db, sql: "SELECT \(Self.userColumns), password_hash FROM user_account WHERE login = ? COLLATE NOCASE",
+                                             arguments: [login]) else { return nil }
+            return Credentials(user: Self.user(from: row), passwordHash: row["password_hash"])
+        }
+    }
+
+    private static func fetchUser(_ db: Database, id: Int64) throws -> User {
+        guard let row = try Row.fetchOne(db, sql: "SELECT \(userColumns) FROM user_account WHERE id = ?", arguments: [id]) else {
+            throw StoreError.notFound("no user with id \(id)")
+        }
+        return user(from: row)
+    }
+
+    private static func checkUser(_ db: Database, _ user: User) throws {
+        try check { () throws(FieldError) in try user.validate() }
+        try requireUnique(db, table: "user_account", column: "login", value: user.login, except: user.id, what: "a user with login")
+    }
+
+    private static func activeAdminCount(_ db: Database) throws -> Int {
+        try Int.fetchOne(db, sql: "SELECT count(*) FROM user_account WHERE role = 'admin' AND enabled") ?? 0
+    }
+
+    private static func user(from row: Row) -> User {
+        User(id: row["id"], login: row["login"], displayName: row["display_name"],
+             role: UserRole(rawValue: row["role"]) ?? .user, enabled: row["enabled"],
+             created: row["created"], updated: row["updated"])
+    }
+
+    // MARK: Sessions
+
+    public func createSession(_ session: Session) async throws(StoreError) {
+        try await write { db in
+            try db.execute(sql: """
+                INSERT INTO user_session (token_hash, user_id, created, expires, client_address) VALUES (?, ?, ?, ?, ?)
+                """, arguments: [session.tokenHash, session.userID, session.created, session.expires, session.clientAddress])
+        }
+    }
+
+    public func session(tokenHash: String, now: Date) async throws(StoreError) -> AuthenticatedSession? {
+        try await read { db in
+            guard let row = try Row.fetchOne(db, sql: """
+                SELECT s.token_hash, s.user_id, s.created AS session_created, s.expires, s.client_address,
+                       u.id, u.login, u.display_name, u.role, u.enabled, u.created, u.updated
+                FROM user_session s JOIN user_account u ON u.id = s.user_id
+                WHERE s.token_hash = ? AND s.expires > ? AND u.enabled
+                """, arguments: [tokenHash, now]) else { return nil }
+            let session = Session(tokenHash: row["token_hash"], userID: row["user_id"], created: row["session_created"],
+                                  expires: row["expires"], clientAddress: row["client_address"])
+            return AuthenticatedSession(session: session, user: Self.user(from: row))
+        }
+    }
+
+    public func deleteSession(tokenHash: String) async throws(StoreError) {
+        try await write { db in
+            try db.execute(sql: "DELETE FROM user_session WHERE token_hash = ?", arguments: [tokenHash])
+        }
+    }
+
+    @discardableResult
+    public func deleteExpiredSessions(now: Date) async throws(StoreError) -> Int {
+        try await write { db in
+            try db.execute(sql: "DELETE FROM user_session WHERE expires <= ?", arguments: [now])
+            return db.changesCount
+        }
+    }
+
+    // MARK: Helpers
+
+    private func read<T: Sendable>(_ body: @escaping @Sendable (Database) throws -> T) async throws(StoreError) -> T {
+        do {
+            return try await database.read(body)
+        } catch {
+            throw Self.storeError(error, path: path)
+        }
+    }
+
+    private func write<T: Sendable>(_ body: @escaping @Sendable (Database) throws -> T) async throws(StoreError) -> T {
+        guard mode == .readWrite else {
+            throw StoreError.unavailable("\(path) is open read-only")
+        }
+        do {
+            return try await database.write(body)
+        } catch {
+            throw Self.storeError(error, path: path)
+        }
+    }
+
+    private static func storeError(_ error: any Error, path: String) -> StoreError {
+        if let error = error as? StoreError { return error }
+        if let error = error as? FieldError { return .invalid(error) }
+        if let error = error as? DatabaseError, error.resultCode == .SQLITE_CONSTRAINT {
+            // The explicit checks come first; this is the safety net under them.
+            return .conflict(field: constraintField(error.message ?? ""), message: "conflicts with a stored row (\(error.message ?? "constraint failed"))")
+        }
+        return .unavailable("database \(path): \(describe(error))")
+    }
+
+    /// "UNIQUE constraint failed: gateway.name" → "name".
+    private static func constraintField(_ message: String) -> String {
+        guard let dot = message.lastIndex(of: ".") else { return "id" }
+        return String(message[message.index(after: dot)...])
+    }
+
+    static func describe(_ error: any Error) -> String {
+        if let error = error as? DatabaseError {
+            return "\(error.message ?? "SQLite error") (SQLite code \(error.extendedResultCode.rawValue))"
+        }
+        return "\(error)"
+    }
+
+    /// Runs a validation and turns its `FieldError` into `StoreError.invalid`.
+    private static func check(_ body: () throws(FieldError) -> Void) throws(StoreError) {
+        do { try body() } catch { throw StoreError.invalid(error) }
+    }
+
+    private static func requireRow(_ db: Database, table: String, id: Int64, field: String, what: String) throws {
+        if try Int.fetchOne(db, sql: "SELECT 1 FROM \(table) WHERE id = ?", arguments: [id]) == nil {
+            throw StoreError.invalid(FieldError(field, "no \(what) with id \(id)"))
+        }
+    }
+
+    private static func requireUnique(_ db: Database, table: String, column: String, value: String, except id: Int64, what: String) throws {
+        if let other = try Int64.fetchOne(db, sql: "SELECT id FROM \(table) WHERE \(column) = ? COLLATE NOCASE AND id != ?",
+                                          arguments: [value, id]) {
+            throw StoreError.conflict(field: column, message: "\(what) \(Validate.quoted(value)) already exists (id \(other))")
+        }
+    }
+}
+
+/// A file's device and inode numbers.
+struct FileIdentity: Equatable {
+    let device: UInt64
+    let inode: UInt64
+
+    init?(path: String) {
+        guard let attributes = try? FileManager.default.attributesOfItem(atPath: path),
+              let device = (attributes[.systemNumber] as? NSNumber)?.uint64Value,
+              let inode = (attributes[.systemFileNumber] as? NSNumber)?.uint64Value else { return nil }
+        self.device = device
+        self.inode = inode
+    }
+}

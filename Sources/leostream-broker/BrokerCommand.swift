@@ -1,0 +1,208 @@
+import ArgumentParser
+import BrokerAPI
+import BrokerCore
+import Foundation
+import Hummingbird
+import Logging
+import SystemLayer
+
+/// The broker's version, printed by `--version`, `--info` and `system/health`.
+let brokerVersion = "0.1.0"
+
+@main
+struct BrokerCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "leostream-broker",
+        abstract: "The broker core: gateways, gateway clusters, desktops, users and sessions behind a Leostream-compatible REST API.",
+        discussion: """
+        Without a subcommand (or with `serve`) the broker runs in the foreground:
+        it opens (or creates) the SQLite database, applies pending schema
+        migrations, creates the first admin when the database has no users, and
+        serves the REST API under /v1 and /rest/v1 on --listen.
+
+        The first admin (login from --admin-login, default "admin") gets the
+        password read from --admin-password-file (first line) or from the
+        LEOSTREAM_BROKER_ADMIN_PASSWORD environment variable. It is used only
+        while the database has no users, and never printed or logged.
+
+        --info prints the version, the database (path, size, schema version),
+        the listener, the registered gateways and their state, CPUs, memory,
+        load and free disk space, without changing anything.
+
+        --health runs the same checks and exits 0 when all pass, 1 when one
+        fails (database missing, unreadable or with an unknown schema; disk or
+        memory nearly full; nothing accepting connections on --listen), saying
+        what is wrong on standard error.
+
+        Signals while serving: SIGTERM or SIGINT stop accepting connections,
+        finish the requests in progress and exit 0.
+        """,
+        version: brokerVersion,
+        subcommands: [Serve.self]
+    )
+
+    @Flag(name: .long, help: "Print what an operator needs to know (version, database, listener, gateways, CPUs, memory, disk) and exit.")
+    var info = false
+
+    @Flag(name: .long, help: "Check the database, disk, memory and listener; exit 0 when healthy, 1 with the reasons otherwise.")
+    var health = false
+
+    @OptionGroup var options: BrokerOptions
+
+    func validate() throws {
+        if info && health { throw ValidationError("give --info or --health, not both") }
+    }
+
+    func run() async throws {
+        if info {
+            await Report.info(options)
+        } else if health {
+            let healthy = await Report.health(options)
+            if !healthy { throw ExitCode(1) }
+        } else {
+            try await Serve.serve(options)
+        }
+    }
+}
+
+struct Serve: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Run the broker in the foreground (the default when no subcommand is given).")
+
+    @OptionGroup var options: BrokerOptions
+
+    func run() async throws {
+        try await Self.serve(options)
+    }
+
+    static func serve(_ options: BrokerOptions) async throws {
+        let level = Logger.Level(rawValue: options.logLevel) ?? .info
+        LoggingSystem.bootstrap { label in
+            var handler = StreamLogHandler.standardError(label: label)
+            handler.logLevel = level
+            return handler
+        }
+        var logger = Logger(label: "leostream-broker")
+        logger.logLevel = level
+
+        let listen = try options.listenAddress()
+        let path = options.databasePath
+        do {
+            try FileManager.default.createDirectory(atPath: URL(fileURLWithPath: path).deletingLastPathComponent().path,
+                                                    withIntermediateDirectories: true)
+        } catch {
+            printError("error: cannot create the folder of the database \(path): \((error as NSError).localizedDescription)")
+            throw ExitCode(1)
+        }
+        let store: SQLiteBrokerStore
+        do {
+            store = try SQLiteBrokerStore(path: path, mode: .readWrite)
+        } catch {
+            printError("error: \(error)")
+            throw ExitCode(1)
+        }
+        let schema = try await store.schema()
+        logger.info("database \(path): schema \(schema.version)")
+
+        let hasher = PasswordHasher(cost: options.bcryptCost)
+        do {
+            let password = try options.adminPassword()
+            switch try await AdminBootstrap.ensureAdmin(store: store, login: options.adminLogin, password: password,
+                                                        hasher: hasher, now: Date()) {
+            case .created(let id):
+                logger.notice("created the first admin '\(options.adminLogin)' (user \(id))")
+            case .usersExist:
+                break
+            }
+        } catch {
+            printError("error: \(error)")
+            throw ExitCode(1)
+        }
+
+        let configuration = BrokerAPIConfiguration(maxBodyBytes: options.maxBodyBytes,
+                                                   sessionLifetime: TimeInterval(options.sessionLifetime),
+                                                   passwordHasher: hasher, version: brokerVersion,
+                                                   dataPath: URL(fileURLWithPath: path).deletingLastPathComponent().path)
+        let api = BrokerAPI(store: store, configuration: configuration)
+        let startLogger = logger
+        let app = api.application(address: .hostname(listen.host, port: Int(listen.port)), logger: logger) { channel in
+            if let local = channel.localAddress, let ip = local.ipAddress, let port = local.port {
+                startLogger.notice("listening on \(ip.contains(":") ? "[\(ip)]" : ip):\(port) (REST API under /v1 and /rest/v1), pid \(SystemInfo.processID)")
+            }
+        }
+        do {
+            try await app.runService()
+        } catch {
+            printError("error: \(options.listen): \(error)")
+            throw ExitCode(1)
+        }
+        logger.notice("stopped")
+    }
+}
+
+/// Options shared by the root command and `serve`.
+struct BrokerOptions: ParsableArguments {
+    @Option(name: .long, help: ArgumentHelp("The address to serve the REST API on.", valueName: "HOST:PORT"))
+    var listen = "127.0.0.1:8080"
+
+    @Option(name: .long, help: ArgumentHelp("The folder for the broker's data.", valueName: "PATH"))
+    var dataDir = "/var/lib/leostream-broker"
+
+    @Option(name: .long, help: ArgumentHelp("The SQLite database file (default: DATA-DIR/broker.sqlite).", valueName: "PATH"))
+    var database: String?
+
+    @Option(name: .long, help: ArgumentHelp("The first admin's password, on the first line of FILE (used only while the database has no users).", valueName: "FILE"))
+    var adminPasswordFile: String?
+
+    @Option(name: .long, help: ArgumentHelp("The first admin's login.", valueName: "NAME"))
+    var adminLogin = "admin"
+
+    @Option(name: .long, help: ArgumentHelp("How long a session lasts after login.", valueName: "SECONDS"))
+    var sessionLifetime = 8 * 3600
+
+    @Option(name: .long, help: ArgumentHelp("Request bodies larger than this are refused with 413.", valueName: "BYTES"))
+    var maxBodyBytes = 1 << 20
+
+    @Option(name: .long, help: ArgumentHelp("bcrypt cost for new password hashes (4-31; each step doubles the time).", valueName: "N"))
+    var bcryptCost: UInt8 = 12
+
+    @Option(name: .long, help: ArgumentHelp("trace, debug, info, notice, warning, error or critical.", valueName: "LEVEL"))
+    var logLevel = "info"
+
+    var databasePath: String {
+        database ?? URL(fileURLWithPath: dataDir).appendingPathComponent("broker.sqlite").path
+    }
+
+    func validate() throws {
+        _ = try listenAddress()
+        if !(4...31).contains(bcryptCost) { throw ValidationError("--bcrypt-cost must be 4 to 31, got \(bcryptCost)") }
+        if sessionLifetime < 60 { throw ValidationError("--session-lifetime must be at least 60 seconds, got \(sessionLifetime)") }
+        if maxBodyBytes < 1024 { throw ValidationError("--max-body-bytes must be at least 1024, got \(maxBodyBytes)") }
+        if Logger.Level(rawValue: logLevel) == nil {
+            throw ValidationError("--log-level must be one of \(Logger.Level.allCases.map(\.rawValue).joined(separator: ", ")), got '\(logLevel)'")
+        }
+    }
+
+    func listenAddress() throws -> (host: String, port: UInt16) {
+        guard let parts = SocketAddress.splitHostPort(listen) else {
+            throw ValidationError("--listen must be HOST:PORT (IPv6 as [ADDRESS]:PORT), got '\(listen)'")
+        }
+        return parts
+    }
+
+    /// The first admin's password from the file or the environment; nil when neither gives one.
+    func adminPassword() throws -> String? {
+        if let adminPasswordFile {
+            return try AdminBootstrap.readPasswordFile(adminPasswordFile)
+        }
+        if let value = ProcessInfo.processInfo.environment["LEOSTREAM_BROKER_ADMIN_PASSWORD"], !value.isEmpty {
+            return value
+        }
+        return nil
+    }
+}
+
+/// Writes a line to standard error.
+func printError(_ message: String) {
+    StandardStreams.writeError(message + "\n")
+}
