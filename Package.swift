@@ -58,6 +58,10 @@ let package = Package(
         .executableTarget(name: "relay-bench", dependencies: ["SystemLayer", "EventLoop"],
                           path: "Bench/relay-bench"),
 
+        // The gateway <-> broker control protocol: message types and request
+        // signing (HMAC-SHA-256 from OpenSSL); used by both sides.
+        .target(name: "ControlProtocol", dependencies: ["COpenSSL"]),
+
         // The broker core: domain, validation, the BrokerStore interface and its
         // SQLite implementation (no HTTP here).
         .target(name: "BrokerCore", dependencies: [
@@ -86,6 +90,7 @@ let package = Package(
         .testTarget(name: "RelayTests", dependencies: ["Relay", "EventLoop", "SystemLayer"]),
         .testTarget(name: "GatewayConfigTests", dependencies: ["GatewayConfig", "Relay"]),
         .testTarget(name: "GatewayE2ETests", dependencies: ["SystemLayer"]),
+        .testTarget(name: "ControlProtocolTests", dependencies: ["ControlProtocol"]),
         .testTarget(name: "BrokerTests", dependencies: [
             "BrokerAPI", "BrokerCore",
             .product(name: "Hummingbird", package: "hummingbird"),

@@ -1,0 +1,217 @@
+import Foundation
+
+/// `protocol` of a pushed rule.
+public enum RuleProtocol: String, Codable, Sendable, CaseIterable {
+    case tcp
+    case udp
+    case both = "tcp+udp"
+}
+
+/// The broker's `use_src_ip`, as the routing method of one rule.
+public enum RoutingMethod: Int, Codable, Sendable, CaseIterable {
+    /// A random free port of the gateway's range, open to anyone.
+    case randomPort = 0
+    /// The protocol's own port, open only to the client's address.
+    case protocolPortClientOnly = 1
+    /// A random free port, open only to the client's address.
+    case randomPortClientOnly = 2
+}
+
+/// `PUT /control/v1/rules/{id}`: a rule the broker asks the gateway to open.
+public struct RulePush: Codable, Sendable, Equatable {
+    public var `protocol`: RuleProtocol
+    public var method: RoutingMethod
+    /// `HOST:PORT` of the desktop (numeric address).
+    public var target: String
+    /// Required for methods 1 and 2.
+    public var clientIP: String?
+    /// Required for method 1 (the protocol's own port), absent otherwise.
+    public var port: Int?
+    /// Removed when no connection used it within this many seconds of its creation.
+    public var unusedExpirySeconds: Int?
+
+    public static let fields: Set<String> = ["protocol", "method", "target", "client_ip", "port", "unused_expiry_s"]
+
+    enum CodingKeys: String, CodingKey {
+        case `protocol`, method, target, port
+        case clientIP = "client_ip"
+        case unusedExpirySeconds = "unused_expiry_s"
+    }
+
+    public init(protocol: RuleProtocol, method: RoutingMethod, target: String, clientIP: String? = nil,
+                port: Int? = nil, unusedExpirySeconds: Int? = nil) {
+        self.protocol = `protocol`
+        self.method = method
+        self.target = target
+        self.clientIP = clientIP
+        self.port = port
+        self.unusedExpirySeconds = unusedExpirySeconds
+    }
+}
+
+/// The gateway's answer to a push, and one entry of `GET /control/v1/rules`.
+public struct RuleState: Codable, Sendable, Equatable {
+    public var id: String
+    public var push: RulePush
+    /// The public port the client must use.
+    public var port: Int
+    /// Unix seconds.
+    public var created: Int64
+    /// Unix seconds of the last connection or datagram, nil if never used.
+    public var lastUsed: Int64?
+    /// Live connections and UDP flows.
+    public var sessions: Int
+
+    enum CodingKeys: String, CodingKey {
+        case id, push, port, created, sessions
+        case lastUsed = "last_used"
+    }
+
+    public init(id: String, push: RulePush, port: Int, created: Int64, lastUsed: Int64? = nil, sessions: Int = 0) {
+        self.id = id
+        self.push = push
+        self.port = port
+        self.created = created
+        self.lastUsed = lastUsed
+        self.sessions = sessions
+    }
+}
+
+public struct PortRange: Codable, Sendable, Equatable {
+    public var first: Int
+    public var last: Int
+    public init(first: Int, last: Int) {
+        self.first = first
+        self.last = last
+    }
+}
+
+/// `POST /v1/gateway-agent/register`.
+public struct RegisterRequest: Codable, Sendable, Equatable {
+    public var gatewayID: Int
+    public var version: String
+    public var controlURL: String
+    public var portRange: PortRange
+    public var rules: [RuleState]
+
+    enum CodingKeys: String, CodingKey {
+        case version, rules
+        case gatewayID = "gateway_id"
+        case controlURL = "control_url"
+        case portRange = "port_range"
+    }
+
+    public init(gatewayID: Int, version: String, controlURL: String, portRange: PortRange, rules: [RuleState]) {
+        self.gatewayID = gatewayID
+        self.version = version
+        self.controlURL = controlURL
+        self.portRange = portRange
+        self.rules = rules
+    }
+}
+
+/// The broker's answer to a registration.
+public struct RegisterResponse: Codable, Sendable, Equatable {
+    public var heartbeatIntervalSeconds: Int
+    public var offlineAfterSeconds: Int
+    /// Ids of the gateway's rules the broker still wants; the others go.
+    public var keep: [String]
+
+    enum CodingKeys: String, CodingKey {
+        case keep
+        case heartbeatIntervalSeconds = "heartbeat_interval_s"
+        case offlineAfterSeconds = "offline_after_s"
+    }
+
+    public init(heartbeatIntervalSeconds: Int, offlineAfterSeconds: Int, keep: [String]) {
+        self.heartbeatIntervalSeconds = heartbeatIntervalSeconds
+        self.offlineAfterSeconds = offlineAfterSeconds
+        self.keep = keep
+    }
+}
+
+/// `POST /v1/gateway-agent/heartbeat`.
+public struct Heartbeat: Codable, Sendable, Equatable {
+    public var gatewayID: Int
+    public var sessions: Int
+    public var rules: Int
+    /// One-minute load average divided by the CPU count.
+    public var load: Double
+
+    enum CodingKeys: String, CodingKey {
+        case sessions, rules, load
+        case gatewayID = "gateway_id"
+    }
+
+    public init(gatewayID: Int, sessions: Int, rules: Int, load: Double) {
+        self.gatewayID = gatewayID
+        self.sessions = sessions
+        self.rules = rules
+        self.load = load
+    }
+}
+
+/// JSON for control messages: snake_case keys as declared, strict decoding.
+public enum ControlJSON {
+    public static func encode<T: Encodable>(_ value: T) -> [UInt8] {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys]
+        // Encoding these plain structs cannot fail.
+        return [UInt8]((try? encoder.encode(value)) ?? Data("{}".utf8))
+    }
+
+    /// Decodes `bytes` as `T`, refusing a body that is not a JSON object, has
+    /// a field outside `allowed`, or has a field of the wrong type.
+    /// - Throws: `ControlMessageError` naming the field.
+    public static func decodeStrict<T: Decodable>(_ type: T.Type, from bytes: [UInt8],
+                                                  allowed: Set<String>) throws(ControlMessageError) -> T {
+        let object: Any
+        do { object = try JSONSerialization.jsonObject(with: Data(bytes)) } catch {
+            throw .malformed("the body is not valid JSON")
+        }
+        guard let fields = object as? [String: Any] else { throw .malformed("the body must be a JSON object") }
+        if let unknown = fields.keys.sorted().first(where: { !allowed.contains($0) }) {
+            throw .unknownField(unknown)
+        }
+        do {
+            return try JSONDecoder().decode(T.self, from: Data(bytes))
+        } catch let DecodingError.typeMismatch(_, context) {
+            throw .wrongType(context.codingPath.map(\.stringValue).joined(separator: "."))
+        } catch let DecodingError.valueNotFound(_, context) {
+            throw .wrongType(context.codingPath.map(\.stringValue).joined(separator: "."))
+        } catch let DecodingError.keyNotFound(key, _) {
+            throw .missingField(key.stringValue)
+        } catch let DecodingError.dataCorrupted(context) {
+            let field = context.codingPath.map(\.stringValue).joined(separator: ".")
+            throw field.isEmpty ? .malformed("the body is not valid JSON") : .wrongType(field)
+        } catch {
+            throw .malformed("\(error)")
+        }
+    }
+}
+
+public enum ControlMessageError: Error, Equatable, CustomStringConvertible {
+    case malformed(String)
+    case unknownField(String)
+    case missingField(String)
+    case wrongType(String)
+    case invalid(field: String, reason: String)
+
+    public var field: String? {
+        switch self {
+        case .malformed: nil
+        case .unknownField(let f), .missingField(let f), .wrongType(let f): f
+        case .invalid(let f, _): f
+        }
+    }
+
+    public var description: String {
+        switch self {
+        case .malformed(let why): why
+        case .unknownField(let f): "\(f): unknown field"
+        case .missingField(let f): "\(f): required"
+        case .wrongType(let f): "\(f): wrong type or value"
+        case .invalid(let f, let why): "\(f): \(why)"
+        }
+    }
+}

@@ -1,0 +1,163 @@
+import Synchronization
+
+/// Which way a control request goes; part of the signed text, so a request
+/// signed for one direction never verifies in the other (no reflection).
+public enum ControlDirection: String, Sendable {
+    case gatewayToBroker = "gateway-to-broker"
+    case brokerToGateway = "broker-to-gateway"
+}
+
+/// The parsed `Authorization: LEO-HMAC-SHA256 gw=..., ts=..., nonce=..., sig=...` header.
+public struct ControlAuthorization: Sendable, Equatable {
+    public static let scheme = "LEO-HMAC-SHA256"
+
+    public let gatewayID: Int
+    public let timestamp: Int64
+    public let nonce: String
+    public let signature: [UInt8]
+
+    public init(gatewayID: Int, timestamp: Int64, nonce: String, signature: [UInt8]) {
+        self.gatewayID = gatewayID
+        self.timestamp = timestamp
+        self.nonce = nonce
+        self.signature = signature
+    }
+
+    /// The header value.
+    public var headerValue: String {
+        "\(Self.scheme) gw=\(gatewayID), ts=\(timestamp), nonce=\(nonce), sig=\(ControlCrypto.base64url(signature))"
+    }
+
+    /// Parses a header value.
+    /// - Throws: `ControlAuthError.malformed` naming the part that is wrong.
+    public init(header: String) throws(ControlAuthError) {
+        let trimmed = header.trimmingCharacters(in: .whitespaces)
+        guard trimmed.hasPrefix(Self.scheme + " ") else {
+            throw .malformed("expected the \(Self.scheme) scheme")
+        }
+        var fields: [String: String] = [:]
+        for part in trimmed.dropFirst(Self.scheme.count + 1).split(separator: ",") {
+            let pair = part.split(separator: "=", maxSplits: 1).map { $0.trimmingCharacters(in: .whitespaces) }
+            guard pair.count == 2, !pair[0].isEmpty, fields[pair[0]] == nil else {
+                throw .malformed("expected key=value pairs gw, ts, nonce and sig, each once")
+            }
+            fields[pair[0]] = pair[1]
+        }
+        guard fields.count == 4 else { throw .malformed("expected exactly gw, ts, nonce and sig") }
+        guard let gw = fields["gw"].flatMap({ Int($0) }), gw > 0 else { throw .malformed("gw must be a positive gateway id") }
+        guard let ts = fields["ts"].flatMap({ Int64($0) }) else { throw .malformed("ts must be unix seconds") }
+        guard let nonce = fields["nonce"], nonce.utf8.count == 32,
+              nonce.utf8.allSatisfy({ ($0 >= 0x30 && $0 <= 0x39) || ($0 >= 0x61 && $0 <= 0x66) }) else {
+            throw .malformed("nonce must be 32 lower-case hex digits")
+        }
+        guard let sig = fields["sig"].flatMap(ControlCrypto.fromBase64url), sig.count == 32 else {
+            throw .malformed("sig must be 32 bytes of base64url")
+        }
+        self.init(gatewayID: gw, timestamp: ts, nonce: nonce, signature: sig)
+    }
+}
+
+/// Why a control request was not accepted. Descriptions are safe to return
+/// to the peer and to log: they never hold the key or the signature.
+public enum ControlAuthError: Error, Equatable, CustomStringConvertible {
+    case missing
+    case malformed(String)
+    case unknownGateway(Int)
+    case clockSkew(seconds: Int64)
+    case replayed
+    case badSignature
+
+    public var description: String {
+        switch self {
+        case .missing: "Authorization: a signed control request is required (\(ControlAuthorization.scheme))"
+        case .malformed(let why): "Authorization: \(why)"
+        case .unknownGateway(let id): "Authorization: gateway \(id) is not enrolled"
+        case .clockSkew(let s): "Authorization: timestamp is \(s) s away from this host's clock (at most \(ControlSigner.window) s allowed)"
+        case .replayed: "Authorization: this request was already received (replay)"
+        case .badSignature: "Authorization: signature does not verify (wrong key: not the enrolled gateway or its registered broker)"
+        }
+    }
+}
+
+/// Signs and verifies control requests with one gateway's key.
+public struct ControlSigner: Sendable {
+    /// How far a request's timestamp may be from the receiver's clock.
+    public static let window: Int64 = 60
+
+    public let gatewayID: Int
+    public let key: ControlKey
+
+    public init(gatewayID: Int, key: ControlKey) {
+        self.gatewayID = gatewayID
+        self.key = key
+    }
+
+    static func signedText(direction: ControlDirection, method: String, path: String,
+                           timestamp: Int64, nonce: String, body: [UInt8]) -> [UInt8] {
+        let text = "\(ControlAuthorization.scheme)\n\(direction.rawValue)\n\(method.uppercased())\n\(path)\n\(timestamp)\n\(nonce)\n"
+            + ControlCrypto.hex(ControlCrypto.sha256(body))
+        return Array(text.utf8)
+    }
+
+    /// The Authorization header value for a request.
+    public func authorize(direction: ControlDirection, method: String, path: String, body: [UInt8],
+                          now: Int64 = ControlClock.unixSeconds()) -> String {
+        let nonce = ControlCrypto.hex(ControlCrypto.randomBytes(16))
+        let mac = ControlCrypto.hmacSHA256(key: key.bytes, message: ControlSigner.signedText(
+            direction: direction, method: method, path: path, timestamp: now, nonce: nonce, body: body))
+        return ControlAuthorization(gatewayID: gatewayID, timestamp: now, nonce: nonce, signature: mac).headerValue
+    }
+
+    /// Checks a request's signature and freshness (the caller found this
+    /// signer by `authorization.gatewayID`), and records its nonce.
+    public func verify(_ authorization: ControlAuthorization, direction: ControlDirection, method: String,
+                       path: String, body: [UInt8], replay: ReplayGuard,
+                       now: Int64 = ControlClock.unixSeconds()) throws(ControlAuthError) {
+        guard authorization.gatewayID == gatewayID else { throw .unknownGateway(authorization.gatewayID) }
+        let skew = authorization.timestamp - now
+        guard abs(skew) <= ControlSigner.window else { throw .clockSkew(seconds: skew) }
+        let expected = ControlCrypto.hmacSHA256(key: key.bytes, message: ControlSigner.signedText(
+            direction: direction, method: method, path: path, timestamp: authorization.timestamp,
+            nonce: authorization.nonce, body: body))
+        guard ControlCrypto.constantTimeEqual(expected, authorization.signature) else { throw .badSignature }
+        guard replay.firstSight(gatewayID: gatewayID, nonce: authorization.nonce, timestamp: authorization.timestamp, now: now) else {
+            throw .replayed
+        }
+    }
+}
+
+/// Nonces seen within the freshness window, per gateway: a request replayed
+/// within the window is refused; one replayed later fails the timestamp check.
+public final class ReplayGuard: Sendable {
+    private struct Entry: Hashable { let gateway: Int; let nonce: String }
+    private let seen = Mutex<[Entry: Int64]>([:])
+    /// Bound on remembered nonces; beyond it the oldest are dropped, which is
+    /// safe because they are also the first to fall out of the window.
+    private let capacity: Int
+
+    public init(capacity: Int = 100_000) { self.capacity = capacity }
+
+    /// True the first time (gateway, nonce) is seen within the window.
+    public func firstSight(gatewayID: Int, nonce: String, timestamp: Int64, now: Int64) -> Bool {
+        seen.withLock { table in
+            if table.count >= capacity || table.count % 1024 == 1023 {
+                table = table.filter { now - $0.value <= 2 * ControlSigner.window }
+                if table.count >= capacity {
+                    // Still full of fresh entries: refuse rather than forget (a flood).
+                    return false
+                }
+            }
+            let entry = Entry(gateway: gatewayID, nonce: nonce)
+            guard table[entry] == nil else { return false }
+            table[entry] = timestamp
+            return true
+        }
+    }
+}
+
+/// Wall-clock seconds (the signed timestamps compare clocks of two hosts).
+public enum ControlClock {
+    public static func unixSeconds() -> Int64 { Int64(Date().timeIntervalSince1970) }
+}
+
+import Foundation

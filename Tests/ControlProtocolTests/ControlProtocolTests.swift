@@ -1,0 +1,118 @@
+import Testing
+import ControlProtocol
+
+@Suite("Control protocol")
+struct ControlProtocolTests {
+    let key = ControlKey.generate()
+    var signer: ControlSigner { ControlSigner(gatewayID: 7, key: key) }
+    let body = Array(#"{"protocol":"tcp"}"#.utf8)
+
+    @Test("HMAC-SHA-256 matches RFC 4231 test case 2")
+    func hmacVector() {
+        let mac = ControlCrypto.hmacSHA256(key: Array("Jefe".utf8), message: Array("what do ya want for nothing?".utf8))
+        #expect(ControlCrypto.hex(mac) == "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843")
+    }
+
+    @Test("a key round-trips through its text form and never prints")
+    func keyText() throws {
+        let parsed = try ControlKey(text: "  \(key.text)\n")
+        #expect(parsed == key && key.text.count == 43)
+        #expect("\(key)" == "<redacted>" && String(reflecting: key) == "<redacted>")
+        #expect(throws: ControlKeyError.empty) { try ControlKey(text: " ") }
+        #expect(throws: ControlKeyError.notBase64url) { try ControlKey(text: "not a key!") }
+        #expect(throws: ControlKeyError.wrongLength(3)) { try ControlKey(text: "AAAA") }
+    }
+
+    @Test("a signed request verifies once, in its direction, with its key, method, path and body")
+    func signAndVerify() throws {
+        let now: Int64 = 1_800_000_000
+        let header = signer.authorize(direction: .brokerToGateway, method: "PUT", path: "/control/v1/rules/a", body: body, now: now)
+        let auth = try ControlAuthorization(header: header)
+        #expect(auth.gatewayID == 7 && auth.timestamp == now)
+        let replay = ReplayGuard()
+        try signer.verify(auth, direction: .brokerToGateway, method: "PUT", path: "/control/v1/rules/a", body: body, replay: replay, now: now + 5)
+        // The same request again: a replay.
+        #expect(throws: ControlAuthError.replayed) {
+            try signer.verify(auth, direction: .brokerToGateway, method: "PUT", path: "/control/v1/rules/a", body: body, replay: replay, now: now + 6)
+        }
+        // Anything changed: the signature fails (fresh replay guards, so only the MAC decides).
+        let cases: [(ControlDirection, String, String, [UInt8])] = [
+            (.gatewayToBroker, "PUT", "/control/v1/rules/a", body),
+            (.brokerToGateway, "DELETE", "/control/v1/rules/a", body),
+            (.brokerToGateway, "PUT", "/control/v1/rules/b", body),
+            (.brokerToGateway, "PUT", "/control/v1/rules/a", body + [0x20]),
+        ]
+        for (direction, method, path, bytes) in cases {
+            #expect(throws: ControlAuthError.badSignature) {
+                try signer.verify(auth, direction: direction, method: method, path: path, body: bytes, replay: ReplayGuard(), now: now)
+            }
+        }
+        // Another key (an unenrolled broker or gateway).
+        let stranger = ControlSigner(gatewayID: 7, key: .generate())
+        #expect(throws: ControlAuthError.badSignature) {
+            try stranger.verify(auth, direction: .brokerToGateway, method: "PUT", path: "/control/v1/rules/a", body: body, replay: ReplayGuard(), now: now)
+        }
+        // Too old, too new.
+        #expect(throws: ControlAuthError.clockSkew(seconds: -61)) {
+            try signer.verify(auth, direction: .brokerToGateway, method: "PUT", path: "/control/v1/rules/a", body: body, replay: ReplayGuard(), now: now + 61)
+        }
+        #expect(throws: ControlAuthError.clockSkew(seconds: 61)) {
+            try signer.verify(auth, direction: .brokerToGateway, method: "PUT", path: "/control/v1/rules/a", body: body, replay: ReplayGuard(), now: now - 61)
+        }
+        // Another gateway's id.
+        #expect(throws: ControlAuthError.unknownGateway(8)) {
+            let other = ControlAuthorization(gatewayID: 8, timestamp: auth.timestamp, nonce: auth.nonce, signature: auth.signature)
+            try signer.verify(other, direction: .brokerToGateway, method: "PUT", path: "/control/v1/rules/a", body: body, replay: ReplayGuard(), now: now)
+        }
+    }
+
+    @Test("malformed Authorization headers are named, never crash", arguments: [
+        "", "Bearer abc", "LEO-HMAC-SHA256", "LEO-HMAC-SHA256 gw=1", "LEO-HMAC-SHA256 gw=1, ts=2, nonce=3, sig=4",
+        "LEO-HMAC-SHA256 gw=0, ts=2, nonce=00000000000000000000000000000000, sig=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+        "LEO-HMAC-SHA256 gw=1, ts=x, nonce=00000000000000000000000000000000, sig=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+        "LEO-HMAC-SHA256 gw=1, ts=2, nonce=0000000000000000000000000000000G, sig=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+        "LEO-HMAC-SHA256 gw=1, ts=2, nonce=00000000000000000000000000000000, sig=AAAA",
+        "LEO-HMAC-SHA256 gw=1, gw=1, ts=2, nonce=00000000000000000000000000000000",
+        "LEO-HMAC-SHA256 gw=1, ts=2, nonce=00000000000000000000000000000000, sig=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA, x=1",
+    ])
+    func malformedHeaders(header: String) {
+        #expect {
+            try ControlAuthorization(header: header)
+        } throws: { error in
+            guard let error = error as? ControlAuthError, case .malformed(let why) = error else { return false }
+            return !why.isEmpty
+        }
+    }
+
+    @Test("strict decoding names the unknown, missing or mistyped field")
+    func strictDecoding() throws {
+        let good = Array(#"{"protocol":"tcp+udp","method":2,"target":"10.0.0.5:3389","client_ip":"198.51.100.7","unused_expiry_s":300}"#.utf8)
+        let push = try ControlJSON.decodeStrict(RulePush.self, from: good, allowed: RulePush.fields)
+        #expect(push == RulePush(protocol: .both, method: .randomPortClientOnly, target: "10.0.0.5:3389",
+                                 clientIP: "198.51.100.7", unusedExpirySeconds: 300))
+        let cases: [(String, ControlMessageError)] = [
+            ("nope", .malformed("the body is not valid JSON")),
+            ("[1]", .malformed("the body must be a JSON object")),
+            (#"{"protocol":"tcp","method":0,"target":"a:1","colour":"red"}"#, .unknownField("colour")),
+            (#"{"protocol":"tcp","method":0}"#, .missingField("target")),
+            (#"{"protocol":"tcp","method":"0","target":"a:1"}"#, .wrongType("method")),
+            (#"{"protocol":"sctp","method":0,"target":"a:1"}"#, .wrongType("protocol")),
+            (#"{"protocol":"tcp","method":5,"target":"a:1"}"#, .wrongType("method")),
+        ]
+        for (text, expected) in cases {
+            #expect(throws: expected) { try ControlJSON.decodeStrict(RulePush.self, from: Array(text.utf8), allowed: RulePush.fields) }
+        }
+        // Encoding round trip with snake_case keys.
+        let encoded = String(decoding: ControlJSON.encode(push), as: UTF8.self)
+        #expect(encoded.contains("\"client_ip\":\"198.51.100.7\"") && encoded.contains("\"unused_expiry_s\":300"))
+    }
+
+    @Test("the replay guard refuses rather than forgets when flooded with fresh nonces")
+    func replayCapacity() {
+        let guardian = ReplayGuard(capacity: 4)
+        for i in 0..<4 { #expect(guardian.firstSight(gatewayID: 1, nonce: "n\(i)", timestamp: 100, now: 100)) }
+        #expect(!guardian.firstSight(gatewayID: 1, nonce: "n4", timestamp: 100, now: 100))
+        // Once the old ones are out of the window, there is room again.
+        #expect(guardian.firstSight(gatewayID: 1, nonce: "n5", timestamp: 300, now: 300))
+    }
+}
