@@ -62,6 +62,10 @@ let package = Package(
         // signing (HMAC-SHA-256 from OpenSSL); used by both sides.
         .target(name: "ControlProtocol", dependencies: ["COpenSSL"]),
 
+        // Reads a TLS ClientHello without terminating TLS (the Security
+        // Gateway's SNI routing). Pure code, no dependencies.
+        .target(name: "TLSInspect"),
+
         // The broker core: domain, validation, the BrokerStore interface and its
         // SQLite implementation (no HTTP here).
         .target(name: "BrokerCore", dependencies: [
@@ -91,6 +95,7 @@ let package = Package(
         .testTarget(name: "GatewayConfigTests", dependencies: ["GatewayConfig", "Relay"]),
         .testTarget(name: "GatewayE2ETests", dependencies: ["SystemLayer"]),
         .testTarget(name: "ControlProtocolTests", dependencies: ["ControlProtocol"]),
+        .testTarget(name: "TLSInspectTests", dependencies: ["TLSInspect"]),
         .testTarget(name: "BrokerTests", dependencies: [
             "BrokerAPI", "BrokerCore",
             .product(name: "Hummingbird", package: "hummingbird"),

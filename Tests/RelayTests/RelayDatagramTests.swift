@@ -313,4 +313,36 @@ struct RelayDatagramTests {
         #expect(stats.datagramsToTarget == 600 && stats.datagramsToClient == 600 && stats.totalDrops == 0)
         #expect(stats.bytesToTarget == sent.reduce(0) { $0 + $1.count })
     }
+
+    @Test("a client that vanished: replies to it meet ICMP unreachable; the listener and other flows carry on")
+    func vanishedClient() throws {
+        // The target is a plain socket driven by the test, so it can keep
+        // answering after the client has gone.
+        let target = try DatagramClient()
+        defer { target.close() }
+        let engine = try makeEngine()
+        defer { engine.shutdown() }
+        let listen = freeUDPAddress()
+        try engine.apply([udpRule("v", listen, target.address)])
+        let gone = try DatagramClient()
+        try gone.send([1], to: listen)
+        let first = try #require(target.receive())
+        let flowAddress = try #require(first.peer)
+        gone.close()
+        // Replies to the closed port: the kernel answers each with ICMP port
+        // unreachable toward the relay's listening socket.
+        for i in 0..<20 { try target.send([UInt8(i)], to: flowAddress) }
+        #expect(eventually { (engine.datagramStats()["v"]?.datagramsToClient ?? 0) + (engine.datagramStats()["v"]?.totalDrops ?? 0) >= 20 })
+        // Another client is relayed both ways as before.
+        let stay = try DatagramClient()
+        defer { stay.close() }
+        for i in 0..<5 {
+            try stay.send([UInt8(100 + i)], to: listen)
+            let got = try #require(target.receive())
+            #expect(got.bytes == [UInt8(100 + i)])
+            try target.send([UInt8(200 + i)], to: try #require(got.peer))
+            #expect(stay.receive()?.bytes == [UInt8(200 + i)], "round \(i)")
+        }
+        #expect(engine.flows().count == 2)
+    }
 }
