@@ -22,6 +22,10 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-http-types", from: "1.8.0"),
         .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
         .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.13.0"),
+        // Session grants (JWT): jwt-kit with swift-crypto and swift-certificates.
+        .package(url: "https://github.com/vapor/jwt-kit", from: "5.8.0"),
+        .package(url: "https://github.com/apple/swift-crypto", "4.0.0"..<"5.0.0"),
+        .package(url: "https://github.com/apple/swift-certificates", from: "1.21.1"),
     ],
     targets: [
         // C: Linux calls Swift's Glibc module does not expose (splice, accept4, ...).
@@ -65,6 +69,13 @@ let package = Package(
         // Reads a TLS ClientHello without terminating TLS (the Security
         // Gateway's SNI routing). Pure code, no dependencies.
         .target(name: "TLSInspect"),
+        // Signed session grants (JWT, RS256 / ES256) for the Security Gateway.
+        .target(name: "SessionGrants", dependencies: [
+            .product(name: "JWTKit", package: "jwt-kit"),
+            .product(name: "Crypto", package: "swift-crypto"),
+            .product(name: "_CryptoExtras", package: "swift-crypto"),
+            .product(name: "X509", package: "swift-certificates"),
+        ]),
 
         // The broker core: domain, validation, the BrokerStore interface and its
         // SQLite implementation (no HTTP here).
@@ -96,6 +107,7 @@ let package = Package(
         .testTarget(name: "GatewayE2ETests", dependencies: ["SystemLayer"]),
         .testTarget(name: "ControlProtocolTests", dependencies: ["ControlProtocol"]),
         .testTarget(name: "TLSInspectTests", dependencies: ["TLSInspect"]),
+        .testTarget(name: "SessionGrantsTests", dependencies: ["SessionGrants"]),
         .testTarget(name: "BrokerTests", dependencies: [
             "BrokerAPI", "BrokerCore",
             .product(name: "Hummingbird", package: "hummingbird"),

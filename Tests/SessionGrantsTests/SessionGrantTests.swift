@@ -1,0 +1,186 @@
+import Foundation
+import Testing
+import SessionGrants
+
+/// Keys and certificates made by the real `openssl` command for each test run.
+final class KeyFactory: @unchecked Sendable {
+    let dir: String
+
+    init() throws {
+        dir = NSTemporaryDirectory() + "grants-\(UUID().uuidString)"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+    }
+
+    deinit { try? FileManager.default.removeItem(atPath: dir) }
+
+    @discardableResult
+    func openssl(_ arguments: [String]) throws -> Int32 {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/openssl")
+        process.arguments = arguments
+        process.currentDirectoryURL = URL(fileURLWithPath: dir)
+        process.standardOutput = FileHandle.nullDevice
+        process.standardError = FileHandle.nullDevice
+        try process.run()
+        process.waitUntilExit()
+        return process.terminationStatus
+    }
+
+    func read(_ name: String) throws -> String { try String(contentsOfFile: dir + "/" + name, encoding: .utf8) }
+
+    /// (private key PEM, certificate PEM) for `kind`: rsa2048, rsa1024, ec256, ec384, dsa.
+    func pair(_ kind: String, digest: String = "-sha256") throws -> (key: String, cert: String) {
+        let key = "\(kind).key", cert = "\(kind)\(digest).crt"
+        if !FileManager.default.fileExists(atPath: dir + "/" + key) {
+            let generated: Int32
+            switch kind {
+            case "rsa2048": generated = try openssl(["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", key])
+            case "rsa1024": generated = try openssl(["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:1024", "-out", key])
+            case "ec256": generated = try openssl(["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", key])
+            case "ec384": generated = try openssl(["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-384", "-out", key])
+            case "dsa":
+                try openssl(["genpkey", "-genparam", "-algorithm", "DSA", "-pkeyopt", "dsa_paramgen_bits:2048", "-out", "dsa.param"])
+                generated = try openssl(["genpkey", "-paramfile", "dsa.param", "-out", key])
+            default: fatalError(kind)
+            }
+            #expect(generated == 0, "openssl could not make a \(kind) key")
+        }
+        let signed = try openssl(["req", "-x509", "-new", "-key", key, digest, "-days", "2", "-subj", "/CN=cm.test", "-out", cert])
+        #expect(signed == 0, "openssl could not make a \(kind) \(digest) certificate")
+        return (try read(key), try read(cert))
+    }
+}
+
+@Suite("Session grants", .serialized)
+struct SessionGrantTests {
+    let now = Date(timeIntervalSince1970: 1_800_000_000)
+
+    func grant(audience: String = "sg-group-a", singleUse: Bool = false, notBefore: Date? = nil, expires: TimeInterval = 300) -> SessionGrant {
+        SessionGrant(sessionID: "s-1", agent: "10.0.0.5:4172", serverName: "agent-5.pcoip.example", client: "198.51.100.7",
+                     audience: audience, issuedAt: now, notBefore: notBefore, expires: now.addingTimeInterval(expires),
+                     singleUse: singleUse)
+    }
+
+    @Test("RS256 (RSA 2048) and ES256 (P-256): signed by the key, verified by the certificate, claims intact",
+          arguments: ["rsa2048", "ec256"])
+    func roundTrip(kind: String) async throws {
+        let keys = try KeyFactory()
+        let (key, cert) = try keys.pair(kind)
+        let signer = try await GrantSigner.load(pem: key)
+        let verifier = try await GrantVerifier.load(certificatePEM: cert, audience: "sg-group-a")
+        #expect(signer.algorithm == (kind == "ec256" ? .es256 : .rs256) && verifier.algorithm == signer.algorithm)
+        let original = grant()
+        let token = try await signer.sign(original)
+        let verified = try await verifier.verify(token, now: now.addingTimeInterval(10))
+        #expect(verified == original)
+    }
+
+    @Test("forged, expired, not yet valid, other group, replayed: each refused with its reason")
+    func refusals() async throws {
+        let keys = try KeyFactory()
+        let (key, cert) = try keys.pair("ec256")
+        let signer = try await GrantSigner.load(pem: key)
+        let verifier = try await GrantVerifier.load(certificatePEM: cert, audience: "sg-group-a")
+        let token = try await signer.sign(grant())
+
+        // A signature byte changed.
+        var parts = token.split(separator: ".").map(String.init)
+        var sig = Array(parts[2].utf8)
+        sig[5] = sig[5] == UInt8(ascii: "A") ? UInt8(ascii: "B") : UInt8(ascii: "A")
+        parts[2] = String(decoding: sig, as: UTF8.self)
+        await #expect(throws: GrantError.badSignature) { try await verifier.verify(parts.joined(separator: "."), now: now) }
+        // The payload changed (another agent), signature kept.
+        let otherPayload = try await signer.sign(SessionGrant(sessionID: "s-1", agent: "10.9.9.9:4172", serverName: "agent-5.pcoip.example",
+                                                               audience: "sg-group-a", issuedAt: now, expires: now.addingTimeInterval(300)))
+        let spliced = [token.split(separator: ".")[0], otherPayload.split(separator: ".")[1], token.split(separator: ".")[2]].joined(separator: ".")
+        await #expect(throws: GrantError.badSignature) { try await verifier.verify(spliced, now: now) }
+        // Signed by another key of the same kind.
+        let (strangerKey, _) = try KeyFactory().pair("ec256")
+        let stranger = try await GrantSigner.load(pem: strangerKey)
+        await #expect(throws: GrantError.badSignature) { try await verifier.verify(try await stranger.sign(grant()), now: now) }
+        // Time.
+        await #expect(throws: GrantError.expired) { try await verifier.verify(token, now: now.addingTimeInterval(331)) }
+        _ = try await verifier.verify(token, now: now.addingTimeInterval(320))  // within the 30 s leeway
+        let later = try await signer.sign(grant(notBefore: now.addingTimeInterval(600), expires: 900))
+        await #expect(throws: GrantError.notYetValid) { try await verifier.verify(later, now: now) }
+        // Another gateway group.
+        let elsewhere = try await signer.sign(grant(audience: "sg-group-b"))
+        await #expect(throws: GrantError.wrongAudience("sg-group-b")) { try await verifier.verify(elsewhere, now: now) }
+        // Single use: the second presentation is a replay; a reusable grant is fine twice.
+        let once = try await signer.sign(grant(singleUse: true))
+        _ = try await verifier.verify(once, now: now)
+        await #expect(throws: GrantError.replayed) { try await verifier.verify(once, now: now) }
+        _ = try await verifier.verify(token, now: now)
+        _ = try await verifier.verify(token, now: now)
+        // Garbage.
+        for junk in ["", "a.b", "a.b.c", "....", String(repeating: "x", count: 10_000)] {
+            await #expect(throws: GrantError.self) { try await verifier.verify(junk, now: now) }
+        }
+    }
+
+    @Test("alg none, and HS256 keyed with the public certificate, are refused before any signature check")
+    func algorithmConfusion() async throws {
+        let keys = try KeyFactory()
+        let (key, cert) = try keys.pair("rsa2048")
+        let signer = try await GrantSigner.load(pem: key)
+        let verifier = try await GrantVerifier.load(certificatePEM: cert, audience: "sg-group-a")
+        let payload = String(try await signer.sign(grant()).split(separator: ".")[1])
+        func b64(_ text: String) -> String {
+            Data(text.utf8).base64EncodedString().replacingOccurrences(of: "+", with: "-")
+                .replacingOccurrences(of: "/", with: "_").replacingOccurrences(of: "=", with: "")
+        }
+        let none = b64(#"{"alg":"none","typ":"JWT"}"#) + "." + payload + "."
+        await #expect(throws: GrantError.algorithmNotAllowed("none")) { try await verifier.verify(none, now: now) }
+        let hs = b64(#"{"alg":"HS256","typ":"JWT"}"#) + "." + payload
+        let mac = hmacSHA256(key: Array(cert.utf8), message: Array(hs.utf8))
+        let hsToken = hs + "." + Data(mac).base64EncodedString().replacingOccurrences(of: "+", with: "-")
+            .replacingOccurrences(of: "/", with: "_").replacingOccurrences(of: "=", with: "")
+        await #expect(throws: GrantError.algorithmNotAllowed("HS256")) { try await verifier.verify(hsToken, now: now) }
+        // ES256 presented to an RS256 verifier.
+        let es = b64(#"{"alg":"ES256","typ":"JWT"}"#) + "." + payload + ".AAAA"
+        await #expect(throws: GrantError.algorithmNotAllowed("ES256")) { try await verifier.verify(es, now: now) }
+    }
+
+    @Test("DSA keys, RSA under 2,048 bits, other curves and MD5-signed certificates are refused with a clear message")
+    func weakKeys() async throws {
+        let keys = try KeyFactory()
+        let dsa = try keys.pair("dsa")
+        await #expect(throws: GrantError.self) { _ = try await GrantSigner.load(pem: dsa.key) }
+        await #expect { _ = try await GrantVerifier.load(certificatePEM: dsa.cert, audience: "a") } throws: { error in
+            "\(error)".contains("refused") && "\(error)".contains("DSA")
+        }
+        let small = try keys.pair("rsa1024")
+        await #expect(throws: GrantError.weakKey("RSA key of 1024 bits; at least 2,048 are required")) { _ = try await GrantSigner.load(pem: small.key) }
+        await #expect(throws: GrantError.weakCertificate("its RSA key is smaller than 2,048 bits")) {
+            _ = try await GrantVerifier.load(certificatePEM: small.cert, audience: "a")
+        }
+        let p384 = try keys.pair("ec384")
+        await #expect(throws: GrantError.self) { _ = try await GrantSigner.load(pem: p384.key) }
+        await #expect(throws: GrantError.weakCertificate("its key is neither RSA nor ECDSA P-256")) {
+            _ = try await GrantVerifier.load(certificatePEM: p384.cert, audience: "a")
+        }
+        let md5 = try keys.pair("rsa2048", digest: "-md5")
+        await #expect(throws: GrantError.weakCertificate("signed with MD5")) {
+            _ = try await GrantVerifier.load(certificatePEM: md5.cert, audience: "a")
+        }
+        await #expect(throws: GrantError.unreadableKey("not a PEM private key")) { _ = try await GrantSigner.load(pem: "hello") }
+        await #expect(throws: GrantError.unreadableCertificate("not a PEM X.509 certificate")) {
+            _ = try await GrantVerifier.load(certificatePEM: "hello", audience: "a")
+        }
+    }
+}
+
+/// HMAC-SHA-256 by the `openssl` command (the attacker's tool in the algorithm-confusion test).
+func hmacSHA256(key: [UInt8], message: [UInt8]) -> [UInt8] {
+    let dir = NSTemporaryDirectory() + "hmac-\(UUID().uuidString)"
+    try! FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+    defer { try? FileManager.default.removeItem(atPath: dir) }
+    _ = FileManager.default.createFile(atPath: dir + "/m", contents: Data(message))
+    let hexKey = key.map { String(format: "%02x", $0) }.joined()
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: "/usr/bin/openssl")
+    process.arguments = ["dgst", "-sha256", "-mac", "HMAC", "-macopt", "hexkey:\(hexKey)", "-binary", "-out", dir + "/mac", dir + "/m"]
+    try! process.run()
+    process.waitUntilExit()
+    return [UInt8](FileManager.default.contents(atPath: dir + "/mac")!)
+}
