@@ -69,6 +69,9 @@ let package = Package(
         // Reads a TLS ClientHello without terminating TLS (the Security
         // Gateway's SNI routing). Pure code, no dependencies.
         .target(name: "TLSInspect"),
+        // The PCoIP Security Gateway role: its config file and prepared grants
+        // (the 4172 relay path and control endpoint follow).
+        .target(name: "SecurityGateway", dependencies: ["SessionGrants", "TLSInspect", "SystemLayer"]),
         // Signed session grants (JWT, RS256 / ES256) for the Security Gateway.
         .target(name: "SessionGrants", dependencies: [
             .product(name: "JWTKit", package: "jwt-kit"),
@@ -108,6 +111,7 @@ let package = Package(
         .testTarget(name: "ControlProtocolTests", dependencies: ["ControlProtocol"]),
         .testTarget(name: "TLSInspectTests", dependencies: ["TLSInspect"]),
         .testTarget(name: "SessionGrantsTests", dependencies: ["SessionGrants"]),
+        .testTarget(name: "SecurityGatewayTests", dependencies: ["SecurityGateway", "SessionGrants", "SystemLayer"]),
         .testTarget(name: "BrokerTests", dependencies: [
             "BrokerAPI", "BrokerCore",
             .product(name: "Hummingbird", package: "hummingbird"),

@@ -114,7 +114,10 @@ public final class GrantVerifier: Sendable {
     }
 
     /// Checks a compact JWT and returns its grant.
-    public func verify(_ token: String, now: Date = Date()) async throws(GrantError) -> SessionGrant {
+    /// - Parameter recordUse: when false, a single-use grant is checked but
+    ///   not marked used (the caller enforces single use itself, as the
+    ///   Security Gateway's grant store does at the connection).
+    public func verify(_ token: String, now: Date = Date(), recordUse: Bool = true) async throws(GrantError) -> SessionGrant {
         // The header first: only this certificate's algorithm is accepted, so
         // `none` and HMAC-with-the-public-key are refused before any crypto.
         let outside = try GrantToken(parsing: token)
@@ -136,7 +139,7 @@ public final class GrantVerifier: Sendable {
         guard !grant.sessionID.isEmpty, !grant.id.isEmpty, !grant.serverName.isEmpty else {
             throw .invalidClaim("sid, sni and jti must not be empty")
         }
-        if grant.singleUse {
+        if grant.singleUse && recordUse {
             let fresh = used.withLock { table -> Bool in
                 table = table.filter { $0.value.addingTimeInterval(leeway) > now }
                 guard table[grant.id] == nil else { return false }
