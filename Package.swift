@@ -26,6 +26,8 @@ let package = Package(
         .package(url: "https://github.com/vapor/jwt-kit", from: "5.8.0"),
         .package(url: "https://github.com/apple/swift-crypto", "4.0.0"..<"5.0.0"),
         .package(url: "https://github.com/apple/swift-certificates", from: "1.21.1"),
+        // The broker pushes rules to gateways' control endpoints.
+        .package(url: "https://github.com/swift-server/async-http-client", from: "1.37.0"),
     ],
     targets: [
         // C: Linux calls Swift's Glibc module does not expose (splice, accept4, ...).
@@ -53,8 +55,19 @@ let package = Package(
         ]),
         // The gateway config file: parsing and validation with file:line errors.
         .target(name: "GatewayConfig", dependencies: ["Relay", "SystemLayer"]),
+        // The gateway's side of the control plane: pushed rules, ports,
+        // persistence, expiry, the signed control endpoint (Hummingbird) and
+        // registration with the broker.
+        .target(name: "GatewayControl", dependencies: [
+            "Relay", "SystemLayer", "ControlProtocol",
+            .product(name: "Hummingbird", package: "hummingbird"),
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
         .executableTarget(name: "leostream-gateway", dependencies: [
-            "GatewayConfig", "Relay", "SystemLayer",
+            "GatewayConfig", "GatewayControl", "ControlProtocol", "Relay", "SystemLayer",
+            .product(name: "Hummingbird", package: "hummingbird"),
+            .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),
@@ -83,17 +96,21 @@ let package = Package(
         // The broker core: domain, validation, the BrokerStore interface and its
         // SQLite implementation (no HTTP here).
         .target(name: "BrokerCore", dependencies: [
-            "SystemLayer", "COpenSSL",
+            "SystemLayer", "ControlProtocol",
             .product(name: "GRDB", package: "GRDB.swift"),
             .product(name: "HummingbirdBcrypt", package: "hummingbird-auth"),
         ]),
         // The broker's REST API (Leostream-compatible gateway calls, our own
         // desktops and users) as a Hummingbird application.
         .target(name: "BrokerAPI", dependencies: [
-            "BrokerCore",
+            "BrokerCore", "ControlProtocol",
+            .product(name: "AsyncHTTPClient", package: "async-http-client"),
+            .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             .product(name: "Hummingbird", package: "hummingbird"),
+            .product(name: "HummingbirdCore", package: "hummingbird"),
             .product(name: "HTTPTypes", package: "swift-http-types"),
             .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),
         ]),
         .executableTarget(name: "leostream-broker", dependencies: [
@@ -109,11 +126,16 @@ let package = Package(
         .testTarget(name: "GatewayConfigTests", dependencies: ["GatewayConfig", "Relay"]),
         .testTarget(name: "GatewayE2ETests", dependencies: ["SystemLayer"]),
         .testTarget(name: "ControlProtocolTests", dependencies: ["ControlProtocol"]),
+        .testTarget(name: "GatewayControlTests", dependencies: [
+            "GatewayControl", "ControlProtocol", "Relay", "SystemLayer",
+            .product(name: "Hummingbird", package: "hummingbird"),
+            .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+        ]),
         .testTarget(name: "TLSInspectTests", dependencies: ["TLSInspect"]),
         .testTarget(name: "SessionGrantsTests", dependencies: ["SessionGrants"]),
         .testTarget(name: "SecurityGatewayTests", dependencies: ["SecurityGateway", "SessionGrants", "SystemLayer"]),
         .testTarget(name: "BrokerTests", dependencies: [
-            "BrokerAPI", "BrokerCore",
+            "BrokerAPI", "BrokerCore", "ControlProtocol",
             .product(name: "Hummingbird", package: "hummingbird"),
             .product(name: "GRDB", package: "GRDB.swift"),
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),

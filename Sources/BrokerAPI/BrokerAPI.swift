@@ -1,7 +1,9 @@
 import BrokerCore
+import ControlProtocol
 import Foundation
 import HTTPTypes
 import Hummingbird
+import HummingbirdCore
 import Logging
 import NIOCore
 import Synchronization
@@ -17,14 +19,28 @@ public struct BrokerAPIConfiguration: Sendable {
     public var version: String
     /// The folder whose filesystem's free space `system/health` reports (the database's).
     public var dataPath: String
+    /// Seconds between a gateway's heartbeats (told to it at registration).
+    public var heartbeatInterval: Int
+    /// Seconds without a heartbeat after which a gateway is offline.
+    public var offlineAfter: Int
+    /// Seconds a pushed rule may stay unused after its creation before the gateway removes it.
+    public var ruleUnusedExpiry: Int
+    /// How long one call to a gateway's control API may take.
+    public var gatewayCallTimeout: TimeInterval
 
     public init(maxBodyBytes: Int = 1 << 20, sessionLifetime: TimeInterval = 8 * 3600,
-                passwordHasher: PasswordHasher = PasswordHasher(), version: String, dataPath: String) {
+                passwordHasher: PasswordHasher = PasswordHasher(), version: String, dataPath: String,
+                heartbeatInterval: Int = 10, offlineAfter: Int = 30, ruleUnusedExpiry: Int = 300,
+                gatewayCallTimeout: TimeInterval = 5) {
         self.maxBodyBytes = maxBodyBytes
         self.sessionLifetime = sessionLifetime
         self.passwordHasher = passwordHasher
         self.version = version
         self.dataPath = dataPath
+        self.heartbeatInterval = heartbeatInterval
+        self.offlineAfter = offlineAfter
+        self.ruleUnusedExpiry = ruleUnusedExpiry
+        self.gatewayCallTimeout = gatewayCallTimeout
     }
 }
 
@@ -48,6 +64,9 @@ public struct BrokerAPI: Sendable {
     let configuration: BrokerAPIConfiguration
     let listeners: ListenerRegistry
     let clock: @Sendable () -> Date
+    /// Nonces of gateway-to-broker requests seen within the freshness window: one per process.
+    let replayGuard = ReplayGuard()
+    let gatewayClient: GatewayControlClient
 
     public init(store: any BrokerStore, configuration: BrokerAPIConfiguration, listeners: ListenerRegistry = ListenerRegistry(),
                 clock: @escaping @Sendable () -> Date = { Date() }) {
@@ -55,6 +74,7 @@ public struct BrokerAPI: Sendable {
         self.configuration = configuration
         self.listeners = listeners
         self.clock = clock
+        gatewayClient = GatewayControlClient(timeout: .milliseconds(Int64(configuration.gatewayCallTimeout * 1000)))
     }
 
     /// The router with every route under both prefixes.
@@ -71,6 +91,7 @@ public struct BrokerAPI: Sendable {
             for resource in resources() {
                 register(resource, on: authenticated)
             }
+            addControlPlaneRoutes(api: api, authenticated: authenticated)
         }
         return router
     }
@@ -81,7 +102,16 @@ public struct BrokerAPI: Sendable {
         -> some ApplicationProtocol
     {
         let listeners = self.listeners
-        return Application(router: router(), configuration: .init(address: address, serverName: nil),
+        let store = self.store
+        let clock = self.clock
+        // Broker forwarding: a gateway's PROXY v2 header, checked before HTTP sees a byte.
+        let server = HTTPServerBuilder { responder in
+            ProxyProtocolChannel(base: HTTP1Channel(responder: responder)) {
+                ProxyHeaderHandler(keys: { id in (try? await store.controlKey(gatewayID: id)) ?? nil },
+                                   clock: clock, logger: logger)
+            }
+        }
+        var app = Application(router: router(), server: server, configuration: .init(address: address, serverName: nil),
                            onServerRunning: { channel in
                                if let local = channel.localAddress, let ip = local.ipAddress, let port = local.port {
                                    listeners.add(ip.contains(":") ? "[\(ip)]:\(port)" : "\(ip):\(port)")
@@ -89,6 +119,9 @@ public struct BrokerAPI: Sendable {
                                await onServerRunning(channel)
                            },
                            logger: logger)
+        app.addServices(GatewayOfflineMonitor(store: store, offlineAfter: TimeInterval(configuration.offlineAfter),
+                                              clock: clock, logger: logger))
+        return app
     }
 
     // MARK: Sessions
@@ -142,8 +175,9 @@ public struct BrokerAPI: Sendable {
         let token = Secrets.token()
         try await store.createSession(Session(tokenHash: Secrets.sha256Hex(token), userID: credentials.user.id, created: now,
                                               expires: now.addingTimeInterval(configuration.sessionLifetime),
-                                              clientAddress: context.clientAddress))
-        context.logger.info("login: '\(credentials.user.login)' (\(credentials.user.role.rawValue))")
+                                              clientAddress: context.clientAddress,
+                                              loginGatewayID: context.loginGatewayID))
+        context.logger.info("login: '\(credentials.user.login)' (\(credentials.user.role.rawValue))\(context.loginGatewayID.map { " through gateway \($0)" } ?? "")")
         return .json(["sid": .string(token)])
     }
 
@@ -354,7 +388,7 @@ public struct BrokerAPI: Sendable {
     }
 
     /// The `:id` of the path: a positive integer, or 400.
-    private static func id(_ context: BrokerRequestContext) throws(APIError) -> Int64 {
+    static func id(_ context: BrokerRequestContext) throws(APIError) -> Int64 {
         let text = context.parameters.get("id") ?? ""
         guard let id = Int64(text), id > 0 else {
             throw APIError.badField("id", "must be a positive integer, got \(Validate.quotedForAPI(text))")
@@ -363,7 +397,7 @@ public struct BrokerAPI: Sendable {
     }
 
     /// The request body, at most `maxBodyBytes`; 413 beyond.
-    private func body(_ request: inout Request) async throws(APIError) -> Data {
+    func body(_ request: inout Request) async throws(APIError) -> Data {
         let limit = configuration.maxBodyBytes
         if let declared = request.headers[.contentLength].flatMap({ Int($0) }), declared > limit {
             throw APIError(.contentTooLarge, "request body of \(declared) bytes is larger than the limit of \(limit) bytes")

@@ -10,12 +10,21 @@ public struct BrokerRequestContext: RequestContext {
     public var coreContext: CoreRequestContextStorage
     /// The session and its user; nil until authenticated.
     public var authenticated: AuthenticatedSession?
-    /// The peer's IP address as the socket saw it ("" when unknown).
+    /// The client's IP address: from a verified PROXY v2 header when a
+    /// gateway relayed the connection, otherwise as the socket saw it ("" when unknown).
     public let clientAddress: String
+    /// The gateway that relayed the connection (broker forwarding), if any.
+    public let loginGatewayID: Int64?
 
     public init(source: ApplicationRequestContextSource) {
         coreContext = .init(source: source)
-        clientAddress = source.channel.remoteAddress?.ipAddress ?? ""
+        if let origin = ProxyOrigins.shared.origin(for: source.channel) {
+            clientAddress = origin.clientIP
+            loginGatewayID = origin.gatewayID
+        } else {
+            clientAddress = source.channel.remoteAddress?.ipAddress ?? ""
+            loginGatewayID = nil
+        }
     }
 
     /// The user, or a 401 when the request is not authenticated (a route

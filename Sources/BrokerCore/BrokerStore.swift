@@ -1,3 +1,4 @@
+import ControlProtocol
 import Foundation
 
 /// Why a store call failed. Every case says what failed in words a user can act on;
@@ -102,8 +103,32 @@ public protocol BrokerStore: Sendable {
     func deleteGateway(id: Int64) async throws(StoreError)
     /// Records what the control plane learned about a gateway (heartbeats, version).
     func recordGatewayState(id: Int64, online: Bool, version: String?, heartbeat: Date?) async throws(StoreError)
-    /// Records (or, with nil, removes) the fingerprint of the key a gateway was enrolled with.
-    func enrollGateway(id: Int64, keyFingerprint: String?, now: Date) async throws(StoreError)
+    /// Stores `key` as the gateway's control key (replacing any earlier one) and its fingerprint.
+    func enrollGateway(id: Int64, key: ControlKey, now: Date) async throws(StoreError)
+    /// The gateway's control key; nil when there is no such gateway or it is not enrolled.
+    func controlKey(gatewayID: Int64) async throws(StoreError) -> ControlKey?
+    /// Records a registration (version, control URL, port range), marks the
+    /// gateway online with a heartbeat at `now`, and returns the ids among
+    /// `registration.ruleIDs` the broker still has for this gateway (`keep`).
+    func registerGateway(id: Int64, _ registration: GatewayRegistration, now: Date) async throws(StoreError) -> [String]
+    /// Records a heartbeat at `now` with the gateway's load, and marks it online.
+    func recordHeartbeat(id: Int64, load: Double, sessions: Int, now: Date) async throws(StoreError)
+    /// Marks offline every online gateway whose last heartbeat is before `cutoff`
+    /// (or that has none); returns their ids.
+    @discardableResult
+    func markGatewaysOffline(heartbeatBefore cutoff: Date) async throws(StoreError) -> [Int64]
+
+    // MARK: Rules pushed to gateways
+    /// Every rule, or a gateway's.
+    func rules(gatewayID: Int64?) async throws(StoreError) -> [GatewayRule]
+    func rule(id: String) async throws(StoreError) -> GatewayRule
+    /// The number of rules per gateway (gateways without rules are absent).
+    func ruleCounts() async throws(StoreError) -> [Int64: Int]
+    func createRule(_ rule: GatewayRule) async throws(StoreError)
+    /// Records the port a gateway opened for a rule pushed again.
+    func updateRulePort(id: String, port: Int) async throws(StoreError)
+    /// Removes a rule; `.notFound` when there is none with that id.
+    func deleteRule(id: String) async throws(StoreError)
 
     // MARK: Gateway clusters
     func gatewayClusters() async throws(StoreError) -> [GatewayCluster]

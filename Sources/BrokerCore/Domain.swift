@@ -1,3 +1,4 @@
+import ControlProtocol
 import Foundation
 
 /// How a gateway (or a cluster) opens a display port for a connection
@@ -42,10 +43,57 @@ public struct Gateway: Sendable, Equatable {
     public var online: Bool
     public var version: String
     public var lastHeartbeat: Date?
-    /// SHA-256 fingerprint of the public key the gateway was enrolled with, if enrolled.
+    /// `Secrets.fingerprint` of the control key the gateway was enrolled with
+    /// (nil until enrolled). The key itself never leaves the store except
+    /// through `BrokerStore.controlKey(gatewayID:)`.
     public var keyFingerprint: String?
+    /// Where the broker reaches the gateway's control API, as it registered ("" until then).
+    public var controlURL: String
+    /// The display port range the gateway registered with.
+    public var portRange: PortRange?
+    /// The load of its last heartbeat (one-minute load average per CPU).
+    public var load: Double?
+    /// Live sessions of its last heartbeat.
+    public var activeSessions: Int?
     public var created: Date
     public var updated: Date
+
+    public init(id: Int64, name: String, address: String, addressPrivate: String, loadBalancerID: Int64?,
+                useSourceIP: SourceIPMode, forwardTo: String, signature: String, notes: String, online: Bool,
+                version: String, lastHeartbeat: Date?, keyFingerprint: String?, controlURL: String = "",
+                portRange: PortRange? = nil, load: Double? = nil, activeSessions: Int? = nil,
+                created: Date, updated: Date) {
+        self.id = id
+        self.name = name
+        self.address = address
+        self.addressPrivate = addressPrivate
+        self.loadBalancerID = loadBalancerID
+        self.useSourceIP = useSourceIP
+        self.forwardTo = forwardTo
+        self.signature = signature
+        self.notes = notes
+        self.online = online
+        self.version = version
+        self.lastHeartbeat = lastHeartbeat
+        self.keyFingerprint = keyFingerprint
+        self.controlURL = controlURL
+        self.portRange = portRange
+        self.load = load
+        self.activeSessions = activeSessions
+        self.created = created
+        self.updated = updated
+    }
+
+    /// Whether an administrator has enrolled it (it has a control key).
+    public var enrolled: Bool { keyFingerprint != nil }
+
+    /// Online and heard from within `offlineAfter` seconds of `now`: what the
+    /// broker goes by when it chooses a gateway, even before the sweep that
+    /// marks silent gateways offline has run.
+    public func isLive(now: Date, offlineAfter: TimeInterval) -> Bool {
+        guard online, let lastHeartbeat else { return false }
+        return now.timeIntervalSince(lastHeartbeat) <= offlineAfter
+    }
 
     /// A gateway with every field empty or at its default, the base a create starts from.
     public static func blank(now: Date) -> Gateway {
@@ -54,6 +102,64 @@ public struct Gateway: Sendable, Equatable {
                 online: false, version: "", lastHeartbeat: nil, keyFingerprint: nil,
                 created: now, updated: now)
     }
+}
+
+/// What a gateway tells the broker when it registers.
+public struct GatewayRegistration: Sendable, Equatable {
+    public var version: String
+    public var controlURL: String
+    public var portRange: PortRange
+    /// The ids of the rules the gateway holds.
+    public var ruleIDs: [String]
+
+    public init(version: String, controlURL: String, portRange: PortRange, ruleIDs: [String]) {
+        self.version = version
+        self.controlURL = controlURL
+        self.portRange = portRange
+        self.ruleIDs = ruleIDs
+    }
+
+    /// Checks the fields a gateway sent, naming the one that is wrong.
+    public func validate() throws(FieldError) {
+        try Validate.length(version, field: "version", 1...64)
+        try Validate.noControlCharacters(version, field: "version")
+        try Validate.controlURL(controlURL)
+        try Validate.range(portRange.first, field: "port_range.first", 1...65535)
+        try Validate.range(portRange.last, field: "port_range.last", 1...65535)
+        if portRange.first > portRange.last {
+            throw FieldError("port_range", "first (\(portRange.first)) must not be above last (\(portRange.last))")
+        }
+    }
+}
+
+/// A port-forward rule the broker pushed to a gateway for one connection.
+public struct GatewayRule: Sendable, Equatable {
+    /// The id the broker chose (32 lower-case hex digits); the gateway keeps it.
+    public var id: String
+    public var gatewayID: Int64
+    public var desktopID: Int64?
+    public var userID: Int64?
+    /// The desktop protocol's name (`rdp`, ...).
+    public var protocolName: String
+    public var push: RulePush
+    /// The public port the gateway opened.
+    public var port: Int
+    public var created: Date
+
+    public init(id: String, gatewayID: Int64, desktopID: Int64?, userID: Int64?, protocolName: String,
+                push: RulePush, port: Int, created: Date) {
+        self.id = id
+        self.gatewayID = gatewayID
+        self.desktopID = desktopID
+        self.userID = userID
+        self.protocolName = protocolName
+        self.push = push
+        self.port = port
+        self.created = created
+    }
+
+    /// A fresh rule id.
+    public static func newID() -> String { ControlCrypto.hex(Secrets.randomBytes(16)) }
 }
 
 /// A group of gateways that share a public address and a placement method.
@@ -155,12 +261,16 @@ public struct Session: Sendable, Equatable {
     public var expires: Date
     /// The client's address as the HTTP layer saw it ("" when unknown).
     public var clientAddress: String
+    /// The gateway the user logged in through (broker forwarding), if known.
+    public var loginGatewayID: Int64?
 
-    public init(tokenHash: String, userID: Int64, created: Date, expires: Date, clientAddress: String) {
+    public init(tokenHash: String, userID: Int64, created: Date, expires: Date, clientAddress: String,
+                loginGatewayID: Int64? = nil) {
         self.tokenHash = tokenHash
         self.userID = userID
         self.created = created
         self.expires = expires
         self.clientAddress = clientAddress
+        self.loginGatewayID = loginGatewayID
     }
 }

@@ -86,6 +86,35 @@ enum Migrations {
                 CREATE INDEX user_session_expires ON user_session(expires);
                 """)
         }
+        migrator.registerMigration("0002-control-plane") { db in
+            // The control key is kept as it was issued (base64url): the broker
+            // signs pushes with it, so it cannot be hashed. key_fingerprint
+            // (from 0001) identifies it in --info without revealing it.
+            try db.execute(sql: """
+                ALTER TABLE gateway ADD COLUMN control_key TEXT;
+                ALTER TABLE gateway ADD COLUMN control_url TEXT NOT NULL DEFAULT '';
+                ALTER TABLE gateway ADD COLUMN port_first INTEGER;
+                ALTER TABLE gateway ADD COLUMN port_last INTEGER;
+                ALTER TABLE gateway ADD COLUMN load REAL;
+                ALTER TABLE gateway ADD COLUMN active_sessions INTEGER;
+
+                ALTER TABLE user_session ADD COLUMN login_gateway_id INTEGER REFERENCES gateway(id) ON DELETE SET NULL;
+
+                -- Rules the broker pushed: one per connect call, until disconnect.
+                CREATE TABLE gateway_rule (
+                    id TEXT PRIMARY KEY NOT NULL,
+                    gateway_id INTEGER NOT NULL REFERENCES gateway(id) ON DELETE RESTRICT,
+                    desktop_id INTEGER REFERENCES desktop(id) ON DELETE RESTRICT,
+                    user_id INTEGER REFERENCES user_account(id) ON DELETE SET NULL,
+                    protocol_name TEXT NOT NULL,
+                    push TEXT NOT NULL,
+                    port INTEGER NOT NULL CHECK (port BETWEEN 1 AND 65535),
+                    created DATETIME NOT NULL
+                ) WITHOUT ROWID;
+                CREATE INDEX gateway_rule_gateway_id ON gateway_rule(gateway_id);
+                CREATE INDEX gateway_rule_desktop_id ON gateway_rule(desktop_id);
+                """)
+        }
         return migrator
     }
 }

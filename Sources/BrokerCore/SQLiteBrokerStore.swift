@@ -1,3 +1,4 @@
+import ControlProtocol
 import Foundation
 import GRDB
 
@@ -64,6 +65,18 @@ public final class SQLiteBrokerStore: BrokerStore {
         identity = FileIdentity(path: path)
     }
 
+    /// Closes the database at shutdown: SQLite folds the WAL back into the
+    /// file, so the file alone holds everything once the broker stopped.
+    /// Calls after this fail with `.unavailable`.
+    public func close() {
+        if let pool = database as? DatabasePool {
+            try? pool.writeWithoutTransaction { db in _ = try db.checkpoint(.truncate) }
+            try? pool.close()
+        } else if let queue = database as? DatabaseQueue {
+            try? queue.close()
+        }
+    }
+
     // MARK: Schema and health
 
     public func schema() async throws(StoreError) -> SchemaStatus {
@@ -114,7 +127,8 @@ public final class SQLiteBrokerStore: BrokerStore {
 
     private static let gatewayColumns = """
         id, name, address, address_private, load_balancer_id, use_src_ip, forward_to, signature, notes,
-        online, version, last_heartbeat, key_fingerprint, created, updated
+        online, version, last_heartbeat, key_fingerprint, control_url, port_first, port_last, load, active_sessions,
+        created, updated
         """
 
     public func gateways() async throws(StoreError) -> [Gateway] {
@@ -169,6 +183,10 @@ public final class SQLiteBrokerStore: BrokerStore {
             if desktops > 0 {
                 throw StoreError.inUse("gateway \(id) is in use: \(desktops) desktop(s) name it in gateway_id")
             }
+            let rules = try Int.fetchOne(db, sql: "SELECT count(*) FROM gateway_rule WHERE gateway_id = ?", arguments: [id]) ?? 0
+            if rules > 0 {
+                throw StoreError.inUse("gateway \(id) is in use: it carries \(rules) connection rule(s) (DELETE /v1/connect/{rule_id} first)")
+            }
             try db.execute(sql: "DELETE FROM gateway WHERE id = ?", arguments: [id])
         }
     }
@@ -184,16 +202,63 @@ public final class SQLiteBrokerStore: BrokerStore {
         }
     }
 
-    public func enrollGateway(id: Int64, keyFingerprint: String?, now: Date) async throws(StoreError) {
+    public func enrollGateway(id: Int64, key: ControlKey, now: Date) async throws(StoreError) {
         try await write { db in
             _ = try Self.fetchGateway(db, id: id)
-            if let keyFingerprint,
-               let other = try Int64.fetchOne(db, sql: "SELECT id FROM gateway WHERE key_fingerprint = ? AND id != ?",
-                                              arguments: [keyFingerprint, id]) {
-                throw StoreError.conflict(field: "key_fingerprint", message: "this key is already enrolled for gateway \(other)")
+            try db.execute(sql: "UPDATE gateway SET control_key = ?, key_fingerprint = ?, updated = ? WHERE id = ?",
+                           arguments: [key.text, Secrets.fingerprint(key), now, id])
+        }
+    }
+
+    public func controlKey(gatewayID: Int64) async throws(StoreError) -> ControlKey? {
+        let text = try await read { db in
+            try String.fetchOne(db, sql: "SELECT control_key FROM gateway WHERE id = ?", arguments: [gatewayID])
+        }
+        guard let text else { return nil }
+        do {
+            return try ControlKey(text: text)
+        } catch {
+            throw StoreError.unavailable("database \(path): the control key of gateway \(gatewayID) is damaged (\(error)); enroll the gateway again")
+        }
+    }
+
+    public func registerGateway(id: Int64, _ registration: GatewayRegistration, now: Date) async throws(StoreError) -> [String] {
+        try await write { db in
+            _ = try Self.fetchGateway(db, id: id)
+            try Self.check { () throws(FieldError) in try registration.validate() }
+            try db.execute(sql: """
+                UPDATE gateway SET online = 1, version = ?, control_url = ?, port_first = ?, port_last = ?,
+                                   last_heartbeat = ?
+                WHERE id = ?
+                """, arguments: [registration.version, registration.controlURL, registration.portRange.first,
+                                 registration.portRange.last, now, id])
+            let known = Set(try String.fetchAll(db, sql: "SELECT id FROM gateway_rule WHERE gateway_id = ?", arguments: [id]))
+            var keep: [String] = []
+            for ruleID in registration.ruleIDs where known.contains(ruleID) && !keep.contains(ruleID) {
+                keep.append(ruleID)
             }
-            try db.execute(sql: "UPDATE gateway SET key_fingerprint = ?, updated = ? WHERE id = ?",
-                           arguments: [keyFingerprint, now, id])
+            return keep
+        }
+    }
+
+    public func recordHeartbeat(id: Int64, load: Double, sessions: Int, now: Date) async throws(StoreError) {
+        try await write { db in
+            _ = try Self.fetchGateway(db, id: id)
+            try db.execute(sql: "UPDATE gateway SET online = 1, last_heartbeat = ?, load = ?, active_sessions = ? WHERE id = ?",
+                           arguments: [now, load, sessions, id])
+        }
+    }
+
+    @discardableResult
+    public func markGatewaysOffline(heartbeatBefore cutoff: Date) async throws(StoreError) -> [Int64] {
+        try await write { db in
+            let stale = try Int64.fetchAll(db, sql: """
+                SELECT id FROM gateway WHERE online AND (last_heartbeat IS NULL OR last_heartbeat < ?) ORDER BY id
+                """, arguments: [cutoff])
+            for id in stale {
+                try db.execute(sql: "UPDATE gateway SET online = 0 WHERE id = ?", arguments: [id])
+            }
+            return stale
         }
     }
 
@@ -214,12 +279,87 @@ public final class SQLiteBrokerStore: BrokerStore {
     }
 
     private static func gateway(from row: Row) -> Gateway {
-        Gateway(id: row["id"], name: row["name"], address: row["address"], addressPrivate: row["address_private"],
-                loadBalancerID: row["load_balancer_id"],
-                useSourceIP: SourceIPMode(rawValue: row["use_src_ip"]) ?? .randomPortOpen,
-                forwardTo: row["forward_to"], signature: row["signature"], notes: row["notes"],
-                online: row["online"], version: row["version"], lastHeartbeat: row["last_heartbeat"],
-                keyFingerprint: row["key_fingerprint"], created: row["created"], updated: row["updated"])
+        let first: Int? = row["port_first"]
+        let last: Int? = row["port_last"]
+        let range = first.flatMap { first in last.map { PortRange(first: first, last: $0) } }
+        return Gateway(id: row["id"], name: row["name"], address: row["address"], addressPrivate: row["address_private"],
+                       loadBalancerID: row["load_balancer_id"],
+                       useSourceIP: SourceIPMode(rawValue: row["use_src_ip"]) ?? .randomPortOpen,
+                       forwardTo: row["forward_to"], signature: row["signature"], notes: row["notes"],
+                       online: row["online"], version: row["version"], lastHeartbeat: row["last_heartbeat"],
+                       keyFingerprint: row["key_fingerprint"], controlURL: row["control_url"], portRange: range,
+                       load: row["load"], activeSessions: row["active_sessions"],
+                       created: row["created"], updated: row["updated"])
+    }
+
+    // MARK: Rules
+
+    public func rules(gatewayID: Int64?) async throws(StoreError) -> [GatewayRule] {
+        try await read { db in
+            let rows: [Row]
+            if let gatewayID {
+                rows = try Row.fetchAll(db, sql: "SELECT * FROM gateway_rule WHERE gateway_id = ? ORDER BY created, id", arguments: [gatewayID])
+            } else {
+                rows = try Row.fetchAll(db, sql: "SELECT * FROM gateway_rule ORDER BY created, id")
+            }
+            return try rows.map(Self.rule(from:))
+        }
+    }
+
+    public func rule(id: String) async throws(StoreError) -> GatewayRule {
+        try await read { db in
+            guard let row = try Row.fetchOne(db, sql: "SELECT * FROM gateway_rule WHERE id = ?", arguments: [id]) else {
+                throw StoreError.notFound("no connection rule with id \(Validate.quoted(id))")
+            }
+            return try Self.rule(from: row)
+        }
+    }
+
+    public func ruleCounts() async throws(StoreError) -> [Int64: Int] {
+        try await read { db in
+            var counts: [Int64: Int] = [:]
+            for row in try Row.fetchAll(db, sql: "SELECT gateway_id, count(*) AS n FROM gateway_rule GROUP BY gateway_id") {
+                counts[row["gateway_id"]] = row["n"]
+            }
+            return counts
+        }
+    }
+
+    public func createRule(_ rule: GatewayRule) async throws(StoreError) {
+        try await write { db in
+            _ = try Self.fetchGateway(db, id: rule.gatewayID)
+            let push = String(decoding: ControlJSON.encode(rule.push), as: UTF8.self)
+            try db.execute(sql: """
+                INSERT INTO gateway_rule (id, gateway_id, desktop_id, user_id, protocol_name, push, port, created)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+                """, arguments: [rule.id, rule.gatewayID, rule.desktopID, rule.userID, rule.protocolName, push,
+                                 rule.port, rule.created])
+        }
+    }
+
+    public func updateRulePort(id: String, port: Int) async throws(StoreError) {
+        try await write { db in
+            try db.execute(sql: "UPDATE gateway_rule SET port = ? WHERE id = ?", arguments: [port, id])
+            if db.changesCount == 0 {
+                throw StoreError.notFound("no connection rule with id \(Validate.quoted(id))")
+            }
+        }
+    }
+
+    public func deleteRule(id: String) async throws(StoreError) {
+        try await write { db in
+            try db.execute(sql: "DELETE FROM gateway_rule WHERE id = ?", arguments: [id])
+            if db.changesCount == 0 {
+                throw StoreError.notFound("no connection rule with id \(Validate.quoted(id))")
+            }
+        }
+    }
+
+    private static func rule(from row: Row) throws -> GatewayRule {
+        let text: String = row["push"]
+        let push = try JSONDecoder().decode(RulePush.self, from: Data(text.utf8))
+        return GatewayRule(id: row["id"], gatewayID: row["gateway_id"], desktopID: row["desktop_id"], userID: row["user_id"],
+                           protocolName: row["protocol_name"], push: push, port: row["port"], created: row["created"])
     }
 
     // MARK: Gateway clusters
@@ -358,6 +498,10 @@ public final class SQLiteBrokerStore: BrokerStore {
     public func deleteDesktop(id: Int64) async throws(StoreError) {
         try await write { db in
             _ = try Self.fetchDesktop(db, id: id)
+            let rules = try Int.fetchOne(db, sql: "SELECT count(*) FROM gateway_rule WHERE desktop_id = ?", arguments: [id]) ?? 0
+            if rules > 0 {
+                throw StoreError.inUse("desktop \(id) is in use: \(rules) connection rule(s) lead to it (DELETE /v1/connect/{rule_id} first)")
+            }
             try db.execute(sql: "DELETE FROM desktop WHERE id = ?", arguments: [id])
         }
     }
@@ -501,21 +645,24 @@ public final class SQLiteBrokerStore: BrokerStore {
     public func createSession(_ session: Session) async throws(StoreError) {
         try await write { db in
             try db.execute(sql: """
-                INSERT INTO user_session (token_hash, user_id, created, expires, client_address) VALUES (?, ?, ?, ?, ?)
-                """, arguments: [session.tokenHash, session.userID, session.created, session.expires, session.clientAddress])
+                INSERT INTO user_session (token_hash, user_id, created, expires, client_address, login_gateway_id)
+                VALUES (?, ?, ?, ?, ?, ?)
+                """, arguments: [session.tokenHash, session.userID, session.created, session.expires, session.clientAddress,
+                                 session.loginGatewayID])
         }
     }
 
     public func session(tokenHash: String, now: Date) async throws(StoreError) -> AuthenticatedSession? {
         try await read { db in
             guard let row = try Row.fetchOne(db, sql: """
-                SELECT s.token_hash, s.user_id, s.created AS session_created, s.expires, s.client_address,
+                SELECT s.token_hash, s.user_id, s.created AS session_created, s.expires, s.client_address, s.login_gateway_id,
                        u.id, u.login, u.display_name, u.role, u.enabled, u.created, u.updated
                 FROM user_session s JOIN user_account u ON u.id = s.user_id
                 WHERE s.token_hash = ? AND s.expires > ? AND u.enabled
                 """, arguments: [tokenHash, now]) else { return nil }
             let session = Session(tokenHash: row["token_hash"], userID: row["user_id"], created: row["session_created"],
-                                  expires: row["expires"], clientAddress: row["client_address"])
+                                  expires: row["expires"], clientAddress: row["client_address"],
+                                  loginGatewayID: row["login_gateway_id"])
             return AuthenticatedSession(session: session, user: Self.user(from: row))
         }
     }

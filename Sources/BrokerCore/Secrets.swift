@@ -1,4 +1,4 @@
-import COpenSSL
+import ControlProtocol
 import Foundation
 import Synchronization
 import HummingbirdBcrypt
@@ -81,21 +81,18 @@ public struct PasswordHasher: Sendable {
     }
 }
 
-/// Random tokens and digests for sessions and passwords.
+/// Random tokens and digests for sessions and passwords. The primitives are
+/// `ControlCrypto`'s (the control protocol's, from OpenSSL); this keeps the
+/// names the broker's code uses.
 public enum Secrets {
-    /// `count` bytes from the system's CSPRNG (getrandom(2) through
-    /// `SystemRandomNumberGenerator`).
+    /// `count` bytes from the system's CSPRNG.
     public static func randomBytes(_ count: Int) -> [UInt8] {
-        var generator = SystemRandomNumberGenerator()
-        return (0..<count).map { _ in UInt8.random(in: .min ... .max, using: &generator) }
+        ControlCrypto.randomBytes(count)
     }
 
     /// A new session token: 256 random bits as 43 characters of unpadded base64url.
     public static func token() -> String {
-        Data(randomBytes(32)).base64EncodedString()
-            .replacingOccurrences(of: "+", with: "-")
-            .replacingOccurrences(of: "/", with: "_")
-            .replacingOccurrences(of: "=", with: "")
+        ControlCrypto.base64url(randomBytes(32))
     }
 
     /// Whether `text` has the form `token()` makes (checked before any lookup).
@@ -108,38 +105,19 @@ public enum Secrets {
 
     /// Lower-case hex SHA-256 of `text`: what the store keeps instead of a token.
     public static func sha256Hex(_ text: String) -> String {
-        let bytes = Array(text.utf8)
-        var digest = [UInt8](repeating: 0, count: 32)
-        var length = 0
-        // EVP_Q_digest reads `bytes` and writes at most 32 bytes (SHA-256) into `digest`.
-        let ok = bytes.withUnsafeBytes { input in
-            digest.withUnsafeMutableBufferPointer { output in
-                EVP_Q_digest(nil, "SHA256", nil, input.baseAddress, input.count, output.baseAddress, &length)
-            }
-        }
-        precondition(ok == 1 && length == 32, "OpenSSL SHA-256 failed")
-        return digest.map { byte in
-            let hex = String(byte, radix: 16)
-            return byte < 16 ? "0" + hex : hex
-        }.joined()
+        ControlCrypto.hex(ControlCrypto.sha256(Array(text.utf8)))
     }
 
     /// HMAC-SHA-256 of `message` under `key`.
     public static func hmacSHA256(key: [UInt8], message: [UInt8]) -> [UInt8] {
-        var mac = [UInt8](repeating: 0, count: 32)
-        var length = 0
-        // EVP_Q_mac reads `key` and `message` and writes at most `mac.count` bytes into `mac`.
-        let result = key.withUnsafeBytes { keyBytes in
-            message.withUnsafeBytes { messageBytes in
-                mac.withUnsafeMutableBufferPointer { output in
-                    EVP_Q_mac(nil, "HMAC", nil, "SHA256", nil, keyBytes.baseAddress, keyBytes.count,
-                              messageBytes.bindMemory(to: UInt8.self).baseAddress, messageBytes.count,
-                              output.baseAddress, output.count, &length)
-                }
-            }
-        }
-        precondition(result != nil && length == 32, "OpenSSL HMAC-SHA-256 failed")
-        return mac
+        ControlCrypto.hmacSHA256(key: key, message: message)
+    }
+
+    /// The fingerprint of a gateway's control key that `--info` and the store
+    /// may show: the first 16 hex digits of SHA-256 over a label and the key.
+    /// It identifies a key without helping to recover it.
+    public static func fingerprint(_ key: ControlKey) -> String {
+        String(ControlCrypto.hex(ControlCrypto.sha256(Array("leostream-control-key\n".utf8) + key.bytes)).prefix(16))
     }
 }
 

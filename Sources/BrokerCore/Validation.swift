@@ -1,3 +1,4 @@
+import Foundation
 import SystemLayer
 
 /// A field that failed validation, and why. Its description names the field first,
@@ -119,6 +120,28 @@ public enum Validate {
     private static func hex(_ value: UInt32) -> String {
         let digits = String(value, radix: 16, uppercase: true)
         return String(repeating: "0", count: max(0, 4 - digits.count)) + digits
+    }
+
+    /// A gateway's control endpoint: `http://HOST:PORT` or `https://HOST:PORT`,
+    /// optionally with a path, without a query, fragment or credentials.
+    public static func controlURL(_ value: String, field: String = "control_url") throws(FieldError) {
+        try length(value, field: field, 1...Limits.addressMaxLength)
+        guard let components = URLComponents(string: value), let scheme = components.scheme?.lowercased(),
+              scheme == "http" || scheme == "https", let host = components.host, !host.isEmpty,
+              components.query == nil, components.fragment == nil, components.user == nil, components.password == nil
+        else {
+            throw FieldError(field, "must be http://HOST:PORT or https://HOST:PORT, got \(quoted(value))")
+        }
+        if let port = components.port, !(1...65535).contains(port) {
+            throw FieldError(field, "port must be 1 to 65535, got \(port)")
+        }
+    }
+
+    /// A numeric IPv4 or IPv6 address.
+    public static func ipAddress(_ value: String, field: String) throws(FieldError) {
+        if IPAddress(value) == nil {
+            throw FieldError(field, "must be a numeric IPv4 or IPv6 address, got \(quoted(value))")
+        }
     }
 
     /// `value` in quotes, shortened to 60 characters so an error stays readable.

@@ -8,6 +8,20 @@ public struct GatewayConfiguration: Sendable, Equatable {
     public var logLevel = "info"
     public var rules: [RelayRule] = []
 
+    // The control plane (GatewayControl): see docs/CONTROL-PROTOCOL.md.
+    /// The address pushed rules listen on (`public_address`, default 0.0.0.0).
+    public var publicAddress: IPAddress = .v4(0)
+    /// Where pushed rules may point (`desktop_networks`); empty: no pushed rule is accepted.
+    public var desktopNetworks: [CIDR] = []
+    /// The control endpoint the broker calls (`control_listen`); nil: no control plane.
+    public var controlListen: SocketAddress?
+    /// The URL registered with the broker (`control_url`); default `http://` + control_listen.
+    public var controlURL: String?
+    /// Broker forwarding (`broker_forward_listen`): relays to the broker with a PROXY v2 header.
+    public var brokerForwardListen: SocketAddress?
+    /// The gateway's Leostream `signature`, sent in the PROXY header's 0xE0 TLV (`gateway_signature`).
+    public var gatewaySignature: String = ""
+
     public init() {}
 }
 
@@ -145,6 +159,40 @@ public enum ConfigParser {
             config.settings.udpReceiveBuffer = try size(key, value, in: 0...(256 << 20), fail)
         case "udp_send_buffer":
             config.settings.udpSendBuffer = try size(key, value, in: 0...(256 << 20), fail)
+        case "public_address":
+            guard let ip = IPAddress(value) else {
+                throw fail("public_address: \"\(value)\" is not a numeric IP address (e.g. 0.0.0.0 or 203.0.113.5)")
+            }
+            config.publicAddress = ip
+        case "desktop_networks":
+            var networks: [CIDR] = []
+            for item in value.split(separator: ",") {
+                let text = String(item.trimmingWhitespace())
+                guard let prefix = CIDR(text) else {
+                    throw fail("desktop_networks: \"\(text)\" is not an address or CIDR prefix (e.g. 10.1.0.0/16)")
+                }
+                networks.append(prefix)
+            }
+            config.desktopNetworks = networks
+        case "control_listen":
+            guard let address = SocketAddress(value) else {
+                throw fail("control_listen: \"\(value)\" is not a numeric address and port (e.g. 10.0.0.2:19010)")
+            }
+            config.controlListen = address
+        case "control_url":
+            let lower = value.lowercased()
+            guard lower.hasPrefix("http://") || lower.hasPrefix("https://"), value.count <= 200, !value.contains(" ") else {
+                throw fail("control_url: \"\(value)\" is not an http:// or https:// URL")
+            }
+            config.controlURL = value
+        case "broker_forward_listen":
+            guard let address = SocketAddress(value), address.port != 0 else {
+                throw fail("broker_forward_listen: \"\(value)\" is not a numeric address and port (e.g. 0.0.0.0:443)")
+            }
+            config.brokerForwardListen = address
+        case "gateway_signature":
+            guard value.utf8.count <= 100 else { throw fail("gateway_signature: at most 100 bytes, got \(value.utf8.count)") }
+            config.gatewaySignature = value
         case "log_level":
             let levels = ["trace", "debug", "info", "notice", "warning", "error", "critical"]
             guard levels.contains(value.lowercased()) else {

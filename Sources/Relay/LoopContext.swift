@@ -24,6 +24,10 @@ final class LoopContext: TimerHandler {
     let pool: PipePool
     let log: RateLimitedLog
     private(set) var connections: [UInt64: RelayConnection] = [:]
+    /// Connections accepted per rule id since the rule was installed (so the
+    /// control plane sees a rule used even by a session that ended between
+    /// two of its looks). Touched once per connection.
+    private(set) var acceptedByRule: [String: Int] = [:]
     private var listeners: [SocketAddress: ListenerHandler] = [:]
     private var nextID: UInt64 = 0
     private var reserve: FileDescriptor?
@@ -54,6 +58,10 @@ final class LoopContext: TimerHandler {
     func install(_ ruleSet: RuleSet, newSockets: [SocketAddress: FileDescriptor],
                  newDatagramSockets: [SocketAddress: FileDescriptor] = [:]) {
         installDatagram(ruleSet, newSockets: newDatagramSockets)
+        if !acceptedByRule.isEmpty {
+            let ids = Set(ruleSet.rules.map(\.id))
+            acceptedByRule = acceptedByRule.filter { ids.contains($0.key) }
+        }
         for (address, listener) in listeners where ruleSet.listeners[address] == nil {
             listener.close()
             listeners[address] = nil
@@ -211,6 +219,7 @@ final class LoopContext: TimerHandler {
             return
         }
         connections[connection.id] = connection
+        acceptedByRule[connection.rule.id, default: 0] += 1
         counters.bump(counters.active)
         connection.startConnect(loop: loop)
     }

@@ -136,6 +136,7 @@ final class RelayConnection: EventHandler, TimerHandler {
     ///   readiness mask with an edge).
     private func becomeEstablished(loop: EventLoop, upstreamReadable: Bool) {
         if let timer = connectTimer { loop.cancel(timer); connectTimer = nil }
+        if let preamble = rule.preamble, !writePreamble(preamble) { return }
         state = .established
         context.counters.bump(context.counters.established)
         // Keepalive's first probe comes after minutes of silence, so setting
@@ -159,6 +160,24 @@ final class RelayConnection: EventHandler, TimerHandler {
         let target = clientReadableDuringConnect ? toTarget.pump() : nil
         let back = upstreamReadable ? toClient.pump() : nil
         settle(target, back)
+    }
+
+    /// Writes the rule's preamble to the just-connected upstream socket. Its
+    /// send buffer is empty, so a header of a few hundred bytes goes in one
+    /// non-blocking write; anything less (never seen in practice) resets both
+    /// sides rather than relay a connection without its header.
+    /// - Returns: false when the connection was closed.
+    private func writePreamble(_ preamble: ConnectionPreamble) -> Bool {
+        let local = Socket.localAddress(client) ?? rule.listen
+        let bytes = preamble.make(clientAddress, local)
+        let written = bytes.withUnsafeBytes { raw in try? upstream.write(raw) }
+        guard case .done(let n)? = written, n == bytes.count else {
+            context.log.limited(.connectFailure, "cannot write the \(preamble.name) to \(rule.target) for rule \"\(rule.id)\" (client \(clientAddress))")
+            context.counters.bump(context.counters.connectOtherFailure)
+            close(resetClient: true, resetUpstream: true)
+            return false
+        }
+        return true
     }
 
     private func connectFailed(_ error: Errno) {

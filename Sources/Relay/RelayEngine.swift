@@ -214,6 +214,18 @@ public final class RelayEngine: Sendable {
         return found.withLock { $0 }
     }
 
+    /// TCP connections accepted per rule id (summed over the loops) since
+    /// each rule was installed; a removed rule's count is dropped.
+    public func acceptedByRule() -> [String: Int] {
+        let found = Mutex<[String: Int]>([:])
+        let contexts = self.contexts
+        group.onEveryLoop { loop in
+            let mine = contexts.all[loop.id].acceptedByRule
+            found.withLock { all in all.merge(mine, uniquingKeysWith: +) }
+        }
+        return found.withLock { $0 }
+    }
+
     /// Every live UDP flow with its accounting.
     public func flows() -> [FlowInfo] {
         let found = Mutex<[FlowInfo]>([])

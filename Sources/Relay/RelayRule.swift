@@ -44,6 +44,10 @@ public struct RelayRule: Hashable, Sendable, CustomStringConvertible {
     /// same target share a port only when they cannot be told apart by the
     /// target's address, so each (port, target) pair serves one flow.
     public var sourcePorts: ClosedRange<UInt16>?
+    /// Bytes written to the upstream socket right after its connect
+    /// succeeds and before any client byte (e.g. a PROXY protocol v2 header).
+    /// TCP only.
+    public var preamble: ConnectionPreamble?
 
     public init(id: String, listen: SocketAddress, allow: [CIDR] = [], target: SocketAddress,
                 idleTimeoutNanoseconds: UInt64? = nil, maxConnections: Int? = nil,
@@ -82,8 +86,26 @@ public struct RelayRule: Hashable, Sendable, CustomStringConvertible {
         let who = allow.isEmpty ? "anyone" : allow.map(\.description).joined(separator: ",")
         let proto = transport == .tcp ? "" : " \(transport)"
         let ports = sourcePorts.map { " from source port \($0.lowerBound == $0.upperBound ? "\($0.lowerBound)" : "\($0.lowerBound)-\($0.upperBound)")" } ?? ""
-        return "\(id):\(proto) \(listen) -> \(target)\(ports) (from \(who))"
+        let extra = preamble.map { " with \($0.name)" } ?? ""
+        return "\(id):\(proto) \(listen) -> \(target)\(ports)\(extra) (from \(who))"
     }
+}
+
+/// What a rule writes upstream before relaying: made per connection from the
+/// client's address and the local address it connected to. Two preambles are
+/// the same when their names are (the name also shows in logs, so it must
+/// hold no secret).
+public struct ConnectionPreamble: Hashable, Sendable {
+    public let name: String
+    public let make: @Sendable (_ client: SocketAddress, _ local: SocketAddress) -> [UInt8]
+
+    public init(name: String, make: @escaping @Sendable (_ client: SocketAddress, _ local: SocketAddress) -> [UInt8]) {
+        self.name = name
+        self.make = make
+    }
+
+    public static func == (a: ConnectionPreamble, b: ConnectionPreamble) -> Bool { a.name == b.name }
+    public func hash(into hasher: inout Hasher) { hasher.combine(name) }
 }
 
 /// The rules that share one listening address, most specific allow-list first,
@@ -171,6 +193,9 @@ public enum RuleError: Error, Equatable, Sendable, CustomStringConvertible {
                 throw .invalid(rule: rule.id, reason: "max_flows must be at least 1")
             }
             if rule.transport.isEmpty { throw .invalid(rule: rule.id, reason: "protocol must be tcp, udp or both") }
+            if rule.preamble != nil && rule.transport != .tcp {
+                throw .invalid(rule: rule.id, reason: "a preamble (PROXY header) applies to tcp forwards only")
+            }
             if let ports = rule.sourcePorts {
                 guard rule.transport.contains(.udp) else {
                     throw .invalid(rule: rule.id, reason: "source_ports applies to udp forwards only")

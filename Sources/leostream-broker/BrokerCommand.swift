@@ -27,7 +27,14 @@ struct BrokerCommand: AsyncParsableCommand {
 
         --info prints the version, the database (path, size, schema version),
         the listener, the registered gateways and their state, CPUs, memory,
-        load and free disk space, without changing anything.
+        load and free disk space, without changing anything. A gateway counts
+        as online when its last heartbeat is within --offline-after.
+
+        Gateways: an admin enrolls a gateway with
+        POST /v1/gateways/{id}/enrollment (its control key is shown once);
+        the gateway then registers and sends heartbeats, signed with that key
+        (docs/CONTROL-PROTOCOL.md). POST /v1/connect chooses a gateway for a
+        desktop and pushes the port-forward rule to it.
 
         --health runs the same checks and exits 0 when all pass, 1 when one
         fails (database missing, unreadable or with an unknown schema; disk or
@@ -122,7 +129,10 @@ struct Serve: AsyncParsableCommand {
         let configuration = BrokerAPIConfiguration(maxBodyBytes: options.maxBodyBytes,
                                                    sessionLifetime: TimeInterval(options.sessionLifetime),
                                                    passwordHasher: hasher, version: brokerVersion,
-                                                   dataPath: URL(fileURLWithPath: path).deletingLastPathComponent().path)
+                                                   dataPath: URL(fileURLWithPath: path).deletingLastPathComponent().path,
+                                                   heartbeatInterval: options.heartbeatInterval,
+                                                   offlineAfter: options.offlineAfter,
+                                                   ruleUnusedExpiry: options.ruleUnusedExpiry)
         let api = BrokerAPI(store: store, configuration: configuration)
         let startLogger = logger
         let app = api.application(address: .hostname(listen.host, port: Int(listen.port)), logger: logger) { channel in
@@ -133,9 +143,11 @@ struct Serve: AsyncParsableCommand {
         do {
             try await app.runService()
         } catch {
+            store.close()
             printError("error: \(options.listen): \(error)")
             throw ExitCode(1)
         }
+        store.close()
         logger.notice("stopped")
     }
 }
@@ -169,6 +181,15 @@ struct BrokerOptions: ParsableArguments {
     @Option(name: .long, help: ArgumentHelp("trace, debug, info, notice, warning, error or critical.", valueName: "LEVEL"))
     var logLevel = "info"
 
+    @Option(name: .long, help: ArgumentHelp("Seconds between a gateway's heartbeats (told to gateways when they register).", valueName: "SECONDS"))
+    var heartbeatInterval = 10
+
+    @Option(name: .long, help: ArgumentHelp("A gateway without a heartbeat for this long is offline and no longer chosen.", valueName: "SECONDS"))
+    var offlineAfter = 30
+
+    @Option(name: .long, help: ArgumentHelp("A pushed rule nobody used for this long after its creation is removed by its gateway.", valueName: "SECONDS"))
+    var ruleUnusedExpiry = 300
+
     var databasePath: String {
         database ?? URL(fileURLWithPath: dataDir).appendingPathComponent("broker.sqlite").path
     }
@@ -178,6 +199,15 @@ struct BrokerOptions: ParsableArguments {
         if !(4...31).contains(bcryptCost) { throw ValidationError("--bcrypt-cost must be 4 to 31, got \(bcryptCost)") }
         if sessionLifetime < 60 { throw ValidationError("--session-lifetime must be at least 60 seconds, got \(sessionLifetime)") }
         if maxBodyBytes < 1024 { throw ValidationError("--max-body-bytes must be at least 1024, got \(maxBodyBytes)") }
+        if !(1...3600).contains(heartbeatInterval) {
+            throw ValidationError("--heartbeat-interval must be 1 to 3600 seconds, got \(heartbeatInterval)")
+        }
+        if offlineAfter <= heartbeatInterval || offlineAfter > 86400 {
+            throw ValidationError("--offline-after must be more than --heartbeat-interval (\(heartbeatInterval)) and at most 86400 seconds, got \(offlineAfter)")
+        }
+        if !(10...86400).contains(ruleUnusedExpiry) {
+            throw ValidationError("--rule-unused-expiry must be 10 to 86400 seconds, got \(ruleUnusedExpiry)")
+        }
         if Logger.Level(rawValue: logLevel) == nil {
             throw ValidationError("--log-level must be one of \(Logger.Level.allCases.map(\.rawValue).joined(separator: ", ")), got '\(logLevel)'")
         }

@@ -39,13 +39,20 @@ enum Report {
         lines.append("listener:  \(options.listen) (\(probe(options.listen) == nil ? "accepting connections" : "not accepting connections"))")
 
         if let gateways {
-            let online = gateways.filter(\.online)
+            // Online only when heard from within --offline-after: the flag in
+            // the file may be stale when the broker is not running.
+            let now = Date()
+            let online = gateways.filter { $0.isLive(now: now, offlineAfter: TimeInterval(options.offlineAfter)) }
             lines.append("gateways:  \(gateways.count) registered, \(online.count) online, \(gateways.count - online.count) offline")
             for gateway in gateways {
-                var entry = "  \(gateway.id)  \(gateway.name)  \(gateway.address)  \(gateway.online ? "online" : "offline")"
+                let live = gateway.isLive(now: now, offlineAfter: TimeInterval(options.offlineAfter))
+                var entry = "  \(gateway.id)  \(gateway.name)  \(gateway.address)  \(live ? "online" : "offline")"
                 if !gateway.version.isEmpty { entry += "  version \(gateway.version)" }
+                if !gateway.controlURL.isEmpty { entry += "  control \(gateway.controlURL)" }
+                if let range = gateway.portRange { entry += "  ports \(range.first)-\(range.last)" }
+                if let load = gateway.load { entry += "  load \(String(format: "%.2f", load))" }
                 if let heartbeat = gateway.lastHeartbeat { entry += "  last heartbeat \(heartbeat.formatted(.iso8601))" }
-                entry += gateway.keyFingerprint == nil ? "  not enrolled" : "  enrolled"
+                entry += gateway.keyFingerprint.map { "  enrolled (key \($0))" } ?? "  not enrolled"
                 lines.append(entry)
             }
         } else {

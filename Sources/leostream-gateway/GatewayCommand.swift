@@ -1,5 +1,7 @@
 import ArgumentParser
+import ControlProtocol
 import GatewayConfig
+import GatewayControl
 import Logging
 import Relay
 import SystemLayer
@@ -15,9 +17,17 @@ struct GatewayCommand: ParsableCommand {
         it prints the file, line and reason of the first error and exits 2.
 
         Signals while serving: SIGTERM stops accepting and lets sessions finish
-        for drain_timeout; SIGHUP re-reads the config without dropping a
-        session (a bad config is reported and the old one kept); SIGINT stops at
-        once; SIGUSR1 logs the counters.
+        for drain_timeout; SIGHUP re-reads the config and the state directory
+        without dropping a session (a bad config is reported and the old one
+        kept); SIGINT stops at once; SIGUSR1 logs the counters.
+
+        Control plane (when the config sets control_listen): set the broker with
+        `leostream-gateway --broker ADDRESS --gateway-id N --control-key-file FILE`
+        (the key comes from the broker's enrollment call; it is copied into the
+        state directory with mode 0600 and never printed). A running gateway
+        picks the change up at once (SIGHUP). `--port-range FIRST-LAST` sets the
+        range random rule ports come from; `--status` shows the broker,
+        registration, rules, sessions and ports in use. Bad values exit 2.
         """,
         subcommands: [Serve.self]
     )
@@ -27,7 +37,30 @@ struct GatewayCommand: ParsableCommand {
 
     @OptionGroup var global: GlobalOptions
 
+    @Option(name: .long, help: ArgumentHelp("The broker to register with and take rules from: HOST:PORT or http://HOST[:PORT][/PATH].", valueName: "address"))
+    var broker: String?
+
+    @Option(name: .long, parsing: .unconditional, help: ArgumentHelp("This gateway's id on the broker (from its enrollment call).", valueName: "n"))
+    var gatewayId: String?
+
+    @Option(name: .long, help: ArgumentHelp("A file holding the control key the broker's enrollment call returned; copied into the state directory (mode 0600).", valueName: "file"))
+    var controlKeyFile: String?
+
+    @Option(name: .long, parsing: .unconditional, help: ArgumentHelp("The range random rule ports come from (default 20001-22000).", valueName: "first-last"))
+    var portRange: String?
+
+    @Flag(name: .long, help: "Print the broker, gateway id, registration state, rules, sessions and ports in use (never the key).")
+    var status = false
+
     func run() throws {
+        let configuring = broker != nil || gatewayId != nil || controlKeyFile != nil || portRange != nil
+        if configuring {
+            try configure()
+        }
+        if status {
+            try printStatus()
+        }
+        if configuring || status { return }
         guard check else {
             throw CleanExit.helpRequest(self)
         }
@@ -38,6 +71,13 @@ struct GatewayCommand: ParsableCommand {
             let parsed = try ConfigParser.load(path: config)
             print("\(config): OK: \(parsed.rules.count) forward(s) on \(Set(parsed.rules.map(\.listen)).count) listener(s)")
             for rule in parsed.rules { print("  \(rule)") }
+            if let listen = parsed.controlListen {
+                let networks = parsed.desktopNetworks.isEmpty ? "none (no pushed rule accepted)" : parsed.desktopNetworks.map(\.description).joined(separator: ", ")
+                print("  control plane: control_listen \(listen), public_address \(parsed.publicAddress), desktop_networks \(networks)")
+            }
+            if let forward = parsed.brokerForwardListen {
+                print("  broker forwarding: \(forward) -> the --broker address, with a PROXY v2 header")
+            }
         } catch {
             printError("error: \(error)")
             throw ExitCode(2)
@@ -81,8 +121,13 @@ struct Serve: ParsableCommand {
             printError("error: cannot start the event loops: \(error)")
             throw ExitCode(1)
         }
+        var plane: ControlPlane?
         do {
-            try engine.apply(parsed.rules)
+            if parsed.controlListen != nil {
+                plane = try ControlPlane(engine: engine, config: parsed, directory: StateDirectory(global.stateDir), logger: logger)
+            } else {
+                try engine.apply(parsed.rules)
+            }
         } catch {
             printError("error: \(config): \(error)")
             engine.shutdown()
@@ -95,18 +140,21 @@ struct Serve: ParsableCommand {
         while true {
             switch ProcessSignal.wait() {
             case .hangUp?:
-                current = reload(engine: engine, current: current, logger: logger)
+                current = reload(engine: engine, plane: plane, current: current, logger: logger)
+                plane?.reloadState()
             case .user1?:
                 logger.notice("stats: \(engine.stats())")
             case .terminate?:
                 let seconds = Double(current.drainTimeoutNanoseconds) / 1e9
                 logger.notice("SIGTERM: draining \(engine.stats().active) session(s) for up to \(seconds)s")
+                plane?.stop()
                 let forced = engine.drain(timeoutNanoseconds: current.drainTimeoutNanoseconds)
                 logger.notice("drained; \(forced) session(s) closed at the deadline; stats: \(engine.stats())")
                 engine.shutdown()
                 return
             case .interrupt?:
                 logger.notice("SIGINT: stopping now; stats: \(engine.stats())")
+                plane?.stop()
                 engine.shutdown()
                 return
             case nil:
@@ -117,7 +165,7 @@ struct Serve: ParsableCommand {
 
     /// Re-reads the config. A bad file changes nothing; settings that only a
     /// restart can change are reported and left as they are.
-    private func reload(engine: RelayEngine, current: GatewayConfiguration, logger: Logger) -> GatewayConfiguration {
+    private func reload(engine: RelayEngine, plane: ControlPlane?, current: GatewayConfiguration, logger: Logger) -> GatewayConfiguration {
         let fresh: GatewayConfiguration
         do {
             fresh = try ConfigParser.load(path: global.config!)
@@ -126,18 +174,22 @@ struct Serve: ParsableCommand {
             return current
         }
         do {
-            try engine.apply(fresh.rules)
+            if let plane { try plane.control.setBaseRules(fresh.rules) } else { try engine.apply(fresh.rules) }
         } catch {
             logger.error("SIGHUP: config not reloaded, keeping the running one: \(global.config!): \(error)")
             return current
         }
-        if fresh.settings != current.settings || fresh.logLevel != current.logLevel {
+        if fresh.settings != current.settings || fresh.logLevel != current.logLevel || fresh.controlListen != current.controlListen
+            || fresh.publicAddress != current.publicAddress || fresh.desktopNetworks != current.desktopNetworks {
             logger.warning("SIGHUP: global settings changed in \(global.config!); they take effect at the next restart (forwards were reloaded)")
         }
         logger.notice("SIGHUP: config reloaded: \(fresh.rules.count) forward(s); \(engine.stats().active) session(s) kept")
         var next = fresh
         next.settings = current.settings
         next.logLevel = current.logLevel
+        next.controlListen = current.controlListen
+        next.publicAddress = current.publicAddress
+        next.desktopNetworks = current.desktopNetworks
         return next
     }
 }
@@ -146,4 +198,7 @@ struct Serve: ParsableCommand {
 struct GlobalOptions: ParsableArguments {
     @Option(name: .long, help: "The config file (see Config/gateway.example.conf).")
     var config: String?
+
+    @Option(name: .long, help: ArgumentHelp("The state directory: broker settings, control key, pushed rules, pid and status.", valueName: "dir"))
+    var stateDir: String = defaultStateDirectory
 }

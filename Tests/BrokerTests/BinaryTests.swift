@@ -1,3 +1,5 @@
+import BrokerCore
+import ControlProtocol
 import Foundation
 import Glibc
 import Synchronization
@@ -112,6 +114,9 @@ struct BinaryTests {
         let both = try await BrokerProcess.run(["--info", "--health"])
         #expect(both.status != 0)
         #expect(both.stderr.contains("not both"))
+        let offline = try await BrokerProcess.run(["--info", "--heartbeat-interval", "10", "--offline-after", "5"])
+        #expect(offline.status != 0)
+        #expect(offline.stderr.contains("--offline-after must be more than --heartbeat-interval"), "\(offline.stderr)")
     }
 
     @Test("--info and --health before the first start: info exits 0, health exits 1 naming the database")
@@ -171,14 +176,36 @@ struct BinaryTests {
         let sid = try #require(login.object["sid"] as? String)
         let gateway = try await client.json("POST", "/v1/gateways", ["name": "gw-one", "address": "gw1.example.com"], token: sid)
         #expect(gateway.status == 201)
+        let gateway2 = try await client.json("POST", "/v1/gateways", ["name": "gw-two", "address": "gw2.example.com"], token: sid)
+        #expect(gateway2.status == 201)
+        // Enroll gw-one and register it with a signed request, as a gateway would.
+        let gatewayID = try #require(gateway.storedData["id"] as? Int)
+        let enrolled = try await client.json("POST", "/v1/gateways/\(gatewayID)/enrollment", token: sid)
+        let key = try ControlKey(text: try #require(enrolled.object["control_key"] as? String, "\(enrolled)"))
+        let body = try JSONSerialization.data(withJSONObject: [
+            "gateway_id": gatewayID, "version": "9.8.7", "control_url": "http://10.0.0.2:19010",
+            "port_range": ["first": 20001, "last": 22000], "rules": [],
+        ] as [String: Any])
+        let authorization = ControlSigner(gatewayID: gatewayID, key: key)
+            .authorize(direction: .gatewayToBroker, method: "POST", path: "/v1/gateway-agent/register", body: Array(body))
+        let registered = try await client.send("POST", "/v1/gateway-agent/register", body: body,
+                                               headers: ["Authorization": authorization, "Content-Type": "application/json"])
+        #expect(registered.status == 200, "\(registered)")
 
         let listen = "127.0.0.1:\(port)"
         let info = try await BrokerProcess.run(["--info", "--database", database, "--listen", listen])
         #expect(info.status == 0, "\(info)")
-        for text in ["leostream-broker 0.1.0", database, "schema:    0001-initial (current)", "\(listen) (accepting connections)",
-                     "gateways:  1 registered, 0 online, 1 offline", "gw-one", "gw1.example.com", "CPU(s)", "memory", "disk:"] {
+        for text in ["leostream-broker 0.1.0", database, "schema:    0002-control-plane (current)", "\(listen) (accepting connections)",
+                     "gateways:  2 registered, 1 online, 1 offline", "gw-one", "gw1.example.com", "CPU(s)", "memory", "disk:",
+                     "version 9.8.7", "enrolled (key \(Secrets.fingerprint(key)))", "not enrolled"] {
             #expect(info.stdout.contains(text), "--info lacks \(text):\n\(info.stdout)")
         }
+        #expect(!info.stdout.contains(key.text) && !broker.stderr.contains(key.text), "the control key reached --info or the log")
+        // With a shorter --offline-after the same gateway counts as offline once its heartbeat is older.
+        try await Task.sleep(for: .seconds(3))
+        let later = try await BrokerProcess.run(["--info", "--database", database, "--listen", listen,
+                                                 "--heartbeat-interval", "1", "--offline-after", "2"])
+        #expect(later.stdout.contains("gateways:  2 registered, 0 online, 2 offline"), "\(later.stdout)")
         let health = try await BrokerProcess.run(["--health", "--database", database, "--listen", listen])
         #expect(health.status == 0, "\(health)")
         #expect(health.stdout.contains("healthy"))

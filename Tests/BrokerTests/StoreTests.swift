@@ -1,3 +1,4 @@
+import ControlProtocol
 import BrokerCore
 import Foundation
 import GRDB
@@ -13,19 +14,19 @@ struct StoreTests {
         #expect(!FileManager.default.fileExists(atPath: path))
         let store = try SQLiteBrokerStore(path: path)
         let schema = try await store.schema()
-        #expect(schema.applied == ["0001-initial"])
+        #expect(schema.applied == ["0001-initial", "0002-control-plane"])
         #expect(schema.pending.isEmpty && schema.unknown.isEmpty)
-        #expect(schema.version == "0001-initial")
+        #expect(schema.version == "0002-control-plane")
 
         let queue = try DatabaseQueue(path: path)
         try await queue.read { db in
             let tables = try String.fetchAll(db, sql: "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
-            for table in ["desktop", "desktop_protocol", "gateway", "gateway_cluster", "grdb_migrations", "user_account", "user_session"] {
+            for table in ["desktop", "desktop_protocol", "gateway", "gateway_cluster", "gateway_rule", "grdb_migrations", "user_account", "user_session"] {
                 #expect(tables.contains(table), "table \(table) missing from \(tables)")
             }
             #expect(try String.fetchOne(db, sql: "PRAGMA journal_mode") == "wal")
             let gatewayColumns = try Row.fetchAll(db, sql: "PRAGMA table_info(gateway)").map { $0["name"] as String }
-            for column in ["online", "version", "last_heartbeat", "key_fingerprint", "use_src_ip", "load_balancer_id"] {
+            for column in ["online", "version", "last_heartbeat", "key_fingerprint", "use_src_ip", "load_balancer_id", "control_key", "control_url"] {
                 #expect(gatewayColumns.contains(column), "gateway.\(column) missing")
             }
         }
@@ -45,7 +46,7 @@ struct StoreTests {
         }
         let store = try SQLiteBrokerStore(path: path)
         #expect(try await store.gateways().map(\.name) == ["gw"])
-        #expect(try await store.schema().applied == ["0001-initial"])
+        #expect(try await store.schema().applied == ["0001-initial", "0002-control-plane"])
     }
 
     @Test("a database from a newer broker is refused, naming the file and the migrations")
@@ -130,9 +131,12 @@ struct StoreTests {
         // Control-plane columns.
         let beat = Date(timeIntervalSince1970: 1_800_000_000)
         try await store.recordGatewayState(id: gateway.id, online: true, version: "1.2.3", heartbeat: beat)
-        try await store.enrollGateway(id: gateway.id, keyFingerprint: "SHA256:abc", now: now)
+        let key = ControlKey.generate()
+        try await store.enrollGateway(id: gateway.id, key: key, now: now)
         let updated = try await store.gateway(id: gateway.id)
-        #expect(updated.online && updated.version == "1.2.3" && updated.lastHeartbeat == beat && updated.keyFingerprint == "SHA256:abc")
+        #expect(updated.online && updated.version == "1.2.3" && updated.lastHeartbeat == beat)
+        #expect(updated.keyFingerprint == Secrets.fingerprint(key) && updated.enrolled)
+        #expect(try await store.controlKey(gatewayID: gateway.id) == key)
 
         let admin = try await store.createUser(UserChanges(login: "root", passwordHash: "x", role: .admin), now: now)
         await #expect(throws: StoreError.self) { try await store.deleteUser(id: admin.id) }

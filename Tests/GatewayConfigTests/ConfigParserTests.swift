@@ -148,4 +148,43 @@ struct ConfigParserTests {
             "\(error)".hasPrefix("/nonexistent/gw.conf: cannot read the file")
         }
     }
+
+    @Test("control-plane keys parse, and bad values name the key and line")
+    func controlPlaneKeys() throws {
+        let config = try ConfigParser.parse("""
+            public_address = 203.0.113.5
+            desktop_networks = 10.1.0.0/16, 10.2.3.4
+            control_listen = 10.0.0.2:19010
+            control_url = http://gw.internal:19010
+            broker_forward_listen = 0.0.0.0:443
+            gateway_signature = leo-gw-1
+            """, file: "gw.conf")
+        #expect(config.publicAddress == IPAddress("203.0.113.5"))
+        #expect(config.desktopNetworks == [CIDR("10.1.0.0/16")!, CIDR("10.2.3.4/32")!])
+        #expect(config.controlListen == SocketAddress("10.0.0.2:19010"))
+        #expect(config.controlURL == "http://gw.internal:19010")
+        #expect(config.brokerForwardListen == SocketAddress("0.0.0.0:443"))
+        #expect(config.gatewaySignature == "leo-gw-1")
+        let defaults = try ConfigParser.parse("")
+        #expect(defaults.publicAddress == IPAddress("0.0.0.0"))
+        #expect(defaults.desktopNetworks.isEmpty)
+        #expect(defaults.controlListen == nil)
+
+        for (text, message) in [
+            ("public_address = gateway.example", "public_address:"),
+            ("desktop_networks = 10.0.0.0/8, 10.300.0.0/16", "desktop_networks: \"10.300.0.0/16\""),
+            ("control_listen = 10.0.0.2", "control_listen:"),
+            ("control_url = ftp://x", "control_url:"),
+            ("broker_forward_listen = 0.0.0.0:0", "broker_forward_listen:"),
+            ("gateway_signature = " + String(repeating: "s", count: 101), "gateway_signature:"),
+        ] {
+            do {
+                _ = try ConfigParser.parse("loops = 1\n" + text, file: "gw.conf")
+                Issue.record("\(text) was accepted")
+            } catch {
+                #expect(error.line == 2)
+                #expect(error.message.hasPrefix(message), "\(error)")
+            }
+        }
+    }
 }

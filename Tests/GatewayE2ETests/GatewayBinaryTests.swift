@@ -81,13 +81,17 @@ struct GatewayBinaryTests {
 
     @Test("a tcp+udp forward relays TCP and UDP on one port number, before and after SIGHUP")
     func tcpAndUDP() throws {
-        let echo = try EchoServer()
+        var target: (EchoServer, UDPEchoServer)?
+        for _ in 0..<20 where target == nil {
+            let tcp = try EchoServer()
+            if let udp = try? UDPEchoServer(port: tcp.address.port) { target = (tcp, udp) } else { tcp.stop() }
+        }
+        let (echo, udpEcho) = try #require(target)
         defer { echo.stop() }
-        let udpEcho = try UDPEchoServer(port: echo.address.port)
         defer { udpEcho.stop() }
         let dir = TempDir()
         defer { dir.cleanup() }
-        let port = freePort()
+        let port = freeDualPort()
         let text = config(forwards: [("both", port, echo.address)]) + "protocol = tcp+udp\nudp_idle_timeout = 30s\n"
         let file = dir.write("gw.conf", text)
         let check = try GatewayProcess.run(["--check", "--config", file])

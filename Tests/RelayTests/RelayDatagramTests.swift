@@ -201,10 +201,15 @@ struct RelayDatagramTests {
 
     @Test("TCP and UDP on one port number at once")
     func bothOnOnePort() throws {
-        let port = freeUDPAddress().port
-        let tcpTarget = try TestListener()
+        let port = freeDualPort()
+        // The target's TCP listener and UDP echo share a port number too.
+        var target: (TestListener, DatagramEchoServer)?
+        for _ in 0..<20 where target == nil {
+            let listener = try TestListener()
+            if let echo = try? DatagramEchoServer(port: listener.address.port) { target = (listener, echo) } else { listener.close() }
+        }
+        let (tcpTarget, echo) = try #require(target)
         defer { tcpTarget.close() }
-        let echo = try DatagramEchoServer(port: tcpTarget.address.port)
         defer { echo.stop() }
         let engine = try makeEngine()
         defer { engine.shutdown() }

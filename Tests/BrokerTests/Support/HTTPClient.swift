@@ -26,13 +26,16 @@ struct HTTPReply: Sendable, CustomStringConvertible {
 struct HTTPClient: Sendable {
     let port: Int
 
-    func send(_ method: String, _ path: String, body: Data? = nil, headers: [String: String] = [:]) async throws -> HTTPReply {
+    /// - Parameter prefix: bytes sent before the request (a PROXY protocol header).
+    func send(_ method: String, _ path: String, body: Data? = nil, headers: [String: String] = [:],
+              prefix: [UInt8] = []) async throws -> HTTPReply {
         let port = self.port
         return try await withCheckedThrowingContinuation { continuation in
             // A thread of its own: Dispatch's global queues are as wide as the
             // machine has cores, and blocking them would starve GRDB's queues.
             Thread {
-                continuation.resume(with: Result { try Self.exchange(port: port, method: method, path: path, body: body, headers: headers) })
+                continuation.resume(with: Result { try Self.exchange(port: port, method: method, path: path, body: body,
+                                                                     headers: headers, prefix: prefix) })
             }.start()
         }
     }
@@ -56,7 +59,8 @@ struct HTTPClient: Sendable {
         let description: String
     }
 
-    private static func exchange(port: Int, method: String, path: String, body: Data?, headers: [String: String]) throws -> HTTPReply {
+    private static func exchange(port: Int, method: String, path: String, body: Data?, headers: [String: String],
+                                 prefix: [UInt8]) throws -> HTTPReply {
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { throw Failure(description: "socket: errno \(errno)") }
         defer { close(fd) }
@@ -79,7 +83,8 @@ struct HTTPClient: Sendable {
         }
         for (name, value) in headers.sorted(by: { $0.key < $1.key }) { head += "\(name): \(value)\r\n" }
         head += "\r\n"
-        var request = Data(head.utf8)
+        var request = Data(prefix)
+        request.append(Data(head.utf8))
         if let body { request.append(body) }
         // A server may answer (413) and close before taking the whole body: stop
         // writing then and read what it said.

@@ -1,0 +1,298 @@
+import BrokerCore
+import ControlProtocol
+import Foundation
+import HTTPTypes
+import Hummingbird
+import Logging
+import NIOCore
+
+// The gateway control plane on the broker's side (docs/CONTROL-PROTOCOL.md):
+// enrollment, the signed gateway-agent calls (register, heartbeat), and the
+// product's connect/disconnect calls that push rules to gateways.
+
+extension BrokerAPI {
+    static let registerFields: Set<String> = ["gateway_id", "version", "control_url", "port_range", "rules"]
+    static let heartbeatFields: Set<String> = ["gateway_id", "sessions", "rules", "load"]
+    static let connectFields: Set<String> = ["desktop_id", "protocol", "client_ip"]
+
+    func addControlPlaneRoutes(api: RouterGroup<BrokerRequestContext>, authenticated: RouterGroup<BrokerRequestContext>) {
+        authenticated.post("gateways/:id/enrollment") { _, context in try await self.enroll(context) }
+        api.post("gateway-agent/register") { request, context in try await self.register(request, context) }
+        api.post("gateway-agent/heartbeat") { request, context in try await self.heartbeat(request, context) }
+        authenticated.post("connect") { request, context in try await self.connect(request, context) }
+        authenticated.delete("connect/:rule_id") { _, context in try await self.disconnect(context) }
+    }
+
+    // MARK: Enrollment
+
+    /// `POST /v1/gateways/{id}/enrollment`: a new control key, shown this once.
+    private func enroll(_ context: BrokerRequestContext) async throws -> Response {
+        _ = try context.requireAdmin()
+        let id = try Self.id(context)
+        let key = ControlKey.generate()
+        try await store.enrollGateway(id: id, key: key, now: clock())
+        context.logger.notice("enrolled gateway \(id): new control key, fingerprint \(Secrets.fingerprint(key))")
+        var response = Response.json(["gateway_id": .int(id), "control_key": .string(key.text)], status: .created)
+        response.headers[.cacheControl] = "no-store"
+        return response
+    }
+
+    // MARK: Gateway agent
+
+    /// Checks the `LEO-HMAC-SHA256` Authorization of a gateway-to-broker call.
+    /// - Returns: the gateway id it was signed for.
+    /// - Throws: `APIError` 401 with the `ControlAuthError` description.
+    private func authenticateGateway(_ request: Request, body: [UInt8]) async throws -> Int64 {
+        guard let header = request.headers[.authorization] else { throw Self.controlUnauthorized(.missing) }
+        let authorization: ControlAuthorization
+        do throws(ControlAuthError) {
+            authorization = try ControlAuthorization(header: header)
+        } catch {
+            throw Self.controlUnauthorized(error)
+        }
+        guard let key = try await store.controlKey(gatewayID: Int64(authorization.gatewayID)) else {
+            throw Self.controlUnauthorized(.unknownGateway(authorization.gatewayID))
+        }
+        let signer = ControlSigner(gatewayID: authorization.gatewayID, key: key)
+        do throws(ControlAuthError) {
+            try signer.verify(authorization, direction: .gatewayToBroker, method: request.method.rawValue,
+                              path: request.uri.path, body: body, replay: replayGuard,
+                              now: Int64(clock().timeIntervalSince1970))
+        } catch {
+            throw Self.controlUnauthorized(error)
+        }
+        return Int64(authorization.gatewayID)
+    }
+
+    private static func controlUnauthorized(_ error: ControlAuthError) -> APIError {
+        APIError(.unauthorized, error.description, headers: [.wwwAuthenticate: ControlAuthorization.scheme])
+    }
+
+    /// Strict decoding of a control message: 400 naming the field.
+    private static func decode<T: Decodable>(_ type: T.Type, _ bytes: [UInt8], allowed: Set<String>) throws(APIError) -> T {
+        do {
+            return try ControlJSON.decodeStrict(type, from: bytes, allowed: allowed)
+        } catch {
+            throw APIError(.badRequest, error.description, field: error.field)
+        }
+    }
+
+    private static func requireSameGateway(_ bodyID: Int, _ signed: Int64) throws(APIError) {
+        guard Int64(bodyID) == signed else {
+            throw APIError.badField("gateway_id", "is \(bodyID) but the request is signed for gateway \(signed)")
+        }
+    }
+
+    /// `POST /v1/gateway-agent/register`.
+    private func register(_ request: Request, _ context: BrokerRequestContext) async throws -> Response {
+        var request = request
+        let body = [UInt8](try await self.body(&request))
+        let gatewayID = try await authenticateGateway(request, body: body)
+        let message = try Self.decode(RegisterRequest.self, body, allowed: Self.registerFields)
+        try Self.requireSameGateway(message.gatewayID, gatewayID)
+        let registration = GatewayRegistration(version: message.version, controlURL: message.controlURL,
+                                               portRange: message.portRange, ruleIDs: message.rules.map(\.id))
+        try validating { () throws(FieldError) in try registration.validate() }
+        let keep = try await store.registerGateway(id: gatewayID, registration, now: clock())
+        context.logger.notice("gateway \(gatewayID) registered: version \(message.version), control \(message.controlURL), ports \(message.portRange.first)-\(message.portRange.last), keeps \(keep.count) of \(message.rules.count) rule(s)")
+        try await repushMissingRules(gatewayID: gatewayID, reported: Set(message.rules.map(\.id)), logger: context.logger)
+        let answer = RegisterResponse(heartbeatIntervalSeconds: configuration.heartbeatInterval,
+                                      offlineAfterSeconds: configuration.offlineAfter, keep: keep)
+        return Self.controlJSON(ControlJSON.encode(answer))
+    }
+
+    /// Pushes again, in the background, the rules the broker holds for a
+    /// gateway that its registration did not list (a gateway that lost its
+    /// state). The gateway only drops rules it listed and `keep` lacks, so a
+    /// push racing the registration's answer stays.
+    private func repushMissingRules(gatewayID: Int64, reported: Set<String>, logger: Logger) async throws {
+        let missing = try await store.rules(gatewayID: gatewayID).filter { !reported.contains($0.id) }
+        guard !missing.isEmpty, let key = try await store.controlKey(gatewayID: gatewayID) else { return }
+        let gateway = try await store.gateway(id: gatewayID)
+        let client = gatewayClient
+        let store = self.store
+        logger.notice("gateway \(gatewayID) lacks \(missing.count) rule(s) the broker holds: pushing them again")
+        Task {
+            for rule in missing {
+                do {
+                    let port = try await client.put(ruleID: rule.id, push: rule.push, gateway: gateway, key: key)
+                    if port != rule.port {
+                        try? await store.updateRulePort(id: rule.id, port: port)
+                        logger.warning("rule \(rule.id) on gateway \(gatewayID) came back on port \(port) instead of \(rule.port)")
+                    }
+                } catch {
+                    logger.warning("pushing rule \(rule.id) again: \(error)")
+                }
+            }
+        }
+    }
+
+    /// `POST /v1/gateway-agent/heartbeat`.
+    private func heartbeat(_ request: Request, _ context: BrokerRequestContext) async throws -> Response {
+        var request = request
+        let body = [UInt8](try await self.body(&request))
+        let gatewayID = try await authenticateGateway(request, body: body)
+        let message = try Self.decode(Heartbeat.self, body, allowed: Self.heartbeatFields)
+        try Self.requireSameGateway(message.gatewayID, gatewayID)
+        if message.sessions < 0 { throw APIError.badField("sessions", "must be 0 or more, got \(message.sessions)") }
+        if message.rules < 0 { throw APIError.badField("rules", "must be 0 or more, got \(message.rules)") }
+        if !message.load.isFinite || message.load < 0 {
+            throw APIError.badField("load", "must be a finite number of 0 or more, got \(message.load)")
+        }
+        let wasOnline = (try? await store.gateway(id: gatewayID).online) ?? false
+        try await store.recordHeartbeat(id: gatewayID, load: message.load, sessions: message.sessions, now: clock())
+        if !wasOnline { context.logger.notice("gateway \(gatewayID) is online again (heartbeat)") }
+        return Response(status: .noContent)
+    }
+
+    private static func controlJSON(_ bytes: [UInt8], status: HTTPResponse.Status = .ok) -> Response {
+        Response(status: status, headers: [.contentType: "application/json"], body: .init(byteBuffer: ByteBuffer(bytes: bytes)))
+    }
+
+    // MARK: Connect
+
+    /// `POST /v1/connect` `{"desktop_id", "protocol", "client_ip"?}`: chooses the
+    /// gateway, pushes the rule, stores it, and answers where to connect.
+    private func connect(_ request: Request, _ context: BrokerRequestContext) async throws -> Response {
+        guard let session = context.authenticated else { throw APIError.unauthorized("not logged in") }
+        let user = session.user
+        var request = request
+        let reader = try FieldReader(try JSONValue.parse(try await body(&request)), known: Self.connectFields, policy: .strict)
+        guard let desktopID = try reader.int("desktop_id") else {
+            throw APIError.badField("desktop_id", "is required (the id of a desktop)")
+        }
+        guard desktopID > 0 else { throw APIError.badField("desktop_id", "must be a positive id, got \(desktopID)") }
+        guard let protocolName = try reader.string("protocol") else {
+            throw APIError.badField("protocol", "is required (the name of one of the desktop's protocols, such as rdp)")
+        }
+        var clientIP = context.clientAddress
+        if let given = try reader.string("client_ip") {
+            try validating { () throws(FieldError) in try Validate.ipAddress(given, field: "client_ip") }
+            clientIP = given
+        }
+
+        let desktop = try await desktopForConnect(Int64(desktopID))
+        guard let offered = desktop.protocols.first(where: { $0.name.lowercased() == protocolName.lowercased() }) else {
+            throw APIError.badField("protocol", "desktop \(desktop.id) ('\(desktop.name)') offers \(desktop.protocols.map(\.name).joined(separator: ", ")), not \(Validate.quotedForAPI(protocolName))")
+        }
+
+        let now = clock()
+        let gateways = try await store.gateways()
+        let cluster = try await desktop.loadBalancerID.asyncMap { id in try await store.gatewayCluster(id: id) }
+        let ruleCounts = try await store.ruleCounts()
+        let choice = try Self.choose(desktop: desktop, gateways: gateways, cluster: cluster, ruleCounts: ruleCounts,
+                                     loginGatewayID: session.session.loginGatewayID, now: now,
+                                     offlineAfter: TimeInterval(configuration.offlineAfter))
+        let method = RoutingMethod(rawValue: choice.method.rawValue) ?? .randomPort
+        if method != .randomPort {
+            guard (try? Validate.ipAddress(clientIP, field: "client_ip")) != nil else {
+                throw APIError.badField("client_ip", "is required: gateway \(choice.gateway.id) opens ports only to the client's address (use_src_ip \(method.rawValue)) and the client's address is unknown")
+            }
+        }
+        let push = RulePush(protocol: Self.ruleProtocol(offered.transport), method: method,
+                            target: Self.target(desktop.address, offered.port),
+                            clientIP: method == .randomPort ? nil : clientIP,
+                            port: method == .protocolPortClientOnly ? offered.port : nil,
+                            unusedExpirySeconds: configuration.ruleUnusedExpiry)
+        guard let key = try await store.controlKey(gatewayID: choice.gateway.id) else {
+            throw APIError(.serviceUnavailable, "gateway \(GatewayControlClient.name(choice.gateway)) is not enrolled")
+        }
+        let ruleID = GatewayRule.newID()
+        let port: Int
+        do {
+            port = try await gatewayClient.put(ruleID: ruleID, push: push, gateway: choice.gateway, key: key)
+        } catch {
+            context.logger.warning("connect to desktop \(desktop.id) (\(offered.name)): \(error)")
+            throw APIError(.badGateway, error.description)
+        }
+        let rule = GatewayRule(id: ruleID, gatewayID: choice.gateway.id, desktopID: desktop.id, userID: user.id,
+                               protocolName: offered.name, push: push, port: port, created: now)
+        do {
+            try await store.createRule(rule)
+        } catch {
+            // Keep the gateway and the table in step: take the rule back.
+            try? await gatewayClient.delete(ruleID: ruleID, gateway: choice.gateway, key: key)
+            throw error
+        }
+        context.logger.info("connect: desktop \(desktop.id) (\(offered.name)) through gateway \(choice.gateway.id) port \(port), method \(method.rawValue), rule \(ruleID)")
+        return .json([
+            "rule_id": .string(ruleID),
+            "gateway": ["id": .int(choice.gateway.id), "name": .string(choice.gateway.name)],
+            "address": .string(choice.gateway.address),
+            "port": .int(Int64(port)),
+            "protocol": .string(offered.name),
+        ])
+    }
+
+    /// `DELETE /v1/connect/{rule_id}`: removes the rule on its gateway, then here.
+    /// A gateway that is offline is not asked: it drops the rule when it
+    /// registers again (it is missing from `keep`).
+    private func disconnect(_ context: BrokerRequestContext) async throws -> Response {
+        let user = try context.requireUser()
+        let ruleID = context.parameters.get("rule_id") ?? ""
+        guard (1...64).contains(ruleID.utf8.count), ruleID.utf8.allSatisfy({ ($0 >= 0x30 && $0 <= 0x39) || ($0 >= 0x61 && $0 <= 0x66) }) else {
+            throw APIError.badField("rule_id", "must be the rule_id a connect call answered (lower-case hex), got \(Validate.quotedForAPI(ruleID))")
+        }
+        let rule = try await store.rule(id: ruleID)
+        guard rule.userID == user.id || user.role == .admin else {
+            throw APIError(.forbidden, "rule \(ruleID) belongs to another user")
+        }
+        let gateway = try await store.gateway(id: rule.gatewayID)
+        if gateway.isLive(now: clock(), offlineAfter: TimeInterval(configuration.offlineAfter)),
+           let key = try await store.controlKey(gatewayID: gateway.id) {
+            do {
+                try await gatewayClient.delete(ruleID: ruleID, gateway: gateway, key: key)
+            } catch {
+                context.logger.warning("disconnect rule \(ruleID): \(error)")
+                throw APIError(.badGateway, error.description)
+            }
+        }
+        try await store.deleteRule(id: ruleID)
+        context.logger.info("disconnect: rule \(ruleID) on gateway \(gateway.id)")
+        return Response(status: .noContent)
+    }
+
+    private static func ruleProtocol(_ transport: Transport) -> RuleProtocol {
+        switch transport {
+        case .tcp: .tcp
+        case .udp: .udp
+        case .both: .both
+        }
+    }
+
+    /// The desktop of a connect call; 404 naming `desktop_id` when there is none.
+    private func desktopForConnect(_ id: Int64) async throws -> Desktop {
+        do {
+            return try await store.desktop(id: id)
+        } catch {
+            if case .notFound(let message) = error { throw APIError(.notFound, "desktop_id: \(message)", field: "desktop_id") }
+            throw error
+        }
+    }
+
+    /// `GatewayChooser.choose`, its errors as 409 (no route) and 503 (none online).
+    private static func choose(desktop: Desktop, gateways: [Gateway], cluster: GatewayCluster?, ruleCounts: [Int64: Int],
+                               loginGatewayID: Int64?, now: Date, offlineAfter: TimeInterval) throws(APIError) -> GatewayChoice {
+        do {
+            return try GatewayChooser.choose(desktop: desktop, gateways: gateways, cluster: cluster, ruleCounts: ruleCounts,
+                                             loginGatewayID: loginGatewayID, now: now, offlineAfter: offlineAfter)
+        } catch {
+            switch error {
+            case .noRoute(let message): throw APIError(.conflict, message)
+            case .noneOnline(let message): throw APIError(.serviceUnavailable, message)
+            }
+        }
+    }
+
+    /// `HOST:PORT`, with an IPv6 address in brackets.
+    private static func target(_ host: String, _ port: Int) -> String {
+        host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)"
+    }
+}
+
+extension Optional {
+    func asyncMap<T>(_ transform: (Wrapped) async throws -> T) async rethrows -> T? {
+        guard let value = self else { return nil }
+        return try await transform(value)
+    }
+}

@@ -1,0 +1,94 @@
+import AsyncHTTPClient
+import BrokerCore
+import ControlProtocol
+import Foundation
+import NIOCore
+import NIOHTTP1
+
+/// Why a gateway did not carry out a push or a delete. Descriptions name the
+/// gateway and what it said; they never hold its key.
+enum GatewayCallError: Error, Sendable, CustomStringConvertible {
+    /// The gateway answered with an error status.
+    case refused(gateway: String, status: Int, message: String)
+    /// No answer: connection refused, timeout, bad URL.
+    case unreachable(gateway: String, reason: String)
+    /// An answer that is not what the protocol says.
+    case badAnswer(gateway: String, reason: String)
+
+    var description: String {
+        switch self {
+        case .refused(let gateway, let status, let message): "gateway \(gateway) refused the rule: \(status) \(message)"
+        case .unreachable(let gateway, let reason): "gateway \(gateway) cannot be reached: \(reason)"
+        case .badAnswer(let gateway, let reason): "gateway \(gateway) answered in a way the broker does not understand: \(reason)"
+        }
+    }
+}
+
+/// Calls a gateway's control API (`PUT`/`DELETE /control/v1/rules/{id}` under
+/// its `control_url`), each request signed broker-to-gateway with the
+/// gateway's control key.
+struct GatewayControlClient: Sendable {
+    /// How long one call may take, connect included.
+    let timeout: TimeAmount
+
+    /// Pushes a rule.
+    /// - Returns: the public port the gateway opened.
+    /// - Throws: `GatewayCallError`.
+    func put(ruleID: String, push: RulePush, gateway: Gateway, key: ControlKey) async throws(GatewayCallError) -> Int {
+        let body = ControlJSON.encode(push)
+        let (status, answer) = try await call(.PUT, ruleID: ruleID, body: body, gateway: gateway, key: key)
+        guard status == 200 || status == 201 else {
+            throw .refused(gateway: Self.name(gateway), status: status, message: Self.errorText(answer))
+        }
+        guard let object = try? JSONSerialization.jsonObject(with: Data(answer)) as? [String: Any],
+              let port = object["port"] as? Int, (1...65535).contains(port) else {
+            throw .badAnswer(gateway: Self.name(gateway), reason: "status \(status) without a \"port\" of 1 to 65535")
+        }
+        return port
+    }
+
+    /// Deletes a rule; a rule the gateway does not know (404) counts as deleted.
+    func delete(ruleID: String, gateway: Gateway, key: ControlKey) async throws(GatewayCallError) {
+        let (status, answer) = try await call(.DELETE, ruleID: ruleID, body: [], gateway: gateway, key: key)
+        guard status == 204 || status == 200 || status == 404 else {
+            throw .refused(gateway: Self.name(gateway), status: status, message: Self.errorText(answer))
+        }
+    }
+
+    private func call(_ method: HTTPMethod, ruleID: String, body: [UInt8], gateway: Gateway,
+                      key: ControlKey) async throws(GatewayCallError) -> (Int, [UInt8]) {
+        let base = gateway.controlURL.hasSuffix("/") ? String(gateway.controlURL.dropLast()) : gateway.controlURL
+        let url = "\(base)/control/v1/rules/\(ruleID)"
+        guard let path = URLComponents(string: url)?.percentEncodedPath, !path.isEmpty else {
+            throw .unreachable(gateway: Self.name(gateway), reason: "its control_url \(Validate.quotedForAPI(gateway.controlURL)) is not a URL")
+        }
+        let signer = ControlSigner(gatewayID: Int(gateway.id), key: key)
+        var request = HTTPClientRequest(url: url)
+        request.method = method
+        request.headers.add(name: "Authorization",
+                            value: signer.authorize(direction: .brokerToGateway, method: method.rawValue, path: path, body: body))
+        if !body.isEmpty {
+            request.headers.add(name: "Content-Type", value: "application/json")
+            request.body = .bytes(ByteBuffer(bytes: body))
+        }
+        do {
+            let response = try await HTTPClient.shared.execute(request, timeout: timeout)
+            let answer = try await response.body.collect(upTo: 1 << 20)
+            return (Int(response.status.code), Array(answer.readableBytesView))
+        } catch {
+            throw .unreachable(gateway: Self.name(gateway), reason: "\(method.rawValue) \(url): \(error)")
+        }
+    }
+
+    static func name(_ gateway: Gateway) -> String { "\(gateway.id) ('\(gateway.name)')" }
+
+    /// The `error` of a JSON answer, or the start of the text.
+    private static func errorText(_ answer: [UInt8]) -> String {
+        if let object = try? JSONSerialization.jsonObject(with: Data(answer)) as? [String: Any],
+           let error = object["error"] as? String {
+            return error
+        }
+        let text = String(decoding: answer.prefix(200), as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+        return text.isEmpty ? "(no message)" : text
+    }
+}

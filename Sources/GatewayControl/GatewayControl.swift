@@ -1,0 +1,341 @@
+import ControlProtocol
+import Logging
+import Relay
+import Synchronization
+import SystemLayer
+
+/// The gateway's side of the control plane, without HTTP: the pushed rules,
+/// their ports, persistence, expiry and reconciliation, carried out on a
+/// `RelayEngine` together with the config file's forwards.
+///
+/// Every change runs under one lock in this order: check, choose a port,
+/// apply the whole rule list to the engine (all or nothing), write the
+/// state file; if the write fails the engine gets the previous list back.
+/// So an error changes nothing, and what is on disk is what runs.
+public final class GatewayControl: Sendable {
+    public let engine: RelayEngine
+    public let store: RuleStore
+    public let replay = ReplayGuard()
+    private let logger: Logger
+    private let clock: @Sendable () -> Int64
+    private let probe: @Sendable (ControlSettings) -> PortAllocator.Probe
+    private let state: Mutex<State>
+
+    private struct State {
+        var settings: ControlSettings
+        var signer: ControlSigner?
+        var baseRules: [RelayRule]
+        /// Broker forwarding, when configured and the broker is known.
+        var forward: RelayRule?
+        /// The config's forwards and broker forwarding: every rule not pushed.
+        var fixed: [RelayRule] { baseRules + (forward.map { [$0] } ?? []) }
+        /// Pushed rules in creation order.
+        var pushed: [RuleState]
+        /// Connections and flows ever seen per engine rule id, at the last tick.
+        var seenUse: [String: Int] = [:]
+    }
+
+    /// - Parameters:
+    ///   - baseRules: the config file's forwards, applied with the pushed rules.
+    ///   - stateDirectory: where `rules.json` lives.
+    ///   - signer: the enrolled key, or nil while the gateway has none (every push is refused).
+    ///   - clock: unix seconds (tests move it).
+    public init(engine: RelayEngine, settings: ControlSettings, baseRules: [RelayRule], stateDirectory: String,
+                signer: ControlSigner?, logger: Logger = Logger(label: "gateway-control"),
+                clock: @escaping @Sendable () -> Int64 = { ControlClock.unixSeconds() },
+                probe: @escaping @Sendable (ControlSettings) -> PortAllocator.Probe = { PortAllocator.bindProbe(on: $0.publicAddress) }) {
+        self.engine = engine
+        self.store = RuleStore(directory: stateDirectory)
+        self.logger = logger
+        self.clock = clock
+        self.probe = probe
+        state = Mutex(State(settings: settings, signer: signer, baseRules: baseRules, pushed: []))
+    }
+
+    // MARK: Start and configuration
+
+    /// Loads `rules.json` and applies the config's forwards with every
+    /// persisted rule that can still be opened; a rule that cannot (its port
+    /// was taken meanwhile, its target is no longer allowed) is dropped and
+    /// logged, and the broker re-pushes it at registration if it still wants it.
+    /// - Returns: problems worth a log line (a corrupt file moved aside, dropped rules).
+    /// - Throws: `RuleError` when the config's own forwards cannot be applied.
+    @discardableResult
+    public func restore() throws(RuleError) -> [String] {
+        let loaded = store.load(now: clock())
+        var problems: [String] = loaded.problem.map { [$0] } ?? []
+        try state.withLock { s throws(RuleError) in
+            try engine.apply(s.fixed)
+            var kept: [RuleState] = []
+            for rule in loaded.rules {
+                do throws(ControlError) {
+                    try RulePolicy.checkID(rule.id)
+                    _ = try RulePolicy.check(rule.push, settings: s.settings)
+                    guard RulePolicy.relayRule(rule, settings: s.settings) != nil else {
+                        throw ControlError(400, "rule \(rule.id): bad port \(rule.port)")
+                    }
+                    do throws(RuleError) {
+                        try engine.apply(s.fixed + (kept + [rule]).compactMap { RulePolicy.relayRule($0, settings: s.settings) })
+                    } catch {
+                        throw ControlError(409, "\(error)")
+                    }
+                    var restored = rule
+                    restored.sessions = 0
+                    kept.append(restored)
+                } catch {
+                    problems.append("persisted rule \(rule.id) not restored: \(error)")
+                }
+            }
+            s.pushed = kept
+            if kept.count != loaded.rules.count {
+                do throws(ControlError) { try store.save(kept) } catch { problems.append("\(error)") }
+            }
+        }
+        for problem in problems { logger.error("\(problem)") }
+        logger.info("control: \(pushedRules().count) pushed rule(s) restored from \(store.path)")
+        return problems
+    }
+
+    /// Replaces the config file's forwards (SIGHUP), keeping the pushed rules.
+    /// - Throws: `RuleError` and changes nothing when the new list cannot be applied.
+    public func setBaseRules(_ rules: [RelayRule]) throws(RuleError) {
+        try state.withLock { s throws(RuleError) in
+            try engine.apply(rules + (s.forward.map { [$0] } ?? []) + s.pushed.compactMap { RulePolicy.relayRule($0, settings: s.settings) })
+            s.baseRules = rules
+        }
+    }
+
+    /// Sets or removes the broker-forwarding rule (see `BrokerForwarding`).
+    /// - Throws: `RuleError` and changes nothing when it cannot be applied (its port is taken).
+    public func setForwardRule(_ rule: RelayRule?) throws(RuleError) {
+        try state.withLock { s throws(RuleError) in
+            guard s.forward != rule else { return }
+            try engine.apply(s.baseRules + (rule.map { [$0] } ?? []) + s.pushed.compactMap { RulePolicy.relayRule($0, settings: s.settings) })
+            s.forward = rule
+        }
+    }
+
+    /// Replaces the key pushes are verified with (nil: refuse every push).
+    public func setSigner(_ signer: ControlSigner?) {
+        state.withLock { $0.signer = signer }
+    }
+
+    /// Changes the port range new rules take ports from; existing rules stay.
+    public func setPortRange(_ range: ClosedRange<Int>) {
+        state.withLock { $0.settings.portRange = range }
+    }
+
+    /// Changes the settings new pushes are checked against (e.g. the bound
+    /// control address once known); existing rules stay.
+    public func updateSettings(_ change: @Sendable (inout ControlSettings) -> Void) {
+        state.withLock { change(&$0.settings) }
+    }
+
+    public var settings: ControlSettings { state.withLock { $0.settings } }
+    public var signer: ControlSigner? { state.withLock { $0.signer } }
+
+    // MARK: The broker's calls
+
+    /// Verifies a broker-to-gateway request.
+    /// - Throws: `ControlError` 401 with the reason.
+    public func authenticate(header: String?, method: String, path: String, body: [UInt8]) throws(ControlError) {
+        guard let signer = self.signer else {
+            throw ControlError(401, field: "Authorization", "Authorization: this gateway has no control key yet (leostream-gateway --broker ADDRESS --gateway-id N --control-key-file FILE)")
+        }
+        guard let header else { throw ControlError(401, field: "Authorization", ControlAuthError.missing.description) }
+        do throws(ControlAuthError) {
+            let authorization = try ControlAuthorization(header: header)
+            try signer.verify(authorization, direction: .brokerToGateway, method: method, path: path, body: body,
+                              replay: replay, now: clock())
+        } catch {
+            throw ControlError(401, field: "Authorization", error.description)
+        }
+    }
+
+    /// `PUT /control/v1/rules/{id}`.
+    /// - Returns: the rule and whether it was created (false: an identical rule existed).
+    /// - Throws: `ControlError` (400, 403, 409, 500); nothing changed.
+    public func put(id: String, push: RulePush) throws(ControlError) -> (rule: RuleState, created: Bool) {
+        try RulePolicy.checkID(id)
+        let now = clock()
+        let probe = self.probe
+        return try state.withLock { s throws(ControlError) in
+            let checked = try RulePolicy.check(push, settings: s.settings)
+            var normalized = push
+            normalized.unusedExpirySeconds = checked.unusedExpirySeconds
+            if let existing = s.pushed.first(where: { $0.id == id }) {
+                guard existing.push == normalized else {
+                    throw ControlError(409, field: "id", "id: rule \(id) already exists with other settings (delete it first)")
+                }
+                return (existing, false)
+            }
+            let uses = currentUses(s)
+            let allocator = PortAllocator(range: s.settings.portRange)
+            let port = try allocator.allocate(method: push.method, requested: push.port, client: checked.client,
+                                              transport: checked.transport, uses: uses, probe: probe(s.settings))
+            let rule = RuleState(id: id, push: normalized, port: port, created: now)
+            let next = s.pushed + [rule]
+            try applyToEngine(s.fixed, next, s.settings)
+            do throws(ControlError) {
+                try store.save(next)
+            } catch {
+                try? engine.apply(s.fixed + s.pushed.compactMap { RulePolicy.relayRule($0, settings: s.settings) })
+                throw error
+            }
+            s.pushed = next
+            return (rule, true)
+        }
+    }
+
+    /// `DELETE /control/v1/rules/{id}`: the listener closes; sessions already
+    /// established through the rule continue until they end.
+    /// - Throws: `ControlError` 404 for an unknown id, 500 when the state cannot be written.
+    public func delete(id: String) throws(ControlError) {
+        try RulePolicy.checkID(id)
+        try state.withLock { s throws(ControlError) in
+            guard s.pushed.contains(where: { $0.id == id }) else { throw ControlError(404, field: "id", "id: no rule \(id)") }
+            try remove(Set([id]), from: &s)
+        }
+        logger.info("control: rule \(id) deleted")
+    }
+
+    /// The pushed rules with their live session counts (`GET /control/v1/rules`).
+    public func rules() -> [RuleState] {
+        let sessions = sessionCounts()
+        return pushedRules().map { rule in
+            var rule = rule
+            rule.sessions = sessions[RulePolicy.idPrefix + rule.id] ?? 0
+            return rule
+        }
+    }
+
+    /// The pushed rules as last recorded (no engine query).
+    public func pushedRules() -> [RuleState] { state.withLock { $0.pushed } }
+
+    /// The broker's answer to a registration: removes the rules in `sent`
+    /// (the ones the registration listed) that `keep` does not hold. Rules
+    /// pushed after the registration was sent are left alone.
+    /// - Returns: the removed ids.
+    @discardableResult
+    public func reconcile(sent: [String], keep: [String]) -> [String] {
+        let drop = Set(sent).subtracting(keep)
+        guard !drop.isEmpty else { return [] }
+        let removed: [String] = state.withLock { s in
+            let present = drop.filter { id in s.pushed.contains { $0.id == id } }
+            guard !present.isEmpty else { return [] }
+            do throws(ControlError) { try remove(present, from: &s) } catch {
+                logger.error("control: reconciliation could not remove \(present.sorted()): \(error)")
+                return []
+            }
+            return present.sorted()
+        }
+        if !removed.isEmpty { logger.info("control: the broker no longer wants \(removed); removed") }
+        return removed
+    }
+
+    // MARK: Expiry
+
+    /// Records which rules have sessions and removes rules unused for their
+    /// `unused_expiry_s` since creation. A rule with live sessions is never
+    /// removed; a rule that was used keeps until the broker deletes it.
+    /// - Returns: the expired ids.
+    @discardableResult
+    public func tick() -> [String] {
+        let sessions = sessionCounts()
+        // Counted since each rule was installed: a session that began and
+        // ended between two ticks still marks its rule used.
+        var everUsed = engine.acceptedByRule()
+        for (id, stats) in engine.datagramStats() where !id.isEmpty { everUsed[id, default: 0] += stats.flowsCreated }
+        let now = clock()
+        let expired: [String] = state.withLock { s in
+            var firstUse = false
+            var seen: [String: Int] = [:]
+            for index in s.pushed.indices {
+                let id = RulePolicy.idPrefix + s.pushed[index].id
+                let count = sessions[id] ?? 0
+                let total = everUsed[id] ?? 0
+                seen[id] = total
+                s.pushed[index].sessions = count
+                if count > 0 || total > (s.seenUse[id] ?? 0) {
+                    if s.pushed[index].lastUsed == nil { firstUse = true }
+                    s.pushed[index].lastUsed = now
+                }
+            }
+            s.seenUse = seen
+            let expiring = Set(s.pushed.filter { rule in
+                rule.lastUsed == nil && rule.sessions == 0
+                    && now - rule.created >= Int64(rule.push.unusedExpirySeconds ?? s.settings.defaultUnusedExpirySeconds)
+            }.map(\.id))
+            if !expiring.isEmpty {
+                do throws(ControlError) { try remove(expiring, from: &s) } catch {
+                    logger.error("control: could not expire \(expiring.sorted()): \(error)")
+                    return []
+                }
+            } else if firstUse {
+                // The first use is worth a write: after a restart the rule must not expire.
+                do throws(ControlError) { try store.save(s.pushed) } catch { logger.error("control: \(error)") }
+            }
+            return expiring.sorted()
+        }
+        for id in expired { logger.info("control: rule \(id) expired (unused since it was created)") }
+        return expired
+    }
+
+    // MARK: Figures
+
+    /// Live connections and UDP flows by engine rule id.
+    public func sessionCounts() -> [String: Int] {
+        var counts: [String: Int] = [:]
+        for connection in engine.connections() { counts[connection.rule, default: 0] += 1 }
+        for flow in engine.flows() { counts[flow.rule, default: 0] += 1 }
+        return counts
+    }
+
+    /// Every port a rule holds, with its protocol (for `--status`).
+    public func portsInUse() -> [String] {
+        state.withLock { s in
+            var ports: [String] = []
+            for rule in s.fixed + s.pushed.compactMap({ RulePolicy.relayRule($0, settings: s.settings) }) {
+                if rule.transport.contains(.tcp) { ports.append("\(rule.listen.port)/tcp") }
+                if rule.transport.contains(.udp) { ports.append("\(rule.listen.port)/udp") }
+            }
+            return Array(Set(ports)).sorted()
+        }
+    }
+
+    // MARK: Inside the lock
+
+    private func currentUses(_ s: State) -> [PortAllocator.Use] {
+        let relays = s.fixed + s.pushed.compactMap { RulePolicy.relayRule($0, settings: s.settings) }
+        return relays.filter { rule in
+            // Rules on another specific address do not hold the public address's port.
+            rule.listen.ip == s.settings.publicAddress || rule.listen.ip.isUnspecified || s.settings.publicAddress.isUnspecified
+        }.map { PortAllocator.Use(port: Int($0.listen.port), transport: $0.transport, allow: $0.allow) }
+    }
+
+    private func applyToEngine(_ base: [RelayRule], _ pushed: [RuleState], _ settings: ControlSettings) throws(ControlError) {
+        do throws(RuleError) {
+            try engine.apply(base + pushed.compactMap { RulePolicy.relayRule($0, settings: settings) })
+        } catch {
+            switch error {
+            case .listenFailed, .conflictingRules:
+                throw ControlError(409, field: "port", "port: \(error)")
+            case .duplicateID, .invalid:
+                throw ControlError(400, "\(error)")
+            }
+        }
+    }
+
+    private func remove(_ ids: Set<String>, from s: inout State) throws(ControlError) {
+        let next = s.pushed.filter { !ids.contains($0.id) }
+        // Removing rules only closes listeners; it cannot fail to apply.
+        try applyToEngine(s.fixed, next, s.settings)
+        do throws(ControlError) {
+            try store.save(next)
+        } catch {
+            try? engine.apply(s.fixed + s.pushed.compactMap { RulePolicy.relayRule($0, settings: s.settings) })
+            throw error
+        }
+        s.pushed = next
+    }
+}

@@ -1,0 +1,219 @@
+import ControlProtocol
+import Foundation
+import SystemLayer
+
+/// Where the broker is: `host:port`, or an `http://` URL with an optional base path.
+public struct BrokerAddress: Sendable, Equatable, CustomStringConvertible {
+    public var host: String
+    public var port: UInt16
+    /// Prepended to `/v1/...` (empty, or starting with `/` and without a trailing one).
+    public var basePath: String
+
+    /// Parses what `--broker` takes.
+    /// - Throws: `ControlError` naming `--broker` and what is wrong.
+    public init(_ text: String) throws(ControlError) {
+        var rest = Substring(text.trimmingSpaces())
+        if rest.lowercased().hasPrefix("https://") {
+            throw ControlError(400, field: "--broker", "--broker: https:// is not supported yet; give http://HOST:PORT (the control messages are signed; TLS can be layered later)")
+        }
+        var defaultPort: UInt16? = nil
+        if rest.lowercased().hasPrefix("http://") {
+            rest = rest.dropFirst(7)
+            defaultPort = 80
+        } else if rest.contains("://") {
+            throw ControlError(400, field: "--broker", "--broker: \"\(text)\" has an unknown scheme; give HOST:PORT or http://HOST:PORT")
+        }
+        var path = ""
+        if let slash = rest.firstIndex(of: "/") {
+            path = String(rest[slash...])
+            rest = rest[..<slash]
+            while path.hasSuffix("/") { path.removeLast() }
+        }
+        let authority = String(rest)
+        guard !authority.isEmpty else { throw ControlError(400, field: "--broker", "--broker: \"\(text)\" has no host") }
+        if let (host, port) = SocketAddress.splitHostPort(authority), port != 0, !host.isEmpty {
+            self.host = host
+            self.port = port
+        } else if let defaultPort, !authority.contains(":") || authority.hasPrefix("[") && authority.hasSuffix("]") {
+            host = authority.hasPrefix("[") ? String(authority.dropFirst().dropLast()) : authority
+            port = defaultPort
+        } else {
+            throw ControlError(400, field: "--broker", "--broker: \"\(text)\" is not HOST:PORT or http://HOST[:PORT][/PATH] with a port of 1-65535")
+        }
+        guard host.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7F && $0 != UInt8(ascii: "@") }), host.utf8.count <= 253 else {
+            throw ControlError(400, field: "--broker", "--broker: \"\(text)\" has an invalid host")
+        }
+        guard path.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7F && $0 != UInt8(ascii: "?") && $0 != UInt8(ascii: "#") }) else {
+            throw ControlError(400, field: "--broker", "--broker: \"\(text)\" has an invalid path")
+        }
+        basePath = path
+    }
+
+    public var url: String {
+        let h = host.contains(":") ? "[\(host)]" : host
+        return "http://\(h):\(port)\(basePath)"
+    }
+
+    public var description: String { url }
+}
+
+/// What `--broker`, `--gateway-id` and `--port-range` store (`gateway-state.json`).
+public struct StoredSettings: Codable, Sendable, Equatable {
+    public var broker: String?
+    public var gatewayID: Int?
+    public var portRange: PortRange?
+
+    enum CodingKeys: String, CodingKey {
+        case broker
+        case gatewayID = "gateway_id"
+        case portRange = "port_range"
+    }
+
+    public init(broker: String? = nil, gatewayID: Int? = nil, portRange: PortRange? = nil) {
+        self.broker = broker
+        self.gatewayID = gatewayID
+        self.portRange = portRange
+    }
+}
+
+/// The gateway's state directory: stored settings, the control key (mode
+/// 0600), the pushed rules, the daemon's pid and its last status.
+public struct StateDirectory: Sendable {
+    public let path: String
+
+    public init(_ path: String) { self.path = path }
+
+    public var settingsPath: String { path + "/gateway-state.json" }
+    public var keyPath: String { path + "/control.key" }
+    public var pidPath: String { path + "/gateway.pid" }
+    public var statusPath: String { path + "/status.json" }
+
+    /// Creates the directory (mode 0700) when missing.
+    public func create() throws(ControlError) {
+        do throws(Errno) { try StateFile.makeDirectories(path, mode: 0o700) } catch {
+            throw ControlError(500, field: "--state-dir", "--state-dir: cannot create \(path): \(error)")
+        }
+    }
+
+    public func loadSettings() throws(ControlError) -> StoredSettings {
+        let bytes: [UInt8]?
+        do throws(Errno) { bytes = try StateFile.read(settingsPath) } catch {
+            throw ControlError(500, "\(settingsPath): cannot read: \(error)")
+        }
+        guard let bytes else { return StoredSettings() }
+        do { return try JSONDecoder().decode(StoredSettings.self, from: Data(bytes)) } catch {
+            throw ControlError(500, "\(settingsPath): not valid settings (\(RuleStore.shortDescription(error)))")
+        }
+    }
+
+    public func saveSettings(_ settings: StoredSettings) throws(ControlError) {
+        try create()
+        do throws(Errno) { try StateFile.writeAtomically(settingsPath, ControlJSON.encode(settings), mode: 0o600) } catch {
+            throw ControlError(500, "\(settingsPath): cannot write: \(error)")
+        }
+    }
+
+    /// The stored control key, or nil when none is stored.
+    /// - Throws: `ControlError` naming the file (never its content).
+    public func loadKey() throws(ControlError) -> ControlKey? {
+        let bytes: [UInt8]?
+        do throws(Errno) { bytes = try StateFile.read(keyPath, limit: 4096) } catch {
+            throw ControlError(500, "\(keyPath): cannot read: \(error)")
+        }
+        guard let bytes else { return nil }
+        do throws(ControlKeyError) { return try ControlKey(text: String(decoding: bytes, as: UTF8.self)) } catch {
+            throw ControlError(500, "\(keyPath): \(error)")
+        }
+    }
+
+    public func saveKey(_ key: ControlKey) throws(ControlError) {
+        try create()
+        do throws(Errno) { try StateFile.writeAtomically(keyPath, Array((key.text + "\n").utf8), mode: 0o600) } catch {
+            throw ControlError(500, "\(keyPath): cannot write: \(error)")
+        }
+    }
+
+    /// The running daemon's pid, when its pid file names a live process.
+    public func runningPID() -> Int32? {
+        guard let bytes = try? StateFile.read(pidPath, limit: 64),
+              let pid = Int32(String(decoding: bytes, as: UTF8.self).trimmingSpaces().filter { $0 != "\n" }),
+              ProcessSignal.processExists(pid) else { return nil }
+        return pid
+    }
+
+    public func writePID(_ pid: Int32) throws(ControlError) {
+        do throws(Errno) { try StateFile.writeAtomically(pidPath, Array("\(pid)\n".utf8), mode: 0o644) } catch {
+            throw ControlError(500, "\(pidPath): cannot write: \(error)")
+        }
+    }
+
+    public func removePID() { StateFile.remove(pidPath) }
+}
+
+/// What the daemon last reported (`status.json`), for `--status`. Holds no key.
+public struct StatusReport: Codable, Sendable {
+    public struct Registration: Codable, Sendable, Equatable {
+        public var state: String
+        public var lastRegistered: Int64?
+        public var lastHeartbeat: Int64?
+        public var lastError: String?
+        public var controlURL: String?
+
+        enum CodingKeys: String, CodingKey {
+            case state
+            case lastRegistered = "last_registered"
+            case lastHeartbeat = "last_heartbeat"
+            case lastError = "last_error"
+            case controlURL = "control_url"
+        }
+
+        public init(state: String, lastRegistered: Int64? = nil, lastHeartbeat: Int64? = nil, lastError: String? = nil,
+                    controlURL: String? = nil) {
+            self.state = state
+            self.lastRegistered = lastRegistered
+            self.lastHeartbeat = lastHeartbeat
+            self.lastError = lastError
+            self.controlURL = controlURL
+        }
+    }
+
+    public var pid: Int32
+    public var updated: Int64
+    public var broker: String?
+    public var gatewayID: Int?
+    public var registration: Registration
+    public var rules: [RuleState]
+    public var sessions: Int
+    public var portsInUse: [String]
+    public var portRange: PortRange
+
+    enum CodingKeys: String, CodingKey {
+        case pid, updated, broker, registration, rules, sessions
+        case gatewayID = "gateway_id"
+        case portsInUse = "ports_in_use"
+        case portRange = "port_range"
+    }
+
+    public init(pid: Int32, updated: Int64, broker: String?, gatewayID: Int?, registration: Registration,
+                rules: [RuleState], sessions: Int, portsInUse: [String], portRange: PortRange) {
+        self.pid = pid
+        self.updated = updated
+        self.broker = broker
+        self.gatewayID = gatewayID
+        self.registration = registration
+        self.rules = rules
+        self.sessions = sessions
+        self.portsInUse = portsInUse
+        self.portRange = portRange
+    }
+
+    /// Written often, so not fsynced: a lost status is rewritten a second later.
+    public func write(to directory: StateDirectory) {
+        try? StateFile.writeAtomically(directory.statusPath, ControlJSON.encode(self), mode: 0o644, durable: false)
+    }
+
+    public static func read(from directory: StateDirectory) -> StatusReport? {
+        guard let bytes = try? StateFile.read(directory.statusPath) else { return nil }
+        return try? JSONDecoder().decode(StatusReport.self, from: Data(bytes))
+    }
+}

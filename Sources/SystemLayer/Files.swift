@@ -1,0 +1,148 @@
+import CSystemShim
+import Glibc
+
+/// Small blocking file operations for state that must survive a crash:
+/// whole-file reads and atomic replacement.
+public enum StateFile {
+    /// Reads the whole file at `path` (at most `limit` bytes).
+    /// - Returns: the bytes, or nil when the file does not exist.
+    /// - Throws: `Errno` for any other failure, or EFBIG beyond `limit`.
+    public static func read(_ path: String, limit: Int = 16 << 20) throws(Errno) -> [UInt8]? {
+        let raw = Glibc.open(path, O_RDONLY | O_CLOEXEC)
+        if raw < 0 {
+            let err = Errno.current
+            if err.rawValue == ENOENT { return nil }
+            throw err
+        }
+        let fd = FileDescriptor(rawValue: raw)
+        defer { fd.close() }
+        var data: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let n = try Syscall.run { chunk.withUnsafeMutableBytes { Glibc.read(raw, $0.baseAddress, $0.count) } }
+            if n == 0 { break }
+            data.append(contentsOf: chunk[0..<n])
+            if data.count > limit { throw Errno(rawValue: EFBIG) }
+        }
+        return data
+    }
+
+    /// Replaces the file at `path` with `bytes` atomically: writes a
+    /// temporary file beside it with `mode`, fsyncs it, renames it over
+    /// `path` and, when `durable`, fsyncs the directory so the rename
+    /// survives a crash. A reader sees the old file or the new one, never a
+    /// mix.
+    /// - Throws: `Errno` naming nothing itself; the caller adds the path.
+    public static func writeAtomically(_ path: String, _ bytes: [UInt8], mode: UInt32 = 0o644,
+                                       durable: Bool = true) throws(Errno) {
+        let temporary = path + ".tmp-\(getpid())"
+        let raw = try Syscall.run { Glibc.open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode_t(mode)) }
+        let fd = FileDescriptor(rawValue: raw)
+        do throws(Errno) {
+            // O_CREAT's mode is filtered by the umask; set it exactly.
+            _ = try Syscall.run { fchmod(raw, mode_t(mode)) }
+            try fd.writeAll(bytes)
+            if durable { _ = try Syscall.run { fsync(raw) } }
+            fd.close()
+        } catch {
+            fd.close()
+            _ = unlink(temporary)
+            throw error
+        }
+        do throws(Errno) {
+            _ = try Syscall.run { Glibc.rename(temporary, path) }
+        } catch {
+            _ = unlink(temporary)
+            throw error
+        }
+        if durable { try syncDirectory(of: path) }
+    }
+
+    /// fsyncs the directory holding `path`, so a rename or create in it is durable.
+    public static func syncDirectory(of path: String) throws(Errno) {
+        let directory = path.lastIndex(of: "/").map { String(path[..<$0]) } ?? "."
+        let raw = try Syscall.run { Glibc.open(directory.isEmpty ? "/" : directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC) }
+        defer { _ = Glibc.close(raw) }
+        _ = try Syscall.run { fsync(raw) }
+    }
+
+    /// Renames `from` to `to` (same filesystem).
+    public static func rename(_ from: String, to: String) throws(Errno) {
+        _ = try Syscall.run { Glibc.rename(from, to) }
+    }
+
+    /// Removes a file; a missing file is not an error.
+    public static func remove(_ path: String) {
+        _ = unlink(path)
+    }
+
+    /// Creates `path` (and its parents) as directories with `mode` when missing.
+    public static func makeDirectories(_ path: String, mode: UInt32 = 0o700) throws(Errno) {
+        var current = path.hasPrefix("/") ? "" : "."
+        for part in path.split(separator: "/") {
+            current += "/" + part
+            if mkdir(current, mode_t(mode)) != 0 {
+                let err = Errno.current
+                if err.rawValue != EEXIST { throw err }
+            }
+        }
+    }
+
+    /// The permission bits of `path`, or nil when it cannot be read.
+    public static func mode(_ path: String) -> UInt32? {
+        var info = Glibc.stat()
+        guard Glibc.lstat(path, &info) == 0 else { return nil }
+        return UInt32(info.st_mode) & 0o7777
+    }
+}
+
+extension ProcessSignal {
+    /// Sends `signal` to process `pid`.
+    /// - Returns: false when no such process exists or it may not be signalled.
+    public static func send(_ signal: ProcessSignal, to pid: Int32) -> Bool {
+        Glibc.kill(pid, signal.rawValue) == 0
+    }
+
+    /// True when process `pid` exists (signal 0 probe).
+    public static func processExists(_ pid: Int32) -> Bool {
+        pid > 0 && (Glibc.kill(pid, 0) == 0 || Errno.current.rawValue == EPERM)
+    }
+}
+
+extension Socket {
+    /// Binds an unconnected socket to a local `address` (a client choosing its
+    /// source address before connect).
+    /// - Throws: `SystemCallError` naming the address.
+    public static func bind(_ fd: FileDescriptor, to address: SocketAddress) throws(SystemCallError) {
+        do {
+            _ = try Syscall.run { address.withSockAddr { Glibc.bind(fd.rawValue, $0, $1) } }
+        } catch {
+            throw SystemCallError("bind", error, context: "to \(address)")
+        }
+    }
+}
+
+extension SystemInfo {
+    /// The addresses of this host's network interfaces (getifaddrs), IPv4 and IPv6.
+    public static func interfaceAddresses() -> [IPAddress] {
+        var list: UnsafeMutablePointer<ifaddrs>?
+        guard getifaddrs(&list) == 0, let first = list else { return [] }
+        defer { freeifaddrs(list) }
+        var found: [IPAddress] = []
+        var cursor: UnsafeMutablePointer<ifaddrs>? = first
+        while let entry = cursor {
+            // Safe: getifaddrs filled a linked list that stays valid until freeifaddrs;
+            // ifa_addr points at a sockaddr of the family it declares.
+            if let address = entry.pointee.ifa_addr {
+                let family = Int32(address.pointee.sa_family)
+                if family == AF_INET || family == AF_INET6,
+                   let socketAddress = SocketAddress(sockaddr: UnsafePointer(address),
+                                                     length: socklen_t(family == AF_INET ? MemoryLayout<sockaddr_in>.size : MemoryLayout<sockaddr_in6>.size)) {
+                    found.append(socketAddress.ip.unmapped)
+                }
+            }
+            cursor = entry.pointee.ifa_next
+        }
+        return Array(Set(found))
+    }
+}

@@ -1,0 +1,180 @@
+import ControlProtocol
+import Dispatch
+import GatewayConfig
+import GatewayControl
+import Hummingbird
+import Logging
+import Relay
+import ServiceLifecycle
+import Synchronization
+import SystemLayer
+
+let gatewayVersion = "0.1.0"
+let defaultStateDirectory = "/var/lib/leostream-gateway"
+
+/// The control plane of a running `serve`: the pushed rules, the signed
+/// control endpoint, registration and heartbeats, the status file. Wiring only.
+final class ControlPlane: Sendable {
+    let control: GatewayControl
+    let agent: BrokerAgent
+    let directory: StateDirectory
+    private let services: ServiceGroup
+    private let server: Task<Void, any Error>
+    private let maintenance = Mutex<ThreadHandle?>(nil)
+    private let stopped = Atomic<Bool>(false)
+    private let logger: Logger
+    private let current = Mutex<StoredSettings>(StoredSettings())
+    private let forwardListen: SocketAddress?
+    private let gatewaySignature: String
+
+    /// Loads the state directory, restores the persisted rules with the
+    /// config's forwards, opens the control endpoint, then registers.
+    /// - Throws: `ControlError` (state files, the control endpoint) or `RuleError` (the config's forwards).
+    init(engine: RelayEngine, config: GatewayConfiguration, directory: StateDirectory, logger: Logger) throws {
+        self.directory = directory
+        self.logger = logger
+        forwardListen = config.brokerForwardListen
+        gatewaySignature = config.gatewaySignature
+        try directory.create()
+        let stored = try directory.loadSettings()
+        let key = try directory.loadKey()
+        let range = stored.portRange.map { $0.first...$0.last } ?? 20001...22000
+        let listen = config.controlListen!
+        let own = [listen] + config.rules.map(\.listen) + (config.brokerForwardListen.map { [$0] } ?? [])
+        var settings = ControlSettings(publicAddress: config.publicAddress, desktopNetworks: config.desktopNetworks,
+                                       portRange: range, ownAddresses: own)
+        settings.localAddresses = SystemInfo.interfaceAddresses()
+        let signer = Self.signer(stored, key)
+        control = GatewayControl(engine: engine, settings: settings, baseRules: config.rules,
+                                 stateDirectory: directory.path, signer: signer, logger: logger)
+        try control.restore()
+
+        let bound = Mutex<String?>(nil)
+        let app = ControlServer.application(control: control, address: .hostname("\(listen.ip)", port: Int(listen.port)),
+                                            logger: logger, onServerRunning: { address in bound.withLock { $0 = address } })
+        let services = ServiceGroup(configuration: .init(services: [app], logger: logger))
+        self.services = services
+        let failure = Mutex<String?>(nil)
+        server = Task {
+            do { try await services.run() } catch {
+                failure.withLock { $0 = "\(error)" }
+                throw error
+            }
+        }
+        let deadline = MonotonicClock.nowNanoseconds + 10_000_000_000
+        while bound.withLock({ $0 }) == nil && failure.withLock({ $0 }) == nil && MonotonicClock.nowNanoseconds < deadline {
+            BlockingWait.sleep(milliseconds: 10)
+        }
+        guard let address = bound.withLock({ $0 }) else {
+            let why = failure.withLock { $0 } ?? "it did not start within 10 s"
+            throw ControlError(500, field: "control_listen", "control_listen: cannot serve on \(listen): \(why)")
+        }
+        let boundAddress = SocketAddress(address)
+        control.updateSettings { settings in
+            if let boundAddress { settings.ownAddresses.append(boundAddress) }
+        }
+        let url = config.controlURL ?? "http://\(address)"
+        agent = BrokerAgent(control: control, version: gatewayVersion, controlURL: url,
+                            portRange: PortRange(first: range.lowerBound, last: range.upperBound), logger: logger)
+        current.withLock { $0 = stored }
+        agent.configure(Self.target(stored, signer), portRange: PortRange(first: range.lowerBound, last: range.upperBound))
+        updateForwarding(stored, signer)
+        try agent.start()
+        writeStatus()
+        try directory.writePID(SystemInfo.processID)
+        let handle = try SystemThread.spawn(name: "gw-maintain") { [self] in maintain() }
+        maintenance.withLock { $0 = handle }
+        logger.info("control endpoint on \(address) (\(url)); state in \(directory.path); broker: \(stored.broker ?? "not set")")
+    }
+
+    private static func signer(_ stored: StoredSettings, _ key: ControlKey?) -> ControlSigner? {
+        guard let id = stored.gatewayID, let key else { return nil }
+        return ControlSigner(gatewayID: id, key: key)
+    }
+
+    private static func target(_ stored: StoredSettings, _ signer: ControlSigner?) -> BrokerAgent.Target? {
+        guard let text = stored.broker, let broker = try? BrokerAddress(text), let signer else { return nil }
+        return BrokerAgent.Target(broker: broker, signer: signer)
+    }
+
+    /// SIGHUP: re-reads the stored broker, id, key and port range.
+    func reloadState() {
+        do {
+            let stored = try directory.loadSettings()
+            let key = try directory.loadKey()
+            let signer = Self.signer(stored, key)
+            let previousSigner = control.signer
+            let previous = current.withLock { $0 }
+            let range = stored.portRange.map { $0.first...$0.last } ?? 20001...22000
+            control.setPortRange(range)
+            control.setSigner(signer)
+            let keyChanged = previousSigner?.key != signer?.key
+            if stored != previous || keyChanged {
+                current.withLock { $0 = stored }
+                updateForwarding(stored, signer)
+                agent.configure(Self.target(stored, signer), portRange: PortRange(first: range.lowerBound, last: range.upperBound))
+                logger.notice("SIGHUP: broker \(stored.broker ?? "not set"), gateway id \(stored.gatewayID.map(String.init) ?? "not set"), port range \(range.lowerBound)-\(range.upperBound)\(keyChanged ? ", new control key" : ""): registering")
+            }
+        } catch {
+            logger.error("SIGHUP: state in \(directory.path) not reloaded, keeping the running one: \(error)")
+        }
+    }
+
+    /// Broker forwarding follows the stored broker: on when
+    /// `broker_forward_listen` is set and the broker, id and key are known.
+    private func updateForwarding(_ stored: StoredSettings, _ signer: ControlSigner?) {
+        guard let listen = forwardListen else { return }
+        var rule: RelayRule?
+        if let text = stored.broker, let broker = try? BrokerAddress(text), let signer {
+            do throws(AddressResolutionError) {
+                let target = try SocketAddress.resolve(host: broker.host, port: broker.port)
+                rule = BrokerForwarding.rule(listen: listen, broker: target, signer: signer, signature: gatewaySignature)
+            } catch {
+                logger.error("broker forwarding: \(error); forwarding stays as it was")
+                return
+            }
+        }
+        do throws(RuleError) {
+            try control.setForwardRule(rule)
+            if let rule { logger.info("broker forwarding: \(rule)") }
+        } catch {
+            logger.error("broker forwarding on \(listen) not changed: \(error)")
+        }
+    }
+
+    private func maintain() {
+        while !stopped.load(ordering: .relaxed) {
+            control.tick()
+            writeStatus()
+            for _ in 0..<20 where !stopped.load(ordering: .relaxed) { BlockingWait.sleep(milliseconds: 50) }
+        }
+    }
+
+    func writeStatus() {
+        let rules = control.rules()
+        let stored = current.withLock { $0 }
+        let range = control.settings.portRange
+        StatusReport(pid: SystemInfo.processID, updated: ControlClock.unixSeconds(), broker: stored.broker,
+                     gatewayID: stored.gatewayID, registration: agent.status, rules: rules,
+                     sessions: control.sessionCounts().values.reduce(0, +), portsInUse: control.portsInUse(),
+                     portRange: PortRange(first: range.lowerBound, last: range.upperBound)).write(to: directory)
+    }
+
+    /// Stops registration, the endpoint and the maintenance thread; the relay is the caller's.
+    func stop() {
+        stopped.store(true, ordering: .relaxed)
+        agent.stop()
+        if let handle = maintenance.withLock({ h -> ThreadHandle? in let t = h; h = nil; return t }) { handle.join() }
+        let done = DispatchSemaphore(value: 0)
+        let services = self.services
+        let server = self.server
+        Task {
+            await services.triggerGracefulShutdown()
+            _ = try? await server.value
+            done.signal()
+        }
+        _ = done.wait(timeout: .now() + 10)
+        directory.removePID()
+        StateFile.remove(directory.statusPath)
+    }
+}

@@ -1,0 +1,253 @@
+import BrokerCore
+import ControlProtocol
+import Foundation
+import Testing
+
+/// A broker with fake gateways registered at it, for connect tests.
+struct ConnectSetup {
+    let broker: TestBroker
+    let sid: String
+    var gateways: [Int: (key: ControlKey, fake: FakeGateway)] = [:]
+
+    /// Creates, enrolls and registers a gateway whose control endpoint is a new `FakeGateway`.
+    mutating func addGateway(_ name: String, extra: [String: Any] = [:]) async throws -> Int {
+        let (id, key) = try await enrolledGateway(broker, sid: sid, name: name, address: "\(name).example.com", extra: extra)
+        let fake = try await FakeGateway(gatewayID: id, key: key)
+        let registered = try await agentCall(broker, "/v1/gateway-agent/register", registerBody(id, controlURL: fake.controlURL),
+                                             gatewayID: id, key: key)
+        #expect(registered.reply.status == 200, "\(registered.reply)")
+        gateways[id] = (key, fake)
+        return id
+    }
+
+    func desktop(_ name: String, gatewayID: Int? = nil, clusterID: Int? = nil) async throws -> Int {
+        var body: [String: Any] = ["name": name, "address": "10.1.2.3",
+                                   "protocols": [["name": "rdp", "port": 3389], ["name": "nx", "port": 4000, "transport": "both"]]]
+        if let gatewayID { body["gateway_id"] = gatewayID }
+        if let clusterID { body["load_balancer_id"] = clusterID }
+        let reply = try await broker.client.json("POST", "/v1/desktops", body, token: sid)
+        return try #require(reply.storedData["id"] as? Int, "\(reply)")
+    }
+
+    func cluster(_ name: String, via: String, useSourceIP: Int = 0) async throws -> Int {
+        let reply = try await broker.client.json("POST", "/v1/gateway-clusters",
+                                                 ["name": name, "load_balance_via": via, "use_src_ip": useSourceIP], token: sid)
+        return try #require(reply.storedData["id"] as? Int, "\(reply)")
+    }
+
+    func stop() async {
+        for (_, entry) in gateways { await entry.fake.stop() }
+    }
+
+    /// Every push the fakes received had a signature that verified.
+    func allSignaturesVerified() -> Bool {
+        gateways.values.allSatisfy { entry in entry.fake.calls.allSatisfy { $0.authError == nil } }
+    }
+}
+
+func withConnectSetup(_ body: (inout ConnectSetup) async throws -> Void) async throws {
+    try await TestBroker.with { broker in
+        var setup = ConnectSetup(broker: broker, sid: try await broker.login())
+        do {
+            try await body(&setup)
+        } catch {
+            await setup.stop()
+            throw error
+        }
+        await setup.stop()
+    }
+}
+
+@Suite("Connect and disconnect: gateway choice, rule push, 502/503")
+struct ConnectTests {
+    @Test("a desktop's own gateway: the three routing methods, pushed signed, answered with address and port")
+    func pinnedGatewayMethods() async throws {
+        try await withConnectSetup { setup in
+            let broker = setup.broker
+            let gatewayID = try await setup.addGateway("gw-a")
+            let fake = try #require(setup.gateways[gatewayID]?.fake)
+            let desktopID = try await setup.desktop("desk-1", gatewayID: gatewayID)
+
+            // use_src_ip 0: a random port, open to anyone.
+            let reply = try await broker.client.json("POST", "/v1/connect", ["desktop_id": desktopID, "protocol": "rdp"], token: setup.sid)
+            #expect(reply.status == 200, "\(reply)")
+            let ruleID = try #require(reply.object["rule_id"] as? String)
+            #expect(reply.object["address"] as? String == "gw-a.example.com")
+            #expect(reply.object["port"] as? Int == 20001)
+            #expect(reply.object["protocol"] as? String == "rdp")
+            #expect((reply.object["gateway"] as? [String: Any])?["id"] as? Int == gatewayID)
+            #expect((reply.object["gateway"] as? [String: Any])?["name"] as? String == "gw-a")
+            let push = try #require(fake.rules[ruleID])
+            #expect(push == RulePush(protocol: .tcp, method: .randomPort, target: "10.1.2.3:3389", unusedExpirySeconds: 300))
+            #expect(try await broker.store.rule(id: ruleID).port == 20001)
+
+            // use_src_ip 1: the protocol's own port, only the client's address (the HTTP peer by default).
+            _ = try await broker.client.json("PUT", "/v1/gateways/\(gatewayID)", ["use_src_ip": 1], token: setup.sid)
+            let own = try await broker.client.json("POST", "/v1/connect", ["desktop_id": desktopID, "protocol": "rdp"], token: setup.sid)
+            #expect(own.status == 200 && own.object["port"] as? Int == 3389, "\(own)")
+            let ownPush = try #require(fake.rules[own.object["rule_id"] as? String ?? ""])
+            #expect(ownPush.method == .protocolPortClientOnly && ownPush.port == 3389 && ownPush.clientIP == "127.0.0.1")
+
+            // use_src_ip 2 with an explicit client_ip, on a tcp+udp protocol.
+            _ = try await broker.client.json("PUT", "/v1/gateways/\(gatewayID)", ["use_src_ip": 2], token: setup.sid)
+            let random = try await broker.client.json("POST", "/v1/connect",
+                                                      ["desktop_id": desktopID, "protocol": "nx", "client_ip": "198.51.100.7"], token: setup.sid)
+            #expect(random.status == 200, "\(random)")
+            let randomPush = try #require(fake.rules[random.object["rule_id"] as? String ?? ""])
+            #expect(randomPush == RulePush(protocol: .both, method: .randomPortClientOnly, target: "10.1.2.3:4000",
+                                           clientIP: "198.51.100.7", unusedExpirySeconds: 300))
+            #expect(setup.allSignaturesVerified())
+            #expect(try await broker.store.rules(gatewayID: Int64(gatewayID)).count == 3)
+
+            // Registration reconciles: the broker keeps what it has, drops the rest.
+            let key = try #require(setup.gateways[gatewayID]?.key)
+            let again = try await agentCall(broker, "/v1/gateway-agent/register",
+                                            registerBody(gatewayID, controlURL: fake.controlURL,
+                                                         rules: [reportedRule(ruleID), reportedRule("0123456789abcdef")]),
+                                            gatewayID: gatewayID, key: key)
+            #expect(again.reply.object["keep"] as? [String] == [ruleID], "\(again.reply)")
+            // Rules the gateway did not list (it lost them) are pushed again.
+            let lost = try #require(own.object["rule_id"] as? String)
+            let putsBefore = fake.calls.filter { $0.method == "PUT" && $0.ruleID == lost }.count
+            #expect(putsBefore == 1)
+            let repushed = try await eventually {
+                fake.calls.filter { $0.method == "PUT" && $0.ruleID == lost }.count == 2
+            }
+            #expect(repushed, "the broker did not push the rule the gateway lacked")
+            #expect(setup.allSignaturesVerified())
+        }
+    }
+
+    @Test("bad connect input: 400/404 naming the field, nothing pushed or stored")
+    func badInput() async throws {
+        try await withConnectSetup { setup in
+            let broker = setup.broker
+            let gatewayID = try await setup.addGateway("gw-a")
+            let desktopID = try await setup.desktop("desk-1", gatewayID: gatewayID)
+            for (body, status, mentions) in [
+                (["desktop_id": desktopID, "protocol": "rdp", "colour": 1], 400, "colour: unknown field"),
+                (["protocol": "rdp"], 400, "desktop_id: is required"),
+                (["desktop_id": "one", "protocol": "rdp"], 400, "desktop_id: must be an integer"),
+                (["desktop_id": desktopID], 400, "protocol: is required"),
+                (["desktop_id": desktopID, "protocol": "vnc"], 400, "protocol: desktop"),
+                (["desktop_id": desktopID, "protocol": "rdp", "client_ip": "not-an-ip"], 400, "client_ip"),
+                (["desktop_id": 999, "protocol": "rdp"], 404, "desktop_id: no desktop with id 999"),
+            ] as [([String: Any], Int, String)] {
+                try await expectRejected(broker, "POST", "/v1/connect", body, token: setup.sid, status: status, mentions: mentions)
+            }
+            #expect(setup.gateways[gatewayID]?.fake.calls.isEmpty == true)
+            #expect(try await broker.client.json("POST", "/v1/connect", ["desktop_id": desktopID, "protocol": "rdp"]).status == 401)
+            let nowhere = try await setup.desktop("desk-nowhere")
+            try await expectRejected(broker, "POST", "/v1/connect", ["desktop_id": nowhere, "protocol": "rdp"], token: setup.sid,
+                                     status: 409, mentions: "names neither a gateway")
+        }
+    }
+
+    @Test("clusters: L takes the gateway with the fewest rules, E the first online, P falls back to L; offline gateways are skipped")
+    func clusterChoice() async throws {
+        try await withConnectSetup { setup in
+            let broker = setup.broker
+            let least = try await setup.cluster("cl-least", via: "L")
+            let b = try await setup.addGateway("gw-b", extra: ["load_balancer_id": least])
+            let c = try await setup.addGateway("gw-c", extra: ["load_balancer_id": least])
+            let desktopL = try await setup.desktop("desk-l", clusterID: least)
+            func connect(_ desktop: Int) async throws -> HTTPReply {
+                try await broker.client.json("POST", "/v1/connect", ["desktop_id": desktop, "protocol": "rdp"], token: setup.sid)
+            }
+            func gatewayOf(_ reply: HTTPReply) -> Int? { (reply.object["gateway"] as? [String: Any])?["id"] as? Int }
+
+            #expect(gatewayOf(try await connect(desktopL)) == b, "tie: lowest id")
+            #expect(gatewayOf(try await connect(desktopL)) == c, "c has fewer rules now")
+            #expect(gatewayOf(try await connect(desktopL)) == b)
+
+            let every = try await setup.cluster("cl-every", via: "E", useSourceIP: 2)
+            let d = try await setup.addGateway("gw-d", extra: ["load_balancer_id": every])
+            let e = try await setup.addGateway("gw-e", extra: ["load_balancer_id": every])
+            let desktopE = try await setup.desktop("desk-e", clusterID: every)
+            let first = try await connect(desktopE)
+            let second = try await connect(desktopE)
+            #expect(gatewayOf(first) == d && gatewayOf(second) == d)
+            // The cluster's use_src_ip applies (2), not the gateway's (0).
+            #expect(setup.gateways[d]?.fake.rules[first.object["rule_id"] as? String ?? ""]?.method == .randomPortClientOnly)
+
+            // d goes offline: e carries the next connection.
+            try await broker.store.recordGatewayState(id: Int64(d), online: false, version: nil, heartbeat: nil)
+            #expect(gatewayOf(try await connect(desktopE)) == e)
+
+            let login = try await setup.cluster("cl-login", via: "P")
+            let f = try await setup.addGateway("gw-f", extra: ["load_balancer_id": login])
+            let desktopP = try await setup.desktop("desk-p", clusterID: login)
+            #expect(gatewayOf(try await connect(desktopP)) == f, "no login gateway known: fewest rules")
+
+            // Every gateway of a cluster offline: 503, nothing stored.
+            try await broker.store.recordGatewayState(id: Int64(e), online: false, version: nil, heartbeat: nil)
+            try await expectRejected(broker, "POST", "/v1/connect", ["desktop_id": desktopE, "protocol": "rdp"], token: setup.sid,
+                                     status: 503, mentions: "no gateway of cluster")
+            // A pinned gateway that is offline: 503 naming it.
+            let pinned = try await setup.desktop("desk-pinned", gatewayID: d)
+            try await expectRejected(broker, "POST", "/v1/connect", ["desktop_id": pinned, "protocol": "rdp"], token: setup.sid,
+                                     status: 503, mentions: "gateway \(d) ('gw-d')")
+            #expect(setup.allSignaturesVerified())
+        }
+    }
+
+    @Test("a gateway that refuses or cannot be reached: 502 naming it and its error, nothing stored")
+    func gatewayFailures() async throws {
+        try await withConnectSetup { setup in
+            let broker = setup.broker
+            let gatewayID = try await setup.addGateway("gw-a")
+            let fake = try #require(setup.gateways[gatewayID]?.fake)
+            let desktopID = try await setup.desktop("desk-1", gatewayID: gatewayID)
+            fake.refuse(409, "port range 20001-22000 is exhausted")
+            try await expectRejected(broker, "POST", "/v1/connect", ["desktop_id": desktopID, "protocol": "rdp"], token: setup.sid,
+                                     status: 502, mentions: "gateway \(gatewayID) ('gw-a') refused the rule: 409 port range 20001-22000 is exhausted")
+            // A key the gateway does not know (re-enrolled on the broker only): the gateway's 401 comes back as 502.
+            fake.accept()
+            let newKey = try await broker.client.json("POST", "/v1/gateways/\(gatewayID)/enrollment", token: setup.sid)
+            #expect(newKey.status == 201)
+            try await expectRejected(broker, "POST", "/v1/connect", ["desktop_id": desktopID, "protocol": "rdp"], token: setup.sid,
+                                     status: 502, mentions: "signature does not verify")
+            #expect(fake.rules.isEmpty)
+            await fake.stop()
+            try await expectRejected(broker, "POST", "/v1/connect", ["desktop_id": desktopID, "protocol": "rdp"], token: setup.sid,
+                                     status: 502, mentions: "cannot be reached")
+        }
+    }
+
+    @Test("disconnect: deletes the rule on the gateway and in the table; owner or admin only; 404 after")
+    func disconnect() async throws {
+        try await withConnectSetup { setup in
+            let broker = setup.broker
+            let gatewayID = try await setup.addGateway("gw-a")
+            let fake = try #require(setup.gateways[gatewayID]?.fake)
+            let desktopID = try await setup.desktop("desk-1", gatewayID: gatewayID)
+            _ = try await broker.client.json("POST", "/v1/users", ["login": "alice", "password": "alice-pass"], token: setup.sid)
+            _ = try await broker.client.json("POST", "/v1/users", ["login": "bob", "password": "bob-pass"], token: setup.sid)
+            let alice = try await broker.login("alice", "alice-pass")
+            let bob = try await broker.login("bob", "bob-pass")
+            let reply = try await broker.client.json("POST", "/v1/connect", ["desktop_id": desktopID, "protocol": "rdp"], token: alice)
+            let ruleID = try #require(reply.object["rule_id"] as? String, "\(reply)")
+            #expect(fake.rules[ruleID] != nil)
+
+            try await expectRejected(broker, "DELETE", "/v1/connect/\(ruleID)", nil, token: bob, status: 403, mentions: "another user")
+            try await expectRejected(broker, "DELETE", "/v1/connect/NOT-HEX", nil, token: alice, status: 400, mentions: "rule_id")
+            fake.refuse(500, "disk full")
+            try await expectRejected(broker, "DELETE", "/v1/connect/\(ruleID)", nil, token: alice, status: 502, mentions: "disk full")
+            #expect(fake.rules[ruleID] != nil)
+            fake.accept()
+
+            let deleted = try await broker.client.json("DELETE", "/v1/connect/\(ruleID)", token: alice)
+            #expect(deleted.status == 204, "\(deleted)")
+            #expect(fake.rules[ruleID] == nil)
+            #expect(try await broker.store.rules(gatewayID: nil).isEmpty)
+            try await expectRejected(broker, "DELETE", "/v1/connect/\(ruleID)", nil, token: alice, status: 404, mentions: "no connection rule")
+            #expect(fake.calls.filter { $0.method == "DELETE" }.count == 2)
+            #expect(setup.allSignaturesVerified())
+
+            // A gateway that carries rules cannot be deleted; nor a desktop that rules lead to.
+            let other = try await broker.client.json("POST", "/v1/connect", ["desktop_id": desktopID, "protocol": "rdp"], token: alice)
+            #expect(other.status == 200)
+            try await expectRejected(broker, "DELETE", "/v1/desktops/\(desktopID)", nil, token: setup.sid, status: 409, mentions: "connection rule")
+        }
+    }
+}

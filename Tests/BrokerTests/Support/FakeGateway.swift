@@ -1,0 +1,148 @@
+import ControlProtocol
+import Foundation
+import Hummingbird
+import Logging
+import NIOCore
+import ServiceLifecycle
+import Synchronization
+
+/// Stands in for a gateway's control endpoint (below the broker's boundary):
+/// a real HTTP server on 127.0.0.1 that checks the broker's signature with
+/// `ControlSigner` exactly as a gateway must, and holds the rules pushed.
+final class FakeGateway: Sendable {
+    struct Call: Sendable {
+        var method: String
+        var ruleID: String
+        /// Why the signature was refused; nil when it verified.
+        var authError: String?
+    }
+
+    let gatewayID: Int
+    private let key: Mutex<ControlKey?>
+    private let replay = ReplayGuard()
+    private let state = Mutex(State())
+    private let services: ServiceGroup
+    private let server: Task<Void, any Error>
+    let port: Int
+
+    private struct State {
+        var calls: [Call] = []
+        var rules: [String: (push: RulePush, port: Int)] = [:]
+        var nextPort = 20001
+        /// Set: every call is answered with this status and error.
+        var refusal: (status: Int, message: String)?
+    }
+
+    var controlURL: String { "http://127.0.0.1:\(port)" }
+    var calls: [Call] { state.withLock { $0.calls } }
+    var rules: [String: RulePush] { state.withLock { $0.rules.mapValues(\.push) } }
+    func setKey(_ key: ControlKey) { self.key.withLock { $0 = key } }
+    func refuse(_ status: Int, _ message: String) { state.withLock { $0.refusal = (status, message) } }
+    func accept() { state.withLock { $0.refusal = nil } }
+
+    init(gatewayID: Int, key: ControlKey?) async throws {
+        self.gatewayID = gatewayID
+        self.key = Mutex(key)
+        let ports = Mutex<Int?>(nil)
+        let router = Router(context: BasicRequestContext.self)
+        // Filled in below once self exists; the handlers read it through a box.
+        let box = Box()
+        router.put("/control/v1/rules/:id") { request, context in
+            try await box.gateway!.handle(request, context, method: "PUT")
+        }
+        router.delete("/control/v1/rules/:id") { request, context in
+            try await box.gateway!.handle(request, context, method: "DELETE")
+        }
+        var logger = Logger(label: "fake-gateway")
+        logger.logLevel = .warning
+        let app = Application(router: router, configuration: .init(address: .hostname("127.0.0.1", port: 0)),
+                              onServerRunning: { channel in ports.withLock { $0 = channel.localAddress?.port } },
+                              logger: logger)
+        services = ServiceGroup(configuration: .init(services: [app], logger: logger))
+        let group = services
+        server = Task { try await group.run() }
+        let deadline = Date().addingTimeInterval(20)
+        var bound: Int?
+        while bound == nil {
+            bound = ports.withLock { $0 }
+            if bound == nil {
+                guard Date() < deadline else { throw HTTPClient.Failure(description: "fake gateway did not start") }
+                try await Task.sleep(for: .milliseconds(10))
+            }
+        }
+        port = bound!
+        box.gateway = self
+    }
+
+    func stop() async {
+        await services.triggerGracefulShutdown()
+        _ = try? await server.value
+    }
+
+    private func handle(_ request: Request, _ context: BasicRequestContext, method: String) async throws -> Response {
+        let ruleID = context.parameters.get("id") ?? ""
+        let body = Array(try await request.body.collect(upTo: 1 << 20).readableBytesView)
+        var authError: String?
+        do throws(ControlAuthError) {
+            guard let header = request.headers[.authorization] else { throw .missing }
+            let authorization = try ControlAuthorization(header: header)
+            guard let key = key.withLock({ $0 }), authorization.gatewayID == gatewayID else {
+                throw .unknownGateway(authorization.gatewayID)
+            }
+            try ControlSigner(gatewayID: gatewayID, key: key).verify(authorization, direction: .brokerToGateway, method: method,
+                                                                     path: request.uri.path, body: body, replay: replay)
+        } catch {
+            authError = error.description
+        }
+        let call = Call(method: method, ruleID: ruleID, authError: authError)
+        return state.withLock { state -> Response in
+            state.calls.append(call)
+            if let authError { return Self.json(401, ["error": authError]) }
+            if let refusal = state.refusal { return Self.json(refusal.status, ["error": refusal.message]) }
+            if method == "DELETE" {
+                return state.rules.removeValue(forKey: ruleID) == nil ? Self.json(404, ["error": "no rule \(ruleID)"])
+                    : Response(status: .noContent)
+            }
+            let push: RulePush
+            do {
+                push = try ControlJSON.decodeStrict(RulePush.self, from: body, allowed: RulePush.fields)
+            } catch {
+                return Self.json(400, ["error": "\(error)"])
+            }
+            let port: Int
+            if let fixed = push.port {
+                port = fixed
+            } else {
+                port = state.nextPort
+                state.nextPort += 1
+            }
+            state.rules[ruleID] = (push, port)
+            return Self.json(201, ["id": ruleID, "port": port, "listen": "0.0.0.0:\(port)"])
+        }
+    }
+
+    private static func json(_ status: Int, _ object: [String: Any]) -> Response {
+        let data = (try? JSONSerialization.data(withJSONObject: object)) ?? Data()
+        return Response(status: .init(code: status), headers: [.contentType: "application/json"],
+                        body: .init(byteBuffer: ByteBuffer(bytes: data)))
+    }
+
+    private final class Box: @unchecked Sendable {
+        var gateway: FakeGateway?
+    }
+}
+
+/// Sends a signed gateway-agent call as a gateway would.
+/// - Returns: the reply and the Authorization header sent (to replay it).
+func agentCall(_ broker: TestBroker, _ path: String, _ body: [String: Any], gatewayID: Int, key: ControlKey,
+               direction: ControlDirection = .gatewayToBroker, signedPath: String? = nil, signedBody: Data? = nil,
+               now: Int64? = nil, header: String? = nil) async throws -> (reply: HTTPReply, header: String) {
+    let data = try JSONSerialization.data(withJSONObject: body, options: [.sortedKeys])
+    let signer = ControlSigner(gatewayID: gatewayID, key: key)
+    let authorization = header ?? signer.authorize(direction: direction, method: "POST", path: signedPath ?? path,
+                                                   body: Array(signedBody ?? data),
+                                                   now: now ?? Int64(broker.clock.now.timeIntervalSince1970))
+    let reply = try await broker.client.send("POST", path, body: data,
+                                             headers: ["Authorization": authorization, "Content-Type": "application/json"])
+    return (reply, authorization)
+}

@@ -1,0 +1,266 @@
+import ControlProtocol
+import Foundation
+import GatewayControl
+import Glibc
+import Synchronization
+import SystemLayer
+import Testing
+
+/// The built `leostream-gateway` (next to the test bundle, or $GATEWAY_BINARY).
+enum GatewayBinary {
+    static var path: String {
+        if let path = ProcessInfo.processInfo.environment["GATEWAY_BINARY"] { return path }
+        let bundle = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
+        for candidate in [bundle, bundle.deletingLastPathComponent()] {
+            let path = candidate.appendingPathComponent("leostream-gateway").path
+            if FileManager.default.isExecutableFile(atPath: path) { return path }
+        }
+        return bundle.appendingPathComponent("leostream-gateway").path
+    }
+
+    /// Runs the binary to completion: (status, stdout, stderr).
+    static func run(_ arguments: [String]) throws -> (status: Int32, out: String, err: String) {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: path)
+        process.arguments = arguments
+        let out = Pipe(), err = Pipe()
+        process.standardOutput = out
+        process.standardError = err
+        try process.run()
+        let outData = out.fileHandleForReading.readDataToEndOfFile()
+        let errData = err.fileHandleForReading.readDataToEndOfFile()
+        process.waitUntilExit()
+        return (process.terminationStatus, String(decoding: outData, as: UTF8.self), String(decoding: errData, as: UTF8.self))
+    }
+}
+
+/// A tiny HTTP listener standing in for the broker: it verifies every
+/// request's signature (gateway-to-broker) with the key it was given and
+/// records what arrived.
+final class FakeBroker: @unchecked Sendable {
+    struct Received: Sendable {
+        let method: String
+        let path: String
+        let body: [UInt8]
+        let verified: String?   // nil when the signature verified, else the reason
+    }
+
+    let port: UInt16
+    private let listener: FileDescriptor
+    private let signer: ControlSigner
+    private let replay = ReplayGuard()
+    private let stopped = Atomic<Bool>(false)
+    let received = Mutex<[Received]>([])
+    let keep: [String]
+
+    init(signer: ControlSigner, keep: [String] = []) throws {
+        self.signer = signer
+        self.keep = keep
+        listener = try Socket.listen(on: SocketAddress("127.0.0.1:0")!, reusePort: false)
+        port = Socket.localAddress(listener)!.port
+        Thread { [self] in
+            while !stopped.load(ordering: .relaxed) {
+                guard BlockingWait.readable(listener, timeoutMilliseconds: 100) else { continue }
+                guard case .done(let conn)? = try? Socket.accept(listener) else { continue }
+                serve(conn.fd)
+            }
+            listener.close()
+        }.start()
+    }
+
+    func stop() { stopped.store(true, ordering: .relaxed) }
+
+    var registrations: [Received] { received.withLock { $0.filter { $0.path == "/v1/gateway-agent/register" } } }
+
+    private func serve(_ fd: FileDescriptor) {
+        defer { fd.close() }
+        var data: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: 65536)
+        var head: String?
+        var bodyStart = 0
+        var length = 0
+        while true {
+            guard BlockingWait.readable(fd, timeoutMilliseconds: 3000) else { return }
+            let result = buffer.withUnsafeMutableBytes { try? fd.read(into: $0) }
+            guard case .done(let n)? = result else { if case .wouldBlock? = result { continue }; return }
+            if n == 0 { return }
+            data.append(contentsOf: buffer[0..<n])
+            if head == nil, let range = String(decoding: data, as: UTF8.self).range(of: "\r\n\r\n") {
+                let text = String(decoding: data, as: UTF8.self)
+                head = String(text[..<range.lowerBound])
+                bodyStart = text.utf8.distance(from: text.startIndex, to: range.upperBound)
+                for line in head!.components(separatedBy: "\r\n") where line.lowercased().hasPrefix("content-length:") {
+                    length = Int(line.dropFirst(15).trimmingCharacters(in: .whitespaces)) ?? 0
+                }
+            }
+            if head != nil && data.count >= bodyStart + length { break }
+        }
+        let lines = head!.components(separatedBy: "\r\n")
+        let requestLine = lines[0].split(separator: " ")
+        let method = String(requestLine[0]), path = String(requestLine[1])
+        let body = Array(data[bodyStart..<(bodyStart + length)])
+        let authorization = lines.first { $0.lowercased().hasPrefix("authorization:") }.map { String($0.dropFirst(14)).trimmingCharacters(in: .whitespaces) }
+        var reason: String? = nil
+        do throws(ControlAuthError) {
+            guard let authorization else { throw .missing }
+            try signer.verify(try ControlAuthorization(header: authorization), direction: .gatewayToBroker, method: method,
+                              path: path, body: body, replay: replay)
+        } catch {
+            reason = error.description
+        }
+        received.withLock { $0.append(Received(method: method, path: path, body: body, verified: reason)) }
+        let answer: (Int, [UInt8])
+        if reason != nil {
+            answer = (401, Array("{\"error\":\"\(reason!)\"}".utf8))
+        } else if path.hasSuffix("/register") {
+            answer = (200, ControlJSON.encode(RegisterResponse(heartbeatIntervalSeconds: 1, offlineAfterSeconds: 3, keep: keep)))
+        } else {
+            answer = (204, [])
+        }
+        let reply = "HTTP/1.1 \(answer.0) X\r\nContent-Length: \(answer.1.count)\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n"
+        try? fd.writeAll(Array(reply.utf8) + answer.1)
+    }
+}
+
+@Suite(.serialized) struct GatewayBinaryControlTests {
+    func writeKey(_ folder: TempFolder, _ key: ControlKey) throws -> String {
+        let file = folder.file("enrollment.key")
+        try (key.text + "\n").write(toFile: file, atomically: true, encoding: .utf8)
+        return file
+    }
+
+    @Test func brokerSettingsAreStoredAndShownWithoutTheKey() throws {
+        let folder = TempFolder()
+        defer { folder.remove() }
+        let key = ControlKey.generate()
+        let keyFile = try writeKey(folder, key)
+        let state = folder.file("state")
+        let set = try GatewayBinary.run(["--state-dir", state, "--broker", "10.0.0.9:8080", "--gateway-id", "7",
+                                         "--control-key-file", keyFile, "--port-range", "21000-21099"])
+        #expect(set.status == 0, "\(set.err)")
+        #expect(!set.out.contains(key.text) && !set.err.contains(key.text))
+        #expect(StateFile.mode(state + "/control.key") == 0o600)
+
+        let status = try GatewayBinary.run(["--state-dir", state, "--status"])
+        #expect(status.status == 0, "\(status.err)")
+        #expect(status.out.contains("broker:          http://10.0.0.9:8080"))
+        #expect(status.out.contains("gateway id:      7"))
+        #expect(status.out.contains("port range:      21000-21099"))
+        #expect(status.out.contains("control key:     stored"))
+        #expect(status.out.contains("daemon:          not running"))
+        #expect(!status.out.contains(key.text) && !status.err.contains(key.text))
+    }
+
+    @Test(arguments: [
+        (["--broker", "https://b:443", "--gateway-id", "7"], "--broker"),
+        (["--broker", "b:notaport", "--gateway-id", "7"], "--broker"),
+        (["--broker", "b:8080", "--gateway-id", "seven"], "--gateway-id"),
+        (["--broker", "b:8080", "--gateway-id", "-1"], "--gateway-id"),
+        (["--broker", "b:8080", "--gateway-id", "7"], "--control-key-file"),
+        (["--port-range", "22000-20001"], "--port-range"),
+        (["--port-range", "1-70000"], "--port-range"),
+        (["--port-range", "abc"], "--port-range"),
+    ])
+    func badValuesExit2NamingTheFlag(arguments: [String], flag: String) throws {
+        let folder = TempFolder()
+        defer { folder.remove() }
+        let state = folder.file("state")
+        let result = try GatewayBinary.run(["--state-dir", state] + arguments)
+        #expect(result.status == 2, "\(arguments): \(result.err)")
+        #expect(result.err.contains(flag), "\(arguments): \(result.err)")
+        #expect(!FileManager.default.fileExists(atPath: state + "/gateway-state.json"), "a refused value was stored")
+    }
+
+    @Test func badKeyFileIsRefusedWithoutEchoingIt() throws {
+        let folder = TempFolder()
+        defer { folder.remove() }
+        let file = folder.file("bad.key")
+        try "SECRET-not-a-key-material".write(toFile: file, atomically: true, encoding: .utf8)
+        let result = try GatewayBinary.run(["--state-dir", folder.file("state"), "--broker", "b:1", "--gateway-id", "3",
+                                            "--control-key-file", file])
+        #expect(result.status == 2)
+        #expect(result.err.contains("--control-key-file"))
+        #expect(!result.err.contains("SECRET"))
+    }
+
+    @Test func runningGatewayPicksUpANewBrokerAfterSIGHUP() async throws {
+        let folder = TempFolder()
+        defer { folder.remove() }
+        let key = ControlKey.generate()
+        let signer = ControlSigner(gatewayID: 7, key: key)
+        let first = try FakeBroker(signer: signer, keep: ["persisted"])
+        let second = try FakeBroker(signer: signer, keep: [])
+        defer { first.stop(); second.stop() }
+        let keyFile = try writeKey(folder, key)
+        let state = folder.file("state")
+        let config = folder.file("gateway.conf")
+        try """
+        loops = 1
+        public_address = 127.0.0.1
+        desktop_networks = 127.0.0.0/8
+        control_listen = 127.0.0.1:0
+        drain_timeout = 1s
+        """.write(toFile: config, atomically: true, encoding: .utf8)
+        let set = try GatewayBinary.run(["--state-dir", state, "--broker", "127.0.0.1:\(first.port)", "--gateway-id", "7",
+                                         "--control-key-file", keyFile])
+        #expect(set.status == 0, "\(set.err)")
+        // A rule persisted by an earlier run: restored before registering.
+        let echo = try TCPEcho()
+        defer { echo.stop() }
+        let restoredPort = try #require((20001...22000).shuffled().first { PortAllocator.bindProbe(on: IPAddress("127.0.0.1")!)($0, .tcp) })
+        try RuleStore(directory: state).save([RuleState(id: "persisted", push: RulePush(protocol: .tcp, method: .randomPort,
+                                                                                           target: "\(echo.address)", unusedExpirySeconds: 300),
+                                                        port: restoredPort, created: ControlClock.unixSeconds())])
+
+        let serve = Process()
+        serve.executableURL = URL(fileURLWithPath: GatewayBinary.path)
+        serve.arguments = ["serve", "--config", config, "--state-dir", state]
+        let log = folder.file("serve.log")
+        FileManager.default.createFile(atPath: log, contents: nil)
+        serve.standardError = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
+        serve.standardOutput = FileHandle.nullDevice
+        try serve.run()
+        defer { if serve.isRunning { kill(serve.processIdentifier, SIGKILL); serve.waitUntilExit() } }
+
+        try await offPool {
+            #expect(eventually(20) { !first.registrations.isEmpty }, "the gateway never registered with the first broker")
+            let registration = try #require(first.registrations.first)
+            #expect(registration.verified == nil, "\(registration.verified ?? "")")
+            let request = try JSONDecoder().decode(RegisterRequest.self, from: Data(registration.body))
+            #expect(request.gatewayID == 7)
+            #expect(request.controlURL.hasPrefix("http://127.0.0.1:"))
+            #expect(request.portRange == PortRange(first: 20001, last: 22000))
+            #expect(request.rules.map(\.id) == ["persisted"], "the persisted rule was not restored before registering")
+            #expect(echoThrough(port: restoredPort) == "hello through the gateway")
+            #expect(eventually(10) { first.received.withLock { $0.contains { $0.path == "/v1/gateway-agent/heartbeat" && $0.verified == nil } } },
+                    "no signed heartbeat reached the first broker")
+            let status = try GatewayBinary.run(["--state-dir", state, "--status"])
+            #expect(status.out.contains("daemon:          running"), "\(status.out)")
+            #expect(eventually(10) {
+                (try? GatewayBinary.run(["--state-dir", state, "--status"]).out.contains("registration:    registered")) == true
+            })
+
+            // --broker with a running daemon: stored, then SIGHUP through the pid file.
+            let change = try GatewayBinary.run(["--state-dir", state, "--broker", "127.0.0.1:\(second.port)", "--port-range", "21000-21999"])
+            #expect(change.status == 0, "\(change.err)")
+            #expect(change.out.contains("sent SIGHUP"), "\(change.out)")
+            #expect(eventually(20) { !second.registrations.isEmpty }, "the running gateway did not pick up the new broker")
+            let moved = try #require(second.registrations.first)
+            #expect(moved.verified == nil)
+            let movedRequest = try JSONDecoder().decode(RegisterRequest.self, from: Data(moved.body))
+            #expect(movedRequest.portRange == PortRange(first: 21000, last: 21999))
+            #expect(movedRequest.rules.map(\.id) == ["persisted"])
+            // The new broker does not keep it: reconciliation removes it.
+            #expect(eventually(10) { echoThrough(port: restoredPort) == nil })
+            #expect(eventually(10) {
+                (try? GatewayBinary.run(["--state-dir", state, "--status"]).out.contains("broker:          http://127.0.0.1:\(second.port)")) == true
+            })
+            let logText = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
+            #expect(!logText.contains(key.text), "the key reached the log")
+        }
+        kill(serve.processIdentifier, SIGTERM)
+        serve.waitUntilExit()
+        #expect(serve.terminationStatus == 0)
+        #expect(!FileManager.default.fileExists(atPath: state + "/gateway.pid"))
+    }
+}

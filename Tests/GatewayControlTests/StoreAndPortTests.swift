@@ -1,0 +1,154 @@
+import ControlProtocol
+import Foundation
+import GatewayControl
+import Relay
+import SystemLayer
+import Testing
+
+@Suite struct RuleStoreTests {
+    @Test func roundTrip() throws {
+        let folder = TempFolder()
+        defer { folder.remove() }
+        let store = RuleStore(directory: folder.path)
+        let rules = [
+            RuleState(id: "r1", push: RulePush(protocol: .tcp, method: .randomPort, target: "10.1.2.3:3389", unusedExpirySeconds: 300),
+                      port: 20417, created: 1_700_000_000),
+            RuleState(id: "r2", push: RulePush(protocol: .both, method: .protocolPortClientOnly, target: "10.1.2.4:4000",
+                                               clientIP: "198.51.100.7", port: 4000, unusedExpirySeconds: 60),
+                      port: 4000, created: 1_700_000_100, lastUsed: 1_700_000_200),
+        ]
+        try store.save(rules)
+        #expect(StateFile.mode(store.path) == 0o600)
+        let loaded = store.load()
+        #expect(loaded.problem == nil)
+        #expect(loaded.rules == rules)
+        // No temporary file is left behind.
+        let names = try FileManager.default.contentsOfDirectory(atPath: folder.path)
+        #expect(names == ["rules.json"])
+    }
+
+    @Test func missingFileIsEmpty() {
+        let folder = TempFolder()
+        defer { folder.remove() }
+        let loaded = RuleStore(directory: folder.path).load()
+        #expect(loaded.rules.isEmpty)
+        #expect(loaded.problem == nil)
+    }
+
+    @Test(arguments: ["{\"version\":1,\"rules\":[{\"id\":\"x\"", "not json at all", "{\"version\":9,\"rules\":[]}",
+                      "{\"version\":1,\"rules\":[{\"id\":\"x\",\"push\":{\"protocol\":\"sctp\",\"method\":0,\"target\":\"10.0.0.1:1\"},\"port\":1,\"created\":0,\"sessions\":0}]}"])
+    func corruptedFileIsKeptAside(content: String) throws {
+        let folder = TempFolder()
+        defer { folder.remove() }
+        let store = RuleStore(directory: folder.path)
+        try content.write(toFile: store.path, atomically: false, encoding: .utf8)
+        let loaded = store.load(now: 1234)
+        #expect(loaded.rules.isEmpty)
+        let problem = try #require(loaded.problem)
+        #expect(problem.contains(store.path))
+        #expect(problem.contains("kept as \(store.path).bad-1234"))
+        // Nothing lost: the bad file is kept byte for byte.
+        #expect(try String(contentsOfFile: store.path + ".bad-1234", encoding: .utf8) == content)
+        #expect(!FileManager.default.fileExists(atPath: store.path))
+        // And the store works again.
+        try store.save([])
+        #expect(store.load().problem == nil)
+    }
+}
+
+@Suite struct PortAllocatorTests {
+    let always: PortAllocator.Probe = { _, _ in true }
+
+    @Test func randomPortInRangeAvoidsUsedPorts() throws {
+        let allocator = PortAllocator(range: 30000...30009)
+        let uses = (30000...30008).map { PortAllocator.Use(port: $0, transport: .tcp, allow: []) }
+        for _ in 0..<20 {
+            let port = try allocator.allocate(method: .randomPort, requested: nil, client: nil, transport: .tcp, uses: uses, probe: always)
+            #expect(port == 30009)
+        }
+        var seen = Set<Int>()
+        for _ in 0..<200 {
+            let port = try allocator.allocate(method: .randomPortClientOnly, requested: nil, client: IPAddress("10.0.0.1"),
+                                              transport: .tcp, uses: [], probe: always)
+            #expect((30000...30009).contains(port))
+            seen.insert(port)
+        }
+        #expect(seen.count > 1, "random ports should not always be the same")
+    }
+
+    @Test func udpPortOfATCPRuleIsFreeForUDP() throws {
+        let allocator = PortAllocator(range: 30000...30000)
+        let uses = [PortAllocator.Use(port: 30000, transport: .tcp, allow: [])]
+        #expect(try allocator.allocate(method: .randomPort, requested: nil, client: nil, transport: .udp, uses: uses, probe: always) == 30000)
+        #expect(throws: ControlError.self) {
+            try allocator.allocate(method: .randomPort, requested: nil, client: nil, transport: .both, uses: uses, probe: always)
+        }
+    }
+
+    @Test func methodOneTakesTheRequestedPort() throws {
+        let allocator = PortAllocator(range: 30000...30009)
+        let port = try allocator.allocate(method: .protocolPortClientOnly, requested: 3389, client: IPAddress("10.0.0.1"),
+                                          transport: .tcp, uses: [], probe: always)
+        #expect(port == 3389)
+        // Another client's method-1 rule may share it; the relay tells them apart by address.
+        let other = [PortAllocator.Use(port: 3389, transport: .tcp, allow: [CIDR("10.0.0.2/32")!])]
+        #expect(try allocator.allocate(method: .protocolPortClientOnly, requested: 3389, client: IPAddress("10.0.0.1"),
+                                       transport: .tcp, uses: other, probe: { _, _ in false }) == 3389)
+    }
+
+    @Test func methodOnePortTaken() {
+        let allocator = PortAllocator(range: 30000...30009)
+        let open = [PortAllocator.Use(port: 3389, transport: .tcp, allow: [])]
+        #expect(throws: ControlError(409, field: "port", "port: 3389/tcp is already taken by another rule")) {
+            try allocator.allocate(method: .protocolPortClientOnly, requested: 3389, client: IPAddress("10.0.0.1"),
+                                   transport: .tcp, uses: open, probe: { _, _ in true })
+        }
+        let sameClient = [PortAllocator.Use(port: 3389, transport: .tcp, allow: [CIDR("10.0.0.1/32")!])]
+        #expect(throws: ControlError.self) {
+            try allocator.allocate(method: .protocolPortClientOnly, requested: 3389, client: IPAddress("10.0.0.1"),
+                                   transport: .tcp, uses: sameClient, probe: { _, _ in true })
+        }
+        do {
+            _ = try allocator.allocate(method: .protocolPortClientOnly, requested: 3389, client: IPAddress("10.0.0.1"),
+                                       transport: .tcp, uses: [], probe: { _, _ in false })
+            Issue.record("a port another process holds was accepted")
+        } catch {
+            #expect(error.status == 409)
+            #expect(error.message.contains("3389"))
+        }
+    }
+
+    @Test func exhaustedRange() {
+        let allocator = PortAllocator(range: 30000...30003)
+        let uses = [PortAllocator.Use(port: 30000, transport: .tcp, allow: []), PortAllocator.Use(port: 30001, transport: .both, allow: [])]
+        // 30002 and 30003 are held by another process.
+        let probe: PortAllocator.Probe = { port, _ in port < 30002 }
+        do {
+            _ = try allocator.allocate(method: .randomPort, requested: nil, client: nil, transport: .tcp, uses: uses, probe: probe)
+            Issue.record("an exhausted range gave a port")
+        } catch {
+            #expect(error.status == 409)
+            #expect(error.message.contains("30000-30003 is exhausted"))
+        }
+    }
+
+    @Test func realProbeSeesAPortHeldElsewhere() throws {
+        let held = try Socket.listen(on: SocketAddress("127.0.0.1:0")!, reusePort: false)
+        defer { held.close() }
+        let port = Int(Socket.localAddress(held)!.port)
+        let probe = PortAllocator.bindProbe(on: IPAddress("127.0.0.1")!)
+        #expect(!probe(port, .tcp))
+    }
+}
+
+@Suite struct BrokerAddressTests {
+    @Test func forms() throws {
+        #expect(try BrokerAddress("10.0.0.5:8080").url == "http://10.0.0.5:8080")
+        #expect(try BrokerAddress("http://broker.example:9000/base/").url == "http://broker.example:9000/base")
+        #expect(try BrokerAddress("http://broker.example").port == 80)
+        #expect(try BrokerAddress("[::1]:8080").url == "http://[::1]:8080")
+        for bad in ["", "https://b:443", "ftp://x:1", "host:0", "host:99999", "http://:80"] {
+            #expect(throws: ControlError.self, "\(bad)") { try BrokerAddress(bad) }
+        }
+    }
+}
