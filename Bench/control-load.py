@@ -1,0 +1,279 @@
+#!/usr/bin/env python3
+"""Load tool of Bench/control-bench (issue 4): drives a gateway's control
+endpoint and a broker's connect call, and prints one `key=value` line per
+measurement.
+
+  push-latency  signed PUT /control/v1/rules/{id} (method 0, TCP, to an echo
+                target), then a TCP connection through the port the gateway
+                answered that completes a 64-byte echo; the time from sending
+                the PUT to the echo's last byte, one rule at a time (each rule
+                is deleted afterwards, untimed). Prints p50/p99/mean/max in ms.
+  rule-rate     WORKERS threads each PUT a rule then DELETE it, for SECONDS;
+                prints pushes+deletes per second (and pairs per second).
+  connect-rate  WORKERS threads POST /v1/connect to the broker (which chooses
+                the gateway and pushes the rule to it) COUNT times in all, then
+                DELETE /v1/connect/{rule_id} each; prints calls per second of
+                both and their p50/p99 in ms.
+  rules         how many rules the gateway holds (signed GET /control/v1/rules).
+
+Secrets (the control key, the session id) are read from files and never
+printed. Standard library only.
+"""
+import argparse
+import base64
+import hashlib
+import hmac
+import http.client
+import json
+import os
+import secrets
+import socket
+import sys
+import threading
+import time
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def read_key(path: str) -> bytes:
+    text = open(path).read().strip()
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+class ControlClient:
+    """A keep-alive HTTP connection to the gateway's control endpoint, signing
+    as the broker (direction broker-to-gateway), per docs/CONTROL-PROTOCOL.md."""
+
+    def __init__(self, host, port, gateway_id, key):
+        self.host, self.port, self.gateway_id, self.key = host, port, gateway_id, key
+        self.conn = http.client.HTTPConnection(host, port, timeout=30)
+
+    def request(self, method, path, body=b""):
+        ts = str(int(time.time()))
+        nonce = secrets.token_hex(16)
+        text = "\n".join(["LEO-HMAC-SHA256", "broker-to-gateway", method, path, ts, nonce,
+                          hashlib.sha256(body).hexdigest()])
+        sig = b64url(hmac.new(self.key, text.encode(), hashlib.sha256).digest())
+        headers = {"Authorization": f"LEO-HMAC-SHA256 gw={self.gateway_id}, ts={ts}, nonce={nonce}, sig={sig}"}
+        if body:
+            headers["Content-Type"] = "application/json"
+        for attempt in (0, 1):
+            try:
+                self.conn.request(method, path, body=body or None, headers=headers)
+                reply = self.conn.getresponse()
+                return reply.status, reply.read()
+            except (http.client.HTTPException, ConnectionError):
+                self.conn.close()
+                self.conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
+                if attempt:
+                    raise
+
+    def put_rule(self, rule_id, target):
+        body = json.dumps({"protocol": "tcp", "method": 0, "target": target}).encode()
+        status, data = self.request("PUT", f"/control/v1/rules/{rule_id}", body)
+        if status not in (200, 201):
+            raise RuntimeError(f"PUT rule: HTTP {status}: {data[:200]!r}")
+        return json.loads(data)["port"]
+
+    def delete_rule(self, rule_id):
+        status, data = self.request("DELETE", f"/control/v1/rules/{rule_id}")
+        if status != 204:
+            raise RuntimeError(f"DELETE rule: HTTP {status}: {data[:200]!r}")
+
+
+def echo_through(host, port, size=64):
+    payload = os.urandom(size)
+    with socket.create_connection((host, port), timeout=10) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.sendall(payload)
+        got = b""
+        while len(got) < size:
+            chunk = s.recv(size - len(got))
+            if not chunk:
+                raise RuntimeError(f"echo through port {port}: closed after {len(got)} of {size} bytes")
+            got += chunk
+    if got != payload:
+        raise RuntimeError(f"echo through port {port}: wrong bytes")
+
+
+def percentile(values, p):
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, int(round(p / 100 * len(ordered) + 0.5)) - 1))
+    return ordered[index]
+
+
+def control_from(args):
+    host, port = args.control.rsplit(":", 1)
+    return host, int(port), args.gateway_id, read_key(args.key_file)
+
+
+def push_latency(args):
+    host, port, gid, key = control_from(args)
+    client = ControlClient(host, port, gid, key)
+    public = args.public_host
+    for _ in range(args.warmup):
+        rid = secrets.token_hex(16)
+        echo_through(public, client.put_rule(rid, args.target))
+        client.delete_rule(rid)
+    samples = []
+    for _ in range(args.count):
+        rid = secrets.token_hex(16)
+        start = time.perf_counter()
+        rule_port = client.put_rule(rid, args.target)
+        echo_through(public, rule_port)
+        samples.append((time.perf_counter() - start) * 1000)
+        client.delete_rule(rid)
+    print(f"scenario=push-latency count={len(samples)} p50_ms={percentile(samples, 50):.3f} "
+          f"p99_ms={percentile(samples, 99):.3f} mean_ms={sum(samples) / len(samples):.3f} max_ms={max(samples):.3f}")
+
+
+def rule_rate(args):
+    host, port, gid, key = control_from(args)
+    stop = time.perf_counter() + args.seconds
+    counts = [0] * args.workers
+    errors = []
+
+    def worker(i):
+        client = ControlClient(host, port, gid, key)
+        try:
+            while time.perf_counter() < stop:
+                rid = secrets.token_hex(16)
+                client.put_rule(rid, args.target)
+                client.delete_rule(rid)
+                counts[i] += 2
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(str(e))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(args.workers)]
+    begin = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - begin
+    if errors:
+        print(f"error: rule-rate: {errors[0]}", file=sys.stderr)
+        sys.exit(1)
+    ops = sum(counts)
+    print(f"scenario=rule-rate workers={args.workers} seconds={elapsed:.2f} ops={ops} "
+          f"ops_per_s={ops / elapsed:.0f} pairs_per_s={ops / 2 / elapsed:.0f}")
+
+
+def connect_rate(args):
+    host, port = args.broker.rsplit(":", 1)
+    sid = open(args.sid_file).read().strip()
+    headers = {"Authorization": f"Bearer {sid}", "Content-Type": "application/json"}
+    body = json.dumps({"desktop_id": args.desktop_id, "protocol": args.protocol}).encode()
+    lock = threading.Lock()
+    remaining = [args.count]
+    rule_ids, connect_ms, delete_ms, errors = [], [], [], []
+
+    def take():
+        with lock:
+            if remaining[0] <= 0:
+                return False
+            remaining[0] -= 1
+            return True
+
+    def connector():
+        conn = http.client.HTTPConnection(host, int(port), timeout=60)
+        try:
+            while take():
+                start = time.perf_counter()
+                conn.request("POST", "/v1/connect", body=body, headers=headers)
+                reply = conn.getresponse()
+                data = reply.read()
+                if reply.status != 200:
+                    raise RuntimeError(f"POST /v1/connect: HTTP {reply.status}: {data[:200]!r}")
+                elapsed = (time.perf_counter() - start) * 1000
+                with lock:
+                    connect_ms.append(elapsed)
+                    rule_ids.append(json.loads(data)["rule_id"])
+        except Exception as e:  # noqa: BLE001
+            errors.append(str(e))
+
+    def deleter(ids):
+        conn = http.client.HTTPConnection(host, int(port), timeout=60)
+        try:
+            for rid in ids:
+                start = time.perf_counter()
+                conn.request("DELETE", f"/v1/connect/{rid}", headers=headers)
+                reply = conn.getresponse()
+                data = reply.read()
+                if reply.status != 204:
+                    raise RuntimeError(f"DELETE /v1/connect: HTTP {reply.status}: {data[:200]!r}")
+                with lock:
+                    delete_ms.append((time.perf_counter() - start) * 1000)
+        except Exception as e:  # noqa: BLE001
+            errors.append(str(e))
+
+    def run(threads):
+        begin = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return time.perf_counter() - begin
+
+    connect_s = run([threading.Thread(target=connector) for _ in range(args.workers)])
+    if errors:
+        print(f"error: connect-rate: {errors[0]}", file=sys.stderr)
+        sys.exit(1)
+    shares = [rule_ids[i::args.workers] for i in range(args.workers)]
+    delete_s = run([threading.Thread(target=deleter, args=(s,)) for s in shares])
+    if errors:
+        print(f"error: connect-rate: {errors[0]}", file=sys.stderr)
+        sys.exit(1)
+    print(f"scenario=connect-rate workers={args.workers} count={len(connect_ms)} "
+          f"connect_per_s={len(connect_ms) / connect_s:.0f} connect_p50_ms={percentile(connect_ms, 50):.2f} "
+          f"connect_p99_ms={percentile(connect_ms, 99):.2f} "
+          f"disconnect_per_s={len(delete_ms) / delete_s:.0f} disconnect_p50_ms={percentile(delete_ms, 50):.2f} "
+          f"disconnect_p99_ms={percentile(delete_ms, 99):.2f}")
+
+
+def count_rules(args):
+    host, port, gid, key = control_from(args)
+    status, data = ControlClient(host, port, gid, key).request("GET", "/control/v1/rules")
+    if status != 200:
+        print(f"error: GET /control/v1/rules: HTTP {status}: {data[:200]!r}", file=sys.stderr)
+        sys.exit(1)
+    print(f"scenario=rules count={len(json.loads(data))}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="scenario", required=True)
+    for name in ("push-latency", "rule-rate", "rules"):
+        p = sub.add_parser(name)
+        p.add_argument("--control", required=True, help="the gateway's control endpoint HOST:PORT")
+        p.add_argument("--gateway-id", type=int, required=True)
+        p.add_argument("--key-file", required=True, help="file with the gateway's control key")
+        p.add_argument("--target", default="", help="the echo server HOST:PORT the rules point at")
+        p.add_argument("--public-host", default="127.0.0.1", help="where the rules' ports listen")
+        if name == "push-latency":
+            p.add_argument("--count", type=int, default=500)
+            p.add_argument("--warmup", type=int, default=20)
+        elif name == "rule-rate":
+            p.add_argument("--seconds", type=float, default=5)
+            p.add_argument("--workers", type=int, default=1)
+    p = sub.add_parser("connect-rate")
+    p.add_argument("--broker", required=True, help="the broker's HOST:PORT")
+    p.add_argument("--sid-file", required=True, help="file with a logged-in session id")
+    p.add_argument("--desktop-id", type=int, required=True)
+    p.add_argument("--protocol", default="echo")
+    p.add_argument("--count", type=int, default=1000)
+    p.add_argument("--workers", type=int, default=4)
+    args = parser.parse_args()
+    for field in ("count", "workers", "seconds"):
+        if getattr(args, field, 1) is not None and getattr(args, field, 1) <= 0:
+            parser.error(f"--{field} must be positive")
+    {"push-latency": push_latency, "rule-rate": rule_rate, "connect-rate": connect_rate,
+     "rules": count_rules}[args.scenario](args)
+
+
+if __name__ == "__main__":
+    main()

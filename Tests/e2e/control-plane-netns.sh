@@ -1,0 +1,387 @@
+#!/usr/bin/env bash
+# End-to-end test of the control plane (issue 4) across network namespaces
+# that this script creates and always deletes.
+#
+#   client A 10.99.1.10 ─┐                          ┌─ broker  10.99.2.2:8080
+#   client B 10.99.1.11 ─┤ public 10.99.1.0/24      │  private 10.99.2.0/24
+#                        └─ 10.99.1.1 [gateway] 10.99.2.1 ─┤
+#                                                   └─ desktop 10.99.2.3
+#                                                        sshd :2222, echo :7007
+#
+# The two networks are bridges in a sixth namespace (the switch). The real
+# binaries run in their hosts: leostream-broker (REST API, enrollment,
+# connect), leostream-gateway serve (control endpoint on the private side,
+# broker forwarding on 10.99.1.1:443, pushed rules on the public side), and
+# on the desktop OpenSSH's sshd (throwaway host key) and a socat echo service.
+#
+# Flow: the admin creates the gateway, a desktop and a user, and enrolls the
+# gateway; the gateway is given --broker/--gateway-id/--control-key-file and
+# registers; A logs in and connects through the gateway's broker forwarding
+# and reaches the desktop's sshd (banner SSH-2.0-) on the port it was given,
+# for use_src_ip 0, 1 and 2; B is refused on A's rule for 1 and 2; disconnect
+# closes the rule; the gateway restarts and A's rule still works (B still
+# refused); the broker stops and A's live echo session keeps carrying bytes;
+# the gateway is frozen (SIGSTOP) and the broker marks it offline and stops
+# choosing it; thawed, it comes back online.
+#
+# Usage: Tests/e2e/control-plane-netns.sh [BIN_DIR]
+#   BIN_DIR holds leostream-broker and leostream-gateway (default: the
+#   LEOSTREAM_BIN_DIR environment variable, else .build/debug).
+# Needs root, iproute2 (ip), curl, jq, socat, openssl, sshd and ssh-keygen
+# (openssh-server); a missing one fails the test, naming it.
+# Exit 0 when every check passed, 1 otherwise (logs are printed on failure).
+# Waits poll with a deadline; no check depends on how long something took.
+set -uo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+BIN_DIR=${1:-${LEOSTREAM_BIN_DIR:-$ROOT/.build/debug}}
+BROKER_BIN=$BIN_DIR/leostream-broker
+GATEWAY_BIN=$BIN_DIR/leostream-gateway
+NAME=control-plane-netns
+
+say()  { echo "[$NAME] $*" >&2; }
+pass() { echo "[$NAME] ok: $*" >&2; PASSED=$((PASSED + 1)); }
+PASSED=0
+
+# ---------------------------------------------------------------- preconditions
+missing=()
+[ "$(id -u)" -eq 0 ] || missing+=("root (network namespaces need CAP_NET_ADMIN; run as root)")
+for tool in ip ping curl jq socat openssl ssh-keygen setsid timeout; do
+    command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+done
+SSHD=$(command -v sshd 2>/dev/null || echo /usr/sbin/sshd)
+[ -x "$SSHD" ] || missing+=("sshd (Debian package openssh-server)")
+[ -x "$BROKER_BIN" ] || missing+=("$BROKER_BIN (build first: swift build)")
+[ -x "$GATEWAY_BIN" ] || missing+=("$GATEWAY_BIN (build first: swift build)")
+if ((${#missing[@]})); then
+    for m in "${missing[@]}"; do echo "[$NAME] FAIL: missing: $m" >&2; done
+    echo "[$NAME] FAIL: cannot run; scripts/install-deps test installs the packages" >&2
+    exit 1
+fi
+
+# ---------------------------------------------------------------- hosts and cleanup
+TAG="lcp$$"
+NS_SW=$TAG-sw; NS_A=$TAG-a; NS_B=$TAG-b; NS_GW=$TAG-gw; NS_BR=$TAG-br; NS_DK=$TAG-dk
+ALL_NS=("$NS_A" "$NS_B" "$NS_GW" "$NS_BR" "$NS_DK" "$NS_SW")
+A_IP=10.99.1.10; B_IP=10.99.1.11; GW_PUB=10.99.1.1; GW_PRIV=10.99.2.1; BR_IP=10.99.2.2; DK_IP=10.99.2.3
+BROKER_URL=http://$BR_IP:8080
+FORWARD_URL=http://$GW_PUB:443         # the gateway's broker forwarding (L4 + PROXY v2)
+SSH_PORT=2222; ECHO_PORT=7007
+
+W=$(mktemp -d "/tmp/$NAME.XXXXXX")
+chmod 700 "$W"
+declare -A PIDS=()      # role -> pid of a process group leader we started
+FAILED=0
+
+stop_role() {   # role [signal]: stops the group, polling until it is gone
+    local role=$1 sig=${2:-TERM} pid=${PIDS[$1]:-}
+    [ -n "$pid" ] || return 0
+    kill -CONT -- "-$pid" 2>/dev/null
+    kill "-$sig" -- "-$pid" 2>/dev/null
+    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL -- "-$pid" 2>/dev/null
+    wait "$pid" 2>/dev/null
+    unset "PIDS[$role]"
+}
+
+show_logs() {
+    local f
+    for f in "$W"/*.log; do
+        [ -s "$f" ] || continue
+        echo "----- $(basename "$f") (last 40 lines)" >&2
+        tail -n 40 "$f" >&2
+    done
+}
+
+cleanup() {
+    local rc=$? role ns pid
+    trap - EXIT INT TERM
+    [ "$FAILED" = 1 ] && show_logs
+    for role in "${!PIDS[@]}"; do stop_role "$role" TERM 2>/dev/null; done
+    # Anything else still inside our namespaces was started by this script.
+    for ns in "${ALL_NS[@]}"; do
+        for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$pid" 2>/dev/null; done
+    done
+    for ns in "${ALL_NS[@]}"; do ip netns del "$ns" 2>/dev/null; done
+    rm -rf "$W"
+    if [ "$FAILED" = 1 ] || [ "$rc" -ne 0 ]; then
+        echo "[$NAME] FAILED ($PASSED checks passed before)" >&2
+        exit 1
+    fi
+    echo "[$NAME] PASSED ($PASSED checks)" >&2
+    exit 0
+}
+trap cleanup EXIT
+trap 'say "interrupted"; FAILED=1; exit 1' INT TERM
+
+fail() { echo "[$NAME] FAIL: $*" >&2; FAILED=1; exit 1; }
+
+in_ns() { local ns=$1; shift; ip netns exec "$ns" "$@"; }
+
+# start ROLE NS CMD...: runs CMD in NS in its own process group, output to $W/ROLE.log.
+start() {
+    local role=$1 ns=$2; shift 2
+    ip netns exec "$ns" setsid "$@" >>"$W/$role.log" 2>&1 </dev/null &
+    PIDS[$role]=$!
+}
+alive() { local pid=${PIDS[$1]:-}; [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; }
+
+# eventually DEADLINE_S DESCRIPTION CMD...: polls CMD until it succeeds.
+eventually() {
+    local deadline=$(( $(date +%s) + $1 )) what=$2; shift 2
+    while :; do
+        "$@" && return 0
+        [ "$(date +%s)" -lt "$deadline" ] || fail "$what (gave up after $1 s of polling)"
+        sleep 0.2
+    done
+}
+
+# ---------------------------------------------------------------- topology
+say "creating namespaces ${ALL_NS[*]}"
+for ns in "${ALL_NS[@]}"; do
+    ip netns add "$ns" || fail "ip netns add $ns"
+    ip -n "$ns" link set lo up
+done
+ip -n "$NS_SW" link add br-pub type bridge || fail "cannot create a bridge (kernel module bridge)"
+ip -n "$NS_SW" link add br-priv type bridge
+ip -n "$NS_SW" link set br-pub up
+ip -n "$NS_SW" link set br-priv up
+# plug NS IFNAME ADDR/LEN BRIDGE SWITCHPORT
+plug() {
+    ip -n "$NS_SW" link add "$5" type veth peer name "$2" netns "$1" || fail "veth $5 <-> $1/$2"
+    ip -n "$NS_SW" link set "$5" master "$4" up
+    ip -n "$1" addr add "$3" dev "$2"
+    ip -n "$1" link set "$2" up
+}
+plug "$NS_A"  eth0 $A_IP/24   br-pub  p-a
+plug "$NS_B"  eth0 $B_IP/24   br-pub  p-b
+plug "$NS_GW" pub0 $GW_PUB/24 br-pub  p-gw
+plug "$NS_GW" priv0 $GW_PRIV/24 br-priv q-gw
+plug "$NS_BR" eth0 $BR_IP/24  br-priv q-br
+plug "$NS_DK" eth0 $DK_IP/24  br-priv q-dk
+# The public side cannot reach the private network except through the gateway's relays.
+reaches() { in_ns "$1" ping -c1 -W1 "$2" >/dev/null 2>&1; }   # NS ADDRESS
+eventually 10 "client A cannot reach the gateway's public address" reaches "$NS_A" $GW_PUB
+eventually 10 "client B cannot reach the gateway's public address" reaches "$NS_B" $GW_PUB
+eventually 10 "the gateway cannot reach the broker" reaches "$NS_GW" $BR_IP
+eventually 10 "the gateway cannot reach the desktop" reaches "$NS_GW" $DK_IP
+reaches "$NS_A" $DK_IP && fail "client A reaches the desktop directly (the networks are not separate)"
+pass "topology: A, B -> gateway public; gateway private -> broker, desktop; A cannot reach the desktop"
+
+# ---------------------------------------------------------------- desktop: sshd and echo
+ssh-keygen -q -t ed25519 -N '' -f "$W/ssh_host_ed25519_key" -C e2e-throwaway || fail "ssh-keygen"
+cat >"$W/sshd_config" <<EOF
+Port $SSH_PORT
+ListenAddress $DK_IP
+HostKey $W/ssh_host_ed25519_key
+PidFile $W/sshd.pid
+UsePAM no
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+StrictModes no
+EOF
+mkdir -p /run/sshd && chmod 755 /run/sshd   # sshd's privilege separation directory
+"$SSHD" -t -f "$W/sshd_config" 2>"$W/sshd-check.log" || fail "sshd -t: $(cat "$W/sshd-check.log")"
+start sshd "$NS_DK" "$SSHD" -D -e -f "$W/sshd_config"
+start echo "$NS_DK" socat "TCP-LISTEN:$ECHO_PORT,bind=$DK_IP,reuseaddr,fork" EXEC:cat
+
+# banner NS IP PORT: prints the first line the server sends (empty when refused or closed).
+banner() {
+    in_ns "$1" timeout 5 bash -c 'exec 3<>"/dev/tcp/$1/$2" || exit 1
+        IFS= read -r -t 4 line <&3 && printf "%s\n" "$line"' banner "$2" "$3" 2>/dev/null
+}
+has_banner() { [[ "$(banner "$@")" == SSH-2.0-* ]]; }
+eventually 20 "sshd on the desktop did not answer with an SSH banner" has_banner "$NS_GW" $DK_IP $SSH_PORT
+pass "desktop: sshd on $DK_IP:$SSH_PORT answers SSH-2.0-"
+
+# ---------------------------------------------------------------- broker
+ADMIN_PASSWORD=$(openssl rand -hex 16)
+USER_PASSWORD=$(openssl rand -hex 16)
+( umask 077; printf '%s\n' "$ADMIN_PASSWORD" >"$W/admin-password" )
+BROKER_ARGS=(--data-dir "$W/broker-data" --listen $BR_IP:8080 --admin-password-file "$W/admin-password"
+             --bcrypt-cost 4 --heartbeat-interval 1 --offline-after 3)
+start broker "$NS_BR" "$BROKER_BIN" "${BROKER_ARGS[@]}"
+broker_up() { in_ns "$NS_BR" curl -s -o /dev/null -m 2 "$BROKER_URL/v1/system/health"; }
+eventually 30 "the broker did not start listening on $BR_IP:8080" broker_up
+
+# http NS METHOD URL [BODY] [TOKEN]: sets STATUS and BODY. The token goes in a
+# header file, never on a command line or in the output.
+http() {
+    local ns=$1 method=$2 url=$3 body=${4:-} token=${5:-}
+    local args=(-s -m 15 -X "$method" -o "$W/http.body" -w '%{http_code}')
+    [ -n "$body" ] && args+=(-H 'Content-Type: application/json' --data-binary "$body")
+    if [ -n "$token" ]; then
+        ( umask 077; printf 'Authorization: Bearer %s\n' "$token" >"$W/auth.header" )
+        args+=(-H "@$W/auth.header")
+    fi
+    STATUS=$(in_ns "$ns" curl "${args[@]}" "$url") || STATUS=${STATUS:-000}
+    BODY=$(cat "$W/http.body" 2>/dev/null || true)
+    rm -f "$W/http.body" "$W/auth.header"
+}
+expect() {   # STATUS WHAT
+    [ "$STATUS" = "$1" ] || fail "$2: expected HTTP $1, got $STATUS: $BODY"
+}
+login() {    # NS URL LOGIN PASSWORD -> prints the sid
+    http "$1" POST "$2/v1/session/login" "$(jq -cn --arg l "$3" --arg p "$4" '{user_login: $l, password: $p}')"
+    expect 200 "login of $3 at $2"
+    jq -er .sid <<<"$BODY" || fail "login of $3: no sid in the answer"
+}
+
+ADMIN_SID=$(login "$NS_BR" "$BROKER_URL" admin "$ADMIN_PASSWORD") || exit 1
+http "$NS_BR" POST "$BROKER_URL/v1/gateways" \
+    "{\"name\":\"gw-e2e\",\"address\":\"$GW_PUB\",\"address_private\":\"$GW_PRIV\",\"use_src_ip\":0}" "$ADMIN_SID"
+[[ "$STATUS" == 20[01] ]] || fail "create the gateway: HTTP $STATUS: $BODY"
+GW_ID=$(jq -er '.stored_data.id // .id' <<<"$BODY") || fail "create the gateway: no id in $BODY"
+http "$NS_BR" POST "$BROKER_URL/v1/desktops" \
+    "{\"name\":\"desk-e2e\",\"address\":\"$DK_IP\",\"gateway_id\":$GW_ID,\"protocols\":[{\"name\":\"ssh\",\"port\":$SSH_PORT},{\"name\":\"echo\",\"port\":$ECHO_PORT}]}" "$ADMIN_SID"
+[[ "$STATUS" == 20[01] ]] || fail "create the desktop: HTTP $STATUS: $BODY"
+DESK_ID=$(jq -er '.stored_data.id // .id' <<<"$BODY") || fail "create the desktop: no id in $BODY"
+http "$NS_BR" POST "$BROKER_URL/v1/users" "$(jq -cn --arg p "$USER_PASSWORD" '{login: "alice", password: $p, role: "user"}')" "$ADMIN_SID"
+[[ "$STATUS" == 20[01] ]] || fail "create user alice: HTTP $STATUS: $BODY"
+# Enrollment: the control key is written straight to a 0600 file, never shown.
+http "$NS_BR" POST "$BROKER_URL/v1/gateways/$GW_ID/enrollment" "" "$ADMIN_SID"
+expect 201 "enroll the gateway"
+( umask 077; jq -er .control_key <<<"$BODY" >"$W/control-key" ) || fail "enrollment answered no control_key"
+BODY=""
+pass "admin: gateway $GW_ID, desktop $DESK_ID and user created, gateway enrolled"
+
+gateway_online() {   # prints true/false
+    http "$NS_BR" GET "$BROKER_URL/v1/gateways/$GW_ID" "" "$ADMIN_SID"
+    [ "$STATUS" = 200 ] || return 1
+    jq -r '(.stored_data // .) | .online' <<<"$BODY"
+}
+is_online()  { [ "$(gateway_online)" = true ]; }
+is_offline() { [ "$(gateway_online)" = false ]; }
+set_method() {
+    http "$NS_BR" PUT "$BROKER_URL/v1/gateways/$GW_ID" "{\"use_src_ip\":$1}" "$ADMIN_SID"
+    expect 200 "set use_src_ip $1"
+}
+
+# ---------------------------------------------------------------- gateway
+cat >"$W/gateway.conf" <<EOF
+loops = 1
+drain_timeout = 2s
+log_level = info
+control_listen = $GW_PRIV:19010
+public_address = $GW_PUB
+desktop_networks = 10.99.2.0/24
+broker_forward_listen = $GW_PUB:443
+gateway_signature = e2e-gateway
+EOF
+GW_STATE=$W/gateway-state
+in_ns "$NS_GW" "$GATEWAY_BIN" --check --config "$W/gateway.conf" >"$W/gateway-check.log" 2>&1 \
+    || fail "gateway --check: $(cat "$W/gateway-check.log")"
+in_ns "$NS_GW" "$GATEWAY_BIN" --state-dir "$GW_STATE" --broker $BR_IP:8080 --gateway-id "$GW_ID" \
+    --control-key-file "$W/control-key" --port-range 21000-21999 >"$W/gateway-configure.log" 2>&1 \
+    || fail "gateway --broker ...: $(cat "$W/gateway-configure.log")"
+grep -qF -e "$(cat "$W/control-key")" "$W/gateway-configure.log" && fail "the gateway printed its control key"
+start_gateway() { start gateway "$NS_GW" "$GATEWAY_BIN" serve --config "$W/gateway.conf" --state-dir "$GW_STATE"; }
+start_gateway
+eventually 60 "the gateway did not register (GET /v1/gateways/$GW_ID never showed online true)" is_online
+in_ns "$NS_GW" "$GATEWAY_BIN" --status --state-dir "$GW_STATE" >"$W/status.out" 2>&1 || fail "gateway --status: $(cat "$W/status.out")"
+grep -q "gateway id:      $GW_ID" "$W/status.out" || fail "gateway --status does not show gateway id $GW_ID: $(cat "$W/status.out")"
+grep -qF -e "$(cat "$W/control-key")" "$W/status.out" && fail "gateway --status printed the control key"
+pass "gateway registered with the broker (online true); --status shows it without the key"
+
+# ---------------------------------------------------------------- A through broker forwarding
+ALICE_SID=$(login "$NS_A" "$FORWARD_URL" alice "$USER_PASSWORD") || exit 1
+pass "A logged in to the broker through the gateway's broker forwarding ($GW_PUB:443)"
+# B reaches the same forwarding port: the refusals below are the rules', not the network's.
+http "$NS_B" GET "$FORWARD_URL/v1/system/health"
+[ "$STATUS" != 000 ] || fail "B cannot reach the gateway's broker forwarding port"
+
+connect() {  # PROTOCOL -> sets RULE_ID, PORT, ADDRESS
+    http "$NS_A" POST "$FORWARD_URL/v1/connect" "{\"desktop_id\":$DESK_ID,\"protocol\":\"$1\"}" "$ALICE_SID"
+    expect 200 "POST /v1/connect ($1) through broker forwarding"
+    RULE_ID=$(jq -er .rule_id <<<"$BODY") && PORT=$(jq -er .port <<<"$BODY") && ADDRESS=$(jq -er .address <<<"$BODY") \
+        || fail "connect answer lacks rule_id/port/address: $BODY"
+    [ "$ADDRESS" = "$GW_PUB" ] || fail "connect answered address $ADDRESS, not the gateway's $GW_PUB"
+}
+
+# use_src_ip 0: a random port of the range, open to anyone.
+connect ssh
+M0_RULE=$RULE_ID; M0_PORT=$PORT
+[ "$PORT" -ge 21000 ] && [ "$PORT" -le 21999 ] || fail "method 0 port $PORT is outside --port-range 21000-21999"
+has_banner "$NS_A" "$ADDRESS" "$PORT" || fail "method 0: A got no SSH banner through $ADDRESS:$PORT"
+has_banner "$NS_B" "$ADDRESS" "$PORT" || fail "method 0: B got no SSH banner through $ADDRESS:$PORT (the rule is open to anyone)"
+pass "use_src_ip 0: A reaches the desktop's sshd through $ADDRESS:$PORT (anyone may)"
+
+# Disconnect removes the rule on the gateway.
+http "$NS_A" DELETE "$FORWARD_URL/v1/connect/$M0_RULE" "" "$ALICE_SID"
+expect 204 "DELETE /v1/connect/$M0_RULE"
+has_banner "$NS_A" "$GW_PUB" "$M0_PORT" && fail "after DELETE /v1/connect the port $M0_PORT still reaches the desktop"
+pass "disconnect: the rule is gone, port $M0_PORT no longer reaches the desktop"
+
+# use_src_ip 1: the protocol's own port, only for A's address (taken from the PROXY v2 header).
+set_method 1
+connect ssh
+[ "$PORT" = "$SSH_PORT" ] || fail "method 1 answered port $PORT, not the protocol's own $SSH_PORT"
+has_banner "$NS_A" "$ADDRESS" "$PORT" || fail "method 1: A got no SSH banner through $ADDRESS:$PORT"
+has_banner "$NS_B" "$ADDRESS" "$PORT" && fail "method 1: B reached the desktop on A's rule ($ADDRESS:$PORT)"
+pass "use_src_ip 1: A reaches sshd on $ADDRESS:$PORT, B is refused"
+
+# use_src_ip 2: a random port, only for A's address.
+set_method 2
+connect ssh
+M2_RULE=$RULE_ID; M2_PORT=$PORT
+[ "$PORT" -ge 21000 ] && [ "$PORT" -le 21999 ] || fail "method 2 port $PORT is outside --port-range 21000-21999"
+has_banner "$NS_A" "$ADDRESS" "$PORT" || fail "method 2: A got no SSH banner through $ADDRESS:$PORT"
+has_banner "$NS_B" "$ADDRESS" "$PORT" && fail "method 2: B reached the desktop on A's rule ($ADDRESS:$PORT)"
+pass "use_src_ip 2: A reaches sshd on $ADDRESS:$PORT, B is refused"
+
+# ---------------------------------------------------------------- gateway restart
+say "restarting the gateway (SIGTERM, then serve again)"
+stop_role gateway TERM
+has_banner "$NS_A" "$GW_PUB" "$M2_PORT" && fail "port $M2_PORT still answers with the gateway stopped"
+start_gateway
+eventually 60 "after its restart the gateway's rule on port $M2_PORT never reached the desktop again" \
+    has_banner "$NS_A" "$GW_PUB" "$M2_PORT"
+has_banner "$NS_B" "$GW_PUB" "$M2_PORT" && fail "after the restart B reaches the desktop on A's rule"
+eventually 60 "the restarted gateway did not register again" is_online
+http "$NS_GW" GET "http://$GW_PRIV:19010/control/v1/rules/$M2_RULE"
+[ "$STATUS" = 401 ] || fail "an unsigned GET of the control endpoint answered $STATUS, not 401"
+pass "gateway restart: A's rule ($M2_RULE) restored and still works, B still refused; unsigned control calls refused"
+
+# ---------------------------------------------------------------- broker outage
+set_method 0
+connect echo
+ECHO_RULE_PORT=$PORT
+coproc LIVE { exec ip netns exec "$NS_A" socat - "TCP:$GW_PUB:$ECHO_RULE_PORT" 2>>"$W/live-session.log"; }
+LIVE_CHILD=$LIVE_PID
+exchange() {   # sends a line on A's live session and expects it echoed
+    printf '%s\n' "$1" >&"${LIVE[1]}" || return 1
+    local line
+    IFS= read -r -t 10 line <&"${LIVE[0]}" || return 1
+    [ "$line" = "$1" ]
+}
+exchange "before-the-outage" || fail "A's echo session through $GW_PUB:$ECHO_RULE_PORT did not echo"
+stop_role broker TERM
+broker_up && fail "the broker still answers after SIGTERM"
+for i in 1 2 3; do
+    exchange "during-the-outage-$i" || fail "A's live session stopped carrying bytes once the broker was down (line $i)"
+done
+http "$NS_A" POST "$FORWARD_URL/v1/connect" "{\"desktop_id\":$DESK_ID,\"protocol\":\"ssh\"}" "$ALICE_SID"
+[ "$STATUS" = 200 ] && fail "a connect call succeeded while the broker was down"
+pass "broker outage: A's live session keeps carrying bytes; no new connection is made"
+kill "$LIVE_CHILD" 2>/dev/null; wait "$LIVE_CHILD" 2>/dev/null
+
+start broker "$NS_BR" "$BROKER_BIN" "${BROKER_ARGS[@]}"
+eventually 30 "the broker did not restart" broker_up
+ADMIN_SID=$(login "$NS_BR" "$BROKER_URL" admin "$ADMIN_PASSWORD") || exit 1
+eventually 60 "the gateway did not register again after the broker came back" is_online
+pass "the broker is back and the gateway registered again"
+
+# ---------------------------------------------------------------- missed heartbeats
+say "freezing the gateway (SIGSTOP)"
+kill -STOP -- "-${PIDS[gateway]}"
+eventually 60 "the broker never marked the frozen gateway offline" is_offline
+http "$NS_BR" POST "$BROKER_URL/v1/connect" "{\"desktop_id\":$DESK_ID,\"protocol\":\"ssh\"}" "$ADMIN_SID"
+expect 503 "connect while the desktop's only gateway is offline"
+pass "missed heartbeats: gateway $GW_ID offline (online false), connect answers 503"
+kill -CONT -- "-${PIDS[gateway]}"
+eventually 60 "the thawed gateway never came back online" is_online
+alive gateway || fail "the gateway exited"
+pass "the thawed gateway is online again"
+
+stop_role gateway TERM
+stop_role broker TERM
