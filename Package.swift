@@ -11,6 +11,7 @@ let package = Package(
         .executable(name: "leostream-gateway", targets: ["leostream-gateway"]),
         .executable(name: "relay-bench", targets: ["relay-bench"]),
         .executable(name: "leostream-broker", targets: ["leostream-broker"]),
+        .executable(name: "pcoip-security-gateway", targets: ["pcoip-security-gateway"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
@@ -82,9 +83,22 @@ let package = Package(
         // Reads a TLS ClientHello without terminating TLS (the Security
         // Gateway's SNI routing). Pure code, no dependencies.
         .target(name: "TLSInspect"),
-        // The PCoIP Security Gateway role: its config file and prepared grants
-        // (the 4172 relay path and control endpoint follow).
-        .target(name: "SecurityGateway", dependencies: ["SessionGrants", "TLSInspect", "SystemLayer"]),
+        // The PCoIP Security Gateway role: its config file, prepared grants,
+        // the 4172 data path (an inspect-first relay rule) and its control endpoint.
+        .target(name: "SecurityGateway", dependencies: [
+            "SessionGrants", "TLSInspect", "SystemLayer", "Relay",
+            .product(name: "Hummingbird", package: "hummingbird"),
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        // The Security Gateway process: serve, --check.
+        .executableTarget(name: "pcoip-security-gateway", dependencies: [
+            "SecurityGateway", "SessionGrants", "Relay", "SystemLayer",
+            .product(name: "Hummingbird", package: "hummingbird"),
+            .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
         // Signed session grants (JWT, RS256 / ES256) for the Security Gateway.
         .target(name: "SessionGrants", dependencies: [
             .product(name: "JWTKit", package: "jwt-kit"),
@@ -133,7 +147,12 @@ let package = Package(
         ]),
         .testTarget(name: "TLSInspectTests", dependencies: ["TLSInspect"]),
         .testTarget(name: "SessionGrantsTests", dependencies: ["SessionGrants"]),
-        .testTarget(name: "SecurityGatewayTests", dependencies: ["SecurityGateway", "SessionGrants", "SystemLayer"]),
+        .testTarget(name: "SecurityGatewayTests", dependencies: [
+            "SecurityGateway", "SessionGrants", "SystemLayer", "Relay",
+            .product(name: "Hummingbird", package: "hummingbird"),
+            .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
         .testTarget(name: "BrokerTests", dependencies: [
             "BrokerAPI", "BrokerCore", "ControlProtocol",
             .product(name: "Hummingbird", package: "hummingbird"),

@@ -21,8 +21,15 @@ final class LoopCounters: Sendable {
     let refusedNotAllowed = Atomic<Int>(0)
     let refusedDescriptors = Atomic<Int>(0)
     let refusedDraining = Atomic<Int>(0)
+    /// Refusals by an inspector (inspect-first rules), by its reason label.
+    /// Touched once per refused connection, so a lock is cheap enough.
+    let inspectionRefusals = Mutex<[String: Int]>([:])
 
     init() {}
+
+    func countInspectionRefusal(_ reason: String) {
+        inspectionRefusals.withLock { $0[reason, default: 0] += 1 }
+    }
 
     @inline(__always)
     func bump(_ counter: borrowing Atomic<Int>, by amount: Int = 1) {
@@ -67,6 +74,8 @@ public struct RelayStats: Sendable, Equatable, CustomStringConvertible {
     public var bytesClientToTarget = 0
     public var bytesTargetToClient = 0
     public var pipesOpen = 0
+    /// Connections an inspector refused, by its reason label.
+    public var inspectionRefusals: [String: Int] = [:]
 
     public var totalRefused: Int { refused.values.reduce(0, +) }
     public var failed: Int { connectRefused + connectTimedOut + connectOtherFailure }
@@ -76,6 +85,7 @@ public struct RelayStats: Sendable, Equatable, CustomStringConvertible {
         return "accepted=\(accepted) established=\(established) active=\(active) closed=\(closed) "
             + "failed=\(failed) (refused=\(connectRefused) timeout=\(connectTimedOut) other=\(connectOtherFailure)) "
             + "resets=\(resets) idle_closed=\(idleClosed) revoked=\(revoked) refusals: \(refusals) "
+            + (inspectionRefusals.isEmpty ? "" : "inspection refusals: " + inspectionRefusals.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " ") + " ")
             + "bytes c->t=\(bytesClientToTarget) t->c=\(bytesTargetToClient) pipes_open=\(pipesOpen)"
     }
 }

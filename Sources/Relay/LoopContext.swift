@@ -24,6 +24,8 @@ final class LoopContext: TimerHandler {
     let pool: PipePool
     let log: RateLimitedLog
     private(set) var connections: [UInt64: RelayConnection] = [:]
+    /// Connections of inspect-first rules whose inspector has not decided yet.
+    private(set) var inspecting: [UInt64: InspectingConnection] = [:]
     /// Connections accepted per rule id since the rule was installed (so the
     /// control plane sees a rule used even by a session that ended between
     /// two of its looks). Touched once per connection.
@@ -159,15 +161,22 @@ final class LoopContext: TimerHandler {
             connection.close(resetClient: true, resetUpstream: true)
             counters.bump(counters.revoked)
         }
-        return doomed.count
+        let undecided = inspecting.values.filter { $0.rule.id == ruleID }
+        for connection in undecided {
+            abortInspection(connection)
+            counters.bump(counters.revoked)
+        }
+        return doomed.count + undecided.count
     }
 
     /// Closes every connection (the end of a drain).
     func closeAll() -> Int {
         let all = Array(connections.values)
         for connection in all { connection.close(resetClient: true, resetUpstream: true) }
+        let undecided = Array(inspecting.values)
+        for connection in undecided { abortInspection(connection) }
         pool.drainIdle()
-        return all.count
+        return all.count + undecided.count
     }
 
     // MARK: Accepting
@@ -183,6 +192,9 @@ final class LoopContext: TimerHandler {
         let gate = listener.rules.gate
         if let reason = admission.admit(gate) {
             return refuse(accepted, listener: listener, reason: reason)
+        }
+        if let inspector = rule.inspector {
+            return startInspection(accepted, rule: rule, inspector: inspector.inspector, gate: gate)
         }
         let upstream: FileDescriptor
         do {
@@ -222,6 +234,97 @@ final class LoopContext: TimerHandler {
         acceptedByRule[connection.rule.id, default: 0] += 1
         counters.bump(counters.active)
         connection.startConnect(loop: loop)
+    }
+
+    // MARK: Inspect first
+
+    /// Reads the client's first bytes for the rule's inspector before any upstream connect.
+    private func startInspection(_ accepted: AcceptedConnection, rule: RelayRule, inspector: any ConnectionInspector,
+                                 gate: AdmissionGate) {
+        nextID &+= 1
+        let connection = InspectingConnection(id: nextID, client: accepted.fd, clientAddress: accepted.peer, rule: rule,
+                                              inspector: inspector, gate: gate, context: self, now: loop.now)
+        do {
+            try loop.register(accepted.fd, interest: [.readable, .readHangUp], handler: connection)
+        } catch {
+            connection.abort()
+            admission.release(gate)
+            counters.bump(counters.connectOtherFailure)
+            log.limited(.connectFailure, "cannot watch connection from \(accepted.peer): \(error)")
+            return
+        }
+        inspecting[connection.id] = connection
+        acceptedByRule[rule.id, default: 0] += 1
+        counters.bump(counters.active)
+    }
+
+    /// The inspector refused the client: reset at once, counted by reason.
+    func inspectionRefused(_ connection: InspectingConnection, reason: String) {
+        connection.abort()
+        endInspection(connection)
+        counters.countInspectionRefusal(reason)
+        log.limited(.refusal, "refused \(connection.clientAddress) on \(connection.rule.listen) (rule \"\(connection.rule.id)\"): \(reason)")
+    }
+
+    /// A revoke or a drain ends an undecided connection.
+    private func abortInspection(_ connection: InspectingConnection) {
+        connection.abort()
+        endInspection(connection)
+    }
+
+    private func endInspection(_ connection: InspectingConnection) {
+        inspecting[connection.id] = nil
+        admission.release(connection.gate)
+        counters.bump(counters.active, by: -1)
+        counters.bump(counters.closed)
+    }
+
+    /// The inspector chose `target`: the client socket, its admission slot
+    /// and the bytes read move to a `RelayConnection`, which connects, writes
+    /// them first and then relays as for any rule.
+    func inspectionConnect(_ connection: InspectingConnection, target: SocketAddress) {
+        inspecting[connection.id] = nil
+        loop.deregister(connection.client)
+        var rule = connection.rule
+        rule.target = target
+        let upstream: FileDescriptor
+        do {
+            upstream = try Socket.makeTCP(family: target.family)
+        } catch {
+            counters.bump(counters.connectOtherFailure)
+            log.limited(.connectFailure, "cannot open a socket to \(target) for rule \"\(rule.id)\": \(error)")
+            Socket.setResetOnClose(connection.client)
+            connection.client.close()
+            admission.release(connection.gate)
+            counters.bump(counters.active, by: -1)
+            counters.bump(counters.closed)
+            connection.inspection.sessionEnded()
+            return
+        }
+        Socket.setNoDelay(upstream)
+        let relay = RelayConnection(id: connection.id, client: connection.client, upstream: upstream,
+                                    clientAddress: connection.clientAddress, rule: rule, gate: connection.gate,
+                                    context: self, now: loop.now, replay: connection.bytes,
+                                    inspection: connection.inspection, startedAt: connection.startedAt)
+        let interest: EpollEvents = [.readable, .writable, .readHangUp, .edgeTriggered]
+        do {
+            try loop.register(connection.client, interest: interest, handler: relay)
+            try loop.register(upstream, interest: interest, handler: relay)
+        } catch {
+            loop.deregister(connection.client)
+            Socket.setResetOnClose(connection.client)
+            connection.client.close()
+            upstream.close()
+            admission.release(connection.gate)
+            counters.bump(counters.active, by: -1)
+            counters.bump(counters.closed)
+            counters.bump(counters.connectOtherFailure)
+            connection.inspection.sessionEnded()
+            log.limited(.connectFailure, "cannot watch connection from \(connection.clientAddress): \(error)")
+            return
+        }
+        connections[relay.id] = relay
+        relay.startConnect(loop: loop)
     }
 
     private func refuse(_ accepted: AcceptedConnection, listener: ListenerHandler, reason: RefusalReason) {
@@ -265,7 +368,7 @@ final class LoopContext: TimerHandler {
         admission.release(connection.gate)
         counters.bump(counters.active, by: -1)
         counters.bump(counters.closed)
-        counters.bump(counters.bytesClientToTarget, by: Int(truncatingIfNeeded: connection.toTarget.delivered))
+        counters.bump(counters.bytesClientToTarget, by: Int(truncatingIfNeeded: connection.toTarget.delivered &+ connection.replayedBytes))
         counters.bump(counters.bytesTargetToClient, by: Int(truncatingIfNeeded: connection.toClient.delivered))
         if log.logger.logLevel <= .debug {
             let seconds = Double(loop.now &- connection.startedAt) / 1e9

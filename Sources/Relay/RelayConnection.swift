@@ -25,11 +25,20 @@ final class RelayConnection: EventHandler, TimerHandler {
     private var connectTimer: TimerID?
     private var idleTimer: TimerID?
     private var livenessTimer: TimerID?
-    /// The client sent something while the connect was in progress.
+    /// The client sent something while the connect was in progress (or while
+    /// the replayed bytes were still going out).
     private var clientReadableDuringConnect = false
+    /// Client bytes an inspector read (inspect-first rules), written upstream
+    /// after the preamble and before any other client byte; what is left of
+    /// them when the send buffer was full.
+    private var pendingReplay: [UInt8]
+    private(set) var replayedBytes: UInt64 = 0
+    /// The inspection that chose this connection's target, told when it ends.
+    private let inspection: (any Inspection)?
 
     init(id: UInt64, client: FileDescriptor, upstream: FileDescriptor, clientAddress: SocketAddress,
-         rule: RelayRule, gate: AdmissionGate, context: LoopContext, now: UInt64) {
+         rule: RelayRule, gate: AdmissionGate, context: LoopContext, now: UInt64,
+         replay: [UInt8] = [], inspection: (any Inspection)? = nil, startedAt: UInt64? = nil) {
         self.id = id
         self.client = client
         self.upstream = upstream
@@ -37,8 +46,10 @@ final class RelayConnection: EventHandler, TimerHandler {
         self.rule = rule
         self.gate = gate
         self.context = context
-        startedAt = now
+        self.startedAt = startedAt ?? now
         lastActivity = now
+        pendingReplay = replay
+        self.inspection = inspection
         toTarget = RelayDirection(io: SocketDirectionIO(source: client, destination: upstream, pool: context.pool))
         toClient = RelayDirection(io: SocketDirectionIO(source: upstream, destination: client, pool: context.pool))
     }
@@ -82,9 +93,17 @@ final class RelayConnection: EventHandler, TimerHandler {
                 clientReadableDuringConnect = true
             }
         case .established:
-            let before = toTarget.delivered &+ toClient.delivered
             let fromReadSide: EpollEvents = [.readable, .readHangUp, .hangUp, .error]
             let fromWriteSide: EpollEvents = [.writable, .hangUp, .error]
+            if !pendingReplay.isEmpty {
+                // The inspected bytes go first: the client is not read until they are out.
+                if fd == client && !events.isDisjoint(with: fromReadSide) { clientReadableDuringConnect = true }
+                if fd == upstream && !events.isDisjoint(with: fromWriteSide) && !flushReplay() { return }
+                let back = fd == upstream && !events.isDisjoint(with: fromReadSide) ? toClient.pump() : nil
+                if !pendingReplay.isEmpty { return settle(nil, back) }
+                return settle(clientReadableDuringConnect ? toTarget.pump() : nil, back)
+            }
+            let before = toTarget.delivered &+ toClient.delivered
             var target: PumpOutcome? = nil
             var back: PumpOutcome? = nil
             if fd == client {
@@ -138,6 +157,7 @@ final class RelayConnection: EventHandler, TimerHandler {
         if let timer = connectTimer { loop.cancel(timer); connectTimer = nil }
         if let preamble = rule.preamble, !writePreamble(preamble) { return }
         state = .established
+        if !pendingReplay.isEmpty && !flushReplay() { return }
         context.counters.bump(context.counters.established)
         // Keepalive's first probe comes after minutes of silence, so setting
         // it on the upstream socket a moment later changes nothing for a
@@ -157,9 +177,28 @@ final class RelayConnection: EventHandler, TimerHandler {
         // with edge-triggered readiness no new event would announce them.
         // A side that has shown nothing is not read: its first bytes will
         // raise an edge of their own.
-        let target = clientReadableDuringConnect ? toTarget.pump() : nil
+        let target = clientReadableDuringConnect && pendingReplay.isEmpty ? toTarget.pump() : nil
         let back = upstreamReadable ? toClient.pump() : nil
         settle(target, back)
+    }
+
+    /// Writes what is left of the inspected bytes; the rest waits for the
+    /// upstream socket to become writable.
+    /// - Returns: false when the connection was closed (the target failed).
+    private func flushReplay() -> Bool {
+        let written = pendingReplay.withUnsafeBytes { raw in Result { () throws(Errno) in try upstream.write(raw) } }
+        switch written {
+        case .success(.done(let n)):
+            pendingReplay.removeFirst(n)
+            replayedBytes &+= UInt64(n)
+            return true
+        case .success(.wouldBlock):
+            return true
+        case .failure(let error):
+            context.log.limited(.connectFailure, "cannot write the inspected bytes to \(rule.target) for rule \"\(rule.id)\" (client \(clientAddress)): \(error)")
+            close(resetClient: true, resetUpstream: false, countReset: true)
+            return false
+        }
     }
 
     /// Writes the rule's preamble to the just-connected upstream socket. Its
@@ -236,12 +275,13 @@ final class RelayConnection: EventHandler, TimerHandler {
         if toTarget.io.fellBack || toClient.io.fellBack { context.counters.bump(context.counters.spliceFallbacks) }
         if countReset { context.counters.bump(context.counters.resets) }
         context.connectionClosed(self, wasEstablished: wasEstablished)
+        inspection?.sessionEnded()
     }
 
     var info: ConnectionInfo {
         ConnectionInfo(id: id, loop: context.loop.id, rule: rule.id, client: clientAddress, target: rule.target,
                        startedAtNanoseconds: startedAt, established: state == .established,
-                       bytesClientToTarget: toTarget.delivered, bytesTargetToClient: toClient.delivered)
+                       bytesClientToTarget: toTarget.delivered &+ replayedBytes, bytesTargetToClient: toClient.delivered)
     }
 }
 

@@ -192,6 +192,7 @@ public final class RelayEngine: Sendable {
             stats.bytesClientToTarget += c.bytesClientToTarget.load(ordering: .relaxed)
             stats.bytesTargetToClient += c.bytesTargetToClient.load(ordering: .relaxed)
             for reason in RefusalReason.allCases { stats.refused[reason, default: 0] += c.refusal(reason) }
+            for (reason, n) in c.inspectionRefusals.withLock({ $0 }) { stats.inspectionRefusals[reason, default: 0] += n }
         }
         stats.pipesOpen = pipeBudget.count
         return stats

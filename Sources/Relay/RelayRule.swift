@@ -48,6 +48,10 @@ public struct RelayRule: Hashable, Sendable, CustomStringConvertible {
     /// succeeds and before any client byte (e.g. a PROXY protocol v2 header).
     /// TCP only.
     public var preamble: ConnectionPreamble?
+    /// Inspect first: the target is chosen per connection by this inspector
+    /// from the client's first bytes (which are then written upstream before
+    /// any other client byte), and `target` is not used. TCP only.
+    public var inspector: RuleInspector?
 
     public init(id: String, listen: SocketAddress, allow: [CIDR] = [], target: SocketAddress,
                 idleTimeoutNanoseconds: UInt64? = nil, maxConnections: Int? = nil,
@@ -87,7 +91,8 @@ public struct RelayRule: Hashable, Sendable, CustomStringConvertible {
         let proto = transport == .tcp ? "" : " \(transport)"
         let ports = sourcePorts.map { " from source port \($0.lowerBound == $0.upperBound ? "\($0.lowerBound)" : "\($0.lowerBound)-\($0.upperBound)")" } ?? ""
         let extra = preamble.map { " with \($0.name)" } ?? ""
-        return "\(id):\(proto) \(listen) -> \(target)\(ports)\(extra) (from \(who))"
+        let destination = inspector.map { "inspected by \($0.name)" } ?? "\(target)"
+        return "\(id):\(proto) \(listen) -> \(destination)\(ports)\(extra) (from \(who))"
     }
 }
 
@@ -185,7 +190,10 @@ public enum RuleError: Error, Equatable, Sendable, CustomStringConvertible {
             if seen[rule.id] != nil { throw .duplicateID(rule.id) }
             seen[rule.id] = rule
             if rule.listen.port == 0 { throw .invalid(rule: rule.id, reason: "listen port must not be 0") }
-            if rule.target.port == 0 { throw .invalid(rule: rule.id, reason: "target port must not be 0") }
+            if rule.inspector != nil && rule.transport != .tcp {
+                throw .invalid(rule: rule.id, reason: "an inspector (inspect first) applies to tcp forwards only")
+            }
+            if rule.target.port == 0 && rule.inspector == nil { throw .invalid(rule: rule.id, reason: "target port must not be 0") }
             if let limit = rule.maxConnections, limit < 1 {
                 throw .invalid(rule: rule.id, reason: "max_connections must be at least 1")
             }

@@ -216,7 +216,7 @@ final class FakeBroker: @unchecked Sendable {
         serve.executableURL = URL(fileURLWithPath: GatewayBinary.path)
         serve.arguments = ["serve", "--config", config, "--state-dir", state]
         let log = folder.file("serve.log")
-        FileManager.default.createFile(atPath: log, contents: nil)
+        _ = FileManager.default.createFile(atPath: log, contents: nil)
         serve.standardError = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
         serve.standardOutput = FileHandle.nullDevice
         try serve.run()

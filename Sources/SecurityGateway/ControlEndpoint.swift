@@ -1,0 +1,95 @@
+import Foundation
+import Hummingbird
+import Logging
+import NIOCore
+
+/// The Security Gateway's control endpoint (`ControlListen`), through which a
+/// Connection Manager prepares and revokes sessions. A grant is admitted only
+/// if its signature verifies, so the endpoint needs no other secret.
+///
+/// - `POST /v1/sessions` `{"grant": "<JWT>"}` → 201 prepared, 200 already
+///   prepared, 400 malformed, 401 not admissible (forged, expired, not yet
+///   valid, another group, `none` or HMAC), 409 replayed single-use grant.
+/// - `DELETE /v1/sessions/{session id}` → 200 `{"revoked": n}`, 404 when none.
+/// - `GET /health` → 200 `{"code":200,"status":"success"}` or 500 with `reason`.
+/// - `GET /v1/status` → the counters (`SecurityGateway.Status`).
+public enum SecurityGatewayControl {
+    public static let maxBodyBytes = 16 * 1024
+
+    /// A Hummingbird application serving `gateway` on `address`.
+    /// - Parameter onServerRunning: called with the bound address (`host:port`).
+    public static func application(gateway: SecurityGateway, address: BindAddress, logger: Logger,
+                                   onServerRunning: @escaping @Sendable (String) async -> Void = { _ in })
+        -> some ApplicationProtocol
+    {
+        let responder = CallbackResponder<BasicRequestContext> { request, context in
+            await handle(request, gateway: gateway, logger: context.logger)
+        }
+        return Application(responder: responder, configuration: .init(address: address, serverName: nil),
+                           onServerRunning: { channel in
+                               if let local = channel.localAddress, let ip = local.ipAddress, let port = local.port {
+                                   await onServerRunning(ip.contains(":") ? "[\(ip)]:\(port)" : "\(ip):\(port)")
+                               }
+                           },
+                           logger: logger)
+    }
+
+    static func handle(_ request: Request, gateway: SecurityGateway, logger: Logger) async -> Response {
+        var request = request
+        let method = request.method.rawValue
+        let path = request.uri.path
+        switch (method, path) {
+        case ("GET", "/health"):
+            if let reason = gateway.problem {
+                return json(500, ["code": 500, "status": "failure", "reason": reason])
+            }
+            return json(200, ["code": 200, "status": "success"])
+        case ("GET", "/v1/status"):
+            let data = (try? JSONEncoder().encode(gateway.status())) ?? Data("{}".utf8)
+            return raw(200, Array(data))
+        case ("POST", "/v1/sessions"):
+            let body: [UInt8]
+            do {
+                body = Array(try await request.collectBody(upTo: maxBodyBytes).readableBytesView)
+            } catch is NIOTooManyBytesError {
+                return json(413, ["error": "body: larger than the limit of \(maxBodyBytes) bytes", "field": "body"])
+            } catch {
+                return json(400, ["error": "body: cannot be read", "field": "body"])
+            }
+            guard let object = (try? JSONSerialization.jsonObject(with: Data(body))) as? [String: Any] else {
+                return json(400, ["error": "body: not a JSON object", "field": "body"])
+            }
+            guard let token = object["grant"] as? String, !token.isEmpty else {
+                return json(400, ["error": "grant: missing (a string holding the signed JWT)", "field": "grant"])
+            }
+            if let extra = object.keys.sorted().first(where: { $0 != "grant" }) {
+                return json(400, ["error": "\(extra): unknown field", "field": extra])
+            }
+            let answer = await gateway.prepare(token: token)
+            logger.info("control: POST /v1/sessions -> \(answer.status)")
+            return json(answer.status, answer.body)
+        default:
+            let prefix = "/v1/sessions/"
+            if path.hasPrefix(prefix) && path.count > prefix.count {
+                guard method == "DELETE" else {
+                    return json(405, ["error": "\(method) \(path): only DELETE is allowed here"])
+                }
+                let id = String(path.dropFirst(prefix.count)).removingPercentEncoding ?? ""
+                guard !id.isEmpty, id.utf8.count <= 256 else { return json(400, ["error": "session id: empty or too long", "field": "id"]) }
+                let n = gateway.revoke(sessionID: id)
+                return n > 0 ? json(200, ["revoked": n]) : json(404, ["error": "session id: no prepared grant for this session", "field": "id"])
+            }
+            return json(404, ["error": "\(method) \(path): not a control path"])
+        }
+    }
+
+    static func json(_ status: Int, _ object: [String: Any]) -> Response {
+        let data = (try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys])) ?? Data("{}".utf8)
+        return raw(status, Array(data))
+    }
+
+    static func raw(_ status: Int, _ bytes: [UInt8]) -> Response {
+        Response(status: HTTPResponse.Status(code: status), headers: [.contentType: "application/json"],
+                 body: ResponseBody(byteBuffer: ByteBuffer(bytes: bytes)))
+    }
+}

@@ -1,0 +1,244 @@
+import Dispatch
+import Foundation
+import Logging
+import Relay
+import SessionGrants
+import Synchronization
+import SystemLayer
+
+/// The PCoIP Security Gateway's data path, wired: the relay carries TCP 4172
+/// with an SNI inspector (ClientHello → prepared grant → agent) and, per live
+/// session, a UDP rule from the client's address to its agent from a fixed
+/// source port. The control endpoint (`SecurityGatewayControl`) and the
+/// executable sit on top of this.
+public final class SecurityGateway: Sendable {
+    public let config: SecurityGatewayConfig
+    public let engine: RelayEngine
+    public let grants: PreparedGrants
+    public let verifier: GrantVerifier
+    public let sessions: SessionTracker
+    private let sync: RuleSync
+    private let logger: Logger
+
+    /// The TCP rule's id, and the UDP rule that keeps the UDP port bound
+    /// (it admits no sender: 0.0.0.0/32 is never a source address) so that
+    /// datagrams from clients without a session are counted as dropped.
+    public static let tcpRuleID = "sg-tcp"
+    public static let udpGuardRuleID = "sg-udp-guard"
+
+    /// Starts the relay loops; nothing listens before `start()`.
+    /// - Throws: `Errno` when the loops cannot be created.
+    public init(config: SecurityGatewayConfig, verifier: GrantVerifier, grants: PreparedGrants,
+                relaySettings: RelaySettings? = nil, logger: Logger = Logger(label: "security-gateway")) throws(Errno) {
+        self.config = config
+        self.verifier = verifier
+        self.grants = grants
+        self.logger = logger
+        var settings = relaySettings ?? RelaySettings()
+        settings.maxConnections = max(settings.maxConnections, config.maxConnections)
+        engine = try RelayEngine(settings: settings, logger: logger)
+        let sync = RuleSync(engine: engine, logger: logger)
+        self.sync = sync
+        sessions = SessionTracker(agentSourcePort: config.agentSourcePort,
+                                  collaborationPorts: config.enableCollaboration ? config.collaborationSourcePorts : nil,
+                                  onChange: { sync.schedule() })
+        let inspector = SNIInspector(maxBytes: config.clientHelloMaxBytes, timeoutNanoseconds: config.clientHelloTimeoutNanoseconds,
+                                     grants: grants, sessions: sessions)
+        var tcp = RelayRule(id: Self.tcpRuleID, listen: config.listen, target: SocketAddress(ip: .v4(0), port: 0),
+                            maxConnections: config.maxConnections)
+        tcp.inspector = RuleInspector(name: "sni-grant", inspector: inspector)
+        let nobody = config.listen.ip.isIPv4 ? CIDR(address: .v4(0), prefixLength: 32) : CIDR(address: .v6(0, 0), prefixLength: 128)
+        let guardRule = RelayRule(id: Self.udpGuardRuleID, listen: config.listen, allow: [nobody],
+                                  target: SocketAddress(ip: config.listen.ip.isIPv4 ? .v4(0x7f00_0001) : .v6(0, 1), port: 9),
+                                  transport: .udp)
+        sync.configure(base: [tcp, guardRule], listen: config.listen, sessions: sessions)
+    }
+
+    /// Opens TCP and UDP on `ListenAddress`.
+    /// - Throws: `RuleError` (e.g. the port is taken); nothing is opened then.
+    public func start() throws(RuleError) {
+        try sync.applyNow()
+        logger.info("security gateway on \(config.listen) (group \(config.gatewayGroup), MaxConnections \(config.maxConnections))")
+    }
+
+    /// Stops listening and closes every connection.
+    public func shutdown() {
+        sync.stop()
+        engine.shutdown()
+    }
+
+    /// Why the gateway is not healthy, or nil.
+    public var problem: String? {
+        if let error = sync.lastError { return error }
+        if !engine.rules.contains(where: { $0.id == Self.tcpRuleID }) { return "not listening on \(config.listen)" }
+        return nil
+    }
+
+    /// Waits until the relay's UDP rules match the live sessions (tests, shutdown).
+    public func settle() { sync.waitIdle() }
+
+    // MARK: Preparing sessions
+
+    /// What preparing a grant came to: an HTTP status and a JSON object.
+    public struct PrepareAnswer: Sendable, Equatable {
+        public let status: Int
+        public let body: [String: String]
+    }
+
+    /// Verifies `token` (signature, algorithm, time, audience) and prepares it.
+    /// - Returns: 201 prepared, 200 already prepared, 400 malformed, 401 not
+    ///   admissible (with the reason), 409 a used single-use grant, 503 full.
+    ///   The answer never holds the token.
+    public func prepare(token: String) async -> PrepareAnswer {
+        let grant: SessionGrant
+        do throws(GrantError) {
+            grant = try await verifier.verify(token, recordUse: false)
+        } catch {
+            let status: Int
+            switch error {
+            case .malformed, .invalidClaim: status = 400
+            case .replayed: status = 409
+            case .algorithmNotAllowed, .badSignature, .expired, .notYetValid, .issuedInFuture, .wrongAudience: status = 401
+            default: status = 500
+            }
+            logger.notice("prepare refused: \(error)")
+            return PrepareAnswer(status: status, body: ["error": error.description, "field": "grant"])
+        }
+        guard SocketAddress(grant.agent) != nil else {
+            return PrepareAnswer(status: 400, body: ["error": "grant: agent \"\(grant.agent)\" is not a numeric HOST:PORT", "field": "grant.agent"])
+        }
+        let answer = ["session_id": grant.sessionID, "server_name": grant.serverName,
+                      "expires": String(Int64(grant.expires.timeIntervalSince1970))]
+        switch grants.prepare(grant, token: token) {
+        case .added:
+            logger.info("session \(grant.sessionID) prepared for \(grant.serverName)")
+            return PrepareAnswer(status: 201, body: answer)
+        case .alreadyPrepared:
+            return PrepareAnswer(status: 200, body: answer)
+        case .alreadyUsed:
+            return PrepareAnswer(status: 409, body: ["error": GrantError.replayed.description, "field": "grant"])
+        case .full:
+            return PrepareAnswer(status: 503, body: ["error": "prepared grants: the store is full (\(grants.capacity))"])
+        }
+    }
+
+    /// Revokes a session's prepared grants. - Returns: how many went.
+    public func revoke(sessionID: String) -> Int {
+        let n = grants.revoke(sessionID: sessionID)
+        if n > 0 { logger.info("session \(sessionID) revoked (\(n) grant(s))") }
+        return n
+    }
+
+    // MARK: Counters
+
+    /// The figures of `GET /v1/status`.
+    public struct Status: Sendable, Equatable, Codable {
+        public var activeSessions: Int
+        public var activeConnections: Int
+        public var preparedGrants: Int
+        public var udpBindings: Int
+        public var refusals: [String: Int]
+        public var bytesClientToAgent: Int
+        public var bytesAgentToClient: Int
+        public var udpDatagramsToAgent: Int
+        public var udpDatagramsToClient: Int
+        public var udpDropped: [String: Int]
+
+        enum CodingKeys: String, CodingKey {
+            case activeSessions = "active_sessions", activeConnections = "active_connections"
+            case preparedGrants = "prepared_grants", udpBindings = "udp_bindings", refusals
+            case bytesClientToAgent = "bytes_client_to_agent", bytesAgentToClient = "bytes_agent_to_client"
+            case udpDatagramsToAgent = "udp_datagrams_to_agent", udpDatagramsToClient = "udp_datagrams_to_client"
+            case udpDropped = "udp_dropped"
+        }
+    }
+
+    public func status() -> Status {
+        let relay = engine.stats()
+        var refusals: [String: Int] = [:]
+        for reason in SessionRefusal.allCases { refusals[reason.rawValue] = relay.inspectionRefusals[reason.rawValue] ?? 0 }
+        refusals[SessionRefusal.limit.rawValue] = relay.refused[.listenerLimit, default: 0] + relay.refused[.globalLimit, default: 0]
+        for (reason, n) in relay.inspectionRefusals where refusals[reason] == nil { refusals[reason] = n }
+        var status = Status(activeSessions: sessions.active, activeConnections: relay.active, preparedGrants: grants.count,
+                            udpBindings: sessions.bindings.count, refusals: refusals,
+                            bytesClientToAgent: relay.bytesClientToTarget, bytesAgentToClient: relay.bytesTargetToClient,
+                            udpDatagramsToAgent: 0, udpDatagramsToClient: 0, udpDropped: [:])
+        for (_, udp) in engine.datagramStats() {
+            status.udpDatagramsToAgent += udp.datagramsToTarget
+            status.udpDatagramsToClient += udp.datagramsToClient
+            status.bytesClientToAgent += udp.bytesToTarget
+            status.bytesAgentToClient += udp.bytesToClient
+            for (reason, n) in udp.drops { status.udpDropped[reason.rawValue, default: 0] += n }
+        }
+        return status
+    }
+}
+
+/// Keeps the relay's rules equal to the base rules plus one UDP rule per
+/// live session's client. Sessions start and end on the relay loops, which
+/// must not wait for `RelayEngine.apply` (it runs a command on every loop,
+/// their own included), so changes are applied on a serial queue,
+/// coalesced: each run applies the state as it is then.
+final class RuleSync: Sendable {
+    private struct State {
+        var base: [RelayRule] = []
+        var listen = SocketAddress(ip: .v4(0), port: 0)
+        var sessions: SessionTracker?
+        var lastError: String?
+        var stopped = false
+    }
+
+    private let engine: RelayEngine
+    private let logger: Logger
+    private let state = Mutex(State())
+    private let queue = DispatchQueue(label: "security-gateway.rules")
+    private let scheduled = Atomic<Bool>(false)
+
+    init(engine: RelayEngine, logger: Logger) {
+        self.engine = engine
+        self.logger = logger
+    }
+
+    func configure(base: [RelayRule], listen: SocketAddress, sessions: SessionTracker) {
+        state.withLock { s in
+            s.base = base
+            s.listen = listen
+            s.sessions = sessions
+        }
+    }
+
+    var lastError: String? { state.withLock { $0.lastError } }
+
+    func schedule() {
+        guard !scheduled.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        queue.async { [self] in
+            scheduled.store(false, ordering: .releasing)
+            do throws(RuleError) { try applyNow() } catch {
+                logger.error("security gateway: UDP rules not applied: \(error)")
+            }
+        }
+    }
+
+    func applyNow() throws(RuleError) {
+        let (base, listen, sessions, stopped) = state.withLock { ($0.base, $0.listen, $0.sessions, $0.stopped) }
+        guard !stopped else { return }
+        let rules = base + (sessions?.udpRules(listen: listen) ?? [])
+        do throws(RuleError) {
+            try engine.apply(rules)
+            state.withLock { $0.lastError = nil }
+        } catch {
+            state.withLock { $0.lastError = error.description }
+            throw error
+        }
+    }
+
+    func waitIdle() { queue.sync {} }
+
+    func stop() {
+        state.withLock { s in
+            s.stopped = true
+            s.sessions = nil
+        }
+        queue.sync {}
+    }
+}

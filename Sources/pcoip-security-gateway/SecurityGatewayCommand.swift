@@ -1,0 +1,159 @@
+import ArgumentParser
+import Foundation
+import Hummingbird
+import Logging
+import Relay
+import SecurityGateway
+import SessionGrants
+import SystemLayer
+
+let securityGatewayVersion = "0.1.0"
+
+@main
+struct SecurityGatewayCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "pcoip-security-gateway",
+        abstract: "The PCoIP Security Gateway: admits PCoIP sessions a Connection Manager signed, without terminating TLS.",
+        discussion: """
+        TCP on ListenAddress (4172): the gateway reads the client's TLS
+        ClientHello (at most ClientHelloMaxBytes, within ClientHelloTimeout),
+        takes its SNI, finds the prepared grant for it (and for the client's
+        address where two grants share an SNI), checks MaxConnections, connects
+        to the grant's agent, replays the bytes it read and then relays. No
+        grant, a bad ClientHello or the limit reached: the client is closed at
+        once and the refusal counted by reason.
+
+        UDP on the same port: while a client has a live TCP session, its
+        datagrams go to that session's agent (same port number) from
+        AgentSourcePort (55000); with EnableCollaboration a second session to
+        the same agent gets a port from CollaborationSourcePorts. Datagrams
+        from anyone else are dropped and counted.
+
+        The control endpoint (ControlListen, HTTP):
+          POST /v1/sessions {"grant": "<JWT>"}  prepare (201; 200 when already prepared;
+                                                400 malformed; 401 forged, expired, not yet
+                                                valid, another group, none/HMAC; 409 replayed)
+          DELETE /v1/sessions/{session id}      revoke its prepared grants
+          GET /health                           200 {"code":200,"status":"success"} or 500 with "reason"
+          GET /v1/status                        counters: sessions, refusals by reason, bytes
+        Grants are verified with the certificate JwtVerifyingCert names, for the
+        audience GatewayGroup. Prepared grants persist in --data-dir and are
+        restored (verified again, expired ones dropped) at start.
+
+        --check --config FILE checks the file and the certificate and exits 0,
+        or 1 naming the file, line and key (or the certificate's problem).
+
+        Signals while serving: SIGTERM or SIGINT stop the control endpoint and
+        close every session.
+        """,
+        version: securityGatewayVersion,
+        subcommands: [Serve.self]
+    )
+
+    @Flag(name: .long, help: "Check --config (and the certificate it names), print a summary and exit: 0 when valid, 1 otherwise.")
+    var check = false
+
+    @Option(name: .long, help: "The SecurityGateway.conf to use (serve) or to check (--check).")
+    var config: String?
+
+    func run() async throws {
+        guard check else {
+            throw ValidationError("give a subcommand (serve) or --check --config FILE; see --help")
+        }
+        guard let config else { throw ValidationError("--check needs --config FILE") }
+        let (loaded, verifier) = try await Loader.load(config)
+        print("config \(config): valid")
+        print("listen \(loaded.listen) (tcp+udp), control \(loaded.controlListen)")
+        print("gateway group \(loaded.gatewayGroup), grants verified with \(verifier.algorithm.rawValue) from \(loaded.jwtVerifyingCertificate)")
+        print("MaxConnections \(loaded.maxConnections), AgentSourcePort \(loaded.agentSourcePort), collaboration \(loaded.enableCollaboration ? "on (\(loaded.collaborationSourcePorts.lowerBound)-\(loaded.collaborationSourcePorts.upperBound))" : "off")")
+    }
+}
+
+struct Serve: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Run the Security Gateway in the foreground.",
+        usage: "pcoip-security-gateway serve --config <SecurityGateway.conf> --data-dir <dir> [--log-level <level>]",
+        discussion: "--config FILE (the SecurityGateway.conf, required) may come before or after `serve`.")
+
+    @ParentCommand var parent: SecurityGatewayCommand
+
+    @Option(name: .long, help: "Where prepared grants persist (created if missing, mode 0700).")
+    var dataDir: String
+
+    @Option(name: .long, help: "Log level: trace, debug, info, notice, warning, error, critical.")
+    var logLevel: String = "info"
+
+    func run() async throws {
+        guard let level = Logger.Level(rawValue: logLevel) else {
+            throw ValidationError("--log-level: \"\(logLevel)\" is not one of trace, debug, info, notice, warning, error, critical")
+        }
+        guard let config = parent.config else { throw ValidationError("serve needs --config FILE") }
+        var logger = Logger(label: "pcoip-security-gateway")
+        logger.logLevel = level
+        let (loaded, verifier) = try await Loader.load(config)
+        do {
+            try FileManager.default.createDirectory(atPath: dataDir, withIntermediateDirectories: true,
+                                                    attributes: [.posixPermissions: 0o700])
+        } catch {
+            throw Failure("--data-dir: cannot create \(dataDir): \(error.localizedDescription)")
+        }
+        let grants = PreparedGrants(path: dataDir + "/prepared-grants.json")
+        let restored = await grants.restore(verifier: verifier)
+        logger.info("prepared grants restored from \(dataDir): \(restored.kept) kept, \(restored.dropped) dropped (expired or no longer verifying)")
+        let gateway: SecurityGateway
+        do throws(Errno) {
+            gateway = try SecurityGateway(config: loaded, verifier: verifier, grants: grants, logger: logger)
+        } catch {
+            throw Failure("cannot start the relay loops: \(error)")
+        }
+        do throws(RuleError) {
+            try gateway.start()
+        } catch {
+            gateway.shutdown()
+            throw Failure("\(config): ListenAddress: \(error)")
+        }
+        let listen = loaded.controlListen
+        let log = logger
+        let app = SecurityGatewayControl.application(
+            gateway: gateway, address: .hostname("\(listen.ip)", port: Int(listen.port)), logger: logger,
+            onServerRunning: { address in log.notice("control endpoint on \(address)") })
+        defer { gateway.shutdown() }
+        do {
+            try await app.runService()
+        } catch {
+            throw Failure("ControlListen: cannot serve on \(listen): \(error)")
+        }
+        logger.notice("stopped: \(gateway.status().activeSessions) session(s) closed")
+    }
+}
+
+/// A failure the user sees on standard error, with exit code 1.
+struct Failure: Error, CustomStringConvertible {
+    let description: String
+    init(_ description: String) { self.description = description }
+}
+
+enum Loader {
+    /// Reads the config and its verifying certificate.
+    /// - Throws: `Failure` naming the file and line, or the certificate and its problem.
+    static func load(_ path: String) async throws -> (SecurityGatewayConfig, GrantVerifier) {
+        let config: SecurityGatewayConfig
+        do throws(SecurityGatewayConfigError) {
+            config = try SecurityGatewayConfig.load(path: path)
+        } catch {
+            throw Failure(error.description)
+        }
+        var certificatePath = config.jwtVerifyingCertificate
+        if !certificatePath.hasPrefix("/") {
+            certificatePath = URL(fileURLWithPath: path).deletingLastPathComponent().appendingPathComponent(certificatePath).path
+        }
+        guard let pem = try? String(contentsOfFile: certificatePath, encoding: .utf8) else {
+            throw Failure("\(path): JwtVerifyingCert: cannot read \(certificatePath)")
+        }
+        do throws(GrantError) {
+            return (config, try await GrantVerifier.load(certificatePEM: pem, audience: config.gatewayGroup))
+        } catch {
+            throw Failure("\(path): JwtVerifyingCert \(certificatePath): \(error)")
+        }
+    }
+}

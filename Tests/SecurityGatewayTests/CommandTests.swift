@@ -1,0 +1,108 @@
+import Foundation
+import Glibc
+import SecurityGateway
+import SessionGrants
+import Testing
+
+/// The `pcoip-security-gateway` binary, run as a user would.
+@Suite("pcoip-security-gateway command")
+struct SecurityGatewayCommandTests {
+    /// The binary next to the test bundle (SwiftPM builds products and tests into one folder).
+    static var binary: String {
+        let bundle = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
+        for candidate in [bundle, bundle.deletingLastPathComponent()] {
+            let path = candidate.appendingPathComponent("pcoip-security-gateway").path
+            if FileManager.default.isExecutableFile(atPath: path) { return path }
+        }
+        return bundle.appendingPathComponent("pcoip-security-gateway").path
+    }
+
+    func run(_ arguments: [String]) throws -> (Int32, String, String) {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: Self.binary)
+        process.arguments = arguments
+        let out = Pipe(), err = Pipe()
+        process.standardOutput = out
+        process.standardError = err
+        try process.run()
+        let stdout = out.fileHandleForReading.readDataToEndOfFile()
+        let stderr = err.fileHandleForReading.readDataToEndOfFile()
+        process.waitUntilExit()
+        return (process.terminationStatus, String(decoding: stdout, as: UTF8.self), String(decoding: stderr, as: UTF8.self))
+    }
+
+    @Test("--help names serve, --check, the endpoints and the keys")
+    func help() throws {
+        let (status, out, _) = try run(["--help"])
+        #expect(status == 0)
+        for fragment in ["serve", "--check", "--config", "POST /v1/sessions", "GET /health", "AgentSourcePort", "ClientHelloTimeout"] {
+            #expect(out.contains(fragment), "--help lacks \(fragment)")
+        }
+        let (serveStatus, serveHelp, _) = try run(["serve", "--help"])
+        #expect(serveStatus == 0 && serveHelp.contains("--data-dir") && serveHelp.contains("--config"))
+    }
+
+    @Test("--check: a valid file passes; a bad one fails naming file, line and key; a missing certificate is named")
+    func check() throws {
+        let dir = try SGTest.temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try SGTest.openssl(["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", "k.pem"], in: dir)
+        try SGTest.openssl(["req", "-x509", "-new", "-key", "k.pem", "-days", "2", "-subj", "/CN=cm", "-out", "c.pem"], in: dir)
+        let good = dir + "/good.conf"
+        try "GatewayGroup = g\nJwtVerifyingCert = c.pem\nListenAddress = 127.0.0.1:4172\n".write(toFile: good, atomically: true, encoding: .utf8)
+        let (status, out, _) = try run(["--check", "--config", good])
+        #expect(status == 0 && out.contains("valid") && out.contains("ES256"), "\(out)")
+        #expect(!out.contains("PRIVATE") && !out.contains("BEGIN"))
+        let bad = dir + "/bad.conf"
+        try "GatewayGroup = g\nJwtVerifyingCert = c.pem\nMaxConnections = lots\n".write(toFile: bad, atomically: true, encoding: .utf8)
+        let (badStatus, _, badErr) = try run(["--check", "--config", bad])
+        #expect(badStatus != 0 && badErr.contains("bad.conf:3") && badErr.contains("MaxConnections"), "\(badErr)")
+        let noCert = dir + "/nocert.conf"
+        try "GatewayGroup = g\nJwtVerifyingCert = missing.pem\n".write(toFile: noCert, atomically: true, encoding: .utf8)
+        let (noCertStatus, _, noCertErr) = try run(["--check", "--config", noCert])
+        #expect(noCertStatus != 0 && noCertErr.contains("JwtVerifyingCert") && noCertErr.contains("missing.pem"), "\(noCertErr)")
+        let (noConfig, _, noConfigErr) = try run(["--check"])
+        #expect(noConfig != 0 && noConfigErr.contains("--config"), "\(noConfigErr)")
+    }
+
+    @Test("serve restores prepared grants from --data-dir, answers /health, and stops on SIGTERM")
+    func serve() async throws {
+        let dir = try SGTest.temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try SGTest.openssl(["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", "k.pem"], in: dir)
+        try SGTest.openssl(["req", "-x509", "-new", "-key", "k.pem", "-days", "2", "-subj", "/CN=cm", "-out", "c.pem"], in: dir)
+        let signer = try await GrantSigner.load(pem: try String(contentsOfFile: dir + "/k.pem", encoding: .utf8))
+        try FileManager.default.createDirectory(atPath: dir + "/data", withIntermediateDirectories: true)
+        let earlier = PreparedGrants(path: dir + "/data/prepared-grants.json")
+        let now = Date()
+        let grant = SessionGrant(sessionID: "kept", agent: "127.0.0.1:9", serverName: "a.test", audience: "g",
+                                 issuedAt: now.addingTimeInterval(-5), expires: now.addingTimeInterval(600))
+        #expect(earlier.prepare(grant, token: try await signer.sign(grant)) == .added)
+        let (sg, control) = (try SGTest.freePort(), try SGTest.freePort())
+        try "GatewayGroup = g\nJwtVerifyingCert = c.pem\nListenAddress = 127.0.0.1:\(sg)\nControlListen = 127.0.0.1:\(control)\n"
+            .write(toFile: dir + "/sg.conf", atomically: true, encoding: .utf8)
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: Self.binary)
+        process.arguments = ["serve", "--config", dir + "/sg.conf", "--data-dir", dir + "/data"]
+        let log = Pipe()
+        process.standardOutput = log
+        process.standardError = log
+        try process.run()
+        defer { if process.isRunning { kill(process.processIdentifier, SIGKILL) } }
+        var status = (0, "")
+        let up = await SGTest.eventually {
+            status = (try? SGTest.curl("GET", "http://127.0.0.1:\(control)/v1/status")) ?? (0, "")
+            return status.0 == 200
+        }
+        #expect(up, "serve did not answer on its control endpoint")
+        let object = try JSONSerialization.jsonObject(with: Data(status.1.utf8)) as? [String: Any]
+        #expect(object?["prepared_grants"] as? Int == 1, "\(status.1)")
+        let (health, body) = try SGTest.curl("GET", "http://127.0.0.1:\(control)/health")
+        #expect(health == 200 && body == #"{"code":200,"status":"success"}"#)
+        kill(process.processIdentifier, SIGTERM)
+        process.waitUntilExit()
+        #expect(process.terminationStatus == 0)
+        let output = String(decoding: log.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        #expect(output.contains("1 kept") && !output.contains("eyJ"), "no token in the log: \(output)")
+    }
+}

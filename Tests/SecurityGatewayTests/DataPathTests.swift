@@ -1,0 +1,390 @@
+import Foundation
+import Glibc
+import Hummingbird
+import Logging
+import Relay
+import SecurityGateway
+import ServiceLifecycle
+import SessionGrants
+import Synchronization
+import SystemLayer
+import Testing
+
+/// A Security Gateway on loopback with its control endpoint, an agent
+/// (`openssl s_server` on TCP and a UDP echo on the same port number) and
+/// the CM's signing key. Everything real; ports from the kernel.
+final class GatewayFixture: @unchecked Sendable {
+    let dir: String
+    let signer: GrantSigner
+    let gateway: SecurityGateway
+    let sgPort: UInt16
+    let agentPort: UInt16
+    let agentSourcePort: UInt16
+    let controlURL: String
+    let group: String = "sg-test"
+    private let server: Process
+    private let echo: UDPEcho
+    private let services: ServiceGroup
+    private let serviceTask: Task<Void, any Error>
+
+    static func start(helloTimeout: String = "10", collaboration: Bool = false) async throws -> GatewayFixture {
+        let dir = try SGTest.temporaryDirectory()
+        try SGTest.openssl(["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", "cm.key"], in: dir)
+        try SGTest.openssl(["req", "-x509", "-new", "-key", "cm.key", "-days", "2", "-subj", "/CN=cm", "-out", "cm.crt"], in: dir)
+        try SGTest.openssl(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "agent.key", "-days", "2",
+                            "-subj", "/CN=agent.test", "-out", "agent.crt"], in: dir)
+        let sgPort = try SGTest.freePort()
+        let agentPort = try SGTest.freePort()
+        let sourcePort = try SGTest.freePort()
+        let text = """
+            GatewayGroup = sg-test
+            JwtVerifyingCert = \(dir)/cm.crt
+            ListenAddress = 127.0.0.1:\(sgPort)
+            ControlListen = 127.0.0.1:0
+            AgentSourcePort = \(sourcePort)
+            EnableCollaboration = \(collaboration)
+            CollaborationSourcePorts = \(sourcePort + 1)-\(sourcePort + 3)
+            ClientHelloTimeout = \(helloTimeout)
+            """
+        let config = try SecurityGatewayConfig.parse(text)
+        var quiet = Logger(label: "sg-test")
+        quiet.logLevel = .error
+        let signer = try await GrantSigner.load(pem: try String(contentsOfFile: dir + "/cm.key", encoding: .utf8))
+        let verifier = try await GrantVerifier.load(certificatePEM: try String(contentsOfFile: dir + "/cm.crt", encoding: .utf8),
+                                                    audience: "sg-test")
+        let gateway = try SecurityGateway(config: config, verifier: verifier, grants: PreparedGrants(path: dir + "/grants.json"),
+                                          relaySettings: RelaySettings(loops: 2), logger: quiet)
+        try gateway.start()
+
+        let server = Process()
+        server.executableURL = URL(fileURLWithPath: "/usr/bin/openssl")
+        server.arguments = ["s_server", "-accept", "127.0.0.1:\(agentPort)", "-cert", dir + "/agent.crt",
+                            "-key", dir + "/agent.key", "-quiet"]
+        server.standardInput = Pipe()
+        server.standardOutput = FileHandle.nullDevice
+        server.standardError = FileHandle.nullDevice
+        try server.run()
+        let echo = try UDPEcho(port: agentPort)
+
+        let bound = BoundAddress()
+        var logger = Logger(label: "sg-test")
+        logger.logLevel = .warning
+        let app = SecurityGatewayControl.application(gateway: gateway, address: .hostname("127.0.0.1", port: 0), logger: logger,
+                                                     onServerRunning: { address in bound.value.withLock { $0 = address } })
+        let services = ServiceGroup(configuration: .init(services: [app], gracefulShutdownSignals: [], logger: logger))
+        let task = Task { try await services.run() }
+        let fixture = GatewayFixture(dir: dir, signer: signer, gateway: gateway, sgPort: sgPort, agentPort: agentPort,
+                                     agentSourcePort: sourcePort, server: server, echo: echo, services: services,
+                                     serviceTask: task, control: bound)
+        guard await SGTest.eventually({ bound.value.withLock { $0 } != nil }) else { throw SGTest.Failed("control endpoint did not start") }
+        // The agent's TLS server is up when it accepts.
+        guard await SGTest.eventually({ (try? RawClient(port: agentPort)) != nil }) else { throw SGTest.Failed("s_server did not start") }
+        return fixture
+    }
+
+    private let control: BoundAddress
+
+    private init(dir: String, signer: GrantSigner, gateway: SecurityGateway, sgPort: UInt16, agentPort: UInt16,
+                 agentSourcePort: UInt16, server: Process, echo: UDPEcho, services: ServiceGroup,
+                 serviceTask: Task<Void, any Error>, control: BoundAddress) {
+        self.dir = dir
+        self.signer = signer
+        self.gateway = gateway
+        self.sgPort = sgPort
+        self.agentPort = agentPort
+        self.agentSourcePort = agentSourcePort
+        self.server = server
+        self.echo = echo
+        self.services = services
+        self.serviceTask = serviceTask
+        self.control = control
+        controlURL = ""
+    }
+
+    var control_: String { "http://" + (control.value.withLock { $0 } ?? "127.0.0.1:0") }
+
+    func grant(sni: String = "agent.test", client: String? = nil, audience: String = "sg-test", session: String = "s1",
+               singleUse: Bool = false, from: TimeInterval = -10, life: TimeInterval = 300) -> SessionGrant {
+        let now = Date()
+        return SessionGrant(sessionID: session, agent: "127.0.0.1:\(agentPort)", serverName: sni, client: client, audience: audience,
+                            issuedAt: now.addingTimeInterval(min(from, -10)), notBefore: now.addingTimeInterval(from),
+                            expires: now.addingTimeInterval(from + life), singleUse: singleUse)
+    }
+
+    func prepare(_ grant: SessionGrant) async throws -> Int {
+        let token = try await signer.sign(grant)
+        return try SGTest.curl("POST", control_ + "/v1/sessions", json: #"{"grant":"\#(token)"}"#).0
+    }
+
+    func status() -> SecurityGateway.Status { gateway.status() }
+
+    func stop() async {
+        await services.triggerGracefulShutdown()
+        _ = try? await serviceTask.value
+        gateway.shutdown()
+        // s_server does not always end on SIGTERM.
+        kill(server.processIdentifier, SIGKILL)
+        server.waitUntilExit()
+        echo.stop()
+        try? FileManager.default.removeItem(atPath: dir)
+    }
+}
+
+final class TextBox: Sendable {
+    let value = Mutex("")
+}
+
+final class BoundAddress: Sendable {
+    let value = Mutex<String?>(nil)
+}
+
+/// `openssl s_client` through the gateway, kept open until `close()`.
+final class TLSClient: @unchecked Sendable {
+    let process = Process()
+    private let input = Pipe()
+    private let output = TextBox()
+
+    init(port: UInt16, arguments: [String]) throws {
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/openssl")
+        process.arguments = ["s_client", "-connect", "127.0.0.1:\(port)", "-brief"] + arguments
+        process.standardInput = input
+        let pipe = Pipe()
+        process.standardOutput = pipe
+        process.standardError = pipe
+        let output = self.output
+        pipe.fileHandleForReading.readabilityHandler = { handle in
+            let data = handle.availableData
+            output.value.withLock { $0 += String(decoding: data, as: UTF8.self) }
+        }
+        try process.run()
+    }
+
+    var text: String { output.value.withLock { $0 } }
+
+    func close() {
+        try? input.fileHandleForWriting.close()
+        process.waitUntilExit()
+    }
+}
+
+@Suite("Security Gateway data path", .serialized)
+struct SecurityGatewayDataPathTests {
+    @Test("a prepared grant carries the client's TLS handshake to the agent; its UDP goes from AgentSourcePort; others' UDP is dropped")
+    func endToEnd() async throws {
+        let sg = try await GatewayFixture.start()
+        #expect(try await sg.prepare(sg.grant(session: "e2e")) == 201)
+        let client = try TLSClient(port: sg.sgPort, arguments: ["-servername", "agent.test"])
+        let handshake = await SGTest.eventually { client.text.contains("CONNECTION ESTABLISHED") }
+        #expect(handshake, "s_client through the gateway: \(client.text)")
+        #expect(client.text.contains("agent.test") || client.text.contains("Peer certificate"), "\(client.text)")
+        #expect(sg.status().activeSessions == 1)
+
+        // UDP from the same client IP reaches the agent from the configured source port.
+        let udp = try UDPClient()
+        var answer: String? = nil
+        _ = await SGTest.eventually {
+            answer = udp.exchange("hello", port: sg.sgPort)
+            return answer != nil
+        }
+        #expect(answer == "hello|\(sg.agentSourcePort)")
+
+        // An address without a session: dropped and counted, never relayed.
+        let stranger = try UDPClient(host: "127.0.0.2")
+        #expect(stranger.exchange("intruder", port: sg.sgPort) == nil)
+        #expect(await SGTest.eventually { sg.status().udpDropped["not_allowed", default: 0] >= 1 })
+
+        client.close()
+        #expect(await SGTest.eventually { sg.status().activeSessions == 0 && sg.status().activeConnections == 0 })
+        sg.gateway.settle()
+        #expect(await SGTest.eventually { sg.status().udpBindings == 0 })
+        #expect(udp.exchange("late", port: sg.sgPort) == nil, "UDP must stop with the session")
+        let status = sg.status()
+        #expect(status.bytesClientToAgent > 0 && status.bytesAgentToClient > 0)
+        await sg.stop()
+    }
+
+    @Test("bad input on the TCP port: each refused and counted by reason, a split ClientHello accepted, nothing leaks")
+    func badInput() async throws {
+        let sg = try await GatewayFixture.start(helloTimeout: "0.5")
+        #expect(try await sg.prepare(sg.grant(sni: "agent.test", session: "bad")) == 201)
+        func refused(_ reason: String, _ send: (RawClient) -> Void, sourceLocation: SourceLocation = #_sourceLocation) async throws {
+            let before = sg.status().refusals[reason, default: 0]
+            let client = try RawClient(port: sg.sgPort)
+            send(client)
+            #expect(client.wait() == .closed, "\(reason): the gateway must close", sourceLocation: sourceLocation)
+            #expect(await SGTest.eventually { sg.status().refusals[reason, default: 0] == before + 1 },
+                    "\(reason): counted (\(sg.status().refusals))", sourceLocation: sourceLocation)
+        }
+        try await refused("not_tls") { $0.send(Array("GET / HTTP/1.1\r\nHost: x\r\n\r\n".utf8)) }
+        try await refused("not_tls") { $0.send((0..<64).map { _ in UInt8.random(in: 0...21) }) }
+        let hello = clientHello(sni: "agent.test")
+        try await refused("truncated") { client in
+            client.send(Array(hello.prefix(hello.count / 2)))
+            client.shutdownWrite()
+        }
+        try await refused("no_sni") { $0.send(clientHello(sni: nil)) }
+        try await refused("bad_sni") { $0.send(clientHello(sni: String(repeating: "a", count: 300) + ".test")) }
+        try await refused("no_grant") { $0.send(clientHello(sni: "unknown.test")) }
+        // A client that sends nothing is released after ClientHelloTimeout (0.5 s here).
+        try await refused("timeout") { _ in }
+        try await refused("timeout") { $0.send(Array(hello.prefix(7))) }
+
+        // A real ClientHello in 1-byte segments is accepted: the agent's TLS server answers.
+        let split = try RawClient(port: sg.sgPort)
+        for byte in hello {
+            split.send([byte])
+            usleep(1000)
+        }
+        guard case .bytes = split.wait() else {
+            Issue.record("a ClientHello in 1-byte segments must reach the agent (\(sg.status().refusals))")
+            return
+        }
+        #expect(sg.status().activeSessions == 1)
+        shutdown(split.fd, Int32(SHUT_RDWR))
+        #expect(await SGTest.eventually { sg.status().activeSessions == 0 && sg.status().activeConnections == 0 },
+                "no session leaks: \(sg.status())")
+        #expect(sg.gateway.problem == nil)
+        await sg.stop()
+    }
+
+    @Test("the control endpoint: prepare, already prepared, forged, expired, not yet valid, other group, none, HMAC, replay, revoke, health, status")
+    func controlEndpoint() async throws {
+        let sg = try await GatewayFixture.start()
+        let base = sg.control_
+        let good = sg.grant(session: "ctl-1")
+        #expect(try await sg.prepare(good) == 201)
+        let token = try await sg.signer.sign(good)
+        #expect(try SGTest.curl("POST", base + "/v1/sessions", json: #"{"grant":"\#(token)"}"#).0 == 200)
+
+        // Forged: signed by another key.
+        let other = try SGTest.temporaryDirectory()
+        try SGTest.openssl(["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", "k.pem"], in: other)
+        let forger = try await GrantSigner.load(pem: try String(contentsOfFile: other + "/k.pem", encoding: .utf8))
+        let forged = try await forger.sign(sg.grant(session: "forged"))
+        func post(_ token: String) throws -> (Int, String) {
+            try SGTest.curl("POST", base + "/v1/sessions", json: #"{"grant":"\#(token)"}"#)
+        }
+        let (forgedStatus, forgedBody) = try post(forged)
+        #expect(forgedStatus == 401 && forgedBody.contains("signature"), "\(forgedBody)")
+        let (expiredStatus, expiredBody) = try post(try await sg.signer.sign(sg.grant(session: "old", from: -1000, life: 300)))
+        #expect(expiredStatus == 401 && expiredBody.contains("expired"), "\(expiredBody)")
+        let (earlyStatus, earlyBody) = try post(try await sg.signer.sign(sg.grant(session: "early", from: 3600)))
+        #expect(earlyStatus == 401 && earlyBody.contains("not yet valid"), "\(earlyBody)")
+        let (groupStatus, groupBody) = try post(try await sg.signer.sign(sg.grant(audience: "sg-other", session: "elsewhere")))
+        #expect(groupStatus == 401 && groupBody.contains("sg-other"), "\(groupBody)")
+        func b64(_ bytes: [UInt8]) -> String {
+            Data(bytes).base64EncodedString().replacingOccurrences(of: "+", with: "-")
+                .replacingOccurrences(of: "/", with: "_").replacingOccurrences(of: "=", with: "")
+        }
+        let payload = String(try await sg.signer.sign(sg.grant(session: "confused")).split(separator: ".")[1])
+        let (noneStatus, noneBody) = try post(b64(Array(#"{"alg":"none","typ":"JWT"}"#.utf8)) + "." + payload + ".")
+        #expect(noneStatus == 401 && noneBody.contains("none"), "\(noneBody)")
+        let hs = b64(Array(#"{"alg":"HS256","typ":"JWT"}"#.utf8)) + "." + payload
+        let certificate = Array(try String(contentsOfFile: sg.dir + "/cm.crt", encoding: .utf8).utf8)
+        let (hsStatus, hsBody) = try post(hs + "." + b64(hmac(key: certificate, message: Array(hs.utf8), dir: other)))
+        #expect(hsStatus == 401 && hsBody.contains("HS256"), "\(hsBody)")
+        #expect(try post("not.a.jwt").0 == 400)
+        #expect(try SGTest.curl("POST", base + "/v1/sessions", json: #"{"token":"x"}"#).0 == 400)
+        #expect(try SGTest.curl("POST", base + "/v1/sessions", json: "[1,2").0 == 400)
+        // No answer repeats a token.
+        #expect(!forgedBody.contains(forged) && !hsBody.contains(hs))
+
+        // Replay: a single-use grant, used by a real TLS connection, prepared again → 409.
+        let once = sg.grant(sni: "once.test", session: "once", singleUse: true)
+        #expect(try await sg.prepare(once) == 201)
+        let client = try TLSClient(port: sg.sgPort, arguments: ["-servername", "once.test"])
+        #expect(await SGTest.eventually { client.text.contains("CONNECTION ESTABLISHED") }, "\(client.text)")
+        client.close()
+        let (replayStatus, replayBody) = try post(try await sg.signer.sign(once))
+        #expect(replayStatus == 409 && replayBody.contains("replay"), "\(replayBody)")
+        // A second connection with the used grant is refused.
+        let again = try TLSClient(port: sg.sgPort, arguments: ["-servername", "once.test"])
+        again.close()
+        #expect(!again.text.contains("CONNECTION ESTABLISHED"))
+        #expect(await SGTest.eventually { sg.status().refusals["no_grant", default: 0] >= 1 })
+
+        // Revoke.
+        #expect(try SGTest.curl("DELETE", base + "/v1/sessions/ctl-1").0 == 200)
+        #expect(try SGTest.curl("DELETE", base + "/v1/sessions/ctl-1").0 == 404)
+        let (health, healthBody) = try SGTest.curl("GET", base + "/health")
+        #expect(health == 200 && healthBody == #"{"code":200,"status":"success"}"#)
+        let (statusCode, statusBody) = try SGTest.curl("GET", base + "/v1/status")
+        #expect(statusCode == 200)
+        let object = try JSONSerialization.jsonObject(with: Data(statusBody.utf8)) as? [String: Any]
+        #expect(object?["active_sessions"] as? Int == 0 && (object?["refusals"] as? [String: Int])?["no_grant"] ?? 0 >= 1)
+        #expect(object?["bytes_client_to_agent"] as? Int ?? 0 > 0)
+        #expect(await SGTest.eventually { sg.status().activeSessions == 0 && sg.status().activeConnections == 0 })
+        try? FileManager.default.removeItem(atPath: other)
+        await sg.stop()
+    }
+
+    @Test("collaboration: a second client to the same agent gets the next source port; without it, it is refused")
+    func collaboration() async throws {
+        let grants = PreparedGrants(path: nil)
+        let changes = Atomic(0)
+        let on = SessionTracker(agentSourcePort: 55000, collaborationPorts: 55001...55002, onChange: { changes.add(1, ordering: .relaxed) })
+        let agent = SocketAddress("10.0.0.5:4172")!
+        let a = try on.start(client: .v4(1), agent: agent, sessionID: "a").get()
+        let b = try on.start(client: .v4(2), agent: agent, sessionID: "b").get()
+        let a2 = try on.start(client: .v4(1), agent: agent, sessionID: "a").get()
+        #expect(on.bindings.map(\.sourcePort) == [55000, 55001] && on.active == 3)
+        let rules = on.udpRules(listen: SocketAddress("0.0.0.0:4172")!)
+        #expect(rules.count == 2 && rules.allSatisfy { $0.transport == .udp && $0.allow.count == 1 && $0.target == agent })
+        #expect((try? RelayRule.check(rules)) != nil)
+        _ = try on.start(client: .v4(3), agent: agent, sessionID: "c").get()
+        #expect(refusal(on.start(client: .v4(4), agent: agent, sessionID: "d")) == .agentBusy)
+        on.end(a)
+        #expect(on.bindings.count == 3, "client 1 still has a session")
+        on.end(a2)
+        on.end(b)
+        #expect(on.bindings.map(\.sourcePort) == [55002] && changes.load(ordering: .relaxed) == 5)
+        let off = SessionTracker(agentSourcePort: 55000, collaborationPorts: nil)
+        _ = try off.start(client: .v4(1), agent: agent, sessionID: "a").get()
+        #expect(refusal(off.start(client: .v4(2), agent: agent, sessionID: "b")) == .agentBusy)
+        _ = grants
+    }
+
+    @Test("the inspection decides from bytes alone: garbage, no SNI, bad SNI, no grant, a grant, byte by byte, end of stream, timeout")
+    func inspectionDecisions() async throws {
+        let grants = PreparedGrants(path: nil)
+        let sessions = SessionTracker(agentSourcePort: 55000, collaborationPorts: nil)
+        let now = Date()
+        let grant = SessionGrant(sessionID: "s", agent: "10.1.2.3:4172", serverName: "desk.test", audience: "g",
+                                 issuedAt: now.addingTimeInterval(-5), expires: now.addingTimeInterval(300))
+        #expect(grants.prepare(grant, token: "t") == .added)
+        func run(_ bytes: [UInt8], client: String = "192.0.2.1:5000") -> InspectionDecision {
+            SNIInspection(client: SocketAddress(client)!, maxBytes: 16384, grants: grants, sessions: sessions).feed(bytes)
+        }
+        #expect(run(Array("SSH-2.0-x\r\n".utf8)) == .refuse("not_tls"))
+        #expect(run(clientHello(sni: nil)) == .refuse("no_sni"))
+        #expect(run(clientHello(sni: String(repeating: "x", count: 300))) == .refuse("bad_sni"))
+        #expect(run(clientHello(sni: "other.test")) == .refuse("no_grant"))
+        let inspection = SNIInspection(client: SocketAddress("192.0.2.1:5000")!, maxBytes: 16384, grants: grants, sessions: sessions)
+        let hello = clientHello(sni: "desk.test")
+        var decision = InspectionDecision.needMore
+        for i in 1...hello.count {
+            decision = inspection.feed(Array(hello.prefix(i)))
+            if i < hello.count { #expect(decision == .needMore) }
+        }
+        #expect(decision == .connect(SocketAddress("10.1.2.3:4172")!))
+        #expect(sessions.active == 1 && sessions.bindings.first?.sourcePort == 55000)
+        inspection.sessionEnded()
+        #expect(sessions.active == 0 && sessions.bindings.isEmpty)
+        let idle = SNIInspection(client: SocketAddress("192.0.2.1:5000")!, maxBytes: 16384, grants: grants, sessions: sessions)
+        #expect(idle.endOfStream() == .refuse("truncated") && idle.timedOut() == .refuse("timeout"))
+        #expect(run([UInt8](hello.prefix(10))) == .needMore)
+    }
+}
+
+func refusal(_ result: Result<SessionTracker.Ticket, SessionRefusal>) -> SessionRefusal? {
+    if case .failure(let why) = result { return why }
+    return nil
+}
+
+/// HMAC-SHA-256 by the `openssl` command (the attacker's tool).
+func hmac(key: [UInt8], message: [UInt8], dir: String) throws -> [UInt8] {
+    _ = FileManager.default.createFile(atPath: dir + "/m", contents: Data(message))
+    let hexKey = key.map { String(format: "%02x", $0) }.joined()
+    try SGTest.openssl(["dgst", "-sha256", "-mac", "HMAC", "-macopt", "hexkey:\(hexKey)", "-binary", "-out", dir + "/mac", dir + "/m"], in: dir)
+    return [UInt8](FileManager.default.contents(atPath: dir + "/mac")!)
+}
