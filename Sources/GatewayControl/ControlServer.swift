@@ -30,6 +30,9 @@ public enum ControlServer {
                            logger: logger)
     }
 
+    /// Where control operations run, one at a time.
+    static let queue = DispatchQueue(label: "gateway-control")
+
     static func handle(_ request: Request, control: GatewayControl, logger: Logger) async -> Response {
         var request = request
         let method = request.method.rawValue
@@ -37,7 +40,18 @@ public enum ControlServer {
         do throws(ControlError) {
             let body = try await readBody(&request, limit: control.settings.maxBodyBytes)
             try control.authenticate(header: request.headers[.authorization], method: method, path: path, body: body)
-            let response = try route(method: method, path: path, body: body, control: control)
+            // A change blocks briefly (the relay loops take the new rules,
+            // the rules file is synced): do it on the control queue, never on
+            // Swift's cooperative threads (two on a 2-core machine), which
+            // every other task of the process shares.
+            let result = await withCheckedContinuation { (continuation: CheckedContinuation<Result<Response, ControlError>, Never>) in
+                ControlServer.queue.async {
+                    continuation.resume(returning: Result { () throws(ControlError) in
+                        try route(method: method, path: path, body: body, control: control)
+                    })
+                }
+            }
+            let response = try result.get()
             logger.info("control: \(method) \(path) -> \(response.status.code)")
             return response
         } catch {

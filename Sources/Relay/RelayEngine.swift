@@ -253,13 +253,21 @@ public final class RelayEngine: Sendable {
     /// connections finish for up to `timeoutNanoseconds`, then resets what is left.
     /// - Returns: how many connections had to be closed at the deadline.
     @discardableResult
-    public func drain(timeoutNanoseconds: UInt64) -> Int {
+    /// Closes every listener (TCP and UDP) and refuses rule changes from
+    /// now on; established sessions go on. Returns once every loop has closed
+    /// its listeners, so a client connecting afterwards is refused.
+    public func stopAccepting() {
         control.withLock { state in
             state.stopped = true
             state.ruleSet = .empty
         }
         let contexts = self.contexts
         group.onEveryLoop { loop in contexts.all[loop.id].stopListening() }
+    }
+
+    public func drain(timeoutNanoseconds: UInt64) -> Int {
+        stopAccepting()
+        let contexts = self.contexts
         let deadline = MonotonicClock.nowNanoseconds &+ timeoutNanoseconds
         while stats().active > 0 && MonotonicClock.nowNanoseconds < deadline {
             BlockingWait.sleep(milliseconds: 20)

@@ -146,6 +146,9 @@ struct Serve: ParsableCommand {
                 logger.notice("stats: \(engine.stats())")
             case .terminate?:
                 let seconds = Double(current.drainTimeoutNanoseconds) / 1e9
+                // Listeners close first, so that once this line is logged a
+                // new client is refused.
+                engine.stopAccepting()
                 logger.notice("SIGTERM: draining \(engine.stats().active) session(s) for up to \(seconds)s")
                 plane?.stop()
                 let forced = engine.drain(timeoutNanoseconds: current.drainTimeoutNanoseconds)
