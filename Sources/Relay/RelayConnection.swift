@@ -31,10 +31,16 @@ final class RelayConnection: EventHandler, TimerHandler {
     /// Client bytes an inspector read (inspect-first rules), written upstream
     /// after the preamble and before any other client byte; what is left of
     /// them when the send buffer was full.
-    private var pendingReplay: [UInt8]
-    private(set) var replayedBytes: UInt64 = 0
-    /// The inspection that chose this connection's target, told when it ends.
-    private let inspection: (any Inspection)?
+    /// Only for connections an inspector sent here (the Security Gateway):
+    /// one optional reference, so that ordinary connections carry 8 bytes
+    /// for it instead of the replay buffer, its count and an existential.
+    private let inspected: InspectedStart?
+    /// Bytes read by the inspector and written upstream before splicing.
+    var replayedBytes: UInt64 { inspected?.replayed ?? 0 }
+    private var hasPendingReplay: Bool {
+        guard let inspected else { return false }
+        return !inspected.pending.isEmpty
+    }
 
     init(id: UInt64, client: FileDescriptor, upstream: FileDescriptor, clientAddress: SocketAddress,
          rule: RelayRule, gate: AdmissionGate, context: LoopContext, now: UInt64,
@@ -48,8 +54,7 @@ final class RelayConnection: EventHandler, TimerHandler {
         self.context = context
         self.startedAt = startedAt ?? now
         lastActivity = now
-        pendingReplay = replay
-        self.inspection = inspection
+        inspected = replay.isEmpty && inspection == nil ? nil : InspectedStart(pending: replay, inspection: inspection)
         toTarget = RelayDirection(io: SocketDirectionIO(source: client, destination: upstream, pool: context.pool))
         toClient = RelayDirection(io: SocketDirectionIO(source: upstream, destination: client, pool: context.pool))
     }
@@ -95,12 +100,12 @@ final class RelayConnection: EventHandler, TimerHandler {
         case .established:
             let fromReadSide: EpollEvents = [.readable, .readHangUp, .hangUp, .error]
             let fromWriteSide: EpollEvents = [.writable, .hangUp, .error]
-            if !pendingReplay.isEmpty {
+            if hasPendingReplay {
                 // The inspected bytes go first: the client is not read until they are out.
                 if fd == client && !events.isDisjoint(with: fromReadSide) { clientReadableDuringConnect = true }
                 if fd == upstream && !events.isDisjoint(with: fromWriteSide) && !flushReplay() { return }
                 let back = fd == upstream && !events.isDisjoint(with: fromReadSide) ? toClient.pump() : nil
-                if !pendingReplay.isEmpty { return settle(nil, back) }
+                if hasPendingReplay { return settle(nil, back) }
                 return settle(clientReadableDuringConnect ? toTarget.pump() : nil, back)
             }
             let before = toTarget.delivered &+ toClient.delivered
@@ -157,7 +162,7 @@ final class RelayConnection: EventHandler, TimerHandler {
         if let timer = connectTimer { loop.cancel(timer); connectTimer = nil }
         if let preamble = rule.preamble, !writePreamble(preamble) { return }
         state = .established
-        if !pendingReplay.isEmpty && !flushReplay() { return }
+        if hasPendingReplay && !flushReplay() { return }
         context.counters.bump(context.counters.established)
         // Keepalive's first probe comes after minutes of silence, so setting
         // it on the upstream socket a moment later changes nothing for a
@@ -177,7 +182,7 @@ final class RelayConnection: EventHandler, TimerHandler {
         // with edge-triggered readiness no new event would announce them.
         // A side that has shown nothing is not read: its first bytes will
         // raise an edge of their own.
-        let target = clientReadableDuringConnect && pendingReplay.isEmpty ? toTarget.pump() : nil
+        let target = clientReadableDuringConnect && !hasPendingReplay ? toTarget.pump() : nil
         let back = upstreamReadable ? toClient.pump() : nil
         settle(target, back)
     }
@@ -186,11 +191,12 @@ final class RelayConnection: EventHandler, TimerHandler {
     /// upstream socket to become writable.
     /// - Returns: false when the connection was closed (the target failed).
     private func flushReplay() -> Bool {
-        let written = pendingReplay.withUnsafeBytes { raw in Result { () throws(Errno) in try upstream.write(raw) } }
+        guard let inspected else { return true }
+        let written = inspected.pending.withUnsafeBytes { raw in Result { () throws(Errno) in try upstream.write(raw) } }
         switch written {
         case .success(.done(let n)):
-            pendingReplay.removeFirst(n)
-            replayedBytes &+= UInt64(n)
+            inspected.pending.removeFirst(n)
+            inspected.replayed &+= UInt64(n)
             return true
         case .success(.wouldBlock):
             return true
@@ -275,7 +281,7 @@ final class RelayConnection: EventHandler, TimerHandler {
         if toTarget.io.fellBack || toClient.io.fellBack { context.counters.bump(context.counters.spliceFallbacks) }
         if countReset { context.counters.bump(context.counters.resets) }
         context.connectionClosed(self, wasEstablished: wasEstablished)
-        inspection?.sessionEnded()
+        inspected?.inspection?.sessionEnded()
     }
 
     var info: ConnectionInfo {
@@ -297,4 +303,18 @@ public struct ConnectionInfo: Sendable, Equatable {
     public let established: Bool
     public let bytesClientToTarget: UInt64
     public let bytesTargetToClient: UInt64
+}
+
+/// What an inspected connection carries beyond an ordinary one.
+private final class InspectedStart {
+    /// Bytes the inspector read, still to be written upstream.
+    var pending: [UInt8]
+    var replayed: UInt64 = 0
+    /// The inspection that chose the target, told when the connection ends.
+    let inspection: (any Inspection)?
+
+    init(pending: [UInt8], inspection: (any Inspection)?) {
+        self.pending = pending
+        self.inspection = inspection
+    }
 }
