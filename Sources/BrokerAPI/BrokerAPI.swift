@@ -27,11 +27,14 @@ public struct BrokerAPIConfiguration: Sendable {
     public var ruleUnusedExpiry: Int
     /// How long one call to a gateway's control API may take.
     public var gatewayCallTimeout: TimeInterval
+    /// How long a new connection may take to show whether it starts with a
+    /// PROXY header and, if so, to complete it; closed after that.
+    public var proxyHeaderTimeout: TimeInterval
 
     public init(maxBodyBytes: Int = 1 << 20, sessionLifetime: TimeInterval = 8 * 3600,
                 passwordHasher: PasswordHasher = PasswordHasher(), version: String, dataPath: String,
                 heartbeatInterval: Int = 10, offlineAfter: Int = 30, ruleUnusedExpiry: Int = 300,
-                gatewayCallTimeout: TimeInterval = 5) {
+                gatewayCallTimeout: TimeInterval = 5, proxyHeaderTimeout: TimeInterval = 10) {
         self.maxBodyBytes = maxBodyBytes
         self.sessionLifetime = sessionLifetime
         self.passwordHasher = passwordHasher
@@ -41,6 +44,7 @@ public struct BrokerAPIConfiguration: Sendable {
         self.offlineAfter = offlineAfter
         self.ruleUnusedExpiry = ruleUnusedExpiry
         self.gatewayCallTimeout = gatewayCallTimeout
+        self.proxyHeaderTimeout = proxyHeaderTimeout
     }
 }
 
@@ -104,11 +108,13 @@ public struct BrokerAPI: Sendable {
         let listeners = self.listeners
         let store = self.store
         let clock = self.clock
+        let headerTimeout = TimeAmount.nanoseconds(Int64(configuration.proxyHeaderTimeout * 1e9))
         // Broker forwarding: a gateway's PROXY v2 header, checked before HTTP sees a byte.
         let server = HTTPServerBuilder { responder in
-            ProxyProtocolChannel(base: HTTP1Channel(responder: responder)) {
+            // An idle keep-alive connection is closed after 60 s (nginx's keepalive_timeout is 75 s).
+            ProxyProtocolChannel(base: HTTP1Channel(responder: responder, configuration: .init(idleTimeout: .seconds(60)))) {
                 ProxyHeaderHandler(keys: { id in (try? await store.controlKey(gatewayID: id)) ?? nil },
-                                   clock: clock, logger: logger)
+                                   clock: clock, headerTimeout: headerTimeout, logger: logger)
             }
         }
         var app = Application(router: router(), server: server, configuration: .init(address: address, serverName: nil),

@@ -115,7 +115,19 @@ extension BrokerAPI {
         Task {
             for rule in missing {
                 do {
-                    let port = try await client.put(ruleID: rule.id, push: rule.push, gateway: gateway, key: key)
+                    // The client was told rule.port: ask for it again (methods 0
+                    // and 2 may name a port of the range), else take a new one.
+                    var samePort = rule.push
+                    if samePort.port == nil { samePort.port = rule.port }
+                    let port: Int
+                    do throws(GatewayCallError) {
+                        port = try await client.put(ruleID: rule.id, push: samePort, gateway: gateway, key: key)
+                    } catch {
+                        guard case .refused(_, let status, _) = error, samePort != rule.push, status == 409 || status == 400 else {
+                            throw error
+                        }
+                        port = try await client.put(ruleID: rule.id, push: rule.push, gateway: gateway, key: key)
+                    }
                     if port != rule.port {
                         try? await store.updateRulePort(id: rule.id, port: port)
                         logger.warning("rule \(rule.id) on gateway \(gatewayID) came back on port \(port) instead of \(rule.port)")
@@ -194,34 +206,90 @@ extension BrokerAPI {
                             clientIP: method == .randomPort ? nil : clientIP,
                             port: method == .protocolPortClientOnly ? offered.port : nil,
                             unusedExpirySeconds: configuration.ruleUnusedExpiry)
-        guard let key = try await store.controlKey(gatewayID: choice.gateway.id) else {
-            throw APIError(.serviceUnavailable, "gateway \(GatewayControlClient.name(choice.gateway)) is not enrolled")
+        var keys: [ControlKey] = []
+        for gateway in choice.all {
+            guard let key = try await store.controlKey(gatewayID: gateway.id) else {
+                throw APIError(.serviceUnavailable, "gateway \(GatewayControlClient.name(gateway)) is not enrolled")
+            }
+            keys.append(key)
         }
-        let ruleID = GatewayRule.newID()
-        let port: Int
-        do {
-            port = try await gatewayClient.put(ruleID: ruleID, push: push, gateway: choice.gateway, key: key)
-        } catch {
-            context.logger.warning("connect to desktop \(desktop.id) (\(offered.name)): \(error)")
-            throw APIError(.badGateway, error.description)
+        let placed = try await place(push, on: choice, keys: keys, logger: context.logger)
+        let connectionID = placed[0].ruleID
+        let rules = placed.map { placement in
+            GatewayRule(id: placement.ruleID, gatewayID: placement.gateway.id, desktopID: desktop.id, userID: user.id,
+                        protocolName: offered.name, push: placement.push, port: placement.port, created: now,
+                        connectionID: connectionID)
         }
-        let rule = GatewayRule(id: ruleID, gatewayID: choice.gateway.id, desktopID: desktop.id, userID: user.id,
-                               protocolName: offered.name, push: push, port: port, created: now)
         do {
-            try await store.createRule(rule)
+            try await store.createRules(rules)
         } catch {
-            // Keep the gateway and the table in step: take the rule back.
-            try? await gatewayClient.delete(ruleID: ruleID, gateway: choice.gateway, key: key)
+            // Keep the gateways and the table in step: take the rules back.
+            await takeBack(placed)
             throw error
         }
-        context.logger.info("connect: desktop \(desktop.id) (\(offered.name)) through gateway \(choice.gateway.id) port \(port), method \(method.rawValue), rule \(ruleID)")
-        return .json([
-            "rule_id": .string(ruleID),
+        let port = placed[0].port
+        let through = placed.map { "\($0.gateway.id)" }.joined(separator: ", ")
+        context.logger.info("connect: desktop \(desktop.id) (\(offered.name)) through gateway(s) \(through) port \(port), method \(method.rawValue), rule \(connectionID)")
+        var answer: [String: JSONValue] = [
+            "rule_id": .string(connectionID),
             "gateway": ["id": .int(choice.gateway.id), "name": .string(choice.gateway.name)],
-            "address": .string(choice.gateway.address),
+            "address": .string(choice.address),
             "port": .int(Int64(port)),
             "protocol": .string(offered.name),
-        ])
+        ]
+        if !choice.others.isEmpty {
+            answer["gateways"] = .array(choice.all.map { .object(["id": .int($0.id), "name": .string($0.name)]) })
+        }
+        return .json(.object(answer))
+    }
+
+    /// One rule pushed to one gateway.
+    private struct Placement: Sendable {
+        var gateway: Gateway
+        var key: ControlKey
+        var ruleID: String
+        var push: RulePush
+        var port: Int
+    }
+
+    /// Pushes the rule to the chosen gateway, then (cluster mode `E`) to every
+    /// other one with the port the first chose. A gateway that refuses that
+    /// port (taken there) makes the broker take every push back and start
+    /// again, at most three times; any other failure takes them back and
+    /// answers 502 naming the gateway. All or nothing.
+    private func place(_ push: RulePush, on choice: GatewayChoice, keys: [ControlKey],
+                       logger: Logger) async throws(APIError) -> [Placement] {
+        let attempts = choice.others.isEmpty ? 1 : 3
+        for attempt in 1...attempts {
+            var placed: [Placement] = []
+            var shared = push
+            for (index, gateway) in choice.all.enumerated() {
+                let ruleID = GatewayRule.newID()
+                do {
+                    let port = try await gatewayClient.put(ruleID: ruleID, push: shared, gateway: gateway, key: keys[index])
+                    placed.append(Placement(gateway: gateway, key: keys[index], ruleID: ruleID, push: shared, port: port))
+                    if index == 0 && shared.method != .protocolPortClientOnly { shared.port = port }
+                } catch {
+                    await takeBack(placed)
+                    if case .refused(_, 409, _) = error, index > 0, attempt < attempts {
+                        logger.notice("connect: \(error); trying another port on every gateway")
+                        break
+                    }
+                    logger.warning("connect: \(error)")
+                    throw APIError(.badGateway, error.description)
+                }
+            }
+            if placed.count == choice.all.count { return placed }
+        }
+        throw APIError(.badGateway, "no port of the range was free on every gateway of the cluster after \(attempts) attempts")
+    }
+
+    /// Deletes pushed rules again (best effort: a gateway that keeps one drops
+    /// it at its next registration, as the broker no longer lists it).
+    private func takeBack(_ placed: [Placement]) async {
+        for placement in placed {
+            try? await gatewayClient.delete(ruleID: placement.ruleID, gateway: placement.gateway, key: placement.key)
+        }
     }
 
     /// `DELETE /v1/connect/{rule_id}`: removes the rule on its gateway, then here.
@@ -237,18 +305,23 @@ extension BrokerAPI {
         guard rule.userID == user.id || user.role == .admin else {
             throw APIError(.forbidden, "rule \(ruleID) belongs to another user")
         }
-        let gateway = try await store.gateway(id: rule.gatewayID)
-        if gateway.isLive(now: clock(), offlineAfter: TimeInterval(configuration.offlineAfter)),
-           let key = try await store.controlKey(gatewayID: gateway.id) {
-            do {
-                try await gatewayClient.delete(ruleID: ruleID, gateway: gateway, key: key)
-            } catch {
-                context.logger.warning("disconnect rule \(ruleID): \(error)")
-                throw APIError(.badGateway, error.description)
+        // Every rule of the connect call (one per gateway of an E cluster).
+        let rules = try await store.rules(connectionID: rule.connectionID)
+        let now = clock()
+        for rule in rules {
+            let gateway = try await store.gateway(id: rule.gatewayID)
+            if gateway.isLive(now: now, offlineAfter: TimeInterval(configuration.offlineAfter)),
+               let key = try await store.controlKey(gatewayID: gateway.id) {
+                do {
+                    try await gatewayClient.delete(ruleID: rule.id, gateway: gateway, key: key)
+                } catch {
+                    context.logger.warning("disconnect rule \(rule.id): \(error)")
+                    throw APIError(.badGateway, error.description)
+                }
             }
         }
-        try await store.deleteRule(id: ruleID)
-        context.logger.info("disconnect: rule \(ruleID) on gateway \(gateway.id)")
+        try await store.deleteRules(connectionID: rule.connectionID)
+        context.logger.info("disconnect: rule \(rule.connectionID) on gateway(s) \(rules.map { "\($0.gatewayID)" }.joined(separator: ", "))")
         return Response(status: .noContent)
     }
 

@@ -23,7 +23,11 @@ final class ProxyOrigins: Sendable {
 /// verifies under an enrolled gateway's key (then the header's client address
 /// and the gateway are recorded for the connection); one whose header does
 /// not verify is closed; one without a header is a direct client and passes
-/// untouched. Bytes behind the header wait until the verdict.
+/// untouched. Bytes behind the header wait until the verdict. A connection
+/// that has not shown whether it carries a header (or whose header is not yet
+/// verified) when `headerTimeout` runs out is closed: a peer that stalls
+/// inside a header cannot hold a connection open (as HAProxy's
+/// `timeout client` does for `accept-proxy`).
 final class ProxyHeaderHandler: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = ByteBuffer
     typealias InboundOut = ByteBuffer
@@ -43,11 +47,44 @@ final class ProxyHeaderHandler: ChannelInboundHandler, RemovableChannelHandler {
     private let keys: @Sendable (Int64) async -> ControlKey?
     private let clock: @Sendable () -> Date
     private let logger: Logger
+    private let headerTimeout: TimeAmount
+    private var deadline: Scheduled<Void>?
 
-    init(keys: @escaping @Sendable (Int64) async -> ControlKey?, clock: @escaping @Sendable () -> Date, logger: Logger) {
+    init(keys: @escaping @Sendable (Int64) async -> ControlKey?, clock: @escaping @Sendable () -> Date,
+         headerTimeout: TimeAmount = .seconds(10), logger: Logger) {
         self.keys = keys
         self.clock = clock
+        self.headerTimeout = headerTimeout
         self.logger = logger
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        if context.channel.isActive { armDeadline(context) }
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        armDeadline(context)
+        context.fireChannelActive()
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        deadline?.cancel()
+        deadline = nil
+    }
+
+    private func armDeadline(_ context: ChannelHandlerContext) {
+        guard deadline == nil, case .reading = state else { return }
+        let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+        let seconds = Double(headerTimeout.nanoseconds) / 1e9
+        deadline = context.eventLoop.scheduleTask(in: headerTimeout) {
+            let (handler, context) = bound.value
+            switch handler.state {
+            case .reading, .verifying:
+                handler.refuse(context, "no complete PROXY header or request within \(seconds) s")
+            case .passing, .closed:
+                break
+            }
+        }
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -85,6 +122,8 @@ final class ProxyHeaderHandler: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     func channelInactive(context: ChannelHandlerContext) {
+        deadline?.cancel()
+        deadline = nil
         ProxyOrigins.shared.remove(context.channel)
         context.fireChannelInactive()
     }
@@ -128,6 +167,8 @@ final class ProxyHeaderHandler: ChannelInboundHandler, RemovableChannelHandler {
     /// From now on every byte goes straight on, starting with those held.
     private func pass(_ context: ChannelHandlerContext) {
         state = .passing
+        deadline?.cancel()
+        deadline = nil
         if let held = buffered, held.readableBytes > 0 {
             buffered = nil
             context.fireChannelRead(wrapInboundOut(held))
@@ -142,6 +183,8 @@ final class ProxyHeaderHandler: ChannelInboundHandler, RemovableChannelHandler {
     private func refuse(_ context: ChannelHandlerContext, _ reason: String) {
         guard case .closed = state else {
             state = .closed
+            deadline?.cancel()
+            deadline = nil
             buffered = nil
             heldEvents = []
             let peer = context.remoteAddress?.ipAddress ?? "?"

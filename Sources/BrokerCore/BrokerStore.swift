@@ -122,13 +122,18 @@ public protocol BrokerStore: Sendable {
     /// Every rule, or a gateway's.
     func rules(gatewayID: Int64?) async throws(StoreError) -> [GatewayRule]
     func rule(id: String) async throws(StoreError) -> GatewayRule
+    /// The rules of one connect call (one per gateway it was pushed to), first rule first.
+    func rules(connectionID: String) async throws(StoreError) -> [GatewayRule]
     /// The number of rules per gateway (gateways without rules are absent).
     func ruleCounts() async throws(StoreError) -> [Int64: Int]
-    func createRule(_ rule: GatewayRule) async throws(StoreError)
+    /// Stores the rules of one connect call, all or none.
+    func createRules(_ rules: [GatewayRule]) async throws(StoreError)
     /// Records the port a gateway opened for a rule pushed again.
     func updateRulePort(id: String, port: Int) async throws(StoreError)
     /// Removes a rule; `.notFound` when there is none with that id.
     func deleteRule(id: String) async throws(StoreError)
+    /// Removes every rule of a connect call; `.notFound` when there is none.
+    func deleteRules(connectionID: String) async throws(StoreError)
 
     // MARK: Gateway clusters
     func gatewayClusters() async throws(StoreError) -> [GatewayCluster]

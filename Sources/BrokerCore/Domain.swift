@@ -145,10 +145,14 @@ public struct GatewayRule: Sendable, Equatable {
     /// The public port the gateway opened.
     public var port: Int
     public var created: Date
+    /// The connect call this rule belongs to: the id its answer gave (the
+    /// first rule's). Rules on every gateway of an `E` cluster share it.
+    public var connectionID: String
 
     public init(id: String, gatewayID: Int64, desktopID: Int64?, userID: Int64?, protocolName: String,
-                push: RulePush, port: Int, created: Date) {
+                push: RulePush, port: Int, created: Date, connectionID: String? = nil) {
         self.id = id
+        self.connectionID = connectionID ?? id
         self.gatewayID = gatewayID
         self.desktopID = desktopID
         self.userID = userID

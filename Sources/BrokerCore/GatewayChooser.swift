@@ -2,15 +2,27 @@ import Foundation
 
 /// The gateway a connection goes through and how its port is opened.
 public struct GatewayChoice: Sendable, Equatable {
+    /// The gateway that chooses the port (the only one, except with `E`).
     public var gateway: Gateway
+    /// With `E` (every gateway, behind an external load balancer): the other
+    /// online gateways of the cluster, which open the same port.
+    public var others: [Gateway]
     /// The `use_src_ip` that applies: the cluster's when the desktop names a
     /// cluster, otherwise the gateway's.
     public var method: SourceIPMode
+    /// Where the client connects: the cluster's address with `E` (its load
+    /// balancer) when it has one, otherwise the gateway's.
+    public var address: String
 
-    public init(gateway: Gateway, method: SourceIPMode) {
+    public init(gateway: Gateway, others: [Gateway] = [], method: SourceIPMode, address: String? = nil) {
         self.gateway = gateway
+        self.others = others
         self.method = method
+        self.address = address ?? gateway.address
     }
+
+    /// Every gateway the rule goes to, `gateway` first.
+    public var all: [Gateway] { [gateway] + others }
 }
 
 /// Why no gateway can carry a connection.
@@ -73,7 +85,10 @@ public enum GatewayChooser {
         let chosen: Gateway
         switch cluster.loadBalanceVia {
         case .everyGateway:
-            chosen = online[0]
+            // The rule goes to every online gateway; an offline one gets none
+            // (and drops what it had when it registers again).
+            return GatewayChoice(gateway: online[0], others: Array(online.dropFirst()), method: cluster.useSourceIP,
+                                 address: cluster.address.isEmpty ? nil : cluster.address)
         case .leastConnections:
             chosen = fewestRules()
         case .loginGateway:

@@ -115,6 +115,16 @@ enum Migrations {
                 CREATE INDEX gateway_rule_desktop_id ON gateway_rule(desktop_id);
                 """)
         }
+        migrator.registerMigration("0003-connection-groups") { db in
+            try db.execute(sql: """
+                -- A connect call through a cluster with load_balance_via E pushes
+                -- one rule to every gateway of the cluster: they share the
+                -- connection id (the first rule's id), which disconnect takes.
+                ALTER TABLE gateway_rule ADD COLUMN connection_id TEXT;
+                UPDATE gateway_rule SET connection_id = id;
+                CREATE INDEX gateway_rule_connection_id ON gateway_rule(connection_id);
+                """)
+        }
         return migrator
     }
 }

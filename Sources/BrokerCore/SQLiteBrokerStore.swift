@@ -315,6 +315,13 @@ public final class SQLiteBrokerStore: BrokerStore {
         }
     }
 
+    public func rules(connectionID: String) async throws(StoreError) -> [GatewayRule] {
+        try await read { db in
+            try Row.fetchAll(db, sql: "SELECT * FROM gateway_rule WHERE connection_id = ? ORDER BY id = connection_id DESC, gateway_id, id",
+                             arguments: [connectionID]).map(Self.rule(from:))
+        }
+    }
+
     public func ruleCounts() async throws(StoreError) -> [Int64: Int] {
         try await read { db in
             var counts: [Int64: Int] = [:]
@@ -325,15 +332,17 @@ public final class SQLiteBrokerStore: BrokerStore {
         }
     }
 
-    public func createRule(_ rule: GatewayRule) async throws(StoreError) {
+    public func createRules(_ rules: [GatewayRule]) async throws(StoreError) {
         try await write { db in
-            _ = try Self.fetchGateway(db, id: rule.gatewayID)
-            let push = String(decoding: ControlJSON.encode(rule.push), as: UTF8.self)
-            try db.execute(sql: """
-                INSERT INTO gateway_rule (id, gateway_id, desktop_id, user_id, protocol_name, push, port, created)
-                VALUES (?, ?, ?, ?, ?, ?, ?, ?)
-                """, arguments: [rule.id, rule.gatewayID, rule.desktopID, rule.userID, rule.protocolName, push,
-                                 rule.port, rule.created])
+            for rule in rules {
+                _ = try Self.fetchGateway(db, id: rule.gatewayID)
+                let push = String(decoding: ControlJSON.encode(rule.push), as: UTF8.self)
+                try db.execute(sql: """
+                    INSERT INTO gateway_rule (id, gateway_id, desktop_id, user_id, protocol_name, push, port, created, connection_id)
+                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+                    """, arguments: [rule.id, rule.gatewayID, rule.desktopID, rule.userID, rule.protocolName, push,
+                                     rule.port, rule.created, rule.connectionID])
+            }
         }
     }
 
@@ -355,11 +364,21 @@ public final class SQLiteBrokerStore: BrokerStore {
         }
     }
 
+    public func deleteRules(connectionID: String) async throws(StoreError) {
+        try await write { db in
+            try db.execute(sql: "DELETE FROM gateway_rule WHERE connection_id = ?", arguments: [connectionID])
+            if db.changesCount == 0 {
+                throw StoreError.notFound("no connection with rule_id \(Validate.quoted(connectionID))")
+            }
+        }
+    }
+
     private static func rule(from row: Row) throws -> GatewayRule {
         let text: String = row["push"]
         let push = try JSONDecoder().decode(RulePush.self, from: Data(text.utf8))
         return GatewayRule(id: row["id"], gatewayID: row["gateway_id"], desktopID: row["desktop_id"], userID: row["user_id"],
-                           protocolName: row["protocol_name"], push: push, port: row["port"], created: row["created"])
+                           protocolName: row["protocol_name"], push: push, port: row["port"], created: row["created"],
+                           connectionID: row["connection_id"])
     }
 
     // MARK: Gateway clusters

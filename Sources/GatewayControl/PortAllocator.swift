@@ -33,7 +33,8 @@ public struct PortAllocator: Sendable {
 
     /// The port for a rule.
     /// - Parameters:
-    ///   - method: the routing method; 0 and 2 take a random free port of the range, 1 takes `requested`.
+    ///   - method: the routing method; 0 and 2 take a random free port of the range (or `requested`,
+    ///     which must be one of it), 1 takes `requested` (any port).
     ///   - client: the only client of a method 1 or 2 rule.
     ///   - uses: the ports rules hold now.
     ///   - probe: the bind test (a real bind in production, a table in unit tests).
@@ -43,23 +44,16 @@ public struct PortAllocator: Sendable {
         switch method {
         case .protocolPortClientOnly:
             guard let port = requested else { throw .badField("port", "required for method 1") }
-            var needProbe: Transport = []
-            for part in [Transport.tcp, .udp] where transport.contains(part) {
-                let holders = uses.filter { $0.port == port && $0.transport.contains(part) }
-                if holders.isEmpty { needProbe.insert(part); continue }
-                // Shared only among client-only rules of other clients.
-                let shareable = holders.allSatisfy { use in
-                    !use.allow.isEmpty && !use.allow.contains { client.map($0.contains) ?? true }
-                }
-                guard shareable else {
-                    throw ControlError(409, field: "port", "port: \(port)/\(part) is already taken by another rule")
-                }
-            }
-            if !needProbe.isEmpty && !probe(port, needProbe) {
-                throw ControlError(409, field: "port", "port: \(port)/\(needProbe) is already in use on this host (cannot bind it)")
-            }
-            return port
+            return try take(port, client: client, transport: transport, uses: uses, probe: probe)
         case .randomPort, .randomPortClientOnly:
+            if let port = requested {
+                // A cluster that places rules on every gateway (E) asks each
+                // for the port the first one chose: it must be one of the range.
+                guard range.contains(port) else {
+                    throw .badField("port", "\(port) is outside this gateway's port range \(range.lowerBound)-\(range.upperBound)")
+                }
+                return try take(port, client: client, transport: transport, uses: uses, probe: probe)
+            }
             let count = range.count
             let start = Int.random(in: range)
             for step in 0..<count {
@@ -69,6 +63,27 @@ public struct PortAllocator: Sendable {
             }
             throw ControlError(409, field: "port", "port: the port range \(range.lowerBound)-\(range.upperBound) is exhausted (all \(count) ports are in use)")
         }
+    }
+
+    /// A requested port: free for `transport`, or held only by client-only
+    /// rules of other clients when this rule is client-only too.
+    private func take(_ port: Int, client: IPAddress?, transport: Transport, uses: [Use], probe: Probe) throws(ControlError) -> Int {
+        var needProbe: Transport = []
+        for part in [Transport.tcp, .udp] where transport.contains(part) {
+            let holders = uses.filter { $0.port == port && $0.transport.contains(part) }
+            if holders.isEmpty { needProbe.insert(part); continue }
+            // Shared only among client-only rules of other clients.
+            let shareable = holders.allSatisfy { use in
+                !use.allow.isEmpty && !use.allow.contains { client.map($0.contains) ?? true }
+            }
+            guard shareable else {
+                throw ControlError(409, field: "port", "port: \(port)/\(part) is already taken by another rule")
+            }
+        }
+        if !needProbe.isEmpty && !probe(port, needProbe) {
+            throw ControlError(409, field: "port", "port: \(port)/\(needProbe) is already in use on this host (cannot bind it)")
+        }
+        return port
     }
 
     /// The production probe: binds `address`'s IP at `port` without SO_REUSEPORT.

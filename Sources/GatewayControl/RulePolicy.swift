@@ -69,14 +69,15 @@ public enum RulePolicy {
         }
         switch push.method {
         case .randomPort:
-            if push.port != nil { throw .badField("port", "only method 1 takes a port") }
+            // A port with method 0 or 2 must be one of the range (checked when it is allocated).
+            if let port = push.port, !(1...65535).contains(port) { throw .badField("port", "\(port) is outside 1-65535") }
         case .protocolPortClientOnly:
             guard client != nil else { throw .badField("client_ip", "required for method 1") }
             guard let port = push.port else { throw .badField("port", "required for method 1") }
             guard (1...65535).contains(port) else { throw .badField("port", "\(port) is outside 1-65535") }
         case .randomPortClientOnly:
             guard client != nil else { throw .badField("client_ip", "required for method 2") }
-            if push.port != nil { throw .badField("port", "only method 1 takes a port") }
+            if let port = push.port, !(1...65535).contains(port) { throw .badField("port", "\(port) is outside 1-65535") }
         }
         let expiry = push.unusedExpirySeconds ?? settings.defaultUnusedExpirySeconds
         guard (1...longestExpiry).contains(expiry) else {

@@ -29,9 +29,10 @@ struct ConnectSetup {
         return try #require(reply.storedData["id"] as? Int, "\(reply)")
     }
 
-    func cluster(_ name: String, via: String, useSourceIP: Int = 0) async throws -> Int {
-        let reply = try await broker.client.json("POST", "/v1/gateway-clusters",
-                                                 ["name": name, "load_balance_via": via, "use_src_ip": useSourceIP], token: sid)
+    func cluster(_ name: String, via: String, useSourceIP: Int = 0, address: String? = nil) async throws -> Int {
+        var body: [String: Any] = ["name": name, "load_balance_via": via, "use_src_ip": useSourceIP]
+        if let address { body["address"] = address }
+        let reply = try await broker.client.json("POST", "/v1/gateway-clusters", body, token: sid)
         return try #require(reply.storedData["id"] as? Int, "\(reply)")
     }
 
@@ -101,19 +102,21 @@ struct ConnectTests {
 
             // Registration reconciles: the broker keeps what it has, drops the rest.
             let key = try #require(setup.gateways[gatewayID]?.key)
+            let lost = try #require(own.object["rule_id"] as? String)
+            let lostRandom = try #require(random.object["rule_id"] as? String)
+            #expect(fake.calls.filter { $0.method == "PUT" && $0.ruleID == lost }.count == 1)
             let again = try await agentCall(broker, "/v1/gateway-agent/register",
                                             registerBody(gatewayID, controlURL: fake.controlURL,
                                                          rules: [reportedRule(ruleID), reportedRule("0123456789abcdef")]),
                                             gatewayID: gatewayID, key: key)
             #expect(again.reply.object["keep"] as? [String] == [ruleID], "\(again.reply)")
-            // Rules the gateway did not list (it lost them) are pushed again.
-            let lost = try #require(own.object["rule_id"] as? String)
-            let putsBefore = fake.calls.filter { $0.method == "PUT" && $0.ruleID == lost }.count
-            #expect(putsBefore == 1)
+            // Rules the gateway did not list (it lost them) are pushed again,
+            // asking for the port the client was given (method 2 names it now).
             let repushed = try await eventually {
-                fake.calls.filter { $0.method == "PUT" && $0.ruleID == lost }.count == 2
+                fake.calls.filter { $0.method == "PUT" && ($0.ruleID == lost || $0.ruleID == lostRandom) }.count == 4
             }
-            #expect(repushed, "the broker did not push the rule the gateway lacked")
+            #expect(repushed, "the broker did not push the rules the gateway lacked")
+            #expect(fake.rules[lostRandom]?.port == random.object["port"] as? Int)
             #expect(setup.allSignaturesVerified())
         }
     }
@@ -143,7 +146,7 @@ struct ConnectTests {
         }
     }
 
-    @Test("clusters: L takes the gateway with the fewest rules, E the first online, P falls back to L; offline gateways are skipped")
+    @Test("clusters: L takes the gateway with the fewest rules, E every online one, P falls back to L; offline gateways are skipped")
     func clusterChoice() async throws {
         try await withConnectSetup { setup in
             let broker = setup.broker
@@ -166,13 +169,16 @@ struct ConnectTests {
             let desktopE = try await setup.desktop("desk-e", clusterID: every)
             let first = try await connect(desktopE)
             let second = try await connect(desktopE)
-            #expect(gatewayOf(first) == d && gatewayOf(second) == d)
+            #expect(gatewayOf(first) == d && gatewayOf(second) == d, "E: the lowest id chooses the port")
+            #expect(setup.gateways[e]?.fake.rules.count == 2, "E: every online gateway has the rules")
             // The cluster's use_src_ip applies (2), not the gateway's (0).
             #expect(setup.gateways[d]?.fake.rules[first.object["rule_id"] as? String ?? ""]?.method == .randomPortClientOnly)
 
-            // d goes offline: e carries the next connection.
+            // d goes offline: e alone carries the next connection.
             try await broker.store.recordGatewayState(id: Int64(d), online: false, version: nil, heartbeat: nil)
-            #expect(gatewayOf(try await connect(desktopE)) == e)
+            let third = try await connect(desktopE)
+            #expect(gatewayOf(third) == e && third.object["gateways"] == nil, "\(third)")
+            #expect(setup.gateways[d]?.fake.rules.count == 2)
 
             let login = try await setup.cluster("cl-login", via: "P")
             let f = try await setup.addGateway("gw-f", extra: ["load_balancer_id": login])
@@ -187,6 +193,63 @@ struct ConnectTests {
             let pinned = try await setup.desktop("desk-pinned", gatewayID: d)
             try await expectRejected(broker, "POST", "/v1/connect", ["desktop_id": pinned, "protocol": "rdp"], token: setup.sid,
                                      status: 503, mentions: "gateway \(d) ('gw-d')")
+            #expect(setup.allSignaturesVerified())
+        }
+    }
+
+    @Test("E: the rule goes to every online gateway with the port the first chose, at the cluster's address; a port taken on one gateway is tried again elsewhere; any other refusal takes every push back; disconnect removes them all")
+    func everyGateway() async throws {
+        try await withConnectSetup { setup in
+            let broker = setup.broker
+            let every = try await setup.cluster("cl-every", via: "E", address: "lb.example.com")
+            var ids: [Int] = []
+            for name in ["gw-1", "gw-2", "gw-3"] { ids.append(try await setup.addGateway(name, extra: ["load_balancer_id": every])) }
+            let fakes = try ids.map { try #require(setup.gateways[$0]?.fake) }
+            let desktop = try await setup.desktop("desk-e", clusterID: every)
+            func connect() async throws -> HTTPReply {
+                try await broker.client.json("POST", "/v1/connect", ["desktop_id": desktop, "protocol": "rdp"], token: setup.sid)
+            }
+
+            let first = try await connect()
+            #expect(first.status == 200, "\(first)")
+            let port = try #require(first.object["port"] as? Int)
+            let ruleID = try #require(first.object["rule_id"] as? String)
+            #expect(first.object["address"] as? String == "lb.example.com", "the cluster's load balancer")
+            #expect((first.object["gateways"] as? [[String: Any]])?.compactMap { $0["id"] as? Int } == ids)
+            #expect(fakes[0].rules[ruleID]?.port == nil, "the first gateway chooses the port")
+            for fake in fakes.dropFirst() {
+                #expect(fake.rules.count == 1 && fake.rules.values.first?.port == port, "the others are asked for that port")
+            }
+            #expect(try await broker.store.rules(connectionID: ruleID).map(\.gatewayID) == ids.map(Int64.init))
+
+            // The first gateway's next port is held on gw-3: every push is taken back and the broker tries again.
+            fakes[2].take([port + 1])
+            let second = try await connect()
+            #expect(second.status == 200, "\(second)")
+            let secondPort = try #require(second.object["port"] as? Int)
+            #expect(secondPort != port + 1)
+            for fake in fakes {
+                #expect(fake.rules.count == 2, "one rule per connection on each gateway, none left from the abandoned attempt")
+                #expect(fake.rules.values.contains { $0.port == secondPort } || fake === fakes[0])
+            }
+            #expect(fakes[0].calls.filter { $0.method == "DELETE" }.count == 1, "the abandoned push was taken back")
+
+            // Any other refusal: 502 naming the gateway, every push taken back, nothing stored.
+            fakes[2].take([])
+            fakes[1].refuse(500, "disk full")
+            let stored = try await broker.store.rules(gatewayID: nil).count
+            try await expectRejected(broker, "POST", "/v1/connect", ["desktop_id": desktop, "protocol": "rdp"], token: setup.sid,
+                                     status: 502, mentions: "gateway \(ids[1]) ('gw-2') refused the rule: 500 disk full")
+            #expect(fakes[0].rules.count == 2 && fakes[2].rules.count == 2)
+            #expect(try await broker.store.rules(gatewayID: nil).count == stored)
+            fakes[1].accept()
+
+            // Disconnect removes the connection on every gateway.
+            let deleted = try await broker.client.json("DELETE", "/v1/connect/\(ruleID)", token: setup.sid)
+            #expect(deleted.status == 204, "\(deleted)")
+            for fake in fakes { #expect(fake.rules.count == 1) }
+            #expect(try await broker.store.rules(connectionID: ruleID).isEmpty)
+            try await expectRejected(broker, "DELETE", "/v1/connect/\(ruleID)", nil, token: setup.sid, status: 404, mentions: "no connection rule")
             #expect(setup.allSignaturesVerified())
         }
     }

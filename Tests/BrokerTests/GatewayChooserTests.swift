@@ -26,6 +26,7 @@ struct GatewayChooserTests {
         cluster.name = "cl-\(id)"
         cluster.loadBalanceVia = via
         cluster.useSourceIP = mode
+        cluster.address = "cluster\(id).example.com"
         return cluster
     }
 
@@ -56,13 +57,16 @@ struct GatewayChooserTests {
         }
     }
 
-    @Test("clusters: L fewest rules (ties to the lowest id), E first live by id, P the login gateway or else L; the cluster's use_src_ip")
+    @Test("clusters: L fewest rules (ties to the lowest id), E every live member (lowest id first) at the cluster's address, P the login gateway or else L; the cluster's use_src_ip")
     func clusters() throws {
         let members = [gateway(3, cluster: 9), gateway(1, cluster: 9, heartbeatAgo: 40), gateway(2, cluster: 9), gateway(4)]
         let least = try choose(desktop(cluster: 9), members, cluster(9, .leastConnections), counts: [2: 5, 3: 1])
         #expect(least.gateway.id == 3 && least.method == .randomPortClientOnly)
         #expect(try choose(desktop(cluster: 9), members, cluster(9, .leastConnections), counts: [2: 1, 3: 1]).gateway.id == 2)
-        #expect(try choose(desktop(cluster: 9), members, cluster(9, .everyGateway)).gateway.id == 2, "1 is stale, 4 is not a member")
+        let every = try choose(desktop(cluster: 9), members, cluster(9, .everyGateway))
+        #expect(every.all.map(\.id) == [2, 3], "1 is stale, 4 is not a member")
+        #expect(every.address == "cluster9.example.com", "E: clients reach the cluster's load balancer")
+        #expect(least.others.isEmpty && least.address == least.gateway.address, "L: one gateway, its own address")
         #expect(try choose(desktop(cluster: 9), members, cluster(9, .loginGateway), counts: [3: 0, 2: 7], login: 2).gateway.id == 2)
         #expect(try choose(desktop(cluster: 9), members, cluster(9, .loginGateway), counts: [2: 7], login: 1).gateway.id == 3,
                 "the login gateway is stale: fewest rules instead")

@@ -2,6 +2,7 @@ import BrokerCore
 import ControlProtocol
 import Foundation
 import GRDB
+import Glibc
 import Testing
 
 /// A PROXY v2 header as a gateway's broker forwarding writes it.
@@ -123,4 +124,47 @@ struct ProxyProtocolTests {
             #expect(try await broker.client.json("GET", "/v1/system/health", token: sid).status == 200)
         }
     }
+
+    @Test("a peer that stalls inside a PROXY header, or sends nothing, is closed after the header timeout")
+    func stalledHeader() async throws {
+        try await TestBroker.with(proxyHeaderTimeout: 0.3) { broker in
+            let sid = try await broker.login()
+            let (id, key) = try await enrolledGateway(broker, sid: sid, name: "gw-1", address: "gw1.example.com")
+            let header = proxyHeader(gatewayID: id, key: key, timestamp: Int64(broker.clock.now.timeIntervalSince1970))
+            for (name, sent) in [("half a PROXY header", Array(header.prefix(20))), ("nothing", [])] {
+                let started = Date()
+                let outcome = try rawConnectionOutcome(port: broker.client.port, send: sent, waitSeconds: 10)
+                #expect(outcome == "closed", "\(name): \(outcome)")
+                #expect(Date().timeIntervalSince(started) < 8, "\(name): closed only after \(Date().timeIntervalSince(started)) s")
+            }
+            // A direct client that sends its request at once is not affected.
+            #expect(try await broker.client.json("GET", "/v1/system/health", token: sid).status == 200)
+        }
+    }
+}
+
+/// Connects to the broker, sends `send`, and waits up to `waitSeconds` for
+/// the server to close: "closed", "data" (it answered something) or "open".
+func rawConnectionOutcome(port: Int, send bytes: [UInt8], waitSeconds: Int) throws -> String {
+    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+    guard fd >= 0 else { throw HTTPClient.Failure(description: "socket: errno \(errno)") }
+    defer { close(fd) }
+    var timeout = timeval(tv_sec: waitSeconds, tv_usec: 0)
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+    var address = sockaddr_in()
+    address.sin_family = sa_family_t(AF_INET)
+    address.sin_port = in_port_t(UInt16(port).bigEndian)
+    address.sin_addr.s_addr = inet_addr("127.0.0.1")
+    let connected = withUnsafePointer(to: &address) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+    }
+    guard connected == 0 else { throw HTTPClient.Failure(description: "connect: errno \(errno)") }
+    if !bytes.isEmpty {
+        _ = bytes.withUnsafeBytes { Glibc.send(fd, $0.baseAddress!, $0.count, Int32(MSG_NOSIGNAL)) }
+    }
+    var buffer = [UInt8](repeating: 0, count: 512)
+    let n = recv(fd, &buffer, buffer.count, 0)
+    if n == 0 || (n < 0 && errno == ECONNRESET) { return "closed" }
+    if n > 0 { return "data: \(String(decoding: buffer[0..<n], as: UTF8.self))" }
+    return "open (errno \(errno))"
 }

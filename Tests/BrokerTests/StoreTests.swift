@@ -14,9 +14,9 @@ struct StoreTests {
         #expect(!FileManager.default.fileExists(atPath: path))
         let store = try SQLiteBrokerStore(path: path)
         let schema = try await store.schema()
-        #expect(schema.applied == ["0001-initial", "0002-control-plane"])
+        #expect(schema.applied == ["0001-initial", "0002-control-plane", "0003-connection-groups"])
         #expect(schema.pending.isEmpty && schema.unknown.isEmpty)
-        #expect(schema.version == "0002-control-plane")
+        #expect(schema.version == "0003-connection-groups")
 
         let queue = try DatabaseQueue(path: path)
         try await queue.read { db in
@@ -46,7 +46,7 @@ struct StoreTests {
         }
         let store = try SQLiteBrokerStore(path: path)
         #expect(try await store.gateways().map(\.name) == ["gw"])
-        #expect(try await store.schema().applied == ["0001-initial", "0002-control-plane"])
+        #expect(try await store.schema().applied == ["0001-initial", "0002-control-plane", "0003-connection-groups"])
     }
 
     @Test("a database from a newer broker is refused, naming the file and the migrations")

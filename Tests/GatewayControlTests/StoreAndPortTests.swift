@@ -96,6 +96,27 @@ import Testing
                                        transport: .tcp, uses: other, probe: { _, _ in false }) == 3389)
     }
 
+    @Test("methods 0 and 2 may ask for a port of the range (a cluster placing rules on every gateway)")
+    func randomMethodsTakeARequestedPortOfTheRange() throws {
+        let allocator = PortAllocator(range: 30000...30009)
+        #expect(try allocator.allocate(method: .randomPort, requested: 30004, client: nil, transport: .both, uses: [], probe: always) == 30004)
+        #expect(try allocator.allocate(method: .randomPortClientOnly, requested: 30009, client: IPAddress("10.0.0.1"),
+                                       transport: .tcp, uses: [], probe: always) == 30009)
+        #expect(throws: ControlError(400, field: "port", "port: 30010 is outside this gateway's port range 30000-30009")) {
+            try allocator.allocate(method: .randomPort, requested: 30010, client: nil, transport: .tcp, uses: [], probe: always)
+        }
+        #expect(throws: ControlError(409, field: "port", "port: 30004/udp is already taken by another rule")) {
+            try allocator.allocate(method: .randomPort, requested: 30004, client: nil, transport: .udp,
+                                   uses: [PortAllocator.Use(port: 30004, transport: .both, allow: [])], probe: always)
+        }
+        do {
+            _ = try allocator.allocate(method: .randomPort, requested: 30005, client: nil, transport: .tcp, uses: [], probe: { _, _ in false })
+            Issue.record("a requested port another process holds was accepted")
+        } catch {
+            #expect(error.status == 409)
+        }
+    }
+
     @Test func methodOnePortTaken() {
         let allocator = PortAllocator(range: 30000...30009)
         let open = [PortAllocator.Use(port: 3389, transport: .tcp, allow: [])]

@@ -31,6 +31,8 @@ final class FakeGateway: Sendable {
         var nextPort = 20001
         /// Set: every call is answered with this status and error.
         var refusal: (status: Int, message: String)?
+        /// Ports a push may not ask for (held by something else): 409.
+        var taken: Set<Int> = []
     }
 
     var controlURL: String { "http://127.0.0.1:\(port)" }
@@ -39,6 +41,7 @@ final class FakeGateway: Sendable {
     func setKey(_ key: ControlKey) { self.key.withLock { $0 = key } }
     func refuse(_ status: Int, _ message: String) { state.withLock { $0.refusal = (status, message) } }
     func accept() { state.withLock { $0.refusal = nil } }
+    func take(_ ports: Set<Int>) { state.withLock { $0.taken = ports } }
 
     init(gatewayID: Int, key: ControlKey?) async throws {
         self.gatewayID = gatewayID
@@ -111,6 +114,7 @@ final class FakeGateway: Sendable {
             }
             let port: Int
             if let fixed = push.port {
+                if state.taken.contains(fixed) { return Self.json(409, ["error": "port: \(fixed)/tcp is already taken by another rule"]) }
                 port = fixed
             } else {
                 port = state.nextPort

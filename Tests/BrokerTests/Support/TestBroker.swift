@@ -56,9 +56,9 @@ final class TestBroker: Sendable {
     }
 
     /// Starts a broker with one admin (`admin` / `adminPassword`), runs `body`, stops it.
-    static func with<T>(maxBodyBytes: Int = 1 << 20, offlineAfter: Int = 30,
+    static func with<T>(maxBodyBytes: Int = 1 << 20, offlineAfter: Int = 30, proxyHeaderTimeout: TimeInterval = 10,
                         _ body: (TestBroker) async throws -> T) async throws -> T {
-        let broker = try await start(maxBodyBytes: maxBodyBytes, offlineAfter: offlineAfter)
+        let broker = try await start(maxBodyBytes: maxBodyBytes, offlineAfter: offlineAfter, proxyHeaderTimeout: proxyHeaderTimeout)
         do {
             let result = try await body(broker)
             await broker.stop()
@@ -69,7 +69,7 @@ final class TestBroker: Sendable {
         }
     }
 
-    static func start(maxBodyBytes: Int, offlineAfter: Int = 30) async throws -> TestBroker {
+    static func start(maxBodyBytes: Int, offlineAfter: Int = 30, proxyHeaderTimeout: TimeInterval = 10) async throws -> TestBroker {
         let folder = try TemporaryFolder()
         let path = folder.path("broker.sqlite")
         let store = try SQLiteBrokerStore(path: path)
@@ -82,7 +82,7 @@ final class TestBroker: Sendable {
                             configuration: BrokerAPIConfiguration(maxBodyBytes: maxBodyBytes, sessionLifetime: sessionLifetime,
                                                                   passwordHasher: hasher, version: "test", dataPath: folder.url.path,
                                                                   heartbeatInterval: max(1, offlineAfter / 3), offlineAfter: offlineAfter,
-                                                                  gatewayCallTimeout: 3),
+                                                                  gatewayCallTimeout: 3, proxyHeaderTimeout: proxyHeaderTimeout),
                             listeners: listeners, clock: { clock.now })
         var logger = Logger(label: "broker-test")
         logger.logLevel = .warning
