@@ -108,7 +108,7 @@ final class LoopContext: TimerHandler {
             if let listener = udpListeners[address] {
                 listener.rules = rules
                 // Flows whose rule no longer admits their client end now.
-                for flow in Array(listener.flows.values) where !rules.rules.contains(flow.rule) {
+                for flow in Array(listener.flows.values) where !rules.contains(flow.rule) {
                     listener.closeFlow(flow)
                 }
             } else if let fd = newSockets[address] {

@@ -55,8 +55,10 @@ public final class RelayEngine: Sendable {
     /// if any cannot be opened, the ones opened so far are closed and nothing
     /// changes. Established connections are never touched: a removed rule
     /// only stops new connections.
+    /// - Parameter logLevel: the level of the "rules applied" line (a caller
+    ///   that applies often, as the Security Gateway per session, logs it at debug).
     /// - Throws: `RuleError` naming the rule and the reason.
-    public func apply(_ rules: [RelayRule]) throws(RuleError) {
+    public func apply(_ rules: [RelayRule], logLevel: Logger.Level = .info) throws(RuleError) {
         try RuleError.validate(rules)
         try control.withLock { state throws(RuleError) in
             guard !state.stopped else { throw RuleError.invalid(rule: "-", reason: "the relay is shutting down") }
@@ -144,7 +146,7 @@ public final class RelayEngine: Sendable {
                                               newDatagramSockets: udpSockets.mapValues { $0[loop.id] })
             }
         }
-        logger.info("rules applied: \(rules.count) rule(s) on \(Set(rules.map(\.listen)).count) address(es)")
+        logger.log(level: logLevel, "rules applied: \(rules.count) rule(s) on \(Set(rules.map(\.listen)).count) address(es)")
     }
 
     /// The rules in force.
@@ -249,10 +251,6 @@ public final class RelayEngine: Sendable {
         return found.withLock { $0 }.sorted { $0.id < $1.id }
     }
 
-    /// Graceful stop: closes every listener at once, lets established
-    /// connections finish for up to `timeoutNanoseconds`, then resets what is left.
-    /// - Returns: how many connections had to be closed at the deadline.
-    @discardableResult
     /// Closes every listener (TCP and UDP) and refuses rule changes from
     /// now on; established sessions go on. Returns once every loop has closed
     /// its listeners, so a client connecting afterwards is refused.
@@ -265,6 +263,10 @@ public final class RelayEngine: Sendable {
         group.onEveryLoop { loop in contexts.all[loop.id].stopListening() }
     }
 
+    /// Graceful stop: closes every listener at once, lets established
+    /// connections finish for up to `timeoutNanoseconds`, then resets what is left.
+    /// - Returns: how many connections had to be closed at the deadline.
+    @discardableResult
     public func drain(timeoutNanoseconds: UInt64) -> Int {
         stopAccepting()
         let contexts = self.contexts

@@ -115,16 +115,63 @@ public struct ConnectionPreamble: Hashable, Sendable {
 
 /// The rules that share one listening address, most specific allow-list first,
 /// with the admission gate that counts the listener's connections.
+///
+/// Rules whose allow-list holds single hosts only (a /32 or /128 each, as
+/// the Security Gateway's one rule per client) are also indexed by host, so
+/// matching a client costs a hash lookup plus a scan of the other rules, not
+/// a scan of thousands of host rules: a datagram from an unknown sender must
+/// not cost O(rules).
 public struct ListenerRules: Sendable {
     public let address: SocketAddress
     public let rules: [RelayRule]
     public let gate: AdmissionGate
+    /// Positions in `rules` of the host-only rules allowing each host, ascending.
+    private let hostRules: [IPAddress: [Int]]
+    /// Positions in `rules` of every other rule, ascending.
+    private let otherRules: [Int]
+    /// Positions in `rules` by rule id.
+    private let positions: [String: Int]
 
-    /// The first rule that admits `client`, or nil.
-    @inlinable
+    /// - Parameter rules: already in matching order (most specific first).
+    init(address: SocketAddress, rules: [RelayRule], gate: AdmissionGate) {
+        self.address = address
+        self.rules = rules
+        self.gate = gate
+        var hosts: [IPAddress: [Int]] = [:]
+        var others: [Int] = []
+        var positions: [String: Int] = [:]
+        positions.reserveCapacity(rules.count)
+        for (position, rule) in rules.enumerated() {
+            positions[rule.id] = position
+            if !rule.allow.isEmpty && rule.allow.allSatisfy(\.isSingleHost) {
+                // A host prefix admits exactly the client whose unmapped address is its address.
+                for host in Set(rule.allow.map(\.address)) { hosts[host, default: []].append(position) }
+            } else {
+                others.append(position)
+            }
+        }
+        hostRules = hosts
+        otherRules = others
+        self.positions = positions
+    }
+
+    /// The first rule (in matching order) that admits `client`, or nil.
     public func match(_ client: IPAddress) -> RelayRule? {
-        for rule in rules where rule.admits(client) { return rule }
-        return nil
+        var best = hostRules.isEmpty ? Int.max : hostRules[client.unmapped]?.first ?? Int.max
+        for position in otherRules {
+            if position > best { break }
+            if rules[position].admits(client) {
+                best = position
+                break
+            }
+        }
+        return best == Int.max ? nil : rules[best]
+    }
+
+    /// True when this listener carries exactly `rule` (same id and settings).
+    public func contains(_ rule: RelayRule) -> Bool {
+        guard let position = positions[rule.id] else { return false }
+        return rules[position] == rule
     }
 }
 
@@ -147,9 +194,10 @@ public struct RuleSet: Sendable {
         for rule in rules { grouped[rule.listen, default: []].append(rule) }
         var listeners: [SocketAddress: ListenerRules] = [:]
         for (address, group) in grouped {
-            let sorted = group.enumerated().sorted { a, b in
-                a.element.specificity != b.element.specificity ? a.element.specificity > b.element.specificity : a.offset < b.offset
-            }.map(\.element)
+            // Each rule's specificity is computed once, not per comparison.
+            let keyed = group.enumerated().map { (specificity: $0.element.specificity, offset: $0.offset) }
+            let order = keyed.sorted { a, b in a.specificity != b.specificity ? a.specificity > b.specificity : a.offset < b.offset }
+            let sorted = order.map { group[$0.offset] }
             listeners[address] = ListenerRules(address: address, rules: sorted, gate: gates[address]!)
         }
         return listeners
@@ -186,6 +234,7 @@ public enum RuleError: Error, Equatable, Sendable, CustomStringConvertible {
     public static func validate(_ rules: [RelayRule]) throws(RuleError) {
         var seen: [String: RelayRule] = [:]
         var byListen: [SocketAddress: [RelayRule]] = [:]
+        var sameClients: [ConflictKey: [RelayRule]] = [:]
         for rule in rules {
             if seen[rule.id] != nil { throw .duplicateID(rule.id) }
             seen[rule.id] = rule
@@ -213,20 +262,36 @@ public enum RuleError: Error, Equatable, Sendable, CustomStringConvertible {
             if rule.transport.contains(.udp) && rule.udpIdleTimeoutNanoseconds == 0 {
                 throw .invalid(rule: rule.id, reason: "udp_idle_timeout must be more than 0")
             }
-            for other in byListen[rule.listen, default: []]
-            where Set(other.allow) == Set(rule.allow) && !other.transport.isDisjoint(with: rule.transport) {
+            // Two rules conflict when they listen on one address for the same
+            // clients with a transport in common: found by hashing the pair
+            // (address, allow-set), so a list of n rules is checked in O(n).
+            let key = ConflictKey(listen: rule.listen, allow: Set(rule.allow))
+            if let other = sameClients[key, default: []].first(where: { !$0.transport.isDisjoint(with: rule.transport) }) {
                 throw .conflictingRules(other.id, rule.id, listen: rule.listen)
             }
+            sameClients[key, default: []].append(rule)
             byListen[rule.listen, default: []].append(rule)
         }
         // A wildcard and a specific address on the same port cannot both be bound.
         for (address, group) in byListen where !address.ip.isUnspecified {
             let wildcard = SocketAddress(ip: address.ip.isIPv4 ? .v4(0) : .v6(0, 0), port: address.port)
-            for rule in group {
-                if let other = byListen[wildcard]?.first(where: { !$0.transport.isDisjoint(with: rule.transport) }) {
-                    throw .conflictingRules(other.id, rule.id, listen: address)
-                }
+            guard let wildcardRules = byListen[wildcard] else { continue }
+            let wildcardTransports = wildcardRules.reduce(Transport()) { $0.union($1.transport) }
+            for rule in group where !wildcardTransports.isDisjoint(with: rule.transport) {
+                let other = wildcardRules.first { !$0.transport.isDisjoint(with: rule.transport) }!
+                throw .conflictingRules(other.id, rule.id, listen: address)
             }
         }
     }
+
+    private struct ConflictKey: Hashable {
+        let listen: SocketAddress
+        let allow: Set<CIDR>
+    }
+}
+
+extension CIDR {
+    /// True when the prefix holds one address (a /32, or a /128): it admits
+    /// exactly the client whose unmapped address equals `address`.
+    var isSingleHost: Bool { prefixLength >= (address.isIPv4 ? 32 : 128) }
 }

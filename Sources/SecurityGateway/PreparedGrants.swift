@@ -1,15 +1,26 @@
+import Dispatch
 import Foundation
 import SessionGrants
 import Synchronization
+import SystemLayer
 
 /// Grants a Connection Manager prepared on this gateway, found by the SNI a
 /// client presents (and by its address where two grants share an SNI). The
-/// tokens are kept as signed, in a file, so that they survive a restart:
-/// at load each is verified again and the expired ones are dropped.
+/// tokens are kept as signed, in a journal file, so that they survive a
+/// restart: at load each is verified again and the expired ones are dropped.
 ///
 /// Lookups come from the relay's loops (one per new TCP connection on 4172)
 /// and take one short lock; preparing and revoking come from the control
 /// endpoint.
+///
+/// Persistence costs O(1) per change, so that preparing thousands of
+/// sessions stays fast: each change is one JSON line appended to the
+/// journal (`prepare`, `remove`, `used`); a prepare or revoke returns once
+/// its line is durable (fdatasync, shared by the changes that wait at the
+/// same time); a single-use grant consumed by a connection is appended on
+/// the loop and made durable in the background. When the journal holds
+/// much more than the live state it is rewritten (a snapshot: temporary
+/// file, fsync, rename, directory fsync), so its size stays O(live grants).
 public final class PreparedGrants: Sendable {
     public struct Entry: Sendable, Equatable {
         public let grant: SessionGrant
@@ -17,19 +28,32 @@ public final class PreparedGrants: Sendable {
     }
 
     private struct State {
+        /// Live grants by lower-cased SNI.
         var byName: [String: [Entry]] = [:]
         var count = 0
         /// Single-use grants already used, until they expire: preparing one
         /// of them again is refused (a replayed prepare).
         var consumed: [String: Date] = [:]
+        /// The journal (nil: memory only, or not opened yet).
+        var journal: AppendOnlyFile?
+        /// Records in the journal, to know when to rewrite it.
+        var records = 0
+        /// Records appended since the start (a sequence number for `waitDurable`).
+        var appended: UInt64 = 0
+        /// Why the journal cannot be written, when it cannot.
+        var journalError: String?
     }
 
     private let state = Mutex<State>(State())
+    /// The highest record sequence known durable; held while one thread
+    /// syncs, so changes that wait meanwhile share the next sync.
+    private let durable = Mutex<UInt64>(0)
     private let path: String?
     /// The most grants held; preparing beyond it is refused.
     public let capacity: Int
 
-    /// - Parameter path: the file the tokens persist in (nil: memory only).
+    /// - Parameter path: the journal the tokens persist in (nil: memory only).
+    ///   It is opened by `restore` (or by the first change).
     public init(path: String?, capacity: Int = 50_000) {
         self.path = path
         self.capacity = capacity
@@ -37,26 +61,36 @@ public final class PreparedGrants: Sendable {
 
     public var count: Int { state.withLock { $0.count } }
 
-    /// Reloads persisted tokens, verifying each again with `verifier`.
+    /// Why the journal cannot be written (the last failure), or nil.
+    public var storeProblem: String? { state.withLock { $0.journalError } }
+
+    /// Reloads persisted tokens, verifying each again with `verifier`, then
+    /// rewrites the journal with what is still live. A last line cut short
+    /// (the process stopped while appending it) is dropped; other lines that
+    /// cannot be read are skipped, and the file that held them is kept
+    /// beside the new one as `<path>.bad-<unix time>`.
     /// - Returns: how many were kept and how many dropped (expired, or no longer verifying).
     @discardableResult
     public func restore(verifier: GrantVerifier, now: Date = Date()) async -> (kept: Int, dropped: Int) {
-        guard let path, let data = FileManager.default.contents(atPath: path),
-              let file = try? JSONDecoder().decode(PersistedGrants.self, from: data) else { return (0, 0) }
+        guard let path else { return (0, 0) }
+        let bytes = (try? StateFile.read(path, limit: 1 << 30)) ?? []
+        let replay = Journal.replay(bytes, now: now)
         state.withLock { s in
-            for (id, expires) in file.consumed where now.timeIntervalSince1970 < expires { s.consumed[id] = Date(timeIntervalSince1970: expires) }
+            for (id, expires) in replay.consumed { s.consumed[id] = expires }
         }
         var kept = 0, dropped = 0
-        for token in file.tokens {
+        for token in replay.tokens {
             // Single use is enforced here (consumed ids persist), not by the verifier.
             if let grant = try? await verifier.verify(token, now: now, recordUse: false) {
-                insert(Entry(grant: grant, token: token))
-                kept += 1
+                if insert(Entry(grant: grant, token: token)) { kept += 1 }
             } else {
                 dropped += 1
             }
         }
-        if dropped > 0 { persist() }
+        if replay.damagedLines > 0 {
+            try? StateFile.rename(path, to: path + ".bad-\(Int(now.timeIntervalSince1970))")
+        }
+        state.withLock { s in _ = compact(&s) }
         return (kept, dropped)
     }
 
@@ -67,36 +101,54 @@ public final class PreparedGrants: Sendable {
         /// A single-use grant that was already used (a replay).
         case alreadyUsed
         case full
+        /// The journal could not be written (nothing changed), or not synced
+        /// (the grant is held, but might not survive a restart).
+        case notStored(String)
     }
 
-    /// Adds a verified grant.
-    public func prepare(_ grant: SessionGrant, token: String) -> PrepareResult {
-        let result = state.withLock { s -> PrepareResult in
-            if s.consumed[grant.id] != nil { return .alreadyUsed }
-            if s.byName[grant.serverName]?.contains(where: { $0.grant.id == grant.id }) == true { return .alreadyPrepared }
-            guard s.count < capacity else { return .full }
-            s.byName[grant.serverName, default: []].append(Entry(grant: grant, token: token))
+    /// Adds a verified grant; returns once it is durable in the journal.
+    public func prepare(_ grant: SessionGrant, token: String, now: Date = Date()) -> PrepareResult {
+        let name = grant.serverName.lowercased()
+        let outcome = state.withLock { s -> (PrepareResult, UInt64) in
+            if s.consumed[grant.id] != nil { return (.alreadyUsed, 0) }
+            if s.byName[name]?.contains(where: { $0.grant.id == grant.id }) == true { return (.alreadyPrepared, 0) }
+            if s.count >= capacity { removeExpired(&s, now: now) }
+            guard s.count < capacity else { return (.full, 0) }
+            do throws(Errno) {
+                try append(&s, Journal.Record(op: .prepare, id: grant.id, token: token))
+            } catch {
+                return (.notStored("cannot write \(path ?? "-"): \(error)"), 0)
+            }
+            s.byName[name, default: []].append(Entry(grant: grant, token: token))
             s.count += 1
-            return .added
+            compactIfLarge(&s)
+            return (.added, s.appended)
         }
-        if result == .added { persist() }
-        return result
+        if outcome.0 == .added, let problem = waitDurable(outcome.1) {
+            // The line is written but not known durable: say so rather than promise.
+            return .notStored(problem)
+        }
+        return outcome.0
     }
 
-    private func insert(_ entry: Entry) {
-        state.withLock { s in
-            guard s.byName[entry.grant.serverName]?.contains(where: { $0.grant.id == entry.grant.id }) != true else { return }
-            s.byName[entry.grant.serverName, default: []].append(entry)
+    /// Adds a restored entry. - Returns: false when its id is already there.
+    private func insert(_ entry: Entry) -> Bool {
+        let name = entry.grant.serverName.lowercased()
+        return state.withLock { s in
+            guard s.byName[name]?.contains(where: { $0.grant.id == entry.grant.id }) != true else { return false }
+            s.byName[name, default: []].append(entry)
             s.count += 1
+            return true
         }
     }
 
     /// The grant for a client presenting `serverName` from `client`: one that
     /// names this client first, else one that names no client. Expired
-    /// grants are skipped. Single-use grants are removed by the lookup.
+    /// grants are skipped. Single-use grants are removed by the lookup (the
+    /// use is journalled at once and made durable in the background).
     public func lookup(serverName: String, client: String, now: Date = Date(), leeway: TimeInterval = 30) -> Entry? {
         let name = serverName.lowercased()
-        var consumed = false
+        var sequence: UInt64 = 0
         let found = state.withLock { s -> Entry? in
             guard let entries = s.byName[name] else { return nil }
             let live = entries.filter { now.timeIntervalSince($0.grant.expires) < leeway && $0.grant.notBefore.timeIntervalSince(now) <= leeway }
@@ -106,74 +158,228 @@ public final class PreparedGrants: Sendable {
                 s.byName[name]?.removeAll { $0.grant.id == match.grant.id }
                 if s.byName[name]?.isEmpty == true { s.byName[name] = nil }
                 s.count -= 1
-                consumed = true
+                // A failed write is recorded in journalError (health); the use stands in memory.
+                try? append(&s, Journal.Record(op: .used, id: match.grant.id, expires: match.grant.expires.timeIntervalSince1970))
+                compactIfLarge(&s)
+                sequence = s.appended
             }
             return match
         }
-        if consumed { persist() }
+        if sequence > 0 {
+            let used = sequence
+            DispatchQueue.global(qos: .utility).async { [self] in _ = waitDurable(used) }
+        }
         return found
     }
 
     /// Removes grants by session id or grant id. - Returns: how many went.
     @discardableResult
     public func revoke(sessionID: String? = nil, grantID: String? = nil) -> Int {
-        let removed = state.withLock { s -> Int in
-            var removed = 0
-            for (name, entries) in s.byName {
-                let kept = entries.filter { entry in
-                    !((sessionID != nil && entry.grant.sessionID == sessionID) || (grantID != nil && entry.grant.id == grantID))
-                }
-                removed += entries.count - kept.count
-                s.byName[name] = kept.isEmpty ? nil : kept
-            }
-            s.count -= removed
-            return removed
+        removeAll { entry in
+            (sessionID != nil && entry.grant.sessionID == sessionID) || (grantID != nil && entry.grant.id == grantID)
         }
-        if removed > 0 { persist() }
-        return removed
     }
 
-    /// Drops grants expired beyond the leeway. - Returns: how many went.
+    /// Drops grants expired beyond the leeway, and forgets used single-use
+    /// ids that have expired. - Returns: how many grants went.
     @discardableResult
     public func sweep(now: Date = Date(), leeway: TimeInterval = 30) -> Int {
-        let removed = state.withLock { s -> Int in
-            var removed = 0
-            for (name, entries) in s.byName {
-                let kept = entries.filter { now.timeIntervalSince($0.grant.expires) < leeway }
-                removed += entries.count - kept.count
-                s.byName[name] = kept.isEmpty ? nil : kept
-            }
-            s.count -= removed
-            s.consumed = s.consumed.filter { now.timeIntervalSince($0.value) < leeway }
-            return removed
-        }
-        if removed > 0 { persist() }
+        let removed = removeAll { now.timeIntervalSince($0.grant.expires) >= leeway }
+        state.withLock { s in s.consumed = s.consumed.filter { now.timeIntervalSince($0.value) < leeway } }
         return removed
     }
 
     public var all: [Entry] { state.withLock { $0.byName.values.flatMap { $0 } } }
 
-    /// Writes the tokens: a temporary file, fsync, rename (atomic on one
-    /// filesystem), so a crash leaves the old file or the new one.
-    private func persist() {
-        guard let path else { return }
-        let file = state.withLock { s in
-            PersistedGrants(tokens: s.byName.values.flatMap { $0.map(\.token) },
-                            consumed: s.consumed.mapValues { $0.timeIntervalSince1970 })
+    // MARK: Journal
+
+    private func removeAll(where doomed: (Entry) -> Bool) -> Int {
+        let (removed, sequence) = state.withLock { s -> (Int, UInt64) in
+            var removed = 0
+            for (name, entries) in s.byName {
+                var kept: [Entry] = []
+                for entry in entries {
+                    if doomed(entry) {
+                        removed += 1
+                        try? append(&s, Journal.Record(op: .remove, id: entry.grant.id))
+                    } else {
+                        kept.append(entry)
+                    }
+                }
+                if kept.count != entries.count { s.byName[name] = kept.isEmpty ? nil : kept }
+            }
+            s.count -= removed
+            compactIfLarge(&s)
+            return (removed, s.appended)
         }
-        guard let data = try? JSONEncoder().encode(file) else { return }
-        let temporary = path + ".tmp"
-        guard FileManager.default.createFile(atPath: temporary, contents: data, attributes: [.posixPermissions: 0o600]),
-              let handle = FileHandle(forWritingAtPath: temporary) else { return }
-        try? handle.synchronize()
-        try? handle.close()
-        _ = rename(temporary, path)
+        if removed > 0 { _ = waitDurable(sequence) }
+        return removed
+    }
+
+    /// Expired grants go when the store is full (they no longer admit anyone).
+    private func removeExpired(_ s: inout State, now: Date, leeway: TimeInterval = 30) {
+        for (name, entries) in s.byName {
+            let kept = entries.filter { now.timeIntervalSince($0.grant.expires) < leeway }
+            guard kept.count != entries.count else { continue }
+            for entry in entries where now.timeIntervalSince(entry.grant.expires) >= leeway {
+                try? append(&s, Journal.Record(op: .remove, id: entry.grant.id))
+            }
+            s.count -= entries.count - kept.count
+            s.byName[name] = kept.isEmpty ? nil : kept
+        }
+        s.consumed = s.consumed.filter { now.timeIntervalSince($0.value) < leeway }
+    }
+
+    /// Appends one record (under the state lock, so the journal's order is
+    /// the order of the changes), opening the journal first if needed.
+    /// - Throws: `Errno` when the line cannot be written; the state must then not change.
+    private func append(_ s: inout State, _ record: Journal.Record) throws(Errno) {
+        guard let path else { return }
+        if s.journal == nil, let error = compact(&s) { throw error }
+        guard let journal = s.journal else { throw Errno(rawValue: EIO) }
+        do throws(Errno) {
+            try journal.append(record.line)
+        } catch {
+            s.journalError = "cannot write \(path): \(error)"
+            throw error
+        }
+        s.records += 1
+        s.appended += 1
+    }
+
+    /// Rewrites the journal once it holds several times the live state
+    /// (called after a change has been applied to the state, so the snapshot holds it).
+    private func compactIfLarge(_ s: inout State) {
+        if s.records > max(1024, 4 * (s.count + s.consumed.count)) { compact(&s) }
+    }
+
+    /// Rewrites the journal as a snapshot of the live state (atomically,
+    /// durably) and reopens it for appending. On failure the old journal stays.
+    /// - Returns: the failure, or nil.
+    @discardableResult
+    private func compact(_ s: inout State) -> Errno? {
+        guard let path else { return nil }
+        var snapshot: [UInt8] = []
+        var records = 0
+        for entries in s.byName.values {
+            for entry in entries {
+                snapshot += Journal.Record(op: .prepare, id: entry.grant.id, token: entry.token).line
+                records += 1
+            }
+        }
+        for (id, expires) in s.consumed {
+            snapshot += Journal.Record(op: .used, id: id, expires: expires.timeIntervalSince1970).line
+            records += 1
+        }
+        do throws(Errno) {
+            try StateFile.writeAtomically(path, snapshot, mode: 0o600)
+            s.journal = try AppendOnlyFile(path: path)
+            s.records = records
+            s.journalError = nil
+            return nil
+        } catch {
+            s.journalError = "cannot rewrite \(path): \(error)"
+            return error
+        }
+    }
+
+    /// Waits until record `sequence` is durable. - Returns: the problem, or nil.
+    private func waitDurable(_ sequence: UInt64) -> String? {
+        guard path != nil else { return nil }
+        return durable.withLock { synced -> String? in
+            guard synced < sequence else { return nil }
+            let (journal, upTo) = state.withLock { ($0.journal, $0.appended) }
+            do throws(Errno) {
+                try journal?.sync()
+            } catch {
+                let problem = "cannot sync \(journal?.path ?? "-"): \(error)"
+                state.withLock { $0.journalError = problem }
+                return problem
+            }
+            synced = upTo
+            return nil
+        }
     }
 }
 
-/// The grant file: the signed tokens, and the ids of single-use grants
-/// already used (with their expiry), so a restart does not reopen them.
-struct PersistedGrants: Codable {
+/// The journal's lines: one JSON object each. Earlier versions wrote one
+/// JSON object `{"tokens": [...], "consumed": {...}}`; `replay` reads that too.
+enum Journal {
+    enum Operation: String, Codable {
+        case prepare, remove, used
+    }
+
+    struct Record: Codable {
+        var op: Operation
+        var id: String
+        var token: String?
+        /// For `used`: the grant's expiry (seconds since 1970).
+        var expires: Double?
+
+        var line: [UInt8] {
+            // Encoding a struct of strings cannot fail; JSON escapes any newline.
+            var bytes = [UInt8]((try? Journal.encoder.encode(self)) ?? Data())
+            bytes.append(UInt8(ascii: "\n"))
+            return bytes
+        }
+    }
+
+    static let encoder = JSONEncoder()
+
+    /// What a journal file holds after replaying its records in order.
+    struct Replayed {
+        /// Live tokens, in the order they were prepared.
+        var tokens: [String] = []
+        /// Used single-use grant ids that have not expired.
+        var consumed: [String: Date] = [:]
+        /// Lines that could not be read.
+        var damagedLines = 0
+    }
+
+    static func replay(_ bytes: [UInt8], now: Date) -> Replayed {
+        var result = Replayed()
+        if let old = try? JSONDecoder().decode(EarlierGrantFile.self, from: Data(bytes)) {
+            result.tokens = old.tokens
+            for (id, expires) in old.consumed where now.timeIntervalSince1970 < expires {
+                result.consumed[id] = Date(timeIntervalSince1970: expires)
+            }
+            return result
+        }
+        var live: [String: (order: Int, token: String)] = [:]
+        var order = 0
+        let decoder = JSONDecoder()
+        var lines = bytes.split(separator: UInt8(ascii: "\n"))
+        // A last line without its newline was being appended when the
+        // process stopped: its change was never acknowledged, so it is dropped
+        // quietly (it is not damage).
+        if bytes.last != UInt8(ascii: "\n"), !lines.isEmpty { lines.removeLast() }
+        for line in lines {
+            guard let record = try? decoder.decode(Record.self, from: Data(line)) else {
+                result.damagedLines += 1
+                continue
+            }
+            switch record.op {
+            case .prepare:
+                guard let token = record.token else { result.damagedLines += 1; continue }
+                order += 1
+                live[record.id] = (order, token)
+            case .remove:
+                live[record.id] = nil
+            case .used:
+                live[record.id] = nil
+                if let expires = record.expires, now.timeIntervalSince1970 < expires {
+                    result.consumed[record.id] = Date(timeIntervalSince1970: expires)
+                }
+            }
+        }
+        result.tokens = live.values.sorted { $0.order < $1.order }.map(\.token)
+        return result
+    }
+}
+
+/// The grant file of earlier versions: the signed tokens, and the ids of
+/// single-use grants already used (with their expiry).
+struct EarlierGrantFile: Codable {
     var tokens: [String]
     var consumed: [String: Double]
 }

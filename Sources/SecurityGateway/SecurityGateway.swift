@@ -41,7 +41,7 @@ public final class SecurityGateway: Sendable {
         self.sync = sync
         sessions = SessionTracker(agentSourcePort: config.agentSourcePort,
                                   collaborationPorts: config.enableCollaboration ? config.collaborationSourcePorts : nil,
-                                  onChange: { sync.schedule() })
+                                  listen: config.listen, onChange: { sync.schedule() })
         let inspector = SNIInspector(maxBytes: config.clientHelloMaxBytes, timeoutNanoseconds: config.clientHelloTimeoutNanoseconds,
                                      grants: grants, sessions: sessions)
         var tcp = RelayRule(id: Self.tcpRuleID, listen: config.listen, target: SocketAddress(ip: .v4(0), port: 0),
@@ -51,7 +51,7 @@ public final class SecurityGateway: Sendable {
         let guardRule = RelayRule(id: Self.udpGuardRuleID, listen: config.listen, allow: [nobody],
                                   target: SocketAddress(ip: config.listen.ip.isIPv4 ? .v4(0x7f00_0001) : .v6(0, 1), port: 9),
                                   transport: .udp)
-        sync.configure(base: [tcp, guardRule], listen: config.listen, sessions: sessions)
+        sync.configure(base: [tcp, guardRule], sessions: sessions)
     }
 
     /// Opens TCP and UDP on `ListenAddress`.
@@ -70,6 +70,7 @@ public final class SecurityGateway: Sendable {
     /// Why the gateway is not healthy, or nil.
     public var problem: String? {
         if let error = sync.lastError { return error }
+        if let error = grants.storeProblem { return "prepared grants: \(error)" }
         if !engine.rules.contains(where: { $0.id == Self.tcpRuleID }) { return "not listening on \(config.listen)" }
         return nil
     }
@@ -109,7 +110,12 @@ public final class SecurityGateway: Sendable {
         }
         let answer = ["session_id": grant.sessionID, "server_name": grant.serverName,
                       "expires": String(Int64(grant.expires.timeIntervalSince1970))]
-        switch grants.prepare(grant, token: token) {
+        // The store waits for its journal's fdatasync: not on Swift's cooperative threads.
+        let grants = self.grants
+        let stored = await withCheckedContinuation { (continuation: CheckedContinuation<PreparedGrants.PrepareResult, Never>) in
+            DispatchQueue.global().async { continuation.resume(returning: grants.prepare(grant, token: token)) }
+        }
+        switch stored {
         case .added:
             logger.info("session \(grant.sessionID) prepared for \(grant.serverName)")
             return PrepareAnswer(status: 201, body: answer)
@@ -119,6 +125,9 @@ public final class SecurityGateway: Sendable {
             return PrepareAnswer(status: 409, body: ["error": GrantError.replayed.description, "field": "grant"])
         case .full:
             return PrepareAnswer(status: 503, body: ["error": "prepared grants: the store is full (\(grants.capacity))"])
+        case .notStored(let why):
+            logger.error("prepare: \(why)")
+            return PrepareAnswer(status: 503, body: ["error": "prepared grants: \(why)"])
         }
     }
 
@@ -160,7 +169,7 @@ public final class SecurityGateway: Sendable {
         refusals[SessionRefusal.limit.rawValue] = relay.refused[.listenerLimit, default: 0] + relay.refused[.globalLimit, default: 0]
         for (reason, n) in relay.inspectionRefusals where refusals[reason] == nil { refusals[reason] = n }
         var status = Status(activeSessions: sessions.active, activeConnections: relay.active, preparedGrants: grants.count,
-                            udpBindings: sessions.bindings.count, refusals: refusals,
+                            udpBindings: sessions.bindingCount, refusals: refusals,
                             bytesClientToAgent: relay.bytesClientToTarget, bytesAgentToClient: relay.bytesTargetToClient,
                             udpDatagramsToAgent: 0, udpDatagramsToClient: 0, udpDropped: [:])
         for (_, udp) in engine.datagramStats() {
@@ -178,11 +187,13 @@ public final class SecurityGateway: Sendable {
 /// live session's client. Sessions start and end on the relay loops, which
 /// must not wait for `RelayEngine.apply` (it runs a command on every loop,
 /// their own included), so changes are applied on a serial queue,
-/// coalesced: each run applies the state as it is then.
+/// coalesced: each run applies the state as it is then. A run costs O(n)
+/// for n bindings (the tracker keeps each binding's rule; the relay checks
+/// a rule list in O(n) and matches a client by a hash of its address), so
+/// a burst of session starts costs a few runs, not one O(n) run each.
 final class RuleSync: Sendable {
     private struct State {
         var base: [RelayRule] = []
-        var listen = SocketAddress(ip: .v4(0), port: 0)
         var sessions: SessionTracker?
         var lastError: String?
         var stopped = false
@@ -199,10 +210,9 @@ final class RuleSync: Sendable {
         self.logger = logger
     }
 
-    func configure(base: [RelayRule], listen: SocketAddress, sessions: SessionTracker) {
+    func configure(base: [RelayRule], sessions: SessionTracker) {
         state.withLock { s in
             s.base = base
-            s.listen = listen
             s.sessions = sessions
         }
     }
@@ -220,11 +230,11 @@ final class RuleSync: Sendable {
     }
 
     func applyNow() throws(RuleError) {
-        let (base, listen, sessions, stopped) = state.withLock { ($0.base, $0.listen, $0.sessions, $0.stopped) }
+        let (base, sessions, stopped) = state.withLock { ($0.base, $0.sessions, $0.stopped) }
         guard !stopped else { return }
-        let rules = base + (sessions?.udpRules(listen: listen) ?? [])
+        let rules = base + (sessions?.udpRules() ?? [])
         do throws(RuleError) {
-            try engine.apply(rules)
+            try engine.apply(rules, logLevel: .debug)
             state.withLock { $0.lastError = nil }
         } catch {
             state.withLock { $0.lastError = error.description }

@@ -38,6 +38,11 @@ public final class SessionTracker: Sendable {
 
     private struct State {
         var bindings: [IPAddress: Binding] = [:]
+        /// The source ports in use toward each agent (so a new binding finds
+        /// its port without scanning every binding).
+        var portsByAgent: [SocketAddress: Set<UInt16>] = [:]
+        /// Each binding's relay rule, made once when the binding starts.
+        var rules: [IPAddress: RelayRule] = [:]
         var active = 0
         var activeBySession: [String: Int] = [:]
     }
@@ -48,10 +53,16 @@ public final class SessionTracker: Sendable {
     /// Called (on the thread that started or ended a session) when the UDP bindings changed.
     private let onChange: @Sendable () -> Void
 
+    /// Where the UDP rules listen (the gateway's ListenAddress).
+    public let listen: SocketAddress
+
     /// - Parameter collaborationPorts: nil when EnableCollaboration is off.
-    public init(agentSourcePort: UInt16, collaborationPorts: ClosedRange<UInt16>?, onChange: @escaping @Sendable () -> Void = {}) {
+    /// - Parameter listen: the address the bindings' UDP rules listen on.
+    public init(agentSourcePort: UInt16, collaborationPorts: ClosedRange<UInt16>?,
+                listen: SocketAddress = SocketAddress(ip: .v4(0), port: 4172), onChange: @escaping @Sendable () -> Void = {}) {
         self.agentSourcePort = agentSourcePort
         self.collaborationPorts = collaborationPorts
+        self.listen = listen
         self.onChange = onChange
     }
 
@@ -74,7 +85,7 @@ public final class SessionTracker: Sendable {
                 s.activeBySession[sessionID, default: 0] += 1
                 return (.success(Ticket(client: client, agent: agent, sessionID: sessionID, holdsUDP: same)), false)
             }
-            let taken = Set(s.bindings.values.filter { $0.agent == agent }.map(\.sourcePort))
+            let taken = s.portsByAgent[agent] ?? []
             let port: UInt16
             if !taken.contains(agentSourcePort) {
                 port = agentSourcePort
@@ -84,6 +95,8 @@ public final class SessionTracker: Sendable {
                 return (.failure(.agentBusy), false)
             }
             s.bindings[client] = Binding(client: client, agent: agent, sourcePort: port, sessions: 1)
+            s.portsByAgent[agent, default: []].insert(port)
+            s.rules[client] = Self.rule(client: client, agent: agent, port: port, listen: listen)
             s.active += 1
             s.activeBySession[sessionID, default: 0] += 1
             return (.success(Ticket(client: client, agent: agent, sessionID: sessionID, holdsUDP: true)), true)
@@ -106,6 +119,9 @@ public final class SessionTracker: Sendable {
                 return false
             }
             s.bindings[ticket.client] = nil
+            s.rules[ticket.client] = nil
+            s.portsByAgent[binding.agent]?.remove(binding.sourcePort)
+            if s.portsByAgent[binding.agent]?.isEmpty == true { s.portsByAgent[binding.agent] = nil }
             return true
         }
         if changed { onChange() }
@@ -122,14 +138,20 @@ public final class SessionTracker: Sendable {
         state.withLock { Array($0.bindings.values) }.sorted { $0.client.description < $1.client.description }
     }
 
-    /// The relay's UDP rules for the live sessions on `listen`: one per
+    /// How many clients have a UDP binding.
+    public var bindingCount: Int { state.withLock { $0.bindings.count } }
+
+    /// The relay's UDP rules for the live sessions, on `listen`: one per
     /// client IP (allow that address only), toward its agent, from its port.
-    public func udpRules(listen: SocketAddress) -> [RelayRule] {
-        bindings.map { binding in
-            RelayRule(id: "sg-udp-\(binding.client)", listen: listen,
-                                 allow: [CIDR(address: binding.client, prefixLength: binding.client.isIPv4 ? 32 : 128)],
-                                 target: binding.agent, transport: .udp,
-                      sourcePorts: binding.sourcePort...binding.sourcePort)
-        }
+    /// In no particular order (they admit distinct clients). O(bindings),
+    /// with each rule made once when its binding started.
+    public func udpRules() -> [RelayRule] {
+        state.withLock { Array($0.rules.values) }
+    }
+
+    static func rule(client: IPAddress, agent: SocketAddress, port: UInt16, listen: SocketAddress) -> RelayRule {
+        RelayRule(id: "sg-udp-\(client)", listen: listen,
+                  allow: [CIDR(address: client, prefixLength: client.isIPv4 ? 32 : 128)],
+                  target: agent, transport: .udp, sourcePorts: port...port)
     }
 }

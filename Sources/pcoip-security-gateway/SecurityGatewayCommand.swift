@@ -43,11 +43,15 @@ struct SecurityGatewayCommand: AsyncParsableCommand {
         --check --config FILE checks the file and the certificate and exits 0,
         or 1 naming the file, line and key (or the certificate's problem).
 
+        grant --jwt-signing-key KEY --audience GROUP --agent HOST:PORT --sni NAME
+        signs grants as a Connection Manager would and prints them, one JWT per
+        line (see grant --help).
+
         Signals while serving: SIGTERM or SIGINT stop the control endpoint and
         close every session.
         """,
         version: securityGatewayVersion,
-        subcommands: [Serve.self]
+        subcommands: [Serve.self, Grant.self]
     )
 
     @Flag(name: .long, help: "Check --config (and the certificate it names), print a summary and exit: 0 when valid, 1 otherwise.")
@@ -58,7 +62,7 @@ struct SecurityGatewayCommand: AsyncParsableCommand {
 
     func run() async throws {
         guard check else {
-            throw ValidationError("give a subcommand (serve) or --check --config FILE; see --help")
+            throw ValidationError("give a subcommand (serve, grant) or --check --config FILE; see --help")
         }
         guard let config else { throw ValidationError("--check needs --config FILE") }
         let (loaded, verifier) = try await Loader.load(config)

@@ -105,4 +105,81 @@ struct SecurityGatewayCommandTests {
         let output = String(decoding: log.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
         #expect(output.contains("1 kept") && !output.contains("eyJ"), "no token in the log: \(output)")
     }
+
+    @Test("grant: signs grants the gateway verifies; --count with {n} and --sequential-agents; one JWT per line")
+    func grant() async throws {
+        let dir = try SGTest.temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try SGTest.openssl(["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", "k.pem"], in: dir)
+        try SGTest.openssl(["req", "-x509", "-new", "-key", "k.pem", "-days", "2", "-subj", "/CN=cm", "-out", "c.pem"], in: dir)
+        let certificate = try String(contentsOfFile: dir + "/c.pem", encoding: .utf8)
+        let verifier = try await GrantVerifier.load(certificatePEM: certificate, audience: "sg-east")
+        let (status, out, err) = try run(["grant", "--jwt-signing-key", dir + "/k.pem", "--audience", "sg-east",
+                                          "--agent", "10.0.0.254:4172", "--sni", "Desk-{n}.example", "--session-id", "s-{n}",
+                                          "--lifetime", "120", "--count", "4", "--sequential-agents", "--client", "198.51.100.7"])
+        #expect(status == 0, "\(err)")
+        let tokens = out.split(separator: "\n").map(String.init)
+        #expect(tokens.count == 4 && !err.contains("eyJ"))
+        var ids = Set<String>()
+        for (n, token) in tokens.enumerated() {
+            let grant = try await verifier.verify(token, recordUse: false)
+            #expect(grant.sessionID == "s-\(n)" && grant.serverName == "desk-\(n).example" && grant.client == "198.51.100.7")
+            #expect(grant.agent == ["10.0.0.254:4172", "10.0.0.255:4172", "10.0.1.0:4172", "10.0.1.1:4172"][n])
+            #expect(grant.audience == "sg-east" && !grant.singleUse)
+            #expect(abs(grant.expires.timeIntervalSince(grant.issuedAt) - 120) < 1.5)
+            ids.insert(grant.id)
+        }
+        #expect(ids.count == 4, "each grant has its own jti")
+        // Another group's gateway refuses them; --single-use is carried.
+        let elsewhere = try await GrantVerifier.load(certificatePEM: certificate, audience: "sg-west")
+        await #expect(throws: GrantError.wrongAudience("sg-east")) { try await elsewhere.verify(tokens[0], recordUse: false) }
+        let (_, once, _) = try run(["grant", "--jwt-signing-key", dir + "/k.pem", "--audience", "sg-east",
+                                    "--agent", "[2001:db8::5]:4172", "--sni", "v6.example", "--single-use"])
+        let single = try await verifier.verify(once.trimmingCharacters(in: .whitespacesAndNewlines), recordUse: false)
+        #expect(single.singleUse && single.agent == "[2001:db8::5]:4172" && !single.sessionID.isEmpty)
+    }
+
+    @Test("grant: bad input fails naming the flag, and prints no grant", arguments: [
+        (["--agent", "desk.example:4172"], "--agent"),
+        (["--agent", "10.0.0.1:0"], "--agent"),
+        (["--sni", "-bad"], "--sni"),
+        (["--sni", "has space"], "--sni"),
+        (["--audience", "two words"], "--audience"),
+        (["--lifetime", "0"], "--lifetime"),
+        (["--count", "0"], "--count"),
+        (["--client", "somebody"], "--client"),
+        (["--agent", "[2001:db8::1]:4172", "--sequential-agents", "--count", "2"], "--sequential-agents"),
+        (["--agent", "255.255.255.255:4172", "--sequential-agents", "--count", "2"], "--sequential-agents"),
+        (["--jwt-signing-key", "/nonexistent/key.pem"], "--jwt-signing-key"),
+        (["--jwt-signing-key", "RSA1024"], "--jwt-signing-key"),
+        (["--jwt-signing-key", "CERT"], "--jwt-signing-key"),
+    ])
+    func grantErrors(overrides: [String], flag: String) throws {
+        let dir = try SGTest.temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try SGTest.openssl(["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", "k.pem"], in: dir)
+        try SGTest.openssl(["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:1024", "-out", "small.pem"], in: dir)
+        try SGTest.openssl(["req", "-x509", "-new", "-key", "k.pem", "-days", "2", "-subj", "/CN=cm", "-out", "c.pem"], in: dir)
+        var options = ["--jwt-signing-key": dir + "/k.pem", "--audience": "g", "--agent": "10.0.0.1:4172", "--sni": "a.example"]
+        var flags: [String] = []
+        var i = 0
+        while i < overrides.count {
+            let name = overrides[i]
+            if name.hasPrefix("--"), i + 1 < overrides.count, !overrides[i + 1].hasPrefix("--") {
+                var value = overrides[i + 1]
+                if value == "RSA1024" { value = dir + "/small.pem" }
+                if value == "CERT" { value = dir + "/c.pem" }
+                options[name] = value
+                i += 2
+            } else {
+                flags.append(name)
+                i += 1
+            }
+        }
+        let arguments = ["grant"] + options.sorted { $0.key < $1.key }.flatMap { [$0.key, $0.value] } + flags
+        let (status, out, err) = try run(arguments)
+        #expect(status != 0, "\(arguments) must fail")
+        #expect(err.contains(flag), "the error names \(flag): \(err)")
+        #expect(out.isEmpty, "no grant printed: \(out)")
+    }
 }

@@ -322,13 +322,14 @@ struct SecurityGatewayDataPathTests {
     func collaboration() async throws {
         let grants = PreparedGrants(path: nil)
         let changes = Atomic(0)
-        let on = SessionTracker(agentSourcePort: 55000, collaborationPorts: 55001...55002, onChange: { changes.add(1, ordering: .relaxed) })
+        let on = SessionTracker(agentSourcePort: 55000, collaborationPorts: 55001...55002, listen: SocketAddress("0.0.0.0:4172")!,
+                                onChange: { changes.add(1, ordering: .relaxed) })
         let agent = SocketAddress("10.0.0.5:4172")!
         let a = try on.start(client: .v4(1), agent: agent, sessionID: "a").get()
         let b = try on.start(client: .v4(2), agent: agent, sessionID: "b").get()
         let a2 = try on.start(client: .v4(1), agent: agent, sessionID: "a").get()
         #expect(on.bindings.map(\.sourcePort) == [55000, 55001] && on.active == 3)
-        let rules = on.udpRules(listen: SocketAddress("0.0.0.0:4172")!)
+        let rules = on.udpRules()
         #expect(rules.count == 2 && rules.allSatisfy { $0.transport == .udp && $0.allow.count == 1 && $0.target == agent })
         #expect((try? RelayRule.check(rules)) != nil)
         _ = try on.start(client: .v4(3), agent: agent, sessionID: "c").get()
