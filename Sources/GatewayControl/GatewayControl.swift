@@ -20,6 +20,10 @@ public final class GatewayControl: Sendable {
     private let clock: @Sendable () -> Int64
     private let probe: @Sendable (ControlSettings) -> PortAllocator.Probe
     private let state: Mutex<State>
+    /// Each pushed rule's relay rule, by id, with what it was made from:
+    /// every push applies the whole set, and parsing thousands of targets
+    /// each time made a push O(rules) in string parsing.
+    private let relayCache = Mutex<[String: (state: RuleState, address: IPAddress, rule: RelayRule?)]>([:])
 
     private struct State {
         var settings: ControlSettings
@@ -75,7 +79,7 @@ public final class GatewayControl: Sendable {
                         throw ControlError(400, "rule \(rule.id): bad port \(rule.port)")
                     }
                     do throws(RuleError) {
-                        try engine.apply(s.fixed + (kept + [rule]).compactMap { RulePolicy.relayRule($0, settings: s.settings) })
+                        try engine.apply(s.fixed + relayRules((kept + [rule]), s.settings))
                     } catch {
                         throw ControlError(409, "\(error)")
                     }
@@ -100,7 +104,7 @@ public final class GatewayControl: Sendable {
     /// - Throws: `RuleError` and changes nothing when the new list cannot be applied.
     public func setBaseRules(_ rules: [RelayRule]) throws(RuleError) {
         try state.withLock { s throws(RuleError) in
-            try engine.apply(rules + (s.forward.map { [$0] } ?? []) + s.pushed.compactMap { RulePolicy.relayRule($0, settings: s.settings) })
+            try engine.apply(rules + (s.forward.map { [$0] } ?? []) + relayRules(s.pushed, s.settings))
             s.baseRules = rules
         }
     }
@@ -110,7 +114,7 @@ public final class GatewayControl: Sendable {
     public func setForwardRule(_ rule: RelayRule?) throws(RuleError) {
         try state.withLock { s throws(RuleError) in
             guard s.forward != rule else { return }
-            try engine.apply(s.baseRules + (rule.map { [$0] } ?? []) + s.pushed.compactMap { RulePolicy.relayRule($0, settings: s.settings) })
+            try engine.apply(s.baseRules + (rule.map { [$0] } ?? []) + relayRules(s.pushed, s.settings))
             s.forward = rule
         }
     }
@@ -179,7 +183,7 @@ public final class GatewayControl: Sendable {
             do throws(ControlError) {
                 try store.save(next)
             } catch {
-                try? engine.apply(s.fixed + s.pushed.compactMap { RulePolicy.relayRule($0, settings: s.settings) })
+                try? engine.apply(s.fixed + relayRules(s.pushed, s.settings))
                 throw error
             }
             s.pushed = next
@@ -295,7 +299,7 @@ public final class GatewayControl: Sendable {
     public func portsInUse() -> [String] {
         state.withLock { s in
             var ports: [String] = []
-            for rule in s.fixed + s.pushed.compactMap({ RulePolicy.relayRule($0, settings: s.settings) }) {
+            for rule in s.fixed + relayRules(s.pushed, s.settings) {
                 if rule.transport.contains(.tcp) { ports.append("\(rule.listen.port)/tcp") }
                 if rule.transport.contains(.udp) { ports.append("\(rule.listen.port)/udp") }
             }
@@ -305,8 +309,34 @@ public final class GatewayControl: Sendable {
 
     // MARK: Inside the lock
 
+    /// The relay rules of `pushed` (`RulePolicy.relayRule` of each, those that
+    /// can be opened), made once per rule and public address.
+    private func relayRules(_ pushed: [RuleState], _ settings: ControlSettings) -> [RelayRule] {
+        relayCache.withLock { cache in
+            var next: [String: (state: RuleState, address: IPAddress, rule: RelayRule?)] = [:]
+            next.reserveCapacity(pushed.count)
+            var rules: [RelayRule] = []
+            rules.reserveCapacity(pushed.count)
+            for state in pushed {
+                let rule: RelayRule?
+                if let known = cache[state.id], known.address == settings.publicAddress,
+                   known.state.push == state.push, known.state.port == state.port {
+                    rule = known.rule
+                } else {
+                    rule = RulePolicy.relayRule(state, settings: settings)
+                }
+                next[state.id] = (state, settings.publicAddress, rule)
+                if let rule { rules.append(rule) }
+            }
+            // Keep the entries of rules not in this list (a trial set may be
+            // a subset); drop them only when the cache grows well past it.
+            if cache.count > 2 * max(pushed.count, 64) { cache = next } else { cache.merge(next) { _, new in new } }
+            return rules
+        }
+    }
+
     private func currentUses(_ s: State) -> [PortAllocator.Use] {
-        let relays = s.fixed + s.pushed.compactMap { RulePolicy.relayRule($0, settings: s.settings) }
+        let relays = s.fixed + relayRules(s.pushed, s.settings)
         return relays.filter { rule in
             // Rules on another specific address do not hold the public address's port.
             rule.listen.ip == s.settings.publicAddress || rule.listen.ip.isUnspecified || s.settings.publicAddress.isUnspecified
@@ -315,7 +345,7 @@ public final class GatewayControl: Sendable {
 
     private func applyToEngine(_ base: [RelayRule], _ pushed: [RuleState], _ settings: ControlSettings) throws(ControlError) {
         do throws(RuleError) {
-            try engine.apply(base + pushed.compactMap { RulePolicy.relayRule($0, settings: settings) })
+            try engine.apply(base + relayRules(pushed, settings))
         } catch {
             switch error {
             case .listenFailed, .conflictingRules:
@@ -333,7 +363,7 @@ public final class GatewayControl: Sendable {
         do throws(ControlError) {
             try store.save(next)
         } catch {
-            try? engine.apply(s.fixed + s.pushed.compactMap { RulePolicy.relayRule($0, settings: s.settings) })
+            try? engine.apply(s.fixed + relayRules(s.pushed, s.settings))
             throw error
         }
         s.pushed = next

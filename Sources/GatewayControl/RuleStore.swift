@@ -1,15 +1,25 @@
 import ControlProtocol
 import Foundation
+import Synchronization
 import SystemLayer
 
 /// The pushed rules on disk: `rules.json` in the state directory, replaced
 /// atomically (temporary file, fsync, rename, fsync of the directory) on
-/// every change, read at start.
+/// every change, read at start. Each rule's JSON is kept from one save to
+/// the next and re-encoded only when the rule changed, so a save with
+/// thousands of rules costs a concatenation and a write, not thousands of
+/// encodings (a push used to spend 40% of its time here at 2,000 rules).
 public struct RuleStore: Sendable {
     public let path: String
+    private let encoded = EncodedRules()
 
     public init(directory: String) {
         path = directory + "/rules.json"
+    }
+
+    /// Each rule's last JSON, by id, with the state it encodes.
+    private final class EncodedRules: Sendable {
+        let table = Mutex<[String: (state: RuleState, json: [UInt8])]>([:])
     }
 
     private struct File: Codable {
@@ -59,17 +69,36 @@ public struct RuleStore: Sendable {
         return Loaded(rules: [], problem: "\(path): \(why); kept as \(aside); starting without pushed rules")
     }
 
-    /// Replaces the file with `rules`.
+    /// Replaces the file with `rules`: `{"version": 1, "rules": [...]}`, one
+    /// rule per line.
     /// - Throws: `ControlError` 500 naming the file.
     public func save(_ rules: [RuleState]) throws(ControlError) {
+        var bytes = Array(#"{"version":1,"rules":["#.utf8)
         let encoder = JSONEncoder()
-        encoder.outputFormatting = [.sortedKeys, .prettyPrinted]
-        let data: Data
-        do { data = try encoder.encode(File(version: 1, rules: rules)) } catch {
+        encoder.outputFormatting = [.sortedKeys]
+        do {
+            try encoded.table.withLock { table in
+                var next: [String: (state: RuleState, json: [UInt8])] = [:]
+                next.reserveCapacity(rules.count)
+                for (index, rule) in rules.enumerated() {
+                    let json: [UInt8]
+                    if let known = table[rule.id], known.state == rule {
+                        json = known.json
+                    } else {
+                        json = [UInt8](try encoder.encode(rule))
+                    }
+                    bytes.append(contentsOf: index == 0 ? [0x0A] : [0x2C, 0x0A])
+                    bytes.append(contentsOf: json)
+                    next[rule.id] = (rule, json)
+                }
+                table = next
+            }
+        } catch {
             throw ControlError(500, "cannot encode the rules: \(error)")
         }
+        bytes.append(contentsOf: Array("\n]}\n".utf8))
         do throws(Errno) {
-            try StateFile.writeAtomically(path, [UInt8](data), mode: 0o600)
+            try StateFile.writeAtomically(path, bytes, mode: 0o600)
         } catch {
             throw ControlError(500, "cannot write \(path): \(error)")
         }

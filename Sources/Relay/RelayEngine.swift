@@ -68,9 +68,16 @@ public final class RelayEngine: Sendable {
             let wantedUDP = Set(rules.filter { $0.transport.contains(.udp) }.map(\.listen))
             var opened: [SocketAddress: [FileDescriptor]] = [:]
             var openedUDP: [SocketAddress: [FileDescriptor]] = [:]
+            // The first rule of each address names a listener that fails.
+            var owners: [SocketAddress: String] = [:]
+            var udpOwners: [SocketAddress: String] = [:]
+            for rule in rules {
+                if owners[rule.listen] == nil { owners[rule.listen] = rule.id }
+                if rule.transport.contains(.udp) && udpOwners[rule.listen] == nil { udpOwners[rule.listen] = rule.id }
+            }
             do throws(RuleError) {
                 for address in wanted.subtracting(current).sorted(by: { $0.description < $1.description }) {
-                    let owner = rules.first { $0.listen == address }!.id
+                    let owner = owners[address]!
                     do throws(SystemCallError) {
                         try Socket.probeFree(address)
                         var fds: [FileDescriptor] = []
@@ -93,7 +100,7 @@ public final class RelayEngine: Sendable {
                     }
                 }
                 for address in wantedUDP.subtracting(currentUDP).sorted(by: { $0.description < $1.description }) {
-                    let owner = rules.first { $0.listen == address && $0.transport.contains(.udp) }!.id
+                    let owner = udpOwners[address]!
                     do throws(SystemCallError) {
                         try Socket.probeFreeUDP(address)
                         var fds: [FileDescriptor] = []
@@ -118,18 +125,29 @@ public final class RelayEngine: Sendable {
                 throw error
             }
 
+            // The tightest limit any rule of an address sets, found in one
+            // pass: a gateway holding thousands of pushed rules applies the
+            // whole set on every push, so nothing here may be O(rules²).
+            var tcpLimits: [SocketAddress: Int] = [:]
+            var udpLimits: [SocketAddress: Int] = [:]
+            for rule in rules {
+                if rule.transport.contains(.tcp), let limit = rule.maxConnections {
+                    tcpLimits[rule.listen] = min(tcpLimits[rule.listen] ?? limit, limit)
+                }
+                if rule.transport.contains(.udp), let limit = rule.maxFlows {
+                    udpLimits[rule.listen] = min(udpLimits[rule.listen] ?? limit, limit)
+                }
+            }
             var gates: [SocketAddress: AdmissionGate] = [:]
             for address in wanted {
-                let limit = rules.filter { $0.listen == address && $0.transport.contains(.tcp) }.compactMap(\.maxConnections).min()
-                    ?? settings.maxConnectionsPerListener
+                let limit = tcpLimits[address] ?? settings.maxConnectionsPerListener
                 let gate = state.gates[address] ?? AdmissionGate(address: address.description, limit: limit)
                 gate.setLimit(limit)
                 gates[address] = gate
             }
             var udpGates: [SocketAddress: AdmissionGate] = [:]
             for address in wantedUDP {
-                let limit = rules.filter { $0.listen == address && $0.transport.contains(.udp) }.compactMap(\.maxFlows).min()
-                    ?? settings.maxFlowsPerListener
+                let limit = udpLimits[address] ?? settings.maxFlowsPerListener
                 let gate = state.udpGates[address] ?? AdmissionGate(address: "udp \(address)", limit: limit)
                 gate.setLimit(limit)
                 udpGates[address] = gate

@@ -25,6 +25,18 @@ import Testing
         // No temporary file is left behind.
         let names = try FileManager.default.contentsOfDirectory(atPath: folder.path)
         #expect(names == ["rules.json"])
+
+        // A rule that changes under the same id is written as it is now (the
+        // store keeps each rule's JSON between saves); a removed one is gone.
+        var changed = rules
+        changed[0].port = 20418
+        changed[0].lastUsed = 1_700_000_300
+        try store.save(changed)
+        #expect(store.load().rules == changed)
+        try store.save([changed[1]])
+        #expect(store.load().rules == [changed[1]])
+        try store.save(changed)
+        #expect(RuleStore(directory: folder.path).load().rules == changed)
     }
 
     @Test func missingFileIsEmpty() {
