@@ -169,6 +169,20 @@ final class LoopContext: TimerHandler {
         return doomed.count + undecided.count
     }
 
+    /// Resets every connection an inspector started whose inspection
+    /// `predicate` picks (a revoked session), counted as revoked.
+    func closeInspected(where predicate: (any Inspection) -> Bool) -> Int {
+        var doomed: [RelayConnection] = []
+        for connection in connections.values {
+            if let inspection = connection.inspection, predicate(inspection) { doomed.append(connection) }
+        }
+        for connection in doomed {
+            connection.close(resetClient: true, resetUpstream: true)
+            counters.bump(counters.revoked)
+        }
+        return doomed.count
+    }
+
     /// Closes every connection (the end of a drain).
     func closeAll() -> Int {
         let all = Array(connections.values)

@@ -37,6 +37,8 @@ final class RelayConnection: EventHandler, TimerHandler {
     private let inspected: InspectedStart?
     /// Bytes read by the inspector and written upstream before splicing.
     var replayedBytes: UInt64 { inspected?.replayed ?? 0 }
+    /// The inspection that sent this connection here, if one did.
+    var inspection: (any Inspection)? { inspected?.inspection }
     private var hasPendingReplay: Bool {
         guard let inspected else { return false }
         return !inspected.pending.isEmpty

@@ -193,6 +193,21 @@ public final class RelayEngine: Sendable {
         return total
     }
 
+    /// Resets the established connections that an inspector started and
+    /// `predicate` picks (on each loop, with that connection's `Inspection`):
+    /// how the Security Gateway ends a revoked session. Their rules stay.
+    /// - Returns: how many connections were reset (counted as revoked).
+    @discardableResult
+    public func closeInspected(where predicate: @escaping @Sendable (any Inspection) -> Bool) -> Int {
+        let closed = Mutex(0)
+        let contexts = self.contexts
+        group.onEveryLoop { loop in
+            let n = contexts.all[loop.id].closeInspected(where: predicate)
+            closed.withLock { $0 += n }
+        }
+        return closed.withLock { $0 }
+    }
+
     /// Sums every loop's counters.
     public func stats() -> RelayStats {
         var stats = RelayStats()

@@ -10,7 +10,8 @@ import NIOCore
 /// - `POST /v1/sessions` `{"grant": "<JWT>"}` → 201 prepared, 200 already
 ///   prepared, 400 malformed, 401 not admissible (forged, expired, not yet
 ///   valid, another group, `none` or HMAC), 409 replayed single-use grant.
-/// - `DELETE /v1/sessions/{session id}` → 200 `{"revoked": n}`, 404 when none.
+/// - `DELETE /v1/sessions/{session id}` → 200 `{"revoked": n, "closed_connections": c}`
+///   (prepared grants removed, live connections reset), 404 when neither.
 /// - `GET /health` → 200 `{"code":200,"status":"success"}` or 500 with `reason`.
 /// - `GET /v1/status` → the counters (`SecurityGateway.Status`).
 public enum SecurityGatewayControl {
@@ -76,8 +77,10 @@ public enum SecurityGatewayControl {
                 }
                 let id = String(path.dropFirst(prefix.count)).removingPercentEncoding ?? ""
                 guard !id.isEmpty, id.utf8.count <= 256 else { return json(400, ["error": "session id: empty or too long", "field": "id"]) }
-                let n = gateway.revoke(sessionID: id)
-                return n > 0 ? json(200, ["revoked": n]) : json(404, ["error": "session id: no prepared grant for this session", "field": "id"])
+                let done = gateway.revoke(sessionID: id)
+                return done.grants > 0 || done.connections > 0
+                    ? json(200, ["revoked": done.grants, "closed_connections": done.connections])
+                    : json(404, ["error": "session id: no prepared grant or live connection for this session", "field": "id"])
             }
             return json(404, ["error": "\(method) \(path): not a control path"])
         }

@@ -132,10 +132,25 @@ public final class SecurityGateway: Sendable {
     }
 
     /// Revokes a session's prepared grants. - Returns: how many went.
-    public func revoke(sessionID: String) -> Int {
+    public func revoke(sessionID: String) -> Revocation {
         let n = grants.revoke(sessionID: sessionID)
-        if n > 0 { logger.info("session \(sessionID) revoked (\(n) grant(s))") }
-        return n
+        // Live connections of the session end too (their UDP binding with
+        // them): a revoked session must not go on until the client leaves.
+        let closed = engine.closeInspected { inspection in
+            (inspection as? SNIInspection)?.grant?.sessionID == sessionID
+        }
+        if n > 0 || closed > 0 {
+            logger.info("session \(sessionID) revoked (\(n) prepared grant(s), \(closed) live connection(s) closed)")
+        }
+        return Revocation(grants: n, connections: closed)
+    }
+
+    /// What a revocation removed.
+    public struct Revocation: Sendable, Equatable {
+        /// Prepared grants removed.
+        public var grants: Int
+        /// Live connections of the session reset.
+        public var connections: Int
     }
 
     // MARK: Counters

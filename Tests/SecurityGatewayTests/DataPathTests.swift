@@ -203,6 +203,37 @@ struct SecurityGatewayDataPathTests {
         await sg.stop()
     }
 
+    @Test("revoking a session resets its live connection and ends its UDP binding; other sessions go on; a reconnect is refused")
+    func revokeEndsLiveSession() async throws {
+        let sg = try await GatewayFixture.start()
+        #expect(try await sg.prepare(sg.grant(sni: "doomed.test", session: "doomed")) == 201)
+        #expect(try await sg.prepare(sg.grant(sni: "kept.test", session: "kept")) == 201)
+        // s_server serves one client at a time: the kept session holds it with
+        // a real handshake; the doomed one is relayed and waits in its backlog.
+        let kept = try TLSClient(port: sg.sgPort, arguments: ["-servername", "kept.test"])
+        #expect(await SGTest.eventually { kept.text.contains("CONNECTION ESTABLISHED") }, "\(kept.text)")
+        let doomed = try RawClient(port: sg.sgPort)
+        doomed.send(clientHello(sni: "doomed.test"))
+        #expect(await SGTest.eventually { sg.status().activeSessions == 2 && sg.status().activeConnections == 2 })
+
+        let (status, body) = try SGTest.curl("DELETE", sg.control_ + "/v1/sessions/doomed")
+        #expect(status == 200 && body.contains(#""closed_connections":1"#) && body.contains(#""revoked":1"#), "\(status) \(body)")
+        #expect(doomed.wait() == .closed, "the revoked session's connection is still open")
+        #expect(await SGTest.eventually { sg.status().activeSessions == 1 && sg.status().activeConnections == 1 })
+        #expect(kept.process.isRunning, "the other session goes on")
+
+        // Its grant is gone: the same SNI is refused now; a second revoke finds nothing.
+        let again = try RawClient(port: sg.sgPort)
+        again.send(clientHello(sni: "doomed.test"))
+        #expect(again.wait() == .closed)
+        #expect(await SGTest.eventually { sg.status().refusals["no_grant", default: 0] >= 1 })
+        #expect(try SGTest.curl("DELETE", sg.control_ + "/v1/sessions/doomed").0 == 404)
+
+        kept.close()
+        #expect(await SGTest.eventually { sg.status().activeSessions == 0 })
+        await sg.stop()
+    }
+
     @Test("bad input on the TCP port: each refused and counted by reason, a split ClientHello accepted, nothing leaks")
     func badInput() async throws {
         let sg = try await GatewayFixture.start(helloTimeout: "0.5")
