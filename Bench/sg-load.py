@@ -23,6 +23,7 @@ import argparse
 import http.client
 import ipaddress
 import json
+import os
 import socket
 import ssl
 import sys
@@ -30,24 +31,13 @@ import threading
 import time
 
 
-def host_port(text):
-    host, _, port = text.rpartition(":")
-    if not host or not port.isdigit():
-        raise argparse.ArgumentTypeError(f"not HOST:PORT: {text}")
-    return host.strip("[]"), int(port)
+# host_port and client_hello are the e2e helper's (one ClientHello maker for both).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "Tests", "e2e"))
+from importlib import import_module  # noqa: E402
 
-
-def client_hello(server_name):
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = context.wrap_bio(incoming, outgoing, server_hostname=server_name)
-    try:
-        tls.do_handshake()
-    except ssl.SSLWantReadError:
-        pass
-    return outgoing.read()
+_helper = import_module("sg-netns-helper")
+host_port = _helper.host_port
+client_hello = _helper.client_hello
 
 
 def percentile(values, p):

@@ -146,19 +146,8 @@ struct ProxyProtocolTests {
 /// Connects to the broker, sends `send`, and waits up to `waitSeconds` for
 /// the server to close: "closed", "data" (it answered something) or "open".
 func rawConnectionOutcome(port: Int, send bytes: [UInt8], waitSeconds: Int) throws -> String {
-    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-    guard fd >= 0 else { throw HTTPClient.Failure(description: "socket: errno \(errno)") }
+    let fd = try connectLoopback(port: port, timeoutSeconds: waitSeconds)
     defer { close(fd) }
-    var timeout = timeval(tv_sec: waitSeconds, tv_usec: 0)
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
-    var address = sockaddr_in()
-    address.sin_family = sa_family_t(AF_INET)
-    address.sin_port = in_port_t(UInt16(port).bigEndian)
-    address.sin_addr.s_addr = inet_addr("127.0.0.1")
-    let connected = withUnsafePointer(to: &address) {
-        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
-    }
-    guard connected == 0 else { throw HTTPClient.Failure(description: "connect: errno \(errno)") }
     if !bytes.isEmpty {
         _ = bytes.withUnsafeBytes { Glibc.send(fd, $0.baseAddress!, $0.count, Int32(MSG_NOSIGNAL)) }
     }

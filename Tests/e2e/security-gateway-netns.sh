@@ -97,67 +97,8 @@ chmod 700 "$W"
 declare -A PIDS=()      # role -> pid of a process group leader we started
 FAILED=0
 
-stop_role() {   # role [signal]: stops the group, polling until it is gone
-    local role=$1 sig=${2:-TERM} pid=${PIDS[$1]:-}
-    [ -n "$pid" ] || return 0
-    kill "-$sig" -- "-$pid" 2>/dev/null
-    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL -- "-$pid" 2>/dev/null
-    { wait "$pid"; } 2>/dev/null
-    unset "PIDS[$role]"
-}
-
-show_logs() {
-    local f
-    for f in "$W"/*.log; do
-        [ -s "$f" ] || continue
-        echo "----- $(basename "$f") (last 30 lines)" >&2
-        tail -n 30 "$f" >&2
-    done
-}
-
-cleanup() {
-    local rc=$? role ns pid
-    trap - EXIT INT TERM
-    [ "$FAILED" = 1 ] && show_logs
-    for role in "${!PIDS[@]}"; do stop_role "$role" TERM 2>/dev/null; done
-    # Anything else still inside our namespaces was started by this script.
-    for ns in "${ALL_NS[@]}"; do
-        for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$pid" 2>/dev/null; done
-    done
-    for ns in "${ALL_NS[@]}"; do ip netns del "$ns" 2>/dev/null; done
-    rm -rf "$W"
-    if [ "$FAILED" = 1 ] || [ "$rc" -ne 0 ]; then
-        echo "[$NAME] FAILED ($PASSED checks passed before)" >&2
-        exit 1
-    fi
-    echo "[$NAME] PASSED ($PASSED checks, ${SECONDS}s)" >&2
-    exit 0
-}
-trap cleanup EXIT
-trap 'say "interrupted"; FAILED=1; exit 1' INT TERM
-
-fail() { echo "[$NAME] FAIL: $*" >&2; FAILED=1; exit 1; }
-
-in_ns() { local ns=$1; shift; ip netns exec "$ns" "$@"; }
-
-# start ROLE NS CMD...: runs CMD in NS in its own process group, output to $W/ROLE.log.
-start() {
-    local role=$1 ns=$2; shift 2
-    ip netns exec "$ns" setsid "$@" >>"$W/$role.log" 2>&1 </dev/null &
-    PIDS[$role]=$!
-}
-alive() { local pid=${PIDS[$1]:-}; [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; }
-
-# eventually DEADLINE_S DESCRIPTION CMD...: polls CMD until it succeeds.
-eventually() {
-    local limit=$1 deadline=$(( $(date +%s) + $1 )) what=$2; shift 2
-    while :; do
-        "$@" && return 0
-        [ "$(date +%s)" -lt "$deadline" ] || fail "$what (gave up after $limit s of polling)"
-        sleep 0.2
-    done
-}
+# stop_role, show_logs, cleanup (the traps), fail, in_ns, start, alive, eventually.
+source "$(dirname "${BASH_SOURCE[0]}")/netns-lib.sh"
 
 # ---------------------------------------------------------------- topology
 say "creating namespaces ${ALL_NS[*]}"
