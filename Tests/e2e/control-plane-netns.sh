@@ -21,6 +21,8 @@
 # for use_src_ip 0, 1 and 2; B is refused on A's rule for 1 and 2; disconnect
 # closes the rule; the gateway restarts and A's rule still works (B still
 # refused); the broker stops and A's live echo session keeps carrying bytes;
+# a second gateway joins and a cluster with load_balance_via E opens each
+# connection on both (same port, both reach sshd, disconnect closes both);
 # the gateway is frozen (SIGSTOP) and the broker marks it offline and stops
 # choosing it; thawed, it comes back online.
 #
@@ -310,6 +312,60 @@ eventually 30 "the broker did not restart" broker_up
 ADMIN_SID=$(login "$NS_BR" "$BROKER_URL" admin "$ADMIN_PASSWORD") || exit 1
 eventually 60 "the gateway did not register again after the broker came back" is_online
 pass "the broker is back and the gateway registered again"
+
+# ---------------------------------------------------------------- cluster mode E
+# A second gateway joins; a cluster with load_balance_via E puts each rule on
+# every gateway of the cluster (behind an external load balancer, whichever
+# gateway the client lands on must carry it), on the same port.
+NS_GW2=$TAG-gw2; ALL_NS+=("$NS_GW2")
+GW2_PUB=10.99.1.2; GW2_PRIV=10.99.2.4
+ip netns add "$NS_GW2" || fail "ip netns add $NS_GW2"
+ip -n "$NS_GW2" link set lo up
+plug "$NS_GW2" pub0 $GW2_PUB/24 br-pub p-gw2
+plug "$NS_GW2" priv0 $GW2_PRIV/24 br-priv q-gw2
+http "$NS_BR" POST "$BROKER_URL/v1/gateway-clusters" '{"name":"cl-every","address":"lb.e2e.example","load_balance_via":"E","use_src_ip":0}' "$ADMIN_SID"
+[[ "$STATUS" == 20[01] ]] || fail "create the E cluster: HTTP $STATUS: $BODY"
+CLUSTER_ID=$(jq -er '.stored_data.id // .id' <<<"$BODY") || fail "create the cluster: no id in $BODY"
+http "$NS_BR" POST "$BROKER_URL/v1/gateways" \
+    "{\"name\":\"gw2-e2e\",\"address\":\"$GW2_PUB\",\"address_private\":\"$GW2_PRIV\",\"load_balancer_id\":$CLUSTER_ID}" "$ADMIN_SID"
+[[ "$STATUS" == 20[01] ]] || fail "create the second gateway: HTTP $STATUS: $BODY"
+GW2_ID=$(jq -er '.stored_data.id // .id' <<<"$BODY") || fail "create the second gateway: no id in $BODY"
+http "$NS_BR" PUT "$BROKER_URL/v1/gateways/$GW_ID" "{\"load_balancer_id\":$CLUSTER_ID}" "$ADMIN_SID"
+expect 200 "put gateway $GW_ID in the cluster"
+http "$NS_BR" POST "$BROKER_URL/v1/gateways/$GW2_ID/enrollment" "" "$ADMIN_SID"
+expect 201 "enroll the second gateway"
+( umask 077; jq -er .control_key <<<"$BODY" >"$W/control-key-2" ) || fail "enrollment answered no control_key"
+BODY=""
+sed -e "s/$GW_PRIV/$GW2_PRIV/; s/$GW_PUB/$GW2_PUB/g; s/e2e-gateway/e2e-gateway-2/" "$W/gateway.conf" >"$W/gateway2.conf"
+in_ns "$NS_GW2" "$GATEWAY_BIN" --state-dir "$W/gateway2-state" --broker $BR_IP:8080 --gateway-id "$GW2_ID" \
+    --control-key-file "$W/control-key-2" --port-range 21000-21999 >"$W/gateway2-configure.log" 2>&1 \
+    || fail "second gateway --broker ...: $(cat "$W/gateway2-configure.log")"
+start gateway2 "$NS_GW2" "$GATEWAY_BIN" serve --config "$W/gateway2.conf" --state-dir "$W/gateway2-state"
+gw2_online() {
+    http "$NS_BR" GET "$BROKER_URL/v1/gateways/$GW2_ID" "" "$ADMIN_SID"
+    [ "$STATUS" = 200 ] && [ "$(jq -r '(.stored_data // .) | .online' <<<"$BODY")" = true ]
+}
+eventually 60 "the second gateway did not register" gw2_online
+http "$NS_BR" POST "$BROKER_URL/v1/desktops" \
+    "{\"name\":\"desk-cluster\",\"address\":\"$DK_IP\",\"load_balancer_id\":$CLUSTER_ID,\"protocols\":[{\"name\":\"ssh\",\"port\":$SSH_PORT}]}" "$ADMIN_SID"
+[[ "$STATUS" == 20[01] ]] || fail "create the cluster's desktop: HTTP $STATUS: $BODY"
+DESK2_ID=$(jq -er '.stored_data.id // .id' <<<"$BODY") || fail "create the cluster's desktop: no id in $BODY"
+http "$NS_BR" POST "$BROKER_URL/v1/connect" "{\"desktop_id\":$DESK2_ID,\"protocol\":\"ssh\"}" "$ADMIN_SID"
+expect 200 "connect through the E cluster"
+E_RULE=$(jq -er .rule_id <<<"$BODY") && E_PORT=$(jq -er .port <<<"$BODY") || fail "E connect answer: $BODY"
+[ "$(jq -r .address <<<"$BODY")" = lb.e2e.example ] || fail "E connect answered address $(jq -r .address <<<"$BODY"), not the cluster's"
+[ "$(jq -c '[.gateways[].id]' <<<"$BODY")" = "[$GW_ID,$GW2_ID]" ] || fail "E connect did not name both gateways: $BODY"
+has_banner "$NS_A" "$GW_PUB" "$E_PORT" || fail "E: no SSH banner through the first gateway $GW_PUB:$E_PORT"
+has_banner "$NS_A" "$GW2_PUB" "$E_PORT" || fail "E: no SSH banner through the second gateway $GW2_PUB:$E_PORT"
+http "$NS_BR" DELETE "$BROKER_URL/v1/connect/$E_RULE" "" "$ADMIN_SID"
+expect 204 "DELETE the E connection"
+has_banner "$NS_A" "$GW_PUB" "$E_PORT" && fail "E: after disconnect $GW_PUB:$E_PORT still reaches the desktop"
+has_banner "$NS_A" "$GW2_PUB" "$E_PORT" && fail "E: after disconnect $GW2_PUB:$E_PORT still reaches the desktop"
+pass "cluster mode E: one connect opened port $E_PORT on both gateways (both reach sshd), at the cluster's address; disconnect closed both"
+stop_role gateway2 TERM
+# The first gateway goes back to carrying the desktop alone (for the heartbeat part below).
+http "$NS_BR" PUT "$BROKER_URL/v1/gateways/$GW_ID" '{"load_balancer_id":null}' "$ADMIN_SID"
+expect 200 "take gateway $GW_ID out of the cluster"
 
 # ---------------------------------------------------------------- missed heartbeats
 say "freezing the gateway (SIGSTOP)"
