@@ -313,8 +313,6 @@ public final class GatewayControl: Sendable {
     /// can be opened), made once per rule and public address.
     private func relayRules(_ pushed: [RuleState], _ settings: ControlSettings) -> [RelayRule] {
         relayCache.withLock { cache in
-            var next: [String: (state: RuleState, address: IPAddress, rule: RelayRule?)] = [:]
-            next.reserveCapacity(pushed.count)
             var rules: [RelayRule] = []
             rules.reserveCapacity(pushed.count)
             for state in pushed {
@@ -324,13 +322,16 @@ public final class GatewayControl: Sendable {
                     rule = known.rule
                 } else {
                     rule = RulePolicy.relayRule(state, settings: settings)
+                    cache[state.id] = (state, settings.publicAddress, rule)
                 }
-                next[state.id] = (state, settings.publicAddress, rule)
                 if let rule { rules.append(rule) }
             }
-            // Keep the entries of rules not in this list (a trial set may be
-            // a subset); drop them only when the cache grows well past it.
-            if cache.count > 2 * max(pushed.count, 64) { cache = next } else { cache.merge(next) { _, new in new } }
+            // Entries of rules no longer pushed are dropped once they are as
+            // many as the live ones (a trial list may be a subset, so not at once).
+            if cache.count > 2 * max(pushed.count, 64) {
+                let live = Set(pushed.map(\.id))
+                cache = cache.filter { live.contains($0.key) }
+            }
             return rules
         }
     }
