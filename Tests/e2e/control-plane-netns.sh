@@ -70,31 +70,12 @@ BROKER_URL=http://$BR_IP:8080
 FORWARD_URL=http://$GW_PUB:443         # the gateway's broker forwarding (L4 + PROXY v2)
 SSH_PORT=2222; ECHO_PORT=7007
 
-W=$(mktemp -d "/tmp/$NAME.XXXXXX")
-chmod 700 "$W"
-declare -A PIDS=()      # role -> pid of a process group leader we started
-FAILED=0
-
-# stop_role, show_logs, cleanup (the traps), fail, in_ns, start, alive, eventually.
+# W, PIDS, FAILED; stop_role, show_logs, cleanup (the traps), fail, in_ns,
+# start, alive, eventually, make_namespaces, plug.
 source "$(dirname "${BASH_SOURCE[0]}")/netns-lib.sh"
 
 # ---------------------------------------------------------------- topology
-say "creating namespaces ${ALL_NS[*]}"
-for ns in "${ALL_NS[@]}"; do
-    ip netns add "$ns" || fail "ip netns add $ns"
-    ip -n "$ns" link set lo up
-done
-ip -n "$NS_SW" link add br-pub type bridge || fail "cannot create a bridge (kernel module bridge)"
-ip -n "$NS_SW" link add br-priv type bridge
-ip -n "$NS_SW" link set br-pub up
-ip -n "$NS_SW" link set br-priv up
-# plug NS IFNAME ADDR/LEN BRIDGE SWITCHPORT
-plug() {
-    ip -n "$NS_SW" link add "$5" type veth peer name "$2" netns "$1" || fail "veth $5 <-> $1/$2"
-    ip -n "$NS_SW" link set "$5" master "$4" up
-    ip -n "$1" addr add "$3" dev "$2"
-    ip -n "$1" link set "$2" up
-}
+make_namespaces
 plug "$NS_A"  eth0 $A_IP/24   br-pub  p-a
 plug "$NS_B"  eth0 $B_IP/24   br-pub  p-b
 plug "$NS_GW" pub0 $GW_PUB/24 br-pub  p-gw
@@ -187,12 +168,12 @@ expect 201 "enroll the gateway"
 BODY=""
 pass "admin: gateway $GW_ID, desktop $DESK_ID and user created, gateway enrolled"
 
-gateway_online() {   # prints true/false
-    http "$NS_BR" GET "$BROKER_URL/v1/gateways/$GW_ID" "" "$ADMIN_SID"
+gateway_online() {   # [ID]: prints true/false for gateway ID (default: the first gateway)
+    http "$NS_BR" GET "$BROKER_URL/v1/gateways/${1:-$GW_ID}" "" "$ADMIN_SID"
     [ "$STATUS" = 200 ] || return 1
     jq -r '(.stored_data // .) | .online' <<<"$BODY"
 }
-is_online()  { [ "$(gateway_online)" = true ]; }
+is_online()  { [ "$(gateway_online "$@")" = true ]; }
 is_offline() { [ "$(gateway_online)" = false ]; }
 set_method() {
     http "$NS_BR" PUT "$BROKER_URL/v1/gateways/$GW_ID" "{\"use_src_ip\":$1}" "$ADMIN_SID"
@@ -341,11 +322,7 @@ in_ns "$NS_GW2" "$GATEWAY_BIN" --state-dir "$W/gateway2-state" --broker $BR_IP:8
     --control-key-file "$W/control-key-2" --port-range 21000-21999 >"$W/gateway2-configure.log" 2>&1 \
     || fail "second gateway --broker ...: $(cat "$W/gateway2-configure.log")"
 start gateway2 "$NS_GW2" "$GATEWAY_BIN" serve --config "$W/gateway2.conf" --state-dir "$W/gateway2-state"
-gw2_online() {
-    http "$NS_BR" GET "$BROKER_URL/v1/gateways/$GW2_ID" "" "$ADMIN_SID"
-    [ "$STATUS" = 200 ] && [ "$(jq -r '(.stored_data // .) | .online' <<<"$BODY")" = true ]
-}
-eventually 60 "the second gateway did not register" gw2_online
+eventually 60 "the second gateway did not register" is_online "$GW2_ID"
 http "$NS_BR" POST "$BROKER_URL/v1/desktops" \
     "{\"name\":\"desk-cluster\",\"address\":\"$DK_IP\",\"load_balancer_id\":$CLUSTER_ID,\"protocols\":[{\"name\":\"ssh\",\"port\":$SSH_PORT}]}" "$ADMIN_SID"
 [[ "$STATUS" == 20[01] ]] || fail "create the cluster's desktop: HTTP $STATUS: $BODY"

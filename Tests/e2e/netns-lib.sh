@@ -1,8 +1,14 @@
 # Shared helpers of the network-namespace end-to-end tests, sourced by each
-# script after it sets NAME, W (its work folder), PIDS (an associative array
-# role -> process-group leader), FAILED, PASSED, ALL_NS and say(). Installs
-# the EXIT/INT/TERM traps: every process started in our namespaces is
-# stopped and every namespace deleted, pass or fail.
+# script after it sets NAME, PASSED, ALL_NS (its namespaces, the switch
+# NS_SW among them) and say(). Makes the work folder W (0700), PIDS (role ->
+# process-group leader) and FAILED, and installs the EXIT/INT/TERM traps:
+# every process started in our namespaces is stopped and every namespace
+# deleted, pass or fail.
+
+W=$(mktemp -d "/tmp/$NAME.XXXXXX")
+chmod 700 "$W"
+declare -A PIDS=()
+FAILED=0
 
 stop_role() {   # role [signal]: stops the group (thawing it first), polling until it is gone
     local role=$1 sig=${2:-TERM} pid=${PIDS[$1]:-}
@@ -65,4 +71,27 @@ eventually() {
         [ "$(date +%s)" -lt "$deadline" ] || fail "$what (gave up after $limit s of polling)"
         sleep 0.2
     done
+}
+
+# make_namespaces: creates every namespace of ALL_NS (loopback up) and, in
+# NS_SW, the bridges br-pub and br-priv.
+make_namespaces() {
+    say "creating namespaces ${ALL_NS[*]}"
+    local ns
+    for ns in "${ALL_NS[@]}"; do
+        ip netns add "$ns" || fail "ip netns add $ns"
+        ip -n "$ns" link set lo up
+    done
+    ip -n "$NS_SW" link add br-pub type bridge || fail "cannot create a bridge (kernel module bridge)"
+    ip -n "$NS_SW" link add br-priv type bridge
+    ip -n "$NS_SW" link set br-pub up
+    ip -n "$NS_SW" link set br-priv up
+}
+
+# plug NS IFNAME ADDR/LEN BRIDGE SWITCHPORT: a veth from NS to a bridge of the switch.
+plug() {
+    ip -n "$NS_SW" link add "$5" type veth peer name "$2" netns "$1" || fail "veth $5 <-> $1/$2"
+    ip -n "$NS_SW" link set "$5" master "$4" up
+    ip -n "$1" addr add "$3" dev "$2"
+    ip -n "$1" link set "$2" up
 }

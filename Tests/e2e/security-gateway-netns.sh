@@ -92,31 +92,12 @@ MANY_CLIENTS=10.97.128.0; MANY_AGENTS=10.96.128.0          # first of SESSIONS+1
 GROUP=e2e-group; PORT=4172; CONTROL_PORT=4173; SOURCE_PORT=55000
 SG1_CONTROL=$SG1_PRIV:$CONTROL_PORT; SG2_CONTROL=$SG2_PRIV:$CONTROL_PORT
 
-W=$(mktemp -d "/tmp/$NAME.XXXXXX")
-chmod 700 "$W"
-declare -A PIDS=()      # role -> pid of a process group leader we started
-FAILED=0
-
-# stop_role, show_logs, cleanup (the traps), fail, in_ns, start, alive, eventually.
+# W, PIDS, FAILED; stop_role, show_logs, cleanup (the traps), fail, in_ns,
+# start, alive, eventually, make_namespaces, plug.
 source "$(dirname "${BASH_SOURCE[0]}")/netns-lib.sh"
 
 # ---------------------------------------------------------------- topology
-say "creating namespaces ${ALL_NS[*]}"
-for ns in "${ALL_NS[@]}"; do
-    ip netns add "$ns" || fail "ip netns add $ns"
-    ip -n "$ns" link set lo up
-done
-ip -n "$NS_SW" link add br-pub type bridge || fail "cannot create a bridge (kernel module bridge)"
-ip -n "$NS_SW" link add br-priv type bridge
-ip -n "$NS_SW" link set br-pub up
-ip -n "$NS_SW" link set br-priv up
-# plug NS IFNAME ADDR/LEN BRIDGE SWITCHPORT
-plug() {
-    ip -n "$NS_SW" link add "$5" type veth peer name "$2" netns "$1" || fail "veth $5 <-> $1/$2"
-    ip -n "$NS_SW" link set "$5" master "$4" up
-    ip -n "$1" addr add "$3" dev "$2"
-    ip -n "$1" link set "$2" up
-}
+make_namespaces
 plug "$NS_CL"  eth0  $CLIENT_IP/16 br-pub  p-cl
 ip -n "$NS_CL" addr add $STRANGER_IP/16 dev eth0
 plug "$NS_SG1" pub0  $SG1_PUB/16   br-pub  p-sg1
