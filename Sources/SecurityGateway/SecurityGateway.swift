@@ -161,6 +161,9 @@ public final class SecurityGateway: Sendable {
         public var activeConnections: Int
         public var preparedGrants: Int
         public var udpBindings: Int
+        /// Live sessions whose client address already had a UDP path to
+        /// another agent (one NAT address, several users): no UDP of their own.
+        public var sessionsWithoutUDP: Int
         public var refusals: [String: Int]
         public var bytesClientToAgent: Int
         public var bytesAgentToClient: Int
@@ -171,6 +174,7 @@ public final class SecurityGateway: Sendable {
         enum CodingKeys: String, CodingKey {
             case activeSessions = "active_sessions", activeConnections = "active_connections"
             case preparedGrants = "prepared_grants", udpBindings = "udp_bindings", refusals
+            case sessionsWithoutUDP = "sessions_without_udp"
             case bytesClientToAgent = "bytes_client_to_agent", bytesAgentToClient = "bytes_agent_to_client"
             case udpDatagramsToAgent = "udp_datagrams_to_agent", udpDatagramsToClient = "udp_datagrams_to_client"
             case udpDropped = "udp_dropped"
@@ -184,7 +188,7 @@ public final class SecurityGateway: Sendable {
         refusals[SessionRefusal.limit.rawValue] = relay.refused[.listenerLimit, default: 0] + relay.refused[.globalLimit, default: 0]
         for (reason, n) in relay.inspectionRefusals where refusals[reason] == nil { refusals[reason] = n }
         var status = Status(activeSessions: sessions.active, activeConnections: relay.active, preparedGrants: grants.count,
-                            udpBindings: sessions.bindingCount, refusals: refusals,
+                            udpBindings: sessions.bindingCount, sessionsWithoutUDP: sessions.sessionsWithoutUDP, refusals: refusals,
                             bytesClientToAgent: relay.bytesClientToTarget, bytesAgentToClient: relay.bytesTargetToClient,
                             udpDatagramsToAgent: 0, udpDatagramsToClient: 0, udpDropped: [:])
         for (_, udp) in engine.datagramStats() {

@@ -45,6 +45,10 @@ public final class SessionTracker: Sendable {
         var rules: [IPAddress: RelayRule] = [:]
         var active = 0
         var activeBySession: [String: Int] = [:]
+        /// Live sessions admitted without a UDP path of their own: their
+        /// client address already has one toward another agent (users
+        /// behind one NAT address). Their datagrams follow that path.
+        var withoutUDP = 0
     }
 
     public let agentSourcePort: UInt16
@@ -80,6 +84,8 @@ public final class SessionTracker: Sendable {
                 if same {
                     binding.sessions += 1
                     s.bindings[client] = binding
+                } else {
+                    s.withoutUDP += 1
                 }
                 s.active += 1
                 s.activeBySession[sessionID, default: 0] += 1
@@ -112,6 +118,7 @@ public final class SessionTracker: Sendable {
             if let n = s.activeBySession[ticket.sessionID] {
                 s.activeBySession[ticket.sessionID] = n > 1 ? n - 1 : nil
             }
+            if !ticket.holdsUDP { s.withoutUDP -= 1 }
             guard ticket.holdsUDP, var binding = s.bindings[ticket.client], binding.agent == ticket.agent else { return false }
             binding.sessions -= 1
             if binding.sessions > 0 {
@@ -140,6 +147,9 @@ public final class SessionTracker: Sendable {
 
     /// How many clients have a UDP binding.
     public var bindingCount: Int { state.withLock { $0.bindings.count } }
+
+    /// Live sessions without a UDP path of their own (see `State.withoutUDP`).
+    public var sessionsWithoutUDP: Int { state.withLock { $0.withoutUDP } }
 
     /// The relay's UDP rules for the live sessions, on `listen`: one per
     /// client IP (allow that address only), toward its agent, from its port.

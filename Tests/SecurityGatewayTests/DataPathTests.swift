@@ -370,6 +370,12 @@ struct SecurityGatewayDataPathTests {
         on.end(a2)
         on.end(b)
         #expect(on.bindings.map(\.sourcePort) == [55002] && changes.load(ordering: .relaxed) == 5)
+        // A second agent from an address that already has a UDP path (one NAT
+        // address, two users): TCP is admitted, without a UDP path of its own, and counted.
+        let other = try on.start(client: .v4(3), agent: SocketAddress("10.0.0.6:4172")!, sessionID: "e").get()
+        #expect(on.sessionsWithoutUDP == 1 && on.bindings.count == 1 && on.bindings[0].agent == agent)
+        on.end(other)
+        #expect(on.sessionsWithoutUDP == 0 && on.bindings.count == 1)
         let off = SessionTracker(agentSourcePort: 55000, collaborationPorts: nil)
         _ = try off.start(client: .v4(1), agent: agent, sessionID: "a").get()
         #expect(refusal(off.start(client: .v4(2), agent: agent, sessionID: "b")) == .agentBusy)
