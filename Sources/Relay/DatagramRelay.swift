@@ -173,36 +173,53 @@ final class DatagramListener: EventHandler {
             context.log.limited(.refusal, "udp: no new flow for \(client) on \(rules.address): \(reason == .globalLimit ? "MaxFlows (\(context.flowAdmission.global.limit))" : "listener MaxFlows (\(rules.gate.limit))") reached")
             return nil
         }
-        var sourcePort: UInt16?
-        if let range = rule.sourcePorts {
-            guard let port = context.sourcePorts.claim(range, toward: rule.target) else {
+        // Routed UDP: the rule's router names this flow's target and port.
+        var route: DatagramRoute?
+        if let router = rule.router?.router {
+            guard let chosen = router.route(client: client, rule: rule.id) else {
                 context.flowAdmission.release(rules.gate)
+                counters.drop(.notAllowed)
+                context.log.limited(.refusal, "udp: dropped datagrams from \(client) on rule \"\(rule.id)\": its router has no route for this client")
+                return nil
+            }
+            route = chosen
+        }
+        let target = route?.target ?? rule.target
+        /// Gives the route back when the flow cannot open.
+        func abandon() {
+            if let route { rule.router?.router.flowEnded(client: client, route: route) }
+            context.flowAdmission.release(rules.gate)
+        }
+        var sourcePort: UInt16?
+        if let range = route?.sourcePort.map({ $0...$0 }) ?? rule.sourcePorts {
+            guard let port = context.sourcePorts.claim(range, toward: target) else {
+                abandon()
                 counters.drop(.sourcePortsExhausted)
-                context.log.limited(.refusal, "udp: no new flow for \(client) on rule \"\(rule.id)\": source ports \(range) all in use toward \(rule.target)")
+                context.log.limited(.refusal, "udp: no new flow for \(client) on rule \"\(rule.id)\": source ports \(range) all in use toward \(target)")
                 return nil
             }
             sourcePort = port
         }
         let upstream: FileDescriptor
         do {
-            upstream = try Socket.connectUDP(to: rule.target, sourcePort: sourcePort,
+            upstream = try Socket.connectUDP(to: target, sourcePort: sourcePort,
                                              receiveBuffer: context.settings.udpReceiveBuffer,
                                              sendBuffer: context.settings.udpSendBuffer)
         } catch {
-            if let port = sourcePort { context.sourcePorts.release(port, toward: rule.target) }
-            context.flowAdmission.release(rules.gate)
+            if let port = sourcePort { context.sourcePorts.release(port, toward: target) }
+            abandon()
             counters.drop(.noSocket)
-            context.log.limited(.connectFailure, "udp: cannot open a socket toward \(rule.target) for rule \"\(rule.id)\": \(error)")
+            context.log.limited(.connectFailure, "udp: cannot open a socket toward \(target) for rule \"\(rule.id)\": \(error)")
             return nil
         }
-        let flow = DatagramFlow(fd: upstream, client: client, local: local, rule: rule, listener: self,
-                                counters: counters, sourcePort: sourcePort, now: loop.now)
+        let flow = DatagramFlow(fd: upstream, client: client, local: local, rule: rule, target: target, route: route,
+                                listener: self, counters: counters, sourcePort: sourcePort, now: loop.now)
         do {
             try loop.register(upstream, interest: [.readable], handler: flow)
         } catch {
             upstream.close()
-            if let port = sourcePort { context.sourcePorts.release(port, toward: rule.target) }
-            context.flowAdmission.release(rules.gate)
+            if let port = sourcePort { context.sourcePorts.release(port, toward: target) }
+            abandon()
             counters.drop(.noSocket)
             return nil
         }
@@ -249,6 +266,10 @@ final class DatagramFlow: EventHandler {
     /// The address the client sent to (wildcard listeners only).
     let local: IPAddress?
     let rule: RelayRule
+    /// Where this flow goes: the rule's target, or its router's choice.
+    let target: SocketAddress
+    /// The router's choice, handed back when the flow closes.
+    let route: DatagramRoute?
     unowned let listener: DatagramListener
     let counters: DatagramCounters
     let sourcePort: UInt16?
@@ -259,12 +280,14 @@ final class DatagramFlow: EventHandler {
     var bytesToClient = 0
     private var closed = false
 
-    init(fd: FileDescriptor, client: SocketAddress, local: IPAddress?, rule: RelayRule, listener: DatagramListener,
-         counters: DatagramCounters, sourcePort: UInt16?, now: UInt64) {
+    init(fd: FileDescriptor, client: SocketAddress, local: IPAddress?, rule: RelayRule, target: SocketAddress,
+         route: DatagramRoute?, listener: DatagramListener, counters: DatagramCounters, sourcePort: UInt16?, now: UInt64) {
         self.fd = fd
         self.client = client
         self.local = local
         self.rule = rule
+        self.target = target
+        self.route = route
         self.listener = listener
         self.counters = counters
         self.sourcePort = sourcePort
@@ -349,11 +372,12 @@ final class DatagramFlow: EventHandler {
         let loop = listener.context.loop
         loop.forget(fd)
         fd.close()
-        if let port = sourcePort { listener.context.sourcePorts.release(port, toward: rule.target) }
+        if let port = sourcePort { listener.context.sourcePorts.release(port, toward: target) }
+        if let route { rule.router?.router.flowEnded(client: client, route: route) }
     }
 
     var info: FlowInfo {
-        FlowInfo(rule: rule.id, client: client, target: rule.target,
+        FlowInfo(rule: rule.id, client: client, target: target,
                  sourcePort: sourcePort ?? Socket.localAddress(fd)?.port ?? 0,
                  datagramsToTarget: datagramsToTarget, bytesToTarget: bytesToTarget,
                  datagramsToClient: datagramsToClient, bytesToClient: bytesToClient)

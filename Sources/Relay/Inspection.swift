@@ -152,3 +152,41 @@ final class InspectingConnection: EventHandler, TimerHandler {
         client.close()
     }
 }
+
+/// Where one new UDP flow goes: chosen by a rule's `DatagramRouter`.
+public struct DatagramRoute: Sendable, Equatable {
+    public var target: SocketAddress
+    /// The one source port toward `target` (nil: the rule's `sourcePorts`, or an ephemeral port).
+    public var sourcePort: UInt16?
+
+    public init(target: SocketAddress, sourcePort: UInt16? = nil) {
+        self.target = target
+        self.sourcePort = sourcePort
+    }
+}
+
+/// Chooses the target of each new UDP flow of a rule ("routed UDP"). Called
+/// on the relay loop that owns the flow, once when it opens and once when it
+/// closes; must be quick and must not wait for the relay.
+public protocol DatagramRouter: Sendable {
+    /// The route of a new flow from `client`, or nil to drop its datagram
+    /// (counted as `not_allowed`).
+    func route(client: SocketAddress, rule: String) -> DatagramRoute?
+    /// The flow `route` opened has closed (idle, rule removed, or closed on request).
+    func flowEnded(client: SocketAddress, route: DatagramRoute)
+}
+
+/// A rule's router. Two are the same when their names are (so a rule set
+/// applied again with the same router keeps its flows).
+public struct RuleRouter: Hashable, Sendable {
+    public let name: String
+    public let router: any DatagramRouter
+
+    public init(name: String, router: any DatagramRouter) {
+        self.name = name
+        self.router = router
+    }
+
+    public static func == (a: RuleRouter, b: RuleRouter) -> Bool { a.name == b.name }
+    public func hash(into hasher: inout Hasher) { hasher.combine(name) }
+}

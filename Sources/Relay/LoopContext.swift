@@ -183,6 +183,18 @@ final class LoopContext: TimerHandler {
         return doomed.count
     }
 
+    /// Closes the UDP flows `predicate` picks (their session ended); returns how many.
+    func closeFlows(where predicate: (FlowInfo) -> Bool) -> Int {
+        var closed = 0
+        for listener in udpListeners.values {
+            for flow in Array(listener.flows.values) where predicate(flow.info) {
+                listener.closeFlow(flow)
+                closed += 1
+            }
+        }
+        return closed
+    }
+
     /// Closes every connection (the end of a drain).
     func closeAll() -> Int {
         let all = Array(connections.values)

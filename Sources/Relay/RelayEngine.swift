@@ -208,6 +208,21 @@ public final class RelayEngine: Sendable {
         return closed.withLock { $0 }
     }
 
+    /// Closes the UDP flows `predicate` picks, on every loop (the Security
+    /// Gateway ends the flows of a session that ended). Must not be called
+    /// from a relay loop: it waits for each loop.
+    /// - Returns: how many flows were closed.
+    @discardableResult
+    public func closeFlows(where predicate: @escaping @Sendable (FlowInfo) -> Bool) -> Int {
+        let closed = Mutex(0)
+        let contexts = self.contexts
+        group.onEveryLoop { loop in
+            let n = contexts.all[loop.id].closeFlows(where: predicate)
+            closed.withLock { $0 += n }
+        }
+        return closed.withLock { $0 }
+    }
+
     /// Sums every loop's counters.
     public func stats() -> RelayStats {
         var stats = RelayStats()

@@ -52,6 +52,11 @@ public struct RelayRule: Hashable, Sendable, CustomStringConvertible {
     /// from the client's first bytes (which are then written upstream before
     /// any other client byte), and `target` is not used. TCP only.
     public var inspector: RuleInspector?
+    /// Routed UDP: each new flow's target and source port come from this
+    /// router (e.g. the Security Gateway choosing among the sessions of one
+    /// client address); `target` and `sourcePorts` are then only what the
+    /// router falls back on. UDP only.
+    public var router: RuleRouter?
 
     public init(id: String, listen: SocketAddress, allow: [CIDR] = [], target: SocketAddress,
                 idleTimeoutNanoseconds: UInt64? = nil, maxConnections: Int? = nil,
@@ -239,6 +244,9 @@ public enum RuleError: Error, Equatable, Sendable, CustomStringConvertible {
             if seen[rule.id] != nil { throw .duplicateID(rule.id) }
             seen[rule.id] = rule
             if rule.listen.port == 0 { throw .invalid(rule: rule.id, reason: "listen port must not be 0") }
+            if rule.router != nil && rule.transport != .udp {
+                throw .invalid(rule: rule.id, reason: "a datagram router applies to udp forwards only")
+            }
             if rule.inspector != nil && rule.transport != .tcp {
                 throw .invalid(rule: rule.id, reason: "an inspector (inspect first) applies to tcp forwards only")
             }

@@ -41,7 +41,8 @@ public final class SecurityGateway: Sendable {
         self.sync = sync
         sessions = SessionTracker(agentSourcePort: config.agentSourcePort,
                                   collaborationPorts: config.enableCollaboration ? config.collaborationSourcePorts : nil,
-                                  listen: config.listen, onChange: { sync.schedule() })
+                                  listen: config.listen, onChange: { sync.schedule() },
+                                  onPathEnded: { client, agent in sync.closeFlows(client: client, agent: agent) })
         let inspector = SNIInspector(maxBytes: config.clientHelloMaxBytes, timeoutNanoseconds: config.clientHelloTimeoutNanoseconds,
                                      grants: grants, sessions: sessions)
         var tcp = RelayRule(id: Self.tcpRuleID, listen: config.listen, target: SocketAddress(ip: .v4(0), port: 0),
@@ -161,9 +162,6 @@ public final class SecurityGateway: Sendable {
         public var activeConnections: Int
         public var preparedGrants: Int
         public var udpBindings: Int
-        /// Live sessions whose client address already had a UDP path to
-        /// another agent (one NAT address, several users): no UDP of their own.
-        public var sessionsWithoutUDP: Int
         public var refusals: [String: Int]
         public var bytesClientToAgent: Int
         public var bytesAgentToClient: Int
@@ -174,7 +172,6 @@ public final class SecurityGateway: Sendable {
         enum CodingKeys: String, CodingKey {
             case activeSessions = "active_sessions", activeConnections = "active_connections"
             case preparedGrants = "prepared_grants", udpBindings = "udp_bindings", refusals
-            case sessionsWithoutUDP = "sessions_without_udp"
             case bytesClientToAgent = "bytes_client_to_agent", bytesAgentToClient = "bytes_agent_to_client"
             case udpDatagramsToAgent = "udp_datagrams_to_agent", udpDatagramsToClient = "udp_datagrams_to_client"
             case udpDropped = "udp_dropped"
@@ -188,7 +185,7 @@ public final class SecurityGateway: Sendable {
         refusals[SessionRefusal.limit.rawValue] = relay.refused[.listenerLimit, default: 0] + relay.refused[.globalLimit, default: 0]
         for (reason, n) in relay.inspectionRefusals where refusals[reason] == nil { refusals[reason] = n }
         var status = Status(activeSessions: sessions.active, activeConnections: relay.active, preparedGrants: grants.count,
-                            udpBindings: sessions.bindingCount, sessionsWithoutUDP: sessions.sessionsWithoutUDP, refusals: refusals,
+                            udpBindings: sessions.bindingCount, refusals: refusals,
                             bytesClientToAgent: relay.bytesClientToTarget, bytesAgentToClient: relay.bytesTargetToClient,
                             udpDatagramsToAgent: 0, udpDatagramsToClient: 0, udpDropped: [:])
         for (_, udp) in engine.datagramStats() {
@@ -258,6 +255,15 @@ final class RuleSync: Sendable {
         } catch {
             state.withLock { $0.lastError = error.description }
             throw error
+        }
+    }
+
+    /// Closes, off the relay loops, the UDP flows from `client` toward
+    /// `agent` (a path ended while the address keeps others, so its rule stays).
+    func closeFlows(client: IPAddress, agent: SocketAddress) {
+        queue.async { [self] in
+            guard !state.withLock({ $0.stopped }) else { return }
+            engine.closeFlows { $0.client.ip.unmapped == client && $0.target == agent }
         }
     }
 

@@ -2,33 +2,37 @@ import Relay
 import Synchronization
 import SystemLayer
 
-/// The live TCP sessions of a Security Gateway and the UDP path each opens:
-/// while a client IP has a session to an agent, its datagrams go to that
-/// agent (same port number as the TCP) from one fixed source port:
-/// `AgentSourcePort` for the agent's first session, the next free port of
-/// `CollaborationSourcePorts` for each further one when collaboration is on.
+/// The live TCP sessions of a Security Gateway and the UDP paths they open.
+/// Each session of a client address to an agent opens (or shares) a path:
+/// that agent, from one fixed source port (`AgentSourcePort` for the
+/// agent's first path, the next free port of `CollaborationSourcePorts` for
+/// each further one when collaboration is on).
+///
+/// One address may hold paths to several agents (users behind one NAT
+/// address): the relay carries one UDP rule per client address, routed by
+/// this tracker, which gives each new UDP flow (client address and port) the
+/// most recently started path that has no flow yet, or else the most recent
+/// path. A flow keeps its path until it closes.
 ///
 /// Touched once when a session starts and once when it ends (from the relay
-/// loops); `udpRules` is what the relay must carry for the live sessions.
-public final class SessionTracker: Sendable {
+/// loops), and when a UDP flow opens or closes; `udpRules` is what the relay
+/// must carry for the live sessions.
+public final class SessionTracker: DatagramRouter, Sendable {
     /// One started session, handed back to `end`.
     public final class Ticket: Sendable {
         public let client: IPAddress
         public let agent: SocketAddress
         public let sessionID: String
-        /// True when this session holds (a share of) its client's UDP binding.
-        let holdsUDP: Bool
 
-        init(client: IPAddress, agent: SocketAddress, sessionID: String, holdsUDP: Bool) {
+        init(client: IPAddress, agent: SocketAddress, sessionID: String) {
             self.client = client
             self.agent = agent
             self.sessionID = sessionID
-            self.holdsUDP = holdsUDP
         }
     }
 
-    /// A client's UDP path: its agent, the source port toward it, and how
-    /// many of its TCP sessions to that agent keep it alive.
+    /// A UDP path: a client address, its agent, the source port toward it,
+    /// and how many TCP sessions keep it alive.
     public struct Binding: Sendable, Equatable {
         public let client: IPAddress
         public let agent: SocketAddress
@@ -36,60 +40,67 @@ public final class SessionTracker: Sendable {
         public var sessions: Int
     }
 
+    private struct Path {
+        var binding: Binding
+        /// Start order, for choosing the newest path.
+        let sequence: UInt64
+        /// Client UDP ports whose flows use this path.
+        var flows: Set<UInt16> = []
+    }
+
     private struct State {
-        var bindings: [IPAddress: Binding] = [:]
-        /// The source ports in use toward each agent (so a new binding finds
-        /// its port without scanning every binding).
+        /// Each client address's paths, oldest first.
+        var paths: [IPAddress: [Path]] = [:]
+        var pathCount = 0
+        /// The source ports in use toward each agent (so a new path finds
+        /// its port without scanning every path).
         var portsByAgent: [SocketAddress: Set<UInt16>] = [:]
-        /// Each binding's relay rule, made once when the binding starts.
+        /// Each client address's relay rule, made once when its first path starts.
         var rules: [IPAddress: RelayRule] = [:]
+        var sequence: UInt64 = 0
         var active = 0
         var activeBySession: [String: Int] = [:]
-        /// Live sessions admitted without a UDP path of their own: their
-        /// client address already has one toward another agent (users
-        /// behind one NAT address). Their datagrams follow that path.
-        var withoutUDP = 0
     }
 
     public let agentSourcePort: UInt16
     public let collaborationPorts: ClosedRange<UInt16>?
     private let state = Mutex(State())
-    /// Called (on the thread that started or ended a session) when the UDP bindings changed.
+    /// Called (on the thread that started or ended a session) when the UDP rules changed.
     private let onChange: @Sendable () -> Void
+    /// Called when a path ended while its client address keeps others: the
+    /// flows toward `agent` from that address must be closed (the rule stays).
+    private let onPathEnded: @Sendable (_ client: IPAddress, _ agent: SocketAddress) -> Void
 
     /// Where the UDP rules listen (the gateway's ListenAddress).
     public let listen: SocketAddress
 
+    /// The name of the router on every UDP rule of this tracker.
+    static let routerName = "sg-sessions"
+
     /// - Parameter collaborationPorts: nil when EnableCollaboration is off.
-    /// - Parameter listen: the address the bindings' UDP rules listen on.
+    /// - Parameter listen: the address the UDP rules listen on.
     public init(agentSourcePort: UInt16, collaborationPorts: ClosedRange<UInt16>?,
-                listen: SocketAddress = SocketAddress(ip: .v4(0), port: 4172), onChange: @escaping @Sendable () -> Void = {}) {
+                listen: SocketAddress = SocketAddress(ip: .v4(0), port: 4172), onChange: @escaping @Sendable () -> Void = {},
+                onPathEnded: @escaping @Sendable (IPAddress, SocketAddress) -> Void = { _, _ in }) {
         self.agentSourcePort = agentSourcePort
         self.collaborationPorts = collaborationPorts
         self.listen = listen
         self.onChange = onChange
+        self.onPathEnded = onPathEnded
     }
 
     /// Starts a session of `client` to `agent`.
     /// - Returns: the ticket to end it with, or why it cannot start
-    ///   (`agentBusy`: the agent has another client's session and no
+    ///   (`agentBusy`: the agent has paths from other addresses and no
     ///   collaboration port is free, or collaboration is off).
     public func start(client: IPAddress, agent: SocketAddress, sessionID: String) -> Result<Ticket, SessionRefusal> {
         let (result, changed) = state.withLock { s -> (Result<Ticket, SessionRefusal>, Bool) in
-            if var binding = s.bindings[client] {
-                // Same client again (a reconnect, a second channel): it shares
-                // its UDP path when the agent is the same; a session to
-                // another agent gets TCP only (one UDP path per client IP).
-                let same = binding.agent == agent
-                if same {
-                    binding.sessions += 1
-                    s.bindings[client] = binding
-                } else {
-                    s.withoutUDP += 1
-                }
+            if let index = s.paths[client]?.firstIndex(where: { $0.binding.agent == agent }) {
+                // Same address and agent (a reconnect, a second channel): the path is shared.
+                s.paths[client]![index].binding.sessions += 1
                 s.active += 1
                 s.activeBySession[sessionID, default: 0] += 1
-                return (.success(Ticket(client: client, agent: agent, sessionID: sessionID, holdsUDP: same)), false)
+                return (.success(Ticket(client: client, agent: agent, sessionID: sessionID)), false)
             }
             let taken = s.portsByAgent[agent] ?? []
             let port: UInt16
@@ -100,39 +111,84 @@ public final class SessionTracker: Sendable {
             } else {
                 return (.failure(.agentBusy), false)
             }
-            s.bindings[client] = Binding(client: client, agent: agent, sourcePort: port, sessions: 1)
+            s.sequence += 1
+            let first = s.paths[client] == nil
+            s.paths[client, default: []].append(Path(binding: Binding(client: client, agent: agent, sourcePort: port, sessions: 1),
+                                                     sequence: s.sequence))
+            s.pathCount += 1
             s.portsByAgent[agent, default: []].insert(port)
-            s.rules[client] = Self.rule(client: client, agent: agent, port: port, listen: listen)
+            if first { s.rules[client] = rule(client: client, agent: agent, port: port) }
             s.active += 1
             s.activeBySession[sessionID, default: 0] += 1
-            return (.success(Ticket(client: client, agent: agent, sessionID: sessionID, holdsUDP: true)), true)
+            return (.success(Ticket(client: client, agent: agent, sessionID: sessionID)), first)
         }
         if changed { onChange() }
         return result
     }
 
-    /// Ends a session; the client's UDP path closes with its last session to that agent.
+    /// Ends a session; a path closes with its last session (and the
+    /// address's UDP rule with its last path).
     public func end(_ ticket: Ticket) {
-        let changed = state.withLock { s -> Bool in
+        let (ruleChanged, pathEnded) = state.withLock { s -> (Bool, Bool) in
             s.active -= 1
             if let n = s.activeBySession[ticket.sessionID] {
                 s.activeBySession[ticket.sessionID] = n > 1 ? n - 1 : nil
             }
-            if !ticket.holdsUDP { s.withoutUDP -= 1 }
-            guard ticket.holdsUDP, var binding = s.bindings[ticket.client], binding.agent == ticket.agent else { return false }
-            binding.sessions -= 1
-            if binding.sessions > 0 {
-                s.bindings[ticket.client] = binding
-                return false
+            guard var list = s.paths[ticket.client],
+                  let index = list.firstIndex(where: { $0.binding.agent == ticket.agent }) else { return (false, false) }
+            list[index].binding.sessions -= 1
+            if list[index].binding.sessions > 0 {
+                s.paths[ticket.client] = list
+                return (false, false)
             }
-            s.bindings[ticket.client] = nil
-            s.rules[ticket.client] = nil
-            s.portsByAgent[binding.agent]?.remove(binding.sourcePort)
-            if s.portsByAgent[binding.agent]?.isEmpty == true { s.portsByAgent[binding.agent] = nil }
-            return true
+            let ended = list.remove(at: index)
+            s.pathCount -= 1
+            s.portsByAgent[ended.binding.agent]?.remove(ended.binding.sourcePort)
+            if s.portsByAgent[ended.binding.agent]?.isEmpty == true { s.portsByAgent[ended.binding.agent] = nil }
+            if list.isEmpty {
+                // The rule goes, and its flows with it.
+                s.paths[ticket.client] = nil
+                s.rules[ticket.client] = nil
+                return (true, false)
+            }
+            s.paths[ticket.client] = list
+            return (false, !ended.flows.isEmpty)
         }
-        if changed { onChange() }
+        if ruleChanged { onChange() }
+        if pathEnded { onPathEnded(ticket.client, ticket.agent) }
     }
+
+    // MARK: Routing (DatagramRouter)
+
+    /// The path of a new UDP flow from `client`: the newest path of its
+    /// address without a flow, else the newest; nil when it has none.
+    public func route(client: SocketAddress, rule: String) -> DatagramRoute? {
+        let ip = client.ip.unmapped
+        return state.withLock { s -> DatagramRoute? in
+            guard var list = s.paths[ip], !list.isEmpty else { return nil }
+            var chosen = list.count - 1
+            if list.count > 1 {
+                var newestFree: Int?
+                for (index, path) in list.enumerated() where path.flows.isEmpty {
+                    if newestFree.map({ list[$0].sequence < path.sequence }) ?? true { newestFree = index }
+                }
+                chosen = newestFree ?? list.indices.max { list[$0].sequence < list[$1].sequence }!
+            }
+            list[chosen].flows.insert(client.port)
+            s.paths[ip] = list
+            return DatagramRoute(target: list[chosen].binding.agent, sourcePort: list[chosen].binding.sourcePort)
+        }
+    }
+
+    public func flowEnded(client: SocketAddress, route: DatagramRoute) {
+        let ip = client.ip.unmapped
+        state.withLock { s in
+            guard let index = s.paths[ip]?.firstIndex(where: { $0.binding.agent == route.target }) else { return }
+            s.paths[ip]![index].flows.remove(client.port)
+        }
+    }
+
+    // MARK: Figures
 
     /// Live sessions.
     public var active: Int { state.withLock { $0.active } }
@@ -142,26 +198,26 @@ public final class SessionTracker: Sendable {
 
     /// The UDP paths of the live sessions, by client.
     public var bindings: [Binding] {
-        state.withLock { Array($0.bindings.values) }.sorted { $0.client.description < $1.client.description }
+        state.withLock { $0.paths.values.flatMap { $0.map(\.binding) } }
+            .sorted { ($0.client.description, $0.agent.description) < ($1.client.description, $1.agent.description) }
     }
 
-    /// How many clients have a UDP binding.
-    public var bindingCount: Int { state.withLock { $0.bindings.count } }
-
-    /// Live sessions without a UDP path of their own (see `State.withoutUDP`).
-    public var sessionsWithoutUDP: Int { state.withLock { $0.withoutUDP } }
+    /// How many UDP paths are open.
+    public var bindingCount: Int { state.withLock { $0.pathCount } }
 
     /// The relay's UDP rules for the live sessions, on `listen`: one per
-    /// client IP (allow that address only), toward its agent, from its port.
-    /// In no particular order (they admit distinct clients). O(bindings),
-    /// with each rule made once when its binding started.
+    /// client address (allow that address only), routed by this tracker
+    /// among the address's paths. In no particular order (they admit
+    /// distinct clients). O(addresses), each rule made once.
     public func udpRules() -> [RelayRule] {
         state.withLock { Array($0.rules.values) }
     }
 
-    static func rule(client: IPAddress, agent: SocketAddress, port: UInt16, listen: SocketAddress) -> RelayRule {
-        RelayRule(id: "sg-udp-\(client)", listen: listen,
-                  allow: [CIDR(address: client, prefixLength: client.isIPv4 ? 32 : 128)],
-                  target: agent, transport: .udp, sourcePorts: port...port)
+    private func rule(client: IPAddress, agent: SocketAddress, port: UInt16) -> RelayRule {
+        var rule = RelayRule(id: "sg-udp-\(client)", listen: listen,
+                             allow: [CIDR(address: client, prefixLength: client.isIPv4 ? 32 : 128)],
+                             target: agent, transport: .udp, sourcePorts: port...port)
+        rule.router = RuleRouter(name: Self.routerName, router: self)
+        return rule
     }
 }

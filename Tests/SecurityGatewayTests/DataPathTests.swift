@@ -104,9 +104,9 @@ final class GatewayFixture: @unchecked Sendable {
     var control_: String { "http://" + (control.value.withLock { $0 } ?? "127.0.0.1:0") }
 
     func grant(sni: String = "agent.test", client: String? = nil, audience: String = "sg-test", session: String = "s1",
-               singleUse: Bool = false, from: TimeInterval = -10, life: TimeInterval = 300) -> SessionGrant {
+               singleUse: Bool = false, from: TimeInterval = -10, life: TimeInterval = 300, agent: String? = nil) -> SessionGrant {
         let now = Date()
-        return SessionGrant(sessionID: session, agent: "127.0.0.1:\(agentPort)", serverName: sni, client: client, audience: audience,
+        return SessionGrant(sessionID: session, agent: agent ?? "127.0.0.1:\(agentPort)", serverName: sni, client: client, audience: audience,
                             issuedAt: now.addingTimeInterval(min(from, -10)), notBefore: now.addingTimeInterval(from),
                             expires: now.addingTimeInterval(from + life), singleUse: singleUse)
     }
@@ -200,6 +200,50 @@ struct SecurityGatewayDataPathTests {
         #expect(udp.exchange("late", port: sg.sgPort) == nil, "UDP must stop with the session")
         let status = sg.status()
         #expect(status.bytesClientToAgent > 0 && status.bytesAgentToClient > 0)
+        await sg.stop()
+    }
+
+    @Test("two users behind one address with sessions to two agents: each UDP flow reaches its own user's agent; one leaving moves no other flow")
+    func sharedAddressRoutesUDPPerFlow() async throws {
+        let sg = try await GatewayFixture.start()
+        // A second agent: a TCP listener (the relayed ClientHello waits in its
+        // backlog) and a UDP echo that tags its answers.
+        let listener = try Socket.listen(on: SocketAddress("127.0.0.1:0")!, reusePort: false)
+        defer { listener.close() }
+        let agent2Port = Socket.localAddress(listener)!.port
+        let echo2 = try UDPEcho(port: agent2Port, tag: "agent2")
+        defer { echo2.stop() }
+        #expect(try await sg.prepare(sg.grant(sni: "user1.test", session: "user-1")) == 201)
+        #expect(try await sg.prepare(sg.grant(sni: "user2.test", session: "user-2", agent: "127.0.0.1:\(agent2Port)")) == 201)
+
+        let user1 = try TLSClient(port: sg.sgPort, arguments: ["-servername", "user1.test"])
+        #expect(await SGTest.eventually { user1.text.contains("CONNECTION ESTABLISHED") }, "\(user1.text)")
+        var user2: RawClient? = try RawClient(port: sg.sgPort)
+        user2?.send(clientHello(sni: "user2.test"))
+        #expect(await SGTest.eventually { sg.status().activeSessions == 2 && sg.status().udpBindings == 2 })
+        let agent2Side = accept(listener.rawValue, nil, nil)
+        #expect(agent2Side >= 0)
+
+        // Both users come from 127.0.0.1, each from its own UDP port. The
+        // newest session's user sends first and gets its own agent; then the other.
+        let udp2 = try UDPClient(), udp1 = try UDPClient()
+        var answer2: String?, answer1: String?
+        _ = await SGTest.eventually { answer2 = udp2.exchange("from-2", port: sg.sgPort); return answer2 != nil }
+        #expect(answer2 == "from-2|\(sg.agentSourcePort)|agent2")
+        _ = await SGTest.eventually { answer1 = udp1.exchange("from-1", port: sg.sgPort); return answer1 != nil }
+        #expect(answer1 == "from-1|\(sg.agentSourcePort)", "user 1's datagrams must reach user 1's agent")
+        #expect(udp2.exchange("again-2", port: sg.sgPort) == "again-2|\(sg.agentSourcePort)|agent2", "a flow keeps its path")
+
+        // User 2 leaves (both ends close): only its flow ends; user 1's flow goes on.
+        user2 = nil
+        close(agent2Side)
+        #expect(await SGTest.eventually { sg.status().activeSessions == 1 && sg.status().udpBindings == 1 })
+        #expect(await SGTest.eventually { sg.gateway.engine.flows().allSatisfy { $0.target.port != agent2Port } },
+                "the flow toward the departed user's agent was not closed")
+        #expect(udp1.exchange("still-1", port: sg.sgPort) == "still-1|\(sg.agentSourcePort)")
+
+        user1.close()
+        #expect(await SGTest.eventually { sg.status().activeSessions == 0 })
         await sg.stop()
     }
 
@@ -370,16 +414,48 @@ struct SecurityGatewayDataPathTests {
         on.end(a2)
         on.end(b)
         #expect(on.bindings.map(\.sourcePort) == [55002] && changes.load(ordering: .relaxed) == 5)
-        // A second agent from an address that already has a UDP path (one NAT
-        // address, two users): TCP is admitted, without a UDP path of its own, and counted.
+        // A second agent from an address that already has a path (one NAT
+        // address, two users): a path of its own, under the same rule.
+        let rulesBefore = on.udpRules()
         let other = try on.start(client: .v4(3), agent: SocketAddress("10.0.0.6:4172")!, sessionID: "e").get()
-        #expect(on.sessionsWithoutUDP == 1 && on.bindings.count == 1 && on.bindings[0].agent == agent)
+        #expect(on.bindings.count == 2 && on.bindings.map(\.sourcePort).sorted() == [55000, 55002])
+        #expect(on.udpRules() == rulesBefore && changes.load(ordering: .relaxed) == 5, "no rule change for a second path")
         on.end(other)
-        #expect(on.sessionsWithoutUDP == 0 && on.bindings.count == 1)
+        #expect(on.bindings.count == 1)
         let off = SessionTracker(agentSourcePort: 55000, collaborationPorts: nil)
         _ = try off.start(client: .v4(1), agent: agent, sessionID: "a").get()
         #expect(refusal(off.start(client: .v4(2), agent: agent, sessionID: "b")) == .agentBusy)
         _ = grants
+    }
+
+    @Test("routing UDP among the paths of one address: each new flow takes the newest path without a flow; a path's end closes only its flows")
+    func routingAmongPaths() throws {
+        let ended = Mutex<[String]>([])
+        let tracker = SessionTracker(agentSourcePort: 55000, collaborationPorts: nil,
+                                     onPathEnded: { client, agent in ended.withLock { $0.append("\(client) \(agent)") } })
+        let nat = IPAddress("198.51.100.7")!
+        let agent1 = SocketAddress("10.0.0.1:4172")!, agent2 = SocketAddress("10.0.0.2:4172")!
+        #expect(tracker.route(client: SocketAddress(ip: nat, port: 5000), rule: "r") == nil, "no session: no route")
+        let first = try tracker.start(client: nat, agent: agent1, sessionID: "user-1").get()
+        let second = try tracker.start(client: nat, agent: agent2, sessionID: "user-2").get()
+        #expect(tracker.udpRules().count == 1 && tracker.udpRules()[0].router?.name == "sg-sessions")
+        // The second user's client sends first: the newest path without a flow is theirs.
+        let flowB = SocketAddress(ip: nat, port: 40002), flowA = SocketAddress(ip: nat, port: 40001)
+        #expect(tracker.route(client: flowB, rule: "r") == DatagramRoute(target: agent2, sourcePort: 55000))
+        #expect(tracker.route(client: flowA, rule: "r") == DatagramRoute(target: agent1, sourcePort: 55000))
+        // Every path has a flow: a further flow (a NAT rebinding) goes to the newest.
+        #expect(tracker.route(client: SocketAddress(ip: nat, port: 40003), rule: "r")?.target == agent2)
+        // A flow that ends frees its path for the next new flow.
+        tracker.flowEnded(client: flowA, route: DatagramRoute(target: agent1, sourcePort: 55000))
+        #expect(tracker.route(client: SocketAddress(ip: nat, port: 40004), rule: "r")?.target == agent1)
+        // The second user leaves: their path ends (its flows are to be closed); the rule stays.
+        tracker.end(second)
+        #expect(ended.withLock { $0 } == ["198.51.100.7 10.0.0.2:4172"])
+        #expect(tracker.udpRules().count == 1 && tracker.bindings.map(\.agent) == [agent1])
+        #expect(tracker.route(client: SocketAddress(ip: nat, port: 40005), rule: "r")?.target == agent1)
+        tracker.end(first)
+        #expect(tracker.udpRules().isEmpty && tracker.bindings.isEmpty)
+        #expect(ended.withLock { $0 }.count == 1, "the last path's flows end with the rule, not by a separate close")
     }
 
     @Test("the inspection decides from bytes alone: garbage, no SNI, bad SNI, no grant, a grant, byte by byte, end of stream, timeout")

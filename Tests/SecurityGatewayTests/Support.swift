@@ -137,13 +137,15 @@ final class UDPEcho: Sendable {
     private let fd: Int32
     private let stopped = Atomic<Bool>(false)
 
-    init(port: UInt16) throws {
+    /// - Parameter tag: appended as `|tag` to each answer, to tell agents apart.
+    init(port: UInt16, tag: String? = nil) throws {
         let fd = socket(AF_INET, Int32(SOCK_DGRAM.rawValue), 0)
         var address = SGTest.loopback(port)
         guard SGTest.withSockaddr(&address, { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }) == 0 else {
             close(fd)
             throw SGTest.Failed("udp echo: cannot bind 127.0.0.1:\(port)")
         }
+        let suffix = tag.map { Array("|\($0)".utf8) } ?? []
         SGTest.setTimeout(fd, milliseconds: 100)
         self.fd = fd
         let box = self
@@ -154,7 +156,7 @@ final class UDPEcho: Sendable {
                 var length = socklen_t(MemoryLayout<sockaddr_in>.size)
                 let n = SGTest.withSockaddr(&peer) { recvfrom(fd, &buffer, buffer.count, 0, $0, &length) }
                 guard n > 0 else { continue }
-                let reply = Array(buffer[0..<n]) + Array("|\(UInt16(bigEndian: peer.sin_port))".utf8)
+                let reply = Array(buffer[0..<n]) + Array("|\(UInt16(bigEndian: peer.sin_port))".utf8) + suffix
                 _ = SGTest.withSockaddr(&peer) { p in reply.withUnsafeBytes { sendto(fd, $0.baseAddress, $0.count, 0, p, length) } }
             }
         }
