@@ -182,13 +182,7 @@ public final class RelayEngine: Sendable {
         guard let remaining else { return nil }
         // Removing a rule from a valid set cannot make it invalid or open a listener.
         try? apply(remaining)
-        let closed = Mutex(0)
-        let contexts = self.contexts
-        group.onEveryLoop { loop in
-            let n = contexts.all[loop.id].revoke(ruleID: ruleID)
-            closed.withLock { $0 += n }
-        }
-        let total = closed.withLock { $0 }
+        let total = sumOnEveryLoop { $0.revoke(ruleID: ruleID) }
         logger.info("rule \"\(ruleID)\" revoked: \(total) connection(s) closed")
         return total
     }
@@ -199,13 +193,7 @@ public final class RelayEngine: Sendable {
     /// - Returns: how many connections were reset (counted as revoked).
     @discardableResult
     public func closeInspected(where predicate: @escaping @Sendable (any Inspection) -> Bool) -> Int {
-        let closed = Mutex(0)
-        let contexts = self.contexts
-        group.onEveryLoop { loop in
-            let n = contexts.all[loop.id].closeInspected(where: predicate)
-            closed.withLock { $0 += n }
-        }
-        return closed.withLock { $0 }
+        sumOnEveryLoop { $0.closeInspected(where: predicate) }
     }
 
     /// Closes the UDP flows `predicate` picks, on every loop (the Security
@@ -214,13 +202,19 @@ public final class RelayEngine: Sendable {
     /// - Returns: how many flows were closed.
     @discardableResult
     public func closeFlows(where predicate: @escaping @Sendable (FlowInfo) -> Bool) -> Int {
-        let closed = Mutex(0)
+        sumOnEveryLoop { $0.closeFlows(where: predicate) }
+    }
+
+    /// Runs `work` on every loop with its context, waits for all, and
+    /// returns the sum of what they answered (connections or flows closed).
+    private func sumOnEveryLoop(_ work: @escaping @Sendable (LoopContext) -> Int) -> Int {
+        let total = Mutex(0)
         let contexts = self.contexts
         group.onEveryLoop { loop in
-            let n = contexts.all[loop.id].closeFlows(where: predicate)
-            closed.withLock { $0 += n }
+            let n = work(contexts.all[loop.id])
+            total.withLock { $0 += n }
         }
-        return closed.withLock { $0 }
+        return total.withLock { $0 }
     }
 
     /// Sums every loop's counters.
@@ -317,17 +311,11 @@ public final class RelayEngine: Sendable {
     @discardableResult
     public func drain(timeoutNanoseconds: UInt64) -> Int {
         stopAccepting()
-        let contexts = self.contexts
         let deadline = MonotonicClock.nowNanoseconds &+ timeoutNanoseconds
         while stats().active > 0 && MonotonicClock.nowNanoseconds < deadline {
             BlockingWait.sleep(milliseconds: 20)
         }
-        let forced = Mutex(0)
-        group.onEveryLoop { loop in
-            let n = contexts.all[loop.id].closeAll()
-            forced.withLock { $0 += n }
-        }
-        return forced.withLock { $0 }
+        return sumOnEveryLoop { $0.closeAll() }
     }
 
     /// Stops the loops (after `drain`, or at once when there is nothing to keep).
