@@ -96,6 +96,7 @@ extension BrokerAPI {
         let keep = try await store.registerGateway(id: gatewayID, registration, now: clock())
         context.logger.notice("gateway \(gatewayID) registered: version \(message.version), control \(message.controlURL), ports \(message.portRange.first)-\(message.portRange.last), keeps \(keep.count) of \(message.rules.count) rule(s)")
         try await repushMissingRules(gatewayID: gatewayID, reported: Set(message.rules.map(\.id)), logger: context.logger)
+        try await joinEveryGatewayConnections(gatewayID: gatewayID, logger: context.logger)
         let answer = RegisterResponse(heartbeatIntervalSeconds: configuration.heartbeatInterval,
                                       offlineAfterSeconds: configuration.offlineAfter, keep: keep)
         return Self.controlJSON(ControlJSON.encode(answer))
@@ -134,6 +135,46 @@ extension BrokerAPI {
                     }
                 } catch {
                     logger.warning("pushing rule \(rule.id) again: \(error)")
+                }
+            }
+        }
+    }
+
+    /// A gateway of an `E` cluster that registers (it was offline, or it is
+    /// new) gets, in the background, the cluster's live connections it does
+    /// not carry, on their port: behind the load balancer any gateway of
+    /// the cluster must carry every connection. A port it cannot give is
+    /// logged and skipped (the connection stays on the other gateways).
+    private func joinEveryGatewayConnections(gatewayID: Int64, logger: Logger) async throws {
+        let gateway = try await store.gateway(id: gatewayID)
+        guard let clusterID = gateway.loadBalancerID,
+              let cluster = try? await store.gatewayCluster(id: clusterID), cluster.loadBalanceVia == .everyGateway,
+              let key = try await store.controlKey(gatewayID: gatewayID) else { return }
+        let members = Set(try await store.gateways().filter { $0.loadBalancerID == clusterID }.map(\.id))
+        let connections = Dictionary(grouping: try await store.rules(gatewayID: nil).filter { members.contains($0.gatewayID) },
+                                     by: \.connectionID)
+        let missing = connections.values
+            .filter { rules in !rules.contains { $0.gatewayID == gatewayID } }
+            .compactMap { rules in rules.first { $0.id == $0.connectionID } ?? rules.first }
+            .sorted { $0.created < $1.created }
+        guard !missing.isEmpty else { return }
+        logger.notice("gateway \(gatewayID) joins \(missing.count) connection(s) of E cluster \(clusterID)")
+        let client = gatewayClient
+        let store = self.store
+        let clock = self.clock
+        Task {
+            for model in missing {
+                var push = model.push
+                if push.port == nil { push.port = model.port }
+                let ruleID = GatewayRule.newID()
+                do {
+                    let port = try await client.put(ruleID: ruleID, push: push, gateway: gateway, key: key)
+                    try await store.createRules([GatewayRule(id: ruleID, gatewayID: gatewayID, desktopID: model.desktopID,
+                                                             userID: model.userID, protocolName: model.protocolName, push: push,
+                                                             port: port, created: clock(), connectionID: model.connectionID)])
+                } catch {
+                    try? await client.delete(ruleID: ruleID, gateway: gateway, key: key)
+                    logger.warning("gateway \(gatewayID) cannot join connection \(model.connectionID) on port \(model.port): \(error)")
                 }
             }
         }

@@ -254,6 +254,37 @@ struct ConnectTests {
         }
     }
 
+    @Test("E: a gateway that registers after a connect (it was offline) joins the connection on its port; disconnect reaches it too")
+    func everyGatewayJoinsLater() async throws {
+        try await withConnectSetup { setup in
+            let broker = setup.broker
+            let every = try await setup.cluster("cl-every", via: "E")
+            let g1 = try await setup.addGateway("gw-1", extra: ["load_balancer_id": every])
+            let g2 = try await setup.addGateway("gw-2", extra: ["load_balancer_id": every])
+            let fake2 = try #require(setup.gateways[g2]?.fake)
+            let desktop = try await setup.desktop("desk-e", clusterID: every)
+            try await broker.store.recordGatewayState(id: Int64(g2), online: false, version: nil, heartbeat: nil)
+            let reply = try await broker.client.json("POST", "/v1/connect", ["desktop_id": desktop, "protocol": "rdp"], token: setup.sid)
+            #expect(reply.status == 200 && reply.object["gateways"] == nil, "\(reply)")
+            let ruleID = try #require(reply.object["rule_id"] as? String)
+            let port = try #require(reply.object["port"] as? Int)
+            #expect(fake2.rules.isEmpty, "gw-2 was offline")
+
+            let key2 = try #require(setup.gateways[g2]?.key)
+            let again = try await agentCall(broker, "/v1/gateway-agent/register", registerBody(g2, controlURL: fake2.controlURL),
+                                            gatewayID: g2, key: key2)
+            #expect(again.reply.status == 200)
+            let joined = try await eventually { fake2.rules.values.contains { $0.port == port } }
+            #expect(joined, "gw-2 did not get the connection it lacked on port \(port)")
+            #expect(try await eventually { try await broker.store.rules(connectionID: ruleID).map(\.gatewayID) == [Int64(g1), Int64(g2)] })
+
+            let deleted = try await broker.client.json("DELETE", "/v1/connect/\(ruleID)", token: setup.sid)
+            #expect(deleted.status == 204, "\(deleted)")
+            #expect(fake2.rules.isEmpty && setup.gateways[g1]?.fake.rules.isEmpty == true)
+            #expect(setup.allSignaturesVerified())
+        }
+    }
+
     @Test("a gateway that refuses or cannot be reached: 502 naming it and its error, nothing stored")
     func gatewayFailures() async throws {
         try await withConnectSetup { setup in
