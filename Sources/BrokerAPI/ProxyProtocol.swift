@@ -67,7 +67,9 @@ final class ProxyHeaderHandler: ChannelInboundHandler, RemovableChannelHandler {
         context.fireChannelActive()
     }
 
-    func handlerRemoved(context: ChannelHandlerContext) {
+    func handlerRemoved(context: ChannelHandlerContext) { disarmDeadline() }
+
+    private func disarmDeadline() {
         deadline?.cancel()
         deadline = nil
     }
@@ -122,8 +124,7 @@ final class ProxyHeaderHandler: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     func channelInactive(context: ChannelHandlerContext) {
-        deadline?.cancel()
-        deadline = nil
+        disarmDeadline()
         ProxyOrigins.shared.remove(context.channel)
         context.fireChannelInactive()
     }
@@ -167,8 +168,7 @@ final class ProxyHeaderHandler: ChannelInboundHandler, RemovableChannelHandler {
     /// From now on every byte goes straight on, starting with those held.
     private func pass(_ context: ChannelHandlerContext) {
         state = .passing
-        deadline?.cancel()
-        deadline = nil
+        disarmDeadline()
         if let held = buffered, held.readableBytes > 0 {
             buffered = nil
             context.fireChannelRead(wrapInboundOut(held))
@@ -183,8 +183,7 @@ final class ProxyHeaderHandler: ChannelInboundHandler, RemovableChannelHandler {
     private func refuse(_ context: ChannelHandlerContext, _ reason: String) {
         guard case .closed = state else {
             state = .closed
-            deadline?.cancel()
-            deadline = nil
+            disarmDeadline()
             buffered = nil
             heldEvents = []
             let peer = context.remoteAddress?.ipAddress ?? "?"

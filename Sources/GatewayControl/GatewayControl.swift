@@ -173,17 +173,20 @@ public final class GatewayControl: Sendable {
                 }
                 return (existing, false)
             }
-            let uses = currentUses(s)
+            // The relay rules in force, made once for the port choice, the
+            // new set and a roll-back.
+            let current = s.fixed + relayRules(s.pushed, s.settings)
             let allocator = PortAllocator(range: s.settings.portRange)
             let port = try allocator.allocate(method: push.method, requested: push.port, client: checked.client,
-                                              transport: checked.transport, uses: uses, probe: probe(s.settings))
+                                              transport: checked.transport, uses: uses(of: current, s.settings),
+                                              probe: probe(s.settings))
             let rule = RuleState(id: id, push: normalized, port: port, created: now)
             let next = s.pushed + [rule]
-            try applyToEngine(s.fixed, next, s.settings)
+            try applyToEngine(current + (RulePolicy.relayRule(rule, settings: s.settings).map { [$0] } ?? []))
             do throws(ControlError) {
                 try store.save(next)
             } catch {
-                try? engine.apply(s.fixed + relayRules(s.pushed, s.settings))
+                try? engine.apply(current)
                 throw error
             }
             s.pushed = next
@@ -336,17 +339,17 @@ public final class GatewayControl: Sendable {
         }
     }
 
-    private func currentUses(_ s: State) -> [PortAllocator.Use] {
-        let relays = s.fixed + relayRules(s.pushed, s.settings)
-        return relays.filter { rule in
+    /// The ports `relays` hold on the public address.
+    private func uses(of relays: [RelayRule], _ settings: ControlSettings) -> [PortAllocator.Use] {
+        relays.filter { rule in
             // Rules on another specific address do not hold the public address's port.
-            rule.listen.ip == s.settings.publicAddress || rule.listen.ip.isUnspecified || s.settings.publicAddress.isUnspecified
+            rule.listen.ip == settings.publicAddress || rule.listen.ip.isUnspecified || settings.publicAddress.isUnspecified
         }.map { PortAllocator.Use(port: Int($0.listen.port), transport: $0.transport, allow: $0.allow) }
     }
 
-    private func applyToEngine(_ base: [RelayRule], _ pushed: [RuleState], _ settings: ControlSettings) throws(ControlError) {
+    private func applyToEngine(_ rules: [RelayRule]) throws(ControlError) {
         do throws(RuleError) {
-            try engine.apply(base + relayRules(pushed, settings))
+            try engine.apply(rules)
         } catch {
             switch error {
             case .listenFailed, .conflictingRules:
@@ -360,7 +363,7 @@ public final class GatewayControl: Sendable {
     private func remove(_ ids: Set<String>, from s: inout State) throws(ControlError) {
         let next = s.pushed.filter { !ids.contains($0.id) }
         // Removing rules only closes listeners; it cannot fail to apply.
-        try applyToEngine(s.fixed, next, s.settings)
+        try applyToEngine(s.fixed + relayRules(next, s.settings))
         do throws(ControlError) {
             try store.save(next)
         } catch {
