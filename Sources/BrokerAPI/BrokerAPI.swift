@@ -7,6 +7,7 @@ import HummingbirdCore
 import Logging
 import NIOCore
 import Synchronization
+import SystemLayer
 
 /// Settings of the REST API.
 public struct BrokerAPIConfiguration: Sendable {
@@ -165,7 +166,7 @@ public struct BrokerAPI: Sendable {
         let hasher = configuration.passwordHasher
         guard let credentials = try await store.credentials(login: login) else {
             // Spend the time a wrong password would, so timing does not tell which logins exist.
-            _ = await hasher.verified(password, against: Self.decoy(hasher))
+            _ = await hasher.verified(password, against: await Self.decoy(hasher))
             context.logger.notice("login refused: unknown user_login")
             throw APIError.unauthorized("wrong user_login or password")
         }
@@ -199,9 +200,10 @@ public struct BrokerAPI: Sendable {
     private static let decoyHash = Mutex<[UInt8: String]>([:])
 
     /// A hash to verify against when the login is unknown, made once per cost.
-    private static func decoy(_ hasher: PasswordHasher) -> String {
+    /// Made off the async executor, like every bcrypt.
+    private static func decoy(_ hasher: PasswordHasher) async -> String {
         if let hash = decoyHash.withLock({ $0[hasher.cost] }) { return hash }
-        let hash = hasher.decoy()
+        let hash = await hasher.hashed(Secrets.token())
         decoyHash.withLock { $0[hasher.cost] = hash }
         return hash
     }
@@ -253,7 +255,8 @@ public struct BrokerAPI: Sendable {
             body["gateways"] = ["status": "unknown"]
         }
 
-        let host = HostStatus.current(diskPath: configuration.dataPath)
+        let dataPath = configuration.dataPath
+        let host = await BlockingExecutor.shared.run { HostStatus.current(diskPath: dataPath) }
         var load: [String: JSONValue] = ["cpus": .int(Int64(host.cpus)),
                                          "memory_total_bytes": .int(Int64(clamping: host.memoryTotalBytes))]
         if let available = host.memoryAvailableBytes { load["memory_available_bytes"] = .int(Int64(clamping: available)) }

@@ -1,6 +1,7 @@
 import ControlProtocol
 import Foundation
 import GRDB
+import SystemLayer
 
 /// The embedded store: one SQLite file in WAL mode through GRDB.
 ///
@@ -88,21 +89,33 @@ public final class SQLiteBrokerStore: BrokerStore {
     /// Checks that the file is still the one opened, can be opened afresh and read,
     /// and that the open connection answers.
     public func health() async -> StoreHealth {
-        if !FileManager.default.fileExists(atPath: path) {
-            return StoreHealth(location: location, problem: "database file \(path) is missing (removed while the broker runs?)", schema: nil)
+        // Opening a file and a connection blocks: not on Swift's cooperative threads.
+        let probed: Result<[String], StoreHealthProblem> = await BlockingExecutor.shared.run { [path, identity] in
+            if !FileManager.default.fileExists(atPath: path) {
+                return .failure(StoreHealthProblem(text: "database file \(path) is missing (removed while the broker runs?)"))
+            }
+            if let identity, let now = FileIdentity(path: path), now != identity {
+                return .failure(StoreHealthProblem(text: "database file \(path) was replaced since the broker opened it; restart the broker"))
+            }
+            do {
+                // A fresh read-only connection sees what a restart would see: a file that
+                // became unreadable or corrupt fails here even though open handles still work.
+                var configuration = Configuration()
+                configuration.readonly = true
+                configuration.busyMode = .timeout(2)
+                let probe = try DatabaseQueue(path: path, configuration: configuration)
+                defer { try? probe.close() }
+                return .success(try probe.read { db in try Self.appliedIdentifiers(db) })
+            } catch {
+                return .failure(StoreHealthProblem(text: "database \(path) cannot be read: \(Self.describe(error))"))
+            }
         }
-        if let identity, let now = FileIdentity(path: path), now != identity {
-            return StoreHealth(location: location, problem: "database file \(path) was replaced since the broker opened it; restart the broker", schema: nil)
+        let applied: [String]
+        switch probed {
+        case .failure(let problem): return StoreHealth(location: location, problem: problem.text, schema: nil)
+        case .success(let found): applied = found
         }
         do {
-            // A fresh read-only connection sees what a restart would see: a file that
-            // became unreadable or corrupt fails here even though open handles still work.
-            var configuration = Configuration()
-            configuration.readonly = true
-            configuration.busyMode = .timeout(2)
-            let probe = try DatabaseQueue(path: path, configuration: configuration)
-            let applied: [String] = try await probe.read { db in try Self.appliedIdentifiers(db) }
-            try probe.close()
             _ = try await database.read { db in try Int.fetchOne(db, sql: "SELECT 1") }
             let schema = SchemaStatus(applied: applied, known: Migrations.migrator.migrations)
             if !schema.unknown.isEmpty {
@@ -115,6 +128,10 @@ public final class SQLiteBrokerStore: BrokerStore {
         } catch {
             return StoreHealth(location: location, problem: "database \(path) cannot be read: \(Self.describe(error))", schema: nil)
         }
+    }
+
+    private struct StoreHealthProblem: Error {
+        let text: String
     }
 
     /// Every migration recorded in the file, known to this build or not, in the order applied.

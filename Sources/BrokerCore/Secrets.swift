@@ -1,4 +1,5 @@
 import ControlProtocol
+import SystemLayer
 import Foundation
 import Synchronization
 import HummingbirdBcrypt
@@ -29,6 +30,7 @@ public struct PasswordHasher: Sendable {
     /// Hashes `password` with a fresh salt. Slow by design: call it off the
     /// async executor (`hashed(_:)`).
     public func hash(_ password: String) -> String {
+        BlockingCallCheck.check("bcrypt hash (cost \(cost))")
         let salt = Secrets.randomBytes(16)
         let prehashed = Self.prehash(password, salt: salt)
         return "\(Self.scheme)$\(Data(salt).base64EncodedString())$\(Bcrypt.hash(prehashed, cost: cost))"
@@ -36,6 +38,7 @@ public struct PasswordHasher: Sendable {
 
     /// Whether `password` matches `stored`. False for a stored value in an unknown form.
     public func verify(_ password: String, against stored: String) -> Bool {
+        BlockingCallCheck.check("bcrypt verify (cost \(cost))")
         let parts = stored.split(separator: "$", maxSplits: 2, omittingEmptySubsequences: false)
         guard parts.count == 3, parts[0] == Self.scheme,
               let salt = Data(base64Encoded: String(parts[1])), salt.count == 16 else { return false }
@@ -61,17 +64,14 @@ public struct PasswordHasher: Sendable {
     /// At most one bcrypt per core at a time; the rest wait their turn.
     private static let gate = HashingGate(slots: max(1, ProcessInfo.processInfo.activeProcessorCount))
 
-    /// Runs `body` on a thread of its own. Not on Dispatch's global queues: on
-    /// Linux their width is the number of cores, and a CPU-bound bcrypt there
-    /// would hold back the database queues that GRDB runs on them.
+    /// Runs `body` on `BlockingExecutor.shared`. Not on Swift's cooperative
+    /// threads nor Dispatch's global queues: on Linux both are as wide as the
+    /// machine has cores, and a CPU-bound bcrypt there would hold back every
+    /// server of the process and the database queues that GRDB runs on them.
     private static func offload<T: Sendable>(_ body: @escaping @Sendable () -> T) async -> T {
         await gate.enter()
         defer { gate.leave() }
-        return await withCheckedContinuation { continuation in
-            let thread = Thread { continuation.resume(returning: body()) }
-            thread.name = "password-hashing"
-            thread.start()
-        }
+        return await BlockingExecutor.shared.run(body)
     }
 
     /// base64(HMAC-SHA-256(key: salt, message: NFC(password))): 44 ASCII characters.

@@ -4,6 +4,8 @@
 #include "CSystemShim.h"
 
 #include <errno.h>
+#include <execinfo.h>
+#include <string.h>
 #include <fcntl.h>
 #include <pthread.h>
 #include <signal.h>
@@ -129,6 +131,35 @@ int shim_wait_signal(void) {
 int shim_raise_process(int sig) { return kill(getpid(), sig); }
 
 int shim_pthread_set_name(const char *name) { return pthread_setname_np(pthread_self(), name); }
+
+int shim_is_main_thread(void) { return gettid() == getpid(); }
+
+static __thread int thread_is_dedicated = 0;
+void shim_mark_thread_dedicated(void) { thread_is_dedicated = 1; }
+int shim_thread_is_dedicated(void) { return thread_is_dedicated; }
+
+int shim_print_backtrace_once(const char *message, int skip, int key_frames) {
+    // A small table of stacks already written; a race between two threads
+    // at most writes one stack twice.
+    static uint64_t seen[512];
+    static int seen_count = 0;
+    void *frames[48];
+    int count = backtrace(frames, 48);
+    uint64_t key = 1469598103934665603ULL;
+    for (int i = skip; i < count && i < skip + key_frames; i++) {
+        key = (key ^ (uint64_t)(uintptr_t)frames[i]) * 1099511628211ULL;
+    }
+    int n = __atomic_load_n(&seen_count, __ATOMIC_ACQUIRE);
+    for (int i = 0; i < n && i < 512; i++) {
+        if (seen[i] == key) return 0;
+    }
+    int slot = __atomic_fetch_add(&seen_count, 1, __ATOMIC_ACQ_REL);
+    if (slot < 512) seen[slot] = key;
+    ssize_t ignored = write(2, message, strlen(message));
+    (void)ignored;
+    if (count > skip) backtrace_symbols_fd(frames + skip, count - skip, 2);
+    return 1;
+}
 
 // MARK: resources
 

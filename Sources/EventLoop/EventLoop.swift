@@ -256,6 +256,7 @@ public final class DoneSignal: Sendable {
 
     /// Blocks until the count has reached zero.
     public func wait() {
+        BlockingCallCheck.check("wait for the event loops (DoneSignal)")
         while remaining.withLock({ $0 }) > 0 {
             if let event { BlockingWait.readable(event.fd, timeoutMilliseconds: 100) } else { BlockingWait.sleep(milliseconds: 1) }
         }

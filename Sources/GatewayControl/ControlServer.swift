@@ -3,10 +3,11 @@ import Foundation
 import Hummingbird
 import Logging
 import NIOCore
+import SystemLayer
 
 /// The control endpoint the broker calls (`control_listen`):
 /// `PUT|DELETE /control/v1/rules/{id}` and `GET /control/v1/rules`, each
-/// signed broker-to-gateway. Runs on Hummingbird's own NIO threads, apart
+/// signed broker-to-gateway, and an unsigned `GET /health`. Runs on Hummingbird's own NIO threads, apart
 /// from the relay loops. Every refusal is `{"error": ..., "field": ...}`
 /// with a 4xx, and changes nothing.
 public enum ControlServer {
@@ -30,25 +31,26 @@ public enum ControlServer {
                            logger: logger)
     }
 
-    /// Where control operations run, one at a time.
-    static let queue = DispatchQueue(label: "gateway-control")
-
+    /// Answers one request. Only reading the body happens on Swift's
+    /// cooperative threads; checking the signature and the change itself
+    /// (the control state's lock, the relay loops taking the new rules, the
+    /// rules file's fsync) run on `BlockingExecutor.shared`, so one slow
+    /// push never holds back another server of the process.
     static func handle(_ request: Request, control: GatewayControl, logger: Logger) async -> Response {
         var request = request
         let method = request.method.rawValue
         let path = request.uri.path
+        if path == healthPath {
+            return await health(method: method, control: control)
+        }
         do throws(ControlError) {
-            let body = try await readBody(&request, limit: control.settings.maxBodyBytes)
-            try control.authenticate(header: request.headers[.authorization], method: method, path: path, body: body)
-            // A change blocks briefly (the relay loops take the new rules,
-            // the rules file is synced): do it on the control queue, never on
-            // Swift's cooperative threads (two on a 2-core machine), which
-            // every other task of the process shares.
-            let result = await withCheckedContinuation { (continuation: CheckedContinuation<Result<Response, ControlError>, Never>) in
-                ControlServer.queue.async {
-                    continuation.resume(returning: Result { () throws(ControlError) in
-                        try route(method: method, path: path, body: body, control: control)
-                    })
+            let limit = await BlockingExecutor.shared.run { control.settings.maxBodyBytes }
+            let body = try await readBody(&request, limit: limit)
+            let authorization = request.headers[.authorization]
+            let result = await BlockingExecutor.shared.run { () -> Result<Response, ControlError> in
+                Result { () throws(ControlError) in
+                    try control.authenticate(header: authorization, method: method, path: path, body: body)
+                    return try route(method: method, path: path, body: body, control: control)
                 }
             }
             let response = try result.get()
@@ -59,6 +61,29 @@ public enum ControlServer {
             logger.notice("control: \(method) \(path) -> \(error.status): \(error.message)")
             return json(error.status, errorBody(error))
         }
+    }
+
+    public static let healthPath = "/health"
+
+    /// `GET /health`, unsigned (it tells nothing a port scan does not):
+    /// 200 `{"code":200,"status":"success","rules":N}`, or 500 with `reason`
+    /// when the relay no longer takes rules.
+    static func health(method: String, control: GatewayControl) async -> Response {
+        guard method == "GET" else {
+            return json(405, errorBody(ControlError(405, "\(method) \(healthPath): only GET is allowed here")))
+        }
+        let (rules, problem) = await BlockingExecutor.shared.run { (control.pushedRules().count, control.problem) }
+        if let problem {
+            return json(500, ControlJSON.encode(HealthAnswer(code: 500, status: "failure", rules: rules, reason: problem)))
+        }
+        return json(200, ControlJSON.encode(HealthAnswer(code: 200, status: "success", rules: rules, reason: nil)))
+    }
+
+    struct HealthAnswer: Encodable {
+        let code: Int
+        let status: String
+        let rules: Int
+        let reason: String?
     }
 
     static func route(method: String, path: String, body: [UInt8], control: GatewayControl) throws(ControlError) -> Response {

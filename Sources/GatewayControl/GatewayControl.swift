@@ -37,6 +37,8 @@ public final class GatewayControl: Sendable {
         var pushed: [RuleState]
         /// Connections and flows ever seen per engine rule id, at the last tick.
         var seenUse: [String: Int] = [:]
+        /// Why the last write of `rules.json` failed; nil once one succeeds.
+        var storeError: String?
     }
 
     /// - Parameters:
@@ -186,9 +188,11 @@ public final class GatewayControl: Sendable {
             do throws(ControlError) {
                 try store.save(next)
             } catch {
+                s.storeError = error.message
                 try? engine.apply(current)
                 throw error
             }
+            s.storeError = nil
             s.pushed = next
             return (rule, true)
         }
@@ -215,6 +219,10 @@ public final class GatewayControl: Sendable {
             return rule
         }
     }
+
+    /// What keeps the gateway from taking rules (the state file cannot be
+    /// written), or nil. Waits for a change in progress.
+    public var problem: String? { state.withLock { $0.storeError } }
 
     /// The pushed rules as last recorded (no engine query).
     public func pushedRules() -> [RuleState] { state.withLock { $0.pushed } }
@@ -367,9 +375,11 @@ public final class GatewayControl: Sendable {
         do throws(ControlError) {
             try store.save(next)
         } catch {
+            s.storeError = error.message
             try? engine.apply(s.fixed + relayRules(s.pushed, s.settings))
             throw error
         }
+        s.storeError = nil
         s.pushed = next
     }
 }

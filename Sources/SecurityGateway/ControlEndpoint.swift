@@ -2,6 +2,7 @@ import Foundation
 import Hummingbird
 import Logging
 import NIOCore
+import SystemLayer
 
 /// The Security Gateway's control endpoint (`ControlListen`), through which a
 /// Connection Manager prepares and revokes sessions. A grant is admitted only
@@ -35,18 +36,23 @@ public enum SecurityGatewayControl {
                            logger: logger)
     }
 
+    /// Answers one request. Whatever may block (the grant journal's fsync,
+    /// waits for the relay loops, locks held across them) runs on
+    /// `BlockingExecutor.shared`, never on Swift's cooperative threads, so
+    /// `/health` answers while the machine is busy.
     static func handle(_ request: Request, gateway: SecurityGateway, logger: Logger) async -> Response {
         var request = request
         let method = request.method.rawValue
         let path = request.uri.path
         switch (method, path) {
         case ("GET", "/health"):
-            if let reason = gateway.problem {
+            if let reason = await BlockingExecutor.shared.run({ gateway.problem }) {
                 return json(500, ["code": 500, "status": "failure", "reason": reason])
             }
             return json(200, ["code": 200, "status": "success"])
         case ("GET", "/v1/status"):
-            let data = (try? JSONEncoder().encode(gateway.status())) ?? Data("{}".utf8)
+            let status = await BlockingExecutor.shared.run { gateway.status() }
+            let data = (try? JSONEncoder().encode(status)) ?? Data("{}".utf8)
             return raw(200, Array(data))
         case ("POST", "/v1/sessions"):
             let body: [UInt8]
@@ -77,7 +83,7 @@ public enum SecurityGatewayControl {
                 }
                 let id = String(path.dropFirst(prefix.count)).removingPercentEncoding ?? ""
                 guard !id.isEmpty, id.utf8.count <= 256 else { return json(400, ["error": "session id: empty or too long", "field": "id"]) }
-                let done = gateway.revoke(sessionID: id)
+                let done = await BlockingExecutor.shared.run { gateway.revoke(sessionID: id) }
                 return done.grants > 0 || done.connections > 0
                     ? json(200, ["revoked": done.grants, "closed_connections": done.connections])
                     : json(404, ["error": "session id: no prepared grant or live connection for this session", "field": "id"])

@@ -167,7 +167,7 @@ public final class PreparedGrants: Sendable {
         }
         if sequence > 0 {
             let used = sequence
-            DispatchQueue.global(qos: .utility).async { [self] in _ = waitDurable(used) }
+            BlockingExecutor.shared.execute { [self] in _ = waitDurable(used) }
         }
         return found
     }

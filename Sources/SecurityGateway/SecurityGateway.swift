@@ -111,11 +111,10 @@ public final class SecurityGateway: Sendable {
         }
         let answer = ["session_id": grant.sessionID, "server_name": grant.serverName,
                       "expires": String(Int64(grant.expires.timeIntervalSince1970))]
-        // The store waits for its journal's fdatasync: not on Swift's cooperative threads.
+        // The store waits for its journal's fdatasync: not on Swift's
+        // cooperative threads, nor on Dispatch's global queues (as narrow).
         let grants = self.grants
-        let stored = await withCheckedContinuation { (continuation: CheckedContinuation<PreparedGrants.PrepareResult, Never>) in
-            DispatchQueue.global().async { continuation.resume(returning: grants.prepare(grant, token: token)) }
-        }
+        let stored = await BlockingExecutor.shared.run { grants.prepare(grant, token: token) }
         switch stored {
         case .added:
             logger.info("session \(grant.sessionID) prepared for \(grant.serverName)")

@@ -38,6 +38,7 @@ public final class AppendOnlyFile: Sendable {
     /// Makes every byte appended so far durable (fdatasync).
     /// - Throws: `Errno` (EIO, ...).
     public func sync() throws(Errno) {
+        BlockingCallCheck.check("fdatasync of \(path)")
         _ = try Syscall.run { fdatasync(fd.rawValue) }
     }
 }

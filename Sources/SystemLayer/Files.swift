@@ -8,6 +8,7 @@ public enum StateFile {
     /// - Returns: the bytes, or nil when the file does not exist.
     /// - Throws: `Errno` for any other failure, or EFBIG beyond `limit`.
     public static func read(_ path: String, limit: Int = 16 << 20) throws(Errno) -> [UInt8]? {
+        BlockingCallCheck.check("read of \(path)")
         let raw = Glibc.open(path, O_RDONLY | O_CLOEXEC)
         if raw < 0 {
             let err = Errno.current
@@ -35,6 +36,7 @@ public enum StateFile {
     /// - Throws: `Errno` naming nothing itself; the caller adds the path.
     public static func writeAtomically(_ path: String, _ bytes: [UInt8], mode: UInt32 = 0o644,
                                        durable: Bool = true) throws(Errno) {
+        BlockingCallCheck.check("write\(durable ? " and fsync" : "") of \(path)")
         let temporary = path + ".tmp-\(getpid())"
         let raw = try Syscall.run { Glibc.open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode_t(mode)) }
         let fd = FileDescriptor(rawValue: raw)
@@ -60,6 +62,7 @@ public enum StateFile {
 
     /// fsyncs the directory holding `path`, so a rename or create in it is durable.
     public static func syncDirectory(of path: String) throws(Errno) {
+        BlockingCallCheck.check("fsync of the directory of \(path)")
         let directory = path.lastIndex(of: "/").map { String(path[..<$0]) } ?? "."
         let raw = try Syscall.run { Glibc.open(directory.isEmpty ? "/" : directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC) }
         defer { _ = Glibc.close(raw) }

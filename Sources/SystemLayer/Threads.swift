@@ -72,6 +72,7 @@ public enum BlockingWait {
     /// - Returns: true when readable.
     @discardableResult
     public static func readable(_ fd: FileDescriptor, timeoutMilliseconds: Int32) -> Bool {
+        if timeoutMilliseconds != 0 { BlockingCallCheck.check("poll for readable (\(timeoutMilliseconds) ms)") }
         var entry = pollfd(fd: fd.rawValue, events: Int16(POLLIN), revents: 0)
         return Glibc.poll(&entry, 1, timeoutMilliseconds) > 0
     }
@@ -79,11 +80,13 @@ public enum BlockingWait {
     /// Waits until `fd` is writable or the timeout passes.
     @discardableResult
     public static func writable(_ fd: FileDescriptor, timeoutMilliseconds: Int32) -> Bool {
+        if timeoutMilliseconds != 0 { BlockingCallCheck.check("poll for writable (\(timeoutMilliseconds) ms)") }
         var entry = pollfd(fd: fd.rawValue, events: Int16(POLLOUT), revents: 0)
         return Glibc.poll(&entry, 1, timeoutMilliseconds) > 0
     }
 
     public static func sleep(milliseconds: Int) {
+        BlockingCallCheck.check("sleep \(milliseconds) ms")
         _ = usleep(UInt32(milliseconds * 1000))
     }
 }

@@ -61,10 +61,14 @@ struct BrokerCommand: AsyncParsableCommand {
     }
 
     func run() async throws {
-        if info {
-            await Report.info(options)
-        } else if health {
-            let healthy = await Report.health(options)
+        if info || health {
+            // A one-shot report reads files and probes the listener: its
+            // blocking calls run on threads made for them.
+            let options = self.options
+            let healthy = await withTaskExecutorPreference(BlockingExecutor.shared) {
+                if info { await Report.info(options); return true }
+                return await Report.health(options)
+            }
             if !healthy { throw ExitCode(1) }
         } else {
             try await Serve.serve(options)

@@ -94,40 +94,54 @@ struct Serve: AsyncParsableCommand {
         guard let config = parent.config else { throw ValidationError("serve needs --config FILE") }
         var logger = Logger(label: "pcoip-security-gateway")
         logger.logLevel = level
-        let (loaded, verifier) = try await Loader.load(config)
-        do {
-            try FileManager.default.createDirectory(atPath: dataDir, withIntermediateDirectories: true,
-                                                    attributes: [.posixPermissions: 0o700])
-        } catch {
-            throw Failure("--data-dir: cannot create \(dataDir): \(error.localizedDescription)")
-        }
-        let grants = PreparedGrants(path: dataDir + "/prepared-grants.json")
-        let restored = await grants.restore(verifier: verifier)
-        logger.info("prepared grants restored from \(dataDir): \(restored.kept) kept, \(restored.dropped) dropped (expired or no longer verifying)")
-        let gateway: SecurityGateway
-        do throws(Errno) {
-            gateway = try SecurityGateway(config: loaded, verifier: verifier, grants: grants, logger: logger)
-        } catch {
-            throw Failure("cannot start the relay loops: \(error)")
-        }
-        do throws(RuleError) {
-            try gateway.start()
-        } catch {
-            gateway.shutdown()
-            throw Failure("\(config): ListenAddress: \(error)")
+        // Start-up reads files, restores the grant journal and waits for the
+        // relay loops: on threads made for blocking work, not Swift's
+        // cooperative ones (the control endpoint below runs there).
+        let dataDir = self.dataDir
+        let startLogger = logger
+        let (loaded, gateway) = try await withTaskExecutorPreference(BlockingExecutor.shared) {
+            () async throws -> (SecurityGatewayConfig, SecurityGateway) in
+            let (loaded, verifier) = try await Loader.load(config)
+            do {
+                try FileManager.default.createDirectory(atPath: dataDir, withIntermediateDirectories: true,
+                                                        attributes: [.posixPermissions: 0o700])
+            } catch {
+                throw Failure("--data-dir: cannot create \(dataDir): \(error.localizedDescription)")
+            }
+            let grants = PreparedGrants(path: dataDir + "/prepared-grants.json")
+            let restored = await grants.restore(verifier: verifier)
+            startLogger.info("prepared grants restored from \(dataDir): \(restored.kept) kept, \(restored.dropped) dropped (expired or no longer verifying)")
+            let gateway: SecurityGateway
+            do throws(Errno) {
+                gateway = try SecurityGateway(config: loaded, verifier: verifier, grants: grants, logger: startLogger)
+            } catch {
+                throw Failure("cannot start the relay loops: \(error)")
+            }
+            do throws(RuleError) {
+                try gateway.start()
+            } catch {
+                gateway.shutdown()
+                throw Failure("\(config): ListenAddress: \(error)")
+            }
+            return (loaded, gateway)
         }
         let listen = loaded.controlListen
         let log = logger
         let app = SecurityGatewayControl.application(
             gateway: gateway, address: .hostname("\(listen.ip)", port: Int(listen.port)), logger: logger,
             onServerRunning: { address in log.notice("control endpoint on \(address)") })
-        defer { gateway.shutdown() }
         do {
             try await app.runService()
         } catch {
+            await BlockingExecutor.shared.run { gateway.shutdown() }
             throw Failure("ControlListen: cannot serve on \(listen): \(error)")
         }
-        logger.notice("stopped: \(gateway.status().activeSessions) session(s) closed")
+        let active = await BlockingExecutor.shared.run { () -> Int in
+            let active = gateway.status().activeSessions
+            gateway.shutdown()
+            return active
+        }
+        logger.notice("stopped: \(active) session(s) closed")
     }
 }
 

@@ -2,6 +2,7 @@ import BrokerCore
 import ControlProtocol
 import Foundation
 import Testing
+import TestSupport
 
 /// A broker with fake gateways registered at it, for connect tests.
 struct ConnectSetup {
@@ -59,7 +60,7 @@ func withConnectSetup(_ body: (inout ConnectSetup) async throws -> Void) async t
     }
 }
 
-@Suite("Connect and disconnect: gateway choice, rule push, 502/503")
+@Suite("Connect and disconnect: gateway choice, rule push, 502/503", .offPool)
 struct ConnectTests {
     @Test("a desktop's own gateway: the three routing methods, pushed signed, answered with address and port")
     func pinnedGatewayMethods() async throws {
@@ -112,7 +113,7 @@ struct ConnectTests {
             #expect(again.reply.object["keep"] as? [String] == [ruleID], "\(again.reply)")
             // Rules the gateway did not list (it lost them) are pushed again,
             // asking for the port the client was given (method 2 names it now).
-            let repushed = try await eventually {
+            let repushed = try await eventuallyAsync {
                 fake.calls.filter { $0.method == "PUT" && ($0.ruleID == lost || $0.ruleID == lostRandom) }.count == 4
             }
             #expect(repushed, "the broker did not push the rules the gateway lacked")
@@ -274,9 +275,9 @@ struct ConnectTests {
             let again = try await agentCall(broker, "/v1/gateway-agent/register", registerBody(g2, controlURL: fake2.controlURL),
                                             gatewayID: g2, key: key2)
             #expect(again.reply.status == 200)
-            let joined = try await eventually { fake2.rules.values.contains { $0.port == port } }
+            let joined = try await eventuallyAsync { fake2.rules.values.contains { $0.port == port } }
             #expect(joined, "gw-2 did not get the connection it lacked on port \(port)")
-            #expect(try await eventually { try await broker.store.rules(connectionID: ruleID).map(\.gatewayID) == [Int64(g1), Int64(g2)] })
+            #expect(try await eventuallyAsync { try await broker.store.rules(connectionID: ruleID).map(\.gatewayID) == [Int64(g1), Int64(g2)] })
 
             let deleted = try await broker.client.json("DELETE", "/v1/connect/\(ruleID)", token: setup.sid)
             #expect(deleted.status == 204, "\(deleted)")

@@ -2,6 +2,7 @@ import BrokerCore
 import ControlProtocol
 import Foundation
 import Testing
+import TestSupport
 
 /// Creates a gateway through the API and enrolls it; returns its id and key.
 func enrolledGateway(_ broker: TestBroker, sid: String, name: String, address: String,
@@ -27,17 +28,7 @@ func reportedRule(_ id: String) -> [String: Any] {
      "created": 1_800_000_000, "sessions": 0]
 }
 
-/// Polls `condition` until it holds or `seconds` pass (never asserts a duration).
-func eventually(seconds: Double = 30, _ condition: () async throws -> Bool) async throws -> Bool {
-    let deadline = Date().addingTimeInterval(seconds)
-    while Date() < deadline {
-        if try await condition() { return true }
-        try await Task.sleep(for: .milliseconds(50))
-    }
-    return try await condition()
-}
-
-@Suite("Control plane: enrollment, registration, heartbeats")
+@Suite("Control plane: enrollment, registration, heartbeats", .offPool)
 struct EnrollmentAndRegistrationTests {
     @Test("enrollment: 201 with a key shown once, a new call replaces it, GET never shows it, admin only")
     func enrollment() async throws {
@@ -181,7 +172,7 @@ struct EnrollmentAndRegistrationTests {
             let registered = try await agentCall(broker, "/v1/gateway-agent/register", registerBody(id), gatewayID: id, key: key)
             #expect(registered.reply.status == 200)
             #expect(registered.reply.object["offline_after_s"] as? Int == 1)
-            let wentOffline = try await eventually {
+            let wentOffline = try await eventuallyAsync {
                 try await broker.client.json("GET", "/v1/gateways/\(id)", token: sid).object["online"] as? Bool == false
             }
             #expect(wentOffline, "the broker never marked the silent gateway offline")

@@ -1,6 +1,7 @@
 import BrokerCore
 import Foundation
 import Testing
+import TestSupport
 
 /// Sends a call that must be refused, and checks the status, that the error
 /// names `mentions`, and that the database did not change.
@@ -14,7 +15,7 @@ func expectRejected(_ broker: TestBroker, _ method: String, _ path: String, _ bo
     #expect(try broker.snapshot() == before, "a rejected call changed the database", sourceLocation: sourceLocation)
 }
 
-@Suite("REST API: gateways (Leostream-compatible)")
+@Suite("REST API: gateways (Leostream-compatible)", .offPool)
 struct GatewayAPITests {
     @Test("create, list, get, update, delete, with every status code", arguments: ["/v1", "/rest/v1"])
     func crud(prefix: String) async throws {
@@ -218,7 +219,7 @@ struct GatewayAPITests {
     }
 }
 
-@Suite("REST API: gateway clusters (Leostream-compatible)")
+@Suite("REST API: gateway clusters (Leostream-compatible)", .offPool)
 struct GatewayClusterAPITests {
     @Test("create, list, get, update, delete", arguments: ["/v1", "/rest/v1"])
     func crud(prefix: String) async throws {

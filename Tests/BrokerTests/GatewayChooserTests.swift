@@ -1,8 +1,9 @@
 import BrokerCore
 import Foundation
 import Testing
+import TestSupport
 
-@Suite("GatewayChooser: which gateway carries a connection")
+@Suite("GatewayChooser: which gateway carries a connection", .offPool)
 struct GatewayChooserTests {
     let now = Date(timeIntervalSince1970: 1_800_000_000)
 

@@ -3,8 +3,9 @@ import Foundation
 import GRDB
 import Glibc
 import Testing
+import TestSupport
 
-@Suite("REST API: desktops and users (the product's own calls)")
+@Suite("REST API: desktops and users (the product's own calls)", .offPool)
 struct ProductAPITests {
     @Test("desktops: create, list, get, update (protocols replaced), delete", arguments: ["/v1", "/rest/v1"])
     func desktopCRUD(prefix: String) async throws {
@@ -146,7 +147,7 @@ struct ProductAPITests {
     }
 }
 
-@Suite("REST API: limits and health")
+@Suite("REST API: limits and health", .offPool)
 struct LimitsAndHealthTests {
     @Test("an oversized body gets 413, declared or streamed, and changes nothing")
     func oversizedBody() async throws {

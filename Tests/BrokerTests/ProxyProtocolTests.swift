@@ -4,6 +4,7 @@ import Foundation
 import GRDB
 import Glibc
 import Testing
+import TestSupport
 
 /// A PROXY v2 header as a gateway's broker forwarding writes it.
 func proxyHeader(gatewayID: Int, key: ControlKey, timestamp: Int64, client: (ip: String, port: Int) = ("198.51.100.20", 50123),
@@ -28,7 +29,7 @@ func sessionRows(_ broker: TestBroker) throws -> [(String, Int64?)] {
     }
 }
 
-@Suite("Broker forwarding: PROXY protocol v2 on the broker's listener")
+@Suite("Broker forwarding: PROXY protocol v2 on the broker's listener", .offPool)
 struct ProxyProtocolTests {
     @Test("header parsing: round trip, prefixes, garbage")
     func parsing() {
@@ -132,10 +133,9 @@ struct ProxyProtocolTests {
             let (id, key) = try await enrolledGateway(broker, sid: sid, name: "gw-1", address: "gw1.example.com")
             let header = proxyHeader(gatewayID: id, key: key, timestamp: Int64(broker.clock.now.timeIntervalSince1970))
             for (name, sent) in [("half a PROXY header", Array(header.prefix(20))), ("nothing", [])] {
-                let started = Date()
-                let outcome = try rawConnectionOutcome(port: broker.client.port, send: sent, waitSeconds: 10)
+                // Without the header timer nothing would close it: "open" after the wait.
+                let outcome = try rawConnectionOutcome(port: broker.client.port, send: sent, waitSeconds: 30)
                 #expect(outcome == "closed", "\(name): \(outcome)")
-                #expect(Date().timeIntervalSince(started) < 8, "\(name): closed only after \(Date().timeIntervalSince(started)) s")
             }
             // A direct client that sends its request at once is not affected.
             #expect(try await broker.client.json("GET", "/v1/system/health", token: sid).status == 200)

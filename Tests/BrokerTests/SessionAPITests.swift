@@ -1,8 +1,9 @@
 import BrokerCore
 import Foundation
 import Testing
+import TestSupport
 
-@Suite("REST API: sessions and authorization")
+@Suite("REST API: sessions and authorization", .offPool)
 struct SessionAPITests {
     @Test("login with a JSON body gives a 256-bit sid that works as a bearer; only its hash is stored")
     func loginJSON() async throws {

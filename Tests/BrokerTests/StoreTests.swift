@@ -3,8 +3,9 @@ import BrokerCore
 import Foundation
 import GRDB
 import Testing
+import TestSupport
 
-@Suite("SQLite store")
+@Suite("SQLite store", .offPool)
 struct StoreTests {
     @Test("migrations run from an empty file: every table, WAL, foreign keys, schema current")
     func migrationsFromEmpty() async throws {
@@ -165,7 +166,7 @@ struct StoreTests {
     }
 }
 
-@Suite("secrets and validation")
+@Suite("secrets and validation", .offPool)
 struct SecretsTests {
     @Test("password hashes: salted, verified, the whole of a long password counts")
     func passwordHashes() {

@@ -1,7 +1,8 @@
 import Testing
 import ControlProtocol
+import TestSupport
 
-@Suite("Control protocol")
+@Suite("Control protocol", .offPool)
 struct ControlProtocolTests {
     let key = ControlKey.generate()
     var signer: ControlSigner { ControlSigner(gatewayID: 7, key: key) }

@@ -2,8 +2,9 @@ import Testing
 import GatewayConfig
 import Relay
 import SystemLayer
+import TestSupport
 
-@Suite("Config parser")
+@Suite("Config parser", .offPool)
 struct ConfigParserTests {
     @Test("a full config parses into settings and forwards")
     func full() throws {

@@ -5,32 +5,15 @@ import Glibc
 import Synchronization
 import SystemLayer
 import Testing
+import TestSupport
 
 /// The built `leostream-gateway` (next to the test bundle, or $GATEWAY_BINARY).
 enum GatewayBinary {
-    static var path: String {
-        if let path = ProcessInfo.processInfo.environment["GATEWAY_BINARY"] { return path }
-        let bundle = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
-        for candidate in [bundle, bundle.deletingLastPathComponent()] {
-            let path = candidate.appendingPathComponent("leostream-gateway").path
-            if FileManager.default.isExecutableFile(atPath: path) { return path }
-        }
-        return bundle.appendingPathComponent("leostream-gateway").path
-    }
+    static var path: String { ChildProcess.builtBinary("leostream-gateway", override: "GATEWAY_BINARY") }
 
-    /// Runs the binary to completion: (status, stdout, stderr).
-    static func run(_ arguments: [String]) throws -> (status: Int32, out: String, err: String) {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: path)
-        process.arguments = arguments
-        let out = Pipe(), err = Pipe()
-        process.standardOutput = out
-        process.standardError = err
-        try process.run()
-        let outData = out.fileHandleForReading.readDataToEndOfFile()
-        let errData = err.fileHandleForReading.readDataToEndOfFile()
-        process.waitUntilExit()
-        return (process.terminationStatus, String(decoding: outData, as: UTF8.self), String(decoding: errData, as: UTF8.self))
+    /// Runs the binary to completion.
+    static func run(_ arguments: [String]) throws -> ChildProcess.Finished {
+        try ChildProcess.run(path, arguments)
     }
 }
 
@@ -80,7 +63,7 @@ final class FakeBroker: @unchecked Sendable {
         var bodyStart = 0
         var length = 0
         while true {
-            guard BlockingWait.readable(fd, timeoutMilliseconds: 3000) else { return }
+            guard BlockingWait.readable(fd, timeoutMilliseconds: TestDeadline.milliseconds) else { return }
             let result = buffer.withUnsafeMutableBytes { try? fd.read(into: $0) }
             guard case .done(let n)? = result else { if case .wouldBlock? = result { continue }; return }
             if n == 0 { return }
@@ -122,7 +105,7 @@ final class FakeBroker: @unchecked Sendable {
     }
 }
 
-@Suite(.serialized) struct GatewayBinaryControlTests {
+@Suite(.serialized, .offPool) struct GatewayBinaryControlTests {
     func writeKey(_ folder: TempFolder, _ key: ControlKey) throws -> String {
         let file = folder.file("enrollment.key")
         try (key.text + "\n").write(toFile: file, atomically: true, encoding: .utf8)
@@ -137,18 +120,18 @@ final class FakeBroker: @unchecked Sendable {
         let state = folder.file("state")
         let set = try GatewayBinary.run(["--state-dir", state, "--broker", "10.0.0.9:8080", "--gateway-id", "7",
                                          "--control-key-file", keyFile, "--port-range", "21000-21099"])
-        #expect(set.status == 0, "\(set.err)")
-        #expect(!set.out.contains(key.text) && !set.err.contains(key.text))
+        #expect(set.status == 0, "\(set.stderr)")
+        #expect(!set.stdout.contains(key.text) && !set.stderr.contains(key.text))
         #expect(StateFile.mode(state + "/control.key") == 0o600)
 
         let status = try GatewayBinary.run(["--state-dir", state, "--status"])
-        #expect(status.status == 0, "\(status.err)")
-        #expect(status.out.contains("broker:          http://10.0.0.9:8080"))
-        #expect(status.out.contains("gateway id:      7"))
-        #expect(status.out.contains("port range:      21000-21099"))
-        #expect(status.out.contains("control key:     stored"))
-        #expect(status.out.contains("daemon:          not running"))
-        #expect(!status.out.contains(key.text) && !status.err.contains(key.text))
+        #expect(status.status == 0, "\(status.stderr)")
+        #expect(status.stdout.contains("broker:          http://10.0.0.9:8080"))
+        #expect(status.stdout.contains("gateway id:      7"))
+        #expect(status.stdout.contains("port range:      21000-21099"))
+        #expect(status.stdout.contains("control key:     stored"))
+        #expect(status.stdout.contains("daemon:          not running"))
+        #expect(!status.stdout.contains(key.text) && !status.stderr.contains(key.text))
     }
 
     @Test(arguments: [
@@ -166,8 +149,8 @@ final class FakeBroker: @unchecked Sendable {
         defer { folder.remove() }
         let state = folder.file("state")
         let result = try GatewayBinary.run(["--state-dir", state] + arguments)
-        #expect(result.status == 2, "\(arguments): \(result.err)")
-        #expect(result.err.contains(flag), "\(arguments): \(result.err)")
+        #expect(result.status == 2, "\(arguments): \(result.stderr)")
+        #expect(result.stderr.contains(flag), "\(arguments): \(result.stderr)")
         #expect(!FileManager.default.fileExists(atPath: state + "/gateway-state.json"), "a refused value was stored")
     }
 
@@ -179,8 +162,8 @@ final class FakeBroker: @unchecked Sendable {
         let result = try GatewayBinary.run(["--state-dir", folder.file("state"), "--broker", "b:1", "--gateway-id", "3",
                                             "--control-key-file", file])
         #expect(result.status == 2)
-        #expect(result.err.contains("--control-key-file"))
-        #expect(!result.err.contains("SECRET"))
+        #expect(result.stderr.contains("--control-key-file"))
+        #expect(!result.stderr.contains("SECRET"))
     }
 
     @Test func runningGatewayPicksUpANewBrokerAfterSIGHUP() async throws {
@@ -203,7 +186,7 @@ final class FakeBroker: @unchecked Sendable {
         """.write(toFile: config, atomically: true, encoding: .utf8)
         let set = try GatewayBinary.run(["--state-dir", state, "--broker", "127.0.0.1:\(first.port)", "--gateway-id", "7",
                                          "--control-key-file", keyFile])
-        #expect(set.status == 0, "\(set.err)")
+        #expect(set.status == 0, "\(set.stderr)")
         // A rule persisted by an earlier run: restored before registering.
         let echo = try TCPEcho()
         defer { echo.stop() }
@@ -212,18 +195,11 @@ final class FakeBroker: @unchecked Sendable {
                                                                                            target: "\(echo.address)", unusedExpirySeconds: 300),
                                                         port: restoredPort, created: ControlClock.unixSeconds())])
 
-        let serve = Process()
-        serve.executableURL = URL(fileURLWithPath: GatewayBinary.path)
-        serve.arguments = ["serve", "--config", config, "--state-dir", state]
-        let log = folder.file("serve.log")
-        _ = FileManager.default.createFile(atPath: log, contents: nil)
-        serve.standardError = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
-        serve.standardOutput = FileHandle.nullDevice
-        try serve.run()
-        defer { if serve.isRunning { kill(serve.processIdentifier, SIGKILL); serve.waitUntilExit() } }
+        let serve = try ChildProcess(GatewayBinary.path, ["serve", "--config", config, "--state-dir", state])
+        defer { serve.stop() }
 
         try await offPool {
-            #expect(eventually(20) { !first.registrations.isEmpty }, "the gateway never registered with the first broker")
+            #expect(eventually { !first.registrations.isEmpty }, "the gateway never registered with the first broker")
             let registration = try #require(first.registrations.first)
             #expect(registration.verified == nil, "\(registration.verified ?? "")")
             let request = try JSONDecoder().decode(RegisterRequest.self, from: Data(registration.body))
@@ -232,35 +208,33 @@ final class FakeBroker: @unchecked Sendable {
             #expect(request.portRange == PortRange(first: 20001, last: 22000))
             #expect(request.rules.map(\.id) == ["persisted"], "the persisted rule was not restored before registering")
             #expect(echoThrough(port: restoredPort) == "hello through the gateway")
-            #expect(eventually(10) { first.received.withLock { $0.contains { $0.path == "/v1/gateway-agent/heartbeat" && $0.verified == nil } } },
+            #expect(eventually { first.received.withLock { $0.contains { $0.path == "/v1/gateway-agent/heartbeat" && $0.verified == nil } } },
                     "no signed heartbeat reached the first broker")
             let status = try GatewayBinary.run(["--state-dir", state, "--status"])
-            #expect(status.out.contains("daemon:          running"), "\(status.out)")
-            #expect(eventually(10) {
-                (try? GatewayBinary.run(["--state-dir", state, "--status"]).out.contains("registration:    registered")) == true
+            #expect(status.stdout.contains("daemon:          running"), "\(status.stdout)")
+            #expect(eventually {
+                (try? GatewayBinary.run(["--state-dir", state, "--status"]).stdout.contains("registration:    registered")) == true
             })
 
             // --broker with a running daemon: stored, then SIGHUP through the pid file.
             let change = try GatewayBinary.run(["--state-dir", state, "--broker", "127.0.0.1:\(second.port)", "--port-range", "21000-21999"])
-            #expect(change.status == 0, "\(change.err)")
-            #expect(change.out.contains("sent SIGHUP"), "\(change.out)")
-            #expect(eventually(20) { !second.registrations.isEmpty }, "the running gateway did not pick up the new broker")
+            #expect(change.status == 0, "\(change.stderr)")
+            #expect(change.stdout.contains("sent SIGHUP"), "\(change.stdout)")
+            #expect(eventually { !second.registrations.isEmpty }, "the running gateway did not pick up the new broker")
             let moved = try #require(second.registrations.first)
             #expect(moved.verified == nil)
             let movedRequest = try JSONDecoder().decode(RegisterRequest.self, from: Data(moved.body))
             #expect(movedRequest.portRange == PortRange(first: 21000, last: 21999))
             #expect(movedRequest.rules.map(\.id) == ["persisted"])
             // The new broker does not keep it: reconciliation removes it.
-            #expect(eventually(10) { echoThrough(port: restoredPort) == nil })
-            #expect(eventually(10) {
-                (try? GatewayBinary.run(["--state-dir", state, "--status"]).out.contains("broker:          http://127.0.0.1:\(second.port)")) == true
+            #expect(eventually { echoThrough(port: restoredPort) == nil })
+            #expect(eventually {
+                (try? GatewayBinary.run(["--state-dir", state, "--status"]).stdout.contains("broker:          http://127.0.0.1:\(second.port)")) == true
             })
-            let logText = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
-            #expect(!logText.contains(key.text), "the key reached the log")
+            #expect(!serve.output.contains(key.text), "the key reached the log")
         }
-        kill(serve.processIdentifier, SIGTERM)
-        serve.waitUntilExit()
-        #expect(serve.terminationStatus == 0)
+        serve.signal(SIGTERM)
+        #expect(serve.waitForExit() == 0, "\(serve.stderr)")
         #expect(!FileManager.default.fileExists(atPath: state + "/gateway.pid"))
     }
 }

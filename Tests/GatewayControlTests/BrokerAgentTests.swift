@@ -4,9 +4,10 @@ import GatewayControl
 import Logging
 import SystemLayer
 import Testing
+import TestSupport
 
 /// Registration and heartbeats against a test broker on a real socket.
-@Suite(.serialized) struct BrokerAgentTests {
+@Suite(.serialized, .offPool) struct BrokerAgentTests {
     @Test func registersReconcilesAndBeats() async throws {
         let gateway = try await TestGateway.start()
         let echo = try TCPEcho()

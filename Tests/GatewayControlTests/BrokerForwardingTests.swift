@@ -5,16 +5,17 @@ import Glibc
 import Relay
 import SystemLayer
 import Testing
+import TestSupport
 
 /// Broker forwarding: a raw socket server stands in for the broker, reads
 /// what the gateway writes first and checks it is a PROXY v2 header whose
 /// addresses are the client's and the gateway's and whose 0xE1 TLV verifies.
-@Suite(.serialized) struct BrokerForwardingTests {
+@Suite(.serialized, .offPool) struct BrokerForwardingTests {
     /// Reads from `fd` until `count` bytes arrived (3 s per wait).
     static func read(_ fd: FileDescriptor, count: Int) -> [UInt8] {
         var data: [UInt8] = []
         while data.count < count {
-            guard BlockingWait.readable(fd, timeoutMilliseconds: 3000) else { break }
+            guard BlockingWait.readable(fd, timeoutMilliseconds: TestDeadline.milliseconds) else { break }
             // Exactly what is still missing, so bytes after it stay in the socket.
             var buffer = [UInt8](repeating: 0, count: count - data.count)
             let result = buffer.withUnsafeMutableBytes { try? fd.read(into: $0) }
@@ -44,12 +45,12 @@ import Testing
             defer { client.close() }
             try Socket.bind(client, to: SocketAddress("127.0.0.2:0")!)
             if case .inProgress = try Socket.connect(client, to: listen) {
-                #expect(BlockingWait.writable(client, timeoutMilliseconds: 3000))
+                #expect(BlockingWait.writable(client, timeoutMilliseconds: TestDeadline.milliseconds))
             }
             let clientAddress = Socket.localAddress(client)!
             try client.writeAll(Array("CLIENT-FIRST-BYTES".utf8))
 
-            #expect(BlockingWait.readable(upstream, timeoutMilliseconds: 5000))
+            #expect(BlockingWait.readable(upstream, timeoutMilliseconds: TestDeadline.milliseconds))
             guard case .done(let accepted) = try Socket.accept(upstream) else { Issue.record("no connection reached the broker"); return }
             defer { accepted.fd.close() }
             let fixed = Self.read(accepted.fd, count: 16)

@@ -5,10 +5,11 @@ import Glibc
 import Relay
 import SystemLayer
 import Testing
+import TestSupport
 
 /// The control endpoint over real HTTP with real signed requests, and real
 /// connections through the ports it opens.
-@Suite(.serialized) struct ControlEndpointTests {
+@Suite(.serialized, .offPool) struct ControlEndpointTests {
     @Test(arguments: [0, 1, 2])
     func tcpRuleCarriesConnections(method: Int) async throws {
         let gateway = try await TestGateway.start()
@@ -85,7 +86,8 @@ import Testing
             let replayed = gateway.signer.authorize(direction: .brokerToGateway, method: "PUT", path: "/control/v1/rules/r0", body: bytes)
             // The first use of `replayed` is valid (and creates r0); its second use is a replay.
             #expect(try BlockingHTTP.request(method: "PUT", host: "127.0.0.1", port: gateway.port, path: "/control/v1/rules/r0",
-                                             headers: [("Authorization", replayed)], body: bytes).status == 201)
+                                             headers: [("Authorization", replayed)], body: bytes,
+                                             timeoutMilliseconds: TestDeadline.milliseconds).status == 201)
             let before = gateway.snapshot()
             let cases: [(String, BlockingHTTP.Response, String)] = [
                 ("forged", try gateway.send("PUT", path, body, authorization: forged), "signature does not verify"),
@@ -95,13 +97,14 @@ import Testing
                 ("wrong direction", try gateway.send("PUT", path, body, direction: .gatewayToBroker), "signature does not verify"),
                 ("other gateway", try gateway.send("PUT", path, body, signer: ControlSigner(gatewayID: 8, key: gateway.key)), "gateway 8 is not enrolled"),
                 ("replayed", try BlockingHTTP.request(method: "PUT", host: "127.0.0.1", port: gateway.port, path: "/control/v1/rules/r0",
-                                                      headers: [("Authorization", replayed)], body: bytes), "replay"),
-                ("missing", try BlockingHTTP.request(method: "PUT", host: "127.0.0.1", port: gateway.port, path: path, body: bytes),
+                                                      headers: [("Authorization", replayed)], body: bytes,
+                                                      timeoutMilliseconds: TestDeadline.milliseconds), "replay"),
+                ("missing", try BlockingHTTP.request(method: "PUT", host: "127.0.0.1", port: gateway.port, path: path, body: bytes, timeoutMilliseconds: TestDeadline.milliseconds),
                  "signed control request is required"),
                 ("malformed", try gateway.send("PUT", path, body, authorization: "Bearer abc"), "scheme"),
                 ("signed for another path", try BlockingHTTP.request(method: "PUT", host: "127.0.0.1", port: gateway.port, path: path,
                     headers: [("Authorization", gateway.signer.authorize(direction: .brokerToGateway, method: "PUT", path: "/control/v1/rules/zz", body: bytes))],
-                    body: bytes), "signature does not verify"),
+                    body: bytes, timeoutMilliseconds: TestDeadline.milliseconds), "signature does not verify"),
             ]
             for (name, reply, reason) in cases {
                 #expect(reply.status == 401, "\(name): \(reply.status) \(reply.text)")

@@ -4,8 +4,9 @@ import GatewayControl
 import Relay
 import SystemLayer
 import Testing
+import TestSupport
 
-@Suite struct RuleStoreTests {
+@Suite(.offPool) struct RuleStoreTests {
     @Test func roundTrip() throws {
         let folder = TempFolder()
         defer { folder.remove() }
@@ -68,7 +69,7 @@ import Testing
     }
 }
 
-@Suite struct PortAllocatorTests {
+@Suite(.offPool) struct PortAllocatorTests {
     let always: PortAllocator.Probe = { _, _ in true }
 
     @Test func randomPortInRangeAvoidsUsedPorts() throws {
@@ -174,7 +175,7 @@ import Testing
     }
 }
 
-@Suite struct BrokerAddressTests {
+@Suite(.offPool) struct BrokerAddressTests {
     @Test func forms() throws {
         #expect(try BrokerAddress("10.0.0.5:8080").url == "http://10.0.0.5:8080")
         #expect(try BrokerAddress("http://broker.example:9000/base/").url == "http://broker.example:9000/base")

@@ -8,6 +8,7 @@ import Relay
 import ServiceLifecycle
 import Synchronization
 import SystemLayer
+import TestSupport
 
 /// A fresh temporary folder, removed by `remove()`.
 struct TempFolder: Sendable {
@@ -93,10 +94,11 @@ final class TestGateway: Sendable {
                                             onServerRunning: { address in bound.withLock { $0 = address } })
         let services = ServiceGroup(configuration: .init(services: [app], logger: logger))
         let server = Task { try await services.run() }
-        let deadline = Date().addingTimeInterval(20)
-        while bound.withLock({ $0 }) == nil {
-            guard Date() < deadline else { server.cancel(); throw TestFailure("the control endpoint did not start within 20 s") }
-            try await Task.sleep(for: .milliseconds(10))
+        do {
+            try await waitUntilAsync("the gateway's control endpoint listening") { bound.withLock({ $0 }) != nil }
+        } catch {
+            server.cancel()
+            throw error
         }
         let address = SocketAddress(bound.withLock { $0 }!)!
         control.updateSettings { $0.ownAddresses.append(address) }
@@ -120,7 +122,8 @@ final class TestGateway: Sendable {
         let header = authorization ?? (signer ?? self.signer).authorize(direction: direction, method: method, path: path, body: bytes,
                                                                        now: timestamp ?? ControlClock.unixSeconds())
         return try BlockingHTTP.request(method: method, host: "127.0.0.1", port: port, path: path,
-                                        headers: [("Authorization", header), ("Content-Type", "application/json")], body: bytes)
+                                        headers: [("Authorization", header), ("Content-Type", "application/json")], body: bytes,
+                                        timeoutMilliseconds: TestDeadline.milliseconds)
     }
 
     func put(_ id: String, _ body: String) throws -> BlockingHTTP.Response {
@@ -213,21 +216,21 @@ final class UDPEcho: @unchecked Sendable {
 // MARK: Clients
 
 /// Connects to 127.0.0.1:`port` from `source`, sends `message` and reads it back.
-/// - Returns: the echoed bytes, or nil when the gateway refused (reset, close, or nothing within 3 s).
+/// - Returns: the echoed bytes, or nil when the gateway refused (reset, close, or nothing within `TestDeadline`).
 func echoThrough(port: Int, source: String = "127.0.0.1", message: String = "hello through the gateway") -> String? {
     guard let fd = try? Socket.makeTCP(family: AF_INET) else { return nil }
     defer { fd.close() }
     guard (try? Socket.bind(fd, to: SocketAddress(ip: IPAddress(source)!, port: 0))) != nil else { return nil }
     do {
         if case .inProgress = try Socket.connect(fd, to: SocketAddress(ip: IPAddress("127.0.0.1")!, port: UInt16(port))) {
-            guard BlockingWait.writable(fd, timeoutMilliseconds: 3000), Socket.pendingError(fd) == nil else { return nil }
+            guard BlockingWait.writable(fd, timeoutMilliseconds: TestDeadline.milliseconds), Socket.pendingError(fd) == nil else { return nil }
         }
     } catch { return nil }
     guard (try? fd.writeAll(Array(message.utf8))) != nil else { return nil }
     var received: [UInt8] = []
     var buffer = [UInt8](repeating: 0, count: 4096)
     while received.count < message.utf8.count {
-        guard BlockingWait.readable(fd, timeoutMilliseconds: 3000) else { return nil }
+        guard BlockingWait.readable(fd, timeoutMilliseconds: TestDeadline.milliseconds) else { return nil }
         let result = buffer.withUnsafeMutableBytes { try? fd.read(into: $0) }
         guard case .done(let n)? = result, n > 0 else {
             if case .wouldBlock? = result { continue }
@@ -246,7 +249,7 @@ final class OpenSession: @unchecked Sendable {
         self.fd = fd
         do {
             if case .inProgress = try Socket.connect(fd, to: SocketAddress(ip: IPAddress("127.0.0.1")!, port: UInt16(port))) {
-                guard BlockingWait.writable(fd, timeoutMilliseconds: 3000), Socket.pendingError(fd) == nil else { fd.close(); return nil }
+                guard BlockingWait.writable(fd, timeoutMilliseconds: TestDeadline.milliseconds), Socket.pendingError(fd) == nil else { fd.close(); return nil }
             }
         } catch { fd.close(); return nil }
     }
@@ -258,21 +261,12 @@ func udpEchoThrough(port: Int, message: String = "datagram through the gateway")
     guard let fd = try? Socket.connectUDP(to: SocketAddress(ip: IPAddress("127.0.0.1")!, port: UInt16(port))) else { return nil }
     defer { fd.close() }
     var buffer = [UInt8](repeating: 0, count: 2048)
-    for _ in 0..<5 {
+    // UDP may lose a datagram: send again every second until the deadline.
+    for _ in 0..<max(5, Int(TestDeadline.seconds)) {
         _ = try? fd.writeAll(Array(message.utf8))
         guard BlockingWait.readable(fd, timeoutMilliseconds: 1000) else { continue }
         let result = buffer.withUnsafeMutableBytes { try? fd.read(into: $0) }
         if case .done(let n)? = result { return String(decoding: buffer[0..<n], as: UTF8.self) }
     }
     return nil
-}
-
-/// Polls `condition` every 20 ms for up to `seconds`.
-func eventually(_ seconds: Double = 10, _ condition: () -> Bool) -> Bool {
-    let deadline = Date().addingTimeInterval(seconds)
-    while Date() < deadline {
-        if condition() { return true }
-        usleep(20_000)
-    }
-    return condition()
 }

@@ -1,10 +1,11 @@
 import Foundation
 import Testing
 import SystemLayer
+import TestSupport
 
 /// These tests start the built `leostream-gateway` binary and talk to it over
 /// real loopback sockets.
-@Suite("leostream-gateway binary", .serialized)
+@Suite("leostream-gateway binary", .serialized, .offPool)
 struct GatewayBinaryTests {
     func config(forwards: [(String, UInt16, SocketAddress)], extra: String = "") -> String {
         var text = "loops = 2\nlog_level = info\n\(extra)\n"
@@ -19,10 +20,10 @@ struct GatewayBinaryTests {
         let result = try GatewayProcess.run(["--help"])
         #expect(result.status == 0)
         for word in ["serve", "--check", "--config", "SIGTERM", "SIGHUP"] {
-            #expect(result.out.contains(word), "--help lacks \(word)")
+            #expect(result.stdout.contains(word), "--help lacks \(word)")
         }
         let serve = try GatewayProcess.run(["serve", "--help"])
-        #expect(serve.status == 0 && serve.out.contains("--config"))
+        #expect(serve.status == 0 && serve.stdout.contains("--config"))
     }
 
     @Test("--check accepts the shipped example config")
@@ -30,8 +31,8 @@ struct GatewayBinaryTests {
         let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
         let example = root.appendingPathComponent("Config/gateway.example.conf").path
         let result = try GatewayProcess.run(["--check", "--config", example])
-        #expect(result.status == 0, "\(result.err)")
-        #expect(result.out.contains("OK: 1 forward(s)"))
+        #expect(result.status == 0, "\(result.stderr)")
+        #expect(result.stdout.contains("OK: 1 forward(s)"))
     }
 
     @Test("--check names the file, line and reason of a malformed config and exits 2",
@@ -50,8 +51,8 @@ struct GatewayBinaryTests {
         let file = dir.write("bad.conf", text)
         let result = try GatewayProcess.run(["--check", "--config", file])
         #expect(result.status == 2)
-        #expect(result.err.contains("\(file):\(line):"), "stderr: \(result.err)")
-        #expect(result.err.contains(reason), "stderr: \(result.err)")
+        #expect(result.stderr.contains("\(file):\(line):"), "stderr: \(result.stderr)")
+        #expect(result.stderr.contains(reason), "stderr: \(result.stderr)")
     }
 
     @Test("serve with a malformed config starts nothing and exits 2")
@@ -62,7 +63,7 @@ struct GatewayBinaryTests {
         let file = dir.write("bad.conf", "[forward ok]\nlisten = 127.0.0.1:\(port)\ntarget = 127.0.0.1:9\n[forward broken]\nlisten = 127.0.0.1:1\n")
         let result = try GatewayProcess.run(["serve", "--config", file])
         #expect(result.status == 2)
-        #expect(result.err.contains("\(file):4:"))
+        #expect(result.stderr.contains("\(file):4:"))
         #expect(throws: Errno.self) { try EchoClient.connect(SocketAddress(ip: .v4(0x7f00_0001), port: port)) }
     }
 
@@ -76,7 +77,7 @@ struct GatewayBinaryTests {
         let file = dir.write("gw.conf", config(forwards: [("taken", taken.port, SocketAddress("127.0.0.1:9")!)]))
         let result = try GatewayProcess.run(["serve", "--config", file])
         #expect(result.status == 1)
-        #expect(result.err.contains("127.0.0.1:\(taken.port)") && result.err.contains("already in use"), "stderr: \(result.err)")
+        #expect(result.stderr.contains("127.0.0.1:\(taken.port)") && result.stderr.contains("already in use"), "stderr: \(result.stderr)")
     }
 
     @Test("a tcp+udp forward relays TCP and UDP on one port number, before and after SIGHUP")
@@ -95,8 +96,8 @@ struct GatewayBinaryTests {
         let text = config(forwards: [("both", port, echo.address)]) + "protocol = tcp+udp\nudp_idle_timeout = 30s\n"
         let file = dir.write("gw.conf", text)
         let check = try GatewayProcess.run(["--check", "--config", file])
-        #expect(check.status == 0, "\(check.err)")
-        let gateway = try GatewayProcess(["serve", "--config", file])
+        #expect(check.status == 0, "\(check.stderr)")
+        let gateway = try GatewayProcess.start(["serve", "--config", file])
         defer { gateway.stop() }
         #expect(gateway.waitForLog("ready"))
         let relay = SocketAddress(ip: .v4(0x7f00_0001), port: port)
@@ -118,7 +119,7 @@ struct GatewayBinaryTests {
         defer { dir.cleanup() }
         let a = freePort(), b = freePort()
         let file = dir.write("gw.conf", config(forwards: [("a", a, echo.address)]))
-        let gateway = try GatewayProcess(["serve", "--config", file])
+        let gateway = try GatewayProcess.start(["serve", "--config", file])
         defer { gateway.stop() }
         #expect(gateway.waitForLog("ready"))
         let session = try EchoClient.connect(SocketAddress(ip: .v4(0x7f00_0001), port: a))
@@ -154,7 +155,7 @@ struct GatewayBinaryTests {
         defer { dir.cleanup() }
         let port = freePort()
         let file = dir.write("gw.conf", config(forwards: [("d", port, echo.address)], extra: "drain_timeout = 60s"))
-        let gateway = try GatewayProcess(["serve", "--config", file])
+        let gateway = try GatewayProcess.start(["serve", "--config", file])
         defer { gateway.stop() }
         #expect(gateway.waitForLog("ready"))
         let address = SocketAddress(ip: .v4(0x7f00_0001), port: port)
@@ -167,7 +168,7 @@ struct GatewayBinaryTests {
         #expect(gateway.process.isRunning)
         session.close()
         // The last session closed: the gateway exits well before drain_timeout.
-        #expect(gateway.waitForExit(seconds: 20) == 0)
+        #expect(gateway.waitForExit() == 0)
         #expect(gateway.log.contains("0 session(s) closed at the deadline"))
     }
 
@@ -179,14 +180,14 @@ struct GatewayBinaryTests {
         defer { dir.cleanup() }
         let port = freePort()
         let file = dir.write("gw.conf", config(forwards: [("d", port, echo.address)], extra: "drain_timeout = 500ms"))
-        let gateway = try GatewayProcess(["serve", "--config", file])
+        let gateway = try GatewayProcess.start(["serve", "--config", file])
         defer { gateway.stop() }
         #expect(gateway.waitForLog("ready"))
         let session = try EchoClient.connect(SocketAddress(ip: .v4(0x7f00_0001), port: port))
         defer { session.close() }
         #expect(session.roundTrip("x") == "x")
         gateway.signal(SIGTERM)
-        #expect(gateway.waitForExit(seconds: 20) == 0)
+        #expect(gateway.waitForExit() == 0)
         #expect(gateway.log.contains("1 session(s) closed at the deadline"))
         #expect(session.isClosed())
     }
@@ -201,7 +202,7 @@ struct GatewayBinaryTests {
         let file = dir.write("gw.conf", config(forwards: [("fd", port, echo.address)], extra: "max_pipes = 4"))
         // 64 descriptors: the runtime, epoll, eventfds and listeners take some;
         // each relayed session takes two.
-        let gateway = try GatewayProcess(["serve", "--config", file], prefix: ["/usr/bin/prlimit", "--nofile=64:64", "--"])
+        let gateway = try GatewayProcess.start(["serve", "--config", file], prefix: ["/usr/bin/prlimit", "--nofile=64:64", "--"])
         defer { gateway.stop() }
         #expect(gateway.waitForLog("ready"))
         let address = SocketAddress(ip: .v4(0x7f00_0001), port: port)
@@ -233,7 +234,7 @@ struct GatewayBinaryTests {
         for (i, session) in sessions.enumerated() { #expect(session.roundTrip("again\(i)") == "again\(i)") }
         // Freeing descriptors brings service back.
         sessions.forEach { $0.close() }
-        #expect(poll(10) {
+        #expect(eventually {
             guard let client = try? EchoClient.connect(address) else { return false }
             defer { client.close() }
             return client.roundTrip("back") == "back"

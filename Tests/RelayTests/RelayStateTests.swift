@@ -1,6 +1,7 @@
 import Testing
 @testable import Relay
 import SystemLayer
+import TestSupport
 
 /// A scripted `DirectionIO`: the state machine is exercised without sockets.
 struct ScriptedIO: DirectionIO {
@@ -36,7 +37,7 @@ struct ScriptedIO: DirectionIO {
     mutating func finishDestination() { log.append("fin") }
 }
 
-@Suite("Relay state machines")
+@Suite("Relay state machines", .offPool)
 struct RelayStateTests {
     @Test("bytes move until the source is empty, and the buffer is released then")
     func simpleFlow() {

@@ -1,10 +1,11 @@
 import Testing
 @testable import Relay
 import SystemLayer
+import TestSupport
 
 /// Real sockets on loopback: the relay must deliver every byte both ways,
 /// in order, with half-closes in either order.
-@Suite("Relay transfers", .serialized)
+@Suite("Relay transfers", .serialized, .offPool)
 struct RelayTransferTests {
     @Test("random payloads of random sizes both ways with half-closes arrive byte for byte",
           arguments: [1024, 0])

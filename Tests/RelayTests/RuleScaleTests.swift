@@ -1,13 +1,14 @@
 import Testing
 @testable import Relay
 import SystemLayer
+import TestSupport
 
 /// Rule sets of thousands of per-client rules (the Security Gateway's one UDP
 /// rule per client): checked in O(n), matched by a hash of the client's
 /// address, and a change that keeps a rule keeps its flows. The new paths are
 /// compared against the plain definitions (a scan in matching order; the
 /// pairwise conflict rule), never against a clock.
-@Suite("Relay rules at scale")
+@Suite("Relay rules at scale", .offPool)
 struct RuleScaleTests {
     let listen = SocketAddress("0.0.0.0:4172")!
     let target = SocketAddress("10.9.0.1:4172")!
@@ -121,7 +122,7 @@ struct RuleScaleTests {
         try engine.apply(rules)
         func exchange(_ fd: FileDescriptor, _ byte: UInt8) throws -> Bool {
             _ = try Socket.sendDatagram(fd, [byte], to: relay)
-            guard BlockingWait.readable(fd, timeoutMilliseconds: 3000),
+            guard BlockingWait.readable(fd, timeoutMilliseconds: TestDeadline.milliseconds),
                   case .done(let reply)? = try? Socket.receiveDatagram(fd) else { return false }
             return reply.bytes == [byte]
         }

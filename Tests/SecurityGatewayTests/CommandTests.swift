@@ -3,32 +3,17 @@ import Glibc
 import SecurityGateway
 import SessionGrants
 import Testing
+import TestSupport
 
 /// The `pcoip-security-gateway` binary, run as a user would.
-@Suite("pcoip-security-gateway command")
+@Suite("pcoip-security-gateway command", .offPool)
 struct SecurityGatewayCommandTests {
     /// The binary next to the test bundle (SwiftPM builds products and tests into one folder).
-    static var binary: String {
-        let bundle = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
-        for candidate in [bundle, bundle.deletingLastPathComponent()] {
-            let path = candidate.appendingPathComponent("pcoip-security-gateway").path
-            if FileManager.default.isExecutableFile(atPath: path) { return path }
-        }
-        return bundle.appendingPathComponent("pcoip-security-gateway").path
-    }
+    static var binary: String { ChildProcess.builtBinary("pcoip-security-gateway", override: "SECURITY_GATEWAY_BINARY") }
 
     func run(_ arguments: [String]) throws -> (Int32, String, String) {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: Self.binary)
-        process.arguments = arguments
-        let out = Pipe(), err = Pipe()
-        process.standardOutput = out
-        process.standardError = err
-        try process.run()
-        let stdout = out.fileHandleForReading.readDataToEndOfFile()
-        let stderr = err.fileHandleForReading.readDataToEndOfFile()
-        process.waitUntilExit()
-        return (process.terminationStatus, String(decoding: stdout, as: UTF8.self), String(decoding: stderr, as: UTF8.self))
+        let done = try ChildProcess.run(Self.binary, arguments)
+        return (done.status, done.stdout, done.stderr)
     }
 
     @Test("--help names serve, --check, the endpoints and the keys")
@@ -81,16 +66,10 @@ struct SecurityGatewayCommandTests {
         let (sg, control) = (try SGTest.freePort(), try SGTest.freePort())
         try "GatewayGroup = g\nJwtVerifyingCert = c.pem\nListenAddress = 127.0.0.1:\(sg)\nControlListen = 127.0.0.1:\(control)\n"
             .write(toFile: dir + "/sg.conf", atomically: true, encoding: .utf8)
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: Self.binary)
-        process.arguments = ["serve", "--config", dir + "/sg.conf", "--data-dir", dir + "/data"]
-        let log = Pipe()
-        process.standardOutput = log
-        process.standardError = log
-        try process.run()
-        defer { if process.isRunning { kill(process.processIdentifier, SIGKILL) } }
+        let process = try ChildProcess(Self.binary, ["serve", "--config", dir + "/sg.conf", "--data-dir", dir + "/data"])
+        defer { process.stop() }
         var status = (0, "")
-        let up = await SGTest.eventually {
+        let up = await eventuallyAsync {
             status = (try? SGTest.curl("GET", "http://127.0.0.1:\(control)/v1/status")) ?? (0, "")
             return status.0 == 200
         }
@@ -99,10 +78,9 @@ struct SecurityGatewayCommandTests {
         #expect(object?["prepared_grants"] as? Int == 1, "\(status.1)")
         let (health, body) = try SGTest.curl("GET", "http://127.0.0.1:\(control)/health")
         #expect(health == 200 && body == #"{"code":200,"status":"success"}"#)
-        kill(process.processIdentifier, SIGTERM)
-        process.waitUntilExit()
-        #expect(process.terminationStatus == 0)
-        let output = String(decoding: log.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        process.signal(SIGTERM)
+        #expect(process.waitForExit() == 0, "\(process.output)")
+        let output = process.output
         #expect(output.contains("1 kept") && !output.contains("eyJ"), "no token in the log: \(output)")
     }
 

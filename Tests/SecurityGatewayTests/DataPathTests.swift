@@ -9,6 +9,7 @@ import SessionGrants
 import Synchronization
 import SystemLayer
 import Testing
+import TestSupport
 
 /// A Security Gateway on loopback with its control endpoint, an agent
 /// (`openssl s_server` on TCP and a UDP echo on the same port number) and
@@ -22,7 +23,7 @@ final class GatewayFixture: @unchecked Sendable {
     let agentSourcePort: UInt16
     let controlURL: String
     let group: String = "sg-test"
-    private let server: Process
+    private let server: ChildProcess
     private let echo: UDPEcho
     private let services: ServiceGroup
     private let serviceTask: Task<Void, any Error>
@@ -56,14 +57,8 @@ final class GatewayFixture: @unchecked Sendable {
                                           relaySettings: RelaySettings(loops: 2), logger: quiet)
         try gateway.start()
 
-        let server = Process()
-        server.executableURL = URL(fileURLWithPath: "/usr/bin/openssl")
-        server.arguments = ["s_server", "-accept", "127.0.0.1:\(agentPort)", "-cert", dir + "/agent.crt",
-                            "-key", dir + "/agent.key", "-quiet"]
-        server.standardInput = Pipe()
-        server.standardOutput = FileHandle.nullDevice
-        server.standardError = FileHandle.nullDevice
-        try server.run()
+        let server = try ChildProcess("/usr/bin/openssl", ["s_server", "-accept", "127.0.0.1:\(agentPort)", "-cert", dir + "/agent.crt",
+                                                           "-key", dir + "/agent.key", "-quiet"], standardInput: true)
         let echo = try UDPEcho(port: agentPort)
 
         let bound = BoundAddress()
@@ -76,16 +71,16 @@ final class GatewayFixture: @unchecked Sendable {
         let fixture = GatewayFixture(dir: dir, signer: signer, gateway: gateway, sgPort: sgPort, agentPort: agentPort,
                                      agentSourcePort: sourcePort, server: server, echo: echo, services: services,
                                      serviceTask: task, control: bound)
-        guard await SGTest.eventually({ bound.value.withLock { $0 } != nil }) else { throw SGTest.Failed("control endpoint did not start") }
+        try await waitUntilAsync("the Security Gateway's control endpoint listening") { bound.value.withLock { $0 } != nil }
         // The agent's TLS server is up when it accepts.
-        guard await SGTest.eventually({ (try? RawClient(port: agentPort)) != nil }) else { throw SGTest.Failed("s_server did not start") }
+        try await waitUntilAsync("openssl s_server accepting on 127.0.0.1:\(agentPort)") { (try? RawClient(port: agentPort)) != nil }
         return fixture
     }
 
     private let control: BoundAddress
 
     private init(dir: String, signer: GrantSigner, gateway: SecurityGateway, sgPort: UInt16, agentPort: UInt16,
-                 agentSourcePort: UInt16, server: Process, echo: UDPEcho, services: ServiceGroup,
+                 agentSourcePort: UInt16, server: ChildProcess, echo: UDPEcho, services: ServiceGroup,
                  serviceTask: Task<Void, any Error>, control: BoundAddress) {
         self.dir = dir
         self.signer = signer
@@ -123,8 +118,7 @@ final class GatewayFixture: @unchecked Sendable {
         _ = try? await serviceTask.value
         gateway.shutdown()
         // s_server does not always end on SIGTERM.
-        kill(server.processIdentifier, SIGKILL)
-        server.waitUntilExit()
+        server.stop()
         echo.stop()
         try? FileManager.default.removeItem(atPath: dir)
     }
@@ -139,42 +133,32 @@ final class BoundAddress: Sendable {
 }
 
 /// `openssl s_client` through the gateway, kept open until `close()`.
-final class TLSClient: @unchecked Sendable {
-    let process = Process()
-    private let input = Pipe()
-    private let output = TextBox()
+final class TLSClient: Sendable {
+    let child: ChildProcess
 
     init(port: UInt16, arguments: [String]) throws {
-        process.executableURL = URL(fileURLWithPath: "/usr/bin/openssl")
-        process.arguments = ["s_client", "-connect", "127.0.0.1:\(port)", "-brief"] + arguments
-        process.standardInput = input
-        let pipe = Pipe()
-        process.standardOutput = pipe
-        process.standardError = pipe
-        let output = self.output
-        pipe.fileHandleForReading.readabilityHandler = { handle in
-            let data = handle.availableData
-            output.value.withLock { $0 += String(decoding: data, as: UTF8.self) }
-        }
-        try process.run()
+        child = try ChildProcess("/usr/bin/openssl", ["s_client", "-connect", "127.0.0.1:\(port)", "-brief"] + arguments,
+                                 standardInput: true)
     }
 
-    var text: String { output.value.withLock { $0 } }
+    /// What it printed (standard output, then standard error).
+    var text: String { child.output }
 
+    /// Closes its input (it then ends) and waits for it.
     func close() {
-        try? input.fileHandleForWriting.close()
-        process.waitUntilExit()
+        child.closeInput()
+        if child.waitForExit() == nil { child.stop() }
     }
 }
 
-@Suite("Security Gateway data path", .serialized)
+@Suite("Security Gateway data path", .serialized, .offPool)
 struct SecurityGatewayDataPathTests {
     @Test("a prepared grant carries the client's TLS handshake to the agent; its UDP goes from AgentSourcePort; others' UDP is dropped")
     func endToEnd() async throws {
         let sg = try await GatewayFixture.start()
         #expect(try await sg.prepare(sg.grant(session: "e2e")) == 201)
         let client = try TLSClient(port: sg.sgPort, arguments: ["-servername", "agent.test"])
-        let handshake = await SGTest.eventually { client.text.contains("CONNECTION ESTABLISHED") }
+        let handshake = await eventuallyAsync { client.text.contains("CONNECTION ESTABLISHED") }
         #expect(handshake, "s_client through the gateway: \(client.text)")
         #expect(client.text.contains("agent.test") || client.text.contains("Peer certificate"), "\(client.text)")
         #expect(sg.status().activeSessions == 1)
@@ -182,7 +166,7 @@ struct SecurityGatewayDataPathTests {
         // UDP from the same client IP reaches the agent from the configured source port.
         let udp = try UDPClient()
         var answer: String? = nil
-        _ = await SGTest.eventually {
+        _ = await eventuallyAsync {
             answer = udp.exchange("hello", port: sg.sgPort)
             return answer != nil
         }
@@ -191,12 +175,12 @@ struct SecurityGatewayDataPathTests {
         // An address without a session: dropped and counted, never relayed.
         let stranger = try UDPClient(host: "127.0.0.2")
         #expect(stranger.exchange("intruder", port: sg.sgPort) == nil)
-        #expect(await SGTest.eventually { sg.status().udpDropped["not_allowed", default: 0] >= 1 })
+        #expect(await eventuallyAsync { sg.status().udpDropped["not_allowed", default: 0] >= 1 })
 
         client.close()
-        #expect(await SGTest.eventually { sg.status().activeSessions == 0 && sg.status().activeConnections == 0 })
+        #expect(await eventuallyAsync { sg.status().activeSessions == 0 && sg.status().activeConnections == 0 })
         sg.gateway.settle()
-        #expect(await SGTest.eventually { sg.status().udpBindings == 0 })
+        #expect(await eventuallyAsync { sg.status().udpBindings == 0 })
         #expect(udp.exchange("late", port: sg.sgPort) == nil, "UDP must stop with the session")
         let status = sg.status()
         #expect(status.bytesClientToAgent > 0 && status.bytesAgentToClient > 0)
@@ -217,10 +201,10 @@ struct SecurityGatewayDataPathTests {
         #expect(try await sg.prepare(sg.grant(sni: "user2.test", session: "user-2", agent: "127.0.0.1:\(agent2Port)")) == 201)
 
         let user1 = try TLSClient(port: sg.sgPort, arguments: ["-servername", "user1.test"])
-        #expect(await SGTest.eventually { user1.text.contains("CONNECTION ESTABLISHED") }, "\(user1.text)")
+        #expect(await eventuallyAsync { user1.text.contains("CONNECTION ESTABLISHED") }, "\(user1.text)")
         var user2: RawClient? = try RawClient(port: sg.sgPort)
         user2?.send(clientHello(sni: "user2.test"))
-        #expect(await SGTest.eventually { sg.status().activeSessions == 2 && sg.status().udpBindings == 2 })
+        #expect(await eventuallyAsync { sg.status().activeSessions == 2 && sg.status().udpBindings == 2 })
         let agent2Side = accept(listener.rawValue, nil, nil)
         #expect(agent2Side >= 0)
 
@@ -228,22 +212,22 @@ struct SecurityGatewayDataPathTests {
         // newest session's user sends first and gets its own agent; then the other.
         let udp2 = try UDPClient(), udp1 = try UDPClient()
         var answer2: String?, answer1: String?
-        _ = await SGTest.eventually { answer2 = udp2.exchange("from-2", port: sg.sgPort); return answer2 != nil }
+        _ = await eventuallyAsync { answer2 = udp2.exchange("from-2", port: sg.sgPort); return answer2 != nil }
         #expect(answer2 == "from-2|\(sg.agentSourcePort)|agent2")
-        _ = await SGTest.eventually { answer1 = udp1.exchange("from-1", port: sg.sgPort); return answer1 != nil }
+        _ = await eventuallyAsync { answer1 = udp1.exchange("from-1", port: sg.sgPort); return answer1 != nil }
         #expect(answer1 == "from-1|\(sg.agentSourcePort)", "user 1's datagrams must reach user 1's agent")
         #expect(udp2.exchange("again-2", port: sg.sgPort) == "again-2|\(sg.agentSourcePort)|agent2", "a flow keeps its path")
 
         // User 2 leaves (both ends close): only its flow ends; user 1's flow goes on.
         user2 = nil
         close(agent2Side)
-        #expect(await SGTest.eventually { sg.status().activeSessions == 1 && sg.status().udpBindings == 1 })
-        #expect(await SGTest.eventually { sg.gateway.engine.flows().allSatisfy { $0.target.port != agent2Port } },
+        #expect(await eventuallyAsync { sg.status().activeSessions == 1 && sg.status().udpBindings == 1 })
+        #expect(await eventuallyAsync { sg.gateway.engine.flows().allSatisfy { $0.target.port != agent2Port } },
                 "the flow toward the departed user's agent was not closed")
         #expect(udp1.exchange("still-1", port: sg.sgPort) == "still-1|\(sg.agentSourcePort)")
 
         user1.close()
-        #expect(await SGTest.eventually { sg.status().activeSessions == 0 })
+        #expect(await eventuallyAsync { sg.status().activeSessions == 0 })
         await sg.stop()
     }
 
@@ -255,26 +239,26 @@ struct SecurityGatewayDataPathTests {
         // s_server serves one client at a time: the kept session holds it with
         // a real handshake; the doomed one is relayed and waits in its backlog.
         let kept = try TLSClient(port: sg.sgPort, arguments: ["-servername", "kept.test"])
-        #expect(await SGTest.eventually { kept.text.contains("CONNECTION ESTABLISHED") }, "\(kept.text)")
+        #expect(await eventuallyAsync { kept.text.contains("CONNECTION ESTABLISHED") }, "\(kept.text)")
         let doomed = try RawClient(port: sg.sgPort)
         doomed.send(clientHello(sni: "doomed.test"))
-        #expect(await SGTest.eventually { sg.status().activeSessions == 2 && sg.status().activeConnections == 2 })
+        #expect(await eventuallyAsync { sg.status().activeSessions == 2 && sg.status().activeConnections == 2 })
 
         let (status, body) = try SGTest.curl("DELETE", sg.control_ + "/v1/sessions/doomed")
         #expect(status == 200 && body.contains(#""closed_connections":1"#) && body.contains(#""revoked":1"#), "\(status) \(body)")
         #expect(doomed.wait() == .closed, "the revoked session's connection is still open")
-        #expect(await SGTest.eventually { sg.status().activeSessions == 1 && sg.status().activeConnections == 1 })
-        #expect(kept.process.isRunning, "the other session goes on")
+        #expect(await eventuallyAsync { sg.status().activeSessions == 1 && sg.status().activeConnections == 1 })
+        #expect(kept.child.isRunning, "the other session goes on")
 
         // Its grant is gone: the same SNI is refused now; a second revoke finds nothing.
         let again = try RawClient(port: sg.sgPort)
         again.send(clientHello(sni: "doomed.test"))
         #expect(again.wait() == .closed)
-        #expect(await SGTest.eventually { sg.status().refusals["no_grant", default: 0] >= 1 })
+        #expect(await eventuallyAsync { sg.status().refusals["no_grant", default: 0] >= 1 })
         #expect(try SGTest.curl("DELETE", sg.control_ + "/v1/sessions/doomed").0 == 404)
 
         kept.close()
-        #expect(await SGTest.eventually { sg.status().activeSessions == 0 })
+        #expect(await eventuallyAsync { sg.status().activeSessions == 0 })
         await sg.stop()
     }
 
@@ -287,7 +271,7 @@ struct SecurityGatewayDataPathTests {
             let client = try RawClient(port: sg.sgPort)
             send(client)
             #expect(client.wait() == .closed, "\(reason): the gateway must close", sourceLocation: sourceLocation)
-            #expect(await SGTest.eventually { sg.status().refusals[reason, default: 0] == before + 1 },
+            #expect(await eventuallyAsync { sg.status().refusals[reason, default: 0] == before + 1 },
                     "\(reason): counted (\(sg.status().refusals))", sourceLocation: sourceLocation)
         }
         try await refused("not_tls") { $0.send(Array("GET / HTTP/1.1\r\nHost: x\r\n\r\n".utf8)) }
@@ -316,7 +300,7 @@ struct SecurityGatewayDataPathTests {
         }
         #expect(sg.status().activeSessions == 1)
         shutdown(split.fd, Int32(SHUT_RDWR))
-        #expect(await SGTest.eventually { sg.status().activeSessions == 0 && sg.status().activeConnections == 0 },
+        #expect(await eventuallyAsync { sg.status().activeSessions == 0 && sg.status().activeConnections == 0 },
                 "no session leaks: \(sg.status())")
         #expect(sg.gateway.problem == nil)
         await sg.stop()
@@ -368,7 +352,7 @@ struct SecurityGatewayDataPathTests {
         let once = sg.grant(sni: "once.test", session: "once", singleUse: true)
         #expect(try await sg.prepare(once) == 201)
         let client = try TLSClient(port: sg.sgPort, arguments: ["-servername", "once.test"])
-        #expect(await SGTest.eventually { client.text.contains("CONNECTION ESTABLISHED") }, "\(client.text)")
+        #expect(await eventuallyAsync { client.text.contains("CONNECTION ESTABLISHED") }, "\(client.text)")
         client.close()
         let (replayStatus, replayBody) = try post(try await sg.signer.sign(once))
         #expect(replayStatus == 409 && replayBody.contains("replay"), "\(replayBody)")
@@ -376,7 +360,7 @@ struct SecurityGatewayDataPathTests {
         let again = try TLSClient(port: sg.sgPort, arguments: ["-servername", "once.test"])
         again.close()
         #expect(!again.text.contains("CONNECTION ESTABLISHED"))
-        #expect(await SGTest.eventually { sg.status().refusals["no_grant", default: 0] >= 1 })
+        #expect(await eventuallyAsync { sg.status().refusals["no_grant", default: 0] >= 1 })
 
         // Revoke.
         #expect(try SGTest.curl("DELETE", base + "/v1/sessions/ctl-1").0 == 200)
@@ -388,7 +372,7 @@ struct SecurityGatewayDataPathTests {
         let object = try JSONSerialization.jsonObject(with: Data(statusBody.utf8)) as? [String: Any]
         #expect(object?["active_sessions"] as? Int == 0 && (object?["refusals"] as? [String: Int])?["no_grant"] ?? 0 >= 1)
         #expect(object?["bytes_client_to_agent"] as? Int ?? 0 > 0)
-        #expect(await SGTest.eventually { sg.status().activeSessions == 0 && sg.status().activeConnections == 0 })
+        #expect(await eventuallyAsync { sg.status().activeSessions == 0 && sg.status().activeConnections == 0 })
         try? FileManager.default.removeItem(atPath: other)
         await sg.stop()
     }

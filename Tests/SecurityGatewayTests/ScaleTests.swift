@@ -4,11 +4,12 @@ import SecurityGateway
 import SessionGrants
 import SystemLayer
 import Testing
+import TestSupport
 
 /// Thousands of sessions: the grant journal (O(1) per change, restored
 /// exactly, kept small) and the session tracker's per-agent index. Checked
 /// against what the state must be, never against a clock.
-@Suite("Security Gateway at scale", .serialized)
+@Suite("Security Gateway at scale", .serialized, .offPool)
 struct SecurityGatewayScaleTests {
     let now = Date()
 

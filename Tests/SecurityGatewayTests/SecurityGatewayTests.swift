@@ -3,8 +3,9 @@ import Testing
 import SecurityGateway
 import SessionGrants
 import SystemLayer
+import TestSupport
 
-@Suite("SecurityGateway.conf")
+@Suite("SecurityGateway.conf", .offPool)
 struct SecurityGatewayConfigTests {
     @Test("a full file parses; keys are case-insensitive; defaults as HP's")
     func full() throws {
@@ -50,7 +51,7 @@ struct SecurityGatewayConfigTests {
     }
 }
 
-@Suite("Prepared grants", .serialized)
+@Suite("Prepared grants", .serialized, .offPool)
 struct PreparedGrantsTests {
     let now = Date(timeIntervalSince1970: 1_800_000_000)
 
@@ -59,13 +60,7 @@ struct PreparedGrantsTests {
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         for arguments in [["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", "k.pem"],
                           ["req", "-x509", "-new", "-key", "k.pem", "-days", "2", "-subj", "/CN=cm", "-out", "c.pem"]] {
-            let process = Process()
-            process.executableURL = URL(fileURLWithPath: "/usr/bin/openssl")
-            process.arguments = arguments
-            process.currentDirectoryURL = URL(fileURLWithPath: dir)
-            process.standardError = FileHandle.nullDevice
-            try process.run()
-            process.waitUntilExit()
+            try SGTest.openssl(arguments, in: dir)
         }
         let signer = try await GrantSigner.load(pem: try String(contentsOfFile: dir + "/k.pem", encoding: .utf8))
         let verifier = try await GrantVerifier.load(certificatePEM: try String(contentsOfFile: dir + "/c.pem", encoding: .utf8), audience: "g")

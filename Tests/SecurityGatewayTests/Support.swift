@@ -1,21 +1,15 @@
 import Foundation
 import Glibc
 import Synchronization
+import TestSupport
 
 /// Test helpers: openssl runs, free ports, a UDP echo that tells the sender's
 /// port, plain blocking TCP/UDP clients, curl. Everything real, on loopback.
 enum SGTest {
     /// Runs `openssl` with `arguments` in `directory`. - Throws when it fails.
     static func openssl(_ arguments: [String], in directory: String) throws {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: "/usr/bin/openssl")
-        process.arguments = arguments
-        process.currentDirectoryURL = URL(fileURLWithPath: directory)
-        process.standardOutput = FileHandle.nullDevice
-        process.standardError = FileHandle.nullDevice
-        try process.run()
-        process.waitUntilExit()
-        guard process.terminationStatus == 0 else { throw Failed("openssl \(arguments.joined(separator: " ")) exited \(process.terminationStatus)") }
+        let done = try ChildProcess.run("/usr/bin/openssl", arguments, directory: directory)
+        guard done.status == 0 else { throw Failed("openssl \(arguments.joined(separator: " ")) exited \(done.status): \(done.stderr)") }
     }
 
     struct Failed: Error, CustomStringConvertible {
@@ -64,29 +58,11 @@ enum SGTest {
         setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
     }
 
-    /// Polls `condition` every 20 ms for up to `seconds`; never asserts a timing.
-    static func eventually(seconds: Double = 10, _ condition: () async throws -> Bool) async rethrows -> Bool {
-        let deadline = Date().addingTimeInterval(seconds)
-        while Date() < deadline {
-            if try await condition() { return true }
-            try? await Task.sleep(nanoseconds: 20_000_000)
-        }
-        return try await condition()
-    }
-
     /// Runs curl; returns (HTTP status, body).
     static func curl(_ method: String, _ url: String, json: String? = nil) throws -> (Int, String) {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: "/usr/bin/curl")
-        var arguments = ["-s", "-X", method, "-w", "\n%{http_code}", url]
+        var arguments = ["-s", "-X", method, "-w", "\n%{http_code}", "--max-time", "\(Int(TestDeadline.seconds))", url]
         if let json { arguments += ["-H", "Content-Type: application/json", "--data-binary", json] }
-        process.arguments = arguments
-        let out = Pipe()
-        process.standardOutput = out
-        try process.run()
-        let data = out.fileHandleForReading.readDataToEndOfFile()
-        process.waitUntilExit()
-        let text = String(decoding: data, as: UTF8.self)
+        let text = try ChildProcess.run("/usr/bin/curl", arguments).stdout
         guard let newline = text.lastIndex(of: "\n"), let code = Int(text[text.index(after: newline)...]) else {
             throw Failed("curl \(method) \(url): no status in \(text)")
         }
@@ -120,7 +96,7 @@ final class RawClient {
     /// What the peer did within `seconds`: bytes it sent, or that it closed.
     enum Seen: Equatable { case bytes(Int), closed, nothing }
 
-    func wait(seconds: Int = 10) -> Seen {
+    func wait(seconds: Int = Int(TestDeadline.seconds)) -> Seen {
         SGTest.setTimeout(fd, milliseconds: seconds * 1000)
         var buffer = [UInt8](repeating: 0, count: 4096)
         let n = recv(fd, &buffer, buffer.count, 0)
@@ -136,6 +112,7 @@ final class RawClient {
 final class UDPEcho: Sendable {
     private let fd: Int32
     private let stopped = Atomic<Bool>(false)
+    private let exited = Atomic<Bool>(false)
 
     /// - Parameter tag: appended as `|tag` to each answer, to tell agents apart.
     init(port: UInt16, tag: String? = nil) throws {
@@ -159,13 +136,15 @@ final class UDPEcho: Sendable {
                 let reply = Array(buffer[0..<n]) + Array("|\(UInt16(bigEndian: peer.sin_port))".utf8) + suffix
                 _ = SGTest.withSockaddr(&peer) { p in reply.withUnsafeBytes { sendto(fd, $0.baseAddress, $0.count, 0, p, length) } }
             }
+            box.exited.store(true, ordering: .releasing)
         }
         worker.start()
     }
 
+    /// Stops the worker (it wakes every 100 ms) and closes the socket once it has gone.
     func stop() {
         stopped.store(true, ordering: .relaxed)
-        usleep(250_000)
+        eventually { exited.load(ordering: .acquiring) }
         close(fd)
     }
 }

@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 import SessionGrants
+import TestSupport
 
 /// Keys and certificates made by the real `openssl` command for each test run.
 final class KeyFactory: @unchecked Sendable {
@@ -15,15 +16,7 @@ final class KeyFactory: @unchecked Sendable {
 
     @discardableResult
     func openssl(_ arguments: [String]) throws -> Int32 {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: "/usr/bin/openssl")
-        process.arguments = arguments
-        process.currentDirectoryURL = URL(fileURLWithPath: dir)
-        process.standardOutput = FileHandle.nullDevice
-        process.standardError = FileHandle.nullDevice
-        try process.run()
-        process.waitUntilExit()
-        return process.terminationStatus
+        try ChildProcess.run("/usr/bin/openssl", arguments, directory: dir).status
     }
 
     func read(_ name: String) throws -> String { try String(contentsOfFile: dir + "/" + name, encoding: .utf8) }
@@ -51,7 +44,7 @@ final class KeyFactory: @unchecked Sendable {
     }
 }
 
-@Suite("Session grants", .serialized)
+@Suite("Session grants", .serialized, .offPool)
 struct SessionGrantTests {
     let now = Date(timeIntervalSince1970: 1_800_000_000)
 
@@ -177,10 +170,7 @@ func hmacSHA256(key: [UInt8], message: [UInt8]) -> [UInt8] {
     defer { try? FileManager.default.removeItem(atPath: dir) }
     _ = FileManager.default.createFile(atPath: dir + "/m", contents: Data(message))
     let hexKey = key.map { String(format: "%02x", $0) }.joined()
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: "/usr/bin/openssl")
-    process.arguments = ["dgst", "-sha256", "-mac", "HMAC", "-macopt", "hexkey:\(hexKey)", "-binary", "-out", dir + "/mac", dir + "/m"]
-    try! process.run()
-    process.waitUntilExit()
+    _ = try! ChildProcess.run("/usr/bin/openssl", ["dgst", "-sha256", "-mac", "HMAC", "-macopt", "hexkey:\(hexKey)",
+                                                   "-binary", "-out", dir + "/mac", dir + "/m"])
     return [UInt8](FileManager.default.contents(atPath: dir + "/mac")!)
 }

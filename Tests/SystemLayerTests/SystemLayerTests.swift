@@ -1,8 +1,9 @@
 import Glibc
 import Testing
 import SystemLayer
+import TestSupport
 
-@Suite("Addresses")
+@Suite("Addresses", .offPool)
 struct AddressTests {
     @Test("IPv4 and IPv6 addresses parse and print back", arguments: ["127.0.0.1", "0.0.0.0", "::1", "2001:db8::7", "::ffff:10.1.2.3"])
     func roundTrip(text: String) throws {
@@ -50,7 +51,7 @@ struct AddressTests {
     }
 }
 
-@Suite("Descriptors, sockets and splice")
+@Suite("Descriptors, sockets and splice", .offPool)
 struct DescriptorTests {
     func flags(_ fd: FileDescriptor) -> (nonBlocking: Bool, closeOnExec: Bool) {
         let status = fcntl(fd.rawValue, F_GETFL)

@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 import TLSInspect
+import TestSupport
 
 /// Builds ClientHello records field by field, so that every length can be
 /// made wrong on purpose.
@@ -47,7 +48,7 @@ struct HelloBuilder {
     }
 }
 
-@Suite("ClientHello reader")
+@Suite("ClientHello reader", .offPool)
 struct ClientHelloTests {
     func withSNI(_ name: String) -> HelloBuilder {
         var b = HelloBuilder()
@@ -202,18 +203,15 @@ func captureClientHello(extraArguments: [String]) throws -> [UInt8] {
     listen(listener, 1)
     _ = withUnsafeMutablePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(listener, $0, &length) } }
     let port = UInt16(bigEndian: address.sin_port)
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: "/usr/bin/openssl")
-    process.arguments = ["s_client", "-connect", "127.0.0.1:\(port)"] + extraArguments
-    process.standardInput = Pipe()
-    process.standardOutput = FileHandle.nullDevice
-    process.standardError = FileHandle.nullDevice
-    try process.run()
-    defer { process.terminate(); process.waitUntilExit() }
+    let client = try ChildProcess("/usr/bin/openssl", ["s_client", "-connect", "127.0.0.1:\(port)"] + extraArguments,
+                                  standardInput: true)
+    defer { client.stop() }
+    var waiting = pollfd(fd: listener, events: Int16(POLLIN), revents: 0)
+    guard poll(&waiting, 1, TestDeadline.milliseconds) == 1 else { throw TimedOut("openssl s_client connecting", seconds: TestDeadline.seconds) }
     let connection = accept(listener, nil, nil)
     precondition(connection >= 0)
     defer { close(connection) }
-    var timeout = timeval(tv_sec: 10, tv_usec: 0)
+    var timeout = timeval(tv_sec: Int(TestDeadline.seconds), tv_usec: 0)
     setsockopt(connection, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
     var reader = ClientHelloReader()
     var buffer = [UInt8](repeating: 0, count: 4096)

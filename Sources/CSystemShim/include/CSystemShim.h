@@ -89,6 +89,18 @@ int shim_wait_signal(void);
 /// Sends `sig` to this process.
 int shim_raise_process(int sig);
 int shim_pthread_set_name(const char *name);
+// 1 on the process's main thread (gettid() == getpid()), else 0. gettid is
+// not in Swift's Glibc module.
+int shim_is_main_thread(void);
+// A per-thread flag: set by threads made for blocking work
+// (BlockingExecutor), read by BlockingCallCheck.
+void shim_mark_thread_dedicated(void);
+int shim_thread_is_dedicated(void);
+// Writes `message` and the calling thread's stack (backtrace_symbols_fd) to
+// fd 2, skipping `skip` frames, unless a stack with the same first
+// `key_frames` return addresses was written before; returns 1 when it wrote.
+// For diagnostics.
+int shim_print_backtrace_once(const char *message, int skip, int key_frames);
 
 // MARK: resources
 

@@ -5,6 +5,7 @@ import Logging
 import NIOCore
 import ServiceLifecycle
 import Synchronization
+import TestSupport
 
 /// Stands in for a gateway's control endpoint (below the broker's boundary):
 /// a real HTTP server on 127.0.0.1 that checks the broker's signature with
@@ -64,16 +65,8 @@ final class FakeGateway: Sendable {
         services = ServiceGroup(configuration: .init(services: [app], logger: logger))
         let group = services
         server = Task { try await group.run() }
-        let deadline = Date().addingTimeInterval(20)
-        var bound: Int?
-        while bound == nil {
-            bound = ports.withLock { $0 }
-            if bound == nil {
-                guard Date() < deadline else { throw HTTPClient.Failure(description: "fake gateway did not start") }
-                try await Task.sleep(for: .milliseconds(10))
-            }
-        }
-        port = bound!
+        try await waitUntilAsync("the fake gateway listening") { ports.withLock { $0 } != nil }
+        port = ports.withLock { $0 }!
         box.gateway = self
     }
 

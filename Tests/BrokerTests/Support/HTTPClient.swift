@@ -1,5 +1,6 @@
 import Foundation
 import Glibc
+import TestSupport
 
 /// A reply as it came off the socket.
 struct HTTPReply: Sendable, CustomStringConvertible {
@@ -61,7 +62,7 @@ struct HTTPClient: Sendable {
 
     private static func exchange(port: Int, method: String, path: String, body: Data?, headers: [String: String],
                                  prefix: [UInt8]) throws -> HTTPReply {
-        let fd = try connectLoopback(port: port, timeoutSeconds: 30)
+        let fd = try connectLoopback(port: port, timeoutSeconds: Int(TestDeadline.seconds))
         defer { close(fd) }
 
         var head = "\(method) \(path) HTTP/1.1\r\nHost: 127.0.0.1:\(port)\r\nConnection: close\r\n"

@@ -6,6 +6,7 @@ import Hummingbird
 import Logging
 import ServiceLifecycle
 import Synchronization
+import TestSupport
 
 /// A clock the tests can move forward (session expiry).
 final class TestClock: Sendable {
@@ -89,13 +90,11 @@ final class TestBroker: Sendable {
         let app = api.application(address: .hostname("127.0.0.1", port: 0), logger: logger)
         let services = ServiceGroup(configuration: .init(services: [app], logger: logger))
         let server = Task { try await services.run() }
-        let deadline = Date().addingTimeInterval(20)
-        while listeners.all.isEmpty {
-            guard Date() < deadline else {
-                server.cancel()
-                throw HTTPClient.Failure(description: "the test broker did not start listening within 20 s")
-            }
-            try await Task.sleep(for: .milliseconds(10))
+        do {
+            try await waitUntilAsync("the test broker listening") { !listeners.all.isEmpty }
+        } catch {
+            server.cancel()
+            throw error
         }
         let port = Int(listeners.all[0].split(separator: ":").last!)!
         return TestBroker(folder: folder, databasePath: path, store: store, clock: clock, client: HTTPClient(port: port),

@@ -2,6 +2,7 @@ import EventLoop
 import Foundation
 import Synchronization
 import SystemLayer
+import TestSupport
 
 /// A UDP echo server on its own thread: sends every datagram back to its
 /// sender and remembers who sent (to check source ports).
@@ -62,14 +63,14 @@ struct DatagramClient {
     }
 
     /// The next datagram within `milliseconds`, or nil.
-    func receive(milliseconds: Int32 = 3000) -> ReceivedDatagram? {
+    func receive(milliseconds: Int32 = TestDeadline.milliseconds) -> ReceivedDatagram? {
         guard BlockingWait.readable(fd, timeoutMilliseconds: milliseconds) else { return nil }
         guard case .done(let datagram)? = try? Socket.receiveDatagram(fd) else { return nil }
         return datagram
     }
 
     /// Sends `bytes` and waits for them to come back through the relay.
-    func echo(_ bytes: [UInt8], via relay: SocketAddress, milliseconds: Int32 = 3000) throws -> Bool {
+    func echo(_ bytes: [UInt8], via relay: SocketAddress, milliseconds: Int32 = TestDeadline.milliseconds) throws -> Bool {
         try send(bytes, to: relay)
         guard let reply = receive(milliseconds: milliseconds) else { return false }
         return reply.bytes == bytes && reply.peer == relay

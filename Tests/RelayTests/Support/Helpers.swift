@@ -2,6 +2,7 @@ import Glibc
 import Logging
 @testable import Relay
 import SystemLayer
+import TestSupport
 
 /// A loopback port that was free a moment ago (bound to port 0, then closed).
 func freeLoopbackAddress() -> SocketAddress {
@@ -18,17 +19,6 @@ func makeEngine(_ configure: (inout RelaySettings) -> Void = { _ in }) throws ->
     return try RelayEngine(settings: settings, logger: logger)
 }
 
-/// Waits (polling, never a fixed sleep) until `condition` holds or `seconds` pass.
-@discardableResult
-func eventually(_ seconds: Double = 10, _ condition: () -> Bool) -> Bool {
-    let deadline = MonotonicClock.nowNanoseconds + UInt64(seconds * 1e9)
-    while MonotonicClock.nowNanoseconds < deadline {
-        if condition() { return true }
-        BlockingWait.sleep(milliseconds: 5)
-    }
-    return condition()
-}
-
 /// A blocking-style client for single-connection fault tests, on a
 /// non-blocking socket with poll-based waits.
 struct TestClient {
@@ -42,7 +32,7 @@ struct TestClient {
     static func connect(_ address: SocketAddress) throws -> TestClient {
         let fd = try Socket.makeTCP(family: address.family)
         _ = try Socket.connect(fd, to: address)
-        guard BlockingWait.writable(fd, timeoutMilliseconds: 5000) else {
+        guard BlockingWait.writable(fd, timeoutMilliseconds: TestDeadline.milliseconds) else {
             fd.close()
             throw Errno.timedOut
         }
@@ -67,7 +57,7 @@ struct TestClient {
             }
             switch result {
             case .done(let n): offset += n
-            case .wouldBlock: BlockingWait.writable(fd, timeoutMilliseconds: 1000)
+            case .wouldBlock: BlockingWait.writable(fd, timeoutMilliseconds: TestDeadline.milliseconds)
             }
         }
     }
@@ -76,7 +66,7 @@ struct TestClient {
     enum ReadEnd: Equatable { case data([UInt8]), eof, reset, timeout, error(Errno) }
 
     /// Reads whatever arrives within `milliseconds`.
-    func read(max: Int = 65536, milliseconds: Int32 = 5000) -> ReadEnd {
+    func read(max: Int = 65536, milliseconds: Int32 = TestDeadline.milliseconds) -> ReadEnd {
         if resetOnArrival { return .reset }
         guard BlockingWait.readable(fd, timeoutMilliseconds: milliseconds) else { return .timeout }
         var buffer = [UInt8](repeating: 0, count: max)
@@ -94,7 +84,7 @@ struct TestClient {
     }
 
     /// Reads exactly `count` bytes or fails.
-    func readExactly(_ count: Int, milliseconds: Int32 = 5000) -> [UInt8]? {
+    func readExactly(_ count: Int, milliseconds: Int32 = TestDeadline.milliseconds) -> [UInt8]? {
         var out: [UInt8] = []
         while out.count < count {
             guard case .data(let chunk) = read(max: count - out.count, milliseconds: milliseconds) else { return nil }
@@ -104,7 +94,7 @@ struct TestClient {
     }
 
     /// Reads until EOF or reset; returns the bytes and how it ended.
-    func readToEnd(milliseconds: Int32 = 5000) -> ([UInt8], ReadEnd) {
+    func readToEnd(milliseconds: Int32 = TestDeadline.milliseconds) -> ([UInt8], ReadEnd) {
         var out: [UInt8] = []
         while true {
             let end = read(milliseconds: milliseconds)
@@ -132,7 +122,7 @@ struct TestListener {
         address = Socket.localAddress(fd)!
     }
 
-    func accept(milliseconds: Int32 = 5000) -> TestClient? {
+    func accept(milliseconds: Int32 = TestDeadline.milliseconds) -> TestClient? {
         guard BlockingWait.readable(fd, timeoutMilliseconds: milliseconds),
               case .done(let c)? = try? Socket.accept(fd) else { return nil }
         return TestClient(fd: c.fd)
