@@ -12,6 +12,8 @@ let package = Package(
         .executable(name: "relay-bench", targets: ["relay-bench"]),
         .executable(name: "leostream-broker", targets: ["leostream-broker"]),
         .executable(name: "pcoip-security-gateway", targets: ["pcoip-security-gateway"]),
+        .executable(name: "pcoip-connection-manager", targets: ["pcoip-connection-manager"]),
+        .executable(name: "pcoip-cmsg-setup", targets: ["pcoip-cmsg-setup"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
@@ -29,6 +31,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-certificates", from: "1.21.1"),
         // The broker pushes rules to gateways' control endpoints.
         .package(url: "https://github.com/swift-server/async-http-client", from: "1.37.0"),
+        // TLS for the Connection Manager's client listener and its broker client.
+        .package(url: "https://github.com/apple/swift-nio-ssl", from: "2.37.6"),
     ],
     targets: [
         // C: Linux calls Swift's Glibc module does not expose (splice, accept4, ...).
@@ -80,13 +84,59 @@ let package = Package(
         // signing (HMAC-SHA-256 from OpenSSL); used by both sides.
         .target(name: "ControlProtocol", dependencies: ["COpenSSL"]),
 
+        // `Key = value` config files (SecurityGateway.conf, ConnectionManager.conf).
+        .target(name: "KeyValueConfig"),
+        // PEM certificates and keys through the system's OpenSSL: HP's checks, self-signed RSA 3072.
+        .target(name: "CertificateFiles", dependencies: ["COpenSSL"]),
+        // The PCoIP Connection Manager role: relays the broker protocol,
+        // chooses a Security Gateway, signs and prepares the grant.
+        .target(name: "ConnectionManager", dependencies: [
+            "PCoIPBrokerProtocol", "PCoIPHTTP", "SessionGrants", "SystemLayer", "KeyValueConfig",
+            .product(name: "AsyncHTTPClient", package: "async-http-client"),
+            .product(name: "Hummingbird", package: "hummingbird"),
+            .product(name: "HummingbirdTLS", package: "hummingbird"),
+            .product(name: "NIOSSL", package: "swift-nio-ssl"),
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
+            .product(name: "HTTPTypes", package: "swift-http-types"),
+            .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        .executableTarget(name: "pcoip-connection-manager", dependencies: [
+            "ConnectionManager", "CertificateFiles", "KeyValueConfig", "SessionGrants", "SystemLayer",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            .product(name: "Hummingbird", package: "hummingbird"),
+            .product(name: "NIOSSL", package: "swift-nio-ssl"),
+            .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            .product(name: "UnixSignals", package: "swift-service-lifecycle"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+
+        // pcoip-cmsg-setup: install, configure, status, uninstall (testable library + executable).
+        .target(name: "CMSGSetup", dependencies: [
+            "ConnectionManager", "SecurityGateway", "CertificateFiles", "KeyValueConfig", "SessionGrants", "SystemLayer",
+            .product(name: "AsyncHTTPClient", package: "async-http-client"),
+            .product(name: "NIOCore", package: "swift-nio"),
+        ]),
+        .executableTarget(name: "pcoip-cmsg-setup", dependencies: ["CMSGSetup", "SystemLayer"]),
+
+        // The PCoIP broker protocol: a bounded XML reader and writer and the
+        // messages (pure), and its HTTP side (cookie, chunked answers).
+        .target(name: "PCoIPBrokerProtocol"),
+        .target(name: "PCoIPHTTP", dependencies: [
+            "PCoIPBrokerProtocol",
+            .product(name: "Hummingbird", package: "hummingbird"),
+            .product(name: "HTTPTypes", package: "swift-http-types"),
+            .product(name: "NIOCore", package: "swift-nio"),
+        ]),
+
         // Reads a TLS ClientHello without terminating TLS (the Security
         // Gateway's SNI routing). Pure code, no dependencies.
         .target(name: "TLSInspect"),
         // The PCoIP Security Gateway role: its config file, prepared grants,
         // the 4172 data path (an inspect-first relay rule) and its control endpoint.
         .target(name: "SecurityGateway", dependencies: [
-            "SessionGrants", "TLSInspect", "SystemLayer", "Relay",
+            "SessionGrants", "TLSInspect", "SystemLayer", "Relay", "KeyValueConfig",
             .product(name: "Hummingbird", package: "hummingbird"),
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),
@@ -96,6 +146,7 @@ let package = Package(
             "SecurityGateway", "SessionGrants", "Relay", "SystemLayer",
             .product(name: "Hummingbird", package: "hummingbird"),
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            .product(name: "UnixSignals", package: "swift-service-lifecycle"),
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),
@@ -117,18 +168,21 @@ let package = Package(
         // The broker's REST API (Leostream-compatible gateway calls, our own
         // desktops and users) as a Hummingbird application.
         .target(name: "BrokerAPI", dependencies: [
-            "BrokerCore", "ControlProtocol",
+            "BrokerCore", "ControlProtocol", "PCoIPBrokerProtocol", "PCoIPHTTP",
             .product(name: "AsyncHTTPClient", package: "async-http-client"),
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             .product(name: "Hummingbird", package: "hummingbird"),
             .product(name: "HummingbirdCore", package: "hummingbird"),
+            .product(name: "HummingbirdTLS", package: "hummingbird"),
+            .product(name: "NIOSSL", package: "swift-nio-ssl"),
             .product(name: "HTTPTypes", package: "swift-http-types"),
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOHTTP1", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),
         ]),
         .executableTarget(name: "leostream-broker", dependencies: [
-            "BrokerAPI", "BrokerCore", "SystemLayer",
+            "BrokerAPI", "BrokerCore", "SystemLayer", "CertificateFiles",
+            .product(name: "NIOSSL", package: "swift-nio-ssl"),
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Hummingbird", package: "hummingbird"),
             .product(name: "Logging", package: "swift-log"),
@@ -148,6 +202,11 @@ let package = Package(
             .product(name: "Hummingbird", package: "hummingbird"),
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
         ]),
+        .testTarget(name: "PCoIPBrokerProtocolTests", dependencies: ["TestSupport", "PCoIPBrokerProtocol"]),
+        .testTarget(name: "ConnectionManagerTests", dependencies: ["TestSupport", "ConnectionManager", "KeyValueConfig", "SystemLayer"]),
+        .testTarget(name: "CMSGSetupTests", dependencies: [
+            "TestSupport", "CMSGSetup", "CertificateFiles", "ConnectionManager", "SecurityGateway", "SessionGrants", "KeyValueConfig",
+        ]),
         .testTarget(name: "TLSInspectTests", dependencies: ["TestSupport", "TLSInspect"]),
         .testTarget(name: "SessionGrantsTests", dependencies: ["TestSupport", "SessionGrants"]),
         .testTarget(name: "SecurityGatewayTests", dependencies: [
@@ -157,7 +216,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         .testTarget(name: "BrokerTests", dependencies: [
-            "TestSupport", "BrokerAPI", "BrokerCore", "ControlProtocol",
+            "TestSupport", "BrokerAPI", "BrokerCore", "ControlProtocol", "PCoIPBrokerProtocol",
             .product(name: "Hummingbird", package: "hummingbird"),
             .product(name: "GRDB", package: "GRDB.swift"),
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),

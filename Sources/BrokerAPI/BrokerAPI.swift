@@ -4,6 +4,8 @@ import Foundation
 import HTTPTypes
 import Hummingbird
 import HummingbirdCore
+import HummingbirdTLS
+import NIOSSL
 import Logging
 import NIOCore
 import Synchronization
@@ -98,11 +100,14 @@ public struct BrokerAPI: Sendable {
             }
             addControlPlaneRoutes(api: api, authenticated: authenticated)
         }
+        addPCoIPRoutes(router)
         return router
     }
 
     /// A Hummingbird application serving `router()` on `address`.
-    public func application(address: BindAddress, logger: Logger,
+    /// - Parameter tls: when given, the listener speaks HTTPS (after any PROXY
+    ///   v2 header, which a gateway's broker forwarding sends in clear first).
+    public func application(address: BindAddress, logger: Logger, tls: TLSConfiguration? = nil,
                             onServerRunning: @escaping @Sendable (any Channel) async -> Void = { _ in })
         -> some ApplicationProtocol
     {
@@ -111,12 +116,18 @@ public struct BrokerAPI: Sendable {
         let clock = self.clock
         let headerTimeout = TimeAmount.nanoseconds(Int64(configuration.proxyHeaderTimeout * 1e9))
         // Broker forwarding: a gateway's PROXY v2 header, checked before HTTP sees a byte.
+        let makeHandler = { @Sendable in
+            ProxyHeaderHandler(keys: { id in (try? await store.controlKey(gatewayID: id)) ?? nil },
+                               clock: clock, headerTimeout: headerTimeout, logger: logger)
+        }
         let server = HTTPServerBuilder { responder in
             // An idle keep-alive connection is closed after 60 s (nginx's keepalive_timeout is 75 s).
-            ProxyProtocolChannel(base: HTTP1Channel(responder: responder, configuration: .init(idleTimeout: .seconds(60)))) {
-                ProxyHeaderHandler(keys: { id in (try? await store.controlKey(gatewayID: id)) ?? nil },
-                                   clock: clock, headerTimeout: headerTimeout, logger: logger)
+            let http = HTTP1Channel(responder: responder, configuration: .init(idleTimeout: .seconds(60)))
+            if let tls {
+                // The PROXY header comes first in clear, then the TLS handshake, then HTTP.
+                return try ProxyProtocolChannel(base: TLSChannel(http, tlsConfiguration: tls), makeHandler: makeHandler)
             }
+            return ProxyProtocolChannel(base: http, makeHandler: makeHandler)
         }
         var app = Application(router: router(), server: server, configuration: .init(address: address, serverName: nil),
                            onServerRunning: { channel in
@@ -201,7 +212,7 @@ public struct BrokerAPI: Sendable {
 
     /// A hash to verify against when the login is unknown, made once per cost.
     /// Made off the async executor, like every bcrypt.
-    private static func decoy(_ hasher: PasswordHasher) async -> String {
+    static func decoy(_ hasher: PasswordHasher) async -> String {
         if let hash = decoyHash.withLock({ $0[hasher.cost] }) { return hash }
         let hash = await hasher.hashed(Secrets.token())
         decoyHash.withLock { $0[hasher.cost] = hash }

@@ -225,6 +225,10 @@ extension BrokerAPI {
         }
 
         let desktop = try await desktopForConnect(Int64(desktopID))
+        guard desktop.entitles(user) || user.role == .admin else {
+            throw APIError(.forbidden, "desktop_id: user '\(user.login)' is not entitled to desktop \(desktop.id) ('\(desktop.name)')",
+                           field: "desktop_id")
+        }
         guard let offered = desktop.protocols.first(where: { $0.name.lowercased() == protocolName.lowercased() }) else {
             throw APIError.badField("protocol", "desktop \(desktop.id) ('\(desktop.name)') offers \(desktop.protocols.map(\.name).joined(separator: ", ")), not \(Validate.quotedForAPI(protocolName))")
         }

@@ -77,7 +77,7 @@ extension GatewayCluster {
 }
 
 extension Desktop {
-    static let writableFields: Set<String> = ["name", "address", "protocols", "gateway_id", "load_balancer_id", "notes"]
+    static let writableFields: Set<String> = ["name", "address", "protocols", "gateway_id", "load_balancer_id", "notes", "users"]
     static let readOnlyFields: Set<String> = ["id", "created", "updated"]
     static let protocolFields: Set<String> = ["name", "port", "transport"]
 
@@ -93,6 +93,7 @@ extension Desktop {
             "gateway_id": .optional(gatewayID),
             "load_balancer_id": .optional(loadBalancerID),
             "notes": .string(notes),
+            "users": .array(users.map { .int($0) }),
             "created": .date(created),
             "updated": .date(updated),
         ])
@@ -123,6 +124,16 @@ extension Desktop {
         changes.gatewayID = try reader.reference("gateway_id")
         changes.loadBalancerID = try reader.reference("load_balancer_id")
         changes.notes = try reader.string("notes", nullAs: "")
+        if let entries = try reader.array("users") {
+            var users: [Int64] = []
+            for (index, entry) in entries.enumerated() {
+                guard case .int(let id) = entry, id > 0 else {
+                    throw APIError.badField("users[\(index)]", "must be a user id (a positive whole number)")
+                }
+                users.append(id)
+            }
+            changes.users = users
+        }
         return changes
     }
 }

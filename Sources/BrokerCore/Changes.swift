@@ -101,16 +101,19 @@ public struct DesktopChanges: Sendable, Equatable {
     public var gatewayID: NullableChange<Int64>?
     public var loadBalancerID: NullableChange<Int64>?
     public var notes: String?
+    /// The entitled users (replaces the list); [] opens the desktop to everyone.
+    public var users: [Int64]?
 
     public init(name: String? = nil, address: String? = nil, protocols: [DesktopProtocol]? = nil,
                 gatewayID: NullableChange<Int64>? = nil, loadBalancerID: NullableChange<Int64>? = nil,
-                notes: String? = nil) {
+                notes: String? = nil, users: [Int64]? = nil) {
         self.name = name
         self.address = address
         self.protocols = protocols
         self.gatewayID = gatewayID
         self.loadBalancerID = loadBalancerID
         self.notes = notes
+        self.users = users
     }
 
     public func applied(to desktop: Desktop) -> Desktop {
@@ -121,6 +124,7 @@ public struct DesktopChanges: Sendable, Equatable {
         if let gatewayID { result.gatewayID = gatewayID.value }
         if let loadBalancerID { result.loadBalancerID = loadBalancerID.value }
         if let notes { result.notes = notes }
+        if let users { result.users = Array(Set(users)).sorted() }
         return result
     }
 

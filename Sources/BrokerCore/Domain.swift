@@ -221,12 +221,45 @@ public struct Desktop: Sendable, Equatable {
     /// A gateway cluster that carries this desktop's connections, if any.
     public var loadBalancerID: Int64?
     public var notes: String
+    /// The users entitled to this desktop (ids, ascending); empty: every
+    /// enabled user may connect to it.
+    public var users: [Int64]
     public var created: Date
     public var updated: Date
+
+    public init(id: Int64, name: String, address: String, protocols: [DesktopProtocol], gatewayID: Int64?,
+                loadBalancerID: Int64?, notes: String, users: [Int64] = [], created: Date, updated: Date) {
+        self.id = id
+        self.name = name
+        self.address = address
+        self.protocols = protocols
+        self.gatewayID = gatewayID
+        self.loadBalancerID = loadBalancerID
+        self.notes = notes
+        self.users = users
+        self.created = created
+        self.updated = updated
+    }
 
     public static func blank(now: Date) -> Desktop {
         Desktop(id: 0, name: "", address: "", protocols: [], gatewayID: nil, loadBalancerID: nil,
                 notes: "", created: now, updated: now)
+    }
+
+    /// Whether `user` may connect to this desktop: it names them, or names
+    /// nobody (open to every user).
+    public func entitles(_ user: User) -> Bool {
+        users.isEmpty || users.contains(user.id)
+    }
+
+    /// The PCoIP protocol entry (name `pcoip`), when the desktop runs a PCoIP agent.
+    public var pcoip: DesktopProtocol? { protocols.first { $0.name == "pcoip" } }
+
+    /// The TLS server name a PCoIP client sends to this desktop's agent: the
+    /// desktop's address when it is a DNS name, else `desktop-<id>.pcoip`.
+    public var pcoipServerName: String {
+        let isName = address.contains(where: { $0.isLetter }) && !address.contains(":")
+        return isName ? address.lowercased() : "desktop-\(id).pcoip"
     }
 }
 

@@ -125,6 +125,19 @@ enum Migrations {
                 CREATE INDEX gateway_rule_connection_id ON gateway_rule(connection_id);
                 """)
         }
+        migrator.registerMigration("0004-entitlements") { db in
+            try db.execute(sql: """
+                -- The users entitled to a desktop; a desktop with none is open
+                -- to every enabled user (the REST connect call and the PCoIP
+                -- broker protocol both go by it).
+                CREATE TABLE desktop_user (
+                    desktop_id INTEGER NOT NULL REFERENCES desktop(id) ON DELETE CASCADE,
+                    user_id INTEGER NOT NULL REFERENCES user_account(id) ON DELETE CASCADE,
+                    PRIMARY KEY (desktop_id, user_id)
+                ) WITHOUT ROWID;
+                CREATE INDEX desktop_user_user_id ON desktop_user(user_id);
+                """)
+        }
         return migrator
     }
 }

@@ -484,8 +484,12 @@ public final class SQLiteBrokerStore: BrokerStore {
             for row in try Row.fetchAll(db, sql: "SELECT desktop_id, name, port, transport FROM desktop_protocol ORDER BY desktop_id, position") {
                 protocols[row["desktop_id"], default: []].append(Self.desktopProtocol(from: row))
             }
+            var users: [Int64: [Int64]] = [:]
+            for row in try Row.fetchAll(db, sql: "SELECT desktop_id, user_id FROM desktop_user ORDER BY desktop_id, user_id") {
+                users[row["desktop_id"], default: []].append(row["user_id"])
+            }
             return try Row.fetchAll(db, sql: "SELECT \(Self.desktopColumns) FROM desktop ORDER BY id").map { row in
-                Self.desktop(from: row, protocols: protocols[row["id"]] ?? [])
+                Self.desktop(from: row, protocols: protocols[row["id"]] ?? [], users: users[row["id"]] ?? [])
             }
         }
     }
@@ -506,6 +510,7 @@ public final class SQLiteBrokerStore: BrokerStore {
                                  desktop.notes, now, now])
             let id = db.lastInsertedRowID
             try Self.storeProtocols(db, desktopID: id, desktop.protocols)
+            try Self.storeEntitlements(db, desktopID: id, desktop.users)
             return try Self.fetchDesktop(db, id: id)
         }
     }
@@ -526,6 +531,10 @@ public final class SQLiteBrokerStore: BrokerStore {
             if changes.protocols != nil {
                 try db.execute(sql: "DELETE FROM desktop_protocol WHERE desktop_id = ?", arguments: [id])
                 try Self.storeProtocols(db, desktopID: id, desktop.protocols)
+            }
+            if changes.users != nil {
+                try db.execute(sql: "DELETE FROM desktop_user WHERE desktop_id = ?", arguments: [id])
+                try Self.storeEntitlements(db, desktopID: id, desktop.users)
             }
             return try Self.fetchDesktop(db, id: id)
         }
@@ -548,7 +557,8 @@ public final class SQLiteBrokerStore: BrokerStore {
         }
         let protocols = try Row.fetchAll(db, sql: "SELECT name, port, transport FROM desktop_protocol WHERE desktop_id = ? ORDER BY position",
                                          arguments: [id]).map(desktopProtocol(from:))
-        return desktop(from: row, protocols: protocols)
+        let users = try Int64.fetchAll(db, sql: "SELECT user_id FROM desktop_user WHERE desktop_id = ? ORDER BY user_id", arguments: [id])
+        return desktop(from: row, protocols: protocols, users: users)
     }
 
     private static func checkDesktop(_ db: Database, _ desktop: Desktop) throws {
@@ -560,6 +570,15 @@ public final class SQLiteBrokerStore: BrokerStore {
             try requireRow(db, table: "gateway_cluster", id: clusterID, field: "load_balancer_id", what: "gateway cluster")
         }
         try requireUnique(db, table: "desktop", column: "name", value: desktop.name, except: desktop.id, what: "a desktop named")
+        for user in desktop.users {
+            try requireRow(db, table: "user_account", id: user, field: "users", what: "user")
+        }
+    }
+
+    private static func storeEntitlements(_ db: Database, desktopID: Int64, _ users: [Int64]) throws {
+        for user in users {
+            try db.execute(sql: "INSERT INTO desktop_user (desktop_id, user_id) VALUES (?, ?)", arguments: [desktopID, user])
+        }
     }
 
     private static func storeProtocols(_ db: Database, desktopID: Int64, _ protocols: [DesktopProtocol]) throws {
@@ -569,10 +588,10 @@ public final class SQLiteBrokerStore: BrokerStore {
         }
     }
 
-    private static func desktop(from row: Row, protocols: [DesktopProtocol]) -> Desktop {
+    private static func desktop(from row: Row, protocols: [DesktopProtocol], users: [Int64]) -> Desktop {
         Desktop(id: row["id"], name: row["name"], address: row["address"], protocols: protocols,
                 gatewayID: row["gateway_id"], loadBalancerID: row["load_balancer_id"], notes: row["notes"],
-                created: row["created"], updated: row["updated"])
+                users: users, created: row["created"], updated: row["updated"])
     }
 
     private static func desktopProtocol(from row: Row) -> DesktopProtocol {

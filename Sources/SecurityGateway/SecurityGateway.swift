@@ -12,10 +12,12 @@ import SystemLayer
 /// source port. The control endpoint (`SecurityGatewayControl`) and the
 /// executable sit on top of this.
 public final class SecurityGateway: Sendable {
-    public let config: SecurityGatewayConfig
+    /// What a reload may change: the config in force and its verifier.
+    private let live: Mutex<(config: SecurityGatewayConfig, verifier: GrantVerifier)>
+    public var config: SecurityGatewayConfig { live.withLock { $0.config } }
+    public var verifier: GrantVerifier { live.withLock { $0.verifier } }
     public let engine: RelayEngine
     public let grants: PreparedGrants
-    public let verifier: GrantVerifier
     public let sessions: SessionTracker
     private let sync: RuleSync
     private let logger: Logger
@@ -30,8 +32,7 @@ public final class SecurityGateway: Sendable {
     /// - Throws: `Errno` when the loops cannot be created.
     public init(config: SecurityGatewayConfig, verifier: GrantVerifier, grants: PreparedGrants,
                 relaySettings: RelaySettings? = nil, logger: Logger = Logger(label: "security-gateway")) throws(Errno) {
-        self.config = config
-        self.verifier = verifier
+        live = Mutex((config, verifier))
         self.grants = grants
         self.logger = logger
         var settings = relaySettings ?? RelaySettings()
@@ -43,11 +44,7 @@ public final class SecurityGateway: Sendable {
                                   collaborationPorts: config.enableCollaboration ? config.collaborationSourcePorts : nil,
                                   listen: config.listen, onChange: { sync.schedule() },
                                   onPathEnded: { client, agent in sync.closeFlows(client: client, agent: agent) })
-        let inspector = SNIInspector(maxBytes: config.clientHelloMaxBytes, timeoutNanoseconds: config.clientHelloTimeoutNanoseconds,
-                                     grants: grants, sessions: sessions)
-        var tcp = RelayRule(id: Self.tcpRuleID, listen: config.listen, target: SocketAddress(ip: .v4(0), port: 0),
-                            maxConnections: config.maxConnections)
-        tcp.inspector = RuleInspector(name: "sni-grant", inspector: inspector)
+        let tcp = Self.tcpRule(config, grants: grants, sessions: sessions)
         let nobody = config.listen.ip.isIPv4 ? CIDR(address: .v4(0), prefixLength: 32) : CIDR(address: .v6(0, 0), prefixLength: 128)
         let guardRule = RelayRule(id: Self.udpGuardRuleID, listen: config.listen, allow: [nobody],
                                   target: SocketAddress(ip: config.listen.ip.isIPv4 ? .v4(0x7f00_0001) : .v6(0, 1), port: 9),
@@ -55,10 +52,61 @@ public final class SecurityGateway: Sendable {
         sync.configure(base: [tcp, guardRule], sessions: sessions)
     }
 
+    /// The inspect-first TCP rule on `ListenAddress` (ClientHello → SNI → grant → agent).
+    static func tcpRule(_ config: SecurityGatewayConfig, grants: PreparedGrants, sessions: SessionTracker) -> RelayRule {
+        let inspector = SNIInspector(maxBytes: config.clientHelloMaxBytes, timeoutNanoseconds: config.clientHelloTimeoutNanoseconds,
+                                     grants: grants, sessions: sessions)
+        var tcp = RelayRule(id: tcpRuleID, listen: config.listen, target: SocketAddress(ip: .v4(0), port: 0),
+                            maxConnections: config.maxConnections)
+        tcp.inspector = RuleInspector(name: "sni-grant", inspector: inspector)
+        return tcp
+    }
+
+    /// Applies a re-read config (SIGHUP) without dropping a session: the
+    /// grant verifier (certificate, gateway group), MaxConnections and the
+    /// ClientHello limits (new connections), collaboration (new paths).
+    /// Established connections keep the rule they were accepted under.
+    /// `ListenAddress`, `ControlListen` and `AgentSourcePort` need a restart:
+    /// a change to them is reported and not applied.
+    /// - Returns: what was applied, and what waits for a restart.
+    /// - Throws: `RuleError` when the new rule cannot be applied (the old one stays).
+    @discardableResult
+    public func reload(config new: SecurityGatewayConfig, verifier: GrantVerifier) throws(RuleError) -> (applied: [String], needsRestart: [String]) {
+        let old = config
+        var needsRestart: [String] = []
+        var effective = new
+        if new.listen != old.listen { needsRestart.append("ListenAddress"); effective.listen = old.listen }
+        if new.controlListen != old.controlListen { needsRestart.append("ControlListen"); effective.controlListen = old.controlListen }
+        if new.agentSourcePort != old.agentSourcePort { needsRestart.append("AgentSourcePort"); effective.agentSourcePort = old.agentSourcePort }
+        if new.maxConnections > engine.settings.maxConnections {
+            needsRestart.append("MaxConnections above \(engine.settings.maxConnections)")
+            effective.maxConnections = engine.settings.maxConnections
+        }
+        if effective.enableCollaboration, effective.collaborationSourcePorts.contains(effective.agentSourcePort) {
+            throw RuleError.invalid(rule: Self.tcpRuleID, reason: "CollaborationSourcePorts must not contain AgentSourcePort")
+        }
+        try sync.replaceBase(tcp: Self.tcpRule(effective, grants: grants, sessions: sessions))
+        sessions.setCollaborationPorts(effective.enableCollaboration ? effective.collaborationSourcePorts : nil)
+        live.withLock { $0 = (effective, verifier) }
+        var applied: [String] = []
+        if new.gatewayGroup != old.gatewayGroup { applied.append("GatewayGroup \(new.gatewayGroup)") }
+        if new.jwtVerifyingCertificate != old.jwtVerifyingCertificate { applied.append("JwtVerifyingCert") }
+        if effective.maxConnections != old.maxConnections { applied.append("MaxConnections \(effective.maxConnections)") }
+        if effective.enableCollaboration != old.enableCollaboration || effective.collaborationSourcePorts != old.collaborationSourcePorts {
+            applied.append("collaboration \(effective.enableCollaboration ? "on" : "off")")
+        }
+        if effective.clientHelloTimeoutNanoseconds != old.clientHelloTimeoutNanoseconds || effective.clientHelloMaxBytes != old.clientHelloMaxBytes {
+            applied.append("ClientHello limits")
+        }
+        logger.notice("config reloaded: \(applied.isEmpty ? "nothing changed" : applied.joined(separator: ", "))\(needsRestart.isEmpty ? "" : "; needs a restart: \(needsRestart.joined(separator: ", "))")")
+        return (applied, needsRestart)
+    }
+
     /// Opens TCP and UDP on `ListenAddress`.
     /// - Throws: `RuleError` (e.g. the port is taken); nothing is opened then.
     public func start() throws(RuleError) {
         try sync.applyNow()
+        let config = self.config
         logger.info("security gateway on \(config.listen) (group \(config.gatewayGroup), MaxConnections \(config.maxConnections))")
     }
 
@@ -241,6 +289,23 @@ final class RuleSync: Sendable {
             do throws(RuleError) { try applyNow() } catch {
                 logger.error("security gateway: UDP rules not applied: \(error)")
             }
+        }
+    }
+
+    /// Replaces the TCP rule of the base (a reload) and applies at once.
+    /// - Throws: `RuleError`; the previous base stays then.
+    func replaceBase(tcp: RelayRule) throws(RuleError) {
+        let previous = state.withLock { s -> [RelayRule] in
+            let previous = s.base
+            s.base = s.base.map { $0.id == tcp.id ? tcp : $0 }
+            return previous
+        }
+        do throws(RuleError) {
+            try applyNow()
+        } catch {
+            state.withLock { $0.base = previous }
+            try? applyNow()
+            throw error
         }
     }
 

@@ -1,4 +1,5 @@
 import Foundation
+import KeyValueConfig
 import SystemLayer
 
 /// `SecurityGateway.conf`: `Key = value` lines, `#` comments, keys
@@ -23,79 +24,65 @@ public struct SecurityGatewayConfig: Sendable, Equatable {
     public var clientHelloMaxBytes = 16 * 1024
     /// The control endpoint a Connection Manager prepares sessions on.
     public var controlListen = SocketAddress(ip: .v4(0x7f00_0001), port: 4173)
+    /// The log level `serve` starts with (its `--log-level` wins when given).
+    public var logLevel: String?
 
     public init() {}
 
     /// Parses the text of a config file.
     /// - Throws: `SecurityGatewayConfigError` with file, line and reason.
     public static func parse(_ text: String, file: String = "SecurityGateway.conf") throws(SecurityGatewayConfigError) -> SecurityGatewayConfig {
+        let kv = try KeyValueFile(parsing: text, file: file)
         var config = SecurityGatewayConfig()
-        var seen: [String: Int] = [:]
-        for (index, raw) in text.split(separator: "\n", omittingEmptySubsequences: false).enumerated() {
-            let line = index + 1
-            let fail = { (message: String) in SecurityGatewayConfigError(file: file, line: line, message: message) }
-            var content = Substring(raw)
-            if let hash = content.firstIndex(of: "#") { content = content[..<hash] }
-            let trimmed = content.trimmingCharacters(in: .whitespaces)
-            if trimmed.isEmpty { continue }
-            guard let equals = trimmed.firstIndex(of: "=") else { throw fail("expected `Key = value`") }
-            let key = trimmed[..<equals].trimmingCharacters(in: .whitespaces)
-            let value = trimmed[trimmed.index(after: equals)...].trimmingCharacters(in: .whitespaces)
-            guard !key.isEmpty else { throw fail("missing key before `=`") }
-            guard !value.isEmpty else { throw fail("\(key): missing value") }
-            let lower = key.lowercased()
-            if let first = seen[lower] { throw fail("\(key) is set twice (first on line \(first))") }
-            seen[lower] = line
-            switch lower {
+        for entry in kv.entries {
+            let value = entry.value
+            switch entry.key.lowercased() {
             case "maxconnections":
-                guard let n = Int(value), (1...1_000_000).contains(n) else { throw fail("MaxConnections: \"\(value)\" is not a number 1-1000000") }
-                config.maxConnections = n
+                config.maxConnections = try kv.int(entry, 1...1_000_000)
             case "listenaddress":
-                guard let address = SocketAddress(value) else { throw fail("ListenAddress: \"\(value)\" is not a numeric HOST:PORT") }
+                guard let address = SocketAddress(value) else { throw kv.error(entry, "\"\(value)\" is not a numeric HOST:PORT") }
                 config.listen = address
             case "gatewaygroup":
-                guard value.utf8.count <= 255, value.allSatisfy({ !$0.isWhitespace }) else {
-                    throw fail("GatewayGroup: must be one word of at most 255 bytes")
-                }
-                config.gatewayGroup = value
+                config.gatewayGroup = try kv.word(entry)
             case "jwtverifyingcert":
                 config.jwtVerifyingCertificate = value
             case "agentsourceport":
-                guard let port = UInt16(value), port > 0 else { throw fail("AgentSourcePort: \"\(value)\" is not a port 1-65535") }
-                config.agentSourcePort = port
+                config.agentSourcePort = UInt16(try kv.int(entry, 1...65535))
             case "enablecollaboration":
-                guard let flag = parseBool(value) else { throw fail("EnableCollaboration: \"\(value)\" is not true or false") }
-                config.enableCollaboration = flag
+                config.enableCollaboration = try kv.bool(entry)
             case "collaborationsourceports":
                 let parts = value.split(separator: "-").map { $0.trimmingCharacters(in: .whitespaces) }
                 guard parts.count == 2, let low = UInt16(parts[0]), let high = UInt16(parts[1]), low > 0, low <= high else {
-                    throw fail("CollaborationSourcePorts: \"\(value)\" is not a range FIRST-LAST of ports")
+                    throw kv.error(entry, "\"\(value)\" is not a range FIRST-LAST of ports")
                 }
                 config.collaborationSourcePorts = low...high
             case "clienthellotimeout":
-                guard let seconds = Double(value.hasSuffix("s") ? String(value.dropLast()) : value), seconds > 0, seconds <= 300 else {
-                    throw fail("ClientHelloTimeout: \"\(value)\" is not a number of seconds (0-300]")
-                }
+                let seconds = try kv.seconds(entry, 0.001...300)
                 config.clientHelloTimeoutNanoseconds = UInt64(seconds * 1e9)
             case "clienthellomaxbytes":
-                guard let n = Int(value), (512...65536).contains(n) else { throw fail("ClientHelloMaxBytes: \"\(value)\" is not 512-65536") }
-                config.clientHelloMaxBytes = n
+                config.clientHelloMaxBytes = try kv.int(entry, 512...65536)
             case "controllisten":
-                guard let address = SocketAddress(value) else { throw fail("ControlListen: \"\(value)\" is not a numeric HOST:PORT") }
+                guard let address = SocketAddress(value) else { throw kv.error(entry, "\"\(value)\" is not a numeric HOST:PORT") }
                 config.controlListen = address
+            case "loglevel":
+                let level = value.lowercased()
+                guard ["trace", "debug", "info", "notice", "warning", "error", "critical"].contains(level) else {
+                    throw kv.error(entry, "\"\(value)\" is not trace, debug, info, notice, warning, error or critical")
+                }
+                config.logLevel = level
             default:
-                throw fail("unknown key \"\(key)\"")
+                throw ConfigFileError(file: file, line: entry.line, message: "unknown key \"\(entry.key)\"")
             }
         }
         guard !config.gatewayGroup.isEmpty else {
-            throw SecurityGatewayConfigError(file: file, line: 0, message: "GatewayGroup is required (the audience grants must name)")
+            throw kv.error("GatewayGroup is required (the audience grants must name)")
         }
         guard !config.jwtVerifyingCertificate.isEmpty else {
-            throw SecurityGatewayConfigError(file: file, line: 0, message: "JwtVerifyingCert is required (the PEM certificate that verifies grants)")
+            throw kv.error("JwtVerifyingCert is required (the PEM certificate that verifies grants)")
         }
         if config.enableCollaboration, config.collaborationSourcePorts.contains(config.agentSourcePort) {
-            throw SecurityGatewayConfigError(file: file, line: seen["collaborationsourceports"] ?? 0,
-                                             message: "CollaborationSourcePorts must not contain AgentSourcePort \(config.agentSourcePort)")
+            throw ConfigFileError(file: file, line: kv.entry("CollaborationSourcePorts")?.line ?? 0,
+                                  message: "CollaborationSourcePorts must not contain AgentSourcePort \(config.agentSourcePort)")
         }
         return config
     }
@@ -107,21 +94,7 @@ public struct SecurityGatewayConfig: Sendable, Equatable {
         }
         return try parse(text, file: path)
     }
-
-    static func parseBool(_ text: String) -> Bool? {
-        switch text.lowercased() {
-        case "true", "yes", "on", "1": true
-        case "false", "no", "off", "0": false
-        default: nil
-        }
-    }
 }
 
-public struct SecurityGatewayConfigError: Error, Equatable, CustomStringConvertible {
-    public let file: String
-    /// 0 when the problem is the file as a whole.
-    public let line: Int
-    public let message: String
-
-    public var description: String { line > 0 ? "\(file):\(line): \(message)" : "\(file): \(message)" }
-}
+/// A problem in SecurityGateway.conf: file, line, what is wrong.
+public typealias SecurityGatewayConfigError = ConfigFileError

@@ -60,10 +60,18 @@ public final class SessionTracker: DatagramRouter, Sendable {
         var sequence: UInt64 = 0
         var active = 0
         var activeBySession: [String: Int] = [:]
+        /// nil when EnableCollaboration is off; a reload may change it.
+        var collaborationPorts: ClosedRange<UInt16>?
     }
 
     public let agentSourcePort: UInt16
-    public let collaborationPorts: ClosedRange<UInt16>?
+    /// The ports a second session to a busy agent may take (nil: collaboration is off).
+    public var collaborationPorts: ClosedRange<UInt16>? { state.withLock { $0.collaborationPorts } }
+
+    /// Turns collaboration on (with its ports) or off for new paths; live paths keep theirs.
+    public func setCollaborationPorts(_ ports: ClosedRange<UInt16>?) {
+        state.withLock { $0.collaborationPorts = ports }
+    }
     private let state = Mutex(State())
     /// Called (on the thread that started or ended a session) when the UDP rules changed.
     private let onChange: @Sendable () -> Void
@@ -83,7 +91,7 @@ public final class SessionTracker: DatagramRouter, Sendable {
                 listen: SocketAddress = SocketAddress(ip: .v4(0), port: 4172), onChange: @escaping @Sendable () -> Void = {},
                 onPathEnded: @escaping @Sendable (IPAddress, SocketAddress) -> Void = { _, _ in }) {
         self.agentSourcePort = agentSourcePort
-        self.collaborationPorts = collaborationPorts
+        state.withLock { $0.collaborationPorts = collaborationPorts }
         self.listen = listen
         self.onChange = onChange
         self.onPathEnded = onPathEnded
@@ -106,7 +114,7 @@ public final class SessionTracker: DatagramRouter, Sendable {
             let port: UInt16
             if !taken.contains(agentSourcePort) {
                 port = agentSourcePort
-            } else if let range = collaborationPorts, let free = range.first(where: { !taken.contains($0) }) {
+            } else if let range = s.collaborationPorts, let free = range.first(where: { !taken.contains($0) }) {
                 port = free
             } else {
                 return (.failure(.agentBusy), false)

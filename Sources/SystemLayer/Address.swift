@@ -52,6 +52,14 @@ public enum IPAddress: Hashable, Sendable, CustomStringConvertible {
 
     public var isIPv4: Bool { if case .v4 = self { true } else { false } }
 
+    /// 127.0.0.0/8 or ::1 (also as a v4-mapped address).
+    public var isLoopback: Bool {
+        switch unmapped {
+        case .v4(let a): a >> 24 == 127
+        case .v6(let h, let l): h == 0 && l == 1
+        }
+    }
+
     /// The wildcard address of the same family.
     public var isUnspecified: Bool {
         switch self {

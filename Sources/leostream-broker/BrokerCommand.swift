@@ -5,6 +5,8 @@ import Foundation
 import Hummingbird
 import Logging
 import SystemLayer
+import CertificateFiles
+import NIOSSL
 
 /// The broker's version, printed by `--version`, `--info` and `system/health`.
 let brokerVersion = "0.1.0"
@@ -138,10 +140,13 @@ struct Serve: AsyncParsableCommand {
                                                    offlineAfter: options.offlineAfter,
                                                    ruleUnusedExpiry: options.ruleUnusedExpiry)
         let api = BrokerAPI(store: store, configuration: configuration)
+        let tls = try options.tlsConfiguration()
+        let scheme = tls == nil ? "http" : "https"
+        if tls == nil { logger.notice("the listener speaks plain HTTP (give --tls-cert and --tls-key for HTTPS)") }
         let startLogger = logger
-        let app = api.application(address: .hostname(listen.host, port: Int(listen.port)), logger: logger) { channel in
+        let app = api.application(address: .hostname(listen.host, port: Int(listen.port)), logger: logger, tls: tls) { channel in
             if let local = channel.localAddress, let ip = local.ipAddress, let port = local.port {
-                startLogger.notice("listening on \(ip.contains(":") ? "[\(ip)]" : ip):\(port) (REST API under /v1 and /rest/v1), pid \(SystemInfo.processID)")
+                startLogger.notice("listening on \(ip.contains(":") ? "[\(ip)]" : ip):\(port) (\(scheme): REST API under /v1 and /rest/v1, PCoIP broker protocol at /pcoip-broker/xml), pid \(SystemInfo.processID)")
             }
         }
         do {
@@ -166,6 +171,12 @@ struct BrokerOptions: ParsableArguments {
 
     @Option(name: .long, help: ArgumentHelp("The SQLite database file (default: DATA-DIR/broker.sqlite).", valueName: "PATH"))
     var database: String?
+
+    @Option(name: .long, help: ArgumentHelp("PEM certificate for HTTPS on --listen (RSA of at least 2048 bits), with --tls-key.", valueName: "FILE"))
+    var tlsCert: String?
+
+    @Option(name: .long, help: ArgumentHelp("PEM private key of --tls-cert.", valueName: "FILE"))
+    var tlsKey: String?
 
     @Option(name: .long, help: ArgumentHelp("The first admin's password, on the first line of FILE (used only while the database has no users).", valueName: "FILE"))
     var adminPasswordFile: String?
@@ -214,6 +225,32 @@ struct BrokerOptions: ParsableArguments {
         }
         if Logger.Level(rawValue: logLevel) == nil {
             throw ValidationError("--log-level must be one of \(Logger.Level.allCases.map(\.rawValue).joined(separator: ", ")), got '\(logLevel)'")
+        }
+    }
+
+    /// HTTPS for the listener when --tls-cert and --tls-key are given, after HP's checks on them.
+    func tlsConfiguration() throws -> TLSConfiguration? {
+        switch (tlsCert, tlsKey) {
+        case (nil, nil): return nil
+        case (_?, nil): throw ValidationError("--tls-cert needs --tls-key")
+        case (nil, _?): throw ValidationError("--tls-key needs --tls-cert")
+        case (let cert?, let key?):
+            guard let certPEM = FileManager.default.contents(atPath: cert) else { throw ValidationError("--tls-cert \(cert): cannot be read") }
+            guard let keyPEM = FileManager.default.contents(atPath: key) else { throw ValidationError("--tls-key \(key): cannot be read") }
+            do throws(CertificateFiles.Problem) {
+                try CertificateFiles.checkServerPair(certificate: Array(certPEM), certificateFile: cert, key: Array(keyPEM), keyFile: key)
+            } catch {
+                throw ValidationError("\(error.file == key ? "--tls-key" : "--tls-cert") \(error)")
+            }
+            do {
+                var tls = TLSConfiguration.makeServerConfiguration(
+                    certificateChain: try NIOSSLCertificate.fromPEMFile(cert).map { .certificate($0) },
+                    privateKey: .privateKey(try NIOSSLPrivateKey(file: key, format: .pem)))
+                tls.minimumTLSVersion = .tlsv12
+                return tls
+            } catch {
+                throw ValidationError("--tls-cert/--tls-key: \(error)")
+            }
         }
     }
 

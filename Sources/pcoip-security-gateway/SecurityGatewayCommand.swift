@@ -4,8 +4,10 @@ import Hummingbird
 import Logging
 import Relay
 import SecurityGateway
+import ServiceLifecycle
 import SessionGrants
 import SystemLayer
+import UnixSignals
 
 let securityGatewayVersion = "0.1.0"
 
@@ -76,24 +78,31 @@ struct SecurityGatewayCommand: AsyncParsableCommand {
 struct Serve: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Run the Security Gateway in the foreground.",
-        usage: "pcoip-security-gateway serve --config <SecurityGateway.conf> --data-dir <dir> [--log-level <level>]",
-        discussion: "--config FILE (the SecurityGateway.conf, required) may come before or after `serve`.")
+        usage: "pcoip-security-gateway serve --config <SecurityGateway.conf> --data-dir <dir> [--log-level <level>] [--pid-file <file>]",
+        discussion: """
+            --config FILE (the SecurityGateway.conf, required) may come before or after `serve`.
+            SIGHUP re-reads the config without dropping a session (ListenAddress, ControlListen and
+            AgentSourcePort need a restart); SIGTERM stops.
+            """)
 
     @ParentCommand var parent: SecurityGatewayCommand
 
     @Option(name: .long, help: "Where prepared grants persist (created if missing, mode 0700).")
     var dataDir: String
 
-    @Option(name: .long, help: "Log level: trace, debug, info, notice, warning, error, critical.")
-    var logLevel: String = "info"
+    @Option(name: .long, help: "Log level: trace, debug, info, notice, warning, error, critical (default: the config's LogLevel, else info).")
+    var logLevel: String?
+
+    @Option(name: .long, help: "Write the process id here while serving (for pcoip-cmsg-setup configure and uninstall).")
+    var pidFile: String?
 
     func run() async throws {
-        guard let level = Logger.Level(rawValue: logLevel) else {
+        if let logLevel, Logger.Level(rawValue: logLevel) == nil {
             throw ValidationError("--log-level: \"\(logLevel)\" is not one of trace, debug, info, notice, warning, error, critical")
         }
         guard let config = parent.config else { throw ValidationError("serve needs --config FILE") }
         var logger = Logger(label: "pcoip-security-gateway")
-        logger.logLevel = level
+        logger.logLevel = .info
         // Start-up reads files, restores the grant journal and waits for the
         // relay loops: on threads made for blocking work, not Swift's
         // cooperative ones (the control endpoint below runs there).
@@ -125,23 +134,62 @@ struct Serve: AsyncParsableCommand {
             }
             return (loaded, gateway)
         }
+        if let level = (logLevel ?? loaded.logLevel).flatMap({ Logger.Level(rawValue: $0) }) { logger.logLevel = level }
         let listen = loaded.controlListen
         let log = logger
         let app = SecurityGatewayControl.application(
             gateway: gateway, address: .hostname("\(listen.ip)", port: Int(listen.port)), logger: logger,
             onServerRunning: { address in log.notice("control endpoint on \(address)") })
+        let pidFile = self.pidFile
+        if let pidFile {
+            try await BlockingExecutor.shared.run { () throws in
+                do throws(Errno) { try StateFile.writeAtomically(pidFile, Array("\(SystemInfo.processID)\n".utf8), mode: 0o644) } catch {
+                    throw Failure("--pid-file \(pidFile): \(error)")
+                }
+            }
+        }
+        let group = ServiceGroup(configuration: .init(services: [app, Reloader(gateway: gateway, path: config, logger: logger)],
+                                                      gracefulShutdownSignals: [.sigterm], cancellationSignals: [.sigint],
+                                                      logger: logger))
         do {
-            try await app.runService()
+            try await group.run()
         } catch {
-            await BlockingExecutor.shared.run { gateway.shutdown() }
+            await BlockingExecutor.shared.run {
+                gateway.shutdown()
+                if let pidFile { StateFile.remove(pidFile) }
+            }
             throw Failure("ControlListen: cannot serve on \(listen): \(error)")
         }
         let active = await BlockingExecutor.shared.run { () -> Int in
             let active = gateway.status().activeSessions
             gateway.shutdown()
+            if let pidFile { StateFile.remove(pidFile) }
             return active
         }
         logger.notice("stopped: \(active) session(s) closed")
+    }
+}
+
+/// Re-reads the config on SIGHUP; a bad file is logged and changes nothing.
+struct Reloader: Service {
+    let gateway: SecurityGateway
+    let path: String
+    let logger: Logger
+
+    func run() async throws {
+        for await _ in await UnixSignalsSequence(trapping: .sighup).cancelOnGracefulShutdown() {
+            do {
+                let (config, verifier) = try await withTaskExecutorPreference(BlockingExecutor.shared) { try await Loader.load(path) }
+                let gateway = self.gateway
+                try await BlockingExecutor.shared.run { () throws in
+                    do throws(RuleError) { try gateway.reload(config: config, verifier: verifier) } catch {
+                        throw Failure("\(error)")
+                    }
+                }
+            } catch {
+                logger.error("config not reloaded (the running one stays): \(error)")
+            }
+        }
     }
 }
 

@@ -113,7 +113,7 @@ struct ConnectTests {
             #expect(again.reply.object["keep"] as? [String] == [ruleID], "\(again.reply)")
             // Rules the gateway did not list (it lost them) are pushed again,
             // asking for the port the client was given (method 2 names it now).
-            let repushed = try await eventuallyAsync {
+            let repushed = await eventuallyAsync {
                 fake.calls.filter { $0.method == "PUT" && ($0.ruleID == lost || $0.ruleID == lostRandom) }.count == 4
             }
             #expect(repushed, "the broker did not push the rules the gateway lacked")
@@ -275,7 +275,7 @@ struct ConnectTests {
             let again = try await agentCall(broker, "/v1/gateway-agent/register", registerBody(g2, controlURL: fake2.controlURL),
                                             gatewayID: g2, key: key2)
             #expect(again.reply.status == 200)
-            let joined = try await eventuallyAsync { fake2.rules.values.contains { $0.port == port } }
+            let joined = await eventuallyAsync { fake2.rules.values.contains { $0.port == port } }
             #expect(joined, "gw-2 did not get the connection it lacked on port \(port)")
             #expect(try await eventuallyAsync { try await broker.store.rules(connectionID: ruleID).map(\.gatewayID) == [Int64(g1), Int64(g2)] })
 

@@ -15,14 +15,14 @@ struct StoreTests {
         #expect(!FileManager.default.fileExists(atPath: path))
         let store = try SQLiteBrokerStore(path: path)
         let schema = try await store.schema()
-        #expect(schema.applied == ["0001-initial", "0002-control-plane", "0003-connection-groups"])
+        #expect(schema.applied == ["0001-initial", "0002-control-plane", "0003-connection-groups", "0004-entitlements"])
         #expect(schema.pending.isEmpty && schema.unknown.isEmpty)
-        #expect(schema.version == "0003-connection-groups")
+        #expect(schema.version == "0004-entitlements")
 
         let queue = try DatabaseQueue(path: path)
         try await queue.read { db in
             let tables = try String.fetchAll(db, sql: "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
-            for table in ["desktop", "desktop_protocol", "gateway", "gateway_cluster", "gateway_rule", "grdb_migrations", "user_account", "user_session"] {
+            for table in ["desktop", "desktop_protocol", "desktop_user", "gateway", "gateway_cluster", "gateway_rule", "grdb_migrations", "user_account", "user_session"] {
                 #expect(tables.contains(table), "table \(table) missing from \(tables)")
             }
             #expect(try String.fetchOne(db, sql: "PRAGMA journal_mode") == "wal")
@@ -47,7 +47,7 @@ struct StoreTests {
         }
         let store = try SQLiteBrokerStore(path: path)
         #expect(try await store.gateways().map(\.name) == ["gw"])
-        #expect(try await store.schema().applied == ["0001-initial", "0002-control-plane", "0003-connection-groups"])
+        #expect(try await store.schema().applied == ["0001-initial", "0002-control-plane", "0003-connection-groups", "0004-entitlements"])
     }
 
     @Test("a database from a newer broker is refused, naming the file and the migrations")

@@ -7,6 +7,8 @@ struct HTTPReply: Sendable, CustomStringConvertible {
     var status: Int
     var headers: [String: String]
     var body: Data
+    /// The response head as it came, header names as the server spelled them.
+    var head: String = ""
 
     /// The body parsed as JSON (nil when it is not JSON).
     var json: Any? { try? JSONSerialization.jsonObject(with: body, options: [.fragmentsAllowed]) }
@@ -120,7 +122,7 @@ struct HTTPClient: Sendable {
         } else if let length = headers["content-length"].flatMap({ Int($0) }), body.count > length {
             body = body.prefix(length)
         }
-        return HTTPReply(status: status, headers: headers, body: body)
+        return HTTPReply(status: status, headers: headers, body: body, head: head)
     }
 
     private static func dechunk(_ data: Data) -> Data {

@@ -1,0 +1,154 @@
+import AsyncHTTPClient
+import Foundation
+import NIOCore
+import NIOHTTP1
+import NIOSSL
+import PCoIPBrokerProtocol
+
+/// Why a call to the broker or a Security Gateway got no usable answer.
+public struct UpstreamFailure: Error, Sendable, CustomStringConvertible {
+    public let description: String
+    public init(_ description: String) { self.description = description }
+}
+
+/// The broker at `BrokerUrl`, over HTTPS (AsyncHTTPClient, swift-nio-ssl):
+/// verified against the system's CAs or `BrokerCaCert`, or not at all only
+/// with `BrokerAllowSelfSigned = true`; TLS 1.2 or later.
+public final class BrokerClient: Sendable {
+    public let url: BrokerURL
+    private let client: HTTPClient
+    private let timeout: TimeAmount
+
+    /// - Throws: `UpstreamFailure` when the CA file cannot be used.
+    public init(url: BrokerURL, caFile: String, allowSelfSigned: Bool, timeoutSeconds: Int64 = 15) throws(UpstreamFailure) {
+        self.url = url
+        var tls = TLSConfiguration.makeClientConfiguration()
+        tls.minimumTLSVersion = .tlsv12
+        if !caFile.isEmpty {
+            do {
+                tls.trustRoots = .certificates(try NIOSSLCertificate.fromPEMFile(caFile))
+            } catch {
+                throw UpstreamFailure("BrokerCaCert \(caFile): \(error)")
+            }
+        }
+        if allowSelfSigned { tls.certificateVerification = .none }
+        var configuration = HTTPClient.Configuration(tlsConfiguration: tls)
+        configuration.timeout = .init(connect: .seconds(5), read: .seconds(timeoutSeconds))
+        configuration.connectionPool = .init(idleTimeout: .seconds(60), concurrentHTTP1ConnectionsPerHostSoftLimit: 64)
+        configuration.redirectConfiguration = .disallow
+        client = HTTPClient(eventLoopGroupProvider: .singleton, configuration: configuration)
+        timeout = .seconds(timeoutSeconds)
+    }
+
+    /// Relays one message.
+    /// - Parameters:
+    ///   - cookie: the broker's session cookie for this client, if it set one.
+    ///   - clientAddress: sent as `X-Forwarded-For`.
+    /// - Returns: the answer's body and the broker's new `JSESSIONID`, if it set one.
+    public func send(_ body: [UInt8], cookie: String?, clientAddress: String, clientLogID: String?) async throws(UpstreamFailure) -> (body: [UInt8], cookie: String?) {
+        var request = HTTPClientRequest(url: url.endpoint)
+        request.method = .POST
+        request.headers.add(name: "Content-Type", value: PCoIPBroker.contentType)
+        if let cookie { request.headers.add(name: "Cookie", value: "\(PCoIPBroker.cookieName)=\(cookie)") }
+        if !clientAddress.isEmpty { request.headers.add(name: "X-Forwarded-For", value: clientAddress) }
+        if let clientLogID { request.headers.add(name: PCoIPBroker.clientLogIDHeader, value: clientLogID) }
+        request.body = .bytes(ByteBuffer(bytes: body))
+        do {
+            let response = try await client.execute(request, timeout: timeout)
+            let bytes = try await response.body.collect(upTo: 256 * 1024)
+            guard response.status == .ok else {
+                throw UpstreamFailure("the broker answered HTTP \(response.status.code)")
+            }
+            return (Array(bytes.readableBytesView), Self.sessionCookie(response.headers))
+        } catch let failure as UpstreamFailure {
+            throw failure
+        } catch {
+            throw UpstreamFailure("cannot reach the broker at \(url): \(error)")
+        }
+    }
+
+    /// Whether the broker answers at all (any HTTP status): nil, or why not.
+    public func probe() async -> String? {
+        var request = HTTPClientRequest(url: url.endpoint)
+        request.method = .GET
+        do {
+            let response = try await client.execute(request, timeout: .seconds(5))
+            _ = try await response.body.collect(upTo: 64 * 1024)
+            return nil
+        } catch {
+            return "\(error)"
+        }
+    }
+
+    static func sessionCookie(_ headers: HTTPHeaders) -> String? {
+        for value in headers["Set-Cookie"] {
+            let first = value.split(separator: ";", maxSplits: 1).first.map(String.init) ?? ""
+            let parts = first.split(separator: "=", maxSplits: 1).map { $0.trimmingCharacters(in: .whitespaces) }
+            if parts.count == 2, parts[0] == PCoIPBroker.cookieName, !parts[1].isEmpty { return parts[1] }
+        }
+        return nil
+    }
+
+    public func shutdown() async {
+        try? await client.shutdown()
+    }
+}
+
+/// The Security Gateways' control endpoints (plain HTTP on a private
+/// address; a grant is admitted only if its signature verifies).
+public final class SecurityGatewayClient: Sendable {
+    private let client: HTTPClient
+
+    public init() {
+        var configuration = HTTPClient.Configuration()
+        configuration.timeout = .init(connect: .seconds(2), read: .seconds(5))
+        configuration.connectionPool = .init(idleTimeout: .seconds(60), concurrentHTTP1ConnectionsPerHostSoftLimit: 32)
+        client = HTTPClient(eventLoopGroupProvider: .singleton, configuration: configuration)
+    }
+
+    private func base(_ gateway: SecurityGatewayAddress) -> String { "http://\(gateway.control)" }
+
+    /// `GET /health` then `GET /v1/status`: healthy, and its active sessions.
+    public func check(_ gateway: SecurityGatewayAddress, now: Double) async -> GatewayPool.Health {
+        do {
+            let health = try await get(base(gateway) + "/health")
+            guard health.status == 200 else {
+                let reason = (try? JSONSerialization.jsonObject(with: Data(health.body)) as? [String: Any])?["reason"] as? String
+                return GatewayPool.Health(healthy: false, activeSessions: 0, problem: "health \(health.status): \(reason ?? "no reason")", checkedAt: now)
+            }
+            let status = try await get(base(gateway) + "/v1/status")
+            let object = (try? JSONSerialization.jsonObject(with: Data(status.body))) as? [String: Any]
+            let active = (object?["active_sessions"] as? Int) ?? 0
+            return GatewayPool.Health(healthy: true, activeSessions: active, problem: nil, checkedAt: now)
+        } catch {
+            return GatewayPool.Health(healthy: false, activeSessions: 0, problem: "does not answer: \(error)", checkedAt: now)
+        }
+    }
+
+    /// `POST /v1/sessions {"grant": token}`: nil when prepared (201 or 200), else why not.
+    public func prepare(_ gateway: SecurityGatewayAddress, token: String) async -> String? {
+        var request = HTTPClientRequest(url: base(gateway) + "/v1/sessions")
+        request.method = .POST
+        request.headers.add(name: "Content-Type", value: "application/json")
+        let body = (try? JSONSerialization.data(withJSONObject: ["grant": token])) ?? Data()
+        request.body = .bytes(ByteBuffer(bytes: Array(body)))
+        do {
+            let response = try await client.execute(request, timeout: .seconds(5))
+            let answer = try await response.body.collect(upTo: 64 * 1024)
+            if response.status.code == 201 || response.status.code == 200 { return nil }
+            return "HTTP \(response.status.code): \(String(buffer: answer).prefix(200))"
+        } catch {
+            return "\(error)"
+        }
+    }
+
+    private func get(_ url: String) async throws -> (status: Int, body: [UInt8]) {
+        let response = try await client.execute(HTTPClientRequest(url: url), timeout: .seconds(5))
+        let body = try await response.body.collect(upTo: 256 * 1024)
+        return (Int(response.status.code), Array(body.readableBytesView))
+    }
+
+    public func shutdown() async {
+        try? await client.shutdown()
+    }
+}
