@@ -287,6 +287,11 @@ public final class ConnectionManager: Sendable {
             public var healthy: Bool
             public var activeSessions: Int
             public var problem: String?
+
+            enum CodingKeys: String, CodingKey {
+                case address, control, local, healthy, problem
+                case activeSessions = "active_sessions"
+            }
         }
 
         enum CodingKeys: String, CodingKey {
