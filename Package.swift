@@ -59,7 +59,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         // The gateway config file: parsing and validation with file:line errors.
-        .target(name: "GatewayConfig", dependencies: ["Relay", "SystemLayer"]),
+        .target(name: "GatewayConfig", dependencies: ["Relay", "SystemLayer", "KeyValueConfig"]),
         // The gateway's side of the control plane: pushed rules, ports,
         // persistence, expiry, the signed control endpoint (Hummingbird) and
         // registration with the broker.

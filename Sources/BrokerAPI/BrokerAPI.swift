@@ -174,28 +174,21 @@ public struct BrokerAPI: Sendable {
             try validating { () throws(FieldError) in try Validate.token(domain, field: "domain", max: Limits.domainMaxLength) }
         }
 
-        let hasher = configuration.passwordHasher
-        guard let credentials = try await store.credentials(login: login) else {
-            // Spend the time a wrong password would, so timing does not tell which logins exist.
-            _ = await hasher.verified(password, against: await Self.decoy(hasher))
+        let user: User
+        switch try await checkPassword(login: login, password: password) {
+        case .unknownLogin:
             context.logger.notice("login refused: unknown user_login")
             throw APIError.unauthorized("wrong user_login or password")
-        }
-        guard await hasher.verified(password, against: credentials.passwordHash) else {
-            context.logger.notice("login refused: wrong password for '\(credentials.user.login)'")
+        case .wrongPassword(let who):
+            context.logger.notice("login refused: wrong password for '\(who.login)'")
             throw APIError.unauthorized("wrong user_login or password")
+        case .disabled(let who):
+            throw APIError(.forbidden, "user '\(who.login)' is disabled and may not use the API")
+        case .accepted(let who):
+            user = who
         }
-        guard credentials.user.enabled else {
-            throw APIError(.forbidden, "user '\(credentials.user.login)' is disabled and may not use the API")
-        }
-        let now = clock()
-        try await store.deleteExpiredSessions(now: now)
-        let token = Secrets.token()
-        try await store.createSession(Session(tokenHash: Secrets.sha256Hex(token), userID: credentials.user.id, created: now,
-                                              expires: now.addingTimeInterval(configuration.sessionLifetime),
-                                              clientAddress: context.clientAddress,
-                                              loginGatewayID: context.loginGatewayID))
-        context.logger.info("login: '\(credentials.user.login)' (\(credentials.user.role.rawValue))\(context.loginGatewayID.map { " through gateway \($0)" } ?? "")")
+        let token = try await openSession(for: user, context)
+        context.logger.info("login: '\(user.login)' (\(user.role.rawValue))\(context.loginGatewayID.map { " through gateway \($0)" } ?? "")")
         return .json(["sid": .string(token)])
     }
 
@@ -211,6 +204,40 @@ public struct BrokerAPI: Sendable {
     private static let decoyHash = Mutex<[UInt8: String]>([:])
 
     /// A hash to verify against when the login is unknown, made once per cost.
+    /// What a login's password check came to.
+    enum PasswordCheck {
+        case accepted(User)
+        case unknownLogin
+        case wrongPassword(User)
+        case disabled(User)
+    }
+
+    /// Checks `password` for `login` (bcrypt, off the async executor). An
+    /// unknown login costs the time a wrong password would, so timing does
+    /// not tell which logins exist. Shared by the REST login and the PCoIP
+    /// broker protocol's authenticate.
+    func checkPassword(login: String, password: String) async throws -> PasswordCheck {
+        let hasher = configuration.passwordHasher
+        guard let credentials = try await store.credentials(login: login) else {
+            _ = await hasher.verified(password, against: await Self.decoy(hasher))
+            return .unknownLogin
+        }
+        guard await hasher.verified(password, against: credentials.passwordHash) else { return .wrongPassword(credentials.user) }
+        guard credentials.user.enabled else { return .disabled(credentials.user) }
+        return .accepted(credentials.user)
+    }
+
+    /// A new session for `user` (expired ones are cleared first). - Returns: its token.
+    func openSession(for user: User, _ context: BrokerRequestContext) async throws -> String {
+        let now = clock()
+        try await store.deleteExpiredSessions(now: now)
+        let token = Secrets.token()
+        try await store.createSession(Session(tokenHash: Secrets.sha256Hex(token), userID: user.id, created: now,
+                                              expires: now.addingTimeInterval(configuration.sessionLifetime),
+                                              clientAddress: context.clientAddress, loginGatewayID: context.loginGatewayID))
+        return token
+    }
+
     /// Made off the async executor, like every bcrypt.
     static func decoy(_ hasher: PasswordHasher) async -> String {
         if let hash = decoyHash.withLock({ $0[hasher.cost] }) { return hash }

@@ -85,27 +85,22 @@ extension BrokerAPI {
             context.logger.notice("pcoip: authenticate refused: malformed username or password")
             return fail(.authFailedCredentials, "unknown username or wrong password")
         }
-        let hasher = configuration.passwordHasher
-        guard let credentials = try await store.credentials(login: auth.username) else {
-            _ = await hasher.verified(auth.password, against: await Self.decoy(hasher))
+        let user: User
+        switch try await checkPassword(login: auth.username, password: auth.password) {
+        case .unknownLogin:
             context.logger.notice("pcoip: authenticate refused: unknown username")
             return fail(.authFailedCredentials, "unknown username or wrong password")
-        }
-        guard await hasher.verified(auth.password, against: credentials.passwordHash) else {
-            context.logger.notice("pcoip: authenticate refused: wrong password for '\(credentials.user.login)'")
+        case .wrongPassword(let who):
+            context.logger.notice("pcoip: authenticate refused: wrong password for '\(who.login)'")
             return fail(.authFailedCredentials, "unknown username or wrong password")
+        case .disabled(let who):
+            return fail(.authFailedDisabled, "user '\(who.login)' is disabled")
+        case .accepted(let who):
+            user = who
         }
-        guard credentials.user.enabled else {
-            return fail(.authFailedDisabled, "user '\(credentials.user.login)' is disabled")
-        }
-        let now = clock()
-        try await store.deleteExpiredSessions(now: now)
-        let token = Secrets.token()
-        try await store.createSession(Session(tokenHash: Secrets.sha256Hex(token), userID: credentials.user.id, created: now,
-                                              expires: now.addingTimeInterval(configuration.sessionLifetime),
-                                              clientAddress: context.clientAddress, loginGatewayID: context.loginGatewayID))
-        context.logger.info("pcoip: '\(credentials.user.login)' authenticated")
-        return PCoIPHTTP.answer(BrokerAnswer.authenticate(.authSuccessful, "authenticated as \(credentials.user.login)"),
+        let token = try await openSession(for: user, context)
+        context.logger.info("pcoip: '\(user.login)' authenticated")
+        return PCoIPHTTP.answer(BrokerAnswer.authenticate(.authSuccessful, "authenticated as \(user.login)"),
                                 setCookie: PCoIPHTTP.sessionCookie(token, path: "/", secure: false))
     }
 

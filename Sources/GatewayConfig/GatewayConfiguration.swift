@@ -1,3 +1,4 @@
+import KeyValueConfig
 import Relay
 import SystemLayer
 
@@ -26,19 +27,7 @@ public struct GatewayConfiguration: Sendable, Equatable {
 }
 
 /// A config file error, naming the file, the line and what was wrong.
-public struct ConfigError: Error, Equatable, Sendable, CustomStringConvertible {
-    public let file: String
-    public let line: Int
-    public let message: String
-
-    public init(file: String, line: Int, message: String) {
-        self.file = file
-        self.line = line
-        self.message = message
-    }
-
-    public var description: String { line > 0 ? "\(file):\(line): \(message)" : "\(file): \(message)" }
-}
+public typealias ConfigError = ConfigFileError
 
 /// Reads the gateway's config format: `key = value` lines, `#` comments and
 /// `[forward NAME]` sections. See Config/gateway.example.conf.
