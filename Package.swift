@@ -49,6 +49,12 @@ let package = Package(
         .systemLibrary(name: "CSystemd", pkgConfig: "libsystemd",
                        providers: [.apt(["libsystemd-dev"])]),
 
+        // The kernel path's netlink layer on libnftnl and libmnl (C: message building).
+        .target(name: "CNetfilter", dependencies: ["CNftnl", "CMnl"],
+                linkerSettings: [.linkedLibrary("nftnl"), .linkedLibrary("mnl")]),
+        // The product's nftables table and conntrack, as safe Swift (unsafe pointers stay here).
+        .target(name: "NetfilterKernel", dependencies: ["CNetfilter", "SystemLayer"]),
+
         // The typed system layer: the only Swift code that imports Glibc for I/O.
         .target(name: "SystemLayer", dependencies: ["CSystemShim"]),
         // One epoll loop per thread, its command queue and timers.
@@ -192,6 +198,7 @@ let package = Package(
         .target(name: "TestSupport", dependencies: ["SystemLayer"], path: "Tests/TestSupport"),
 
         .testTarget(name: "SystemLayerTests", dependencies: ["TestSupport", "SystemLayer"]),
+        .testTarget(name: "NetfilterKernelTests", dependencies: ["TestSupport", "NetfilterKernel", "SystemLayer"]),
         .testTarget(name: "EventLoopTests", dependencies: ["TestSupport", "EventLoop", "SystemLayer"]),
         .testTarget(name: "RelayTests", dependencies: ["TestSupport", "Relay", "EventLoop", "SystemLayer"]),
         .testTarget(name: "GatewayConfigTests", dependencies: ["TestSupport", "GatewayConfig", "Relay"]),

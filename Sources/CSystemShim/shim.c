@@ -8,6 +8,7 @@
 #include <string.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <time.h>
 #include <unistd.h>
@@ -133,6 +134,8 @@ int shim_raise_process(int sig) { return kill(getpid(), sig); }
 int shim_pthread_set_name(const char *name) { return pthread_setname_np(pthread_self(), name); }
 
 int shim_is_main_thread(void) { return gettid() == getpid(); }
+
+int shim_enter_network_namespace(int fd) { return setns(fd, CLONE_NEWNET); }
 
 static __thread int thread_is_dedicated = 0;
 void shim_mark_thread_dedicated(void) { thread_is_dedicated = 1; }

@@ -30,6 +30,19 @@ public enum SystemThread {
     }
 }
 
+extension SystemThread {
+    /// Moves the calling thread into the network namespace at `path` (such as
+    /// `/var/run/netns/NAME`): sockets it opens from now on belong there.
+    /// Other threads are not affected. For tests and tools that work in a
+    /// namespace of their own.
+    /// - Throws: `Errno` (EPERM without CAP_SYS_ADMIN, ENOENT).
+    public static func enterNetworkNamespace(path: String) throws(Errno) {
+        let fd = try Syscall.run { Glibc.open(path, O_RDONLY | O_CLOEXEC) }
+        defer { _ = Glibc.close(fd) }
+        _ = try Syscall.run { shim_enter_network_namespace(fd) }
+    }
+}
+
 /// A started thread that must be joined once.
 public struct ThreadHandle: @unchecked Sendable {
     let thread: pthread_t

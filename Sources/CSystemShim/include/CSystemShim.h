@@ -92,6 +92,8 @@ int shim_pthread_set_name(const char *name);
 // 1 on the process's main thread (gettid() == getpid()), else 0. gettid is
 // not in Swift's Glibc module.
 int shim_is_main_thread(void);
+// setns(fd, CLONE_NEWNET) for the calling thread (not in Swift's Glibc module).
+int shim_enter_network_namespace(int fd);
 // A per-thread flag: set by threads made for blocking work
 // (BlockingExecutor), read by BlockingCallCheck.
 void shim_mark_thread_dedicated(void);
