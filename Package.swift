@@ -65,18 +65,18 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         // The gateway config file: parsing and validation with file:line errors.
-        .target(name: "GatewayConfig", dependencies: ["Relay", "SystemLayer", "KeyValueConfig"]),
+        .target(name: "GatewayConfig", dependencies: ["Relay", "SystemLayer", "KeyValueConfig", "ControlProtocol"]),
         // The gateway's side of the control plane: pushed rules, ports,
         // persistence, expiry, the signed control endpoint (Hummingbird) and
         // registration with the broker.
         .target(name: "GatewayControl", dependencies: [
-            "Relay", "SystemLayer", "ControlProtocol",
+            "Relay", "SystemLayer", "ControlProtocol", "NetfilterKernel",
             .product(name: "Hummingbird", package: "hummingbird"),
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),
         ]),
         .executableTarget(name: "leostream-gateway", dependencies: [
-            "GatewayConfig", "GatewayControl", "ControlProtocol", "Relay", "SystemLayer",
+            "GatewayConfig", "GatewayControl", "ControlProtocol", "Relay", "SystemLayer", "NetfilterKernel",
             .product(name: "Hummingbird", package: "hummingbird"),
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
@@ -205,7 +205,7 @@ let package = Package(
         .testTarget(name: "GatewayE2ETests", dependencies: ["TestSupport", "SystemLayer"]),
         .testTarget(name: "ControlProtocolTests", dependencies: ["TestSupport", "ControlProtocol"]),
         .testTarget(name: "GatewayControlTests", dependencies: [
-            "TestSupport", "GatewayControl", "ControlProtocol", "Relay", "SystemLayer",
+            "TestSupport", "GatewayControl", "ControlProtocol", "Relay", "SystemLayer", "NetfilterKernel",
             .product(name: "Hummingbird", package: "hummingbird"),
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
         ]),

@@ -20,9 +20,6 @@ Secrets (the control key, the session id) are read from files and never
 printed. Standard library only.
 """
 import argparse
-import base64
-import hashlib
-import hmac
 import http.client
 import json
 import os
@@ -32,55 +29,8 @@ import sys
 import threading
 import time
 
-
-def b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def read_key(path: str) -> bytes:
-    text = open(path).read().strip()
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-class ControlClient:
-    """A keep-alive HTTP connection to the gateway's control endpoint, signing
-    as the broker (direction broker-to-gateway), per docs/CONTROL-PROTOCOL.md."""
-
-    def __init__(self, host, port, gateway_id, key):
-        self.host, self.port, self.gateway_id, self.key = host, port, gateway_id, key
-        self.conn = http.client.HTTPConnection(host, port, timeout=30)
-
-    def request(self, method, path, body=b""):
-        ts = str(int(time.time()))
-        nonce = secrets.token_hex(16)
-        text = "\n".join(["LEO-HMAC-SHA256", "broker-to-gateway", method, path, ts, nonce,
-                          hashlib.sha256(body).hexdigest()])
-        sig = b64url(hmac.new(self.key, text.encode(), hashlib.sha256).digest())
-        headers = {"Authorization": f"LEO-HMAC-SHA256 gw={self.gateway_id}, ts={ts}, nonce={nonce}, sig={sig}"}
-        if body:
-            headers["Content-Type"] = "application/json"
-        for attempt in (0, 1):
-            try:
-                self.conn.request(method, path, body=body or None, headers=headers)
-                reply = self.conn.getresponse()
-                return reply.status, reply.read()
-            except (http.client.HTTPException, ConnectionError):
-                self.conn.close()
-                self.conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
-                if attempt:
-                    raise
-
-    def put_rule(self, rule_id, target):
-        body = json.dumps({"protocol": "tcp", "method": 0, "target": target}).encode()
-        status, data = self.request("PUT", f"/control/v1/rules/{rule_id}", body)
-        if status not in (200, 201):
-            raise RuntimeError(f"PUT rule: HTTP {status}: {data[:200]!r}")
-        return json.loads(data)["port"]
-
-    def delete_rule(self, rule_id):
-        status, data = self.request("DELETE", f"/control/v1/rules/{rule_id}")
-        if status != 204:
-            raise RuntimeError(f"DELETE rule: HTTP {status}: {data[:200]!r}")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts", "python"))
+from leocontrol import ControlClient, read_key  # noqa: E402
 
 
 def echo_through(host, port, size=64):

@@ -17,6 +17,39 @@ public enum RoutingMethod: Int, Codable, Sendable, CaseIterable {
     case randomPortClientOnly = 2
 }
 
+/// How a rule's traffic crosses the gateway (`forwarding_path`).
+public enum ForwardingPath: String, Codable, Sendable, CaseIterable {
+    /// The userspace relay: admission control, the allow-list and accounting per connection.
+    case userspace
+    /// nftables DNAT and masquerade in the gateway's own table: kernel speed, counters per rule.
+    case kernel
+    /// The userspace relay admits a client's first connection; the client's
+    /// later connections and flows go through the kernel path.
+    case offload
+}
+
+/// Bytes and packets the kernel path carried for a rule.
+public struct KernelTraffic: Codable, Sendable, Equatable {
+    /// New connections and UDP flows DNATed.
+    public var flows: UInt64
+    public var packets: UInt64
+    public var bytes: UInt64
+    /// Clients the rule's flows are offloaded for (`offload` rules).
+    public var offloadedClients: Int
+
+    enum CodingKeys: String, CodingKey {
+        case flows, packets, bytes
+        case offloadedClients = "offloaded_clients"
+    }
+
+    public init(flows: UInt64 = 0, packets: UInt64 = 0, bytes: UInt64 = 0, offloadedClients: Int = 0) {
+        self.flows = flows
+        self.packets = packets
+        self.bytes = bytes
+        self.offloadedClients = offloadedClients
+    }
+}
+
 /// `PUT /control/v1/rules/{id}`: a rule the broker asks the gateway to open.
 public struct RulePush: Codable, Sendable, Equatable {
     public var `protocol`: RuleProtocol
@@ -29,23 +62,27 @@ public struct RulePush: Codable, Sendable, Equatable {
     public var port: Int?
     /// Removed when no connection used it within this many seconds of its creation.
     public var unusedExpirySeconds: Int?
+    /// The path the rule's traffic takes; absent: the gateway's default.
+    public var forwardingPath: ForwardingPath?
 
-    public static let fields: Set<String> = ["protocol", "method", "target", "client_ip", "port", "unused_expiry_s"]
+    public static let fields: Set<String> = ["protocol", "method", "target", "client_ip", "port", "unused_expiry_s", "forwarding_path"]
 
     enum CodingKeys: String, CodingKey {
         case `protocol`, method, target, port
         case clientIP = "client_ip"
         case unusedExpirySeconds = "unused_expiry_s"
+        case forwardingPath = "forwarding_path"
     }
 
     public init(protocol: RuleProtocol, method: RoutingMethod, target: String, clientIP: String? = nil,
-                port: Int? = nil, unusedExpirySeconds: Int? = nil) {
+                port: Int? = nil, unusedExpirySeconds: Int? = nil, forwardingPath: ForwardingPath? = nil) {
         self.protocol = `protocol`
         self.method = method
         self.target = target
         self.clientIP = clientIP
         self.port = port
         self.unusedExpirySeconds = unusedExpirySeconds
+        self.forwardingPath = forwardingPath
     }
 }
 
@@ -59,22 +96,32 @@ public struct RuleState: Codable, Sendable, Equatable {
     public var created: Int64
     /// Unix seconds of the last connection or datagram, nil if never used.
     public var lastUsed: Int64?
-    /// Live connections and UDP flows.
+    /// Live connections and UDP flows (of the userspace relay).
     public var sessions: Int
+    /// `offload` rules: the clients (IPv4) whose traffic the kernel path carries.
+    public var offloaded: [String]?
+    /// What the kernel path carried (kernel and offload rules; not stored).
+    public var kernel: KernelTraffic?
 
     enum CodingKeys: String, CodingKey {
-        case id, push, port, created, sessions
+        case id, push, port, created, sessions, offloaded, kernel
         case lastUsed = "last_used"
     }
 
-    public init(id: String, push: RulePush, port: Int, created: Int64, lastUsed: Int64? = nil, sessions: Int = 0) {
+    public init(id: String, push: RulePush, port: Int, created: Int64, lastUsed: Int64? = nil, sessions: Int = 0,
+                offloaded: [String]? = nil, kernel: KernelTraffic? = nil) {
         self.id = id
         self.push = push
         self.port = port
         self.created = created
         self.lastUsed = lastUsed
         self.sessions = sessions
+        self.offloaded = offloaded
+        self.kernel = kernel
     }
+
+    /// The path the rule's traffic takes (userspace when the push did not say).
+    public var forwardingPath: ForwardingPath { push.forwardingPath ?? .userspace }
 }
 
 public struct PortRange: Codable, Sendable, Equatable {

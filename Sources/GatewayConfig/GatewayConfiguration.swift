@@ -1,3 +1,4 @@
+import ControlProtocol
 import KeyValueConfig
 import Relay
 import SystemLayer
@@ -23,6 +24,15 @@ public struct GatewayConfiguration: Sendable, Equatable {
     /// The gateway's Leostream `signature`, sent in the PROXY header's 0xE0 TLV (`gateway_signature`).
     public var gatewaySignature: String = ""
 
+    // The kernel path (NetfilterKernel): see docs/KERNEL-PATH.md.
+    /// The path a pushed rule takes when the broker does not say (`forwarding`).
+    public var forwarding: ForwardingPath = .userspace
+    /// Whether the gateway keeps an nftables table (`kernel_path`; on by
+    /// default when `forwarding` is kernel or offload).
+    public var kernelPath = false
+    /// The table's name (`kernel_table`), family inet.
+    public var kernelTable = "leostream_gateway"
+
     public init() {}
 }
 
@@ -47,6 +57,7 @@ public enum ConfigParser {
         var config = GatewayConfiguration()
         var forwards: [(name: String, line: Int, keys: [String: (value: String, line: Int)])] = []
         var globalsSeen: Set<String> = []
+        var kernelLines: [String: Int] = [:]
         var lineNumber = 0
 
         func fail(_ message: String, at line: Int? = nil) -> ConfigError {
@@ -85,6 +96,7 @@ public enum ConfigParser {
             guard !value.isEmpty else { throw fail("\(key): missing value") }
             if forwards.isEmpty {
                 guard globalsSeen.insert(key).inserted else { throw fail("\(key) is set twice") }
+                kernelLines[key] = lineNumber
                 try applyGlobal(key: key, value: value, to: &config, fail: { fail($0) })
             } else {
                 guard forwards[forwards.count - 1].keys[key] == nil else {
@@ -97,6 +109,7 @@ public enum ConfigParser {
         for forward in forwards {
             config.rules.append(try makeRule(forward.name, line: forward.line, keys: forward.keys, file: file))
         }
+        try checkKernelPath(&config, lines: kernelLines, file: file)
         do {
             try RelayRule.check(config.rules)
         } catch {
@@ -182,6 +195,22 @@ public enum ConfigParser {
         case "gateway_signature":
             guard value.utf8.count <= 100 else { throw fail("gateway_signature: at most 100 bytes, got \(value.utf8.count)") }
             config.gatewaySignature = value
+        case "forwarding":
+            guard let path = ForwardingPath(rawValue: value.lowercased()) else {
+                throw fail("forwarding: \"\(value)\" is not one of userspace, kernel, offload")
+            }
+            config.forwarding = path
+        case "kernel_path":
+            switch value.lowercased() {
+            case "on", "yes", "true": config.kernelPath = true
+            case "off", "no", "false": config.kernelPath = false
+            default: throw fail("kernel_path: \"\(value)\" is not on or off")
+            }
+        case "kernel_table":
+            guard value.utf8.count <= 64, value.utf8.allSatisfy({ ($0 >= 0x30 && $0 <= 0x39) || ($0 >= 0x41 && $0 <= 0x5A) || ($0 >= 0x61 && $0 <= 0x7A) || $0 == 0x5F || $0 == 0x2D }) else {
+                throw fail("kernel_table: \"\(value)\" must be 1 to 64 of A-Z a-z 0-9 _ -")
+            }
+            config.kernelTable = value
         case "log_level":
             let levels = ["trace", "debug", "info", "notice", "warning", "error", "critical"]
             guard levels.contains(value.lowercased()) else {
@@ -190,6 +219,29 @@ public enum ConfigParser {
             config.logLevel = value.lowercased()
         default:
             throw fail("unknown setting \"\(key)\"")
+        }
+    }
+
+    /// The kernel path's settings together: `forwarding` kernel or offload
+    /// turns it on unless `kernel_path = off` says otherwise (an error), and
+    /// it needs the control plane and a specific IPv4 `public_address`.
+    private static func checkKernelPath(_ config: inout GatewayConfiguration, lines: [String: Int], file: String) throws(ConfigError) {
+        let explicit = lines["kernel_path"] != nil
+        if config.forwarding != .userspace {
+            if explicit && !config.kernelPath {
+                throw ConfigError(file: file, line: lines["forwarding"] ?? 0,
+                                  message: "forwarding: \(config.forwarding.rawValue) needs the kernel path, and kernel_path is off (line \(lines["kernel_path"]!))")
+            }
+            config.kernelPath = true
+        }
+        guard config.kernelPath else { return }
+        let line = lines["kernel_path"] ?? lines["forwarding"] ?? 0
+        guard config.controlListen != nil else {
+            throw ConfigError(file: file, line: line, message: "kernel_path: the kernel path carries pushed rules, and this config sets no control_listen")
+        }
+        guard config.publicAddress.isIPv4, !config.publicAddress.isUnspecified else {
+            throw ConfigError(file: file, line: lines["public_address"] ?? line,
+                              message: "public_address: the kernel path needs the gateway's own public IPv4 address (the address clients connect to), not \(config.publicAddress)")
         }
     }
 

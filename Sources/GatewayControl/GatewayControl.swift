@@ -1,5 +1,6 @@
 import ControlProtocol
 import Logging
+import NetfilterKernel
 import Relay
 import Synchronization
 import SystemLayer
@@ -12,9 +13,16 @@ import SystemLayer
 /// apply the whole rule list to the engine (all or nothing), write the
 /// state file; if the write fails the engine gets the previous list back.
 /// So an error changes nothing, and what is on disk is what runs.
+///
+/// Rules on the kernel path (`forwarding_path` kernel or offload, see
+/// `KernelRules`) are elements of the gateway's nftables table: a change is
+/// one netlink batch made under the same lock, between the engine and the
+/// file, and rolled back with them.
 public final class GatewayControl: Sendable {
     public let engine: RelayEngine
     public let store: RuleStore
+    /// The kernel path, when the gateway's config enables it.
+    public let kernel: (any KernelForwarding)?
     public let replay = ReplayGuard()
     private let logger: Logger
     private let clock: @Sendable () -> Int64
@@ -39,6 +47,12 @@ public final class GatewayControl: Sendable {
         var seenUse: [String: Int] = [:]
         /// Why the last write of `rules.json` failed; nil once one succeeds.
         var storeError: String?
+        /// The kernel path's counters per rule id at the last tick, and what
+        /// elements replaced since (their counters restart) had counted.
+        var kernelTraffic: [String: KernelTraffic] = [:]
+        var kernelBase: [String: KernelTraffic] = [:]
+        /// Why the last read or change of the kernel table at a tick failed.
+        var kernelError: String?
     }
 
     /// - Parameters:
@@ -49,8 +63,10 @@ public final class GatewayControl: Sendable {
     public init(engine: RelayEngine, settings: ControlSettings, baseRules: [RelayRule], stateDirectory: String,
                 signer: ControlSigner?, logger: Logger = Logger(label: "gateway-control"),
                 clock: @escaping @Sendable () -> Int64 = { ControlClock.unixSeconds() },
-                probe: @escaping @Sendable (ControlSettings) -> PortAllocator.Probe = { PortAllocator.bindProbe(on: $0.publicAddress) }) {
+                probe: @escaping @Sendable (ControlSettings) -> PortAllocator.Probe = { PortAllocator.bindProbe(on: $0.publicAddress) },
+                kernel: (any KernelForwarding)? = nil) {
         self.engine = engine
+        self.kernel = kernel
         self.store = RuleStore(directory: stateDirectory)
         self.logger = logger
         self.clock = clock
@@ -64,19 +80,54 @@ public final class GatewayControl: Sendable {
     /// persisted rule that can still be opened; a rule that cannot (its port
     /// was taken meanwhile, its target is no longer allowed) is dropped and
     /// logged, and the broker re-pushes it at registration if it still wants it.
+    ///
+    /// With the kernel path, the table is then reconciled with the kept
+    /// rules: elements the kernel still holds stay as they are (with their
+    /// counters and expiry, and the flows in conntrack go on), missing ones
+    /// are added, others removed. A kernel rule whose element the kernel
+    /// expired while the gateway was down, unused, is dropped.
     /// - Returns: problems worth a log line (a corrupt file moved aside, dropped rules).
-    /// - Throws: `RuleError` when the config's own forwards cannot be applied.
+    /// - Throws: `RuleError` when the config's own forwards cannot be applied,
+    ///   `NetfilterError` when the kernel table cannot be read or reconciled.
     @discardableResult
-    public func restore() throws(RuleError) -> [String] {
+    public func restore() throws -> [String] {
         let loaded = store.load(now: clock())
+        let now = clock()
         var problems: [String] = loaded.problem.map { [$0] } ?? []
-        try state.withLock { s throws(RuleError) in
+        // What the kernel holds from before (nothing when the table is new).
+        var held: [KernelForward.Key: KernelForwardState] = [:]
+        if let kernel {
+            switch Result(catching: { () throws(NetfilterError) in try kernel.forwards() }) {
+            case .success(let states):
+                for state in states { held[state.forward.key] = state }
+            case .failure(let error):
+                if !error.isMissing { throw error }   // missing: a new table
+            }
+        }
+        try state.withLock { s throws in
             try engine.apply(s.fixed)
             var kept: [RuleState] = []
             for rule in loaded.rules {
                 do throws(ControlError) {
                     try RulePolicy.checkID(rule.id)
-                    _ = try RulePolicy.check(rule.push, settings: s.settings)
+                    let checked = try RulePolicy.check(rule.push, settings: s.settings)
+                    if rule.forwardingPath != .userspace {
+                        guard kernel != nil else {
+                            throw ControlError(409, field: "forwarding_path", "it takes the kernel path (\(rule.forwardingPath.rawValue)), which this gateway's config does not enable (kernel_path = on)")
+                        }
+                        if let refusal = KernelRules.refusal(checked, settings: s.settings) { throw refusal }
+                    }
+                    var rule = rule
+                    if rule.forwardingPath == .kernel && rule.lastUsed == nil {
+                        let forwards = KernelRules.forwards(rule, publicAddress: s.settings.publicAddress)
+                        let states = forwards.compactMap { held[$0.key] }
+                        if states.contains(where: { $0.flows > 0 || $0.packets > 0 }) {
+                            rule.lastUsed = now   // used while the gateway was down
+                        } else if states.count < forwards.count
+                                    && now - rule.created >= Int64(rule.push.unusedExpirySeconds ?? s.settings.defaultUnusedExpirySeconds) {
+                            throw ControlError(410, "expired unused while the gateway was down")
+                        }
+                    }
                     guard RulePolicy.relayRule(rule, settings: s.settings) != nil else {
                         throw ControlError(400, "rule \(rule.id): bad port \(rule.port)")
                     }
@@ -92,8 +143,19 @@ public final class GatewayControl: Sendable {
                     problems.append("persisted rule \(rule.id) not restored: \(error)")
                 }
             }
+            if let kernel {
+                var wanted: [(KernelForward, timeoutMilliseconds: UInt64?)] = []
+                for rule in kept {
+                    let timeout = KernelRules.timeoutMilliseconds(rule, now: now, defaultExpiry: s.settings.defaultUnusedExpirySeconds)
+                    for forward in KernelRules.forwards(rule, publicAddress: s.settings.publicAddress) {
+                        // An element still held keeps its own expiry (reconcile leaves it).
+                        wanted.append((forward, timeout))
+                    }
+                }
+                try kernel.reconcile(publics: [s.settings.publicAddress], forwards: wanted)
+            }
             s.pushed = kept
-            if kept.count != loaded.rules.count {
+            if kept != loaded.rules {
                 do throws(ControlError) { try store.save(kept) } catch { problems.append("\(error)") }
             }
         }
@@ -169,6 +231,14 @@ public final class GatewayControl: Sendable {
             let checked = try RulePolicy.check(push, settings: s.settings)
             var normalized = push
             normalized.unusedExpirySeconds = checked.unusedExpirySeconds
+            let path = push.forwardingPath ?? s.settings.defaultForwarding
+            normalized.forwardingPath = path == .userspace ? nil : path
+            if path != .userspace {
+                guard kernel != nil else {
+                    throw ControlError(409, field: "forwarding_path", "forwarding_path: \(path.rawValue) needs the kernel path, which this gateway's config does not enable (kernel_path = on; it needs CAP_NET_ADMIN)")
+                }
+                if let refusal = KernelRules.refusal(checked, settings: s.settings) { throw refusal }
+            }
             if let existing = s.pushed.first(where: { $0.id == id }) {
                 guard existing.push == normalized else {
                     throw ControlError(409, field: "id", "id: rule \(id) already exists with other settings (delete it first)")
@@ -180,15 +250,30 @@ public final class GatewayControl: Sendable {
             let current = s.fixed + relayRules(s.pushed, s.settings)
             let allocator = PortAllocator(range: s.settings.portRange)
             let port = try allocator.allocate(method: push.method, requested: push.port, client: checked.client,
-                                              transport: checked.transport, uses: uses(of: current, s.settings),
+                                              transport: checked.transport,
+                                              uses: uses(of: current, s.settings) + kernelUses(s.pushed, s.settings),
                                               probe: probe(s.settings))
             let rule = RuleState(id: id, push: normalized, port: port, created: now)
             let next = s.pushed + [rule]
-            try applyToEngine(current + (RulePolicy.relayRule(rule, settings: s.settings).map { [$0] } ?? []))
+            var added: [KernelForward] = []
+            if path == .kernel, let kernel {
+                added = KernelRules.forwards(rule, publicAddress: s.settings.publicAddress)
+                let timeout = KernelRules.timeoutMilliseconds(rule, now: now, defaultExpiry: s.settings.defaultUnusedExpirySeconds)
+                do throws(NetfilterError) {
+                    try kernel.apply(added.map { .add($0, timeoutMilliseconds: timeout) })
+                } catch {
+                    throw error.isAlreadyPresent
+                        ? ControlError(409, field: "port", "port: \(port) is already forwarded in the kernel table (\(error))")
+                        : error.controlError
+                }
+            } else {
+                try applyToEngine(current + (RulePolicy.relayRule(rule, settings: s.settings).map { [$0] } ?? []))
+            }
             do throws(ControlError) {
                 try store.save(next)
             } catch {
                 s.storeError = error.message
+                if !added.isEmpty { try? kernel?.apply(added.map { .remove($0) }) }
                 try? engine.apply(current)
                 throw error
             }
@@ -213,10 +298,34 @@ public final class GatewayControl: Sendable {
     /// The pushed rules with their live session counts (`GET /control/v1/rules`).
     public func rules() -> [RuleState] {
         let sessions = sessionCounts()
-        return pushedRules().map { rule in
+        let (pushed, traffic) = state.withLock { ($0.pushed, $0.kernelTraffic) }
+        return pushed.map { rule in
             var rule = rule
             rule.sessions = sessions[RulePolicy.idPrefix + rule.id] ?? 0
+            if rule.forwardingPath != .userspace {
+                rule.kernel = traffic[rule.id] ?? KernelTraffic(offloadedClients: rule.offloaded?.count ?? 0)
+            }
             return rule
+        }
+    }
+
+    /// The kernel path's totals over every rule, and the last problem with
+    /// the table (nil: none), for SIGUSR1 and the status.
+    public func kernelSummary() -> (forwards: Int, traffic: KernelTraffic, problem: String?)? {
+        guard kernel != nil else { return nil }
+        return state.withLock { s in
+            var total = KernelTraffic()
+            var forwards = 0
+            for rule in s.pushed where rule.forwardingPath != .userspace {
+                forwards += KernelRules.forwards(rule, publicAddress: s.settings.publicAddress).count
+                if let t = s.kernelTraffic[rule.id] {
+                    total.flows += t.flows
+                    total.packets += t.packets
+                    total.bytes += t.bytes
+                    total.offloadedClients += t.offloadedClients
+                }
+            }
+            return (forwards, total, s.kernelError)
         }
     }
 
@@ -254,6 +363,12 @@ public final class GatewayControl: Sendable {
     /// `unused_expiry_s` since creation. A rule with live sessions is never
     /// removed; a rule that was used keeps until the broker deletes it.
     /// - Returns: the expired ids.
+    ///
+    /// Kernel path: a `kernel` rule is used once the kernel counted a flow
+    /// or a packet for it; its elements then lose their expiry (one batch).
+    /// One whose elements the kernel expired unused is removed here. An
+    /// `offload` rule gets a kernel element for each client the relay has
+    /// admitted, so that client's next connections and flows take the kernel.
     @discardableResult
     public func tick() -> [String] {
         let sessions = sessionCounts()
@@ -261,6 +376,20 @@ public final class GatewayControl: Sendable {
         // ended between two ticks still marks its rule used.
         var everUsed = engine.acceptedByRule()
         for (id, stats) in engine.datagramStats() where !id.isEmpty { everUsed[id, default: 0] += stats.flowsCreated }
+        // Who the relay admitted, per rule (offload).
+        var admitted: [String: Set<IPAddress>] = [:]
+        if kernel != nil {
+            for connection in engine.connections() { admitted[connection.rule, default: []].insert(connection.client.ip.unmapped) }
+            for flow in engine.flows() { admitted[flow.rule, default: []].insert(flow.client.ip.unmapped) }
+        }
+        var kernelRead: Result<[KernelForward.Key: KernelForwardState], NetfilterError>?
+        if let kernel {
+            kernelRead = Result { () throws(NetfilterError) in
+                var held: [KernelForward.Key: KernelForwardState] = [:]
+                for state in try kernel.forwards() { held[state.forward.key] = state }
+                return held
+            }
+        }
         let now = clock()
         let expired: [String] = state.withLock { s in
             var firstUse = false
@@ -277,8 +406,21 @@ public final class GatewayControl: Sendable {
                 }
             }
             s.seenUse = seen
-            let expiring = Set(s.pushed.filter { rule in
-                rule.lastUsed == nil && rule.sessions == 0
+            var kernelExpired = Set<String>()
+            if let kernelRead {
+                switch kernelRead {
+                case .success(let held):
+                    let (expiredByKernel, changed) = syncKernel(held: held, admitted: admitted, now: now, s: &s)
+                    kernelExpired = expiredByKernel
+                    if changed { firstUse = true }
+                case .failure(let error):
+                    if s.kernelError == nil { logger.error("control: cannot read the kernel table: \(error)") }
+                    s.kernelError = "cannot read the kernel table: \(error)"
+                }
+            }
+            // Kernel rules expire in the kernel (above), not by this clock.
+            let expiring = kernelExpired.union(s.pushed.filter { rule in
+                rule.forwardingPath != .kernel && rule.lastUsed == nil && rule.sessions == 0
                     && now - rule.created >= Int64(rule.push.unusedExpirySeconds ?? s.settings.defaultUnusedExpirySeconds)
             }.map(\.id))
             if !expiring.isEmpty {
@@ -294,6 +436,93 @@ public final class GatewayControl: Sendable {
         }
         for id in expired { logger.info("control: rule \(id) expired (unused since it was created)") }
         return expired
+    }
+
+    /// The kernel half of a tick, inside the lock: counters, first use,
+    /// elements the kernel expired, offloaded clients. Changes to the table
+    /// go in one batch; when it fails, the rules stay as they were and the
+    /// next tick tries again.
+    /// - Returns: rules the kernel expired unused, and whether a rule changed (worth a save).
+    private func syncKernel(held: [KernelForward.Key: KernelForwardState], admitted: [String: Set<IPAddress>], now: Int64,
+                            s: inout State) -> (expired: Set<String>, changed: Bool) {
+        guard let kernel else { return ([], false) }
+        var expired = Set<String>()
+        var changes: [KernelTable.Change] = []
+        var next = s.pushed
+        var base = s.kernelBase
+        var traffic: [String: KernelTraffic] = [:]
+        for index in next.indices where next[index].forwardingPath != .userspace {
+            let rule = next[index]
+            let forwards = KernelRules.forwards(rule, publicAddress: s.settings.publicAddress)
+            let states = forwards.compactMap { held[$0.key] }
+            var counted = base[rule.id] ?? KernelTraffic()
+            for state in states {
+                counted.flows += state.flows
+                counted.packets += state.packets
+                counted.bytes += state.bytes
+            }
+            counted.offloadedClients = rule.offloaded?.count ?? 0
+            let before = s.kernelTraffic[rule.id]
+            let used = counted.flows > 0 || counted.packets > 0
+            if rule.forwardingPath == .kernel {
+                if rule.lastUsed == nil && !used && states.count < forwards.count {
+                    expired.insert(rule.id)      // the kernel's expiry
+                    continue
+                }
+                if used && (before == nil || counted.flows > before!.flows || counted.packets > before!.packets) {
+                    next[index].lastUsed = now
+                }
+                // Used: its elements lose their expiry; missing ones come back.
+                if next[index].lastUsed != nil {
+                    for forward in forwards {
+                        guard let state = held[forward.key] else {
+                            changes.append(.add(forward, timeoutMilliseconds: nil))
+                            continue
+                        }
+                        if state.timeoutMilliseconds > 0 {
+                            changes += [.remove(forward), .add(forward, timeoutMilliseconds: nil)]
+                            var kept = base[rule.id] ?? KernelTraffic()
+                            kept.flows += state.flows
+                            kept.packets += state.packets
+                            kept.bytes += state.bytes
+                            base[rule.id] = kept
+                        }
+                    }
+                }
+            } else {
+                // offload: the clients the relay admitted take the kernel from now on.
+                let known = Set((rule.offloaded ?? []).compactMap { IPAddress($0)?.unmapped })
+                let fresh = (admitted[RulePolicy.idPrefix + rule.id] ?? []).filter { $0.isIPv4 && !known.contains($0) }
+                if !fresh.isEmpty {
+                    next[index].offloaded = (rule.offloaded ?? []) + fresh.map(\.description).sorted()
+                    let added = KernelRules.forwards(next[index], publicAddress: s.settings.publicAddress)
+                        .filter { forward in forward.client.map { fresh.contains($0) } ?? false }
+                    changes += added.map { .add($0, timeoutMilliseconds: nil) }
+                    counted.offloadedClients = next[index].offloaded?.count ?? 0
+                }
+                // An element somebody removed comes back.
+                for forward in forwards where held[forward.key] == nil { changes.append(.add(forward, timeoutMilliseconds: nil)) }
+            }
+            traffic[rule.id] = counted
+        }
+        do throws(NetfilterError) {
+            try kernel.apply(changes)
+        } catch {
+            if s.kernelError == nil { logger.error("control: kernel table not updated: \(error)") }
+            s.kernelError = "kernel table not updated: \(error)"
+            s.kernelTraffic = traffic
+            return (expired, false)
+        }
+        let changed = next != s.pushed
+        for rule in next where rule.offloaded != s.pushed.first(where: { $0.id == rule.id })?.offloaded {
+            logger.info("control: rule \(rule.id): clients \(rule.offloaded ?? []) offloaded to the kernel path")
+        }
+        s.pushed = next
+        s.kernelBase = base.filter { key, _ in next.contains { $0.id == key } }
+        s.kernelTraffic = traffic
+        if s.kernelError != nil { logger.notice("control: the kernel table is in step again") }
+        s.kernelError = nil
+        return (expired, changed)
     }
 
     // MARK: Figures
@@ -326,7 +555,7 @@ public final class GatewayControl: Sendable {
         relayCache.withLock { cache in
             var rules: [RelayRule] = []
             rules.reserveCapacity(pushed.count)
-            for state in pushed {
+            for state in pushed where state.forwardingPath != .kernel {
                 let rule: RelayRule?
                 if let known = cache[state.id], known.address == settings.publicAddress,
                    known.state.push == state.push, known.state.port == state.port {
@@ -344,6 +573,22 @@ public final class GatewayControl: Sendable {
                 cache = cache.filter { live.contains($0.key) }
             }
             return rules
+        }
+    }
+
+    /// The ports kernel rules hold (they have no listener to show them).
+    private func kernelUses(_ pushed: [RuleState], _ settings: ControlSettings) -> [PortAllocator.Use] {
+        pushed.filter { $0.forwardingPath == .kernel }.map { rule in
+            var allow: [CIDR] = []
+            if rule.push.method != .randomPort, let ip = rule.push.clientIP.flatMap(IPAddress.init)?.unmapped {
+                allow = [CIDR(address: ip, prefixLength: ip.isIPv4 ? 32 : 128)]
+            }
+            let transport: Transport = switch rule.push.protocol {
+            case .tcp: .tcp
+            case .udp: .udp
+            case .both: .both
+            }
+            return PortAllocator.Use(port: rule.port, transport: transport, allow: allow)
         }
     }
 
@@ -368,18 +613,44 @@ public final class GatewayControl: Sendable {
         }
     }
 
+    /// Removes rules: listeners close (their sessions go on), kernel
+    /// elements go in one batch and their flows' conntrack entries with them.
     private func remove(_ ids: Set<String>, from s: inout State) throws(ControlError) {
         let next = s.pushed.filter { !ids.contains($0.id) }
+        let forwards = s.pushed.filter { ids.contains($0.id) }.flatMap { KernelRules.forwards($0, publicAddress: s.settings.publicAddress) }
         // Removing rules only closes listeners; it cannot fail to apply.
         try applyToEngine(s.fixed + relayRules(next, s.settings))
+        if let kernel, !forwards.isEmpty {
+            do throws(NetfilterError) {
+                try kernel.apply(forwards.map { .remove($0) })
+            } catch {
+                try? engine.apply(s.fixed + relayRules(s.pushed, s.settings))
+                throw error.controlError
+            }
+        }
         do throws(ControlError) {
             try store.save(next)
         } catch {
             s.storeError = error.message
+            if let kernel, !forwards.isEmpty { try? kernel.apply(forwards.map { .add($0, timeoutMilliseconds: nil) }) }
             try? engine.apply(s.fixed + relayRules(s.pushed, s.settings))
             throw error
         }
         s.storeError = nil
         s.pushed = next
+        for id in ids {
+            s.kernelTraffic[id] = nil
+            s.kernelBase[id] = nil
+        }
+        if let kernel {
+            for forward in forwards {
+                do throws(NetfilterError) {
+                    let ended = try kernel.deleteConnections(of: forward)
+                    if ended > 0 { logger.info("control: \(ended) kernel flow(s) of \(forward) ended") }
+                } catch {
+                    logger.error("control: the flows of \(forward) could not be ended: \(error)")
+                }
+            }
+        }
     }
 }

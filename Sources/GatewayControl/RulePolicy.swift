@@ -20,6 +20,8 @@ public struct ControlSettings: Sendable, Equatable {
     public var defaultUnusedExpirySeconds: Int
     /// Request bodies larger than this are refused with 413.
     public var maxBodyBytes: Int
+    /// The path a push takes when it does not say (`forwarding`).
+    public var defaultForwarding: ForwardingPath = .userspace
 
     public init(publicAddress: IPAddress = .v4(0), desktopNetworks: [CIDR] = [], portRange: ClosedRange<Int> = 20001...22000,
                 ownAddresses: [SocketAddress] = [], defaultUnusedExpirySeconds: Int = 300, maxBodyBytes: Int = 16 * 1024) {

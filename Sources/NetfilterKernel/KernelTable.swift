@@ -38,6 +38,13 @@ public struct KernelForward: Sendable, Hashable, CustomStringConvertible {
         public var publicAddress: IPAddress
         public var transport: Transport
         public var port: UInt16
+
+        public init(client: IPAddress?, publicAddress: IPAddress, transport: Transport, port: UInt16) {
+            self.client = client
+            self.publicAddress = publicAddress
+            self.transport = transport
+            self.port = port
+        }
     }
 
     public var key: Key { Key(client: client, publicAddress: publicAddress, transport: transport, port: port) }
@@ -95,6 +102,15 @@ public struct KernelForwardState: Sendable, Equatable {
     /// Packets and bytes of its flows through the gateway, both directions.
     public var packets: UInt64
     public var bytes: UInt64
+
+    public init(forward: KernelForward, timeoutMilliseconds: UInt64, expiresMilliseconds: UInt64, flows: UInt64, packets: UInt64, bytes: UInt64) {
+        self.forward = forward
+        self.timeoutMilliseconds = timeoutMilliseconds
+        self.expiresMilliseconds = expiresMilliseconds
+        self.flows = flows
+        self.packets = packets
+        self.bytes = bytes
+    }
 }
 
 /// A netlink failure: which operation, the errno, and which message of a batch.
@@ -104,6 +120,12 @@ public struct NetfilterError: Error, Sendable, Equatable, CustomStringConvertibl
     /// The forward the failing message was about, when known.
     public let detail: String?
 
+    public init(operation: String, errno: Int32, detail: String?) {
+        self.operation = operation
+        self.errno = errno
+        self.detail = detail
+    }
+
     public var description: String {
         let reason = String(cString: strerror(errno))
         let hint = errno == EPERM || errno == EACCES
@@ -112,6 +134,29 @@ public struct NetfilterError: Error, Sendable, Equatable, CustomStringConvertibl
     }
 
     public var isPermission: Bool { errno == EPERM || errno == EACCES }
+    /// The table or an element is not there.
+    public var isMissing: Bool { errno == ENOENT }
+    /// An element is there already.
+    public var isAlreadyPresent: Bool { errno == EEXIST }
+}
+
+/// What the gateway needs of the kernel path: `KernelTable` in production;
+/// the control plane's unit tests give it an in-memory one, and the
+/// end-to-end tests run the real table in network namespaces.
+public protocol KernelForwarding: Sendable {
+    /// Makes the table hold exactly `publics` and `forwards`, changing as
+    /// little as it can (elements the kernel already holds keep their
+    /// counters and expiry); creates the table when it is missing.
+    func reconcile(publics: [IPAddress], forwards: [(KernelForward, timeoutMilliseconds: UInt64?)]) throws(NetfilterError)
+    /// Applies `changes` in one batch: all or none. Removing a forward the
+    /// kernel no longer holds (it expired) is not an error.
+    func apply(_ changes: [KernelTable.Change]) throws(NetfilterError)
+    /// Every forward with its expiry and counters.
+    func forwards() throws(NetfilterError) -> [KernelForwardState]
+    /// Ends the flows of `forward` (their conntrack entries). - Returns: how many.
+    func deleteConnections(of forward: KernelForward) throws(NetfilterError) -> Int
+    /// Removes the table (uninstall).
+    func delete() throws(NetfilterError)
 }
 
 /// The product's nftables table (`inet` family, named `name`), which it owns
@@ -119,7 +164,7 @@ public struct NetfilterError: Error, Sendable, Equatable, CustomStringConvertibl
 /// change one atomic netlink batch (a batch that fails changes nothing).
 /// Works in the calling process's network namespace. Calls block on the
 /// netlink socket: call them from threads made for blocking work.
-public struct KernelTable: Sendable {
+public struct KernelTable: KernelForwarding {
     public static let defaultName = "rdgw"
     public let name: String
 
@@ -155,10 +200,51 @@ public struct KernelTable: Sendable {
         try send(changes, operation: "installing table inet \(name)")
     }
 
-    /// Applies `changes` in one batch: all of them, or none.
+    /// Applies `changes` in one batch: all of them, or none. When a removal
+    /// names a forward the kernel no longer holds (it expired meanwhile), the
+    /// batch is sent again without it, so that expiry never blocks a change.
     public func apply(_ changes: [Change]) throws(NetfilterError) {
         guard !changes.isEmpty else { return }
-        try send(changes.flatMap(Self.items), operation: "changing table inet \(name)")
+        do throws(NetfilterError) {
+            try send(changes.flatMap(Self.items), operation: "changing table inet \(name)")
+        } catch where error.errno == ENOENT && changes.contains(where: { if case .remove = $0 { true } else { false } }) {
+            let held = Set(try forwards().map(\.forward.key))
+            let kept = changes.filter { change in
+                if case .remove(let forward) = change { return held.contains(forward.key) }
+                return true
+            }
+            guard !kept.isEmpty else { return }
+            try send(kept.flatMap(Self.items), operation: "changing table inet \(name)")
+        }
+    }
+
+    /// See `KernelForwarding.reconcile`: a missing table, or one with other
+    /// public addresses, is replaced whole in one batch; otherwise only the
+    /// differing elements change, in one batch.
+    public func reconcile(publics: [IPAddress], forwards wanted: [(KernelForward, timeoutMilliseconds: UInt64?)]) throws(NetfilterError) {
+        guard try exists() else {
+            try replace(publics: publics, forwards: wanted)
+            return
+        }
+        let heldPublics = Set(try dump(NFK_SET_PUBLICS).map { KernelForward.address($0.key[...]) })
+        guard heldPublics == Set(publics) else {
+            try replace(publics: publics, forwards: wanted)
+            return
+        }
+        var held: [KernelForward.Key: KernelForward] = [:]
+        for state in try forwards() { held[state.forward.key] = state.forward }
+        var changes: [Change] = []
+        var wantedKeys = Set<KernelForward.Key>()
+        for (forward, timeout) in wanted {
+            wantedKeys.insert(forward.key)
+            if let present = held[forward.key] {
+                if present == forward { continue }
+                changes.append(.remove(present))
+            }
+            changes.append(.add(forward, timeoutMilliseconds: timeout))
+        }
+        for (key, forward) in held where !wantedKeys.contains(key) { changes.append(.remove(forward)) }
+        try apply(changes)
     }
 
     /// Deletes the table (uninstall). Nothing else is touched.
@@ -183,6 +269,10 @@ public struct KernelTable: Sendable {
             }
         }
         return result
+    }
+
+    public func deleteConnections(of forward: KernelForward) throws(NetfilterError) -> Int {
+        try Self.deleteConnections(of: forward)
     }
 
     /// Deletes the conntrack entries of `forward`'s flows (a revoked rule's

@@ -4,6 +4,7 @@ import GatewayConfig
 import GatewayControl
 import Hummingbird
 import Logging
+import NetfilterKernel
 import Relay
 import ServiceLifecycle
 import Synchronization
@@ -11,6 +12,12 @@ import SystemLayer
 
 let gatewayVersion = "0.1.0"
 let defaultStateDirectory = "/var/lib/leostream-gateway"
+
+/// The kernel path cannot start (capability, sysctl, table): the message says why.
+struct KernelPathError: Error, CustomStringConvertible {
+    let message: String
+    var description: String { message }
+}
 
 /// The control plane of a running `serve`: the pushed rules, the signed
 /// control endpoint, registration and heartbeats, the status file. Wiring only.
@@ -44,10 +51,30 @@ final class ControlPlane: Sendable {
         var settings = ControlSettings(publicAddress: config.publicAddress, desktopNetworks: config.desktopNetworks,
                                        portRange: range, ownAddresses: own)
         settings.localAddresses = SystemInfo.interfaceAddresses()
+        settings.defaultForwarding = config.forwarding
         let signer = Self.signer(stored, key)
+        var kernel: KernelTable?
+        if config.kernelPath {
+            // Refused before anything changes: no capability, no forwarding.
+            if let problem = KernelChecks.capabilityProblem() { throw KernelPathError(message: problem) }
+            let sysctls = KernelChecks.sysctls(wantedFlows: 0)
+            if let first = sysctls.errors.first { throw KernelPathError(message: first) }
+            kernel = KernelTable(name: config.kernelTable)
+        }
         control = GatewayControl(engine: engine, settings: settings, baseRules: config.rules,
-                                 stateDirectory: directory.path, signer: signer, logger: logger)
-        try control.restore()
+                                 stateDirectory: directory.path, signer: signer, logger: logger, kernel: kernel)
+        do {
+            try control.restore()
+        } catch let error as NetfilterError {
+            throw KernelPathError(message: "kernel_path: the table inet \(config.kernelTable) cannot be set up: \(error)")
+        }
+        if let kernel {
+            // nf_conntrack is loaded now (the table's NAT chains need it).
+            let flows = config.settings.maxFlows + config.settings.maxConnections
+            for warning in KernelChecks.sysctls(wantedFlows: flows).warnings { logger.warning("kernel path: \(warning)") }
+            let summary = control.kernelSummary()
+            logger.info("kernel path: table inet \(kernel.name), \(summary?.forwards ?? 0) forward(s); pushed rules take \(config.forwarding.rawValue) unless the broker says otherwise")
+        }
 
         let bound = Mutex<String?>(nil)
         let app = ControlServer.application(control: control, address: .hostname("\(listen.ip)", port: Int(listen.port)),

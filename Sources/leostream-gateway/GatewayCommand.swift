@@ -29,7 +29,7 @@ struct GatewayCommand: ParsableCommand {
         range random rule ports come from; `--status` shows the broker,
         registration, rules, sessions and ports in use. Bad values exit 2.
         """,
-        subcommands: [Serve.self]
+        subcommands: [Serve.self, Uninstall.self]
     )
 
     @Flag(name: .long, help: "Validate the config file and exit (0: valid; 2: invalid, with file:line and reason).")
@@ -144,6 +144,9 @@ struct Serve: ParsableCommand {
                 plane?.reloadState()
             case .user1?:
                 logger.notice("stats: \(engine.stats())")
+                if let kernel = plane?.control.kernelSummary() {
+                    logger.notice("kernel path: \(kernel.forwards) forward(s), \(kernel.traffic.flows) flow(s), \(kernel.traffic.packets) packet(s), \(kernel.traffic.bytes) byte(s), \(kernel.traffic.offloadedClients) offloaded client(s)\(kernel.problem.map { "; problem: \($0)" } ?? "")")
+                }
             case .terminate?:
                 let seconds = Double(current.drainTimeoutNanoseconds) / 1e9
                 // Listeners close first, so that once this line is logged a

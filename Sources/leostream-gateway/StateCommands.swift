@@ -125,12 +125,14 @@ extension GatewayCommand {
         }
         lines.append("rules:           \(rules.count)")
         if !rules.isEmpty {
-            lines.append("  ID                    PORT   PROTOCOL  METHOD  CLIENT           TARGET                 SESSIONS  CREATED")
+            lines.append("  ID                    PORT   PROTOCOL  METHOD  PATH       CLIENT           TARGET                 SESSIONS  KERNEL FLOWS/PACKETS/BYTES  CREATED")
             for rule in rules {
                 func pad(_ s: String, _ n: Int) -> String { s.count >= n ? s + " " : s + String(repeating: " ", count: n - s.count) }
+                let kernel = rule.kernel.map { "\($0.flows)/\($0.packets)/\($0.bytes)" + ($0.offloadedClients > 0 ? " (\($0.offloadedClients) offloaded)" : "") } ?? "-"
                 lines.append("  " + pad(rule.id, 22) + pad("\(rule.port)", 7) + pad(rule.push.protocol.rawValue, 10)
-                             + pad("\(rule.push.method.rawValue)", 8) + pad(rule.push.clientIP ?? "anyone", 17)
-                             + pad(rule.push.target, 23) + pad("\(rule.sessions)", 10) + Self.timestamp(rule.created))
+                             + pad("\(rule.push.method.rawValue)", 8) + pad(rule.forwardingPath.rawValue, 11)
+                             + pad(rule.push.clientIP ?? "anyone", 17)
+                             + pad(rule.push.target, 23) + pad("\(rule.sessions)", 10) + pad(kernel, 28) + Self.timestamp(rule.created))
             }
         }
         print(lines.joined(separator: "\n"))

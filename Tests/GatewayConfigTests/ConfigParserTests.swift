@@ -130,6 +130,14 @@ struct ConfigParserTests {
             ("max_flows = -1", 1, "max_flows"),
             ("udp_receive_buffer = 1g", 1, "udp_receive_buffer"),
             ("[forward a]\nlisten = 127.0.0.1:1\ntarget = 127.0.0.1:2\nprotocol = udp\n[forward b]\nlisten = 127.0.0.1:1\ntarget = 127.0.0.1:3\nprotocol = tcp+udp", 5, "both listen on"),
+            ("forwarding = fast", 1, "forwarding: \"fast\" is not one of userspace, kernel, offload"),
+            ("kernel_path = maybe", 1, "kernel_path"),
+            ("kernel_table = a.b", 1, "kernel_table"),
+            ("forwarding = kernel\nkernel_path = off", 1, "kernel_path is off (line 2)"),
+            ("kernel_path = on", 1, "sets no control_listen"),
+            ("control_listen = 10.0.0.2:19010\nkernel_path = on", 2, "public_address: the kernel path needs"),
+            ("control_listen = 10.0.0.2:19010\npublic_address = 0.0.0.0\nforwarding = offload", 2, "public_address: the kernel path needs"),
+            ("control_listen = 10.0.0.2:19010\npublic_address = 2001:db8::1\nkernel_path = on", 2, "IPv4"),
           ])
     func errors(text: String, line: Int, fragment: String) {
         #expect {
@@ -139,6 +147,16 @@ struct ConfigParserTests {
             return error.file == "gw.conf" && error.line == line && error.description.contains(fragment)
                 && error.description.hasPrefix("gw.conf:\(line): ")
         }
+    }
+
+    @Test("the kernel path: forwarding turns it on, kernel_table names the table, userspace stays the default")
+    func kernelPath() throws {
+        let plain = try ConfigParser.parse("control_listen = 10.0.0.2:19010\npublic_address = 203.0.113.5\n")
+        #expect(plain.forwarding == .userspace && !plain.kernelPath && plain.kernelTable == "leostream_gateway")
+        let kernel = try ConfigParser.parse("control_listen = 10.0.0.2:19010\npublic_address = 203.0.113.5\nforwarding = offload\nkernel_table = gw_1\n")
+        #expect(kernel.forwarding == .offload && kernel.kernelPath && kernel.kernelTable == "gw_1")
+        let perRule = try ConfigParser.parse("control_listen = 10.0.0.2:19010\npublic_address = 203.0.113.5\nkernel_path = on\n")
+        #expect(perRule.forwarding == .userspace && perRule.kernelPath, "kernel_path = on alone lets the broker ask per rule")
     }
 
     @Test("an unreadable file is named")

@@ -183,3 +183,30 @@ struct KernelTableLiveTests {
         try table.delete()
     }
 }
+
+@Suite("Kernel path: the host checks (capability, sysctls)", .offPool)
+struct KernelChecksTests {
+    @Test("CAP_NET_ADMIN is read from CapEff")
+    func capability() {
+        #expect(KernelChecks.hasNetAdmin(status: "Name:\tx\nCapEff:\t000001ffffffffff\n") == true)
+        #expect(KernelChecks.hasNetAdmin(status: "CapEff:\t0000000000000000\n") == false)
+        #expect(KernelChecks.hasNetAdmin(status: "CapEff:\t0000000000001000\n") == true, "bit 12 alone")
+        #expect(KernelChecks.hasNetAdmin(status: "nothing here") == nil)
+    }
+
+    @Test("ip_forward off is an error naming the sysctl; a small nf_conntrack_max a warning naming it")
+    func sysctls() {
+        func reader(_ files: [String: String]) -> (String) -> String? { { files[$0] } }
+        let off = KernelChecks.sysctls(wantedFlows: 1000, read: reader(["/proc/sys/net/ipv4/ip_forward": "0\n",
+                                                                        "/proc/sys/net/netfilter/nf_conntrack_max": "262144\n"]))
+        #expect(off.errors.count == 1 && off.errors[0].contains("net.ipv4.ip_forward is 0") && off.warnings.isEmpty)
+        let small = KernelChecks.sysctls(wantedFlows: 100_000, read: reader(["/proc/sys/net/ipv4/ip_forward": "1\n",
+                                                                             "/proc/sys/net/netfilter/nf_conntrack_max": "65536\n",
+                                                                             "/proc/sys/net/netfilter/nf_conntrack_count": "65000\n"]))
+        #expect(small.errors.isEmpty)
+        #expect(small.warnings.contains { $0.contains("net.netfilter.nf_conntrack_max is 65536") })
+        #expect(small.warnings.contains { $0.contains("nf_conntrack_count is 65000") })
+        let unreadable = KernelChecks.sysctls(wantedFlows: 1, read: reader([:]))
+        #expect(unreadable.errors.first?.contains("net.ipv4.ip_forward cannot be read") == true)
+    }
+}
