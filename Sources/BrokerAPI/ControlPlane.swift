@@ -310,9 +310,12 @@ extension BrokerAPI {
             var shared = push
             for (index, gateway) in choice.all.enumerated() {
                 let ruleID = GatewayRule.newID()
+                // Each gateway's record says which path its rules take (nil: the gateway's default).
+                var own = shared
+                own.forwardingPath = ForwardingPath(rawValue: gateway.forwardingPath.rawValue)
                 do {
-                    let port = try await gatewayClient.put(ruleID: ruleID, push: shared, gateway: gateway, key: keys[index])
-                    placed.append(Placement(gateway: gateway, key: keys[index], ruleID: ruleID, push: shared, port: port))
+                    let port = try await gatewayClient.put(ruleID: ruleID, push: own, gateway: gateway, key: keys[index])
+                    placed.append(Placement(gateway: gateway, key: keys[index], ruleID: ruleID, push: own, port: port))
                     if index == 0 && shared.method != .protocolPortClientOnly { shared.port = port }
                 } catch {
                     await takeBack(placed)

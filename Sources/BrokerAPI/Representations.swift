@@ -6,6 +6,7 @@ import BrokerCore
 extension Gateway {
     static let writableFields: Set<String> = [
         "name", "address", "address_private", "load_balancer_id", "use_src_ip", "forward_to", "signature", "notes",
+        "forwarding_path",
     ]
     static let readOnlyFields: Set<String> = ["id", "online", "version", "created", "updated"]
 
@@ -20,6 +21,7 @@ extension Gateway {
             "forward_to": .string(forwardTo),
             "signature": .string(signature),
             "notes": .string(notes),
+            "forwarding_path": .string(forwardingPath.rawValue),
             "online": .bool(online),
             "version": .string(version),
             "created": .date(created),
@@ -40,6 +42,9 @@ extension Gateway {
         changes.forwardTo = try reader.string("forward_to", nullAs: "")
         changes.signature = try reader.string("signature", nullAs: "")
         changes.notes = try reader.string("notes", nullAs: "")
+        if let path = try reader.string("forwarding_path", nullAs: "") {
+            changes.forwardingPath = try validating { () throws(FieldError) in try GatewayForwarding.parse(path) }
+        }
         return changes
     }
 }

@@ -25,10 +25,13 @@ public struct GatewayChanges: Sendable, Equatable {
     public var forwardTo: String?
     public var signature: String?
     public var notes: String?
+    public var forwardingPath: GatewayForwarding?
 
     public init(name: String? = nil, address: String? = nil, addressPrivate: String? = nil,
                 loadBalancerID: NullableChange<Int64>? = nil, useSourceIP: SourceIPMode? = nil,
-                forwardTo: String? = nil, signature: String? = nil, notes: String? = nil) {
+                forwardTo: String? = nil, signature: String? = nil, notes: String? = nil,
+                forwardingPath: GatewayForwarding? = nil) {
+        self.forwardingPath = forwardingPath
         self.name = name
         self.address = address
         self.addressPrivate = addressPrivate
@@ -50,6 +53,7 @@ public struct GatewayChanges: Sendable, Equatable {
         if let forwardTo { result.forwardTo = forwardTo }
         if let signature { result.signature = signature }
         if let notes { result.notes = notes }
+        if let forwardingPath { result.forwardingPath = forwardingPath }
         return result
     }
 

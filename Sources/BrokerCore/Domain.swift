@@ -12,6 +12,16 @@ public enum SourceIPMode: Int, Sendable, CaseIterable, Codable {
     case randomPortClientOnly = 2
 }
 
+/// How a gateway carries the rules this broker pushes to it
+/// (`forwarding_path`): the gateway's own default, or one path for every rule.
+public enum GatewayForwarding: String, Sendable, CaseIterable, Codable {
+    /// The gateway's config decides (`forwarding` there).
+    case gatewayDefault = ""
+    case userspace
+    case kernel
+    case offload
+}
+
 /// Where a cluster puts a connection's rule. The raw values are the Leostream API's.
 public enum LoadBalanceMethod: String, Sendable, CaseIterable, Codable {
     /// On every gateway of the cluster (they sit behind an external load balancer).
@@ -55,6 +65,8 @@ public struct Gateway: Sendable, Equatable {
     public var load: Double?
     /// Live sessions of its last heartbeat.
     public var activeSessions: Int?
+    /// The path its pushed rules take (`forwarding_path`).
+    public var forwardingPath: GatewayForwarding = .gatewayDefault
     public var created: Date
     public var updated: Date
 

@@ -138,6 +138,14 @@ enum Migrations {
                 CREATE INDEX desktop_user_user_id ON desktop_user(user_id);
                 """)
         }
+        migrator.registerMigration("0005-forwarding-path") { db in
+            try db.execute(sql: """
+                -- The path a gateway's pushed rules take (issue 12): '' for
+                -- the gateway's own default, else userspace, kernel or offload.
+                ALTER TABLE gateway ADD COLUMN forwarding_path TEXT NOT NULL DEFAULT ''
+                    CHECK (forwarding_path IN ('', 'userspace', 'kernel', 'offload'));
+                """)
+        }
         return migrator
     }
 }

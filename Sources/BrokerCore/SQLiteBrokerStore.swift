@@ -145,7 +145,7 @@ public final class SQLiteBrokerStore: BrokerStore {
     private static let gatewayColumns = """
         id, name, address, address_private, load_balancer_id, use_src_ip, forward_to, signature, notes,
         online, version, last_heartbeat, key_fingerprint, control_url, port_first, port_last, load, active_sessions,
-        created, updated
+        forwarding_path, created, updated
         """
 
     public func gateways() async throws(StoreError) -> [Gateway] {
@@ -165,11 +165,11 @@ public final class SQLiteBrokerStore: BrokerStore {
             try Self.checkGateway(db, gateway)
             try db.execute(sql: """
                 INSERT INTO gateway (name, address, address_private, load_balancer_id, use_src_ip, forward_to,
-                                     signature, notes, created, updated)
-                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                                     signature, notes, forwarding_path, created, updated)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                 """, arguments: [gateway.name, gateway.address, gateway.addressPrivate, gateway.loadBalancerID,
                                  gateway.useSourceIP.rawValue, gateway.forwardTo, gateway.signature, gateway.notes,
-                                 now, now])
+                                 gateway.forwardingPath.rawValue, now, now])
             return try Self.fetchGateway(db, id: db.lastInsertedRowID)
         }
     }
@@ -184,11 +184,11 @@ public final class SQLiteBrokerStore: BrokerStore {
             try Self.checkGateway(db, gateway)
             try db.execute(sql: """
                 UPDATE gateway SET name = ?, address = ?, address_private = ?, load_balancer_id = ?, use_src_ip = ?,
-                                   forward_to = ?, signature = ?, notes = ?, updated = ?
+                                   forward_to = ?, signature = ?, notes = ?, forwarding_path = ?, updated = ?
                 WHERE id = ?
                 """, arguments: [gateway.name, gateway.address, gateway.addressPrivate, gateway.loadBalancerID,
                                  gateway.useSourceIP.rawValue, gateway.forwardTo, gateway.signature, gateway.notes,
-                                 now, id])
+                                 gateway.forwardingPath.rawValue, now, id])
             return try Self.fetchGateway(db, id: id)
         }
     }
@@ -299,14 +299,16 @@ public final class SQLiteBrokerStore: BrokerStore {
         let first: Int? = row["port_first"]
         let last: Int? = row["port_last"]
         let range = first.flatMap { first in last.map { PortRange(first: first, last: $0) } }
-        return Gateway(id: row["id"], name: row["name"], address: row["address"], addressPrivate: row["address_private"],
-                       loadBalancerID: row["load_balancer_id"],
-                       useSourceIP: SourceIPMode(rawValue: row["use_src_ip"]) ?? .randomPortOpen,
-                       forwardTo: row["forward_to"], signature: row["signature"], notes: row["notes"],
-                       online: row["online"], version: row["version"], lastHeartbeat: row["last_heartbeat"],
-                       keyFingerprint: row["key_fingerprint"], controlURL: row["control_url"], portRange: range,
-                       load: row["load"], activeSessions: row["active_sessions"],
-                       created: row["created"], updated: row["updated"])
+        var gateway = Gateway(id: row["id"], name: row["name"], address: row["address"], addressPrivate: row["address_private"],
+                              loadBalancerID: row["load_balancer_id"],
+                              useSourceIP: SourceIPMode(rawValue: row["use_src_ip"]) ?? .randomPortOpen,
+                              forwardTo: row["forward_to"], signature: row["signature"], notes: row["notes"],
+                              online: row["online"], version: row["version"], lastHeartbeat: row["last_heartbeat"],
+                              keyFingerprint: row["key_fingerprint"], controlURL: row["control_url"], portRange: range,
+                              load: row["load"], activeSessions: row["active_sessions"],
+                              created: row["created"], updated: row["updated"])
+        gateway.forwardingPath = GatewayForwarding(rawValue: row["forwarding_path"]) ?? .gatewayDefault
+        return gateway
     }
 
     // MARK: Rules

@@ -161,6 +161,17 @@ extension SourceIPMode {
     }
 }
 
+extension GatewayForwarding {
+    /// Parses the API's string: "" (the gateway's default), userspace, kernel or offload.
+    /// - Throws: `FieldError` naming `field` for anything else.
+    public static func parse(_ value: String, field: String = "forwarding_path") throws(FieldError) -> GatewayForwarding {
+        guard let path = GatewayForwarding(rawValue: value) else {
+            throw FieldError(field, "must be \"\" (the gateway's own default), userspace, kernel or offload, got \(Validate.quoted(value))")
+        }
+        return path
+    }
+}
+
 extension LoadBalanceMethod {
     /// Parses the API's letter (`E`, `P` or `L`).
     /// - Throws: `FieldError` naming `field` for anything else.

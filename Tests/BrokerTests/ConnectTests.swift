@@ -122,6 +122,34 @@ struct ConnectTests {
         }
     }
 
+    @Test("a gateway's forwarding_path goes into every rule pushed to it; a bad one is refused naming the field")
+    func forwardingPath() async throws {
+        try await withConnectSetup { setup in
+            let broker = setup.broker
+            let gatewayID = try await setup.addGateway("gw-a")
+            let fake = try #require(setup.gateways[gatewayID]?.fake)
+            let desktopID = try await setup.desktop("desk-1", gatewayID: gatewayID)
+            let shown = try await broker.client.json("GET", "/v1/gateways/\(gatewayID)", token: setup.sid)
+            #expect((shown.object["stored_data"] as? [String: Any] ?? shown.object)["forwarding_path"] as? String == "")
+
+            let plain = try await broker.client.json("POST", "/v1/connect", ["desktop_id": desktopID, "protocol": "rdp"], token: setup.sid)
+            #expect(fake.rules[plain.object["rule_id"] as? String ?? ""]?.forwardingPath == nil, "the gateway's own default")
+
+            let set = try await broker.client.json("PUT", "/v1/gateways/\(gatewayID)", ["forwarding_path": "kernel"], token: setup.sid)
+            #expect(set.status == 200, "\(set)")
+            let kernel = try await broker.client.json("POST", "/v1/connect", ["desktop_id": desktopID, "protocol": "rdp"], token: setup.sid)
+            #expect(kernel.status == 200, "\(kernel)")
+            let ruleID = try #require(kernel.object["rule_id"] as? String)
+            #expect(fake.rules[ruleID]?.forwardingPath == .kernel)
+            #expect(try await broker.store.rule(id: ruleID).push.forwardingPath == .kernel, "stored as pushed (re-pushes keep it)")
+
+            let bad = try await broker.client.json("PUT", "/v1/gateways/\(gatewayID)", ["forwarding_path": "warp"], token: setup.sid)
+            #expect(bad.status == 400 && "\(bad)".contains("forwarding_path"), "\(bad)")
+            #expect(try await broker.store.gateway(id: Int64(gatewayID)).forwardingPath == .kernel, "a refused change changes nothing")
+            #expect(setup.allSignaturesVerified())
+        }
+    }
+
     @Test("bad connect input: 400/404 naming the field, nothing pushed or stored")
     func badInput() async throws {
         try await withConnectSetup { setup in
