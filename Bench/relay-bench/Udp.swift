@@ -61,7 +61,7 @@ private final class SinkCounts: Sendable {
 /// and counts. Datagrams still in flight 0.3 s after the sender stops count
 /// as lost.
 func runUDPFlood(_ arguments: ArraySlice<String>) -> Never {
-    let options = Options(arguments, allowed: ["target", "sink", "size", "duration", "warmup", "batch", "gso"])
+    let options = Options(arguments, allowed: ["target", "sink", "size", "duration", "warmup", "batch", "gso", "sink-netns"])
     let target = options.address("target")
     let sinkAddress = options.address("sink")
     let size = options.int("size", default: 64)
@@ -77,7 +77,15 @@ func runUDPFlood(_ arguments: ArraySlice<String>) -> Never {
     let sink: FileDescriptor
     let sender: FileDescriptor
     do {
-        sink = try Socket.bindUDP(sinkAddress, reusePort: false, receiveBuffer: 4 << 20)
+        // --sink-netns NAME: the sink lives behind the relay, in another
+        // network namespace (Bench/kernel-bench); this process sends from its own.
+        if let namespace = options.string("sink-netns") {
+            sink = try SystemThread.inNetworkNamespace(path: "/var/run/netns/\(namespace)") {
+                try Socket.bindUDP(sinkAddress, reusePort: false, receiveBuffer: 4 << 20)
+            }
+        } else {
+            sink = try Socket.bindUDP(sinkAddress, reusePort: false, receiveBuffer: 4 << 20)
+        }
         sender = try Socket.connectUDP(to: target, sendBuffer: 4 << 20)
     } catch {
         fail("udpflood sockets: \(error)")

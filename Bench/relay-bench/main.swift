@@ -8,6 +8,7 @@
 //   relay-bench udpecho --listen HOST:PORT[,HOST:PORT...]
 //   relay-bench udpflood --target HOST:PORT --sink HOST:PORT [--size 64] [--duration 5] [--warmup 0.5] [--batch 32]
 //   relay-bench udpping --target HOST:PORT [--size 64] [--duration 5] [--warmup 0.5] [--timeout 1000]
+//   relay-bench kernel-rules --table NAME [--present 2000] [--count 1000]   (root: nftables)
 //
 // Each measuring subcommand prints one `key=value ...` line on stdout;
 // progress and errors go to stderr.
@@ -23,6 +24,7 @@ let usage = """
       relay-bench udpecho --listen HOST:PORT[,HOST:PORT...]
       relay-bench udpflood --target HOST:PORT --sink HOST:PORT [--size 64] [--duration 5] [--warmup 0.5] [--batch 32]
       relay-bench udpping --target HOST:PORT [--size 64] [--duration 5] [--warmup 0.5] [--timeout 1000]
+      relay-bench kernel-rules --table NAME [--present 2000] [--count 1000]
     """
 
 let arguments = CommandLine.arguments
@@ -38,6 +40,7 @@ case "hold": runHold(rest)
 case "udpecho": runUDPEcho(rest)
 case "udpflood": runUDPFlood(rest)
 case "udpping": runUDPPing(rest)
+case "kernel-rules": runKernelRules(rest)
 case "-h", "--help", "help":
     print(usage)
     exit(0)

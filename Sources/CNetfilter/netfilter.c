@@ -8,6 +8,8 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+#include <pthread.h>
+#include <sys/stat.h>
 #include <arpa/inet.h>
 #include <sys/socket.h>
 #include <linux/netfilter.h>
@@ -29,6 +31,8 @@
 enum { CT_DIR_ORIGINAL = 0 };
 
 enum { TYPE_IPV4_ADDR = 7, TYPE_INET_PROTO = 12, TYPE_INET_SERVICE = 13, TYPE_BITS = 6 };
+
+static uint32_t next_seq(void);
 
 struct nfk_batch {
     uint8_t *buffer;
@@ -57,7 +61,7 @@ nfk_batch *nfk_batch_new(void) {
     nfk_batch *b = calloc(1, sizeof(*b));
     if (!b) return NULL;
     if (reserve(b, 8192) != 0) { free(b); return NULL; }
-    b->seq = (uint32_t)time(NULL) << 8;
+    b->seq = next_seq();
     struct nlmsghdr *nlh = nftnl_batch_begin((char *)b->buffer, b->seq++);
     b->length += NLMSG_ALIGN(nlh->nlmsg_len);
     b->first_seq = b->seq;
@@ -360,15 +364,34 @@ int nfk_batch_delete_element(nfk_batch *b, const char *table, const char *set, c
 
 // MARK: sockets
 
-static struct mnl_socket *open_socket(int bus, size_t send_bytes) {
-    struct mnl_socket *nl = mnl_socket_open(bus);
+// One netlink socket for the process, kept open: closing a nf_tables socket
+// waits for the kernel's deferred work on deleted elements (an RCU grace
+// period, 10-20 ms), which made every removal cost that much. It belongs to
+// the network namespace it was opened in, so it is reopened when the caller
+// is in another one (tests enter namespaces of their own). The lock makes one
+// request at a time use it.
+static pthread_mutex_t nl_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct mnl_socket *nl_cached;
+static dev_t nl_ns_dev;
+static ino_t nl_ns_ino;
+static size_t nl_send_buffer;
+static uint32_t nl_sequence;
+
+// Sequence numbers of single requests: distinct, so that an answer is never taken for another's.
+static uint32_t next_seq(void) {
+    if (__atomic_load_n(&nl_sequence, __ATOMIC_RELAXED) == 0) {
+        uint32_t start = (uint32_t)time(NULL) << 12;
+        uint32_t zero = 0;
+        __atomic_compare_exchange_n(&nl_sequence, &zero, start, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
+    }
+    return __atomic_add_fetch(&nl_sequence, 1, __ATOMIC_RELAXED);
+}
+
+static struct mnl_socket *open_socket(void) {
+    struct mnl_socket *nl = mnl_socket_open(NETLINK_NETFILTER);
     if (!nl) return NULL;
     if (mnl_socket_bind(nl, 0, MNL_SOCKET_AUTOPID) < 0) { int saved = errno; mnl_socket_close(nl); errno = saved; return NULL; }
     int fd = mnl_socket_get_fd(nl);
-    // A large batch goes in one sendmsg: make room (FORCE works as root, the plain option up to wmem_max).
-    int size = (int)(send_bytes + 65536);
-    if (setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, &size, sizeof(size)) != 0)
-        setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, sizeof(size));
     int receive = 4 << 20;
     if (setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &receive, sizeof(receive)) != 0)
         setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &receive, sizeof(receive));
@@ -378,30 +401,72 @@ static struct mnl_socket *open_socket(int bus, size_t send_bytes) {
     return nl;
 }
 
+// Locks and returns the socket for the calling thread's namespace, with room
+// to send `send_bytes` in one sendmsg and nothing left unread from before.
+static struct mnl_socket *acquire(size_t send_bytes) {
+    pthread_mutex_lock(&nl_lock);
+    struct stat ns;
+    if (stat("/proc/thread-self/ns/net", &ns) != 0) memset(&ns, 0, sizeof(ns));
+    if (nl_cached && (ns.st_dev != nl_ns_dev || ns.st_ino != nl_ns_ino)) {
+        mnl_socket_close(nl_cached);
+        nl_cached = NULL;
+    }
+    if (!nl_cached) {
+        nl_cached = open_socket();
+        if (!nl_cached) { int saved = errno; pthread_mutex_unlock(&nl_lock); errno = saved; return NULL; }
+        nl_ns_dev = ns.st_dev;
+        nl_ns_ino = ns.st_ino;
+        nl_send_buffer = 0;
+    }
+    int fd = mnl_socket_get_fd(nl_cached);
+    if (send_bytes + 65536 > nl_send_buffer) {
+        // FORCE works as root (CAP_NET_ADMIN); the plain option up to wmem_max.
+        int size = (int)(send_bytes + 65536);
+        if (setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, &size, sizeof(size)) != 0)
+            setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, sizeof(size));
+        nl_send_buffer = (size_t)size;
+    }
+    // Answers a failed request left behind are dropped.
+    static uint8_t stale[8192];
+    while (recv(fd, stale, sizeof(stale), MSG_DONTWAIT) > 0) {}
+    return nl_cached;
+}
+
+// Unlocks; a socket that failed to send or receive is closed (the next
+// request opens another).
+static void release(bool broken) {
+    if (broken && nl_cached) {
+        mnl_socket_close(nl_cached);
+        nl_cached = NULL;
+    }
+    pthread_mutex_unlock(&nl_lock);
+}
+
 int nfk_send(nfk_batch *b, int *failed) {
     *failed = -1;
     size_t length;
     const uint8_t *bytes = nfk_batch_bytes(b, &length);
     if (!bytes) return -ENOMEM;
     if (b->count == 0) return 0;
-    struct mnl_socket *nl = open_socket(NETLINK_NETFILTER, length);
+    struct mnl_socket *nl = acquire(length);
     if (!nl) return -errno;
-    if (mnl_socket_sendto(nl, bytes, length) < 0) { int rc = -errno; mnl_socket_close(nl); return rc; }
+    if (mnl_socket_sendto(nl, bytes, length) < 0) { int rc = -errno; release(true); return rc; }
     uint32_t portid = mnl_socket_get_portid(nl);
-    (void)portid;
-    uint8_t buffer[65536];
+    static uint8_t buffer[65536];
     int acked = 0, rc = 0;
+    bool broken = false;
     while (acked < b->count && rc == 0) {
         ssize_t n = mnl_socket_recvfrom(nl, buffer, sizeof(buffer));
-        if (n < 0) { rc = -errno; break; }
+        if (n < 0) { rc = -errno; broken = true; break; }
         const struct nlmsghdr *nlh = (const struct nlmsghdr *)buffer;
         int left = (int)n;
         while (mnl_nlmsg_ok(nlh, left)) {
-            if (nlh->nlmsg_type == NLMSG_ERROR) {
+            bool ours = nlh->nlmsg_seq >= b->first_seq && nlh->nlmsg_seq < b->seq && (nlh->nlmsg_pid == 0 || nlh->nlmsg_pid == portid);
+            if (ours && nlh->nlmsg_type == NLMSG_ERROR) {
                 const struct nlmsgerr *err = mnl_nlmsg_get_payload(nlh);
                 if (err->error != 0) {
-                    rc = err->error; // negative errno
-                    *failed = (int)(err->msg.nlmsg_seq - b->first_seq);
+                    rc = err->error; // negative errno: the kernel applied none of the batch
+                    *failed = (int)(nlh->nlmsg_seq - b->first_seq);
                     break;
                 }
                 acked++;
@@ -409,7 +474,7 @@ int nfk_send(nfk_batch *b, int *failed) {
             nlh = mnl_nlmsg_next(nlh, &left);
         }
     }
-    mnl_socket_close(nl);
+    release(broken);
     return rc;
 }
 
@@ -454,21 +519,23 @@ static int elements_message(const struct nlmsghdr *nlh, void *data) {
     return MNL_CB_OK;
 }
 
-// Sends one request and runs `cb` on every answer until the kernel is done.
+// Sends one request and runs `cb` on every answer until the kernel is done
+// (NLMSG_DONE of a dump, or the ACK or error of a single request).
 static int request(struct nlmsghdr *nlh, mnl_cb_t cb, void *data) {
-    struct mnl_socket *nl = open_socket(NETLINK_NETFILTER, nlh->nlmsg_len);
+    struct mnl_socket *nl = acquire(nlh->nlmsg_len);
     if (!nl) return -errno;
     uint32_t seq = nlh->nlmsg_seq, portid = mnl_socket_get_portid(nl);
-    if (mnl_socket_sendto(nl, nlh, nlh->nlmsg_len) < 0) { int rc = -errno; mnl_socket_close(nl); return rc; }
-    static __thread uint8_t buffer[1 << 16];
+    if (mnl_socket_sendto(nl, nlh, nlh->nlmsg_len) < 0) { int rc = -errno; release(true); return rc; }
+    static uint8_t buffer[1 << 16];
     int rc;
+    bool broken = false;
     for (;;) {
         ssize_t n = mnl_socket_recvfrom(nl, buffer, sizeof(buffer));
-        if (n < 0) { rc = -errno; break; }
+        if (n < 0) { rc = -errno; broken = true; break; }
         rc = mnl_cb_run(buffer, (size_t)n, seq, portid, cb, data);
         if (rc <= MNL_CB_STOP) { rc = rc < 0 ? -errno : 0; break; }
     }
-    mnl_socket_close(nl);
+    release(broken);
     return rc;
 }
 
@@ -479,8 +546,8 @@ int nfk_dump_elements(const char *table, const char *set, nfk_element_fn fn, voi
     nftnl_set_set_str(s, NFTNL_SET_TABLE, table);
     nftnl_set_set_str(s, NFTNL_SET_NAME, set);
     nftnl_set_set_u32(s, NFTNL_SET_FAMILY, NFPROTO_INET);
-    struct nlmsghdr *nlh = nftnl_nlmsg_build_hdr((char *)buffer, NFT_MSG_GETSETELEM, NFPROTO_INET, NLM_F_DUMP | NLM_F_ACK,
-                                                 (uint32_t)time(NULL));
+    struct nlmsghdr *nlh = nftnl_nlmsg_build_hdr((char *)buffer, NFT_MSG_GETSETELEM, NFPROTO_INET, NLM_F_DUMP,
+                                                 next_seq());
     nftnl_set_elems_nlmsg_build_payload(nlh, s);
     nftnl_set_free(s);
     struct query q = {.fn = fn, .context = context, .found = 0};
@@ -499,7 +566,7 @@ int nfk_table_exists(const char *table) {
     if (!t) return -ENOMEM;
     nftnl_table_set_str(t, NFTNL_TABLE_NAME, table);
     nftnl_table_set_u32(t, NFTNL_TABLE_FAMILY, NFPROTO_INET);
-    struct nlmsghdr *nlh = nftnl_nlmsg_build_hdr((char *)buffer, NFT_MSG_GETTABLE, NFPROTO_INET, NLM_F_ACK, (uint32_t)time(NULL));
+    struct nlmsghdr *nlh = nftnl_nlmsg_build_hdr((char *)buffer, NFT_MSG_GETTABLE, NFPROTO_INET, NLM_F_ACK, next_seq());
     nftnl_table_nlmsg_build_payload(nlh, t);
     nftnl_table_free(t);
     int found = 0;
@@ -596,12 +663,12 @@ int nfk_conntrack_delete(uint32_t src, uint32_t dst, uint8_t protocol, uint16_t 
     *deleted = 0;
     uint8_t buffer[4096];
     struct ct_filter f = {.src = src, .dst = dst, .protocol = protocol, .dport = dport};
-    int rc = request(ct_header(buffer, IPCTNL_MSG_CT_GET, NLM_F_DUMP, (uint32_t)time(NULL)), ct_message, &f);
+    int rc = request(ct_header(buffer, IPCTNL_MSG_CT_GET, NLM_F_DUMP, next_seq()), ct_message, &f);
     if (rc < 0) { free(f.tuples); return rc; }
     size_t offset = 0;
     while (offset < f.length) {
         const struct nlattr *tuple = (const struct nlattr *)(f.tuples + offset);
-        struct nlmsghdr *nlh = ct_header(buffer, IPCTNL_MSG_CT_DELETE, NLM_F_ACK, (uint32_t)time(NULL) + (uint32_t)offset);
+        struct nlmsghdr *nlh = ct_header(buffer, IPCTNL_MSG_CT_DELETE, NLM_F_ACK, next_seq());
         mnl_attr_put(nlh, CTA_TUPLE_ORIG | NLA_F_NESTED, tuple->nla_len - sizeof(struct nlattr), mnl_attr_get_payload(tuple));
         int one = request(nlh, NULL, NULL);
         if (one == 0) (*deleted)++;

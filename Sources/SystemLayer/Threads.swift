@@ -41,6 +41,17 @@ extension SystemThread {
         defer { _ = Glibc.close(fd) }
         _ = try Syscall.run { shim_enter_network_namespace(fd) }
     }
+
+    /// Runs `body` with the calling thread in the network namespace at
+    /// `path`, then moves it back: sockets `body` opens stay in that
+    /// namespace (a benchmark's receiver behind a gateway, its sender in front).
+    public static func inNetworkNamespace<T>(path: String, _ body: () throws -> T) throws -> T {
+        let home = try Syscall.run { Glibc.open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC) }
+        defer { _ = Glibc.close(home) }
+        try enterNetworkNamespace(path: path)
+        defer { _ = shim_enter_network_namespace(home) }
+        return try body()
+    }
 }
 
 /// A started thread that must be joined once.
