@@ -15,6 +15,9 @@ measurement.
                 DELETE /v1/connect/{rule_id} each; prints calls per second of
                 both and their p50/p99 in ms.
   rules         how many rules the gateway holds (signed GET /control/v1/rules).
+  fill          pushes COUNT rules that stay (the rules held while others measure).
+  put           one push from --json; prints the port (Bench/kernel-bench).
+--forwarding-path kernel|userspace|offload sets the pushes' forwarding_path.
 
 Secrets (the control key, the session id) are read from files and never
 printed. Standard library only.
@@ -61,19 +64,48 @@ def control_from(args):
     return host, int(port), args.gateway_id, read_key(args.key_file)
 
 
+def extra_fields(args):
+    """Push fields beyond the defaults: the forwarding path when asked."""
+    path = getattr(args, "forwarding_path", None)
+    return {"forwarding_path": path} if path else {}
+
+
+def fill(args):
+    """Pushes COUNT rules (ids fill-N, method 0, TCP) that stay: the rules a
+    gateway holds while the other scenarios measure."""
+    host, port, gid, key = control_from(args)
+    client = ControlClient(host, port, gid, key)
+    extra = extra_fields(args)
+    start = time.perf_counter()
+    for i in range(args.count):
+        client.put_rule(f"fill-{i}", args.target, unused_expiry_s=7 * 24 * 3600, **extra)
+    elapsed = time.perf_counter() - start
+    print(f"scenario=fill count={args.count} seconds={elapsed:.2f} rules_per_s={args.count / elapsed:.0f}")
+
+
+def put(args):
+    """One push from JSON; prints the port the gateway answered."""
+    host, port, gid, key = control_from(args)
+    status, answer = ControlClient(host, port, gid, key).put(args.id, json.loads(args.json))
+    if status not in (200, 201):
+        sys.exit(f"PUT {args.id}: HTTP {status}: {answer}")
+    print(answer["port"])
+
+
 def push_latency(args):
     host, port, gid, key = control_from(args)
     client = ControlClient(host, port, gid, key)
     public = args.public_host
+    extra = extra_fields(args)
     for _ in range(args.warmup):
         rid = secrets.token_hex(16)
-        echo_through(public, client.put_rule(rid, args.target))
+        echo_through(public, client.put_rule(rid, args.target, **extra))
         client.delete_rule(rid)
     samples = []
     for _ in range(args.count):
         rid = secrets.token_hex(16)
         start = time.perf_counter()
-        rule_port = client.put_rule(rid, args.target)
+        rule_port = client.put_rule(rid, args.target, **extra)
         echo_through(public, rule_port)
         samples.append((time.perf_counter() - start) * 1000)
         client.delete_rule(rid)
@@ -92,7 +124,7 @@ def rule_rate(args):
         try:
             while time.perf_counter() < stop:
                 rid = secrets.token_hex(16)
-                client.put_rule(rid, args.target)
+                client.put_rule(rid, args.target, **extra_fields(args))
                 client.delete_rule(rid)
                 counts[i] += 2
         except Exception as e:  # noqa: BLE001 - reported below
@@ -197,16 +229,23 @@ def count_rules(args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="scenario", required=True)
-    for name in ("push-latency", "rule-rate", "rules"):
+    for name in ("push-latency", "rule-rate", "rules", "fill", "put"):
         p = sub.add_parser(name)
         p.add_argument("--control", required=True, help="the gateway's control endpoint HOST:PORT")
         p.add_argument("--gateway-id", type=int, required=True)
         p.add_argument("--key-file", required=True, help="file with the gateway's control key")
         p.add_argument("--target", default="", help="the echo server HOST:PORT the rules point at")
         p.add_argument("--public-host", default="127.0.0.1", help="where the rules' ports listen")
+        p.add_argument("--forwarding-path", choices=["userspace", "kernel", "offload"], default=None,
+                       help="forwarding_path of the pushed rules (default: the gateway's)")
         if name == "push-latency":
             p.add_argument("--count", type=int, default=500)
             p.add_argument("--warmup", type=int, default=20)
+        elif name == "fill":
+            p.add_argument("--count", type=int, default=2000)
+        elif name == "put":
+            p.add_argument("--id", required=True)
+            p.add_argument("--json", required=True, help="the push, as JSON")
         elif name == "rule-rate":
             p.add_argument("--seconds", type=float, default=5)
             p.add_argument("--workers", type=int, default=1)
@@ -222,7 +261,7 @@ def main():
         if getattr(args, field, 1) is not None and getattr(args, field, 1) <= 0:
             parser.error(f"--{field} must be positive")
     {"push-latency": push_latency, "rule-rate": rule_rate, "connect-rate": connect_rate,
-     "rules": count_rules}[args.scenario](args)
+     "rules": count_rules, "fill": fill, "put": put}[args.scenario](args)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,11 @@ public final class GatewayControl: Sendable {
         var kernelBase: [String: KernelTraffic] = [:]
         /// Why the last read or change of the kernel table at a tick failed.
         var kernelError: String?
+        /// Counts kernel rules added; each one's count when it was. A tick
+        /// reads the table before it takes the lock, so a rule added after
+        /// that read is not in it and must not count as expired.
+        var kernelGeneration: UInt64 = 0
+        var kernelAddedIn: [String: UInt64] = [:]
     }
 
     /// - Parameters:
@@ -277,6 +282,10 @@ public final class GatewayControl: Sendable {
                 try? engine.apply(current)
                 throw error
             }
+            if !added.isEmpty {
+                s.kernelGeneration += 1
+                s.kernelAddedIn[id] = s.kernelGeneration
+            }
             s.storeError = nil
             s.pushed = next
             return (rule, true)
@@ -383,6 +392,7 @@ public final class GatewayControl: Sendable {
             for flow in engine.flows() { admitted[flow.rule, default: []].insert(flow.client.ip.unmapped) }
         }
         var kernelRead: Result<[KernelForward.Key: KernelForwardState], NetfilterError>?
+        let readGeneration = state.withLock { $0.kernelGeneration }
         if let kernel {
             kernelRead = Result { () throws(NetfilterError) in
                 var held: [KernelForward.Key: KernelForwardState] = [:]
@@ -410,7 +420,7 @@ public final class GatewayControl: Sendable {
             if let kernelRead {
                 switch kernelRead {
                 case .success(let held):
-                    let (expiredByKernel, changed) = syncKernel(held: held, admitted: admitted, now: now, s: &s)
+                    let (expiredByKernel, changed) = syncKernel(held: held, readGeneration: readGeneration, admitted: admitted, now: now, s: &s)
                     kernelExpired = expiredByKernel
                     if changed { firstUse = true }
                 case .failure(let error):
@@ -443,7 +453,8 @@ public final class GatewayControl: Sendable {
     /// go in one batch; when it fails, the rules stay as they were and the
     /// next tick tries again.
     /// - Returns: rules the kernel expired unused, and whether a rule changed (worth a save).
-    private func syncKernel(held: [KernelForward.Key: KernelForwardState], admitted: [String: Set<IPAddress>], now: Int64,
+    private func syncKernel(held: [KernelForward.Key: KernelForwardState], readGeneration: UInt64,
+                            admitted: [String: Set<IPAddress>], now: Int64,
                             s: inout State) -> (expired: Set<String>, changed: Bool) {
         guard let kernel else { return ([], false) }
         var expired = Set<String>()
@@ -453,6 +464,11 @@ public final class GatewayControl: Sendable {
         var traffic: [String: KernelTraffic] = [:]
         for index in next.indices where next[index].forwardingPath != .userspace {
             let rule = next[index]
+            // Added after the table was read: not in `held` yet; next tick.
+            if (s.kernelAddedIn[rule.id] ?? 0) > readGeneration {
+                if let known = s.kernelTraffic[rule.id] { traffic[rule.id] = known }
+                continue
+            }
             let forwards = KernelRules.forwards(rule, publicAddress: s.settings.publicAddress)
             let states = forwards.compactMap { held[$0.key] }
             var counted = base[rule.id] ?? KernelTraffic()
@@ -519,6 +535,7 @@ public final class GatewayControl: Sendable {
         }
         s.pushed = next
         s.kernelBase = base.filter { key, _ in next.contains { $0.id == key } }
+        s.kernelAddedIn = s.kernelAddedIn.filter { _, generation in generation > readGeneration }
         s.kernelTraffic = traffic
         if s.kernelError != nil { logger.notice("control: the kernel table is in step again") }
         s.kernelError = nil
@@ -641,6 +658,7 @@ public final class GatewayControl: Sendable {
         for id in ids {
             s.kernelTraffic[id] = nil
             s.kernelBase[id] = nil
+            s.kernelAddedIn[id] = nil
         }
         if let kernel {
             for forward in forwards {

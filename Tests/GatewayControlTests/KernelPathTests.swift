@@ -32,6 +32,9 @@ final class MemoryKernel: KernelForwarding {
     }
 
     let state = Mutex(State())
+    /// Runs (once) after a read of the table, before it returns: another
+    /// change landing between a tick's read and its lock.
+    let onRead = Mutex<(@Sendable () -> Void)?>(nil)
 
     var elements: [KernelForward.Key: Element] { state.withLock { $0.elements } }
 
@@ -72,7 +75,8 @@ final class MemoryKernel: KernelForwarding {
     }
 
     func forwards() throws(NetfilterError) -> [KernelForwardState] {
-        try state.withLock { s throws(NetfilterError) in
+        defer { onRead.withLock { hook in let run = hook; hook = nil; return run }?() }
+        return try state.withLock { s throws(NetfilterError) in
             guard s.exists else { throw NetfilterError(operation: "test read", errno: ENOENT, detail: nil) }
             return s.elements.values.map {
                 KernelForwardState(forward: $0.forward, timeoutMilliseconds: $0.timeout ?? 0, expiresMilliseconds: $0.timeout ?? 0,
@@ -231,6 +235,20 @@ struct KernelPathControlTests {
         control.tick()
         #expect(control.rules().first?.kernel == KernelTraffic(flows: 2, packets: 15, bytes: 1000))
         #expect(RuleStore(directory: folder.path).load().rules.first?.lastUsed != nil, "the first use is stored")
+    }
+
+    @Test("a rule pushed between a tick's read of the table and its lock is not taken for expired")
+    func pushDuringTick() throws {
+        let folder = TempFolder()
+        defer { folder.remove() }
+        let kernel = MemoryKernel(), clock = TestClock()
+        let (control, engine) = try Self.makeControl(folder: folder, kernel: kernel, clock: clock, defaultPath: .kernel)
+        defer { engine.shutdown() }
+        kernel.onRead.withLock { $0 = { _ = try? control.put(id: "late", push: RulePush(protocol: .tcp, method: .randomPort, target: "10.1.0.5:3389")) } }
+        #expect(control.tick().isEmpty)
+        #expect(control.pushedRules().map(\.id) == ["late"], "the rule pushed during the tick was dropped")
+        #expect(control.tick().isEmpty, "nor at the next tick")
+        #expect(control.pushedRules().map(\.id) == ["late"])
     }
 
     @Test("delete removes the elements and ends their flows")
