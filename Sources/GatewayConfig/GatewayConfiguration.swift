@@ -24,7 +24,7 @@ public struct GatewayConfiguration: Sendable, Equatable {
     /// The gateway's Leostream `signature`, sent in the PROXY header's 0xE0 TLV (`gateway_signature`).
     public var gatewaySignature: String = ""
 
-    // The kernel path (NetfilterKernel): see docs/KERNEL-PATH.md.
+    // The kernel path (NetfilterKernel): see docs/ARCHITECTURE.md, "Kernel path".
     /// The path a pushed rule takes when the broker does not say (`forwarding`).
     public var forwarding: ForwardingPath = .userspace
     /// Whether the gateway keeps an nftables table (`kernel_path`; on by

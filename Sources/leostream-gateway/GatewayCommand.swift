@@ -75,6 +75,9 @@ struct GatewayCommand: ParsableCommand {
                 let networks = parsed.desktopNetworks.isEmpty ? "none (no pushed rule accepted)" : parsed.desktopNetworks.map(\.description).joined(separator: ", ")
                 print("  control plane: control_listen \(listen), public_address \(parsed.publicAddress), desktop_networks \(networks)")
             }
+            if parsed.kernelPath {
+                print("  kernel path: table inet \(parsed.kernelTable); pushed rules take \(parsed.forwarding.rawValue) unless the broker says otherwise (needs CAP_NET_ADMIN and net.ipv4.ip_forward = 1, checked at start)")
+            }
             if let forward = parsed.brokerForwardListen {
                 print("  broker forwarding: \(forward) -> the --broker address, with a PROXY v2 header")
             }
