@@ -179,7 +179,10 @@ element_for dnat_client "$A_IP . $GW_PUB . tcp . $TCP_PORT" || fail "method 1: n
 element_for dnat_client "$A_IP . $GW_PUB . udp . $TCP_PORT" || fail "method 1: no UDP client element for A"
 eventually 20 "method 1: A cannot echo through $TCP_PORT" tcp_echo "$NS_A" $GW_PUB $TCP_PORT
 tcp_echo "$NS_B" $GW_PUB $TCP_PORT && fail "method 1: B echoes through A's rule on $TCP_PORT"
-pass "use_src_ip 1, TCP+UDP on the protocol's port $TCP_PORT: A through, B refused"
+P1U=$(push m1-udp "{\"protocol\":\"udp\",\"method\":1,\"client_ip\":\"$A_IP\",\"port\":$UDP_PORT,\"target\":\"$DK_IP:$UDP_PORT\"}") || exit 1
+eventually 20 "method 1 UDP: A gets no echo through $UDP_PORT" udp_echo "$NS_A" $GW_PUB $UDP_PORT
+udp_echo "$NS_B" $GW_PUB $UDP_PORT && fail "method 1 UDP: B gets echoes through A's rule on $UDP_PORT"
+pass "use_src_ip 1, TCP+UDP on the protocol's port $TCP_PORT and UDP on $P1U: A through, B refused"
 
 P2=$(push m2-udp "{\"protocol\":\"udp\",\"method\":2,\"client_ip\":\"$A_IP\",\"target\":\"$DK_IP:$UDP_PORT\"}") || exit 1
 P2T=$(push m2-tcp "{\"protocol\":\"tcp\",\"method\":2,\"client_ip\":\"$A_IP\",\"target\":\"$DK_IP:$TCP_PORT\"}") || exit 1
