@@ -153,7 +153,17 @@ push() {   # ID JSON -> PORT
     python3 -c 'import json,sys; print(json.loads(sys.argv[1])["port"])' "$BODY"
 }
 listening() { in_ns "$NS_GW" ss -Hlntu "sport = :$1" | grep -q .; }   # PORT
-element_for() { in_ns "$NS_GW" nft list map inet $TABLE "$1" 2>/dev/null | grep -q -- "$2"; }   # MAP TEXT
+# element_for MAP TEXT: the map's listing (in $W/map.txt) holds TEXT. A listing
+# nft cannot make (5 tries) fails the test: an absence is never assumed.
+element_for() {
+    local i
+    for i in 1 2 3 4 5; do
+        if in_ns "$NS_GW" nft list map inet $TABLE "$1" >"$W/map.txt" 2>>"$W/nft.log"; then grep -q -- "$2" "$W/map.txt"; return; fi
+        sleep 0.2
+    done
+    fail "nft cannot list map $1 of table inet $TABLE: $(tail -3 "$W/nft.log")"
+}
+listing() { tr '\n' ' ' <"$W/map.txt" | tr -s ' ' | cut -c1-600; }
 rule_json() {  # ID: the rule's JSON from GET /control/v1/rules
     ctl GET /control/v1/rules
     python3 -c 'import json,sys; r=[x for x in json.loads(sys.argv[1]) if x["id"]==sys.argv[2]]; print(json.dumps(r[0]) if r else "")' "$BODY" "$1"
@@ -163,7 +173,7 @@ field() { python3 -c 'import json,sys; v=json.loads(sys.argv[1]); [v:=v.get(k) i
 # ---------------------------------------------------------------- methods
 P0=$(push m0-tcp "{\"protocol\":\"tcp\",\"method\":0,\"target\":\"$DK_IP:$TCP_PORT\"}") || exit 1
 listening "$P0" && fail "method 0: the gateway listens on $P0 (the rule should be in the kernel only)"
-element_for dnat_open "$GW_PUB . tcp . $P0" || fail "method 0: no element for $P0 in dnat_open"
+element_for dnat_open "$GW_PUB . tcp . $P0" || fail "method 0: no element for $P0 in dnat_open: $(listing)"
 eventually 20 "method 0 TCP: A cannot echo through $GW_PUB:$P0" tcp_echo "$NS_A" $GW_PUB "$P0"
 eventually 20 "method 0 TCP: B cannot echo through $GW_PUB:$P0" tcp_echo "$NS_B" $GW_PUB "$P0"
 pass "use_src_ip 0, TCP: A and B reach the desktop through DNAT on $P0 (no listener on the gateway)"
@@ -175,8 +185,8 @@ pass "use_src_ip 0, UDP: A and B get echoes through $P0U"
 
 P1=$(push m1-both "{\"protocol\":\"tcp+udp\",\"method\":1,\"client_ip\":\"$A_IP\",\"port\":$TCP_PORT,\"target\":\"$DK_IP:$TCP_PORT\"}") || exit 1
 [ "$P1" = "$TCP_PORT" ] || fail "method 1: port $P1, not the protocol's own $TCP_PORT"
-element_for dnat_client "$A_IP . $GW_PUB . tcp . $TCP_PORT" || fail "method 1: no client element for A"
-element_for dnat_client "$A_IP . $GW_PUB . udp . $TCP_PORT" || fail "method 1: no UDP client element for A"
+element_for dnat_client "$A_IP . $GW_PUB . tcp . $TCP_PORT" || fail "method 1: no client element for A: $(listing)"
+element_for dnat_client "$A_IP . $GW_PUB . udp . $TCP_PORT" || fail "method 1: no UDP client element for A: $(listing)"
 eventually 20 "method 1: A cannot echo through $TCP_PORT" tcp_echo "$NS_A" $GW_PUB $TCP_PORT
 tcp_echo "$NS_B" $GW_PUB $TCP_PORT && fail "method 1: B echoes through A's rule on $TCP_PORT"
 P1U=$(push m1-udp "{\"protocol\":\"udp\",\"method\":1,\"client_ip\":\"$A_IP\",\"port\":$UDP_PORT,\"target\":\"$DK_IP:$UDP_PORT\"}") || exit 1
