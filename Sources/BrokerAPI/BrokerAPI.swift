@@ -8,6 +8,8 @@ import HummingbirdTLS
 import NIOSSL
 import Logging
 import NIOCore
+import ServiceLifecycle
+import ServiceSupport
 import Synchronization
 import SystemLayer
 
@@ -88,7 +90,16 @@ public struct BrokerAPI: Sendable {
     public func router() -> Router<BrokerRequestContext> {
         let router = Router(context: BrokerRequestContext.self)
         router.add(middleware: RequestLogMiddleware())
+        // Requests by route pattern, method and status (hb_requests_total,
+        // http_server_request_duration_seconds) into swift-metrics.
+        router.add(middleware: MetricsMiddleware())
         router.add(middleware: ErrorMiddleware())
+        // Unauthenticated like /health elsewhere: counts by route and status only.
+        router.get("metrics") { _, _ in
+            let bytes = await BlockingExecutor.shared.run { ServiceMetrics.shared.exposition() }
+            return Response(status: .ok, headers: [.contentType: ServiceMetrics.contentType],
+                            body: ResponseBody(byteBuffer: ByteBuffer(bytes: bytes)))
+        }
         for prefix in Self.prefixes {
             let api = router.group(RouterPath(prefix))
             api.post("session/login") { request, context in try await self.login(request, context) }
@@ -108,6 +119,7 @@ public struct BrokerAPI: Sendable {
     /// - Parameter tls: when given, the listener speaks HTTPS (after any PROXY
     ///   v2 header, which a gateway's broker forwarding sends in clear first).
     public func application(address: BindAddress, logger: Logger, tls: TLSConfiguration? = nil,
+                            services: [any Service] = [],
                             onServerRunning: @escaping @Sendable (any Channel) async -> Void = { _ in })
         -> some ApplicationProtocol
     {
@@ -139,6 +151,7 @@ public struct BrokerAPI: Sendable {
                            logger: logger)
         app.addServices(GatewayOfflineMonitor(store: store, offlineAfter: TimeInterval(configuration.offlineAfter),
                                               clock: clock, logger: logger))
+        app.addServices(services)
         return app
     }
 

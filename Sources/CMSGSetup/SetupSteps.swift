@@ -131,7 +131,8 @@ extension CMSGSetup {
         return lines
     }
 
-    /// A systemd unit for one daemon: notify-free simple service, reload by SIGHUP, hardened.
+    /// A systemd unit for one daemon: READY=1 and watchdog pings through
+    /// sd_notify (Type=notify, WatchdogSec), reload by SIGHUP, hardened.
     static func unit(_ service: String, _ arguments: [String], _ plan: Plan) -> String {
         let description = service == cmService ? "PCoIP Connection Manager" : "PCoIP Security Gateway"
         let capabilities = service == cmService ? "CAP_NET_BIND_SERVICE" : "CAP_NET_BIND_SERVICE"
@@ -142,11 +143,13 @@ extension CMSGSetup {
             Wants=network-online.target
 
             [Service]
-            Type=simple
+            Type=notify
+            NotifyAccess=main
+            WatchdogSec=30s
             ExecStart=\(arguments.joined(separator: " "))
             ExecReload=/bin/kill -HUP $MAINPID
             Restart=on-failure
-            LimitNOFILE=65536
+            LimitNOFILE=1048576
             AmbientCapabilities=\(capabilities)
             CapabilityBoundingSet=\(capabilities)
             NoNewPrivileges=true

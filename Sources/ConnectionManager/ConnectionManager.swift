@@ -1,5 +1,6 @@
 import Foundation
 import Logging
+import ServiceSupport
 import PCoIPBrokerProtocol
 import SessionGrants
 import Synchronization
@@ -269,6 +270,25 @@ public final class ConnectionManager: Sendable {
     }
 
     /// `GET /v1/status` on the control listener.
+    /// The Connection Manager's figures for `GET /metrics` (read at scrape time).
+    public func writeMetrics(into text: inout PrometheusText) {
+        let status = self.status()
+        text.single("cm_client_sessions", .gauge, help: "PCoIP client sessions held (each with its own broker session).", status.clientSessions)
+        text.family("cm_limit_in_use", .gauge, help: "Client communications and session establishments in progress.")
+        text.sample("cm_limit_in_use", [("limit", "client_communications")], status.communicationsInProgress)
+        text.sample("cm_limit_in_use", [("limit", "session_establishments")], status.establishmentsInProgress)
+        text.family("cm_limit", .gauge, help: "MaxClientCommunications and MaxSessionEstablishments.")
+        text.sample("cm_limit", [("limit", "client_communications")], status.maxClientCommunications)
+        text.sample("cm_limit", [("limit", "session_establishments")], status.maxSessionEstablishments)
+        text.single("cm_broker_up", .gauge, help: "1 when the broker answers, 0 otherwise.", status.brokerProblem == nil ? 1 : 0)
+        text.family("cm_security_gateway_up", .gauge, help: "1 for a healthy Security Gateway, 0 otherwise.")
+        for gateway in status.securityGateways { text.sample("cm_security_gateway_up", [("gateway", gateway.address)], gateway.healthy ? 1 : 0) }
+        text.family("cm_security_gateway_sessions", .gauge, help: "Active sessions per Security Gateway (as it last reported).")
+        for gateway in status.securityGateways { text.sample("cm_security_gateway_sessions", [("gateway", gateway.address)], gateway.activeSessions) }
+        text.family("cm_events_total", .counter, help: "Connection Manager events (messages, allocations, refusals) by name.")
+        for (name, count) in status.counters.sorted(by: { $0.key < $1.key }) { text.sample("cm_events_total", [("event", name)], count) }
+    }
+
     public struct Status: Sendable, Encodable {
         public var broker: String
         public var brokerProblem: String?

@@ -3,6 +3,8 @@ import HTTPTypes
 import Hummingbird
 import HummingbirdTLS
 import Logging
+import ServiceSupport
+import SystemLayer
 import NIOCore
 import NIOSSL
 import PCoIPBrokerProtocol
@@ -51,6 +53,12 @@ public enum ConnectionManagerServer {
         let responder = CallbackResponder<BasicRequestContext> { request, _ in
             switch (request.method, request.uri.path) {
             case (.get, "/health"): return health(manager)
+            case (.get, "/metrics"):
+                let bytes = await BlockingExecutor.shared.run { () -> [UInt8] in
+                    ServiceMetrics.shared.exposition()
+                }
+                return Response(status: .ok, headers: [.contentType: ServiceMetrics.contentType],
+                                body: .init(byteBuffer: ByteBuffer(bytes: bytes)))
             case (.get, "/v1/status"):
                 let data = (try? JSONEncoder().encode(manager.status())) ?? Data("{}".utf8)
                 return Response(status: .ok, headers: [.contentType: "application/json"], body: .init(byteBuffer: ByteBuffer(bytes: data)))

@@ -21,6 +21,9 @@ public struct GatewayConfiguration: Sendable, Equatable {
     public var controlURL: String?
     /// Broker forwarding (`broker_forward_listen`): relays to the broker with a PROXY v2 header.
     public var brokerForwardListen: SocketAddress?
+    /// A listener serving only `GET /metrics` and `GET /health` (`metrics_listen`),
+    /// for a gateway without `control_listen` (whose endpoint serves them too).
+    public var metricsListen: SocketAddress?
     /// The gateway's Leostream `signature`, sent in the PROXY header's 0xE0 TLV (`gateway_signature`).
     public var gatewaySignature: String = ""
 
@@ -192,6 +195,11 @@ public enum ConfigParser {
                 throw fail("broker_forward_listen: \"\(value)\" is not a numeric address and port (e.g. 0.0.0.0:443)")
             }
             config.brokerForwardListen = address
+        case "metrics_listen":
+            guard let address = SocketAddress(value) else {
+                throw fail("metrics_listen: \"\(value)\" is not a numeric address and port (e.g. 127.0.0.1:9110)")
+            }
+            config.metricsListen = address
         case "gateway_signature":
             guard value.utf8.count <= 100 else { throw fail("gateway_signature: at most 100 bytes, got \(value.utf8.count)") }
             config.gatewaySignature = value

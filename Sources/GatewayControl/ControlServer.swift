@@ -2,7 +2,9 @@ import ControlProtocol
 import Foundation
 import Hummingbird
 import Logging
+import CoreMetrics
 import NIOCore
+import ServiceSupport
 import SystemLayer
 
 /// The control endpoint the broker calls (`control_listen`):
@@ -43,6 +45,10 @@ public enum ControlServer {
         if path == healthPath {
             return await health(method: method, control: control)
         }
+        if path == metricsPath {
+            return await metrics(method: method)
+        }
+        let started = MonotonicClock.nowNanoseconds
         do throws(ControlError) {
             let limit = await BlockingExecutor.shared.run { control.settings.maxBodyBytes }
             let body = try await readBody(&request, limit: limit)
@@ -54,13 +60,44 @@ public enum ControlServer {
                 }
             }
             let response = try result.get()
-            logger.info("control: \(method) \(path) -> \(response.status.code)")
+            countCall(method: method, status: Int(response.status.code), since: started)
+            logger.info("control: \(method) \(path) -> \(response.status.code)", metadata: ruleMetadata(path))
             return response
         } catch {
+            countCall(method: method, status: error.status, since: started)
             // The message never holds the key; it may name the rule id and fields.
-            logger.notice("control: \(method) \(path) -> \(error.status): \(error.message)")
+            var metadata = ruleMetadata(path)
+            metadata["reason"] = "\(error.message)"
+            logger.notice("control: \(method) \(path) -> \(error.status): \(error.message)", metadata: metadata)
             return json(error.status, errorBody(error))
         }
+    }
+
+    public static let metricsPath = "/metrics"
+
+    /// `GET /metrics`, unsigned like `/health`: the Prometheus exposition of
+    /// `ServiceMetrics.shared` (read off Swift's cooperative threads: the
+    /// relay's collectors wait for each loop).
+    static func metrics(method: String) async -> Response {
+        guard method == "GET" else {
+            return json(405, errorBody(ControlError(405, "\(method) \(metricsPath): only GET is allowed here")))
+        }
+        let bytes = await BlockingExecutor.shared.run { ServiceMetrics.shared.exposition() }
+        return Response(status: .ok, headers: [.contentType: ServiceMetrics.contentType],
+                        body: ResponseBody(byteBuffer: ByteBuffer(bytes: bytes)))
+    }
+
+    /// Rule pushes (PUT, DELETE) and reads (GET) by status, and how long each took.
+    static func countCall(method: String, status: Int, since started: UInt64) {
+        let elapsed = MonotonicClock.nowNanoseconds &- started
+        Counter(label: "gateway_rule_pushes_total", dimensions: [("method", method), ("status", String(status))]).increment()
+        CoreMetrics.Timer(label: "gateway_rule_push_duration_seconds", dimensions: [("method", method)])
+            .recordNanoseconds(Int64(clamping: elapsed))
+    }
+
+    static func ruleMetadata(_ path: String) -> Logger.Metadata {
+        guard path.hasPrefix(rulesPath + "/") else { return [:] }
+        return ["rule": "\(path.dropFirst(rulesPath.count + 1))"]
     }
 
     public static let healthPath = "/health"

@@ -89,3 +89,31 @@ public struct RelayStats: Sendable, Equatable, CustomStringConvertible {
             + "bytes c->t=\(bytesClientToTarget) t->c=\(bytesTargetToClient) pipes_open=\(pipesOpen)"
     }
 }
+
+/// Bytes each way.
+struct ByteCounts: Sendable {
+    var toTarget = 0
+    var toClient = 0
+
+    mutating func add(toTarget: Int, toClient: Int) {
+        self.toTarget &+= toTarget
+        self.toClient &+= toClient
+    }
+}
+
+/// TCP figures for one rule, summed over the loops (`RelayEngine.tcpTraffic`).
+public struct TCPRuleTraffic: Sendable, Equatable {
+    /// Connections accepted since the rule was installed.
+    public var accepted = 0
+    /// Connections open now (relaying or being inspected).
+    public var active = 0
+    public var bytesToTarget = 0
+    public var bytesToClient = 0
+
+    mutating func add(_ other: TCPRuleTraffic) {
+        accepted += other.accepted
+        active += other.active
+        bytesToTarget &+= other.bytesToTarget
+        bytesToClient &+= other.bytesToClient
+    }
+}

@@ -30,6 +30,9 @@ final class LoopContext: TimerHandler {
     /// control plane sees a rule used even by a session that ended between
     /// two of its looks). Touched once per connection.
     private(set) var acceptedByRule: [String: Int] = [:]
+    /// Bytes of this loop's closed TCP connections per rule id (live ones are
+    /// added at read time, for `/metrics`). Touched once per closed connection.
+    private(set) var closedBytesByRule: [String: ByteCounts] = [:]
     private var listeners: [SocketAddress: ListenerHandler] = [:]
     private var nextID: UInt64 = 0
     private var reserve: FileDescriptor?
@@ -63,6 +66,10 @@ final class LoopContext: TimerHandler {
         if !acceptedByRule.isEmpty {
             let ids = Set(ruleSet.rules.map(\.id))
             acceptedByRule = acceptedByRule.filter { ids.contains($0.key) }
+        }
+        if !closedBytesByRule.isEmpty {
+            let ids = Set(ruleSet.rules.map(\.id))
+            closedBytesByRule = closedBytesByRule.filter { ids.contains($0.key) }
         }
         for (address, listener) in listeners where ruleSet.listeners[address] == nil {
             listener.close()
@@ -149,6 +156,26 @@ final class LoopContext: TimerHandler {
 
     /// This loop's UDP figures by rule.
     func datagramStats() -> [String: DatagramStats] { datagramCountersByRule.mapValues(\.stats) }
+
+    /// TCP traffic per rule id on this loop: connections accepted, live, and
+    /// bytes each way (closed connections plus what live ones delivered so far).
+    func tcpTraffic() -> [String: TCPRuleTraffic] {
+        var all: [String: TCPRuleTraffic] = [:]
+        for (id, accepted) in acceptedByRule { all[id, default: TCPRuleTraffic()].accepted = accepted }
+        for (id, bytes) in closedBytesByRule {
+            all[id, default: TCPRuleTraffic()].bytesToTarget += bytes.toTarget
+            all[id, default: TCPRuleTraffic()].bytesToClient += bytes.toClient
+        }
+        for connection in connections.values {
+            var traffic = all[connection.rule.id, default: TCPRuleTraffic()]
+            traffic.active += 1
+            traffic.bytesToTarget += Int(truncatingIfNeeded: connection.toTarget.delivered &+ connection.replayedBytes)
+            traffic.bytesToClient += Int(truncatingIfNeeded: connection.toClient.delivered)
+            all[connection.rule.id] = traffic
+        }
+        for connection in inspecting.values { all[connection.rule.id, default: TCPRuleTraffic()].active += 1 }
+        return all
+    }
 
     /// This loop's live UDP flows.
     func flowInfos() -> [FlowInfo] { udpListeners.values.flatMap { $0.flows.values.map(\.info) } }
@@ -396,6 +423,9 @@ final class LoopContext: TimerHandler {
         counters.bump(counters.closed)
         counters.bump(counters.bytesClientToTarget, by: Int(truncatingIfNeeded: connection.toTarget.delivered &+ connection.replayedBytes))
         counters.bump(counters.bytesTargetToClient, by: Int(truncatingIfNeeded: connection.toClient.delivered))
+        closedBytesByRule[connection.rule.id, default: ByteCounts()].add(
+            toTarget: Int(truncatingIfNeeded: connection.toTarget.delivered &+ connection.replayedBytes),
+            toClient: Int(truncatingIfNeeded: connection.toClient.delivered))
         if log.logger.logLevel <= .debug {
             let seconds = Double(loop.now &- connection.startedAt) / 1e9
             log.logger.debug("closed \(connection.clientAddress) -> \(connection.rule.target) rule=\(connection.rule.id) established=\(wasEstablished) bytes_to_target=\(connection.toTarget.delivered) bytes_to_client=\(connection.toClient.delivered) seconds=\(seconds)")

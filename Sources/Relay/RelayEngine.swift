@@ -25,6 +25,9 @@ public final class RelayEngine: Sendable {
         var gates: [SocketAddress: AdmissionGate] = [:]
         var udpGates: [SocketAddress: AdmissionGate] = [:]
         var stopped = false
+        /// Listening sockets the service manager passed (socket activation),
+        /// by address: the first rule set that wants the address takes it.
+        var inherited: [SocketAddress: FileDescriptor] = [:]
     }
 
     /// Holds the per-loop contexts; each is touched only by commands on its own loop.
@@ -49,6 +52,28 @@ public final class RelayEngine: Sendable {
                                             budget: pipeBudget, logger: logger))
         }
         self.contexts = contexts
+    }
+
+    /// Takes listening TCP sockets passed by the service manager
+    /// (`LISTEN_FDS`): a later rule on the same address uses the passed
+    /// socket instead of binding its own (each loop gets a duplicate of it),
+    /// so the address can be privileged or held across restarts by systemd.
+    /// - Returns: the adopted addresses, and the descriptors that are not
+    ///   listening stream sockets (left alone, for the caller to report).
+    public func adopt(_ sockets: [FileDescriptor]) -> (adopted: [SocketAddress], refused: [FileDescriptor]) {
+        var adopted: [SocketAddress] = []
+        var refused: [FileDescriptor] = []
+        control.withLock { state in
+            for fd in sockets {
+                if let address = Socket.adoptListener(fd), state.inherited[address] == nil {
+                    state.inherited[address] = fd
+                    adopted.append(address)
+                } else {
+                    refused.append(fd)
+                }
+            }
+        }
+        return (adopted, refused)
     }
 
     /// Replaces the rule set. New listeners are opened first, on this thread;
@@ -78,6 +103,20 @@ public final class RelayEngine: Sendable {
             do throws(RuleError) {
                 for address in wanted.subtracting(current).sorted(by: { $0.description < $1.description }) {
                     let owner = owners[address]!
+                    if let passed = state.inherited[address] {
+                        // Socket activation: loop 0 takes the passed socket, the others a duplicate.
+                        var fds = [passed]
+                        do throws(Errno) {
+                            for _ in group.loops.dropFirst() { fds.append(try Socket.duplicate(passed)) }
+                        } catch {
+                            fds.dropFirst().forEach { $0.close() }
+                            throw RuleError.listenFailed(rule: owner, address: address, SystemCallError("fcntl(F_DUPFD_CLOEXEC)", error, context: "of the passed socket for \(address)"))
+                        }
+                        Socket.setNoDelay(passed)
+                        Socket.apply(settings.liveness, to: passed)
+                        opened[address] = fds
+                        continue
+                    }
                     do throws(SystemCallError) {
                         try Socket.probeFree(address)
                         var fds: [FileDescriptor] = []
@@ -120,7 +159,8 @@ public final class RelayEngine: Sendable {
                     }
                 }
             } catch {
-                for fds in opened.values { fds.forEach { $0.close() } }
+                // A passed socket stays open (and adoptable); its duplicates close.
+                for (address, fds) in opened { (state.inherited[address] != nil ? Array(fds.dropFirst()) : fds).forEach { $0.close() } }
                 for fds in openedUDP.values { fds.forEach { $0.close() } }
                 throw error
             }
@@ -154,6 +194,7 @@ public final class RelayEngine: Sendable {
             }
             let ruleSet = RuleSet(rules: rules, gates: gates, udpGates: udpGates)
             state.ruleSet = ruleSet
+            for address in opened.keys { state.inherited[address] = nil }
             state.gates = gates
             state.udpGates = udpGates
             let sockets = opened
@@ -269,6 +310,27 @@ public final class RelayEngine: Sendable {
             found.withLock { all in all.merge(mine, uniquingKeysWith: +) }
         }
         return found.withLock { $0 }
+    }
+
+    /// TCP traffic per rule id, summed over the loops (each loop reads its
+    /// own tables in a command: no lock on the data path).
+    public func tcpTraffic() -> [String: TCPRuleTraffic] {
+        let found = Mutex<[String: TCPRuleTraffic]>([:])
+        let contexts = self.contexts
+        group.onEveryLoop { loop in
+            let mine = contexts.all[loop.id].tcpTraffic()
+            found.withLock { all in
+                for (id, traffic) in mine { all[id, default: TCPRuleTraffic()].add(traffic) }
+            }
+        }
+        return found.withLock { $0 }
+    }
+
+    /// Runs `answer` on each relay loop (the service watchdog's probes).
+    public var loopProbes: [(name: String, probe: @Sendable (@escaping @Sendable () -> Void) -> Void)] {
+        group.loops.map { loop in
+            (name: "relay loop \(loop.id)", probe: { answer in loop.execute { _ in answer() } })
+        }
     }
 
     /// Every live UDP flow with its accounting.

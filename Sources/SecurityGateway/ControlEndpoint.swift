@@ -2,6 +2,7 @@ import Foundation
 import Hummingbird
 import Logging
 import NIOCore
+import ServiceSupport
 import SystemLayer
 
 /// The Security Gateway's control endpoint (`ControlListen`), through which a
@@ -50,6 +51,10 @@ public enum SecurityGatewayControl {
                 return json(500, ["code": 500, "status": "failure", "reason": reason])
             }
             return json(200, ["code": 200, "status": "success"])
+        case ("GET", "/metrics"):
+            let bytes = await BlockingExecutor.shared.run { ServiceMetrics.shared.exposition() }
+            return Response(status: .ok, headers: [.contentType: ServiceMetrics.contentType],
+                            body: ResponseBody(byteBuffer: ByteBuffer(bytes: bytes)))
         case ("GET", "/v1/status"):
             let status = await BlockingExecutor.shared.run { gateway.status() }
             let data = (try? JSONEncoder().encode(status)) ?? Data("{}".utf8)

@@ -1,7 +1,9 @@
 import Dispatch
 import Foundation
+import CoreMetrics
 import Logging
 import Relay
+import ServiceSupport
 import SessionGrants
 import Synchronization
 import SystemLayer
@@ -133,6 +135,24 @@ public final class SecurityGateway: Sendable {
     public struct PrepareAnswer: Sendable, Equatable {
         public let status: Int
         public let body: [String: String]
+        /// The outcome as a metric label (prepared, already_prepared, replayed, expired, ...).
+        public var result: String = "other"
+    }
+
+    /// A grant refusal as a metric label.
+    static func label(_ error: GrantError) -> String {
+        switch error {
+        case .malformed: "malformed"
+        case .invalidClaim: "invalid_claim"
+        case .replayed: "replayed"
+        case .algorithmNotAllowed: "algorithm_not_allowed"
+        case .badSignature: "bad_signature"
+        case .expired: "expired"
+        case .notYetValid: "not_yet_valid"
+        case .issuedInFuture: "issued_in_future"
+        case .wrongAudience: "wrong_audience"
+        default: "other"
+        }
     }
 
     /// Verifies `token` (signature, algorithm, time, audience) and prepares it.
@@ -140,6 +160,12 @@ public final class SecurityGateway: Sendable {
     ///   admissible (with the reason), 409 a used single-use grant, 503 full.
     ///   The answer never holds the token.
     public func prepare(token: String) async -> PrepareAnswer {
+        let answer = await prepareGrant(token: token)
+        Counter(label: "sg_grants_prepare_total", dimensions: [("status", String(answer.status)), ("result", answer.result)]).increment()
+        return answer
+    }
+
+    private func prepareGrant(token: String) async -> PrepareAnswer {
         let grant: SessionGrant
         do throws(GrantError) {
             grant = try await verifier.verify(token, recordUse: false)
@@ -151,11 +177,11 @@ public final class SecurityGateway: Sendable {
             case .algorithmNotAllowed, .badSignature, .expired, .notYetValid, .issuedInFuture, .wrongAudience: status = 401
             default: status = 500
             }
-            logger.notice("prepare refused: \(error)")
-            return PrepareAnswer(status: status, body: ["error": error.description, "field": "grant"])
+            logger.notice("prepare refused: \(error)", metadata: ["reason": "\(error)"])
+            return PrepareAnswer(status: status, body: ["error": error.description, "field": "grant"], result: Self.label(error))
         }
         guard SocketAddress(grant.agent) != nil else {
-            return PrepareAnswer(status: 400, body: ["error": "grant: agent \"\(grant.agent)\" is not a numeric HOST:PORT", "field": "grant.agent"])
+            return PrepareAnswer(status: 400, body: ["error": "grant: agent \"\(grant.agent)\" is not a numeric HOST:PORT", "field": "grant.agent"], result: "bad_agent")
         }
         let answer = ["session_id": grant.sessionID, "server_name": grant.serverName,
                       "expires": String(Int64(grant.expires.timeIntervalSince1970))]
@@ -165,17 +191,18 @@ public final class SecurityGateway: Sendable {
         let stored = await BlockingExecutor.shared.run { grants.prepare(grant, token: token) }
         switch stored {
         case .added:
-            logger.info("session \(grant.sessionID) prepared for \(grant.serverName)")
-            return PrepareAnswer(status: 201, body: answer)
+            logger.info("session \(grant.sessionID) prepared for \(grant.serverName)",
+                        metadata: ["session": "\(grant.sessionID)", "target": "\(grant.agent)"])
+            return PrepareAnswer(status: 201, body: answer, result: "prepared")
         case .alreadyPrepared:
-            return PrepareAnswer(status: 200, body: answer)
+            return PrepareAnswer(status: 200, body: answer, result: "already_prepared")
         case .alreadyUsed:
-            return PrepareAnswer(status: 409, body: ["error": GrantError.replayed.description, "field": "grant"])
+            return PrepareAnswer(status: 409, body: ["error": GrantError.replayed.description, "field": "grant"], result: "replayed")
         case .full:
-            return PrepareAnswer(status: 503, body: ["error": "prepared grants: the store is full (\(grants.capacity))"])
+            return PrepareAnswer(status: 503, body: ["error": "prepared grants: the store is full (\(grants.capacity))"], result: "store_full")
         case .notStored(let why):
-            logger.error("prepare: \(why)")
-            return PrepareAnswer(status: 503, body: ["error": "prepared grants: \(why)"])
+            logger.error("prepare: \(why)", metadata: ["session": "\(grant.sessionID)", "reason": "\(why)"])
+            return PrepareAnswer(status: 503, body: ["error": "prepared grants: \(why)"], result: "not_stored")
         }
     }
 
@@ -223,6 +250,24 @@ public final class SecurityGateway: Sendable {
             case udpDatagramsToAgent = "udp_datagrams_to_agent", udpDatagramsToClient = "udp_datagrams_to_client"
             case udpDropped = "udp_dropped"
         }
+    }
+
+    /// The Security Gateway's figures for `GET /metrics`, read at scrape time
+    /// (the relay's own families, then sessions and grants). Waits for the
+    /// relay loops: call it off Swift's cooperative threads.
+    public func writeMetrics(into text: inout PrometheusText) {
+        RelayMetrics.write(engine, into: &text)
+        text.single("sg_sessions_active", .gauge, help: "PCoIP session connections open now.", sessions.active)
+        text.single("sg_grants_used_total", .counter, help: "Connections admitted by a prepared grant (SNI matched, agent reached for).", sessions.started)
+        text.single("sg_grants_prepared", .gauge, help: "Prepared grants held now.", grants.count)
+        text.single("sg_udp_bindings", .gauge, help: "UDP paths from clients to agents.", sessions.bindingCount)
+        let relay = engine.stats()
+        text.family("sg_grants_refused_total", .counter, help: "Connections refused at the gateway, by reason (no_grant, no_sni, limit, ...).")
+        for reason in SessionRefusal.allCases where reason != .limit {
+            text.sample("sg_grants_refused_total", [("reason", reason.rawValue)], relay.inspectionRefusals[reason.rawValue] ?? 0)
+        }
+        text.sample("sg_grants_refused_total", [("reason", SessionRefusal.limit.rawValue)],
+                    relay.refused[.listenerLimit, default: 0] + relay.refused[.globalLimit, default: 0] + (relay.inspectionRefusals[SessionRefusal.limit.rawValue] ?? 0))
     }
 
     public func status() -> Status {

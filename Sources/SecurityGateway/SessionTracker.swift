@@ -59,6 +59,8 @@ public final class SessionTracker: DatagramRouter, Sendable {
         var rules: [IPAddress: RelayRule] = [:]
         var sequence: UInt64 = 0
         var active = 0
+        /// Connections admitted by a prepared grant since start (for `/metrics`).
+        var started = 0
         var activeBySession: [String: Int] = [:]
         /// nil when EnableCollaboration is off; a reload may change it.
         var collaborationPorts: ClosedRange<UInt16>?
@@ -107,6 +109,7 @@ public final class SessionTracker: DatagramRouter, Sendable {
                 // Same address and agent (a reconnect, a second channel): the path is shared.
                 s.paths[client]![index].binding.sessions += 1
                 s.active += 1
+                s.started += 1
                 s.activeBySession[sessionID, default: 0] += 1
                 return (.success(Ticket(client: client, agent: agent, sessionID: sessionID)), false)
             }
@@ -127,6 +130,7 @@ public final class SessionTracker: DatagramRouter, Sendable {
             s.portsByAgent[agent, default: []].insert(port)
             if first { s.rules[client] = rule(client: client, agent: agent, port: port) }
             s.active += 1
+            s.started += 1
             s.activeBySession[sessionID, default: 0] += 1
             return (.success(Ticket(client: client, agent: agent, sessionID: sessionID)), first)
         }
@@ -200,6 +204,8 @@ public final class SessionTracker: DatagramRouter, Sendable {
 
     /// Live sessions.
     public var active: Int { state.withLock { $0.active } }
+    /// Connections admitted by a prepared grant since start.
+    public var started: Int { state.withLock { $0.started } }
 
     /// Live connections of a session id.
     public func active(sessionID: String) -> Int { state.withLock { $0.activeBySession[sessionID] ?? 0 } }

@@ -80,6 +80,26 @@ public enum Socket {
         return fd
     }
 
+    /// A listening TCP socket passed by the service manager (socket
+    /// activation), made non-blocking and close-on-exec for the relay.
+    /// - Returns: the address it listens on; nil when `fd` is not a
+    ///   listening stream socket (a datagram socket, a FIFO, ...).
+    public static func adoptListener(_ fd: FileDescriptor) -> SocketAddress? {
+        guard intOption(fd, level: SOL_SOCKET, name: SO_TYPE) == SHIM_SOCK_STREAM,
+              intOption(fd, level: SOL_SOCKET, name: SHIM_SO_ACCEPTCONN) == 1,
+              let address = localAddress(fd) else { return nil }
+        let flags = Glibc.fcntl(fd.rawValue, F_GETFL)
+        guard flags >= 0, Glibc.fcntl(fd.rawValue, F_SETFL, flags | O_NONBLOCK) == 0,
+              Glibc.fcntl(fd.rawValue, F_SETFD, FD_CLOEXEC) == 0 else { return nil }
+        return address
+    }
+
+    /// Another descriptor for the same socket (close-on-exec): each relay
+    /// loop registers its own descriptor of one passed listener.
+    public static func duplicate(_ fd: FileDescriptor) throws(Errno) -> FileDescriptor {
+        FileDescriptor(rawValue: try Syscall.run { Glibc.fcntl(fd.rawValue, F_DUPFD_CLOEXEC, 0) })
+    }
+
     /// Binds a socket without SO_REUSEPORT to see whether `address` is free, then closes it.
     /// - Throws: `SystemCallError` (EADDRINUSE when another process holds the port).
     public static func probeFree(_ address: SocketAddress) throws(SystemCallError) {

@@ -4,12 +4,13 @@ import BrokerCore
 import Foundation
 import Hummingbird
 import Logging
+import ServiceSupport
 import SystemLayer
 import CertificateFiles
 import NIOSSL
 
 /// The broker's version, printed by `--version`, `--info` and `system/health`.
-let brokerVersion = "0.1.0"
+let brokerVersion = BuildInfo.version
 
 @main
 struct BrokerCommand: AsyncParsableCommand {
@@ -46,7 +47,7 @@ struct BrokerCommand: AsyncParsableCommand {
         Signals while serving: SIGTERM or SIGINT stop accepting connections,
         finish the requests in progress and exit 0.
         """,
-        version: brokerVersion,
+        version: ProductVersion.line,
         subcommands: [Serve.self]
     )
 
@@ -90,11 +91,8 @@ struct Serve: AsyncParsableCommand {
 
     static func serve(_ options: BrokerOptions) async throws {
         let level = Logger.Level(rawValue: options.logLevel) ?? .info
-        LoggingSystem.bootstrap { label in
-            var handler = StreamLogHandler.standardError(label: label)
-            handler.logLevel = level
-            return handler
-        }
+        ServiceLogHandler.bootstrap(level: level)
+        ServiceMetrics.shared.bootstrap()
         var logger = Logger(label: "leostream-broker")
         logger.logLevel = level
 
@@ -144,11 +142,15 @@ struct Serve: AsyncParsableCommand {
         let scheme = tls == nil ? "http" : "https"
         if tls == nil { logger.notice("the listener speaks plain HTTP (give --tls-cert and --tls-key for HTTPS)") }
         let startLogger = logger
-        let app = api.application(address: .hostname(listen.host, port: Int(listen.port)), logger: logger, tls: tls) { channel in
+        let link = ServiceManagerLink(logger: logger, status: { "serving the REST API on \(options.listen)" })
+        let app = api.application(address: .hostname(listen.host, port: Int(listen.port)), logger: logger, tls: tls,
+                                  services: [link]) { channel in
             if let local = channel.localAddress, let ip = local.ipAddress, let port = local.port {
-                startLogger.notice("listening on \(ip.contains(":") ? "[\(ip)]" : ip):\(port) (\(scheme): REST API under /v1 and /rest/v1, PCoIP broker protocol at /pcoip-broker/xml), pid \(SystemInfo.processID)")
+                startLogger.notice("listening on \(ip.contains(":") ? "[\(ip)]" : ip):\(port) (\(scheme): REST API under /v1 and /rest/v1, PCoIP broker protocol at /pcoip-broker/xml, metrics at /metrics), pid \(SystemInfo.processID)")
+                link.ready()
             }
         }
+        defer { link.finish() }
         do {
             try await app.runService()
         } catch {

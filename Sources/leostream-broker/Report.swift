@@ -1,3 +1,4 @@
+import ServiceSupport
 import BrokerCore
 import Foundation
 import SystemLayer
@@ -7,7 +8,7 @@ enum Report {
     /// Prints the version, database, listener, gateways and host figures to standard output.
     static func info(_ options: BrokerOptions) async {
         let path = options.databasePath
-        var lines = ["leostream-broker \(brokerVersion)"]
+        var lines = ["leostream-broker \(ProductVersion.line)"]
 
         let size = databaseSize(path)
         if !FileManager.default.fileExists(atPath: path) {

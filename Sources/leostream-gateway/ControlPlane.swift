@@ -7,10 +7,11 @@ import Logging
 import NetfilterKernel
 import Relay
 import ServiceLifecycle
+import ServiceSupport
 import Synchronization
 import SystemLayer
 
-let gatewayVersion = "0.1.0"
+let gatewayVersion = BuildInfo.version
 let defaultStateDirectory = "/var/lib/leostream-gateway"
 
 /// The kernel path cannot start (capability, sysctl, table): the message says why.
@@ -47,7 +48,7 @@ final class ControlPlane: Sendable {
         let key = try directory.loadKey()
         let range = stored.portRange.map { $0.first...$0.last } ?? 20001...22000
         let listen = config.controlListen!
-        let own = [listen] + config.rules.map(\.listen) + (config.brokerForwardListen.map { [$0] } ?? [])
+        let own = [listen] + config.rules.map(\.listen) + (config.brokerForwardListen.map { [$0] } ?? []) + (config.metricsListen.map { [$0] } ?? [])
         var settings = ControlSettings(publicAddress: config.publicAddress, desktopNetworks: config.desktopNetworks,
                                        portRange: range, ownAddresses: own)
         settings.localAddresses = SystemInfo.interfaceAddresses()

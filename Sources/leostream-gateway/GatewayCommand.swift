@@ -4,6 +4,8 @@ import GatewayConfig
 import GatewayControl
 import Logging
 import Relay
+import ServiceSupport
+import Synchronization
 import SystemLayer
 
 @main
@@ -29,6 +31,7 @@ struct GatewayCommand: ParsableCommand {
         range random rule ports come from; `--status` shows the broker,
         registration, rules, sessions and ports in use. Bad values exit 2.
         """,
+        version: ProductVersion.line,
         subcommands: [Serve.self, Uninstall.self]
     )
 
@@ -109,11 +112,7 @@ struct Serve: ParsableCommand {
             throw ExitCode(2)
         }
         let level = Logger.Level(rawValue: parsed.logLevel) ?? .info
-        LoggingSystem.bootstrap { label in
-            var handler = StreamLogHandler.standardError(label: label)
-            handler.logLevel = level
-            return handler
-        }
+        ServiceLogHandler.bootstrap(level: level)
         var logger = Logger(label: "leostream-gateway")
         logger.logLevel = level
 
@@ -124,27 +123,62 @@ struct Serve: ParsableCommand {
             printError("error: cannot start the event loops: \(error)")
             throw ExitCode(1)
         }
+        // Socket activation: listening sockets systemd passed (a .socket
+        // unit) serve the forwards on their addresses.
+        do {
+            let passed = try Systemd.passedSockets()
+            if !passed.isEmpty {
+                let (adopted, refused) = engine.adopt(passed.map(\.fd))
+                for address in adopted { logger.info("socket activation: listener \(address) passed by the service manager") }
+                for fd in refused {
+                    logger.warning("socket activation: descriptor \(fd.rawValue) is not a listening TCP socket (or repeats an address); closed")
+                    fd.close()
+                }
+            }
+        } catch {
+            logger.warning("socket activation: LISTEN_FDS cannot be read: \(error)")
+        }
+        let planeBox = Mutex<ControlPlane?>(nil)
+        GatewayOperations.registerMetrics(engine: engine, plane: { planeBox.withLock { $0 } })
         var plane: ControlPlane?
+        var metricsListener: MetricsListener?
         do {
             if parsed.controlListen != nil {
                 plane = try ControlPlane(engine: engine, config: parsed, directory: StateDirectory(global.stateDir), logger: logger)
+                planeBox.withLock { $0 = plane }
             } else {
                 try engine.apply(parsed.rules)
             }
+            if let listen = parsed.metricsListen {
+                metricsListener = try MetricsListener(listen: listen, logger: logger)
+                logger.info("metrics on http://\(metricsListener!.address)/metrics")
+            }
         } catch {
             printError("error: \(config): \(error)")
+            plane?.stop()
             engine.shutdown()
             throw ExitCode(1)
         }
         logger.info("ready: \(parsed.rules.count) forward(s), \(parsed.settings.loops) loop(s), max_connections=\(parsed.settings.maxConnections), pid=\(ProcessInfoLite.pid)")
-        for rule in parsed.rules { logger.info("forward \(rule)") }
+        for rule in parsed.rules { logger.info("forward \(rule)", metadata: ["rule": "\(rule.id)", "target": "\(rule.target)"]) }
+        // Listeners are open and state restored: only now READY=1.
+        let notifier = ServiceNotifier.systemd
+        notifier.ready(status: GatewayOperations.status(engine: engine, plane: plane))
+        let heartbeat = GatewayOperations.heartbeat(engine: engine, plane: plane, logger: logger)
+        do { try heartbeat?.start() } catch { logger.error("watchdog: cannot start the heartbeat thread: \(error)") }
+        defer {
+            heartbeat?.stop()
+            metricsListener?.stop()
+        }
 
         var current = parsed
         while true {
             switch ProcessSignal.wait() {
             case .hangUp?:
+                notifier.reloading()
                 current = reload(engine: engine, plane: plane, current: current, logger: logger)
                 plane?.reloadState()
+                notifier.reloaded(status: GatewayOperations.status(engine: engine, plane: plane))
             case .user1?:
                 logger.notice("stats: \(engine.stats())")
                 if let kernel = plane?.control.kernelSummary() {
@@ -155,6 +189,7 @@ struct Serve: ParsableCommand {
                 // Listeners close first, so that once this line is logged a
                 // new client is refused.
                 engine.stopAccepting()
+                notifier.stopping(status: "draining \(engine.stats().active) session(s) for up to \(seconds)s")
                 logger.notice("SIGTERM: draining \(engine.stats().active) session(s) for up to \(seconds)s")
                 plane?.stop()
                 let forced = engine.drain(timeoutNanoseconds: current.drainTimeoutNanoseconds)
@@ -162,6 +197,7 @@ struct Serve: ParsableCommand {
                 engine.shutdown()
                 return
             case .interrupt?:
+                notifier.stopping(status: "stopping now (SIGINT)")
                 logger.notice("SIGINT: stopping now; stats: \(engine.stats())")
                 plane?.stop()
                 engine.shutdown()

@@ -1,6 +1,7 @@
 import CMSGSetup
 import Foundation
 import Glibc
+import ServiceSupport
 import SystemLayer
 
 let help = """
@@ -37,6 +38,10 @@ let help = """
     """
 
 let arguments = Array(CommandLine.arguments.dropFirst())
+if arguments == ["--version"] || arguments == ["version"] {
+    print(ProductVersion.line)
+    exit(0)
+}
 if arguments.isEmpty || arguments.contains("--help") || arguments.contains("-h") || arguments == ["help"] {
     print(help)
     exit(arguments.isEmpty ? 2 : 0)

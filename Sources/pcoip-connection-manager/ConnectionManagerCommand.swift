@@ -7,7 +7,9 @@ import KeyValueConfig
 import Logging
 import NIOSSL
 import ServiceLifecycle
+import ServiceSupport
 import SessionGrants
+import Synchronization
 import SystemLayer
 import UnixSignals
 
@@ -23,6 +25,7 @@ struct ConnectionManagerCommand: AsyncParsableCommand {
             (Key = value) is written by pcoip-cmsg-setup; see docs/ARCHITECTURE.md.
             SIGHUP re-reads the config without dropping a session; SIGTERM stops.
             """,
+        version: ProductVersion.line,
         subcommands: [Serve.self])
 
     @Flag(name: .long, help: "Check ConnectionManager.conf, its certificate, key and signing key, and exit (2 with the reason).")
@@ -59,24 +62,38 @@ struct Serve: AsyncParsableCommand {
         let pidFile = self.pidFile
         let loaded = try await withTaskExecutorPreference(BlockingExecutor.shared) { try await Loader.load(path) }
         let level = Logger.Level(rawValue: loaded.config.logLevel) ?? .info
-        LoggingSystem.bootstrap { label in
-            var handler = StreamLogHandler.standardError(label: label)
-            handler.logLevel = level
-            return handler
-        }
+        ServiceLogHandler.bootstrap(level: level)
+        ServiceMetrics.shared.bootstrap()
         var logger = Logger(label: "pcoip-connection-manager")
         logger.logLevel = level
         let manager = ConnectionManager(config: loaded.config, signer: loaded.signer, broker: loaded.broker, logger: logger)
+        ServiceMetrics.shared.addCollector { text in manager.writeMetrics(into: &text) }
+        let link = ServiceManagerLink(logger: logger, status: {
+            let status = manager.status()
+            return "\(status.clientSessions) client session(s), \(status.securityGateways.filter(\.healthy).count) healthy Security Gateway(s)"
+        })
+        // READY=1 once both listeners are bound.
+        let bound = Mutex(0)
+        let listening: @Sendable () -> Void = {
+            if bound.withLock({ n -> Int in n += 1; return n }) == 2 { link.ready() }
+        }
         let log = logger
         let client = try ConnectionManagerServer.application(
             manager: manager, address: .hostname("\(loaded.config.listen.ip)", port: Int(loaded.config.listen.port)),
             tls: loaded.tls, logger: logger,
-            onServerRunning: { address in log.notice("listening for PCoIP clients on https://\(address)/pcoip-broker/xml, pid \(SystemInfo.processID)") })
+            onServerRunning: { address in
+                log.notice("listening for PCoIP clients on https://\(address)/pcoip-broker/xml, pid \(SystemInfo.processID)")
+                listening()
+            })
         let control = ConnectionManagerServer.controlApplication(
             manager: manager, address: .hostname("\(loaded.config.controlListen.ip)", port: Int(loaded.config.controlListen.port)),
-            logger: logger, onServerRunning: { address in log.notice("control endpoint on http://\(address)") })
-        let reloader = Reloader(manager: manager, path: path, logger: logger)
-        let group = ServiceGroup(configuration: .init(services: [client, control, UpstreamProber(manager: manager), reloader],
+            logger: logger, onServerRunning: { address in
+                log.notice("control endpoint on http://\(address) (health, status, metrics)")
+                listening()
+            })
+        let reloader = Reloader(manager: manager, path: path, logger: logger, link: link)
+        defer { link.finish() }
+        let group = ServiceGroup(configuration: .init(services: [client, control, UpstreamProber(manager: manager), reloader, link],
                                                       gracefulShutdownSignals: [.sigterm], cancellationSignals: [.sigint],
                                                       logger: logger))
         if let pidFile {
@@ -103,9 +120,12 @@ struct Reloader: Service {
     let manager: ConnectionManager
     let path: String
     let logger: Logger
+    let link: ServiceManagerLink
 
     func run() async throws {
         for await _ in await UnixSignalsSequence(trapping: .sighup).cancelOnGracefulShutdown() {
+            link.reloading()
+            defer { link.reloaded() }
             do {
                 let loaded = try await withTaskExecutorPreference(BlockingExecutor.shared) { try await Loader.load(path) }
                 let old = manager.reload(config: loaded.config, signer: loaded.signer, broker: loaded.broker)

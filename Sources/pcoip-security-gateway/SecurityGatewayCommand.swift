@@ -5,11 +5,12 @@ import Logging
 import Relay
 import SecurityGateway
 import ServiceLifecycle
+import ServiceSupport
 import SessionGrants
 import SystemLayer
 import UnixSignals
 
-let securityGatewayVersion = "0.1.0"
+let securityGatewayVersion = ProductVersion.line
 
 @main
 struct SecurityGatewayCommand: AsyncParsableCommand {
@@ -101,6 +102,8 @@ struct Serve: AsyncParsableCommand {
             throw ValidationError("--log-level: \"\(logLevel)\" is not one of trace, debug, info, notice, warning, error, critical")
         }
         guard let config = parent.config else { throw ValidationError("serve needs --config FILE") }
+        ServiceLogHandler.bootstrap(level: .info)
+        ServiceMetrics.shared.bootstrap()
         var logger = Logger(label: "pcoip-security-gateway")
         logger.logLevel = .info
         // Start-up reads files, restores the grant journal and waits for the
@@ -137,9 +140,17 @@ struct Serve: AsyncParsableCommand {
         if let level = (logLevel ?? loaded.logLevel).flatMap({ Logger.Level(rawValue: $0) }) { logger.logLevel = level }
         let listen = loaded.controlListen
         let log = logger
+        ServiceMetrics.shared.addCollector { text in gateway.writeMetrics(into: &text) }
+        let link = ServiceManagerLink(loops: gateway.engine.loopProbes.map { ServiceHeartbeat.Loop(name: $0.name, probe: $0.probe) },
+                                      logger: logger,
+                                      status: { "\(gateway.sessions.active) session(s), \(gateway.grants.count) prepared grant(s)" })
         let app = SecurityGatewayControl.application(
             gateway: gateway, address: .hostname("\(listen.ip)", port: Int(listen.port)), logger: logger,
-            onServerRunning: { address in log.notice("control endpoint on \(address)") })
+            onServerRunning: { address in
+                log.notice("control endpoint on \(address)")
+                // The data listeners opened in start(); the grants are restored: ready.
+                link.ready()
+            })
         let pidFile = self.pidFile
         if let pidFile {
             try await BlockingExecutor.shared.run { () throws in
@@ -148,9 +159,10 @@ struct Serve: AsyncParsableCommand {
                 }
             }
         }
-        let group = ServiceGroup(configuration: .init(services: [app, Reloader(gateway: gateway, path: config, logger: logger)],
+        let group = ServiceGroup(configuration: .init(services: [app, Reloader(gateway: gateway, path: config, logger: logger, link: link), link],
                                                       gracefulShutdownSignals: [.sigterm], cancellationSignals: [.sigint],
                                                       logger: logger))
+        defer { link.finish() }
         do {
             try await group.run()
         } catch {
@@ -175,9 +187,12 @@ struct Reloader: Service {
     let gateway: SecurityGateway
     let path: String
     let logger: Logger
+    let link: ServiceManagerLink
 
     func run() async throws {
         for await _ in await UnixSignalsSequence(trapping: .sighup).cancelOnGracefulShutdown() {
+            link.reloading()
+            defer { link.reloaded() }
             do {
                 let (config, verifier) = try await withTaskExecutorPreference(BlockingExecutor.shared) { try await Loader.load(path) }
                 let gateway = self.gateway

@@ -135,7 +135,9 @@ struct BinaryTests {
         let listen = "127.0.0.1:\(port)"
         let info = try BrokerProcess.run(["--info", "--database", database, "--listen", listen])
         #expect(info.status == 0, "\(info)")
-        for text in ["leostream-broker 0.1.0", database, "schema:    0005-forwarding-path (current)", "\(listen) (accepting connections)",
+        let version = try BrokerProcess.run(["--version"]).stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+        #expect(version.contains("(commit "), "--version names the commit: \(version)")
+        for text in ["leostream-broker \(version)", database, "schema:    0005-forwarding-path (current)", "\(listen) (accepting connections)",
                      "gateways:  2 registered, 1 online, 1 offline", "gw-one", "gw1.example.com", "CPU(s)", "memory", "disk:",
                      "version 9.8.7", "enrolled (key \(Secrets.fingerprint(key)))", "not enrolled"] {
             #expect(info.stdout.contains(text), "--info lacks \(text):\n\(info.stdout)")

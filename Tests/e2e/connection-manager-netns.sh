@@ -200,6 +200,21 @@ client session "${SESSION_ARGS[@]}" --expect-sg $CM_PUB >"$W/session1.json" 2>"$
 jq -e '.alternates | length == 1' "$W/session1.json" >/dev/null || fail "the allocation named no failover gateway: $(cat "$W/session1.json")"
 pass "alice: hello, authenticate, list, allocate via the CM; target sg1 $CM_PUB with sni $SNI, session-id and connect-tag; TLS with the agent and UDP via 55000"
 
+# The CM's and its Security Gateway's /metrics, parsed by prometheus_client: the allocation is counted.
+metrics_check() {   # NS URL PYTHON-CONDITION-ON-families(dict name -> samples)
+    in_ns "$1" curl -s -m 10 "$2" | /usr/bin/python3 -c '
+import sys
+from prometheus_client.parser import text_string_to_metric_families
+families = {f.name: f.samples for f in text_string_to_metric_families(sys.stdin.read())}
+value = lambda family, **labels: next((s.value for s in families.get(family, []) if all(s.labels.get(k) == v for k, v in labels.items())), None)
+sys.exit(0 if ('"$3"') else 1)'
+}
+metrics_check "$NS_CM" http://127.0.0.1:4174/metrics 'value("cm_client_sessions") is not None and sum(s.value for s in families.get("cm_security_gateway_up", [])) == 2 and any(s.value > 0 for s in families.get("cm_events", []))' \
+    || fail "the CM's /metrics: $(in_ns "$NS_CM" curl -s -m 10 http://127.0.0.1:4174/metrics | head -40)"
+metrics_check "$NS_CM" "http://$CM_PRIV:4173/metrics" 'value("sg_grants_used", ) is not None and value("sg_grants_used") >= 1' \
+    || fail "sg1's /metrics does not count the used grant: $(in_ns "$NS_CM" curl -s -m 10 "http://$CM_PRIV:4173/metrics" | grep sg_ | head -20)"
+pass "/metrics of the CM (client sessions, gateways up, events) and of sg1 (grant used) parse with prometheus_client"
+
 # ---------------------------------------------------------------- 3. health: an unhealthy gateway, an unreachable broker
 kill -STOP -- "-${PIDS[sg1]}"
 unhealthy_sg1() {

@@ -1,0 +1,118 @@
+import Foundation
+import Logging
+import SystemLayer
+
+/// The daemons' log: one structured line per event. Under systemd (stderr is
+/// the journal's stream) each event goes to the journal with its fields
+/// (`MESSAGE`, `PRIORITY`, `SESSION_ID`, `CLIENT`, `TARGET`, `RULE_ID`,
+/// `REASON`, ...); otherwise it is one line on stderr,
+/// `TIME LEVEL LABEL: MESSAGE key=value ...`. Metadata whose key names a
+/// secret (password, secret, token, key) is never written.
+public struct ServiceLogHandler: LogHandler {
+    public enum Sink: Sendable, Equatable {
+        case journal
+        case standardError
+    }
+
+    public let label: String
+    public let sink: Sink
+    public var logLevel: Logger.Level
+    public var metadata: Logger.Metadata = [:]
+    public var metadataProvider: Logger.MetadataProvider?
+
+    public init(label: String, level: Logger.Level, sink: Sink) {
+        self.label = label
+        self.logLevel = level
+        self.sink = sink
+    }
+
+    public subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+        get { metadata[key] }
+        set { metadata[key] = newValue }
+    }
+
+    public func log(event: LogEvent) {
+        var merged = metadata
+        if let provided = metadataProvider?.get() { merged.merge(provided) { _, new in new } }
+        if let own = event.metadata { merged.merge(own) { _, new in new } }
+        switch sink {
+        case .journal:
+            if !Systemd.journal(Self.journalFields(label: label, level: event.level, message: "\(event.message)", metadata: merged)) {
+                StandardStreams.writeError(Self.line(label: label, level: event.level, message: "\(event.message)", metadata: merged))
+            }
+        case .standardError:
+            StandardStreams.writeError(Self.line(label: label, level: event.level, message: "\(event.message)", metadata: merged))
+        }
+    }
+
+    /// Installs the handler for the whole process: the journal when stderr is
+    /// the journal's stream (running under systemd), stderr otherwise.
+    public static func bootstrap(level: Logger.Level) {
+        let sink: Sink = Systemd.stderrIsJournal ? .journal : .standardError
+        LoggingSystem.bootstrap { label in ServiceLogHandler(label: label, level: level, sink: sink) }
+    }
+
+    // MARK: Formats (pure, tested)
+
+    /// Journal field names for the metadata keys the daemons use.
+    static let journalNames: [String: String] = [
+        "session": "SESSION_ID", "session_id": "SESSION_ID",
+        "client": "CLIENT", "target": "TARGET",
+        "rule": "RULE_ID", "rule_id": "RULE_ID",
+        "reason": "REASON",
+    ]
+
+    /// Whether `key` names a secret, whose value is never logged.
+    static func isSecret(_ key: String) -> Bool {
+        let lower = key.lowercased()
+        return ["password", "secret", "token", "key", "authorization", "cookie"].contains { lower.contains($0) }
+    }
+
+    static func syslogPriority(_ level: Logger.Level) -> Int {
+        switch level {
+        case .trace, .debug: 7
+        case .info: 6
+        case .notice: 5
+        case .warning: 4
+        case .error: 3
+        case .critical: 2
+        }
+    }
+
+    /// A journal field name: upper case letters, digits and underscores, not
+    /// starting with an underscore or a digit.
+    static func journalName(_ key: String) -> String {
+        if let known = journalNames[key] { return known }
+        var name = String(key.uppercased().map { ($0.isASCII && ($0.isLetter || $0.isNumber)) ? $0 : "_" })
+        while name.first == "_" || name.first?.isNumber == true { name.removeFirst() }
+        return name.isEmpty ? "FIELD" : String(name.prefix(64))
+    }
+
+    static func journalFields(label: String, level: Logger.Level, message: String, metadata: Logger.Metadata) -> [(String, String)] {
+        var fields: [(String, String)] = [
+            ("MESSAGE", message),
+            ("PRIORITY", String(syslogPriority(level))),
+            ("SYSLOG_IDENTIFIER", label),
+            ("LOG_LEVEL", level.rawValue),
+        ]
+        for (key, value) in metadata.sorted(by: { $0.key < $1.key }) where !isSecret(key) {
+            fields.append((journalName(key), "\(value)"))
+        }
+        return fields
+    }
+
+    static func line(label: String, level: Logger.Level, message: String, metadata: Logger.Metadata, now: Date = Date()) -> String {
+        var line = "\(now.formatted(.iso8601.year().month().day().time(includingFractionalSeconds: true).timeZone(separator: .omitted))) \(level.rawValue) \(label): "
+        line += message.replacingOccurrences(of: "\n", with: "\\n")
+        for (key, value) in metadata.sorted(by: { $0.key < $1.key }) where !isSecret(key) {
+            line += " \(key)=\(quoted("\(value)"))"
+        }
+        return line + "\n"
+    }
+
+    static func quoted(_ value: String) -> String {
+        guard value.isEmpty || value.contains(where: { $0 == " " || $0 == "\"" || $0 == "=" || $0 == "\n" }) else { return value }
+        return "\"" + value.replacingOccurrences(of: "\\", with: "\\\\").replacingOccurrences(of: "\"", with: "\\\"")
+            .replacingOccurrences(of: "\n", with: "\\n") + "\""
+    }
+}

@@ -1,0 +1,122 @@
+import CoreMetrics
+import Prometheus
+import Synchronization
+
+/// The process's metrics, served as `GET /metrics` in the Prometheus text
+/// exposition format by each daemon's control listener.
+///
+/// Two kinds of figures: events counted as they happen (rule pushes and
+/// their latency, grants, broker API requests) go through swift-metrics into
+/// a Prometheus registry; the relay's counters are read at scrape time by
+/// collectors (the loops' own relaxed atomics and per-loop tables), so the
+/// data path never takes a lock for metrics.
+public final class ServiceMetrics: Sendable {
+    public static let shared = ServiceMetrics()
+
+    public let registry = PrometheusCollectorRegistry()
+    private let collectors = Mutex<[@Sendable (inout PrometheusText) -> Void]>([])
+    private let bootstrapped = Atomic<Bool>(false)
+
+    public init() {}
+
+    /// Makes swift-metrics record into `registry` (once per process; later calls do nothing).
+    public func bootstrap() {
+        guard bootstrapped.compareExchange(expected: false, desired: true, ordering: .acquiringAndReleasing).exchanged else { return }
+        var factory = PrometheusMetricsFactory(registry: registry)
+        factory.nameAndLabelSanitizer = { name, labels in
+            (PrometheusText.sanitize(name), labels.map { (PrometheusText.sanitize($0.0), $0.1) })
+        }
+        // Rule pushes and control calls take tens of microseconds to tens of milliseconds.
+        factory.defaultDurationHistogramBuckets = [
+            .microseconds(100), .microseconds(250), .microseconds(500), .milliseconds(1), .microseconds(2500),
+            .milliseconds(5), .milliseconds(10), .milliseconds(25), .milliseconds(50), .milliseconds(100),
+            .milliseconds(250), .milliseconds(500), .seconds(1), .milliseconds(2500), .seconds(5),
+        ]
+        MetricsSystem.bootstrap(factory)
+    }
+
+    /// Adds figures read at scrape time.
+    public func addCollector(_ collector: @escaping @Sendable (inout PrometheusText) -> Void) {
+        collectors.withLock { $0.append(collector) }
+    }
+
+    /// The exposition text. Collectors may wait for event loops: call it off
+    /// Swift's cooperative threads (`BlockingExecutor`).
+    public func exposition() -> [UInt8] {
+        var text = PrometheusText()
+        for collector in collectors.withLock({ $0 }) { collector(&text) }
+        var bytes = registry.emitToBuffer()
+        bytes.append(contentsOf: text.bytes)
+        return bytes
+    }
+
+    public static let contentType = "text/plain; version=0.0.4; charset=utf-8"
+}
+
+/// Writes metric families in the Prometheus text exposition format (0.0.4).
+public struct PrometheusText: Sendable {
+    public private(set) var bytes: [UInt8] = []
+
+    public init() {}
+
+    public enum Kind: String, Sendable {
+        case counter, gauge
+    }
+
+    /// Starts a family: its HELP and TYPE lines.
+    public mutating func family(_ name: String, _ kind: Kind, help: String) {
+        append("# HELP \(name) \(help.replacingOccurrences(of: "\\", with: "\\\\").replacingOccurrences(of: "\n", with: "\\n"))\n")
+        append("# TYPE \(name) \(kind.rawValue)\n")
+    }
+
+    /// One sample of the current family.
+    public mutating func sample(_ name: String, _ labels: [(String, String)] = [], _ value: Int) {
+        sample(name, labels, String(value))
+    }
+
+    public mutating func sample(_ name: String, _ labels: [(String, String)] = [], _ value: Double) {
+        sample(name, labels, value.isFinite ? "\(value)" : (value.isNaN ? "NaN" : (value > 0 ? "+Inf" : "-Inf")))
+    }
+
+    private mutating func sample(_ name: String, _ labels: [(String, String)], _ value: String) {
+        if labels.isEmpty {
+            append("\(name) \(value)\n")
+        } else {
+            let pairs = labels.map { "\($0.0)=\"\(Self.escape($0.1))\"" }.joined(separator: ",")
+            append("\(name){\(pairs)} \(value)\n")
+        }
+    }
+
+    /// A family with one sample.
+    public mutating func single(_ name: String, _ kind: Kind, help: String, _ value: Int) {
+        family(name, kind, help: help)
+        sample(name, [], value)
+    }
+
+    private mutating func append(_ string: String) {
+        bytes.append(contentsOf: string.utf8)
+    }
+
+    static func escape(_ value: String) -> String {
+        var out = ""
+        for c in value {
+            switch c {
+            case "\\": out += "\\\\"
+            case "\"": out += "\\\""
+            case "\n": out += "\\n"
+            default: out.append(c)
+            }
+        }
+        return out
+    }
+
+    /// A valid metric or label name: `[a-zA-Z_:][a-zA-Z0-9_:]*` (dots and
+    /// dashes of swift-metrics labels become underscores).
+    public static func sanitize(_ name: String) -> String {
+        var out = String(name.map { c -> Character in
+            (c.isASCII && (c.isLetter || c.isNumber || c == "_" || c == ":")) ? c : "_"
+        })
+        if out.first?.isNumber ?? true { out = "_" + out }
+        return out
+    }
+}

@@ -1,0 +1,117 @@
+import Dispatch
+import GatewayConfig
+import GatewayControl
+import Hummingbird
+import Logging
+import NIOCore
+import Relay
+import ServiceLifecycle
+import ServiceSupport
+import Synchronization
+import SystemLayer
+
+/// The gateway's operations wiring: its metrics collectors, the systemd
+/// heartbeat (watchdog pings and STATUS=) and the `metrics_listen` server.
+enum GatewayOperations {
+    /// Relay, control-plane and kernel-path figures, read at scrape time.
+    static func registerMetrics(engine: RelayEngine, plane: @escaping @Sendable () -> ControlPlane?) {
+        ServiceMetrics.shared.bootstrap()
+        ServiceMetrics.shared.addCollector { text in
+            RelayMetrics.write(engine, into: &text)
+            guard let plane = plane() else { return }
+            let control = plane.control
+            text.single("gateway_rules", .gauge, help: "Pushed rules held by the gateway.", control.pushedRules().count)
+            text.single("gateway_ports_in_use", .gauge, help: "Rule ports in use from the port range.", control.portsInUse().count)
+            if let kernel = control.kernelSummary() {
+                text.single("gateway_kernel_forwards", .gauge, help: "Forwards in the kernel path's nftables table.", kernel.forwards)
+                text.single("gateway_kernel_flows_total", .counter, help: "Connections and UDP flows the kernel path DNATed.", Int(clamping: kernel.traffic.flows))
+                text.single("gateway_kernel_packets_total", .counter, help: "Packets of kernel-path rules (both directions).", Int(clamping: kernel.traffic.packets))
+                text.single("gateway_kernel_bytes_total", .counter, help: "Bytes of kernel-path rules (both directions).", Int(clamping: kernel.traffic.bytes))
+                text.single("gateway_kernel_offloaded_clients", .gauge, help: "Clients moved from the relay to the kernel path.", kernel.traffic.offloadedClients)
+            }
+        }
+    }
+
+    /// The STATUS= line: sessions, rules, flows.
+    static func status(engine: RelayEngine, plane: ControlPlane?) -> String {
+        let stats = engine.stats()
+        var line = "\(stats.active) session(s), \(stats.accepted) accepted"
+        if let plane { line += ", \(plane.control.pushedRules().count) pushed rule(s)" }
+        return line
+    }
+
+    /// A heartbeat when a service manager listens (NOTIFY_SOCKET); nil otherwise.
+    static func heartbeat(engine: RelayEngine, plane: ControlPlane?, logger: Logger) -> ServiceHeartbeat? {
+        guard Systemd.notifySocket != nil else { return nil }
+        let loops = engine.loopProbes.map { ServiceHeartbeat.Loop(name: $0.name, probe: $0.probe) } + ServiceHeartbeat.Loop.sharedLoops()
+        return ServiceHeartbeat(loops: loops, watchdogMicroseconds: Systemd.watchdogMicroseconds, notifier: .systemd,
+                                status: { status(engine: engine, plane: plane) },
+                                onStall: { late in logger.critical("watchdog: no answer from \(late.joined(separator: ", ")); pings withheld") })
+    }
+}
+
+/// `metrics_listen`: `GET /metrics` and `GET /health` on an address of their own.
+final class MetricsListener: Sendable {
+    private let services: ServiceGroup
+    private let server: Task<Void, any Error>
+    let address: String
+
+    init(listen: SystemLayer.SocketAddress, logger: Logger) throws {
+        let responder = CallbackResponder<BasicRequestContext> { request, _ in
+            switch (request.method, request.uri.path) {
+            case (.get, "/metrics"):
+                let bytes = await BlockingExecutor.shared.run { ServiceMetrics.shared.exposition() }
+                return Response(status: .ok, headers: [.contentType: ServiceMetrics.contentType],
+                                body: ResponseBody(byteBuffer: ByteBuffer(bytes: bytes)))
+            case (.get, "/health"):
+                return Response(status: .ok, headers: [.contentType: "application/json"],
+                                body: ResponseBody(byteBuffer: ByteBuffer(string: #"{"code":200,"status":"success"}"#)))
+            default:
+                return Response(status: .notFound, headers: [.contentType: "application/json"],
+                                body: ResponseBody(byteBuffer: ByteBuffer(string: #"{"error":"only GET /metrics and GET /health are served here"}"#)))
+            }
+        }
+        let bound = Mutex<String?>(nil)
+        let app = Application(responder: responder, configuration: .init(address: .hostname("\(listen.ip)", port: Int(listen.port)), serverName: nil),
+                              onServerRunning: { channel in
+                                  if let local = channel.localAddress, let ip = local.ipAddress, let port = local.port {
+                                      bound.withLock { $0 = ip.contains(":") ? "[\(ip)]:\(port)" : "\(ip):\(port)" }
+                                  }
+                              }, logger: logger)
+        let services = ServiceGroup(configuration: .init(services: [app], logger: logger))
+        self.services = services
+        let failure = Mutex<String?>(nil)
+        server = Task {
+            do { try await services.run() } catch {
+                failure.withLock { $0 = "\(error)" }
+                throw error
+            }
+        }
+        // Waits for the bind (or its failure) without a fixed deadline: a
+        // loaded machine may take a while; an error ends the wait at once.
+        while bound.withLock({ $0 }) == nil && failure.withLock({ $0 }) == nil {
+            BlockingWait.sleep(milliseconds: 10)
+        }
+        guard let address = bound.withLock({ $0 }) else {
+            throw ValidationFailure("metrics_listen: cannot serve on \(listen): \(failure.withLock { $0 } ?? "unknown error")")
+        }
+        self.address = address
+    }
+
+    func stop() {
+        let done = DispatchSemaphore(value: 0)
+        let services = self.services
+        let server = self.server
+        Task {
+            await services.triggerGracefulShutdown()
+            _ = try? await server.value
+            done.signal()
+        }
+        _ = done.wait(timeout: .now() + 10)
+    }
+}
+
+struct ValidationFailure: Error, CustomStringConvertible {
+    let description: String
+    init(_ description: String) { self.description = description }
+}
