@@ -231,7 +231,7 @@ let package = Package(
         .testTarget(name: "GatewayE2ETests", dependencies: ["TestSupport", "SystemLayer"]),
         .testTarget(name: "ControlProtocolTests", dependencies: ["TestSupport", "ControlProtocol"]),
         .testTarget(name: "GatewayControlTests", dependencies: [
-            "TestSupport", "GatewayControl", "ControlProtocol", "Relay", "SystemLayer", "NetfilterKernel",
+            "TestSupport", "GatewayControl", "ControlProtocol", "Relay", "SystemLayer", "NetfilterKernel", "ServiceSupport",
             .product(name: "Hummingbird", package: "hummingbird"),
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
         ]),
