@@ -108,7 +108,7 @@ public struct StateDirectory: Sendable {
 
     public func saveSettings(_ settings: StoredSettings) throws(ControlError) {
         try create()
-        do throws(Errno) { try StateFile.writeAtomically(settingsPath, ControlJSON.encode(settings), mode: 0o600) } catch {
+        do throws(Errno) { try StateFile.writeAtomically(settingsPath, ControlJSON.encode(settings), mode: 0o600, directoryOwner: true) } catch {
             throw ControlError(500, "\(settingsPath): cannot write: \(error)")
         }
     }
@@ -128,7 +128,7 @@ public struct StateDirectory: Sendable {
 
     public func saveKey(_ key: ControlKey) throws(ControlError) {
         try create()
-        do throws(Errno) { try StateFile.writeAtomically(keyPath, Array((key.text + "\n").utf8), mode: 0o600) } catch {
+        do throws(Errno) { try StateFile.writeAtomically(keyPath, Array((key.text + "\n").utf8), mode: 0o600, directoryOwner: true) } catch {
             throw ControlError(500, "\(keyPath): cannot write: \(error)")
         }
     }

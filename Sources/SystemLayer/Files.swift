@@ -34,8 +34,11 @@ public enum StateFile {
     /// survives a crash. A reader sees the old file or the new one, never a
     /// mix.
     /// - Throws: `Errno` naming nothing itself; the caller adds the path.
+    /// - Parameter directoryOwner: when root writes the file, it gets the
+    ///   owner and group of its directory (an operator's command as root
+    ///   must not leave a file the service's own user cannot read).
     public static func writeAtomically(_ path: String, _ bytes: [UInt8], mode: UInt32 = 0o644,
-                                       durable: Bool = true) throws(Errno) {
+                                       durable: Bool = true, directoryOwner: Bool = false) throws(Errno) {
         BlockingCallCheck.check("write\(durable ? " and fsync" : "") of \(path)")
         let temporary = path + ".tmp-\(getpid())"
         let raw = try Syscall.run { Glibc.open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode_t(mode)) }
@@ -43,6 +46,14 @@ public enum StateFile {
         do throws(Errno) {
             // O_CREAT's mode is filtered by the umask; set it exactly.
             _ = try Syscall.run { fchmod(raw, mode_t(mode)) }
+            if directoryOwner && geteuid() == 0 {
+                let slash = path.lastIndex(of: "/")
+                let directory = slash.map { $0 == path.startIndex ? "/" : String(path[..<$0]) } ?? "."
+                var info = stat()
+                if stat(directory, &info) == 0 && (info.st_uid != 0 || info.st_gid != 0) {
+                    _ = try Syscall.run { fchown(raw, info.st_uid, info.st_gid) }
+                }
+            }
             try fd.writeAll(bytes)
             if durable { _ = try Syscall.run { fsync(raw) } }
             fd.close()

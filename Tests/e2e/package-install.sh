@@ -221,6 +221,23 @@ for d in "${STATE_DIRS[@]}"; do
     check "$d exists, 0750 leostream:leostream" mode_owner "$d" "750 leostream:leostream"
 done
 
+# The operator's broker settings, run as root as the unit's comment used to
+# ask to avoid: the files written into the state directory take its owner,
+# so the service's own user can read them.
+broker_settings_owned() {
+    local key; key=$(mktemp)
+    head -c 32 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=' >"$key"
+    /usr/bin/leostream-gateway --broker 192.0.2.1:8080 --gateway-id 7 --control-key-file "$key" \
+        --state-dir /var/lib/leostream-gateway >/dev/null || { rm -f "$key"; echo "  --broker ... failed"; return 1; }
+    rm -f "$key"
+    local f
+    for f in /var/lib/leostream-gateway/*; do
+        [ "$(stat -c %U "$f")" = leostream ] || { echo "  $f is owned by $(stat -c %U:%G "$f")"; return 1; }
+    done
+    runuser -u leostream -- cat /var/lib/leostream-gateway/control.key >/dev/null || { echo "  leostream cannot read control.key"; return 1; }
+}
+check "leostream-gateway --broker/--gateway-id/--control-key-file as root: the state files belong to leostream" broker_settings_owned
+
 # Units: systemd parses them as written (prints nothing when every key is
 # known and every value valid; it does not need systemd running).
 verify_unit() { local out; out=$(systemd-analyze verify "/lib/systemd/system/$1" 2>&1); [ -z "$out" ] || { sed 's/^/  /' <<<"$out"; return 1; }; }
