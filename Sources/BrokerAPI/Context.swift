@@ -86,8 +86,10 @@ struct RequestLogMiddleware: RouterMiddleware {
         let response = try await next(request, context)
         let elapsed = ContinuousClock.now - start
         let milliseconds = Double(elapsed.components.attoseconds) / 1e15 + Double(elapsed.components.seconds) * 1000
-        context.logger.info("\(request.method) \(request.uri.path) \(response.status.code) \(Int(milliseconds.rounded())) ms",
-                            metadata: context.clientAddress.isEmpty ? [:] : ["client": .string(context.clientAddress)])
+        // A scraper calls /metrics every few seconds: not an event worth a line at info.
+        context.logger.log(level: request.uri.path == "/metrics" ? .debug : .info,
+                           "\(request.method) \(request.uri.path) \(response.status.code) \(Int(milliseconds.rounded())) ms",
+                           metadata: context.clientAddress.isEmpty ? [:] : ["client": .string(context.clientAddress)])
         return response
     }
 }

@@ -1,4 +1,5 @@
 import EventLoop
+import Logging
 import Synchronization
 import SystemLayer
 
@@ -164,7 +165,8 @@ final class DatagramListener: EventHandler {
     private func openFlow(for client: SocketAddress, local: IPAddress?, loop: EventLoop) -> DatagramFlow? {
         guard let rule = rules.match(client.ip.unmapped) else {
             context.unmatchedDrops += 1
-            context.log.limited(.refusal, "udp: dropped datagrams from \(client) on \(rules.address): no rule on this port allows this client")
+            context.log.limited(.refusal, "udp: dropped datagrams from \(client) on \(rules.address): no rule on this port allows this client",
+                                ["client": "\(client)", "reason": "not_allowed"])
             return nil
         }
         let counters = context.datagramCounters(for: rule.id)

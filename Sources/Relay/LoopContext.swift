@@ -316,7 +316,8 @@ final class LoopContext: TimerHandler {
         connection.abort()
         endInspection(connection)
         counters.countInspectionRefusal(reason)
-        log.limited(.refusal, "refused \(connection.clientAddress) on \(connection.rule.listen) (rule \"\(connection.rule.id)\"): \(reason)")
+        log.limited(.refusal, "refused \(connection.clientAddress) on \(connection.rule.listen) (rule \"\(connection.rule.id)\"): \(reason)",
+                    ["client": "\(connection.clientAddress)", "rule": "\(connection.rule.id)", "reason": "\(reason)"])
     }
 
     /// A revoke or a drain ends an undecided connection.
@@ -384,7 +385,8 @@ final class LoopContext: TimerHandler {
         counters.countRefusal(reason)
         Socket.setResetOnClose(accepted.fd)
         accepted.fd.close()
-        log.limited(.refusal, "refused \(accepted.peer) on \(listener.rules.address): \(Self.explain(reason, listener.rules.gate, admission))")
+        log.limited(.refusal, "refused \(accepted.peer) on \(listener.rules.address): \(Self.explain(reason, listener.rules.gate, admission))",
+                    ["client": "\(accepted.peer)", "reason": "\(reason.rawValue)"])
     }
 
     static func explain(_ reason: RefusalReason, _ gate: AdmissionGate, _ admission: AdmissionControl) -> String {

@@ -17,7 +17,9 @@ final class RateLimitedLog {
         suppressed = Array(repeating: 0, count: Kind.allCases.count)
     }
 
-    func limited(_ kind: Kind, _ message: @autoclosure () -> String) {
+    /// - Parameter metadata: the event's fields (client, target, rule,
+    ///   reason), journal fields under systemd; built only when written.
+    func limited(_ kind: Kind, _ message: @autoclosure () -> String, _ metadata: @autoclosure () -> Logger.Metadata = [:]) {
         let now = MonotonicClock.nowNanoseconds
         let i = kind.rawValue
         if lastLine[i] != 0 && now &- lastLine[i] < interval {
@@ -27,6 +29,6 @@ final class RateLimitedLog {
         lastLine[i] = now
         let held = suppressed[i]
         suppressed[i] = 0
-        logger.warning("\(message())\(held > 0 ? " (\(held) more like this in the last second)" : "")")
+        logger.warning("\(message())\(held > 0 ? " (\(held) more like this in the last second)" : "")", metadata: metadata())
     }
 }

@@ -1,4 +1,5 @@
 import EventLoop
+import Logging
 import SystemLayer
 
 /// One relayed TCP connection: the client's socket, the upstream socket and
@@ -235,7 +236,8 @@ final class RelayConnection: EventHandler, TimerHandler {
         } else {
             context.counters.bump(context.counters.connectOtherFailure)
         }
-        context.log.limited(.connectFailure, "cannot reach \(rule.target) for rule \"\(rule.id)\" (client \(clientAddress)): \(error)")
+        context.log.limited(.connectFailure, "cannot reach \(rule.target) for rule \"\(rule.id)\" (client \(clientAddress)): \(error)",
+                            ["client": "\(clientAddress)", "target": "\(rule.target)", "rule": "\(rule.id)", "reason": "\(error)"])
         close(resetClient: true, resetUpstream: false)
     }
 

@@ -14,7 +14,7 @@ public final class ServiceMetrics: Sendable {
     public static let shared = ServiceMetrics()
 
     public let registry = PrometheusCollectorRegistry()
-    private let collectors = Mutex<[@Sendable (inout PrometheusText) -> Void]>([])
+    private let collectors = Mutex<(next: Int, all: [(id: Int, write: @Sendable (inout PrometheusText) -> Void)])>((0, []))
     private let bootstrapped = Atomic<Bool>(false)
 
     public init() {}
@@ -36,15 +36,25 @@ public final class ServiceMetrics: Sendable {
     }
 
     /// Adds figures read at scrape time.
-    public func addCollector(_ collector: @escaping @Sendable (inout PrometheusText) -> Void) {
-        collectors.withLock { $0.append(collector) }
+    /// - Returns: an id for `removeCollector` (a test whose engine stops).
+    @discardableResult
+    public func addCollector(_ collector: @escaping @Sendable (inout PrometheusText) -> Void) -> Int {
+        collectors.withLock { state in
+            state.next += 1
+            state.all.append((state.next, collector))
+            return state.next
+        }
+    }
+
+    public func removeCollector(_ id: Int) {
+        collectors.withLock { $0.all.removeAll { $0.id == id } }
     }
 
     /// The exposition text. Collectors may wait for event loops: call it off
     /// Swift's cooperative threads (`BlockingExecutor`).
     public func exposition() -> [UInt8] {
         var text = PrometheusText()
-        for collector in collectors.withLock({ $0 }) { collector(&text) }
+        for collector in collectors.withLock({ $0.all }) { collector.write(&text) }
         var bytes = registry.emitToBuffer()
         bytes.append(contentsOf: text.bytes)
         return bytes

@@ -81,6 +81,9 @@ struct GatewayCommand: ParsableCommand {
             if parsed.kernelPath {
                 print("  kernel path: table inet \(parsed.kernelTable); pushed rules take \(parsed.forwarding.rawValue) unless the broker says otherwise (needs CAP_NET_ADMIN and net.ipv4.ip_forward = 1, checked at start)")
             }
+            if let metrics = parsed.metricsListen {
+                print("  metrics: GET /metrics and GET /health on \(metrics)")
+            }
             if let forward = parsed.brokerForwardListen {
                 print("  broker forwarding: \(forward) -> the --broker address, with a PROXY v2 header")
             }

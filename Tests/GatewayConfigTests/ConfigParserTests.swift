@@ -177,7 +177,9 @@ struct ConfigParserTests {
             control_url = http://gw.internal:19010
             broker_forward_listen = 0.0.0.0:443
             gateway_signature = leo-gw-1
+            metrics_listen = 127.0.0.1:9110
             """, file: "gw.conf")
+        #expect(config.metricsListen == SocketAddress("127.0.0.1:9110"))
         #expect(config.publicAddress == IPAddress("203.0.113.5"))
         #expect(config.desktopNetworks == [CIDR("10.1.0.0/16")!, CIDR("10.2.3.4/32")!])
         #expect(config.controlListen == SocketAddress("10.0.0.2:19010"))
@@ -188,6 +190,7 @@ struct ConfigParserTests {
         #expect(defaults.publicAddress == IPAddress("0.0.0.0"))
         #expect(defaults.desktopNetworks.isEmpty)
         #expect(defaults.controlListen == nil)
+        #expect(defaults.metricsListen == nil)
 
         for (text, message) in [
             ("public_address = gateway.example", "public_address:"),
@@ -195,6 +198,7 @@ struct ConfigParserTests {
             ("control_listen = 10.0.0.2", "control_listen:"),
             ("control_url = ftp://x", "control_url:"),
             ("broker_forward_listen = 0.0.0.0:0", "broker_forward_listen:"),
+            ("metrics_listen = localhost:9110", "metrics_listen:"),
             ("gateway_signature = " + String(repeating: "s", count: 101), "gateway_signature:"),
         ] {
             do {

@@ -336,6 +336,9 @@ def journal_child(bin_dir, work, result_path):
     echo = EchoServer()
     forward, udp_port, metrics = free_port(), free_port(socket.SOCK_DGRAM), free_port()
     config = gateway_config(work, forward, udp_port, metrics, echo)
+    closed = free_port()
+    with open(config, "a") as f:   # a forward this client may not use: its refusal is an event with fields
+        f.write(f"\n[forward closed]\nlisten = 127.0.0.1:{closed}\ntarget = 127.0.0.1:{echo.tcp.getsockname()[1]}\nallow = 192.0.2.0/24\n")
     stderr_path = os.path.join(work, "journal-stderr.log")
     stderr = open(stderr_path, "w")
     info = os.fstat(stderr.fileno())
@@ -345,6 +348,8 @@ def journal_child(bin_dir, work, result_path):
                              "--state-dir", os.path.join(work, "state-journal")], env=env, stdout=stderr, stderr=stderr)
     found = eventually(lambda: any(e.get("MESSAGE", "").startswith("ready:") for e in entries)
                        and any(e.get("RULE_ID") == "desk" for e in entries))
+    if found and eventually(lambda: accepts(closed)):
+        eventually(lambda: any(e.get("REASON") == "not_allowed" for e in entries))
     proc.send_signal(signal.SIGTERM)
     try:
         proc.wait(timeout=DEADLINE)
@@ -390,6 +395,9 @@ def test_journal(bin_dir, work):
     forward = [e for e in entries if e.get("RULE_ID") == "desk"]
     check(bool(forward) and forward[0].get("TARGET", "").startswith("127.0.0.1:"),
           f"journal entry for the forward has RULE_ID=desk and TARGET ({forward[:1]})")
+    refused = [e for e in entries if e.get("REASON") == "not_allowed"]
+    check(bool(refused) and refused[0].get("CLIENT", "").startswith("127.0.0.1:") and refused[0].get("PRIORITY") == "4",
+          f"a refused client is a journal entry with CLIENT, REASON=not_allowed, PRIORITY=4 ({refused[:1]})")
     check(data["stderr"].strip() == "", f"nothing went to stderr while the journal took the log ({data['stderr'][:300]!r})")
 
 
