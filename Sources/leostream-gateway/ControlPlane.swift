@@ -26,8 +26,7 @@ final class ControlPlane: Sendable {
     let control: GatewayControl
     let agent: BrokerAgent
     let directory: StateDirectory
-    private let services: ServiceGroup
-    private let server: Task<Void, any Error>
+    private let server: ServerTask
     private let maintenance = Mutex<ThreadHandle?>(nil)
     private let stopped = Atomic<Bool>(false)
     private let logger: Logger
@@ -80,23 +79,12 @@ final class ControlPlane: Sendable {
         let bound = Mutex<String?>(nil)
         let app = ControlServer.application(control: control, address: .hostname("\(listen.ip)", port: Int(listen.port)),
                                             logger: logger, onServerRunning: { address in bound.withLock { $0 = address } })
-        let services = ServiceGroup(configuration: .init(services: [app], logger: logger))
-        self.services = services
-        let failure = Mutex<String?>(nil)
-        server = Task {
-            do { try await services.run() } catch {
-                failure.withLock { $0 = "\(error)" }
-                throw error
-            }
+        do {
+            server = try ServerTask(app, bound: bound, seconds: 10, logger: logger)
+        } catch {
+            throw ControlError(500, field: "control_listen", "control_listen: cannot serve on \(listen): \(error)")
         }
-        let deadline = MonotonicClock.nowNanoseconds + 10_000_000_000
-        while bound.withLock({ $0 }) == nil && failure.withLock({ $0 }) == nil && MonotonicClock.nowNanoseconds < deadline {
-            BlockingWait.sleep(milliseconds: 10)
-        }
-        guard let address = bound.withLock({ $0 }) else {
-            let why = failure.withLock { $0 } ?? "it did not start within 10 s"
-            throw ControlError(500, field: "control_listen", "control_listen: cannot serve on \(listen): \(why)")
-        }
+        let address = server.address
         let boundAddress = SocketAddress(address)
         control.updateSettings { settings in
             if let boundAddress { settings.ownAddresses.append(boundAddress) }
@@ -193,15 +181,7 @@ final class ControlPlane: Sendable {
         stopped.store(true, ordering: .relaxed)
         agent.stop()
         if let handle = maintenance.withLock({ h -> ThreadHandle? in let t = h; h = nil; return t }) { handle.join() }
-        let done = DispatchSemaphore(value: 0)
-        let services = self.services
-        let server = self.server
-        Task {
-            await services.triggerGracefulShutdown()
-            _ = try? await server.value
-            done.signal()
-        }
-        _ = done.wait(timeout: .now() + 10)
+        server.stop()
         directory.removePID()
         StateFile.remove(directory.statusPath)
     }

@@ -144,7 +144,7 @@ struct Serve: ParsableCommand {
         let planeBox = Mutex<ControlPlane?>(nil)
         GatewayOperations.registerMetrics(engine: engine, plane: { planeBox.withLock { $0 } })
         var plane: ControlPlane?
-        var metricsListener: MetricsListener?
+        var metricsListener: ServerTask?
         do {
             if parsed.controlListen != nil {
                 plane = try ControlPlane(engine: engine, config: parsed, directory: StateDirectory(global.stateDir), logger: logger)
@@ -153,7 +153,7 @@ struct Serve: ParsableCommand {
                 try engine.apply(parsed.rules)
             }
             if let listen = parsed.metricsListen {
-                metricsListener = try MetricsListener(listen: listen, logger: logger)
+                metricsListener = try MetricsListener.start(listen: listen, logger: logger)
                 logger.info("metrics on http://\(metricsListener!.address)/metrics")
             }
         } catch {

@@ -50,13 +50,58 @@ enum GatewayOperations {
     }
 }
 
-/// `metrics_listen`: `GET /metrics` and `GET /health` on an address of their own.
-final class MetricsListener: Sendable {
+/// A Hummingbird application run from the gateway's main thread (which
+/// waits for signals, not for tasks): started in a Task of its own, waited
+/// for until it is bound, stopped with a bounded wait.
+final class ServerTask: Sendable {
     private let services: ServiceGroup
     private let server: Task<Void, any Error>
+    /// The bound address, `host:port`.
     let address: String
 
-    init(listen: SystemLayer.SocketAddress, logger: Logger) throws {
+    /// Runs `app`, whose `onServerRunning` stores its bound address in `bound`.
+    /// - Parameter seconds: how long to wait for the bind (nil: until it binds or fails).
+    /// - Throws: `ValidationFailure` with why it did not start (the caller names the key).
+    init(_ app: some Service, bound: borrowing Mutex<String?>, seconds: UInt64? = nil, logger: Logger) throws {
+        let services = ServiceGroup(configuration: .init(services: [app], logger: logger))
+        let failure = Mutex<String?>(nil)
+        let task = Task {
+            do { try await services.run() } catch {
+                failure.withLock { $0 = "\(error)" }
+                throw error
+            }
+        }
+        self.services = services
+        server = task
+        let deadline = seconds.map { MonotonicClock.nowNanoseconds + $0 * 1_000_000_000 }
+        while bound.withLock({ $0 }) == nil && failure.withLock({ $0 }) == nil
+                && deadline.map({ MonotonicClock.nowNanoseconds < $0 }) ?? true {
+            BlockingWait.sleep(milliseconds: 10)
+        }
+        guard let address = bound.withLock({ $0 }) else {
+            let why = failure.withLock { $0 } ?? "it did not start within \(seconds ?? 0) s"
+            Task { await services.triggerGracefulShutdown(); _ = try? await task.value }
+            throw ValidationFailure(why)
+        }
+        self.address = address
+    }
+
+    /// Stops the server and waits for it (at most 10 s).
+    func stop() {
+        let done = DispatchSemaphore(value: 0)
+        let (services, server) = (self.services, self.server)
+        Task {
+            await services.triggerGracefulShutdown()
+            _ = try? await server.value
+            done.signal()
+        }
+        _ = done.wait(timeout: .now() + 10)
+    }
+}
+
+/// `metrics_listen`: `GET /metrics` and `GET /health` on an address of their own.
+enum MetricsListener {
+    static func start(listen: SystemLayer.SocketAddress, logger: Logger) throws -> ServerTask {
         let responder = CallbackResponder<BasicRequestContext> { request, _ in
             switch (request.method, request.uri.path) {
             case (.get, "/metrics"):
@@ -78,36 +123,11 @@ final class MetricsListener: Sendable {
                                       bound.withLock { $0 = ip.contains(":") ? "[\(ip)]:\(port)" : "\(ip):\(port)" }
                                   }
                               }, logger: logger)
-        let services = ServiceGroup(configuration: .init(services: [app], logger: logger))
-        self.services = services
-        let failure = Mutex<String?>(nil)
-        server = Task {
-            do { try await services.run() } catch {
-                failure.withLock { $0 = "\(error)" }
-                throw error
-            }
+        do {
+            return try ServerTask(app, bound: bound, logger: logger)
+        } catch {
+            throw ValidationFailure("metrics_listen: cannot serve on \(listen): \(error)")
         }
-        // Waits for the bind (or its failure) without a fixed deadline: a
-        // loaded machine may take a while; an error ends the wait at once.
-        while bound.withLock({ $0 }) == nil && failure.withLock({ $0 }) == nil {
-            BlockingWait.sleep(milliseconds: 10)
-        }
-        guard let address = bound.withLock({ $0 }) else {
-            throw ValidationFailure("metrics_listen: cannot serve on \(listen): \(failure.withLock { $0 } ?? "unknown error")")
-        }
-        self.address = address
-    }
-
-    func stop() {
-        let done = DispatchSemaphore(value: 0)
-        let services = self.services
-        let server = self.server
-        Task {
-            await services.triggerGracefulShutdown()
-            _ = try? await server.value
-            done.signal()
-        }
-        _ = done.wait(timeout: .now() + 10)
     }
 }
 

@@ -221,6 +221,10 @@ for d in "${STATE_DIRS[@]}"; do
     check "$d exists, 0750 leostream:leostream" mode_owner "$d" "750 leostream:leostream"
 done
 
+# The unit's ExecStartPre, as the unit's user: the installed example config is valid and readable.
+unit_check_passes() { runuser -u leostream -- /usr/bin/leostream-gateway --check --config "$GW_CONF" >/dev/null; }
+check "as leostream, leostream-gateway --check --config $GW_CONF (the unit's ExecStartPre) passes" unit_check_passes
+
 # The operator's broker settings, run as root as the unit's comment used to
 # ask to avoid: the files written into the state directory take its owner,
 # so the service's own user can read them.

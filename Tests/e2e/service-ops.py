@@ -203,6 +203,37 @@ def accepts(port):
         return False
 
 
+def start_daemon(work, name, argv):
+    """Starts a daemon as systemd starts a Type=notify service with a
+    watchdog: NOTIFY_SOCKET (the test's socket) and WATCHDOG_USEC (1 s)."""
+    notify = NotifySocket(os.path.join(work, f"notify-{name}"))
+    env = dict(os.environ, NOTIFY_SOCKET=notify.path, WATCHDOG_USEC="1000000")
+    env.pop("JOURNAL_STREAM", None)
+    log = open(os.path.join(work, f"{name}.log"), "w")
+    proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+    return proc, notify, log
+
+
+def sigterm_stops(proc, notify, name):
+    os.kill(proc.pid, signal.SIGTERM)
+    check(eventually(lambda: notify.count("STOPPING=1") >= 1), f"{name}: SIGTERM -> STOPPING=1")
+    try:
+        code = proc.wait(timeout=DEADLINE)
+    except subprocess.TimeoutExpired:
+        code = None
+    check(code == 0, f"{name} exited 0 after SIGTERM ({code})")
+
+
+def finish_daemon(proc, notify, log, work, name):
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    notify.close()
+    log.close()
+    if failures:
+        print(open(os.path.join(work, f"{name}.log")).read()[-4000:], file=sys.stderr)
+
+
 def gateway_config(directory, forward_port, udp_port, metrics_port, echo):
     path = os.path.join(directory, "gateway.conf")
     with open(path, "w") as f:
@@ -232,12 +263,7 @@ def test_gateway(bin_dir, work):
     echo = EchoServer()
     forward, udp_port, metrics = free_port(), free_port(socket.SOCK_DGRAM), free_port()
     config = gateway_config(work, forward, udp_port, metrics, echo)
-    notify = NotifySocket(os.path.join(work, "notify"))
-    env = dict(os.environ, NOTIFY_SOCKET=notify.path, WATCHDOG_USEC="1000000")
-    env.pop("JOURNAL_STREAM", None)
-    log = open(os.path.join(work, "gateway.log"), "w")
-    proc = subprocess.Popen([gateway, "serve", "--config", config, "--state-dir", os.path.join(work, "state")],
-                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc, notify, log = start_daemon(work, "gateway", [gateway, "serve", "--config", config, "--state-dir", os.path.join(work, "state")])
     try:
         if not check(eventually(lambda: notify.count("READY=1") >= 1 or proc.poll() is not None) and proc.poll() is None,
                      "gateway sent READY=1"):
@@ -295,21 +321,9 @@ def test_gateway(bin_dir, work):
         reload_message = notify.all()[reloading()]
         check("MONOTONIC_USEC=" in reload_message, "RELOADING=1 carries MONOTONIC_USEC")
 
-        os.kill(proc.pid, signal.SIGTERM)
-        check(eventually(lambda: notify.count("STOPPING=1") >= 1), "SIGTERM -> STOPPING=1")
-        try:
-            code = proc.wait(timeout=DEADLINE)
-        except subprocess.TimeoutExpired:
-            code = None
-        check(code == 0, f"gateway exited 0 after SIGTERM ({code})")
+        sigterm_stops(proc, notify, "gateway")
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        notify.close()
-        log.close()
-        if failures:
-            print(open(os.path.join(work, "gateway.log")).read()[-4000:], file=sys.stderr)
+        finish_daemon(proc, notify, log, work, "gateway")
 
 
 def journal_child(bin_dir, work, result_path):
@@ -471,13 +485,8 @@ def test_broker(bin_dir, work):
     with open(password, "w") as f:
         f.write("correct horse battery\n")
     os.chmod(password, 0o600)
-    notify = NotifySocket(os.path.join(work, "notify-broker"))
-    env = dict(os.environ, NOTIFY_SOCKET=notify.path, WATCHDOG_USEC="1000000")
-    env.pop("JOURNAL_STREAM", None)
-    log = open(os.path.join(work, "broker.log"), "w")
-    proc = subprocess.Popen([broker, "--listen", f"127.0.0.1:{port}", "--data-dir", os.path.join(work, "broker"),
-                             "--admin-password-file", password, "--bcrypt-cost", "4"],
-                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc, notify, log = start_daemon(work, "broker", [broker, "--listen", f"127.0.0.1:{port}", "--data-dir", os.path.join(work, "broker"),
+                                                      "--admin-password-file", password, "--bcrypt-cost", "4"])
     try:
         if not check(eventually(lambda: notify.count("READY=1") >= 1 or proc.poll() is not None) and proc.poll() is None,
                      "broker sent READY=1"):
@@ -498,21 +507,9 @@ def test_broker(bin_dir, work):
                    if s.name in ("hb_requests", "hb_requests_total") and s.labels.get("http_response_status_code") == "401"]
         check(bool(counted) and counted[0].value >= 1 and "login" in json.dumps(counted[0].labels),
               f"broker /metrics counts the refused login by route and status ({counted[:1]})")
-        os.kill(proc.pid, signal.SIGTERM)
-        check(eventually(lambda: notify.count("STOPPING=1") >= 1), "broker: SIGTERM -> STOPPING=1")
-        try:
-            code = proc.wait(timeout=DEADLINE)
-        except subprocess.TimeoutExpired:
-            code = None
-        check(code == 0, f"broker exited 0 after SIGTERM ({code})")
+        sigterm_stops(proc, notify, "broker")
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        notify.close()
-        log.close()
-        if failures:
-            print(open(os.path.join(work, "broker.log")).read()[-3000:], file=sys.stderr)
+        finish_daemon(proc, notify, log, work, "broker")
 
 
 def test_security_gateway(bin_dir, work):
@@ -527,12 +524,7 @@ def test_security_gateway(bin_dir, work):
     with open(config, "w") as f:
         f.write(f"GatewayGroup = ops\nJwtVerifyingCert = {cert}\nListenAddress = 127.0.0.1:{listen}\n"
                 f"ControlListen = 127.0.0.1:{control}\nAgentSourcePort = {source}\n")
-    notify = NotifySocket(os.path.join(work, "notify-sg"))
-    env = dict(os.environ, NOTIFY_SOCKET=notify.path, WATCHDOG_USEC="1000000")
-    env.pop("JOURNAL_STREAM", None)
-    log = open(os.path.join(work, "sg.log"), "w")
-    proc = subprocess.Popen([sg, "serve", "--config", config, "--data-dir", os.path.join(work, "sg-data")],
-                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc, notify, log = start_daemon(work, "sg", [sg, "serve", "--config", config, "--data-dir", os.path.join(work, "sg-data")])
     try:
         if not check(eventually(lambda: notify.count("READY=1") >= 1 or proc.poll() is not None) and proc.poll() is None,
                      "Security Gateway sent READY=1"):
@@ -572,21 +564,9 @@ def test_security_gateway(bin_dir, work):
         reloading = lambda: notify.index_of("RELOADING=1", after=before - 1)
         check(eventually(lambda: reloading() is not None and notify.index_of("READY=1", after=reloading()) is not None),
               "Security Gateway: SIGHUP -> RELOADING=1 then READY=1")
-        os.kill(proc.pid, signal.SIGTERM)
-        check(eventually(lambda: notify.count("STOPPING=1") >= 1), "Security Gateway: SIGTERM -> STOPPING=1")
-        try:
-            code = proc.wait(timeout=DEADLINE)
-        except subprocess.TimeoutExpired:
-            code = None
-        check(code == 0, f"Security Gateway exited 0 after SIGTERM ({code})")
+        sigterm_stops(proc, notify, "Security Gateway")
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        notify.close()
-        log.close()
-        if failures:
-            print(open(os.path.join(work, "sg.log")).read()[-3000:], file=sys.stderr)
+        finish_daemon(proc, notify, log, work, "sg")
 
 
 def main():
