@@ -96,7 +96,7 @@ public struct BrokerAPI: Sendable {
         router.add(middleware: ErrorMiddleware())
         // Unauthenticated like /health elsewhere: counts by route and status only.
         router.get("metrics") { _, _ in
-            let bytes = await BlockingExecutor.shared.run { ServiceMetrics.shared.exposition() }
+            let bytes = await ServiceMetrics.shared.scrape()
             return Response(status: .ok, headers: [.contentType: ServiceMetrics.contentType],
                             body: ResponseBody(byteBuffer: ByteBuffer(bytes: bytes)))
         }

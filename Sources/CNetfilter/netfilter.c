@@ -228,15 +228,18 @@ static void only_ipv4(struct nftnl_rule *r) {
     cmp_u32(r, NFT_REG_1, NFT_CMP_EQ, &ipv4, 1);
 }
 
+// Appends rule `r` to `chain` in the batch and frees it (in every case).
 static int add_rule(nfk_batch *b, struct nftnl_rule *r, const char *table, const char *chain) {
     nftnl_rule_set_str(r, NFTNL_RULE_TABLE, table);
     nftnl_rule_set_str(r, NFTNL_RULE_CHAIN, chain);
     nftnl_rule_set_u32(r, NFTNL_RULE_FAMILY, NFPROTO_INET);
     struct nlmsghdr *nlh = begin(b, NFT_MSG_NEWRULE, NLM_F_APPEND | NLM_F_CREATE);
-    if (!nlh) return -ENOMEM;
-    nftnl_rule_nlmsg_build_payload(nlh, r);
-    finish(b, nlh);
-    return 0;
+    if (nlh) {
+        nftnl_rule_nlmsg_build_payload(nlh, r);
+        finish(b, nlh);
+    }
+    nftnl_rule_free(r);
+    return nlh ? 0 : -ENOMEM;
 }
 
 enum { ID_PUBLICS = 1, ID_OPEN, ID_CLIENT, ID_TRAFFIC_OPEN, ID_TRAFFIC_CLIENT };
@@ -275,9 +278,7 @@ int nfk_batch_create_table(nfk_batch *b, const char *table) {
     payload(r, NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2, NFT_REG32_03);  // th dport
     lookup(r, NFK_MAP_CLIENT, ID_CLIENT, NFT_REG_1, NFT_REG_1);
     dnat(r);
-    rc = add_rule(b, r, table, "prerouting");
-    nftnl_rule_free(r);
-    if (rc) return rc;
+    if ((rc = add_rule(b, r, table, "prerouting"))) return rc;
 
     r = nftnl_rule_alloc();
     only_ipv4(r);
@@ -286,9 +287,7 @@ int nfk_batch_create_table(nfk_batch *b, const char *table) {
     payload(r, NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2, NFT_REG32_02);  // th dport
     lookup(r, NFK_MAP_OPEN, ID_OPEN, NFT_REG_1, NFT_REG_1);
     dnat(r);
-    rc = add_rule(b, r, table, "prerouting");
-    nftnl_rule_free(r);
-    if (rc) return rc;
+    if ((rc = add_rule(b, r, table, "prerouting"))) return rc;
 
     // postrouting: replies come back through the gateway.
     r = nftnl_rule_alloc();
@@ -305,9 +304,7 @@ int nfk_batch_create_table(nfk_batch *b, const char *table) {
     ct(r, NFT_CT_DST_IP, CT_DIR_ORIGINAL, NFT_REG_1);
     lookup(r, NFK_SET_PUBLICS, ID_PUBLICS, NFT_REG_1, -1);
     nftnl_rule_add_expr(r, nftnl_expr_alloc("masq"));
-    rc = add_rule(b, r, table, "postrouting");
-    nftnl_rule_free(r);
-    if (rc) return rc;
+    if ((rc = add_rule(b, r, table, "postrouting"))) return rc;
 
     // forward: each element's counter counts its flows' packets, both ways.
     r = nftnl_rule_alloc();
@@ -316,18 +313,14 @@ int nfk_batch_create_table(nfk_batch *b, const char *table) {
     ct(r, NFT_CT_PROTOCOL, CT_DIR_ORIGINAL, NFT_REG32_02);
     ct(r, NFT_CT_PROTO_DST, CT_DIR_ORIGINAL, NFT_REG32_03);
     lookup(r, NFK_SET_TRAFFIC_CLIENT, ID_TRAFFIC_CLIENT, NFT_REG_1, -1);
-    rc = add_rule(b, r, table, "forward");
-    nftnl_rule_free(r);
-    if (rc) return rc;
+    if ((rc = add_rule(b, r, table, "forward"))) return rc;
 
     r = nftnl_rule_alloc();
     ct(r, NFT_CT_DST_IP, CT_DIR_ORIGINAL, NFT_REG_1);
     ct(r, NFT_CT_PROTOCOL, CT_DIR_ORIGINAL, NFT_REG32_01);
     ct(r, NFT_CT_PROTO_DST, CT_DIR_ORIGINAL, NFT_REG32_02);
     lookup(r, NFK_SET_TRAFFIC_OPEN, ID_TRAFFIC_OPEN, NFT_REG_1, -1);
-    rc = add_rule(b, r, table, "forward");
-    nftnl_rule_free(r);
-    return rc;
+    return add_rule(b, r, table, "forward");
 }
 
 // MARK: elements

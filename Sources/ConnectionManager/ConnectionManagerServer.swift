@@ -4,7 +4,6 @@ import Hummingbird
 import HummingbirdTLS
 import Logging
 import ServiceSupport
-import SystemLayer
 import NIOCore
 import NIOSSL
 import PCoIPBrokerProtocol
@@ -54,9 +53,7 @@ public enum ConnectionManagerServer {
             switch (request.method, request.uri.path) {
             case (.get, "/health"): return health(manager)
             case (.get, "/metrics"):
-                let bytes = await BlockingExecutor.shared.run { () -> [UInt8] in
-                    ServiceMetrics.shared.exposition()
-                }
+                let bytes = await ServiceMetrics.shared.scrape()
                 return Response(status: .ok, headers: [.contentType: ServiceMetrics.contentType],
                                 body: .init(byteBuffer: ByteBuffer(bytes: bytes)))
             case (.get, "/v1/status"):

@@ -82,7 +82,7 @@ public enum ControlServer {
         guard method == "GET" else {
             return json(405, errorBody(ControlError(405, "\(method) \(metricsPath): only GET is allowed here")))
         }
-        let bytes = await BlockingExecutor.shared.run { ServiceMetrics.shared.exposition() }
+        let bytes = await ServiceMetrics.shared.scrape()
         return Response(status: .ok, headers: [.contentType: ServiceMetrics.contentType],
                         body: ResponseBody(byteBuffer: ByteBuffer(bytes: bytes)))
     }

@@ -1,5 +1,6 @@
 import EventLoop
 import Logging
+import ServiceSupport
 import Synchronization
 import SystemLayer
 
@@ -249,13 +250,7 @@ public final class RelayEngine: Sendable {
     /// Runs `work` on every loop with its context, waits for all, and
     /// returns the sum of what they answered (connections or flows closed).
     private func sumOnEveryLoop(_ work: @escaping @Sendable (LoopContext) -> Int) -> Int {
-        let total = Mutex(0)
-        let contexts = self.contexts
-        group.onEveryLoop { loop in
-            let n = work(contexts.all[loop.id])
-            total.withLock { $0 += n }
-        }
-        return total.withLock { $0 }
+        gather(work).reduce(0, +)
     }
 
     /// Sums every loop's counters.
@@ -283,76 +278,59 @@ public final class RelayEngine: Sendable {
         return stats
     }
 
+    /// Runs `read` on every loop with its context (a command each, so the
+    /// loop's own tables are read without a lock) and returns what each answered.
+    private func gather<T: Sendable>(_ read: @escaping @Sendable (LoopContext) -> T) -> [T] {
+        let found = Mutex<[T]>([])
+        let contexts = self.contexts
+        group.onEveryLoop { loop in
+            let mine = read(contexts.all[loop.id])
+            found.withLock { $0.append(mine) }
+        }
+        return found.withLock { $0 }
+    }
+
     /// UDP figures by rule id, summed over the loops; datagrams from senders
     /// no rule allows are under the empty id.
     public func datagramStats() -> [String: DatagramStats] {
-        let found = Mutex<[String: DatagramStats]>([:])
-        let contexts = self.contexts
-        group.onEveryLoop { loop in
-            let context = contexts.all[loop.id]
-            let mine = context.datagramStats()
-            let unmatched = context.unmatchedDrops
-            found.withLock { all in
-                for (id, stats) in mine { all[id, default: DatagramStats()].add(stats) }
-                if unmatched > 0 { all["", default: DatagramStats()].drops[.notAllowed, default: 0] += unmatched }
-            }
+        var all: [String: DatagramStats] = [:]
+        for (mine, unmatched) in gather({ ($0.datagramStats(), $0.unmatchedDrops) }) {
+            for (id, stats) in mine { all[id, default: DatagramStats()].add(stats) }
+            if unmatched > 0 { all["", default: DatagramStats()].drops[.notAllowed, default: 0] += unmatched }
         }
-        return found.withLock { $0 }
+        return all
     }
 
     /// TCP connections accepted per rule id (summed over the loops) since
     /// each rule was installed; a removed rule's count is dropped.
     public func acceptedByRule() -> [String: Int] {
-        let found = Mutex<[String: Int]>([:])
-        let contexts = self.contexts
-        group.onEveryLoop { loop in
-            let mine = contexts.all[loop.id].acceptedByRule
-            found.withLock { all in all.merge(mine, uniquingKeysWith: +) }
-        }
-        return found.withLock { $0 }
+        gather { $0.acceptedByRule }.reduce(into: [:]) { all, mine in all.merge(mine, uniquingKeysWith: +) }
     }
 
-    /// TCP traffic per rule id, summed over the loops (each loop reads its
-    /// own tables in a command: no lock on the data path).
+    /// TCP traffic per rule id, summed over the loops.
     public func tcpTraffic() -> [String: TCPRuleTraffic] {
-        let found = Mutex<[String: TCPRuleTraffic]>([:])
-        let contexts = self.contexts
-        group.onEveryLoop { loop in
-            let mine = contexts.all[loop.id].tcpTraffic()
-            found.withLock { all in
-                for (id, traffic) in mine { all[id, default: TCPRuleTraffic()].add(traffic) }
-            }
+        var all: [String: TCPRuleTraffic] = [:]
+        for mine in gather({ $0.tcpTraffic() }) {
+            for (id, traffic) in mine { all[id, default: TCPRuleTraffic()].add(traffic) }
         }
-        return found.withLock { $0 }
+        return all
     }
 
-    /// Runs `answer` on each relay loop (the service watchdog's probes).
-    public var loopProbes: [(name: String, probe: @Sendable (@escaping @Sendable () -> Void) -> Void)] {
+    /// Each relay loop as the service watchdog probes it: `answer` runs on the loop.
+    public var loopProbes: [ServiceHeartbeat.Loop] {
         group.loops.map { loop in
-            (name: "relay loop \(loop.id)", probe: { answer in loop.execute { _ in answer() } })
+            ServiceHeartbeat.Loop(name: "relay loop \(loop.id)") { answer in loop.execute { _ in answer() } }
         }
     }
 
     /// Every live UDP flow with its accounting.
     public func flows() -> [FlowInfo] {
-        let found = Mutex<[FlowInfo]>([])
-        let contexts = self.contexts
-        group.onEveryLoop { loop in
-            let mine = contexts.all[loop.id].flowInfos()
-            found.withLock { $0.append(contentsOf: mine) }
-        }
-        return found.withLock { $0 }.sorted { $0.client.description < $1.client.description }
+        gather { $0.flowInfos() }.flatMap { $0 }.sorted { $0.client.description < $1.client.description }
     }
 
     /// Every live connection with its accounting.
     public func connections() -> [ConnectionInfo] {
-        let found = Mutex<[ConnectionInfo]>([])
-        let contexts = self.contexts
-        group.onEveryLoop { loop in
-            let mine = contexts.all[loop.id].connections.values.map(\.info)
-            found.withLock { $0.append(contentsOf: mine) }
-        }
-        return found.withLock { $0 }.sorted { $0.id < $1.id }
+        gather { $0.connections.values.map(\.info) }.flatMap { $0 }.sorted { $0.id < $1.id }
     }
 
     /// Closes every listener (TCP and UDP) and refuses rule changes from

@@ -6,7 +6,9 @@ import ServiceSupport
 public enum RelayMetrics {
     /// Writes the relay's families. Waits for every loop: call it off
     /// Swift's cooperative threads (as `ServiceMetrics.exposition` is).
-    public static func write(_ engine: RelayEngine, into text: inout PrometheusText) {
+    /// - Returns: the counters it read, for a caller that adds families of its own.
+    @discardableResult
+    public static func write(_ engine: RelayEngine, into text: inout PrometheusText) -> RelayStats {
         let stats = engine.stats()
         text.single("relay_connections_accepted_total", .counter, help: "TCP connections accepted by the relay.", stats.accepted)
         text.family("relay_connections_refused_total", .counter, help: "TCP connections refused at accept, by reason (inspection:<label> for an inspector's refusal).")
@@ -69,5 +71,6 @@ public enum RelayMetrics {
         for (rule, stats) in udp where !rule.isEmpty { text.sample("relay_udp_flows_active", [("rule", rule)], stats.flowsActive) }
         text.family("relay_udp_flows_created_total", .counter, help: "UDP flows created per rule.")
         for (rule, stats) in udp where !rule.isEmpty { text.sample("relay_udp_flows_created_total", [("rule", rule)], stats.flowsCreated) }
+        return stats
     }
 }

@@ -52,7 +52,7 @@ public enum SecurityGatewayControl {
             }
             return json(200, ["code": 200, "status": "success"])
         case ("GET", "/metrics"):
-            let bytes = await BlockingExecutor.shared.run { ServiceMetrics.shared.exposition() }
+            let bytes = await ServiceMetrics.shared.scrape()
             return Response(status: .ok, headers: [.contentType: ServiceMetrics.contentType],
                             body: ResponseBody(byteBuffer: ByteBuffer(bytes: bytes)))
         case ("GET", "/v1/status"):

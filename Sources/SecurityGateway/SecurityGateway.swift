@@ -256,12 +256,11 @@ public final class SecurityGateway: Sendable {
     /// (the relay's own families, then sessions and grants). Waits for the
     /// relay loops: call it off Swift's cooperative threads.
     public func writeMetrics(into text: inout PrometheusText) {
-        RelayMetrics.write(engine, into: &text)
+        let relay = RelayMetrics.write(engine, into: &text)
         text.single("sg_sessions_active", .gauge, help: "PCoIP session connections open now.", sessions.active)
         text.single("sg_grants_used_total", .counter, help: "Connections admitted by a prepared grant (SNI matched, agent reached for).", sessions.started)
         text.single("sg_grants_prepared", .gauge, help: "Prepared grants held now.", grants.count)
         text.single("sg_udp_bindings", .gauge, help: "UDP paths from clients to agents.", sessions.bindingCount)
-        let relay = engine.stats()
         text.family("sg_grants_refused_total", .counter, help: "Connections refused at the gateway, by reason (no_grant, no_sni, limit, ...).")
         for reason in SessionRefusal.allCases where reason != .limit {
             text.sample("sg_grants_refused_total", [("reason", reason.rawValue)], relay.inspectionRefusals[reason.rawValue] ?? 0)

@@ -2,10 +2,13 @@ import Logging
 import ServiceLifecycle
 import SystemLayer
 
-/// For the daemons built on a ServiceGroup (broker, Security Gateway,
-/// Connection Manager): READY=1 once their listeners are bound, the
-/// heartbeat (watchdog pings, STATUS=) while they run, STOPPING=1 when the
-/// group begins its graceful shutdown (SIGTERM).
+/// A daemon's link to its service manager: READY=1 once its listeners are
+/// bound, the heartbeat (watchdog pings, STATUS=) while it runs,
+/// RELOADING=1/READY=1 around a reload, STOPPING=1 when it drains. The
+/// ServiceGroup daemons (broker, Security Gateway, Connection Manager) run it
+/// as a Service, which says STOPPING=1 when the group's graceful shutdown
+/// begins; the gateway, whose main thread waits for signals, calls
+/// `stopping` itself.
 public final class ServiceManagerLink: Service, Sendable {
     private let notifier: ServiceNotifier
     private let heartbeat: ServiceHeartbeat?
@@ -39,6 +42,7 @@ public final class ServiceManagerLink: Service, Sendable {
 
     public func reloading() { notifier.reloading() }
     public func reloaded() { notifier.reloaded(status: status()) }
+    public func stopping(status: String) { notifier.stopping(status: status) }
 
     /// Waits for the graceful shutdown, then says STOPPING=1. The heartbeat
     /// goes on while the daemon drains; `finish()` ends it.

@@ -1,6 +1,7 @@
 import CoreMetrics
 import Prometheus
 import Synchronization
+import SystemLayer
 
 /// The process's metrics, served as `GET /metrics` in the Prometheus text
 /// exposition format by each daemon's control listener.
@@ -58,6 +59,12 @@ public final class ServiceMetrics: Sendable {
         var bytes = registry.emitToBuffer()
         bytes.append(contentsOf: text.bytes)
         return bytes
+    }
+
+    /// `exposition()` for an HTTP handler: read on `BlockingExecutor`'s
+    /// threads, never on Swift's cooperative ones.
+    public func scrape() async -> [UInt8] {
+        await BlockingExecutor.shared.run { self.exposition() }
     }
 
     public static let contentType = "text/plain; version=0.0.4; charset=utf-8"

@@ -165,12 +165,12 @@ struct Serve: ParsableCommand {
         logger.info("ready: \(parsed.rules.count) forward(s), \(parsed.settings.loops) loop(s), max_connections=\(parsed.settings.maxConnections), pid=\(ProcessInfoLite.pid)")
         for rule in parsed.rules { logger.info("forward \(rule)", metadata: ["rule": "\(rule.id)", "target": "\(rule.target)"]) }
         // Listeners are open and state restored: only now READY=1.
-        let notifier = ServiceNotifier.systemd
-        notifier.ready(status: GatewayOperations.status(engine: engine, plane: plane))
-        let heartbeat = GatewayOperations.heartbeat(engine: engine, plane: plane, logger: logger)
-        do { try heartbeat?.start() } catch { logger.error("watchdog: cannot start the heartbeat thread: \(error)") }
+        let runningPlane = plane
+        let link = ServiceManagerLink(loops: engine.loopProbes, logger: logger,
+                                      status: { GatewayOperations.status(engine: engine, plane: runningPlane) })
+        link.ready()
         defer {
-            heartbeat?.stop()
+            link.finish()
             metricsListener?.stop()
         }
 
@@ -178,10 +178,10 @@ struct Serve: ParsableCommand {
         while true {
             switch ProcessSignal.wait() {
             case .hangUp?:
-                notifier.reloading()
+                link.reloading()
                 current = reload(engine: engine, plane: plane, current: current, logger: logger)
                 plane?.reloadState()
-                notifier.reloaded(status: GatewayOperations.status(engine: engine, plane: plane))
+                link.reloaded()
             case .user1?:
                 logger.notice("stats: \(engine.stats())")
                 if let kernel = plane?.control.kernelSummary() {
@@ -192,7 +192,7 @@ struct Serve: ParsableCommand {
                 // Listeners close first, so that once this line is logged a
                 // new client is refused.
                 engine.stopAccepting()
-                notifier.stopping(status: "draining \(engine.stats().active) session(s) for up to \(seconds)s")
+                link.stopping(status: "draining \(engine.stats().active) session(s) for up to \(seconds)s")
                 logger.notice("SIGTERM: draining \(engine.stats().active) session(s) for up to \(seconds)s")
                 plane?.stop()
                 let forced = engine.drain(timeoutNanoseconds: current.drainTimeoutNanoseconds)
@@ -200,7 +200,7 @@ struct Serve: ParsableCommand {
                 engine.shutdown()
                 return
             case .interrupt?:
-                notifier.stopping(status: "stopping now (SIGINT)")
+                link.stopping(status: "stopping now (SIGINT)")
                 logger.notice("SIGINT: stopping now; stats: \(engine.stats())")
                 plane?.stop()
                 engine.shutdown()

@@ -10,8 +10,8 @@ import ServiceSupport
 import Synchronization
 import SystemLayer
 
-/// The gateway's operations wiring: its metrics collectors, the systemd
-/// heartbeat (watchdog pings and STATUS=) and the `metrics_listen` server.
+/// The gateway's operations wiring: its metrics collectors, its STATUS=
+/// line, and the HTTP servers it runs beside the relay.
 enum GatewayOperations {
     /// Relay, control-plane and kernel-path figures, read at scrape time.
     static func registerMetrics(engine: RelayEngine, plane: @escaping @Sendable () -> ControlPlane?) {
@@ -40,14 +40,6 @@ enum GatewayOperations {
         return line
     }
 
-    /// A heartbeat when a service manager listens (NOTIFY_SOCKET); nil otherwise.
-    static func heartbeat(engine: RelayEngine, plane: ControlPlane?, logger: Logger) -> ServiceHeartbeat? {
-        guard Systemd.notifySocket != nil else { return nil }
-        let loops = engine.loopProbes.map { ServiceHeartbeat.Loop(name: $0.name, probe: $0.probe) } + ServiceHeartbeat.Loop.sharedLoops()
-        return ServiceHeartbeat(loops: loops, watchdogMicroseconds: Systemd.watchdogMicroseconds, notifier: .systemd,
-                                status: { status(engine: engine, plane: plane) },
-                                onStall: { late in logger.critical("watchdog: no answer from \(late.joined(separator: ", ")); pings withheld") })
-    }
 }
 
 /// A Hummingbird application run from the gateway's main thread (which
@@ -105,7 +97,7 @@ enum MetricsListener {
         let responder = CallbackResponder<BasicRequestContext> { request, _ in
             switch (request.method, request.uri.path) {
             case (.get, "/metrics"):
-                let bytes = await BlockingExecutor.shared.run { ServiceMetrics.shared.exposition() }
+                let bytes = await ServiceMetrics.shared.scrape()
                 return Response(status: .ok, headers: [.contentType: ServiceMetrics.contentType],
                                 body: ResponseBody(byteBuffer: ByteBuffer(bytes: bytes)))
             case (.get, "/health"):

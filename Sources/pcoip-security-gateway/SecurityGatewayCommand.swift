@@ -141,7 +141,7 @@ struct Serve: AsyncParsableCommand {
         let listen = loaded.controlListen
         let log = logger
         ServiceMetrics.shared.addCollector { text in gateway.writeMetrics(into: &text) }
-        let link = ServiceManagerLink(loops: gateway.engine.loopProbes.map { ServiceHeartbeat.Loop(name: $0.name, probe: $0.probe) },
+        let link = ServiceManagerLink(loops: gateway.engine.loopProbes,
                                       logger: logger,
                                       status: { "\(gateway.sessions.active) session(s), \(gateway.grants.count) prepared grant(s)" })
         let app = SecurityGatewayControl.application(
