@@ -36,6 +36,8 @@ let package = Package(
         // Operations: metrics through swift-metrics, exposed by a Prometheus backend.
         .package(url: "https://github.com/apple/swift-metrics", from: "2.13.0"),
         .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
+        // The broker's external store (a cluster of brokers on one PostgreSQL).
+        .package(url: "https://github.com/vapor/postgres-nio", from: "1.33.2"),
     ],
     targets: [
         // C: Linux calls Swift's Glibc module does not expose (splice, accept4, ...).
@@ -192,6 +194,15 @@ let package = Package(
             .product(name: "GRDB", package: "GRDB.swift"),
             .product(name: "HummingbirdBcrypt", package: "hummingbird-auth"),
         ]),
+        // The broker's PostgreSQL store (postgres-nio) and `switch-database`,
+        // which copies an SQLite broker into it (reads the file through GRDB).
+        .target(name: "BrokerPostgres", dependencies: [
+            "BrokerCore", "ControlProtocol", "SystemLayer",
+            .product(name: "PostgresNIO", package: "postgres-nio"),
+            .product(name: "GRDB", package: "GRDB.swift"),
+            .product(name: "NIOSSL", package: "swift-nio-ssl"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
         // The broker's REST API (Leostream-compatible gateway calls, our own
         // desktops and users) as a Hummingbird application.
         .target(name: "BrokerAPI", dependencies: [
@@ -208,7 +219,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         .executableTarget(name: "leostream-broker", dependencies: [
-            "BrokerAPI", "BrokerCore", "SystemLayer", "CertificateFiles", "ServiceSupport",
+            "BrokerAPI", "BrokerCore", "BrokerPostgres", "SystemLayer", "CertificateFiles", "ServiceSupport",
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             .product(name: "NIOSSL", package: "swift-nio-ssl"),
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
@@ -249,9 +260,10 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         .testTarget(name: "BrokerTests", dependencies: [
-            "TestSupport", "BrokerAPI", "BrokerCore", "ControlProtocol", "PCoIPBrokerProtocol",
+            "TestSupport", "BrokerAPI", "BrokerCore", "BrokerPostgres", "ControlProtocol", "PCoIPBrokerProtocol",
             .product(name: "Hummingbird", package: "hummingbird"),
             .product(name: "GRDB", package: "GRDB.swift"),
+            .product(name: "PostgresNIO", package: "postgres-nio"),
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
         ]),
     ]

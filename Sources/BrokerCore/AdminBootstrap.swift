@@ -43,17 +43,17 @@ public enum AdminBootstrap {
 
     /// Reads a password file: its first line, without the line break.
     /// - Throws: `Failure` naming the file.
-    public static func readPasswordFile(_ path: String) throws -> String {
+    public static func readPasswordFile(_ path: String, what: String = "the admin password file") throws -> String {
         let text: String
         do {
             text = try String(contentsOfFile: path, encoding: .utf8)
         } catch {
-            throw Failure(description: "\(path): cannot read the admin password file: \((error as NSError).localizedDescription)")
+            throw Failure(description: "\(path): cannot read \(what): \((error as NSError).localizedDescription)")
         }
         let line = text.split(separator: "\n", maxSplits: 1, omittingEmptySubsequences: false).first ?? ""
         let password = line.hasSuffix("\r") ? String(line.dropLast()) : String(line)
         if password.isEmpty {
-            throw Failure(description: "\(path): the admin password file is empty")
+            throw Failure(description: "\(path): \(what) is empty")
         }
         return password
     }

@@ -68,12 +68,22 @@ public struct StoreHealth: Sendable, Equatable {
 public struct Credentials: Sendable, Equatable {
     public var user: User
     public var passwordHash: String
+
+    public init(user: User, passwordHash: String) {
+        self.user = user
+        self.passwordHash = passwordHash
+    }
 }
 
 /// A live session and the user it belongs to.
 public struct AuthenticatedSession: Sendable, Equatable {
     public var session: Session
     public var user: User
+
+    public init(session: Session, user: User) {
+        self.session = session
+        self.user = user
+    }
 }
 
 /// Everything the broker keeps: one interface, so an external PostgreSQL store

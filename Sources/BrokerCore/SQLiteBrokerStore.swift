@@ -142,15 +142,11 @@ public final class SQLiteBrokerStore: BrokerStore {
 
     // MARK: Gateways
 
-    private static let gatewayColumns = """
-        id, name, address, address_private, load_balancer_id, use_src_ip, forward_to, signature, notes,
-        online, version, last_heartbeat, key_fingerprint, control_url, port_first, port_last, load, active_sessions,
-        forwarding_path, created, updated
-        """
+    private static let gatewayColumns = StoreRecords.gatewayColumns
 
     public func gateways() async throws(StoreError) -> [Gateway] {
         try await read { db in
-            try Row.fetchAll(db, sql: "SELECT \(Self.gatewayColumns) FROM gateway ORDER BY id").map(Self.gateway(from:))
+            try Row.fetchAll(db, sql: "SELECT \(Self.gatewayColumns) FROM gateway ORDER BY id").map(StoreRecords.gateway)
         }
     }
 
@@ -160,7 +156,7 @@ public final class SQLiteBrokerStore: BrokerStore {
 
     public func createGateway(_ changes: GatewayChanges, now: Date) async throws(StoreError) -> Gateway {
         try await write { db in
-            try Self.check { () throws(FieldError) in try changes.requireForCreate() }
+            try StoreMessages.check { () throws(FieldError) in try changes.requireForCreate() }
             let gateway = changes.applied(to: .blank(now: now))
             try Self.checkGateway(db, gateway)
             try db.execute(sql: """
@@ -197,13 +193,8 @@ public final class SQLiteBrokerStore: BrokerStore {
         try await write { db in
             _ = try Self.fetchGateway(db, id: id)
             let desktops = try Int.fetchOne(db, sql: "SELECT count(*) FROM desktop WHERE gateway_id = ?", arguments: [id]) ?? 0
-            if desktops > 0 {
-                throw StoreError.inUse("gateway \(id) is in use: \(desktops) desktop(s) name it in gateway_id")
-            }
             let rules = try Int.fetchOne(db, sql: "SELECT count(*) FROM gateway_rule WHERE gateway_id = ?", arguments: [id]) ?? 0
-            if rules > 0 {
-                throw StoreError.inUse("gateway \(id) is in use: it carries \(rules) connection rule(s) (DELETE /v1/connect/{rule_id} first)")
-            }
+            if let refusal = StoreMessages.gatewayInUse(id, desktops: desktops, rules: rules) { throw refusal }
             try db.execute(sql: "DELETE FROM gateway WHERE id = ?", arguments: [id])
         }
     }
@@ -242,7 +233,7 @@ public final class SQLiteBrokerStore: BrokerStore {
     public func registerGateway(id: Int64, _ registration: GatewayRegistration, now: Date) async throws(StoreError) -> [String] {
         try await write { db in
             _ = try Self.fetchGateway(db, id: id)
-            try Self.check { () throws(FieldError) in try registration.validate() }
+            try StoreMessages.check { () throws(FieldError) in try registration.validate() }
             try db.execute(sql: """
                 UPDATE gateway SET online = 1, version = ?, control_url = ?, port_first = ?, port_last = ?,
                                    last_heartbeat = ?
@@ -250,11 +241,7 @@ public final class SQLiteBrokerStore: BrokerStore {
                 """, arguments: [registration.version, registration.controlURL, registration.portRange.first,
                                  registration.portRange.last, now, id])
             let known = Set(try String.fetchAll(db, sql: "SELECT id FROM gateway_rule WHERE gateway_id = ?", arguments: [id]))
-            var keep: [String] = []
-            for ruleID in registration.ruleIDs where known.contains(ruleID) && !keep.contains(ruleID) {
-                keep.append(ruleID)
-            }
-            return keep
+            return StoreMessages.keptRules(reported: registration.ruleIDs, known: known)
         }
     }
 
@@ -281,13 +268,13 @@ public final class SQLiteBrokerStore: BrokerStore {
 
     private static func fetchGateway(_ db: Database, id: Int64) throws -> Gateway {
         guard let row = try Row.fetchOne(db, sql: "SELECT \(gatewayColumns) FROM gateway WHERE id = ?", arguments: [id]) else {
-            throw StoreError.notFound("no gateway with id \(id)")
+            throw StoreMessages.noGateway(id)
         }
-        return gateway(from: row)
+        return try StoreRecords.gateway(row)
     }
 
     private static func checkGateway(_ db: Database, _ gateway: Gateway) throws {
-        try check { () throws(FieldError) in try gateway.validate() }
+        try StoreMessages.check { () throws(FieldError) in try gateway.validate() }
         if let clusterID = gateway.loadBalancerID {
             try requireRow(db, table: "gateway_cluster", id: clusterID, field: "load_balancer_id", what: "gateway cluster")
         }
@@ -295,21 +282,6 @@ public final class SQLiteBrokerStore: BrokerStore {
         try requireUnique(db, table: "gateway", column: "address", value: gateway.address, except: gateway.id, what: "a gateway with address")
     }
 
-    private static func gateway(from row: Row) -> Gateway {
-        let first: Int? = row["port_first"]
-        let last: Int? = row["port_last"]
-        let range = first.flatMap { first in last.map { PortRange(first: first, last: $0) } }
-        var gateway = Gateway(id: row["id"], name: row["name"], address: row["address"], addressPrivate: row["address_private"],
-                              loadBalancerID: row["load_balancer_id"],
-                              useSourceIP: SourceIPMode(rawValue: row["use_src_ip"]) ?? .randomPortOpen,
-                              forwardTo: row["forward_to"], signature: row["signature"], notes: row["notes"],
-                              online: row["online"], version: row["version"], lastHeartbeat: row["last_heartbeat"],
-                              keyFingerprint: row["key_fingerprint"], controlURL: row["control_url"], portRange: range,
-                              load: row["load"], activeSessions: row["active_sessions"],
-                              created: row["created"], updated: row["updated"])
-        gateway.forwardingPath = GatewayForwarding(rawValue: row["forwarding_path"]) ?? .gatewayDefault
-        return gateway
-    }
 
     // MARK: Rules
 
@@ -321,23 +293,23 @@ public final class SQLiteBrokerStore: BrokerStore {
             } else {
                 rows = try Row.fetchAll(db, sql: "SELECT * FROM gateway_rule ORDER BY created, id")
             }
-            return try rows.map(Self.rule(from:))
+            return try rows.map(StoreRecords.rule)
         }
     }
 
     public func rule(id: String) async throws(StoreError) -> GatewayRule {
         try await read { db in
             guard let row = try Row.fetchOne(db, sql: "SELECT * FROM gateway_rule WHERE id = ?", arguments: [id]) else {
-                throw StoreError.notFound("no connection rule with id \(Validate.quoted(id))")
+                throw StoreMessages.noRule(id)
             }
-            return try Self.rule(from: row)
+            return try StoreRecords.rule(row)
         }
     }
 
     public func rules(connectionID: String) async throws(StoreError) -> [GatewayRule] {
         try await read { db in
             try Row.fetchAll(db, sql: "SELECT * FROM gateway_rule WHERE connection_id = ? ORDER BY id = connection_id DESC, gateway_id, id",
-                             arguments: [connectionID]).map(Self.rule(from:))
+                             arguments: [connectionID]).map(StoreRecords.rule)
         }
     }
 
@@ -355,7 +327,7 @@ public final class SQLiteBrokerStore: BrokerStore {
         try await write { db in
             for rule in rules {
                 _ = try Self.fetchGateway(db, id: rule.gatewayID)
-                let push = String(decoding: ControlJSON.encode(rule.push), as: UTF8.self)
+                let push = StoreRecords.pushText(rule)
                 try db.execute(sql: """
                     INSERT INTO gateway_rule (id, gateway_id, desktop_id, user_id, protocol_name, push, port, created, connection_id)
                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
@@ -369,7 +341,7 @@ public final class SQLiteBrokerStore: BrokerStore {
         try await write { db in
             try db.execute(sql: "UPDATE gateway_rule SET port = ? WHERE id = ?", arguments: [port, id])
             if db.changesCount == 0 {
-                throw StoreError.notFound("no connection rule with id \(Validate.quoted(id))")
+                throw StoreMessages.noRule(id)
             }
         }
     }
@@ -378,7 +350,7 @@ public final class SQLiteBrokerStore: BrokerStore {
         try await write { db in
             try db.execute(sql: "DELETE FROM gateway_rule WHERE id = ?", arguments: [id])
             if db.changesCount == 0 {
-                throw StoreError.notFound("no connection rule with id \(Validate.quoted(id))")
+                throw StoreMessages.noRule(id)
             }
         }
     }
@@ -387,26 +359,19 @@ public final class SQLiteBrokerStore: BrokerStore {
         try await write { db in
             try db.execute(sql: "DELETE FROM gateway_rule WHERE connection_id = ?", arguments: [connectionID])
             if db.changesCount == 0 {
-                throw StoreError.notFound("no connection with rule_id \(Validate.quoted(connectionID))")
+                throw StoreMessages.noConnection(connectionID)
             }
         }
     }
 
-    private static func rule(from row: Row) throws -> GatewayRule {
-        let text: String = row["push"]
-        let push = try JSONDecoder().decode(RulePush.self, from: Data(text.utf8))
-        return GatewayRule(id: row["id"], gatewayID: row["gateway_id"], desktopID: row["desktop_id"], userID: row["user_id"],
-                           protocolName: row["protocol_name"], push: push, port: row["port"], created: row["created"],
-                           connectionID: row["connection_id"])
-    }
 
     // MARK: Gateway clusters
 
-    private static let clusterColumns = "id, name, address, load_balance_via, use_src_ip, notes, created, updated"
+    private static let clusterColumns = StoreRecords.clusterColumns
 
     public func gatewayClusters() async throws(StoreError) -> [GatewayCluster] {
         try await read { db in
-            try Row.fetchAll(db, sql: "SELECT \(Self.clusterColumns) FROM gateway_cluster ORDER BY id").map(Self.cluster(from:))
+            try Row.fetchAll(db, sql: "SELECT \(Self.clusterColumns) FROM gateway_cluster ORDER BY id").map(StoreRecords.cluster)
         }
     }
 
@@ -416,7 +381,7 @@ public final class SQLiteBrokerStore: BrokerStore {
 
     public func createGatewayCluster(_ changes: GatewayClusterChanges, now: Date) async throws(StoreError) -> GatewayCluster {
         try await write { db in
-            try Self.check { () throws(FieldError) in try changes.requireForCreate() }
+            try StoreMessages.check { () throws(FieldError) in try changes.requireForCreate() }
             let cluster = changes.applied(to: .blank(now: now))
             try Self.checkCluster(db, cluster)
             try db.execute(sql: """
@@ -450,48 +415,40 @@ public final class SQLiteBrokerStore: BrokerStore {
             _ = try Self.fetchCluster(db, id: id)
             let gateways = try Int.fetchOne(db, sql: "SELECT count(*) FROM gateway WHERE load_balancer_id = ?", arguments: [id]) ?? 0
             let desktops = try Int.fetchOne(db, sql: "SELECT count(*) FROM desktop WHERE load_balancer_id = ?", arguments: [id]) ?? 0
-            if gateways + desktops > 0 {
-                throw StoreError.inUse("gateway cluster \(id) is in use: \(gateways) gateway(s) and \(desktops) desktop(s) name it in load_balancer_id")
-            }
+            if let refusal = StoreMessages.clusterInUse(id, gateways: gateways, desktops: desktops) { throw refusal }
             try db.execute(sql: "DELETE FROM gateway_cluster WHERE id = ?", arguments: [id])
         }
     }
 
     private static func fetchCluster(_ db: Database, id: Int64) throws -> GatewayCluster {
         guard let row = try Row.fetchOne(db, sql: "SELECT \(clusterColumns) FROM gateway_cluster WHERE id = ?", arguments: [id]) else {
-            throw StoreError.notFound("no gateway cluster with id \(id)")
+            throw StoreMessages.noCluster(id)
         }
-        return cluster(from: row)
+        return try StoreRecords.cluster(row)
     }
 
     private static func checkCluster(_ db: Database, _ cluster: GatewayCluster) throws {
-        try check { () throws(FieldError) in try cluster.validate() }
+        try StoreMessages.check { () throws(FieldError) in try cluster.validate() }
         try requireUnique(db, table: "gateway_cluster", column: "name", value: cluster.name, except: cluster.id, what: "a gateway cluster named")
     }
 
-    private static func cluster(from row: Row) -> GatewayCluster {
-        GatewayCluster(id: row["id"], name: row["name"], address: row["address"],
-                       loadBalanceVia: LoadBalanceMethod(rawValue: row["load_balance_via"]) ?? .everyGateway,
-                       useSourceIP: SourceIPMode(rawValue: row["use_src_ip"]) ?? .randomPortOpen,
-                       notes: row["notes"], created: row["created"], updated: row["updated"])
-    }
 
     // MARK: Desktops
 
-    private static let desktopColumns = "id, name, address, gateway_id, load_balancer_id, notes, created, updated"
+    private static let desktopColumns = StoreRecords.desktopColumns
 
     public func desktops() async throws(StoreError) -> [Desktop] {
         try await read { db in
             var protocols: [Int64: [DesktopProtocol]] = [:]
             for row in try Row.fetchAll(db, sql: "SELECT desktop_id, name, port, transport FROM desktop_protocol ORDER BY desktop_id, position") {
-                protocols[row["desktop_id"], default: []].append(Self.desktopProtocol(from: row))
+                protocols[row["desktop_id"], default: []].append(try StoreRecords.desktopProtocol(row))
             }
             var users: [Int64: [Int64]] = [:]
             for row in try Row.fetchAll(db, sql: "SELECT desktop_id, user_id FROM desktop_user ORDER BY desktop_id, user_id") {
                 users[row["desktop_id"], default: []].append(row["user_id"])
             }
             return try Row.fetchAll(db, sql: "SELECT \(Self.desktopColumns) FROM desktop ORDER BY id").map { row in
-                Self.desktop(from: row, protocols: protocols[row["id"]] ?? [], users: users[row["id"]] ?? [])
+                try StoreRecords.desktop(row, protocols: protocols[row["id"]] ?? [], users: users[row["id"]] ?? [])
             }
         }
     }
@@ -502,7 +459,7 @@ public final class SQLiteBrokerStore: BrokerStore {
 
     public func createDesktop(_ changes: DesktopChanges, now: Date) async throws(StoreError) -> Desktop {
         try await write { db in
-            try Self.check { () throws(FieldError) in try changes.requireForCreate() }
+            try StoreMessages.check { () throws(FieldError) in try changes.requireForCreate() }
             let desktop = changes.applied(to: .blank(now: now))
             try Self.checkDesktop(db, desktop)
             try db.execute(sql: """
@@ -546,25 +503,23 @@ public final class SQLiteBrokerStore: BrokerStore {
         try await write { db in
             _ = try Self.fetchDesktop(db, id: id)
             let rules = try Int.fetchOne(db, sql: "SELECT count(*) FROM gateway_rule WHERE desktop_id = ?", arguments: [id]) ?? 0
-            if rules > 0 {
-                throw StoreError.inUse("desktop \(id) is in use: \(rules) connection rule(s) lead to it (DELETE /v1/connect/{rule_id} first)")
-            }
+            if let refusal = StoreMessages.desktopInUse(id, rules: rules) { throw refusal }
             try db.execute(sql: "DELETE FROM desktop WHERE id = ?", arguments: [id])
         }
     }
 
     private static func fetchDesktop(_ db: Database, id: Int64) throws -> Desktop {
         guard let row = try Row.fetchOne(db, sql: "SELECT \(desktopColumns) FROM desktop WHERE id = ?", arguments: [id]) else {
-            throw StoreError.notFound("no desktop with id \(id)")
+            throw StoreMessages.noDesktop(id)
         }
         let protocols = try Row.fetchAll(db, sql: "SELECT name, port, transport FROM desktop_protocol WHERE desktop_id = ? ORDER BY position",
-                                         arguments: [id]).map(desktopProtocol(from:))
+                                         arguments: [id]).map(StoreRecords.desktopProtocol)
         let users = try Int64.fetchAll(db, sql: "SELECT user_id FROM desktop_user WHERE desktop_id = ? ORDER BY user_id", arguments: [id])
-        return desktop(from: row, protocols: protocols, users: users)
+        return try StoreRecords.desktop(row, protocols: protocols, users: users)
     }
 
     private static func checkDesktop(_ db: Database, _ desktop: Desktop) throws {
-        try check { () throws(FieldError) in try desktop.validate() }
+        try StoreMessages.check { () throws(FieldError) in try desktop.validate() }
         if let gatewayID = desktop.gatewayID {
             try requireRow(db, table: "gateway", id: gatewayID, field: "gateway_id", what: "gateway")
         }
@@ -590,23 +545,15 @@ public final class SQLiteBrokerStore: BrokerStore {
         }
     }
 
-    private static func desktop(from row: Row, protocols: [DesktopProtocol], users: [Int64]) -> Desktop {
-        Desktop(id: row["id"], name: row["name"], address: row["address"], protocols: protocols,
-                gatewayID: row["gateway_id"], loadBalancerID: row["load_balancer_id"], notes: row["notes"],
-                users: users, created: row["created"], updated: row["updated"])
-    }
 
-    private static func desktopProtocol(from row: Row) -> DesktopProtocol {
-        DesktopProtocol(name: row["name"], port: row["port"], transport: Transport(rawValue: row["transport"]) ?? .tcp)
-    }
 
     // MARK: Users
 
-    private static let userColumns = "id, login, display_name, role, enabled, created, updated"
+    private static let userColumns = StoreRecords.userColumns
 
     public func users() async throws(StoreError) -> [User] {
         try await read { db in
-            try Row.fetchAll(db, sql: "SELECT \(Self.userColumns) FROM user_account ORDER BY id").map(Self.user(from:))
+            try Row.fetchAll(db, sql: "SELECT \(Self.userColumns) FROM user_account ORDER BY id").map(StoreRecords.user)
         }
     }
 
@@ -620,7 +567,7 @@ public final class SQLiteBrokerStore: BrokerStore {
 
     public func createUser(_ changes: UserChanges, now: Date) async throws(StoreError) -> User {
         try await write { db in
-            try Self.check { () throws(FieldError) in try changes.requireForCreate() }
+            try StoreMessages.check { () throws(FieldError) in try changes.requireForCreate() }
             let user = changes.applied(to: .blank(now: now))
             try Self.checkUser(db, user)
             try db.execute(sql: """
@@ -639,10 +586,8 @@ public final class SQLiteBrokerStore: BrokerStore {
             if user == before && changes.passwordHash == nil { return before }
             user.updated = now
             try Self.checkUser(db, user)
-            let wasActiveAdmin = before.role == .admin && before.enabled
-            let isActiveAdmin = user.role == .admin && user.enabled
-            if try wasActiveAdmin && !isActiveAdmin && Self.activeAdminCount(db) <= 1 {
-                throw StoreError.inUse("user \(id) is the last enabled admin: its role and enabled cannot change until another admin exists")
+            if try StoreMessages.removesAdmin(before: before, after: user) && Self.activeAdminCount(db) <= 1 {
+                throw StoreMessages.lastAdminChange(id)
             }
             try db.execute(sql: """
                 UPDATE user_account SET login = ?, display_name = ?, role = ?, enabled = ?, updated = ?,
@@ -660,8 +605,8 @@ public final class SQLiteBrokerStore: BrokerStore {
     public func deleteUser(id: Int64) async throws(StoreError) {
         try await write { db in
             let user = try Self.fetchUser(db, id: id)
-            if try user.role == .admin && user.enabled && Self.activeAdminCount(db) <= 1 {
-                throw StoreError.inUse("user \(id) is the last enabled admin and cannot be deleted")
+            if try StoreMessages.removesAdmin(before: user, after: nil) && Self.activeAdminCount(db) <= 1 {
+                throw StoreMessages.lastAdminDelete(id)
             }
             try db.execute(sql: "DELETE FROM user_account WHERE id = ?", arguments: [id])
         }
@@ -671,19 +616,19 @@ public final class SQLiteBrokerStore: BrokerStore {
         try await read { db in
             guard let row = try Row.fetchOne(db, sql: "SELECT \(Self.userColumns), password_hash FROM user_account WHERE login = ? COLLATE NOCASE",
                                              arguments: [login]) else { return nil }
-            return Credentials(user: Self.user(from: row), passwordHash: row["password_hash"])
+            return Credentials(user: try StoreRecords.user(row), passwordHash: row["password_hash"])
         }
     }
 
     private static func fetchUser(_ db: Database, id: Int64) throws -> User {
         guard let row = try Row.fetchOne(db, sql: "SELECT \(userColumns) FROM user_account WHERE id = ?", arguments: [id]) else {
-            throw StoreError.notFound("no user with id \(id)")
+            throw StoreMessages.noUser(id)
         }
-        return user(from: row)
+        return try StoreRecords.user(row)
     }
 
     private static func checkUser(_ db: Database, _ user: User) throws {
-        try check { () throws(FieldError) in try user.validate() }
+        try StoreMessages.check { () throws(FieldError) in try user.validate() }
         try requireUnique(db, table: "user_account", column: "login", value: user.login, except: user.id, what: "a user with login")
     }
 
@@ -691,11 +636,6 @@ public final class SQLiteBrokerStore: BrokerStore {
         try Int.fetchOne(db, sql: "SELECT count(*) FROM user_account WHERE role = 'admin' AND enabled") ?? 0
     }
 
-    private static func user(from row: Row) -> User {
-        User(id: row["id"], login: row["login"], displayName: row["display_name"],
-             role: UserRole(rawValue: row["role"]) ?? .user, enabled: row["enabled"],
-             created: row["created"], updated: row["updated"])
-    }
 
     // MARK: Sessions
 
@@ -717,10 +657,7 @@ public final class SQLiteBrokerStore: BrokerStore {
                 FROM user_session s JOIN user_account u ON u.id = s.user_id
                 WHERE s.token_hash = ? AND s.expires > ? AND u.enabled
                 """, arguments: [tokenHash, now]) else { return nil }
-            let session = Session(tokenHash: row["token_hash"], userID: row["user_id"], created: row["session_created"],
-                                  expires: row["expires"], clientAddress: row["client_address"],
-                                  loginGatewayID: row["login_gateway_id"])
-            return AuthenticatedSession(session: session, user: Self.user(from: row))
+            return try StoreRecords.authenticatedSession(row)
         }
     }
 
@@ -782,21 +719,17 @@ public final class SQLiteBrokerStore: BrokerStore {
         return "\(error)"
     }
 
-    /// Runs a validation and turns its `FieldError` into `StoreError.invalid`.
-    private static func check(_ body: () throws(FieldError) -> Void) throws(StoreError) {
-        do { try body() } catch { throw StoreError.invalid(error) }
-    }
 
     private static func requireRow(_ db: Database, table: String, id: Int64, field: String, what: String) throws {
         if try Int.fetchOne(db, sql: "SELECT 1 FROM \(table) WHERE id = ?", arguments: [id]) == nil {
-            throw StoreError.invalid(FieldError(field, "no \(what) with id \(id)"))
+            throw StoreMessages.missingReference(field: field, what: what, id: id)
         }
     }
 
     private static func requireUnique(_ db: Database, table: String, column: String, value: String, except id: Int64, what: String) throws {
         if let other = try Int64.fetchOne(db, sql: "SELECT id FROM \(table) WHERE \(column) = ? COLLATE NOCASE AND id != ?",
                                           arguments: [value, id]) {
-            throw StoreError.conflict(field: column, message: "\(what) \(Validate.quoted(value)) already exists (id \(other))")
+            throw StoreMessages.duplicate(column: column, what: what, value: value, existing: other)
         }
     }
 }
@@ -813,4 +746,18 @@ struct FileIdentity: Equatable {
         self.device = device
         self.inode = inode
     }
+}
+
+/// GRDB's rows as the shared row mapping reads them.
+extension Row: StoreRecord {
+    public func int64(_ column: String) throws -> Int64 { self[column] }
+    public func optionalInt64(_ column: String) throws -> Int64? { self[column] }
+    public func int(_ column: String) throws -> Int { self[column] }
+    public func optionalInt(_ column: String) throws -> Int? { self[column] }
+    public func string(_ column: String) throws -> String { self[column] }
+    public func optionalString(_ column: String) throws -> String? { self[column] }
+    public func bool(_ column: String) throws -> Bool { self[column] }
+    public func date(_ column: String) throws -> Date { self[column] }
+    public func optionalDate(_ column: String) throws -> Date? { self[column] }
+    public func optionalDouble(_ column: String) throws -> Double? { self[column] }
 }

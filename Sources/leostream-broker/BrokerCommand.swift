@@ -1,6 +1,7 @@
 import ArgumentParser
 import BrokerAPI
 import BrokerCore
+import BrokerPostgres
 import Foundation
 import Hummingbird
 import Logging
@@ -44,11 +45,17 @@ struct BrokerCommand: AsyncParsableCommand {
         memory nearly full; nothing accepting connections on --listen), saying
         what is wrong on standard error.
 
+        A cluster of brokers: give each the same PostgreSQL database,
+        --database postgres://USER@HOST[:PORT]/DATABASE[?sslmode=verify-full&sslrootcert=FILE],
+        with the password in --database-password-file or the
+        LEOSTREAM_BROKER_DATABASE_PASSWORD environment variable (never in the
+        URL). `switch-database` copies an SQLite broker into such a database.
+
         Signals while serving: SIGTERM or SIGINT stop accepting connections,
         finish the requests in progress and exit 0.
         """,
         version: ProductVersion.line,
-        subcommands: [Serve.self]
+        subcommands: [Serve.self, SwitchDatabase.self]
     )
 
     @Flag(name: .long, help: "Print what an operator needs to know (version, database, listener, gateways, CPUs, memory, disk) and exit.")
@@ -97,23 +104,16 @@ struct Serve: AsyncParsableCommand {
         logger.logLevel = level
 
         let listen = try options.listenAddress()
-        let path = options.databasePath
+        let opened: OpenedStore
         do {
-            try FileManager.default.createDirectory(atPath: URL(fileURLWithPath: path).deletingLastPathComponent().path,
-                                                    withIntermediateDirectories: true)
-        } catch {
-            printError("error: cannot create the folder of the database \(path): \((error as NSError).localizedDescription)")
-            throw ExitCode(1)
-        }
-        let store: SQLiteBrokerStore
-        do {
-            store = try SQLiteBrokerStore(path: path, mode: .readWrite)
+            opened = try await OpenedStore.open(options, logger: logger)
         } catch {
             printError("error: \(error)")
             throw ExitCode(1)
         }
+        let store = opened.store
         let schema = try await store.schema()
-        logger.info("database \(path): schema \(schema.version)")
+        logger.info("database \(store.location): schema \(schema.version)")
 
         let hasher = PasswordHasher(cost: options.bcryptCost)
         do {
@@ -133,7 +133,7 @@ struct Serve: AsyncParsableCommand {
         let configuration = BrokerAPIConfiguration(maxBodyBytes: options.maxBodyBytes,
                                                    sessionLifetime: TimeInterval(options.sessionLifetime),
                                                    passwordHasher: hasher, version: brokerVersion,
-                                                   dataPath: URL(fileURLWithPath: path).deletingLastPathComponent().path,
+                                                   dataPath: opened.dataPath,
                                                    heartbeatInterval: options.heartbeatInterval,
                                                    offlineAfter: options.offlineAfter,
                                                    ruleUnusedExpiry: options.ruleUnusedExpiry)
@@ -154,11 +154,11 @@ struct Serve: AsyncParsableCommand {
         do {
             try await app.runService()
         } catch {
-            store.close()
+            await opened.close()
             printError("error: \(options.listen): \(error)")
             throw ExitCode(1)
         }
-        store.close()
+        await opened.close()
         logger.notice("stopped")
     }
 }
@@ -171,8 +171,11 @@ struct BrokerOptions: ParsableArguments {
     @Option(name: .long, help: ArgumentHelp("The folder for the broker's data.", valueName: "PATH"))
     var dataDir = "/var/lib/leostream-broker"
 
-    @Option(name: .long, help: ArgumentHelp("The SQLite database file (default: DATA-DIR/broker.sqlite).", valueName: "PATH"))
+    @Option(name: .long, help: ArgumentHelp("The SQLite database file (default: DATA-DIR/broker.sqlite), or the PostgreSQL database a cluster of brokers shares: postgres://USER@HOST[:PORT]/DATABASE[?sslmode=disable|prefer|require|verify-full&sslrootcert=FILE&host=SOCKET-DIR].", valueName: "PATH|URL"))
     var database: String?
+
+    @Option(name: .long, help: ArgumentHelp("The PostgreSQL password, on the first line of FILE (else LEOSTREAM_BROKER_DATABASE_PASSWORD; never in the URL).", valueName: "FILE"))
+    var databasePasswordFile: String?
 
     @Option(name: .long, help: ArgumentHelp("PEM certificate for HTTPS on --listen (RSA of at least 2048 bits), with --tls-key.", valueName: "FILE"))
     var tlsCert: String?
@@ -211,8 +214,39 @@ struct BrokerOptions: ParsableArguments {
         database ?? URL(fileURLWithPath: dataDir).appendingPathComponent("broker.sqlite").path
     }
 
+    /// The database --database names.
+    enum DatabaseChoice {
+        case sqlite(path: String)
+        case postgres(PostgresSettings)
+    }
+
+    func databaseChoice() throws -> DatabaseChoice {
+        guard let database, PostgresSettings.isURL(database) else { return .sqlite(path: databasePath) }
+        do {
+            return .postgres(try PostgresSettings.parse(database))
+        } catch {
+            throw ValidationError("--database \(error)")
+        }
+    }
+
+    /// The PostgreSQL password from --database-password-file or the environment; nil when neither gives one.
+    func databasePassword() throws -> String? {
+        if let databasePasswordFile {
+            do {
+                return try AdminBootstrap.readPasswordFile(databasePasswordFile, what: "the database password file")
+            } catch {
+                throw ValidationError("--database-password-file: \(error)")
+            }
+        }
+        if let value = ProcessInfo.processInfo.environment["LEOSTREAM_BROKER_DATABASE_PASSWORD"], !value.isEmpty {
+            return value
+        }
+        return nil
+    }
+
     func validate() throws {
         _ = try listenAddress()
+        _ = try databaseChoice()
         if !(4...31).contains(bcryptCost) { throw ValidationError("--bcrypt-cost must be 4 to 31, got \(bcryptCost)") }
         if sessionLifetime < 60 { throw ValidationError("--session-lifetime must be at least 60 seconds, got \(sessionLifetime)") }
         if maxBodyBytes < 1024 { throw ValidationError("--max-body-bytes must be at least 1024, got \(maxBodyBytes)") }

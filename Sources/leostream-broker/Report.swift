@@ -1,5 +1,6 @@
 import ServiceSupport
 import BrokerCore
+import BrokerPostgres
 import Foundation
 import SystemLayer
 
@@ -10,31 +11,37 @@ enum Report {
         let path = options.databasePath
         var lines = ["leostream-broker \(ProductVersion.line)"]
 
-        let size = databaseSize(path)
-        if !FileManager.default.fileExists(atPath: path) {
+        let postgres = PostgresSettings.isURL(options.database ?? "")
+        if postgres {
+            lines.append("database:  \((try? options.databaseChoice()).flatMap { if case .postgres(let settings) = $0 { settings.location } else { nil } } ?? options.database ?? "") (PostgreSQL)")
+        } else if !FileManager.default.fileExists(atPath: path) {
             lines.append("database:  \(path) (SQLite): not created yet (the first start creates it)")
         } else {
-            lines.append("database:  \(path) (SQLite, WAL), \(Format.bytes(size))")
+            lines.append("database:  \(path) (SQLite, WAL), \(Format.bytes(databaseSize(path)))")
         }
         var gateways: [Gateway]?
-        if FileManager.default.fileExists(atPath: path) {
-            do {
-                let store = try SQLiteBrokerStore(path: path, mode: .readOnly)
-                let schema = try await store.schema()
-                var text = "schema:    \(schema.version)"
-                if !schema.pending.isEmpty { text += " (pending: \(schema.pending.joined(separator: ", ")); applied at the next start)" }
-                if !schema.unknown.isEmpty { text += " (from a newer broker: \(schema.unknown.joined(separator: ", ")))" }
-                if schema.pending.isEmpty && schema.unknown.isEmpty { text += " (current)" }
-                lines.append(text)
-                if schema.applied.isEmpty {
-                    gateways = []
-                } else {
-                    gateways = try await store.gateways()
-                    lines.append("users:     \(try await store.userCount())")
+        do {
+            if let (store, close) = try await OpenedStore.openForReport(options) {
+                do {
+                    let schema = try await store.schema()
+                    var text = "schema:    \(schema.version)"
+                    if !schema.pending.isEmpty { text += " (pending: \(schema.pending.joined(separator: ", ")); applied at the next start)" }
+                    if !schema.unknown.isEmpty { text += " (from a newer broker: \(schema.unknown.joined(separator: ", ")))" }
+                    if schema.pending.isEmpty && schema.unknown.isEmpty { text += " (current)" }
+                    lines.append(text)
+                    if schema.applied.isEmpty {
+                        gateways = []
+                    } else {
+                        gateways = try await store.gateways()
+                        lines.append("users:     \(try await store.userCount())")
+                    }
+                } catch {
+                    lines.append("database problem: \(error)")
                 }
-            } catch {
-                lines.append("database problem: \(error)")
+                await close()
             }
+        } catch {
+            lines.append("database problem: \(error)")
         }
 
         lines.append("listener:  \(options.listen) (\(probe(options.listen) == nil ? "accepting connections" : "not accepting connections"))")
@@ -82,20 +89,20 @@ enum Report {
         var problems: [String] = []
         var passed: [String] = []
 
-        if !FileManager.default.fileExists(atPath: path) {
-            problems.append("database \(path): no such file (has the broker ever started with this --database / --data-dir?)")
-        } else {
-            do {
-                let store = try SQLiteBrokerStore(path: path, mode: .readOnly)
+        do {
+            if let (store, close) = try await OpenedStore.openForReport(options) {
                 let health = await store.health()
                 if let problem = health.problem {
                     problems.append(problem)
                 } else {
-                    passed.append("database \(path): readable, schema \(health.schema?.version ?? "?")")
+                    passed.append("database \(store.location): readable, schema \(health.schema?.version ?? "?")")
                 }
-            } catch {
-                problems.append("database: \(error)")
+                await close()
+            } else {
+                problems.append("database \(path): no such file (has the broker ever started with this --database / --data-dir?)")
             }
+        } catch {
+            problems.append("database: \(error)")
         }
 
         let host = HostStatus.current(diskPath: URL(fileURLWithPath: path).deletingLastPathComponent().path)

@@ -5,7 +5,7 @@ import GRDB
 import Testing
 import TestSupport
 
-@Suite("SQLite store", .offPool)
+@Suite("SQLite store: its file", .offPool)
 struct StoreTests {
     @Test("migrations run from an empty file: every table, WAL, foreign keys, schema current")
     func migrationsFromEmpty() async throws {
@@ -101,68 +101,6 @@ struct StoreTests {
             guard case .unavailable(let message) = error as? StoreError else { return false }
             return message.contains(path) && message.contains("not a database")
         }
-    }
-
-    @Test("store rules: references, uniqueness without case, in-use deletes, the last admin")
-    func storeRules() async throws {
-        let folder = try TemporaryFolder()
-        defer { folder.remove() }
-        let store = try SQLiteBrokerStore(path: folder.path("broker.sqlite"))
-        let now = Date()
-        let cluster = try await store.createGatewayCluster(GatewayClusterChanges(name: "East", loadBalanceVia: .leastConnections), now: now)
-        let gateway = try await store.createGateway(GatewayChanges(name: "gw-1", address: "203.0.113.10",
-                                                                   loadBalancerID: .set(cluster.id), useSourceIP: .randomPortClientOnly), now: now)
-        #expect(gateway.loadBalancerID == cluster.id)
-        #expect(gateway.useSourceIP == .randomPortClientOnly)
-        #expect(!gateway.online)
-
-        await #expect(throws: StoreError.conflict(field: "name", message: "a gateway named 'GW-1' already exists (id \(gateway.id))")) {
-            _ = try await store.createGateway(GatewayChanges(name: "GW-1", address: "203.0.113.11"), now: now)
-        }
-        await #expect(throws: StoreError.invalid(FieldError("load_balancer_id", "no gateway cluster with id 99"))) {
-            _ = try await store.createGateway(GatewayChanges(name: "gw-2", address: "203.0.113.12", loadBalancerID: .set(99)), now: now)
-        }
-        await #expect(throws: StoreError.inUse("gateway cluster \(cluster.id) is in use: 1 gateway(s) and 0 desktop(s) name it in load_balancer_id")) {
-            try await store.deleteGatewayCluster(id: cluster.id)
-        }
-        await #expect(throws: StoreError.notFound("no gateway with id 42")) {
-            try await store.deleteGateway(id: 42)
-        }
-
-        // Control-plane columns.
-        let beat = Date(timeIntervalSince1970: 1_800_000_000)
-        try await store.recordGatewayState(id: gateway.id, online: true, version: "1.2.3", heartbeat: beat)
-        let key = ControlKey.generate()
-        try await store.enrollGateway(id: gateway.id, key: key, now: now)
-        let updated = try await store.gateway(id: gateway.id)
-        #expect(updated.online && updated.version == "1.2.3" && updated.lastHeartbeat == beat)
-        #expect(updated.keyFingerprint == Secrets.fingerprint(key) && updated.enrolled)
-        #expect(try await store.controlKey(gatewayID: gateway.id) == key)
-
-        let admin = try await store.createUser(UserChanges(login: "root", passwordHash: "x", role: .admin), now: now)
-        await #expect(throws: StoreError.self) { try await store.deleteUser(id: admin.id) }
-        await #expect(throws: StoreError.self) { _ = try await store.updateUser(id: admin.id, UserChanges(role: .user), now: now) }
-        await #expect(throws: StoreError.self) { _ = try await store.updateUser(id: admin.id, UserChanges(enabled: false), now: now) }
-        _ = try await store.createUser(UserChanges(login: "second", passwordHash: "x", role: .admin), now: now)
-        try await store.deleteUser(id: admin.id)
-        #expect(try await store.users().map(\.login) == ["second"])
-    }
-
-    @Test("sessions: found by hash until they expire, gone with their user")
-    func sessions() async throws {
-        let folder = try TemporaryFolder()
-        defer { folder.remove() }
-        let store = try SQLiteBrokerStore(path: folder.path("broker.sqlite"))
-        let now = Date()
-        let user = try await store.createUser(UserChanges(login: "u", passwordHash: "x", role: .user), now: now)
-        let hash = Secrets.sha256Hex(Secrets.token())
-        try await store.createSession(Session(tokenHash: hash, userID: user.id, created: now, expires: now.addingTimeInterval(60), clientAddress: ""))
-        #expect(try await store.session(tokenHash: hash, now: now)?.user.login == "u")
-        #expect(try await store.session(tokenHash: hash, now: now.addingTimeInterval(61)) == nil)
-        #expect(try await store.deleteExpiredSessions(now: now.addingTimeInterval(61)) == 1)
-        try await store.createSession(Session(tokenHash: hash, userID: user.id, created: now, expires: now.addingTimeInterval(60), clientAddress: ""))
-        try await store.deleteUser(id: user.id)
-        #expect(try await store.session(tokenHash: hash, now: now) == nil)
     }
 }
 

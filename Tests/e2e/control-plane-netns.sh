@@ -24,7 +24,10 @@
 # a second gateway joins and a cluster with load_balance_via E opens each
 # connection on both (same port, both reach sshd, disconnect closes both);
 # the gateway is frozen (SIGSTOP) and the broker marks it offline and stops
-# choosing it; thawed, it comes back online.
+# choosing it; thawed, it comes back online. Then the broker's SQLite data
+# is copied into PostgreSQL (switch-database) and two brokers serve from it:
+# gateways register with either, concurrent connects on both never share a
+# port, and a silent gateway is marked offline once for the cluster.
 #
 # Usage: Tests/e2e/control-plane-netns.sh [BIN_DIR]
 #   BIN_DIR holds leostream-broker and leostream-gateway (default: the
@@ -356,5 +359,103 @@ eventually 60 "the thawed gateway never came back online" is_online
 alive gateway || fail "the gateway exited"
 pass "the thawed gateway is online again"
 
-stop_role gateway TERM
+# ---------------------------------------------------------------- broker cluster on PostgreSQL (issue 14)
+# PostgreSQL on a host of its own on the private network; the SQLite broker's
+# data goes into it (switch-database, sessions and keys included) and two
+# brokers on two hosts serve one API from it. Gateway 1 registers with broker
+# 1, gateway 2 with broker 2; each broker sees both.
+NS_DB=$TAG-db; NS_BR2=$TAG-br2; ALL_NS+=("$NS_DB" "$NS_BR2")
+DB_IP=10.99.2.6; BR2_IP=10.99.2.7; BROKER2_URL=http://$BR2_IP:8080
+for ns in "$NS_DB" "$NS_BR2"; do
+    ip netns add "$ns" || fail "ip netns add $ns"
+    ip -n "$ns" link set lo up
+done
+plug "$NS_DB"  eth0 $DB_IP/24  br-priv q-db
+plug "$NS_BR2" eth0 $BR2_IP/24 br-priv q-br2
+in_ns "$NS_DB" "$ROOT/scripts/postgres-test-server" start --listen $DB_IP >"$W/postgres.env" 2>"$W/postgres.log" \
+    || fail "PostgreSQL did not start in $NS_DB: $(cat "$W/postgres.log")"
+PG_DIR=$(sed -n 's/^export RDG_TEST_POSTGRES_DIR=//p' "$W/postgres.env")
+PG_PORT=$(sed -n 's/^export RDG_TEST_POSTGRES_PORT=//p' "$W/postgres.env")
+CLEANUP_HOOKS+=("in_ns $NS_DB '$ROOT/scripts/postgres-test-server' stop '$PG_DIR'")
+( umask 077; sed -n 's/^export RDG_TEST_POSTGRES_PASSWORD=//p' "$W/postgres.env" >"$W/db-password" )
+DB_URL="postgres://broker@$DB_IP:$PG_PORT/postgres?sslmode=require"
+eventually 10 "broker host 2 cannot reach the database host" reaches "$NS_BR2" $DB_IP
+
 stop_role broker TERM
+in_ns "$NS_BR" "$BROKER_BIN" switch-database --data-dir "$W/broker-data" --to "$DB_URL" \
+    --database-password-file "$W/db-password" >"$W/switch-database.log" 2>&1 || fail "switch-database: $(cat "$W/switch-database.log")"
+grep -q "^copied .*gateway 2.*user_account 2" "$W/switch-database.log" || fail "switch-database did not report 2 gateways and 2 users: $(cat "$W/switch-database.log")"
+in_ns "$NS_BR" "$BROKER_BIN" switch-database --data-dir "$W/broker-data" --to "$DB_URL" \
+    --database-password-file "$W/db-password" >"$W/switch-again.log" 2>&1 && fail "a second switch-database into the same database succeeded"
+grep -q "is not empty" "$W/switch-again.log" || fail "a second switch-database did not say the database is not empty: $(cat "$W/switch-again.log")"
+pass "switch-database copied the SQLite broker into PostgreSQL on $DB_IP; a second copy is refused"
+
+CLUSTER_ARGS=(--database "$DB_URL" --database-password-file "$W/db-password" --data-dir "$W/cluster-data"
+              --bcrypt-cost 4 --heartbeat-interval 1 --offline-after 3)
+start cbroker1 "$NS_BR"  "$BROKER_BIN" --listen $BR_IP:8080  "${CLUSTER_ARGS[@]}"
+start cbroker2 "$NS_BR2" "$BROKER_BIN" --listen $BR2_IP:8080 "${CLUSTER_ARGS[@]}"
+broker2_up() { in_ns "$NS_BR2" curl -s -o /dev/null -m 2 "$BROKER2_URL/v1/system/health"; }
+eventually 60 "broker 1 on PostgreSQL did not start listening" broker_up
+eventually 60 "broker 2 on PostgreSQL did not start listening" broker2_up
+# The admin's session from the SQLite days is valid on both (sessions were copied, the store is shared).
+http "$NS_BR2" GET "$BROKER2_URL/v1/gateways/$GW_ID" "" "$ADMIN_SID"
+expect 200 "broker 2 answers the admin session created on the SQLite broker"
+pass "two brokers serve one API from PostgreSQL; a session made before the switch works on both"
+
+online_at() {   # NS URL ID: the gateway is online as that broker answers
+    http "$1" GET "$2/v1/gateways/$3" "" "$ADMIN_SID"
+    [ "$STATUS" = 200 ] && [ "$(jq -r '(.stored_data // .) | .online' <<<"$BODY")" = true ]
+}
+in_ns "$NS_GW2" "$GATEWAY_BIN" --state-dir "$W/gateway2-state" --broker $BR2_IP:8080 --gateway-id "$GW2_ID" \
+    --control-key-file "$W/control-key-2" --port-range 21000-21999 >"$W/gateway2-reconfigure.log" 2>&1 \
+    || fail "second gateway --broker $BR2_IP:8080: $(cat "$W/gateway2-reconfigure.log")"
+start gateway2 "$NS_GW2" "$GATEWAY_BIN" serve --config "$W/gateway2.conf" --state-dir "$W/gateway2-state"
+eventually 60 "gateway 1 did not register again with broker 1" online_at "$NS_BR" "$BROKER_URL" "$GW_ID"
+eventually 60 "gateway 2 did not register with broker 2" online_at "$NS_BR2" "$BROKER2_URL" "$GW2_ID"
+online_at "$NS_BR2" "$BROKER2_URL" "$GW_ID" || fail "broker 2 does not see gateway 1 (registered with broker 1) online"
+online_at "$NS_BR" "$BROKER_URL" "$GW2_ID" || fail "broker 1 does not see gateway 2 (registered with broker 2) online"
+pass "gateway 1 registered with broker 1, gateway 2 with broker 2; each broker sees both online"
+
+# Connect calls on both brokers at once for one desktop (its gateway is gateway 1): no two get one port.
+( umask 077; printf 'Authorization: Bearer %s\n' "$ADMIN_SID" >"$W/cluster-auth.header" )
+callers=()
+for i in $(seq 1 12); do
+    if [ $((i % 2)) = 0 ]; then ns=$NS_BR2; url=$BROKER2_URL; else ns=$NS_BR; url=$BROKER_URL; fi
+    in_ns "$ns" curl -s -m 30 -H "@$W/cluster-auth.header" -H 'Content-Type: application/json' \
+        --data-binary "{\"desktop_id\":$DESK_ID,\"protocol\":\"ssh\"}" "$url/v1/connect" >"$W/connect-$i.json" &
+    callers+=($!)
+done
+wait "${callers[@]}"
+ports=(); rules=()
+for i in $(seq 1 12); do
+    port=$(jq -er .port "$W/connect-$i.json") && rule=$(jq -er .rule_id "$W/connect-$i.json") \
+        || fail "concurrent connect $i did not succeed: $(cat "$W/connect-$i.json")"
+    ports+=("$port"); rules+=("$rule")
+done
+[ "$(printf '%s\n' "${ports[@]}" | sort -u | wc -l)" = 12 ] || fail "12 concurrent connects on two brokers share ports: ${ports[*]}"
+for port in "${ports[@]}"; do
+    has_banner "$NS_A" "$GW_PUB" "$port" || fail "a rule made by the cluster ($GW_PUB:$port) does not reach the desktop's sshd"
+done
+for i in "${!rules[@]}"; do
+    if [ $((i % 2)) = 0 ]; then ns=$NS_BR2; url=$BROKER2_URL; else ns=$NS_BR; url=$BROKER_URL; fi
+    http "$ns" DELETE "$url/v1/connect/${rules[$i]}" "" "$ADMIN_SID"
+    expect 204 "disconnect ${rules[$i]} through the other broker"
+done
+rm -f "$W/cluster-auth.header"
+pass "12 connect calls on both brokers at once: 12 distinct ports (${ports[*]}), each reaches sshd; disconnects through the other broker"
+
+# Offline marking runs once for the cluster: the frozen gateway 2 is marked (and logged) by one broker.
+kill -STOP -- "-${PIDS[gateway2]}"
+is_offline_at() { ! online_at "$@"; }
+eventually 60 "broker 1 never saw the frozen gateway 2 offline" is_offline_at "$NS_BR" "$BROKER_URL" "$GW2_ID"
+eventually 60 "broker 2 never saw the frozen gateway 2 offline" is_offline_at "$NS_BR2" "$BROKER2_URL" "$GW2_ID"
+marks=$(cat "$W/cbroker1.log" "$W/cbroker2.log" | grep -c "gateway $GW2_ID is offline")
+[ "$marks" = 1 ] || fail "gateway $GW2_ID was marked offline $marks times across the two brokers (once expected)"
+kill -CONT -- "-${PIDS[gateway2]}"
+eventually 60 "the thawed gateway 2 never came back online" online_at "$NS_BR" "$BROKER_URL" "$GW2_ID"
+pass "offline marking ran once for the cluster (one log line across both brokers); thawed, gateway 2 is back"
+
+stop_role gateway2 TERM
+stop_role gateway TERM
+stop_role cbroker1 TERM
+stop_role cbroker2 TERM

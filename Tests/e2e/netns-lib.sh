@@ -9,6 +9,7 @@ W=$(mktemp -d "/tmp/$NAME.XXXXXX")
 chmod 700 "$W"
 declare -A PIDS=()
 FAILED=0
+CLEANUP_HOOKS=()   # commands run at exit before the namespaces go (servers that daemonize)
 
 stop_role() {   # role [signal]: stops the group (thawing it first), polling until it is gone
     local role=$1 sig=${2:-TERM} pid=${PIDS[$1]:-}
@@ -35,6 +36,8 @@ cleanup() {
     trap - EXIT INT TERM
     [ "$FAILED" = 1 ] && show_logs
     for role in "${!PIDS[@]}"; do stop_role "$role" TERM 2>/dev/null; done
+    local hook
+    for hook in "${CLEANUP_HOOKS[@]}"; do eval "$hook" 2>/dev/null; done
     # Anything else still inside our namespaces was started by this script.
     for ns in "${ALL_NS[@]}"; do
         for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$pid" 2>/dev/null; done
