@@ -146,7 +146,8 @@ def rule_rate(args):
 
 
 def connect_rate(args):
-    host, port = args.broker.rsplit(":", 1)
+    # Several brokers (a cluster on one database): worker i calls broker i mod n.
+    brokers = [b.rsplit(":", 1) for b in args.broker.split(",")]
     sid = open(args.sid_file).read().strip()
     headers = {"Authorization": f"Bearer {sid}", "Content-Type": "application/json"}
     body = json.dumps({"desktop_id": args.desktop_id, "protocol": args.protocol}).encode()
@@ -161,7 +162,8 @@ def connect_rate(args):
             remaining[0] -= 1
             return True
 
-    def connector():
+    def connector(index):
+        host, port = brokers[index % len(brokers)]
         conn = http.client.HTTPConnection(host, int(port), timeout=60)
         try:
             while take():
@@ -178,7 +180,8 @@ def connect_rate(args):
         except Exception as e:  # noqa: BLE001
             errors.append(str(e))
 
-    def deleter(ids):
+    def deleter(index, ids):
+        host, port = brokers[index % len(brokers)]
         conn = http.client.HTTPConnection(host, int(port), timeout=60)
         try:
             for rid in ids:
@@ -201,16 +204,16 @@ def connect_rate(args):
             t.join()
         return time.perf_counter() - begin
 
-    connect_s = run([threading.Thread(target=connector) for _ in range(args.workers)])
+    connect_s = run([threading.Thread(target=connector, args=(i,)) for i in range(args.workers)])
     if errors:
         print(f"error: connect-rate: {errors[0]}", file=sys.stderr)
         sys.exit(1)
     shares = [rule_ids[i::args.workers] for i in range(args.workers)]
-    delete_s = run([threading.Thread(target=deleter, args=(s,)) for s in shares])
+    delete_s = run([threading.Thread(target=deleter, args=(i, s)) for i, s in enumerate(shares)])
     if errors:
         print(f"error: connect-rate: {errors[0]}", file=sys.stderr)
         sys.exit(1)
-    print(f"scenario=connect-rate workers={args.workers} count={len(connect_ms)} "
+    print(f"scenario=connect-rate workers={args.workers} brokers={len(brokers)} count={len(connect_ms)} "
           f"connect_per_s={len(connect_ms) / connect_s:.0f} connect_p50_ms={percentile(connect_ms, 50):.2f} "
           f"connect_p99_ms={percentile(connect_ms, 99):.2f} "
           f"disconnect_per_s={len(delete_ms) / delete_s:.0f} disconnect_p50_ms={percentile(delete_ms, 50):.2f} "
@@ -250,7 +253,7 @@ def main():
             p.add_argument("--seconds", type=float, default=5)
             p.add_argument("--workers", type=int, default=1)
     p = sub.add_parser("connect-rate")
-    p.add_argument("--broker", required=True, help="the broker's HOST:PORT")
+    p.add_argument("--broker", required=True, help="the broker's HOST:PORT (comma-separated for a cluster: workers spread over them)")
     p.add_argument("--sid-file", required=True, help="file with a logged-in session id")
     p.add_argument("--desktop-id", type=int, required=True)
     p.add_argument("--protocol", default="echo")
