@@ -90,9 +90,12 @@ let package = Package(
         // persistence, expiry, the signed control endpoint (Hummingbird) and
         // registration with the broker.
         .target(name: "GatewayControl", dependencies: [
-            "Relay", "SystemLayer", "ControlProtocol", "NetfilterKernel", "ServiceSupport",
+            "Relay", "SystemLayer", "ControlProtocol", "NetfilterKernel", "ServiceSupport", "CertificateFiles",
             .product(name: "CoreMetrics", package: "swift-metrics"),
             .product(name: "Hummingbird", package: "hummingbird"),
+            .product(name: "HummingbirdTLS", package: "hummingbird"),
+            .product(name: "HummingbirdCore", package: "hummingbird"),
+            .product(name: "NIOSSL", package: "swift-nio-ssl"),
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),
         ]),
@@ -206,7 +209,7 @@ let package = Package(
         // The broker's REST API (Leostream-compatible gateway calls, our own
         // desktops and users) as a Hummingbird application.
         .target(name: "BrokerAPI", dependencies: [
-            "BrokerCore", "ControlProtocol", "PCoIPBrokerProtocol", "PCoIPHTTP", "ServiceSupport",
+            "BrokerCore", "ControlProtocol", "PCoIPBrokerProtocol", "PCoIPHTTP", "ServiceSupport", "CertificateFiles",
             .product(name: "AsyncHTTPClient", package: "async-http-client"),
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             .product(name: "Hummingbird", package: "hummingbird"),
@@ -260,8 +263,11 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         .testTarget(name: "BrokerTests", dependencies: [
-            "TestSupport", "BrokerAPI", "BrokerCore", "BrokerPostgres", "ControlProtocol", "PCoIPBrokerProtocol",
+            "TestSupport", "BrokerAPI", "BrokerCore", "BrokerPostgres", "ControlProtocol", "PCoIPBrokerProtocol", "CertificateFiles",
             .product(name: "Hummingbird", package: "hummingbird"),
+            .product(name: "HummingbirdCore", package: "hummingbird"),
+            .product(name: "HummingbirdTLS", package: "hummingbird"),
+            .product(name: "NIOSSL", package: "swift-nio-ssl"),
             .product(name: "GRDB", package: "GRDB.swift"),
             .product(name: "PostgresNIO", package: "postgres-nio"),
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),

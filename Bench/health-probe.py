@@ -14,6 +14,8 @@ failure. Output, one line per endpoint:
 """
 import argparse
 import http.client
+import os
+import ssl
 import sys
 import threading
 import time
@@ -35,7 +37,13 @@ def probe(name, url, seconds, interval, headers, results):
     while time.monotonic() < end:
         started = time.monotonic()
         try:
-            connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+            if parts.scheme == "https":
+                # The gateway's control endpoint: its own certificate (LEOCONTROL_CA) is the only trust.
+                context = ssl.create_default_context(cafile=os.environ.get("LEOCONTROL_CA"))
+                context.check_hostname = False
+                connection = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=10, context=context)
+            else:
+                connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
             connection.request("GET", parts.path or "/health", headers=headers)
             response = connection.getresponse()
             response.read()

@@ -1,4 +1,5 @@
 import BrokerCore
+import CertificateFiles
 import ControlProtocol
 import Foundation
 import HTTPTypes
@@ -11,7 +12,7 @@ import NIOCore
 // product's connect/disconnect calls that push rules to gateways.
 
 extension BrokerAPI {
-    static let registerFields: Set<String> = ["gateway_id", "version", "control_url", "port_range", "rules"]
+    static let registerFields: Set<String> = ["gateway_id", "version", "control_url", "port_range", "rules", "control_certificate"]
     static let heartbeatFields: Set<String> = ["gateway_id", "sessions", "rules", "load"]
     static let connectFields: Set<String> = ["desktop_id", "protocol", "client_ip"]
 
@@ -90,8 +91,17 @@ extension BrokerAPI {
         let gatewayID = try await authenticateGateway(request, body: body)
         let message = try Self.decode(RegisterRequest.self, body, allowed: Self.registerFields)
         try Self.requireSameGateway(message.gatewayID, gatewayID)
+        if let pem = message.controlCertificate {
+            // The certificate the broker will trust for this gateway's pushes: HP's checks.
+            do throws(CertificateFiles.Problem) {
+                try CertificateFiles.checkCACertificate(Array(pem.utf8), file: "control_certificate")
+            } catch {
+                throw APIError.badField("control_certificate", error.message)
+            }
+        }
         let registration = GatewayRegistration(version: message.version, controlURL: message.controlURL,
-                                               portRange: message.portRange, ruleIDs: message.rules.map(\.id))
+                                               portRange: message.portRange, ruleIDs: message.rules.map(\.id),
+                                               controlCertificate: message.controlCertificate)
         try validating { () throws(FieldError) in try registration.validate() }
         let keep = try await store.registerGateway(id: gatewayID, registration, now: clock())
         context.logger.notice("gateway \(gatewayID) registered: version \(message.version), control \(message.controlURL), ports \(message.portRange.first)-\(message.portRange.last), keeps \(keep.count) of \(message.rules.count) rule(s)")

@@ -4,6 +4,7 @@ import ControlProtocol
 import Foundation
 import NIOCore
 import NIOHTTP1
+import NIOSSL
 
 /// Why a gateway did not carry out a push or a delete. Descriptions name the
 /// gateway and what it said; they never hold its key.
@@ -65,6 +66,19 @@ struct GatewayControlClient: Sendable {
         let signer = ControlSigner(gatewayID: Int(gateway.id), key: key)
         var request = HTTPClientRequest(url: url)
         request.method = method
+        if url.lowercased().hasPrefix("https://") {
+            // Only the certificate the gateway registered (signed with its
+            // control key) is trusted; its name is not what identifies it.
+            guard let pem = gateway.controlCertificate,
+                  let certificates = try? NIOSSLCertificate.fromPEMBytes(Array(pem.utf8)), !certificates.isEmpty else {
+                throw .unreachable(gateway: Self.name(gateway), reason: "its https control endpoint registered no usable certificate")
+            }
+            var tls = TLSConfiguration.makeClientConfiguration()
+            tls.minimumTLSVersion = .tlsv12
+            tls.trustRoots = .certificates(certificates)
+            tls.certificateVerification = .noHostnameVerification
+            request.tlsConfiguration = tls
+        }
         request.headers.add(name: "Authorization",
                             value: signer.authorize(direction: .brokerToGateway, method: method.rawValue, path: path, body: body))
         if !body.isEmpty {

@@ -67,6 +67,9 @@ public struct Gateway: Sendable, Equatable {
     public var activeSessions: Int?
     /// The path its pushed rules take (`forwarding_path`).
     public var forwardingPath: GatewayForwarding = .gatewayDefault
+    /// The PEM certificate its https control endpoint registered: the only
+    /// one the broker accepts from it (nil for a plain-HTTP endpoint).
+    public var controlCertificate: String?
     public var created: Date
     public var updated: Date
 
@@ -123,12 +126,15 @@ public struct GatewayRegistration: Sendable, Equatable {
     public var portRange: PortRange
     /// The ids of the rules the gateway holds.
     public var ruleIDs: [String]
+    /// The PEM certificate of an https control endpoint (pinned for pushes).
+    public var controlCertificate: String?
 
-    public init(version: String, controlURL: String, portRange: PortRange, ruleIDs: [String]) {
+    public init(version: String, controlURL: String, portRange: PortRange, ruleIDs: [String], controlCertificate: String? = nil) {
         self.version = version
         self.controlURL = controlURL
         self.portRange = portRange
         self.ruleIDs = ruleIDs
+        self.controlCertificate = controlCertificate
     }
 
     /// Checks the fields a gateway sent, naming the one that is wrong.
@@ -136,6 +142,14 @@ public struct GatewayRegistration: Sendable, Equatable {
         try Validate.length(version, field: "version", 1...64)
         try Validate.noControlCharacters(version, field: "version")
         try Validate.controlURL(controlURL)
+        if controlURL.lowercased().hasPrefix("https://") {
+            guard let certificate = controlCertificate, certificate.contains("-----BEGIN CERTIFICATE-----") else {
+                throw FieldError("control_certificate", "is required with an https:// control_url: the PEM certificate the broker pins for its pushes")
+            }
+            try Validate.length(certificate, field: "control_certificate", 1...16384)
+        } else if controlCertificate != nil {
+            throw FieldError("control_certificate", "is only for an https:// control_url")
+        }
         try Validate.range(portRange.first, field: "port_range.first", 1...65535)
         try Validate.range(portRange.last, field: "port_range.last", 1...65535)
         if portRange.first > portRange.last {

@@ -146,6 +146,13 @@ enum Migrations {
                     CHECK (forwarding_path IN ('', 'userspace', 'kernel', 'offload'));
                 """)
         }
+        migrator.registerMigration("0006-control-certificate") { db in
+            try db.execute(sql: """
+                -- The certificate of a gateway's https control endpoint, from its
+                -- signed registration (issue 14): pinned for the broker's pushes.
+                ALTER TABLE gateway ADD COLUMN control_certificate TEXT;
+                """)
+        }
         return migrator
     }
 }

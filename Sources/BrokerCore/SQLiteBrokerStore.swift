@@ -236,10 +236,10 @@ public final class SQLiteBrokerStore: BrokerStore {
             try StoreMessages.check { () throws(FieldError) in try registration.validate() }
             try db.execute(sql: """
                 UPDATE gateway SET online = 1, version = ?, control_url = ?, port_first = ?, port_last = ?,
-                                   last_heartbeat = ?
+                                   last_heartbeat = ?, control_certificate = ?
                 WHERE id = ?
                 """, arguments: [registration.version, registration.controlURL, registration.portRange.first,
-                                 registration.portRange.last, now, id])
+                                 registration.portRange.last, now, registration.controlCertificate, id])
             let known = Set(try String.fetchAll(db, sql: "SELECT id FROM gateway_rule WHERE gateway_id = ?", arguments: [id]))
             return StoreMessages.keptRules(reported: registration.ruleIDs, known: known)
         }

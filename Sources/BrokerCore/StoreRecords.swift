@@ -23,7 +23,7 @@ public enum StoreRecords {
     public static let gatewayColumns = """
         id, name, address, address_private, load_balancer_id, use_src_ip, forward_to, signature, notes,
         online, version, last_heartbeat, key_fingerprint, control_url, port_first, port_last, load, active_sessions,
-        forwarding_path, created, updated
+        forwarding_path, control_certificate, created, updated
         """
     public static let clusterColumns = "id, name, address, load_balance_via, use_src_ip, notes, created, updated"
     public static let desktopColumns = "id, name, address, gateway_id, load_balancer_id, notes, created, updated"
@@ -46,6 +46,7 @@ public enum StoreRecords {
                               activeSessions: try row.optionalInt("active_sessions"),
                               created: try row.date("created"), updated: try row.date("updated"))
         gateway.forwardingPath = GatewayForwarding(rawValue: try row.string("forwarding_path")) ?? .gatewayDefault
+        gateway.controlCertificate = try row.optionalString("control_certificate")
         return gateway
     }
 

@@ -236,7 +236,7 @@ public final class PostgresBrokerStore: BrokerStore {
             try await db.run("""
                 UPDATE gateway SET online = true, version = \(registration.version), control_url = \(registration.controlURL),
                                    port_first = \(registration.portRange.first), port_last = \(registration.portRange.last),
-                                   last_heartbeat = \(now)
+                                   last_heartbeat = \(now), control_certificate = \(registration.controlCertificate)
                 WHERE id = \(id)
                 """)
             let known = Set(try await db.rows("SELECT id FROM gateway_rule WHERE gateway_id = \(id)").map { try $0.string("id") })

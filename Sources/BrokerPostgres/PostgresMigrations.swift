@@ -163,5 +163,8 @@ enum PostgresMigrations {
                 CHECK (forwarding_path IN ('', 'userspace', 'kernel', 'offload'))
             """,
         ]),
+        Migration(identifier: "0006-control-certificate", statements: [
+            "ALTER TABLE gateway ADD COLUMN control_certificate TEXT",
+        ]),
     ]
 }

@@ -141,10 +141,14 @@ public enum CertificateFiles {
     ///   - commonName: the subject's CN.
     ///   - subjectAltNames: IP addresses and DNS names the certificate is for.
     ///   - bits: the RSA key size (HP's tool makes 3072).
+    ///   - ownTrustAnchor: a certificate its peers pin as the only trust root
+    ///     (the gateway's control endpoint): CA:TRUE and keyCertSign, so that
+    ///     verifiers such as BoringSSL accept it as its own issuer (as
+    ///     `openssl req -x509` makes them).
     /// - Returns: the certificate and the key, PEM.
     /// - Throws: `Problem` (file "self-signed certificate") with OpenSSL's reason.
     public static func makeSelfSigned(commonName: String, subjectAltNames: [String], bits: Int = 3072,
-                                      days: Int = 3650) throws(Problem) -> (certificate: String, key: String) {
+                                      days: Int = 3650, ownTrustAnchor: Bool = false) throws(Problem) -> (certificate: String, key: String) {
         let what = "self-signed certificate"
         func fail(_ step: String) -> Problem { Problem(file: what, message: "\(step) failed: \(lastError())") }
         guard let context = EVP_PKEY_CTX_new_from_name(nil, "RSA", nil) else { throw fail("EVP_PKEY_CTX_new_from_name") }
@@ -155,9 +159,13 @@ public enum CertificateFiles {
         var generated: OpaquePointer?
         guard EVP_PKEY_generate(context, &generated) > 0, let key = generated else { throw fail("RSA key generation") }
         defer { EVP_PKEY_free(key) }
-        var extensions: [(Int32, String)] = [(NID_basic_constraints, "critical,CA:FALSE"),
-                                             (NID_key_usage, "critical,digitalSignature,keyEncipherment"),
-                                             (NID_ext_key_usage, "serverAuth")]
+        var extensions: [(Int32, String)] = ownTrustAnchor
+            ? [(NID_basic_constraints, "critical,CA:TRUE,pathlen:0"),
+               (NID_key_usage, "critical,digitalSignature,keyEncipherment,keyCertSign"),
+               (NID_ext_key_usage, "serverAuth")]
+            : [(NID_basic_constraints, "critical,CA:FALSE"),
+               (NID_key_usage, "critical,digitalSignature,keyEncipherment"),
+               (NID_ext_key_usage, "serverAuth")]
         if !subjectAltNames.isEmpty {
             let names = subjectAltNames.map { isIPAddress($0) ? "IP:\($0)" : "DNS:\($0)" }.joined(separator: ",")
             extensions.append((NID_subject_alt_name, names))

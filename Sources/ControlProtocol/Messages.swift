@@ -140,20 +140,27 @@ public struct RegisterRequest: Codable, Sendable, Equatable {
     public var controlURL: String
     public var portRange: PortRange
     public var rules: [RuleState]
+    /// The PEM certificate of an `https://` control endpoint: the broker
+    /// trusts exactly this certificate for its pushes (the registration is
+    /// signed with the control key, so nobody else can set it).
+    public var controlCertificate: String?
 
     enum CodingKeys: String, CodingKey {
         case version, rules
         case gatewayID = "gateway_id"
         case controlURL = "control_url"
         case portRange = "port_range"
+        case controlCertificate = "control_certificate"
     }
 
-    public init(gatewayID: Int, version: String, controlURL: String, portRange: PortRange, rules: [RuleState]) {
+    public init(gatewayID: Int, version: String, controlURL: String, portRange: PortRange, rules: [RuleState],
+                controlCertificate: String? = nil) {
         self.gatewayID = gatewayID
         self.version = version
         self.controlURL = controlURL
         self.portRange = portRange
         self.rules = rules
+        self.controlCertificate = controlCertificate
     }
 }
 

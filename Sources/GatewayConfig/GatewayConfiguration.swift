@@ -17,8 +17,16 @@ public struct GatewayConfiguration: Sendable, Equatable {
     public var desktopNetworks: [CIDR] = []
     /// The control endpoint the broker calls (`control_listen`); nil: no control plane.
     public var controlListen: SocketAddress?
-    /// The URL registered with the broker (`control_url`); default `http://` + control_listen.
+    /// The URL registered with the broker (`control_url`); default `https://` + control_listen
+    /// (`http://` with `control_plain_http = yes`).
     public var controlURL: String?
+    /// The control endpoint's TLS certificate and key (`control_tls_cert`, `control_tls_key`);
+    /// nil: a self-signed RSA 3072 pair made in the state directory at first start.
+    public var controlTLSCertificate: String?
+    public var controlTLSKey: String?
+    /// `control_plain_http = yes`: the control endpoint speaks plain HTTP (rule
+    /// contents in clear; only the signatures protect them). Off by default.
+    public var controlPlainHTTP = false
     /// Broker forwarding (`broker_forward_listen`): relays to the broker with a PROXY v2 header.
     public var brokerForwardListen: SocketAddress?
     /// A listener serving only `GET /metrics` and `GET /health` (`metrics_listen`),
@@ -113,6 +121,7 @@ public enum ConfigParser {
             config.rules.append(try makeRule(forward.name, line: forward.line, keys: forward.keys, file: file))
         }
         try checkKernelPath(&config, lines: kernelLines, file: file)
+        try checkControlTLS(config, lines: kernelLines, file: file)
         do {
             try RelayRule.check(config.rules)
         } catch {
@@ -190,6 +199,16 @@ public enum ConfigParser {
                 throw fail("control_url: \"\(value)\" is not an http:// or https:// URL")
             }
             config.controlURL = value
+        case "control_tls_cert":
+            config.controlTLSCertificate = value
+        case "control_tls_key":
+            config.controlTLSKey = value
+        case "control_plain_http":
+            switch value.lowercased() {
+            case "on", "yes", "true": config.controlPlainHTTP = true
+            case "off", "no", "false": config.controlPlainHTTP = false
+            default: throw fail("control_plain_http: \"\(value)\" is not yes or no")
+            }
         case "broker_forward_listen":
             guard let address = SocketAddress(value), address.port != 0 else {
                 throw fail("broker_forward_listen: \"\(value)\" is not a numeric address and port (e.g. 0.0.0.0:443)")
@@ -233,6 +252,29 @@ public enum ConfigParser {
     /// The kernel path's settings together: `forwarding` kernel or offload
     /// turns it on unless `kernel_path = off` says otherwise (an error), and
     /// it needs the control plane and a specific IPv4 `public_address`.
+    /// TLS on the control endpoint: a certificate needs its key, plain HTTP
+    /// takes no certificate, and control_url's scheme matches.
+    private static func checkControlTLS(_ config: GatewayConfiguration, lines: [String: Int], file: String) throws(ConfigError) {
+        switch (config.controlTLSCertificate, config.controlTLSKey) {
+        case (_?, nil): throw ConfigError(file: file, line: lines["control_tls_cert"] ?? 0, message: "control_tls_cert: needs control_tls_key")
+        case (nil, _?): throw ConfigError(file: file, line: lines["control_tls_key"] ?? 0, message: "control_tls_key: needs control_tls_cert")
+        default: break
+        }
+        if config.controlPlainHTTP, config.controlTLSCertificate != nil {
+            throw ConfigError(file: file, line: lines["control_plain_http"] ?? 0,
+                              message: "control_plain_http: yes contradicts control_tls_cert (line \(lines["control_tls_cert"] ?? 0))")
+        }
+        if let url = config.controlURL {
+            let https = url.lowercased().hasPrefix("https://")
+            if https == config.controlPlainHTTP {
+                throw ConfigError(file: file, line: lines["control_url"] ?? 0,
+                                  message: config.controlPlainHTTP
+                                      ? "control_url: \(url) is https:// but control_plain_http = yes serves plain HTTP"
+                                      : "control_url: \(url) is http:// but the control endpoint speaks TLS (set control_plain_http = yes for plain HTTP)")
+            }
+        }
+    }
+
     private static func checkKernelPath(_ config: inout GatewayConfiguration, lines: [String: Int], file: String) throws(ConfigError) {
         let explicit = lines["kernel_path"] != nil
         if config.forwarding != .userspace {

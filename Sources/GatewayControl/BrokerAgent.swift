@@ -39,9 +39,13 @@ public final class BrokerAgent: Sendable {
     private let thread = Mutex<ThreadHandle?>(nil)
     /// The longest wait between registration attempts.
     public let maxBackoffSeconds: Int
+    /// The control endpoint's certificate (PEM) for an https control URL: sent in each registration.
+    public let controlCertificate: String?
 
     public init(control: GatewayControl, version: String, controlURL: String, portRange: PortRange,
+                controlCertificate: String? = nil,
                 logger: Logger = Logger(label: "broker-agent"), maxBackoffSeconds: Int = 60) {
+        self.controlCertificate = controlCertificate
         self.control = control
         self.version = version
         self.logger = logger
@@ -133,8 +137,9 @@ public final class BrokerAgent: Sendable {
     private func register(_ target: Target, generation: Int) -> Result<Int, AgentFailure> {
         let rules = control.rules()
         let (url, range) = state.withLock { ($0.controlURL, $0.portRange) }
+        let https = url.lowercased().hasPrefix("https://")
         let request = RegisterRequest(gatewayID: target.signer.gatewayID, version: version, controlURL: url,
-                                      portRange: range, rules: rules)
+                                      portRange: range, rules: rules, controlCertificate: https ? controlCertificate : nil)
         let answer = post(target, path: "/v1/gateway-agent/register", body: ControlJSON.encode(request))
         switch answer {
         case .failure(let error): return .failure(error)

@@ -1,5 +1,6 @@
 import ControlProtocol
 import Dispatch
+import Foundation
 import GatewayConfig
 import GatewayControl
 import Hummingbird
@@ -76,10 +77,22 @@ final class ControlPlane: Sendable {
             logger.info("kernel path: table inet \(kernel.name), \(summary?.forwards ?? 0) forward(s); pushed rules take \(config.forwarding.rawValue) unless the broker says otherwise")
         }
 
+        // TLS unless the config says control_plain_http = yes (issue 14).
+        let tls: ControlTLS?
+        if config.controlPlainHTTP {
+            tls = nil
+            logger.warning("control endpoint on \(listen) speaks plain HTTP (control_plain_http = yes): rule contents cross the network in clear, only their signatures protect them")
+        } else {
+            var names = ["\(listen.ip)"].filter { $0 != "0.0.0.0" && $0 != "::" }
+            if let url = config.controlURL, let host = URLComponents(string: url)?.host, !names.contains(host) { names.append(host) }
+            tls = try ControlTLS.load(certificate: config.controlTLSCertificate, key: config.controlTLSKey,
+                                      stateDirectory: directory.path, names: names)
+        }
         let bound = Mutex<String?>(nil)
-        let app = ControlServer.application(control: control, address: .hostname("\(listen.ip)", port: Int(listen.port)),
-                                            logger: logger, onServerRunning: { address in bound.withLock { $0 = address } })
         do {
+            let app = try ControlServer.application(control: control, address: .hostname("\(listen.ip)", port: Int(listen.port)),
+                                                    logger: logger, tls: tls?.configuration,
+                                                    onServerRunning: { address in bound.withLock { $0 = address } })
             server = try ServerTask(app, bound: bound, seconds: 10, logger: logger)
         } catch {
             throw ControlError(500, field: "control_listen", "control_listen: cannot serve on \(listen): \(error)")
@@ -89,9 +102,10 @@ final class ControlPlane: Sendable {
         control.updateSettings { settings in
             if let boundAddress { settings.ownAddresses.append(boundAddress) }
         }
-        let url = config.controlURL ?? "http://\(address)"
+        let url = config.controlURL ?? "\(tls == nil ? "http" : "https")://\(address)"
         agent = BrokerAgent(control: control, version: gatewayVersion, controlURL: url,
-                            portRange: PortRange(first: range.lowerBound, last: range.upperBound), logger: logger)
+                            portRange: PortRange(first: range.lowerBound, last: range.upperBound),
+                            controlCertificate: tls?.certificatePEM, logger: logger)
         current.withLock { $0 = stored }
         agent.configure(Self.target(stored, signer), portRange: PortRange(first: range.lowerBound, last: range.upperBound))
         updateForwarding(stored, signer)
@@ -100,7 +114,7 @@ final class ControlPlane: Sendable {
         try directory.writePID(SystemInfo.processID)
         let handle = try SystemThread.spawn(name: "gw-maintain") { [self] in maintain() }
         maintenance.withLock { $0 = handle }
-        logger.info("control endpoint on \(address) (\(url)); state in \(directory.path); broker: \(stored.broker ?? "not set")")
+        logger.info("control endpoint on \(address) (\(url)\(tls.map { ", TLS with \($0.source)" } ?? "")); state in \(directory.path); broker: \(stored.broker ?? "not set")")
     }
 
     private static func signer(_ stored: StoredSettings, _ key: ControlKey?) -> ControlSigner? {

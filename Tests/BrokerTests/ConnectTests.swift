@@ -1,4 +1,5 @@
 import BrokerCore
+import CertificateFiles
 import ControlProtocol
 import Foundation
 import Testing
@@ -62,6 +63,49 @@ func withConnectSetup(_ body: (inout ConnectSetup) async throws -> Void) async t
 
 @Suite("Connect and disconnect: gateway choice, rule push, 502/503", .offPool)
 struct ConnectTests {
+    @Test("an https control endpoint: the push goes over TLS to the certificate the gateway registered; another certificate is refused and nothing is stored")
+    func pinnedControlCertificate() async throws {
+        let pairA = try CertificateFiles.makeSelfSigned(commonName: "gw-a control", subjectAltNames: ["127.0.0.1"], bits: 2048, ownTrustAnchor: true)
+        let pairB = try CertificateFiles.makeSelfSigned(commonName: "gw-b control", subjectAltNames: ["127.0.0.1"], bits: 2048, ownTrustAnchor: true)
+        try await withConnectSetup { setup in
+            let broker = setup.broker
+            let (id, key) = try await enrolledGateway(broker, sid: setup.sid, name: "gw-tls", address: "gw-tls.example.com")
+            let fake = try await FakeGateway(gatewayID: id, key: key, tls: pairA)
+            setup.gateways[id] = (key, fake)
+            #expect(fake.controlURL.hasPrefix("https://"))
+
+            // An https control_url needs its certificate, and a weak one is refused, naming the field.
+            let bare = try await agentCall(broker, "/v1/gateway-agent/register", registerBody(id, controlURL: fake.controlURL), gatewayID: id, key: key)
+            #expect(bare.reply.status == 400 && bare.reply.text.contains("control_certificate"), "\(bare.reply)")
+            let weak = try CertificateFiles.makeSelfSigned(commonName: "weak", subjectAltNames: [], bits: 1024, ownTrustAnchor: true)
+            let refused = try await agentCall(broker, "/v1/gateway-agent/register",
+                                              registerBody(id, controlURL: fake.controlURL, certificate: weak.certificate), gatewayID: id, key: key)
+            #expect(refused.reply.status == 400 && refused.reply.text.contains("at least 2048"), "\(refused.reply)")
+
+            let registered = try await agentCall(broker, "/v1/gateway-agent/register",
+                                                 registerBody(id, controlURL: fake.controlURL, certificate: pairA.certificate), gatewayID: id, key: key)
+            #expect(registered.reply.status == 200, "\(registered.reply)")
+            let desktopID = try await setup.desktop("desk-tls", gatewayID: id)
+            let reply = try await broker.client.json("POST", "/v1/connect", ["desktop_id": desktopID, "protocol": "rdp"], token: setup.sid)
+            #expect(reply.status == 200, "\(reply)")
+            let ruleID = try #require(reply.object["rule_id"] as? String)
+            #expect(fake.rules[ruleID] != nil, "the push did not reach the TLS endpoint")
+            #expect(setup.allSignaturesVerified())
+
+            // The same gateway registers a certificate its endpoint does not present: pushes are refused.
+            let swapped = try await agentCall(broker, "/v1/gateway-agent/register",
+                                              registerBody(id, controlURL: fake.controlURL, rules: [reportedRule(ruleID)],
+                                                           certificate: pairB.certificate), gatewayID: id, key: key)
+            #expect(swapped.reply.status == 200, "\(swapped.reply)")
+            let before = fake.calls.count
+            let denied = try await broker.client.json("POST", "/v1/connect", ["desktop_id": desktopID, "protocol": "rdp"], token: setup.sid)
+            #expect(denied.status == 502, "\(denied)")
+            #expect(denied.text.contains("cannot be reached"), "\(denied)")
+            #expect(fake.calls.count == before, "a request reached the endpoint whose certificate is not the registered one")
+            #expect(try await broker.store.rules(gatewayID: Int64(id)).map(\.id) == [ruleID], "the refused connect stored a rule")
+        }
+    }
+
     @Test("a desktop's own gateway: the three routing methods, pushed signed, answered with address and port")
     func pinnedGatewayMethods() async throws {
         try await withConnectSetup { setup in

@@ -17,9 +17,12 @@ func enrolledGateway(_ broker: TestBroker, sid: String, name: String, address: S
     return (id, key)
 }
 
-func registerBody(_ id: Int, controlURL: String = "http://127.0.0.1:1", rules: [[String: Any]] = []) -> [String: Any] {
-    ["gateway_id": id, "version": "0.1.0", "control_url": controlURL,
-     "port_range": ["first": 20001, "last": 22000], "rules": rules]
+func registerBody(_ id: Int, controlURL: String = "http://127.0.0.1:1", rules: [[String: Any]] = [],
+                  certificate: String? = nil) -> [String: Any] {
+    var body: [String: Any] = ["gateway_id": id, "version": "0.1.0", "control_url": controlURL,
+                               "port_range": ["first": 20001, "last": 22000], "rules": rules]
+    if let certificate { body["control_certificate"] = certificate }
+    return body
 }
 
 /// A rule as a gateway reports it at registration.

@@ -8,7 +8,7 @@ import TestSupport
 /// and PostgreSQL (a real server started by scripts/test).
 @Suite("store contract (SQLite and PostgreSQL)", .offPool)
 struct StoreContractTests {
-    static let known = ["0001-initial", "0002-control-plane", "0003-connection-groups", "0004-entitlements", "0005-forwarding-path"]
+    static let known = ["0001-initial", "0002-control-plane", "0003-connection-groups", "0004-entitlements", "0005-forwarding-path", "0006-control-certificate"]
 
     @Test("a new store has every migration applied and is healthy", arguments: StoreBackend.allCases)
     func migrated(_ backend: StoreBackend) async throws {

@@ -174,7 +174,7 @@ struct ConfigParserTests {
             public_address = 203.0.113.5
             desktop_networks = 10.1.0.0/16, 10.2.3.4
             control_listen = 10.0.0.2:19010
-            control_url = http://gw.internal:19010
+            control_url = https://gw.internal:19010
             broker_forward_listen = 0.0.0.0:443
             gateway_signature = leo-gw-1
             metrics_listen = 127.0.0.1:9110
@@ -183,7 +183,8 @@ struct ConfigParserTests {
         #expect(config.publicAddress == IPAddress("203.0.113.5"))
         #expect(config.desktopNetworks == [CIDR("10.1.0.0/16")!, CIDR("10.2.3.4/32")!])
         #expect(config.controlListen == SocketAddress("10.0.0.2:19010"))
-        #expect(config.controlURL == "http://gw.internal:19010")
+        #expect(config.controlURL == "https://gw.internal:19010")
+        #expect(!config.controlPlainHTTP && config.controlTLSCertificate == nil)
         #expect(config.brokerForwardListen == SocketAddress("0.0.0.0:443"))
         #expect(config.gatewaySignature == "leo-gw-1")
         let defaults = try ConfigParser.parse("")
@@ -200,6 +201,10 @@ struct ConfigParserTests {
             ("broker_forward_listen = 0.0.0.0:0", "broker_forward_listen:"),
             ("metrics_listen = localhost:9110", "metrics_listen:"),
             ("gateway_signature = " + String(repeating: "s", count: 101), "gateway_signature:"),
+            ("control_plain_http = maybe", "control_plain_http:"),
+            ("control_url = http://gw.internal:19010", "control_url: http://gw.internal:19010 is http:// but the control endpoint speaks TLS"),
+            ("control_tls_cert = /etc/gw.crt", "control_tls_cert: needs control_tls_key"),
+            ("control_tls_key = /etc/gw.key", "control_tls_key: needs control_tls_cert"),
         ] {
             do {
                 _ = try ConfigParser.parse("loops = 1\n" + text, file: "gw.conf")
@@ -209,5 +214,19 @@ struct ConfigParserTests {
                 #expect(error.message.hasPrefix(message), "\(error)")
             }
         }
+    }
+
+    @Test("control_plain_http = yes: plain HTTP, an http:// control_url, and no certificate beside it")
+    func controlPlainHTTP() throws {
+        let plain = try ConfigParser.parse("control_listen = 10.0.0.2:19010\ncontrol_plain_http = yes\ncontrol_url = http://gw:19010\n")
+        #expect(plain.controlPlainHTTP && plain.controlURL == "http://gw:19010")
+        #expect(throws: ConfigError.self) {
+            _ = try ConfigParser.parse("control_plain_http = yes\ncontrol_url = https://gw:19010\n")
+        }
+        #expect(throws: ConfigError.self) {
+            _ = try ConfigParser.parse("control_plain_http = yes\ncontrol_tls_cert = /a\ncontrol_tls_key = /b\n")
+        }
+        let tls = try ConfigParser.parse("control_tls_cert = /etc/gw.crt\ncontrol_tls_key = /etc/gw.key\n")
+        #expect(tls.controlTLSCertificate == "/etc/gw.crt" && tls.controlTLSKey == "/etc/gw.key")
     }
 }

@@ -204,7 +204,11 @@ final class FakeBroker: @unchecked Sendable {
             #expect(registration.verified == nil, "\(registration.verified ?? "")")
             let request = try JSONDecoder().decode(RegisterRequest.self, from: Data(registration.body))
             #expect(request.gatewayID == 7)
-            #expect(request.controlURL.hasPrefix("http://127.0.0.1:"))
+            // TLS by default (issue 14): https, and the self-signed certificate made in the state directory.
+            #expect(request.controlURL.hasPrefix("https://127.0.0.1:"))
+            let made = try String(contentsOfFile: state + "/control-tls.crt", encoding: .utf8)
+            #expect(request.controlCertificate == made)
+            #expect(StateFile.mode(state + "/control-tls.key") == 0o600)
             #expect(request.portRange == PortRange(first: 20001, last: 22000))
             #expect(request.rules.map(\.id) == ["persisted"], "the persisted rule was not restored before registering")
             #expect(echoThrough(port: restoredPort) == "hello through the gateway")

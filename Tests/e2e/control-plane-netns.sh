@@ -264,9 +264,13 @@ eventually 60 "after its restart the gateway's rule on port $M2_PORT never reach
     has_banner "$NS_A" "$GW_PUB" "$M2_PORT"
 has_banner "$NS_B" "$GW_PUB" "$M2_PORT" && fail "after the restart B reaches the desktop on A's rule"
 eventually 60 "the restarted gateway did not register again" is_online
-http "$NS_GW" GET "http://$GW_PRIV:19010/control/v1/rules/$M2_RULE"
+STATUS=$(in_ns "$NS_GW" curl -s -m 10 -o /dev/null -w '%{http_code}' --cacert "$GW_STATE/control-tls.crt" "https://$GW_PRIV:19010/control/v1/rules/$M2_RULE") || true
 [ "$STATUS" = 401 ] || fail "an unsigned GET of the control endpoint answered $STATUS, not 401"
-pass "gateway restart: A's rule ($M2_RULE) restored and still works, B still refused; unsigned control calls refused"
+in_ns "$NS_GW" curl -s -m 10 -o /dev/null "http://$GW_PRIV:19010/control/v1/rules/$M2_RULE" 2>/dev/null \
+    && fail "the control endpoint answered plain HTTP"
+in_ns "$NS_GW" curl -s -m 10 -o /dev/null "https://$GW_PRIV:19010/health" 2>/dev/null \
+    && fail "a client trusting only the system's CAs accepted the control endpoint's self-signed certificate"
+pass "gateway restart: A's rule ($M2_RULE) restored and still works, B still refused; the control endpoint speaks TLS only (its own certificate), unsigned calls refused"
 
 # ---------------------------------------------------------------- broker outage
 set_method 0

@@ -94,6 +94,7 @@ OTHER_BEFORE=$(in_ns "$NS_GW" nft list table ip other_admin)
 
 # ---------------------------------------------------------------- gateway config and key
 GW_STATE=$W/gateway-state
+export LEOCONTROL_CA=$GW_STATE/control-tls.crt   # the control endpoint's own certificate (TLS, issue 14)
 cat >"$W/gateway.conf" <<EOF
 loops = 1
 drain_timeout = 1s

@@ -7,8 +7,24 @@ import hashlib
 import hmac
 import http.client
 import json
+import os
 import secrets
+import ssl
 import time
+
+
+def control_connection(host, port, timeout=30):
+    """The control endpoint speaks TLS with its own certificate (issue 14):
+    LEOCONTROL_CA names that certificate (the gateway's state directory holds
+    it as control-tls.crt) and only it is trusted, as the broker does; without
+    LEOCONTROL_CA the endpoint is taken to be plain HTTP (control_plain_http)."""
+    ca = os.environ.get("LEOCONTROL_CA")
+    if not ca:
+        return http.client.HTTPConnection(host, port, timeout=timeout)
+    context = ssl.create_default_context(cafile=ca)
+    context.check_hostname = False
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return http.client.HTTPSConnection(host, port, timeout=timeout, context=context)
 
 
 def b64url(data: bytes) -> str:
@@ -25,7 +41,7 @@ class ControlClient:
 
     def __init__(self, host, port, gateway_id, key):
         self.host, self.port, self.gateway_id, self.key = host, port, gateway_id, key
-        self.conn = http.client.HTTPConnection(host, port, timeout=30)
+        self.conn = control_connection(host, port)
 
     def request(self, method, path, body=b""):
         ts = str(int(time.time()))
@@ -43,7 +59,7 @@ class ControlClient:
                 return reply.status, reply.read()
             except (http.client.HTTPException, ConnectionError):
                 self.conn.close()
-                self.conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
+                self.conn = control_connection(self.host, self.port)
                 if attempt:
                     raise
 

@@ -1,7 +1,10 @@
 import ControlProtocol
 import Foundation
 import Hummingbird
+import HummingbirdCore
+import HummingbirdTLS
 import Logging
+import NIOSSL
 import NIOCore
 import ServiceLifecycle
 import Synchronization
@@ -36,7 +39,9 @@ final class FakeGateway: Sendable {
         var taken: Set<Int> = []
     }
 
-    var controlURL: String { "http://127.0.0.1:\(port)" }
+    /// TLS: the control endpoint's certificate (PEM); nil for plain HTTP.
+    let certificate: String?
+    var controlURL: String { "\(certificate == nil ? "http" : "https")://127.0.0.1:\(port)" }
     var calls: [Call] { state.withLock { $0.calls } }
     var rules: [String: RulePush] { state.withLock { $0.rules.mapValues(\.push) } }
     func setKey(_ key: ControlKey) { self.key.withLock { $0 = key } }
@@ -44,8 +49,10 @@ final class FakeGateway: Sendable {
     func accept() { state.withLock { $0.refusal = nil } }
     func take(_ ports: Set<Int>) { state.withLock { $0.taken = ports } }
 
-    init(gatewayID: Int, key: ControlKey?) async throws {
+    /// - Parameter tls: a certificate and key (PEM) to serve HTTPS with.
+    init(gatewayID: Int, key: ControlKey?, tls: (certificate: String, key: String)? = nil) async throws {
         self.gatewayID = gatewayID
+        certificate = tls?.certificate
         self.key = Mutex(key)
         let ports = Mutex<Int?>(nil)
         let router = Router(context: BasicRequestContext.self)
@@ -59,7 +66,15 @@ final class FakeGateway: Sendable {
         }
         var logger = Logger(label: "fake-gateway")
         logger.logLevel = .warning
-        let app = Application(router: router, configuration: .init(address: .hostname("127.0.0.1", port: 0)),
+        var builder: HTTPServerBuilder = .http1()
+        if let tls {
+            var configuration = TLSConfiguration.makeServerConfiguration(
+                certificateChain: try NIOSSLCertificate.fromPEMBytes(Array(tls.certificate.utf8)).map { .certificate($0) },
+                privateKey: .privateKey(try NIOSSLPrivateKey(bytes: Array(tls.key.utf8), format: .pem)))
+            configuration.minimumTLSVersion = .tlsv12
+            builder = try .tls(.http1(), tlsConfiguration: configuration)
+        }
+        let app = Application(router: router, server: builder, configuration: .init(address: .hostname("127.0.0.1", port: 0)),
                               onServerRunning: { channel in ports.withLock { $0 = channel.localAddress?.port } },
                               logger: logger)
         services = ServiceGroup(configuration: .init(services: [app], logger: logger))
