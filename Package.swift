@@ -76,7 +76,9 @@ let package = Package(
         .plugin(name: "BuildInfoPlugin", capability: .buildTool()),
 
         // The typed system layer: the only Swift code that imports Glibc for I/O.
-        .target(name: "SystemLayer", dependencies: ["CSystemShim", "CSystemd"]),
+        .target(name: "SystemLayer", dependencies: ["CSystemShim", "CSystemd", "CTLSClient"]),
+        // A blocking TLS client on the system's OpenSSL (the gateway's calls to the broker, pinned).
+        .target(name: "CTLSClient", dependencies: ["COpenSSL"]),
         // One epoll loop per thread, its command queue and timers.
         .target(name: "EventLoop", dependencies: ["SystemLayer"]),
         // The TCP data plane: rules, admission, pipe pool, splice relay.
@@ -100,7 +102,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         .executableTarget(name: "leostream-gateway", dependencies: [
-            "GatewayConfig", "GatewayControl", "ControlProtocol", "Relay", "SystemLayer", "NetfilterKernel", "ServiceSupport",
+            "GatewayConfig", "GatewayControl", "ControlProtocol", "Relay", "SystemLayer", "NetfilterKernel", "ServiceSupport", "CertificateFiles",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "Hummingbird", package: "hummingbird"),
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
@@ -222,7 +224,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         .executableTarget(name: "leostream-broker", dependencies: [
-            "BrokerAPI", "BrokerCore", "BrokerPostgres", "SystemLayer", "CertificateFiles", "ServiceSupport",
+            "BrokerAPI", "BrokerCore", "BrokerPostgres", "SystemLayer", "CertificateFiles", "ServiceSupport", "ControlProtocol",
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             .product(name: "NIOSSL", package: "swift-nio-ssl"),
             .product(name: "ArgumentParser", package: "swift-argument-parser"),

@@ -17,9 +17,12 @@ public final class BrokerAgent: Sendable {
     public struct Target: Sendable {
         public var broker: BrokerAddress
         public var signer: ControlSigner
-        public init(broker: BrokerAddress, signer: ControlSigner) {
+        /// How an https broker is trusted (nil for http).
+        public var trust: TLSTrust?
+        public init(broker: BrokerAddress, signer: ControlSigner, trust: TLSTrust? = nil) {
             self.broker = broker
             self.signer = signer
+            self.trust = trust
         }
     }
 
@@ -180,7 +183,7 @@ public final class BrokerAgent: Sendable {
             return .success(try BlockingHTTP.request(method: "POST", host: target.broker.host, port: target.broker.port,
                                                      path: fullPath,
                                                      headers: [("Authorization", authorization), ("Content-Type", "application/json")],
-                                                     body: body))
+                                                     body: body, tls: target.trust))
         } catch {
             return .failure(AgentFailure(error.description))
         }

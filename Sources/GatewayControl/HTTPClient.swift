@@ -26,9 +26,10 @@ public enum BlockingHTTP {
     ///   - headers: extra headers (Host, Content-Length and Connection are added).
     ///   - timeoutMilliseconds: for the connect and for each wait for bytes.
     /// - Throws: `Failure` naming the step that failed (resolve, connect, send, receive, parse).
+    ///   - tls: TLS with this trust (an https broker); nil: plain HTTP.
     public static func request(method: String, host: String, port: UInt16, path: String,
                                headers: [(String, String)] = [], body: [UInt8] = [],
-                               source: IPAddress? = nil, timeoutMilliseconds: Int32 = 5000) throws(Failure) -> Response {
+                               source: IPAddress? = nil, timeoutMilliseconds: Int32 = 5000, tls: TLSTrust? = nil) throws(Failure) -> Response {
         let address: SocketAddress
         do { address = try SocketAddress.resolve(host: host, port: port) } catch {
             throw Failure(description: "\(error)")
@@ -58,6 +59,9 @@ public enum BlockingHTTP {
         for (name, value) in headers { head += "\(name): \(value)\r\n" }
         head += "\r\n"
         let outgoing = Array(head.utf8) + body
+        if let tls {
+            return try exchange(over: fd, address: address, host: host, trust: tls, outgoing, timeoutMilliseconds: timeoutMilliseconds)
+        }
         var sent = 0
         while sent < outgoing.count {
             let result = outgoing.withUnsafeBytes { raw in
@@ -98,6 +102,58 @@ public enum BlockingHTTP {
             throw Failure(description: "\(address) closed the connection without a valid HTTP answer")
         }
         return response.response
+    }
+
+    /// One request and its answer over TLS on the connected socket.
+    private static func exchange(over fd: FileDescriptor, address: SocketAddress, host: String, trust: TLSTrust,
+                                 _ outgoing: [UInt8], timeoutMilliseconds: Int32) throws(Failure) -> Response {
+        let session: TLSClientSession
+        do { session = try TLSClientSession(fd: fd, host: host, trust: trust, timeoutMilliseconds: timeoutMilliseconds) } catch {
+            throw Failure(description: "TLS with \(address): \(error)")
+        }
+        var incoming: [UInt8] = []
+        do throws(TLSClientError) {
+            try session.writeAll(outgoing)
+            while true {
+                let chunk = try session.read()
+                if chunk.isEmpty { break }
+                incoming.append(contentsOf: chunk)
+                if incoming.count > 16 << 20 { throw TLSClientError(description: "the answer is larger than 16 MiB") }
+                if let response = parse(incoming), response.complete { return response.response }
+            }
+        } catch {
+            if let response = parse(incoming), response.complete { return response.response }
+            throw Failure(description: "TLS with \(address): \(error)")
+        }
+        guard let response = parse(incoming) else {
+            throw Failure(description: "\(address) closed the connection without a valid HTTP answer")
+        }
+        return response.response
+    }
+
+    /// Connects to an https server and returns the SHA-256 of its certificate,
+    /// verifying nothing: enrollment's first pin (shown to the operator to compare).
+    public static func certificateHash(host: String, port: UInt16, timeoutMilliseconds: Int32 = 5000) throws(Failure) -> [UInt8] {
+        let address: SocketAddress
+        do { address = try SocketAddress.resolve(host: host, port: port) } catch { throw Failure(description: "\(error)") }
+        let fd: FileDescriptor
+        do { fd = try Socket.makeTCP(family: address.family) } catch { throw Failure(description: "cannot open a socket: \(error)") }
+        defer { fd.close() }
+        do throws(Errno) {
+            if case .inProgress = try Socket.connect(fd, to: address) {
+                guard BlockingWait.writable(fd, timeoutMilliseconds: timeoutMilliseconds) else { throw Errno(rawValue: 110) }
+                if let error = Socket.pendingError(fd) { throw error }
+            }
+        } catch {
+            throw Failure(description: "cannot connect to \(address): \(error)")
+        }
+        do throws(TLSClientError) {
+            let session = try TLSClientSession(fd: fd, host: host, trust: .learn, timeoutMilliseconds: timeoutMilliseconds)
+            guard let hash = session.peerSHA256 else { throw TLSClientError(description: "the server sent no certificate") }
+            return hash
+        } catch {
+            throw Failure(description: "TLS with \(address): \(error)")
+        }
     }
 
     /// Parses what arrived so far: nil until the head is complete.

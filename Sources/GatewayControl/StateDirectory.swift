@@ -2,10 +2,12 @@ import ControlProtocol
 import Foundation
 import SystemLayer
 
-/// Where the broker is: `host:port`, or an `http://` URL with an optional base path.
+/// Where the broker is: `host:port`, or an `http://` or `https://` URL with an optional base path.
 public struct BrokerAddress: Sendable, Equatable, CustomStringConvertible {
     public var host: String
     public var port: UInt16
+    /// `https://`: the calls go over TLS, trusting what enrollment pinned (issue 14).
+    public var tls: Bool = false
     /// Prepended to `/v1/...` (empty, or starting with `/` and without a trailing one).
     public var basePath: String
 
@@ -13,15 +15,16 @@ public struct BrokerAddress: Sendable, Equatable, CustomStringConvertible {
     /// - Throws: `ControlError` naming `--broker` and what is wrong.
     public init(_ text: String) throws(ControlError) {
         var rest = Substring(text.trimmingSpaces())
-        if rest.lowercased().hasPrefix("https://") {
-            throw ControlError(400, field: "--broker", "--broker: https:// is not supported yet; give http://HOST:PORT (the control messages are signed; TLS can be layered later)")
-        }
         var defaultPort: UInt16? = nil
-        if rest.lowercased().hasPrefix("http://") {
+        if rest.lowercased().hasPrefix("https://") {
+            rest = rest.dropFirst(8)
+            defaultPort = 443
+            tls = true
+        } else if rest.lowercased().hasPrefix("http://") {
             rest = rest.dropFirst(7)
             defaultPort = 80
         } else if rest.contains("://") {
-            throw ControlError(400, field: "--broker", "--broker: \"\(text)\" has an unknown scheme; give HOST:PORT or http://HOST:PORT")
+            throw ControlError(400, field: "--broker", "--broker: \"\(text)\" has an unknown scheme; give https://HOST[:PORT], http://HOST[:PORT] or HOST:PORT")
         }
         var path = ""
         if let slash = rest.firstIndex(of: "/") {
@@ -38,7 +41,7 @@ public struct BrokerAddress: Sendable, Equatable, CustomStringConvertible {
             host = authority.hasPrefix("[") ? String(authority.dropFirst().dropLast()) : authority
             port = defaultPort
         } else {
-            throw ControlError(400, field: "--broker", "--broker: \"\(text)\" is not HOST:PORT or http://HOST[:PORT][/PATH] with a port of 1-65535")
+            throw ControlError(400, field: "--broker", "--broker: \"\(text)\" is not HOST:PORT or http(s)://HOST[:PORT][/PATH] with a port of 1-65535")
         }
         guard host.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7F && $0 != UInt8(ascii: "@") }), host.utf8.count <= 253 else {
             throw ControlError(400, field: "--broker", "--broker: \"\(text)\" has an invalid host")
@@ -51,7 +54,7 @@ public struct BrokerAddress: Sendable, Equatable, CustomStringConvertible {
 
     public var url: String {
         let h = host.contains(":") ? "[\(host)]" : host
-        return "http://\(h):\(port)\(basePath)"
+        return "\(tls ? "https" : "http")://\(h):\(port)\(basePath)"
     }
 
     public var description: String { url }
@@ -62,11 +65,18 @@ public struct StoredSettings: Codable, Sendable, Equatable {
     public var broker: String?
     public var gatewayID: Int?
     public var portRange: PortRange?
+    /// An https broker's certificate as pinned at enrollment ("SHA256:AB:..."),
+    /// or nil when `brokerCA` is the trust instead.
+    public var brokerPin: String?
+    /// An https broker's CA (PEM), from `--broker-ca`: the chain must verify and name the host.
+    public var brokerCA: String?
 
     enum CodingKeys: String, CodingKey {
         case broker
         case gatewayID = "gateway_id"
         case portRange = "port_range"
+        case brokerPin = "broker_pin"
+        case brokerCA = "broker_ca"
     }
 
     public init(broker: String? = nil, gatewayID: Int? = nil, portRange: PortRange? = nil) {
@@ -85,6 +95,8 @@ public struct StateDirectory: Sendable {
 
     public var settingsPath: String { path + "/gateway-state.json" }
     public var keyPath: String { path + "/control.key" }
+    /// An https broker's CA from `--broker-ca` (the PEM in `gateway-state.json`, as a file for OpenSSL).
+    public var brokerCAPath: String { path + "/broker-ca.pem" }
     public var pidPath: String { path + "/gateway.pid" }
     public var statusPath: String { path + "/status.json" }
 

@@ -8,6 +8,7 @@ import Logging
 import ServiceSupport
 import SystemLayer
 import CertificateFiles
+import ControlProtocol
 import NIOSSL
 
 /// The broker's version, printed by `--version`, `--info` and `system/health`.
@@ -138,9 +139,15 @@ struct Serve: AsyncParsableCommand {
                                                    offlineAfter: options.offlineAfter,
                                                    ruleUnusedExpiry: options.ruleUnusedExpiry)
         let api = BrokerAPI(store: store, configuration: configuration)
-        let tls = try options.tlsConfiguration()
+        // Reading (or making and writing) the certificate blocks: not on Swift's cooperative threads.
+        let made = try await BlockingExecutor.shared.run { Result { try options.tlsConfiguration() } }.get()
+        let tls = made?.configuration
         let scheme = tls == nil ? "http" : "https"
-        if tls == nil { logger.notice("the listener speaks plain HTTP (give --tls-cert and --tls-key for HTTPS)") }
+        if let made {
+            logger.notice("TLS with \(made.source), certificate \(made.fingerprint) (gateways pin it: leostream-gateway --broker https://...)")
+        } else {
+            logger.warning("the listener speaks plain HTTP (--plain-http): passwords, sessions and gateway messages cross the network in clear")
+        }
         let startLogger = logger
         let link = ServiceManagerLink(logger: logger, status: { "serving the REST API on \(options.listen)" })
         let app = api.application(address: .hostname(listen.host, port: Int(listen.port)), logger: logger, tls: tls,
@@ -182,6 +189,12 @@ struct BrokerOptions: ParsableArguments {
 
     @Option(name: .long, help: ArgumentHelp("PEM private key of --tls-cert.", valueName: "FILE"))
     var tlsKey: String?
+
+    @Option(name: .long, help: ArgumentHelp("A DNS name or address for the self-signed certificate made without --tls-cert (repeatable; the --listen address is always in it).", valueName: "NAME"))
+    var tlsName: [String] = []
+
+    @Flag(name: .long, help: "Serve plain HTTP instead of HTTPS (passwords, sessions and gateway messages in clear); the log says so at start.")
+    var plainHttp = false
 
     @Option(name: .long, help: ArgumentHelp("The first admin's password, on the first line of FILE (used only while the database has no users).", valueName: "FILE"))
     var adminPasswordFile: String?
@@ -264,13 +277,55 @@ struct BrokerOptions: ParsableArguments {
         }
     }
 
-    /// HTTPS for the listener when --tls-cert and --tls-key are given, after HP's checks on them.
-    func tlsConfiguration() throws -> TLSConfiguration? {
+    /// The listener's TLS: --tls-cert and --tls-key (after HP's checks on
+    /// them), else a self-signed RSA 3072 pair made once in --data-dir
+    /// (broker-tls.crt, broker-tls.key); nil only with --plain-http.
+    func tlsConfiguration() throws -> BrokerTLS? {
+        if plainHttp {
+            if tlsCert != nil || tlsKey != nil { throw ValidationError("--plain-http and --tls-cert/--tls-key: give one") }
+            return nil
+        }
         switch (tlsCert, tlsKey) {
-        case (nil, nil): return nil
+        case (nil, nil):
+            let (host, _) = try listenAddress()
+            var names = tlsName
+            if host != "0.0.0.0" && host != "::" && !names.contains(host) { names.insert(host, at: 0) }
+            if names.isEmpty { names = ["localhost"] }
+            let cert = URL(fileURLWithPath: dataDir).appendingPathComponent("broker-tls.crt").path
+            let key = URL(fileURLWithPath: dataDir).appendingPathComponent("broker-tls.key").path
+            if !FileManager.default.fileExists(atPath: cert) || !FileManager.default.fileExists(atPath: key) {
+                let pair: (certificate: String, key: String)
+                do throws(CertificateFiles.Problem) {
+                    pair = try CertificateFiles.makeSelfSigned(commonName: names[0], subjectAltNames: names, ownTrustAnchor: true)
+                } catch {
+                    throw ValidationError("cannot make a self-signed certificate: \(error)")
+                }
+                do {
+                    try FileManager.default.createDirectory(atPath: dataDir, withIntermediateDirectories: true)
+                    try StateFile.writeAtomically(key, Array(pair.key.utf8), mode: 0o600, directoryOwner: true)
+                    try StateFile.writeAtomically(cert, Array(pair.certificate.utf8), mode: 0o644, directoryOwner: true)
+                } catch {
+                    throw ValidationError("--data-dir: cannot write the self-signed certificate \(cert): \(error)")
+                }
+            }
+            return try BrokerTLS.load(cert: cert, key: key, source: "the self-signed certificate \(cert)")
         case (_?, nil): throw ValidationError("--tls-cert needs --tls-key")
         case (nil, _?): throw ValidationError("--tls-key needs --tls-cert")
         case (let cert?, let key?):
+            return try BrokerTLS.load(cert: cert, key: key, source: cert)
+        }
+    }
+}
+
+/// The listener's certificate, key and what the log says of them.
+struct BrokerTLS {
+    let configuration: TLSConfiguration
+    let source: String
+    /// "SHA256:AB:CD:..." of the certificate (what a gateway pins).
+    let fingerprint: String
+
+    static func load(cert: String, key: String, source: String) throws -> BrokerTLS {
+        do {
             guard let certPEM = FileManager.default.contents(atPath: cert) else { throw ValidationError("--tls-cert \(cert): cannot be read") }
             guard let keyPEM = FileManager.default.contents(atPath: key) else { throw ValidationError("--tls-key \(key): cannot be read") }
             do throws(CertificateFiles.Problem) {
@@ -283,13 +338,17 @@ struct BrokerOptions: ParsableArguments {
                     certificateChain: try NIOSSLCertificate.fromPEMFile(cert).map { .certificate($0) },
                     privateKey: .privateKey(try NIOSSLPrivateKey(file: key, format: .pem)))
                 tls.minimumTLSVersion = .tlsv12
-                return tls
+                let der = try NIOSSLCertificate.fromPEMFile(cert).first?.toDERBytes() ?? []
+                let hash = ControlCrypto.sha256(der)
+                return BrokerTLS(configuration: tls, source: source, fingerprint: TLSClientSession.fingerprint(hash))
             } catch {
                 throw ValidationError("--tls-cert/--tls-key: \(error)")
             }
         }
     }
+}
 
+extension BrokerOptions {
     func listenAddress() throws -> (host: String, port: UInt16) {
         guard let parts = SocketAddress.splitHostPort(listen) else {
             throw ValidationError("--listen must be HOST:PORT (IPv6 as [ADDRESS]:PORT), got '\(listen)'")

@@ -107,7 +107,7 @@ final class ControlPlane: Sendable {
                             portRange: PortRange(first: range.lowerBound, last: range.upperBound),
                             controlCertificate: tls?.certificatePEM, logger: logger)
         current.withLock { $0 = stored }
-        agent.configure(Self.target(stored, signer), portRange: PortRange(first: range.lowerBound, last: range.upperBound))
+        agent.configure(target(stored, signer), portRange: PortRange(first: range.lowerBound, last: range.upperBound))
         updateForwarding(stored, signer)
         try agent.start()
         writeStatus()
@@ -122,9 +122,21 @@ final class ControlPlane: Sendable {
         return ControlSigner(gatewayID: id, key: key)
     }
 
-    private static func target(_ stored: StoredSettings, _ signer: ControlSigner?) -> BrokerAgent.Target? {
+    private func target(_ stored: StoredSettings, _ signer: ControlSigner?) -> BrokerAgent.Target? {
         guard let text = stored.broker, let broker = try? BrokerAddress(text), let signer else { return nil }
-        return BrokerAgent.Target(broker: broker, signer: signer)
+        guard broker.tls else {
+            logger.warning("the broker \(broker) is plain HTTP: registration and heartbeats cross the network in clear (signed)")
+            return BrokerAgent.Target(broker: broker, signer: signer)
+        }
+        // An https broker is trusted only as enrollment pinned it.
+        if stored.brokerCA != nil {
+            return BrokerAgent.Target(broker: broker, signer: signer, trust: .caFile(directory.brokerCAPath))
+        }
+        if let pin = stored.brokerPin.flatMap(TLSClientSession.parseFingerprint) {
+            return BrokerAgent.Target(broker: broker, signer: signer, trust: .pin(pin))
+        }
+        logger.error("the broker \(broker) is https but nothing is pinned for it: run leostream-gateway --broker \(broker) again (it pins the certificate), or give --broker-ca or --broker-fingerprint")
+        return nil
     }
 
     /// SIGHUP: re-reads the stored broker, id, key and port range.
@@ -142,7 +154,7 @@ final class ControlPlane: Sendable {
             if stored != previous || keyChanged {
                 current.withLock { $0 = stored }
                 updateForwarding(stored, signer)
-                agent.configure(Self.target(stored, signer), portRange: PortRange(first: range.lowerBound, last: range.upperBound))
+                agent.configure(target(stored, signer), portRange: PortRange(first: range.lowerBound, last: range.upperBound))
                 logger.notice("SIGHUP: broker \(stored.broker ?? "not set"), gateway id \(stored.gatewayID.map(String.init) ?? "not set"), port range \(range.lowerBound)-\(range.upperBound)\(keyChanged ? ", new control key" : ""): registering")
             }
         } catch {

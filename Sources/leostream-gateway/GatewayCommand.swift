@@ -40,8 +40,14 @@ struct GatewayCommand: ParsableCommand {
 
     @OptionGroup var global: GlobalOptions
 
-    @Option(name: .long, help: ArgumentHelp("The broker to register with and take rules from: HOST:PORT or http://HOST[:PORT][/PATH].", valueName: "address"))
+    @Option(name: .long, help: ArgumentHelp("The broker to register with and take rules from: https://HOST[:PORT][/PATH] (its certificate is pinned now), or http://HOST[:PORT] / HOST:PORT for plain HTTP.", valueName: "address"))
     var broker: String?
+
+    @Option(name: .long, help: ArgumentHelp("With an https --broker: trust this CA (PEM) for the broker's certificate, which must name its host, instead of pinning the certificate.", valueName: "file"))
+    var brokerCa: String?
+
+    @Option(name: .long, help: ArgumentHelp("With an https --broker: pin this certificate hash (SHA256:AB:CD:... as `openssl x509 -noout -fingerprint -sha256` prints it) instead of the one the broker presents now.", valueName: "hash"))
+    var brokerFingerprint: String?
 
     @Option(name: .long, parsing: .unconditional, help: ArgumentHelp("This gateway's id on the broker (from its enrollment call).", valueName: "n"))
     var gatewayId: String?
@@ -57,6 +63,7 @@ struct GatewayCommand: ParsableCommand {
 
     func run() throws {
         let configuring = broker != nil || gatewayId != nil || controlKeyFile != nil || portRange != nil
+            || brokerCa != nil || brokerFingerprint != nil
         if configuring {
             try configure()
         }

@@ -1,4 +1,5 @@
 import ArgumentParser
+import CertificateFiles
 import ControlProtocol
 import Foundation
 import GatewayControl
@@ -48,6 +49,41 @@ extension GatewayCommand {
         }
         let storedKey: ControlKey?
         do { storedKey = try directory.loadKey() } catch { storedKey = nil }
+        if broker == nil && (brokerCa != nil || brokerFingerprint != nil) {
+            throw fail("\(brokerCa != nil ? "--broker-ca" : "--broker-fingerprint") goes with an https --broker")
+        }
+        if brokerCa != nil && brokerFingerprint != nil {
+            throw fail("--broker-ca and --broker-fingerprint: give one (a CA to verify the broker's chain, or the hash of its certificate)")
+        }
+        // How an https broker is trusted, settled now (enrollment): a CA, a given hash, or the hash it presents now.
+        var pin: String?
+        var caPEM: String?
+        if let broker, broker.tls {
+            if let file = brokerCa {
+                let bytes: [UInt8]?
+                do throws(Errno) { bytes = try StateFile.read(file, limit: 1 << 20) } catch {
+                    throw fail("--broker-ca: cannot read \(file): \(error)")
+                }
+                guard let bytes else { throw fail("--broker-ca: \(file) does not exist") }
+                do throws(CertificateFiles.Problem) { try CertificateFiles.checkCACertificate(bytes, file: file) } catch {
+                    throw fail("--broker-ca: \(error)")
+                }
+                caPEM = String(decoding: bytes, as: UTF8.self)
+            } else if let text = brokerFingerprint {
+                guard let hash = TLSClientSession.parseFingerprint(text) else {
+                    throw fail("--broker-fingerprint: \"\(text)\" is not a SHA-256 hash (SHA256:AB:CD:... or 64 hex digits)")
+                }
+                pin = TLSClientSession.fingerprint(hash)
+            } else {
+                do throws(BlockingHTTP.Failure) {
+                    pin = TLSClientSession.fingerprint(try BlockingHTTP.certificateHash(host: broker.host, port: broker.port))
+                } catch {
+                    throw fail("--broker: cannot reach \(broker) to pin its certificate (\(error)); start the broker first, or give --broker-fingerprint or --broker-ca")
+                }
+            }
+        } else if broker != nil && (brokerCa != nil || brokerFingerprint != nil) {
+            throw fail("\(brokerCa != nil ? "--broker-ca" : "--broker-fingerprint"): the broker \(broker!) is plain HTTP; give https://")
+        }
         if broker != nil {
             guard id != nil || stored.gatewayID != nil else {
                 throw fail("--broker needs --gateway-id N (the id the broker gave this gateway)")
@@ -57,16 +93,24 @@ extension GatewayCommand {
             }
         }
 
-        if let broker { stored.broker = broker.url }
+        if let broker {
+            stored.broker = broker.url
+            stored.brokerPin = pin
+            stored.brokerCA = caPEM
+        }
         if let id { stored.gatewayID = id }
         if let range { stored.portRange = range }
         do {
             if let key { try directory.saveKey(key) }
+            if let caPEM { try StateFile.writeAtomically(directory.brokerCAPath, Array(caPEM.utf8), mode: 0o644, directoryOwner: true) }
             try directory.saveSettings(stored)
         } catch {
             printError("error: \(error)")
             throw ExitCode(1)
         }
+        if let pin { print("pinned the broker's certificate \(pin); compare it with `openssl x509 -noout -fingerprint -sha256 -in CERT` on the broker") }
+        if caPEM != nil { print("the broker's certificate must verify against \(brokerCa!) (copied to \(directory.brokerCAPath)) and name \(broker!.host)") }
+        if let broker, !broker.tls { print("warning: the broker \(broker) is plain HTTP: registration and heartbeats cross the network in clear (signed)") }
         print("stored in \(directory.path): broker \(stored.broker ?? "not set"), gateway id \(stored.gatewayID.map(String.init) ?? "not set"), control key \(key != nil ? "replaced" : (storedKey != nil ? "kept" : "not set")), port range \(stored.portRange.map { "\($0.first)-\($0.last)" } ?? "20001-22000 (default)")")
         if let pid = directory.runningPID() {
             if ProcessSignal.send(.hangUp, to: pid) {

@@ -103,7 +103,7 @@ struct BinaryTests {
         try (password + "\n").write(toFile: passwordFile, atomically: true, encoding: .utf8)
 
         let broker = try BrokerProcess.start(["serve", "--listen", "127.0.0.1:0", "--data-dir", dataDir, "--database", database,
-                                        "--admin-password-file", passwordFile, "--bcrypt-cost", "4"])
+                                        "--admin-password-file", passwordFile, "--bcrypt-cost", "4", "--plain-http"])
         defer { broker.stop() }
         #expect(broker.waitForOutput("listening on 127.0.0.1:"), "\(broker.stderr)")
         let portText = broker.stderr.components(separatedBy: "listening on 127.0.0.1:").last?.prefix { $0.isNumber } ?? ""
@@ -174,7 +174,7 @@ struct BinaryTests {
 
         // The password comes from the environment too, and the first admin is made only once.
         let other = folder.path("other.sqlite")
-        let fromEnv = try BrokerProcess.start(["--listen", "127.0.0.1:0", "--database", other, "--bcrypt-cost", "4"],
+        let fromEnv = try BrokerProcess.start(["--listen", "127.0.0.1:0", "--database", other, "--bcrypt-cost", "4", "--plain-http"],
                                         environment: ["LEOSTREAM_BROKER_ADMIN_PASSWORD": "env-password"])
         defer { fromEnv.stop() }
         #expect(fromEnv.waitForOutput("listening on"), "\(fromEnv.stderr)")
@@ -182,11 +182,50 @@ struct BinaryTests {
         #expect(!fromEnv.stderr.contains("env-password"))
         fromEnv.signal(SIGINT)
         #expect(fromEnv.waitForExit() == 0)
-        let again = try BrokerProcess.start(["--listen", "127.0.0.1:0", "--database", other])
+        let again = try BrokerProcess.start(["--listen", "127.0.0.1:0", "--database", other, "--plain-http"])
         defer { again.stop() }
         #expect(again.waitForOutput("listening on"), "\(again.stderr)")
         #expect(!again.stderr.contains("created the first admin"))
         again.signal(SIGTERM)
         #expect(again.waitForExit() == 0)
+    }
+
+    @Test("TLS by default: a self-signed certificate made once in the data folder, its hash logged; plain HTTP only with --plain-http")
+    func tlsByDefault() async throws {
+        let folder = try TemporaryFolder()
+        defer { folder.remove() }
+        let dataDir = folder.path("data")
+        let broker = try BrokerProcess.start(["--listen", "127.0.0.1:0", "--data-dir", dataDir, "--bcrypt-cost", "4"],
+                                             environment: ["LEOSTREAM_BROKER_ADMIN_PASSWORD": "tls-admin-password"])
+        defer { broker.stop() }
+        #expect(broker.waitForOutput("listening on 127.0.0.1:"), "\(broker.stderr)")
+        let certificate = dataDir + "/broker-tls.crt"
+        let keyMode = (try FileManager.default.attributesOfItem(atPath: dataDir + "/broker-tls.key")[.posixPermissions] as? NSNumber)?.intValue
+        #expect(keyMode == 0o600)
+        let portText = broker.stderr.components(separatedBy: "listening on 127.0.0.1:").last?.prefix { $0.isNumber } ?? ""
+        let port = try #require(Int(portText), "no port in \(broker.stderr)")
+        #expect(broker.stderr.contains("(https:"))
+        let fingerprint = try ChildProcess.run("/usr/bin/openssl", ["x509", "-noout", "-fingerprint", "-sha256", "-in", certificate])
+        let hash = fingerprint.stdout.split(separator: "=").last.map { "SHA256:" + $0.trimmingCharacters(in: .whitespacesAndNewlines) } ?? "?"
+        #expect(broker.stderr.contains("certificate \(hash)"), "the log does not name the certificate's hash \(hash)")
+        // A client trusting that certificate gets an answer (401: no session); plain HTTP gets none.
+        let secure = try ChildProcess.run("/usr/bin/curl", ["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert", certificate,
+                                                            "https://127.0.0.1:\(port)/v1/system/health"])
+        #expect(secure.stdout == "401", "\(secure)")
+        let plain = try ChildProcess.run("/usr/bin/curl", ["-s", "-o", "/dev/null", "-w", "%{http_code}", "http://127.0.0.1:\(port)/v1/system/health"])
+        #expect(plain.stdout != "401" && plain.stdout != "200", "plain HTTP was answered: \(plain)")
+        broker.signal(SIGTERM)
+        #expect(broker.waitForExit() == 0)
+
+        // The certificate is made once: a restart keeps it.
+        let before = try String(contentsOfFile: certificate, encoding: .utf8)
+        let again = try BrokerProcess.start(["--listen", "127.0.0.1:0", "--data-dir", dataDir])
+        defer { again.stop() }
+        #expect(again.waitForOutput("listening on"), "\(again.stderr)")
+        #expect(try String(contentsOfFile: certificate, encoding: .utf8) == before)
+
+        let both = try BrokerProcess.run(["--listen", "127.0.0.1:0", "--data-dir", dataDir, "--plain-http", "--tls-cert", certificate,
+                                          "--tls-key", dataDir + "/broker-tls.key"])
+        #expect(both.status != 0 && both.stderr.contains("--plain-http and --tls-cert/--tls-key: give one"), "\(both)")
     }
 }

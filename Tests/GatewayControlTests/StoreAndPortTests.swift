@@ -181,8 +181,26 @@ import TestSupport
         #expect(try BrokerAddress("http://broker.example:9000/base/").url == "http://broker.example:9000/base")
         #expect(try BrokerAddress("http://broker.example").port == 80)
         #expect(try BrokerAddress("[::1]:8080").url == "http://[::1]:8080")
-        for bad in ["", "https://b:443", "ftp://x:1", "host:0", "host:99999", "http://:80"] {
+        // https (issue 14): TLS, port 443 by default.
+        let secure = try BrokerAddress("https://broker.example/base")
+        #expect(secure.tls && secure.port == 443 && secure.url == "https://broker.example:443/base")
+        #expect(try !BrokerAddress("http://broker.example").tls)
+        for bad in ["", "ftp://x:1", "host:0", "host:99999", "http://:80", "https://:443"] {
             #expect(throws: ControlError.self, "\(bad)") { try BrokerAddress(bad) }
         }
+    }
+}
+
+@Suite(.offPool) struct CertificateHashTests {
+    @Test("hashes print as OpenSSL's -fingerprint -sha256 does and parse back, in both spellings")
+    func fingerprints() throws {
+        let hash: [UInt8] = (0..<32).map { UInt8($0 * 7 & 0xFF) }
+        let text = TLSClientSession.fingerprint(hash)
+        #expect(text.hasPrefix("SHA256:00:07:0E:15:"))
+        #expect(TLSClientSession.parseFingerprint(text) == hash)
+        #expect(TLSClientSession.parseFingerprint(text.lowercased()) == hash)
+        #expect(TLSClientSession.parseFingerprint(hash.map { String(format: "%02x", $0) }.joined()) == hash)
+        #expect(TLSClientSession.parseFingerprint("SHA256:00:11") == nil)
+        #expect(TLSClientSession.parseFingerprint(String(repeating: "zz", count: 32)) == nil)
     }
 }

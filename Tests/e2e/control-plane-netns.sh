@@ -69,8 +69,11 @@ TAG="lcp$$"
 NS_SW=$TAG-sw; NS_A=$TAG-a; NS_B=$TAG-b; NS_GW=$TAG-gw; NS_BR=$TAG-br; NS_DK=$TAG-dk
 ALL_NS=("$NS_A" "$NS_B" "$NS_GW" "$NS_BR" "$NS_DK" "$NS_SW")
 A_IP=10.99.1.10; B_IP=10.99.1.11; GW_PUB=10.99.1.1; GW_PRIV=10.99.2.1; BR_IP=10.99.2.2; DK_IP=10.99.2.3
-BROKER_URL=http://$BR_IP:8080
-FORWARD_URL=http://$GW_PUB:443         # the gateway's broker forwarding (L4 + PROXY v2)
+BROKER_URL=https://$BR_IP:8080
+# The gateway's broker forwarding (L4 + PROXY v2): TLS end to end with the
+# broker, whose certificate names broker.e2e (resolved to the gateway's public address).
+FORWARD_URL=https://broker.e2e:443
+BR2_IP=10.99.2.7
 SSH_PORT=2222; ECHO_PORT=7007
 
 # W, PIDS, FAILED; stop_role, show_logs, cleanup (the traps), fail, in_ns,
@@ -124,17 +127,21 @@ pass "desktop: sshd on $DK_IP:$SSH_PORT answers SSH-2.0-"
 ADMIN_PASSWORD=$(openssl rand -hex 16)
 USER_PASSWORD=$(openssl rand -hex 16)
 ( umask 077; printf '%s\n' "$ADMIN_PASSWORD" >"$W/admin-password" )
+# TLS by default: the broker makes a self-signed certificate in its data
+# folder, naming its address, broker.e2e and the second broker host's address
+# (the cluster at the end shares it). Clients trust only it (--cacert).
 BROKER_ARGS=(--data-dir "$W/broker-data" --listen $BR_IP:8080 --admin-password-file "$W/admin-password"
-             --bcrypt-cost 4 --heartbeat-interval 1 --offline-after 3)
+             --tls-name broker.e2e --tls-name $BR2_IP --bcrypt-cost 4 --heartbeat-interval 1 --offline-after 3)
+BROKER_CA=$W/broker-data/broker-tls.crt
 start broker "$NS_BR" "$BROKER_BIN" "${BROKER_ARGS[@]}"
-broker_up() { in_ns "$NS_BR" curl -s -o /dev/null -m 2 "$BROKER_URL/v1/system/health"; }
+broker_up() { in_ns "$NS_BR" curl -s -o /dev/null -m 2 --cacert "$BROKER_CA" "$BROKER_URL/v1/system/health"; }
 eventually 30 "the broker did not start listening on $BR_IP:8080" broker_up
 
 # http NS METHOD URL [BODY] [TOKEN]: sets STATUS and BODY. The token goes in a
 # header file, never on a command line or in the output.
 http() {
     local ns=$1 method=$2 url=$3 body=${4:-} token=${5:-}
-    local args=(-s -m 15 -X "$method" -o "$W/http.body" -w '%{http_code}')
+    local args=(-s -m 15 -X "$method" -o "$W/http.body" -w '%{http_code}' --cacert "$BROKER_CA" --resolve "broker.e2e:443:$GW_PUB")
     [ -n "$body" ] && args+=(-H 'Content-Type: application/json' --data-binary "$body")
     if [ -n "$token" ]; then
         ( umask 077; printf 'Authorization: Bearer %s\n' "$token" >"$W/auth.header" )
@@ -197,10 +204,16 @@ EOF
 GW_STATE=$W/gateway-state
 in_ns "$NS_GW" "$GATEWAY_BIN" --check --config "$W/gateway.conf" >"$W/gateway-check.log" 2>&1 \
     || fail "gateway --check: $(cat "$W/gateway-check.log")"
-in_ns "$NS_GW" "$GATEWAY_BIN" --state-dir "$GW_STATE" --broker $BR_IP:8080 --gateway-id "$GW_ID" \
+in_ns "$NS_GW" "$GATEWAY_BIN" --state-dir "$GW_STATE" --broker https://$BR_IP:8080 --gateway-id "$GW_ID" \
     --control-key-file "$W/control-key" --port-range 21000-21999 >"$W/gateway-configure.log" 2>&1 \
     || fail "gateway --broker ...: $(cat "$W/gateway-configure.log")"
 grep -qF -e "$(cat "$W/control-key")" "$W/gateway-configure.log" && fail "the gateway printed its control key"
+# Enrollment pinned the broker's certificate: the hash it printed is the one the broker logged.
+BROKER_FP=$(openssl x509 -noout -fingerprint -sha256 -in "$BROKER_CA" | sed 's/^sha256 Fingerprint=/SHA256:/I')
+grep -qF "pinned the broker's certificate $BROKER_FP" "$W/gateway-configure.log" \
+    || fail "the gateway did not pin the broker's certificate $BROKER_FP: $(cat "$W/gateway-configure.log")"
+grep -qF "certificate $BROKER_FP" "$W/broker.log" || fail "the broker did not log its certificate's hash $BROKER_FP"
+pass "enrollment pinned the broker's certificate ($BROKER_FP, as the broker logs it)"
 start_gateway() { start gateway "$NS_GW" "$GATEWAY_BIN" serve --config "$W/gateway.conf" --state-dir "$GW_STATE"; }
 start_gateway
 eventually 60 "the gateway did not register (GET /v1/gateways/$GW_ID never showed online true)" is_online
@@ -325,11 +338,22 @@ expect 201 "enroll the second gateway"
 ( umask 077; jq -er .control_key <<<"$BODY" >"$W/control-key-2" ) || fail "enrollment answered no control_key"
 BODY=""
 sed -e "s/$GW_PRIV/$GW2_PRIV/; s/$GW_PUB/$GW2_PUB/g; s/e2e-gateway/e2e-gateway-2/" "$W/gateway.conf" >"$W/gateway2.conf"
-in_ns "$NS_GW2" "$GATEWAY_BIN" --state-dir "$W/gateway2-state" --broker $BR_IP:8080 --gateway-id "$GW2_ID" \
-    --control-key-file "$W/control-key-2" --port-range 21000-21999 >"$W/gateway2-configure.log" 2>&1 \
-    || fail "second gateway --broker ...: $(cat "$W/gateway2-configure.log")"
+# A wrong certificate is refused: gateway 2 first pins a hash that is not the broker's.
+WRONG_FP=SHA256:$(printf '00:%.0s' $(seq 31))00
+in_ns "$NS_GW2" "$GATEWAY_BIN" --state-dir "$W/gateway2-state" --broker https://$BR_IP:8080 --gateway-id "$GW2_ID" \
+    --control-key-file "$W/control-key-2" --broker-fingerprint "$WRONG_FP" --port-range 21000-21999 >"$W/gateway2-configure.log" 2>&1 \
+    || fail "second gateway --broker ... --broker-fingerprint: $(cat "$W/gateway2-configure.log")"
 start gateway2 "$NS_GW2" "$GATEWAY_BIN" serve --config "$W/gateway2.conf" --state-dir "$W/gateway2-state"
-eventually 60 "the second gateway did not register" is_online "$GW2_ID"
+refused_pin() { grep -q "not the one pinned at enrollment" "$W/gateway2.log"; }
+eventually 60 "gateway 2 with a wrong pin did not report the broker's certificate as not the one pinned" refused_pin
+is_online "$GW2_ID" && fail "gateway 2 registered although the broker's certificate is not the one it pinned"
+stop_role gateway2 TERM
+in_ns "$NS_GW2" "$GATEWAY_BIN" --state-dir "$W/gateway2-state" --broker https://$BR_IP:8080 --gateway-id "$GW2_ID" \
+    --control-key-file "$W/control-key-2" --broker-ca "$BROKER_CA" --port-range 21000-21999 >>"$W/gateway2-configure.log" 2>&1 \
+    || fail "second gateway --broker ... --broker-ca: $(cat "$W/gateway2-configure.log")"
+start gateway2 "$NS_GW2" "$GATEWAY_BIN" serve --config "$W/gateway2.conf" --state-dir "$W/gateway2-state"
+eventually 60 "the second gateway (trusting the broker's CA) did not register" is_online "$GW2_ID"
+pass "a wrong pinned certificate is refused (never registered); with --broker-ca the same gateway registers"
 http "$NS_BR" POST "$BROKER_URL/v1/desktops" \
     "{\"name\":\"desk-cluster\",\"address\":\"$DK_IP\",\"load_balancer_id\":$CLUSTER_ID,\"protocols\":[{\"name\":\"ssh\",\"port\":$SSH_PORT}]}" "$ADMIN_SID"
 [[ "$STATUS" == 20[01] ]] || fail "create the cluster's desktop: HTTP $STATUS: $BODY"
@@ -369,7 +393,7 @@ pass "the thawed gateway is online again"
 # brokers on two hosts serve one API from it. Gateway 1 registers with broker
 # 1, gateway 2 with broker 2; each broker sees both.
 NS_DB=$TAG-db; NS_BR2=$TAG-br2; ALL_NS+=("$NS_DB" "$NS_BR2")
-DB_IP=10.99.2.6; BR2_IP=10.99.2.7; BROKER2_URL=http://$BR2_IP:8080
+DB_IP=10.99.2.6; BROKER2_URL=https://$BR2_IP:8080
 for ns in "$NS_DB" "$NS_BR2"; do
     ip netns add "$ns" || fail "ip netns add $ns"
     ip -n "$ns" link set lo up
@@ -394,11 +418,13 @@ in_ns "$NS_BR" "$BROKER_BIN" switch-database --data-dir "$W/broker-data" --to "$
 grep -q "is not empty" "$W/switch-again.log" || fail "a second switch-database did not say the database is not empty: $(cat "$W/switch-again.log")"
 pass "switch-database copied the SQLite broker into PostgreSQL on $DB_IP; a second copy is refused"
 
+# The cluster's brokers present the certificate gateway 1 pinned (it names both hosts).
 CLUSTER_ARGS=(--database "$DB_URL" --database-password-file "$W/db-password" --data-dir "$W/cluster-data"
+              --tls-cert "$BROKER_CA" --tls-key "$W/broker-data/broker-tls.key"
               --bcrypt-cost 4 --heartbeat-interval 1 --offline-after 3)
 start cbroker1 "$NS_BR"  "$BROKER_BIN" --listen $BR_IP:8080  "${CLUSTER_ARGS[@]}"
 start cbroker2 "$NS_BR2" "$BROKER_BIN" --listen $BR2_IP:8080 "${CLUSTER_ARGS[@]}"
-broker2_up() { in_ns "$NS_BR2" curl -s -o /dev/null -m 2 "$BROKER2_URL/v1/system/health"; }
+broker2_up() { in_ns "$NS_BR2" curl -s -o /dev/null -m 2 --cacert "$BROKER_CA" "$BROKER2_URL/v1/system/health"; }
 eventually 60 "broker 1 on PostgreSQL did not start listening" broker_up
 eventually 60 "broker 2 on PostgreSQL did not start listening" broker2_up
 # The admin's session from the SQLite days is valid on both (sessions were copied, the store is shared).
@@ -410,9 +436,9 @@ online_at() {   # NS URL ID: the gateway is online as that broker answers
     http "$1" GET "$2/v1/gateways/$3" "" "$ADMIN_SID"
     [ "$STATUS" = 200 ] && [ "$(jq -r '(.stored_data // .) | .online' <<<"$BODY")" = true ]
 }
-in_ns "$NS_GW2" "$GATEWAY_BIN" --state-dir "$W/gateway2-state" --broker $BR2_IP:8080 --gateway-id "$GW2_ID" \
-    --control-key-file "$W/control-key-2" --port-range 21000-21999 >"$W/gateway2-reconfigure.log" 2>&1 \
-    || fail "second gateway --broker $BR2_IP:8080: $(cat "$W/gateway2-reconfigure.log")"
+in_ns "$NS_GW2" "$GATEWAY_BIN" --state-dir "$W/gateway2-state" --broker https://$BR2_IP:8080 --gateway-id "$GW2_ID" \
+    --control-key-file "$W/control-key-2" --broker-ca "$BROKER_CA" --port-range 21000-21999 >"$W/gateway2-reconfigure.log" 2>&1 \
+    || fail "second gateway --broker https://$BR2_IP:8080: $(cat "$W/gateway2-reconfigure.log")"
 start gateway2 "$NS_GW2" "$GATEWAY_BIN" serve --config "$W/gateway2.conf" --state-dir "$W/gateway2-state"
 eventually 60 "gateway 1 did not register again with broker 1" online_at "$NS_BR" "$BROKER_URL" "$GW_ID"
 eventually 60 "gateway 2 did not register with broker 2" online_at "$NS_BR2" "$BROKER2_URL" "$GW2_ID"
@@ -425,7 +451,7 @@ pass "gateway 1 registered with broker 1, gateway 2 with broker 2; each broker s
 callers=()
 for i in $(seq 1 12); do
     if [ $((i % 2)) = 0 ]; then ns=$NS_BR2; url=$BROKER2_URL; else ns=$NS_BR; url=$BROKER_URL; fi
-    in_ns "$ns" curl -s -m 30 -H "@$W/cluster-auth.header" -H 'Content-Type: application/json' \
+    in_ns "$ns" curl -s -m 30 --cacert "$BROKER_CA" -H "@$W/cluster-auth.header" -H 'Content-Type: application/json' \
         --data-binary "{\"desktop_id\":$DESK_ID,\"protocol\":\"ssh\"}" "$url/v1/connect" >"$W/connect-$i.json" &
     callers+=($!)
 done

@@ -486,7 +486,7 @@ def test_broker(bin_dir, work):
         f.write("correct horse battery\n")
     os.chmod(password, 0o600)
     proc, notify, log = start_daemon(work, "broker", [broker, "--listen", f"127.0.0.1:{port}", "--data-dir", os.path.join(work, "broker"),
-                                                      "--admin-password-file", password, "--bcrypt-cost", "4"])
+                                                      "--admin-password-file", password, "--bcrypt-cost", "4", "--plain-http"])
     try:
         if not check(eventually(lambda: notify.count("READY=1") >= 1 or proc.poll() is not None) and proc.poll() is None,
                      "broker sent READY=1"):
