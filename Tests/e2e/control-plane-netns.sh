@@ -74,7 +74,7 @@ BROKER_URL=https://$BR_IP:8080
 # broker, whose certificate names broker.e2e (resolved to the gateway's public address).
 FORWARD_URL=https://broker.e2e:443
 BR2_IP=10.99.2.7
-SSH_PORT=2222; ECHO_PORT=7007
+SSH_PORT=2222; ECHO_PORT=7007; UDP_ECHO_PORT=7008
 
 # W, PIDS, FAILED; stop_role, show_logs, cleanup (the traps), fail, in_ns,
 # start, alive, eventually, make_namespaces, plug.
@@ -113,6 +113,7 @@ mkdir -p /run/sshd && chmod 755 /run/sshd   # sshd's privilege separation direct
 "$SSHD" -t -f "$W/sshd_config" 2>"$W/sshd-check.log" || fail "sshd -t: $(cat "$W/sshd-check.log")"
 start sshd "$NS_DK" "$SSHD" -D -e -f "$W/sshd_config"
 start echo "$NS_DK" socat "TCP-LISTEN:$ECHO_PORT,bind=$DK_IP,reuseaddr,fork" EXEC:cat
+start uecho "$NS_DK" socat "UDP4-RECVFROM:$UDP_ECHO_PORT,bind=$DK_IP,fork" EXEC:cat
 
 # banner NS IP PORT: prints the first line the server sends (empty when refused or closed).
 banner() {
@@ -166,7 +167,7 @@ http "$NS_BR" POST "$BROKER_URL/v1/gateways" \
 [[ "$STATUS" == 20[01] ]] || fail "create the gateway: HTTP $STATUS: $BODY"
 GW_ID=$(jq -er '.stored_data.id // .id' <<<"$BODY") || fail "create the gateway: no id in $BODY"
 http "$NS_BR" POST "$BROKER_URL/v1/desktops" \
-    "{\"name\":\"desk-e2e\",\"address\":\"$DK_IP\",\"gateway_id\":$GW_ID,\"protocols\":[{\"name\":\"ssh\",\"port\":$SSH_PORT},{\"name\":\"echo\",\"port\":$ECHO_PORT}]}" "$ADMIN_SID"
+    "{\"name\":\"desk-e2e\",\"address\":\"$DK_IP\",\"gateway_id\":$GW_ID,\"protocols\":[{\"name\":\"ssh\",\"port\":$SSH_PORT},{\"name\":\"echo\",\"port\":$ECHO_PORT},{\"name\":\"uecho\",\"port\":$UDP_ECHO_PORT,\"transport\":\"udp\"}]}" "$ADMIN_SID"
 [[ "$STATUS" == 20[01] ]] || fail "create the desktop: HTTP $STATUS: $BODY"
 DESK_ID=$(jq -er '.stored_data.id // .id' <<<"$BODY") || fail "create the desktop: no id in $BODY"
 http "$NS_BR" POST "$BROKER_URL/v1/users" "$(jq -cn --arg p "$USER_PASSWORD" '{login: "alice", password: $p, role: "user"}')" "$ADMIN_SID"
@@ -287,6 +288,21 @@ pass "gateway restart: A's rule ($M2_RULE) restored and still works, B still ref
 
 # ---------------------------------------------------------------- broker outage
 set_method 0
+connect uecho
+UDP_RULE_PORT=$PORT
+# A's UDP flow: every datagram from the same source port (one flow on the gateway).
+udp_exchange() {   # TEXT: one datagram through the gateway, echoed
+    in_ns "$NS_A" python3 -c '
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 40444))
+s.settimeout(5)
+s.sendto(sys.argv[3].encode(), (sys.argv[1], int(sys.argv[2])))
+data, _ = s.recvfrom(2048)
+sys.exit(0 if data.decode().strip() == sys.argv[3] else 1)' "$GW_PUB" "$UDP_RULE_PORT" "$1" 2>/dev/null
+}
+eventually 20 "A's UDP flow through $GW_PUB:$UDP_RULE_PORT did not echo" udp_exchange "udp-before-the-outage"
 connect echo
 ECHO_RULE_PORT=$PORT
 coproc LIVE { exec ip netns exec "$NS_A" socat - "TCP:$GW_PUB:$ECHO_RULE_PORT" 2>>"$W/live-session.log"; }
@@ -302,17 +318,19 @@ stop_role broker TERM
 broker_up && fail "the broker still answers after SIGTERM"
 for i in 1 2 3; do
     exchange "during-the-outage-$i" || fail "A's live session stopped carrying bytes once the broker was down (line $i)"
+    udp_exchange "udp-during-the-outage-$i" || fail "A's UDP flow stopped once the broker was down (datagram $i)"
 done
 http "$NS_A" POST "$FORWARD_URL/v1/connect" "{\"desktop_id\":$DESK_ID,\"protocol\":\"ssh\"}" "$ALICE_SID"
 [ "$STATUS" = 200 ] && fail "a connect call succeeded while the broker was down"
-pass "broker outage: A's live session keeps carrying bytes; no new connection is made"
+pass "broker outage: A's live TCP session and UDP flow keep carrying data; no new connection is made"
 kill "$LIVE_CHILD" 2>/dev/null; wait "$LIVE_CHILD" 2>/dev/null
 
 start broker "$NS_BR" "$BROKER_BIN" "${BROKER_ARGS[@]}"
 eventually 30 "the broker did not restart" broker_up
 ADMIN_SID=$(login "$NS_BR" "$BROKER_URL" admin "$ADMIN_PASSWORD") || exit 1
 eventually 60 "the gateway did not register again after the broker came back" is_online
-pass "the broker is back and the gateway registered again"
+udp_exchange "udp-after-the-outage" || fail "A's UDP flow stopped after the broker came back (its rule was not kept)"
+pass "the broker is back, the gateway registered again and kept the rules (A's UDP flow still echoes)"
 
 # ---------------------------------------------------------------- cluster mode E
 # A second gateway joins; a cluster with load_balance_via E puts each rule on
