@@ -39,8 +39,12 @@ def probe(name, url, seconds, interval, headers, results):
         try:
             if parts.scheme == "https":
                 # The gateway's control endpoint: its own certificate (LEOCONTROL_CA) is the only trust.
-                context = ssl.create_default_context(cafile=os.environ.get("LEOCONTROL_CA"))
+                # The control endpoints' own certificates (gateway, Security Gateway) are the only trust.
+                context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
                 context.check_hostname = False
+                for variable in ("LEOCONTROL_CA", "SGCONTROL_CA"):
+                    if os.environ.get(variable):
+                        context.load_verify_locations(cafile=os.environ[variable])
                 connection = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=10, context=context)
             else:
                 connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)

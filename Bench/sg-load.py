@@ -58,7 +58,7 @@ def establish_main(args):
     lock = threading.Lock()
 
     def worker(indices):
-        conn = http.client.HTTPConnection(host, port, timeout=30)
+        conn = _helper.control_connection(host, port)
         for i in indices:
             body = json.dumps({"grant": tokens[i]}).encode()
             began = time.perf_counter()
@@ -85,7 +85,7 @@ def establish_main(args):
                 with lock:
                     failures.append(f"session {i}: {type(error).__name__}: {error}")
                 conn.close()
-                conn = http.client.HTTPConnection(host, port, timeout=30)
+                conn = _helper.control_connection(host, port)
         conn.close()
 
     began = time.perf_counter()

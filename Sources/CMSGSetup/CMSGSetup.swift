@@ -4,6 +4,8 @@ import ConnectionManager
 import Foundation
 import KeyValueConfig
 import NIOCore
+import NIOSSL
+import ServiceSupport
 import SecurityGateway
 import SessionGrants
 import SystemLayer
@@ -106,6 +108,10 @@ public enum CMSGSetup {
             plan.ssl = try serverCertificate(flags, env, hostAddresses: hostAddresses(flags, env))
             plan.maxEstablishments = try number(flags, "max-session-establishments", 1...100_000)
             plan.maxCommunications = try number(flags, "max-client-communications", 1...100_000)
+        }
+        if sgEnabled && !cmEnabled && flags.has("ssl-cert") {
+            // A gateway-only host: the certificate its control endpoint presents (the deployment's, which the CM trusts).
+            plan.ssl = try serverCertificate(flags, env, hostAddresses: hostAddresses(flags, env), interactive: false)
         }
         if sgEnabled {
             var addresses = flags.list("external-pcoip-ip")
@@ -262,6 +268,9 @@ public enum CMSGSetup {
                          "ListenAddress = \(sgListen)", "ControlListen = \(sgControl)", "GatewayGroup = \(gatewayGroup)",
                          "JwtVerifyingCert = \(layout.verifyingCertificate)", "MaxConnections = \(maxConnections ?? 5000)",
                          "EnableCollaboration = \(collaboration)", "LogLevel = \(logLevel)"]
+            // The control endpoint presents the installation's certificate (the CM trusts it);
+            // without one the gateway makes a self-signed pair in its data folder.
+            if ssl != nil { lines += ["ControlTLSCert = \(layout.sslCertificate)", "ControlTLSKey = \(layout.sslKey)"] }
             if externalPCoIP.isEmpty { lines.removeLast(0) }
             return lines.joined(separator: "\n") + "\n"
         }
@@ -489,9 +498,12 @@ public enum CMSGSetup {
         }
         if let sg {
             env.print("security gateway: \(serviceState(sgService, pidFile: layout.sgPID, env)), listening on \(sg.listen)")
-            let health = await get("http://\(sg.controlListen)/health")
+            let trust = sg.controlTLSCertificate.isEmpty ? layout.sgData + "/control-tls.crt" : sg.controlTLSCertificate
+            let tls = sg.controlPlainHTTP ? nil : try? ServerTLS.pinnedClient(trusting: trust)
+            let scheme = sg.controlPlainHTTP ? "http" : "https"
+            let health = await get("\(scheme)://\(sg.controlListen)/health", tls: tls)
             env.print("  health:        \(health.map { $0.status == 200 ? "healthy" : "unhealthy: \(($0.object["reason"] as? String) ?? "HTTP \($0.status)")" } ?? "does not answer on \(sg.controlListen)")")
-            if let status = await get("http://\(sg.controlListen)/v1/status") {
+            if let status = await get("\(scheme)://\(sg.controlListen)/v1/status", tls: tls) {
                 let object = status.object
                 env.print("  sessions:      \(object["active_sessions"] as? Int ?? 0) active, \(object["prepared_grants"] as? Int ?? 0) prepared grant(s), \(object["udp_bindings"] as? Int ?? 0) UDP binding(s)")
             }
@@ -503,9 +515,11 @@ public enum CMSGSetup {
         var object: [String: Any]
     }
 
-    static func get(_ url: String) async -> Fetched? {
+    static func get(_ url: String, tls: TLSConfiguration? = nil) async -> Fetched? {
         do {
-            let response = try await HTTPClient.shared.execute(HTTPClientRequest(url: url), timeout: .seconds(3))
+            var request = HTTPClientRequest(url: url)
+            request.tlsConfiguration = tls
+            let response = try await HTTPClient.shared.execute(request, timeout: .seconds(3))
             let body = try await response.body.collect(upTo: 1 << 20)
             let object = (try? JSONSerialization.jsonObject(with: Data(body.readableBytesView))) as? [String: Any] ?? [:]
             return Fetched(status: Int(response.status.code), object: object)

@@ -93,8 +93,10 @@ extension CMSGSetup {
                 throw .usage("--self-signed=true, or --ssl-cert with --ssl-key, is required for the Connection Manager; nothing was changed")
             }
             do throws(CertificateFiles.Problem) {
+                // Its own trust anchor (CA:TRUE): the Connection Manager trusts it
+                // for the Security Gateway's control endpoint too (issue 14).
                 let made = try CertificateFiles.makeSelfSigned(commonName: hostAddresses.first ?? env.hostName,
-                                                               subjectAltNames: hostAddresses, bits: 3072)
+                                                               subjectAltNames: hostAddresses, bits: 3072, ownTrustAnchor: true)
                 env.print("made a self-signed RSA 3072 certificate for \(hostAddresses.joined(separator: ", "))")
                 return (Array(made.certificate.utf8), Array(made.key.utf8), true)
             } catch {

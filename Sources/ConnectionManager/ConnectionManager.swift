@@ -1,5 +1,6 @@
 import Foundation
 import Logging
+import NIOSSL
 import ServiceSupport
 import PCoIPBrokerProtocol
 import SessionGrants
@@ -40,7 +41,8 @@ public final class ConnectionManager: Sendable {
     ///   - config: with paths resolved.
     ///   - signer: the grant signer loaded from `JwtSigningKey`.
     ///   - broker: the client for `BrokerUrl`.
-    public init(config: ConnectionManagerConfig, signer: GrantSigner, broker: BrokerClient, logger: Logger,
+    ///   - gatewayTLS: how the Security Gateways' control endpoints are reached (nil: plain HTTP).
+    public init(config: ConnectionManagerConfig, signer: GrantSigner, broker: BrokerClient, gatewayTLS: TLSConfiguration?, logger: Logger,
                 clock: @escaping @Sendable () -> Date = { Date() }) {
         settings = Mutex(Settings(config: config, broker: broker, signer: signer,
                                   communications: ConcurrencyLimit(limit: config.maxClientCommunications),
@@ -48,7 +50,7 @@ public final class ConnectionManager: Sendable {
         sessions = ClientSessions(idleSeconds: Double(config.sessionIdleSeconds),
                                   makeToken: { ControlTokens.make() })
         pool = GatewayPool(config.securityGateways)
-        gateways = SecurityGatewayClient()
+        gateways = SecurityGatewayClient(tls: gatewayTLS)
         self.logger = logger
         self.clock = clock
     }

@@ -30,6 +30,12 @@ public struct ConnectionManagerConfig: Sendable, Equatable {
     public var securityGatewayPort = 4172
     /// Other Security Gateways (`--external-sg-ip`), in failover order.
     public var externalSecurityGateways: [SecurityGatewayAddress] = []
+    /// What the Security Gateways' control endpoints are trusted with
+    /// (`SecurityGatewayCaCert`, PEM): empty means `SSLCert`, the certificate
+    /// `pcoip-cmsg-setup` gives this host's Security Gateway too (issue 14).
+    public var securityGatewayCACertificate = ""
+    /// `SecurityGatewayPlainHttp = true`: the control endpoints are plain HTTP.
+    public var securityGatewayPlainHTTP = false
     /// Session establishments (allocations) in progress at once (HP: 40).
     public var maxSessionEstablishments = 40
     /// Client requests being handled at once (HP: 400).
@@ -89,6 +95,8 @@ public struct ConnectionManagerConfig: Sendable, Equatable {
                     gateways.append(gateway)
                 }
                 config.externalSecurityGateways = gateways
+            case "securitygatewaycacert": config.securityGatewayCACertificate = value
+            case "securitygatewayplainhttp": config.securityGatewayPlainHTTP = try kv.bool(entry)
             case "maxsessionestablishments": config.maxSessionEstablishments = try kv.int(entry, 1...100_000)
             case "maxclientcommunications": config.maxClientCommunications = try kv.int(entry, 1...100_000)
             case "grantlifetime": config.grantLifetimeSeconds = Int(try kv.seconds(entry, 60...7 * 86400))
@@ -138,6 +146,7 @@ public struct ConnectionManagerConfig: Sendable, Equatable {
         copy.sslCertificate = resolve(sslCertificate)
         copy.sslKey = resolve(sslKey)
         copy.brokerCACertificate = resolve(brokerCACertificate)
+        copy.securityGatewayCACertificate = resolve(securityGatewayCACertificate)
         copy.jwtSigningKey = resolve(jwtSigningKey)
         return copy
     }

@@ -94,19 +94,23 @@ public final class BrokerClient: Sendable {
     }
 }
 
-/// The Security Gateways' control endpoints (plain HTTP on a private
-/// address; a grant is admitted only if its signature verifies).
+/// The Security Gateways' control endpoints: HTTPS trusting only the
+/// certificates of `SecurityGatewayCaCert` (issue 14), or plain HTTP when the
+/// config says so; a grant is admitted only if its signature verifies.
 public final class SecurityGatewayClient: Sendable {
     private let client: HTTPClient
+    private let tls: TLSConfiguration?
 
-    public init() {
+    /// - Parameter tls: the client TLS for the control endpoints; nil: plain HTTP.
+    public init(tls: TLSConfiguration?) {
+        self.tls = tls
         var configuration = HTTPClient.Configuration()
         configuration.timeout = .init(connect: .seconds(2), read: .seconds(5))
         configuration.connectionPool = .init(idleTimeout: .seconds(60), concurrentHTTP1ConnectionsPerHostSoftLimit: 32)
         client = HTTPClient(eventLoopGroupProvider: .singleton, configuration: configuration)
     }
 
-    private func base(_ gateway: SecurityGatewayAddress) -> String { "http://\(gateway.control)" }
+    private func base(_ gateway: SecurityGatewayAddress) -> String { "\(tls == nil ? "http" : "https")://\(gateway.control)" }
 
     /// `GET /health` then `GET /v1/status`: healthy, and its active sessions.
     public func check(_ gateway: SecurityGatewayAddress, now: Double) async -> GatewayPool.Health {
@@ -128,6 +132,7 @@ public final class SecurityGatewayClient: Sendable {
     /// `POST /v1/sessions {"grant": token}`: nil when prepared (201 or 200), else why not.
     public func prepare(_ gateway: SecurityGatewayAddress, token: String) async -> String? {
         var request = HTTPClientRequest(url: base(gateway) + "/v1/sessions")
+        request.tlsConfiguration = tls
         request.method = .POST
         request.headers.add(name: "Content-Type", value: "application/json")
         let body = (try? JSONSerialization.data(withJSONObject: ["grant": token])) ?? Data()
@@ -143,7 +148,9 @@ public final class SecurityGatewayClient: Sendable {
     }
 
     private func get(_ url: String) async throws -> (status: Int, body: [UInt8]) {
-        let response = try await client.execute(HTTPClientRequest(url: url), timeout: .seconds(5))
+        var request = HTTPClientRequest(url: url)
+        request.tlsConfiguration = tls
+        let response = try await client.execute(request, timeout: .seconds(5))
         let body = try await response.body.collect(upTo: 256 * 1024)
         return (Int(response.status.code), Array(body.readableBytesView))
     }

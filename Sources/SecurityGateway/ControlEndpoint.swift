@@ -1,5 +1,8 @@
 import Foundation
 import Hummingbird
+import HummingbirdCore
+import HummingbirdTLS
+import NIOSSL
 import Logging
 import NIOCore
 import ServiceSupport
@@ -21,14 +24,16 @@ public enum SecurityGatewayControl {
 
     /// A Hummingbird application serving `gateway` on `address`.
     /// - Parameter onServerRunning: called with the bound address (`host:port`).
-    public static func application(gateway: SecurityGateway, address: BindAddress, logger: Logger,
-                                   onServerRunning: @escaping @Sendable (String) async -> Void = { _ in })
+    /// - Parameter tls: TLS for the endpoint (`ServerTLS`); nil: plain HTTP (`ControlPlainHTTP = true`, tests).
+    public static func application(gateway: SecurityGateway, address: BindAddress, logger: Logger, tls: TLSConfiguration? = nil,
+                                   onServerRunning: @escaping @Sendable (String) async -> Void = { _ in }) throws
         -> some ApplicationProtocol
     {
         let responder = CallbackResponder<BasicRequestContext> { request, context in
             await handle(request, gateway: gateway, logger: context.logger)
         }
-        return Application(responder: responder, configuration: .init(address: address, serverName: nil),
+        let server: HTTPServerBuilder = if let tls { try .tls(.http1(), tlsConfiguration: tls) } else { .http1() }
+        return Application(responder: responder, server: server, configuration: .init(address: address, serverName: nil),
                            onServerRunning: { channel in
                                if let local = channel.localAddress, let ip = local.ipAddress, let port = local.port {
                                    await onServerRunning(ip.contains(":") ? "[\(ip)]:\(port)" : "\(ip):\(port)")

@@ -24,6 +24,12 @@ public struct SecurityGatewayConfig: Sendable, Equatable {
     public var clientHelloMaxBytes = 16 * 1024
     /// The control endpoint a Connection Manager prepares sessions on.
     public var controlListen = SocketAddress(ip: .v4(0x7f00_0001), port: 4173)
+    /// Its TLS certificate and key (`ControlTLSCert`, `ControlTLSKey`); empty:
+    /// a self-signed pair made in the data folder (issue 14).
+    public var controlTLSCertificate = ""
+    public var controlTLSKey = ""
+    /// `ControlPlainHTTP = true`: the control endpoint speaks plain HTTP (said in the log).
+    public var controlPlainHTTP = false
     /// The log level `serve` starts with (its `--log-level` wins when given).
     public var logLevel: String?
 
@@ -64,6 +70,12 @@ public struct SecurityGatewayConfig: Sendable, Equatable {
             case "controllisten":
                 guard let address = SocketAddress(value) else { throw kv.error(entry, "\"\(value)\" is not a numeric HOST:PORT") }
                 config.controlListen = address
+            case "controltlscert":
+                config.controlTLSCertificate = value
+            case "controltlskey":
+                config.controlTLSKey = value
+            case "controlplainhttp":
+                config.controlPlainHTTP = try kv.bool(entry)
             case "loglevel":
                 let level = value.lowercased()
                 guard ["trace", "debug", "info", "notice", "warning", "error", "critical"].contains(level) else {
@@ -79,6 +91,15 @@ public struct SecurityGatewayConfig: Sendable, Equatable {
         }
         guard !config.jwtVerifyingCertificate.isEmpty else {
             throw kv.error("JwtVerifyingCert is required (the PEM certificate that verifies grants)")
+        }
+        if config.controlTLSCertificate.isEmpty != config.controlTLSKey.isEmpty {
+            let given = config.controlTLSCertificate.isEmpty ? "ControlTLSKey" : "ControlTLSCert"
+            throw ConfigFileError(file: file, line: kv.entry(given)?.line ?? 0,
+                                  message: "\(given) needs \(given == "ControlTLSCert" ? "ControlTLSKey" : "ControlTLSCert")")
+        }
+        if config.controlPlainHTTP, !config.controlTLSCertificate.isEmpty {
+            throw ConfigFileError(file: file, line: kv.entry("ControlPlainHTTP")?.line ?? 0,
+                                  message: "ControlPlainHTTP = true contradicts ControlTLSCert")
         }
         if config.enableCollaboration, config.collaborationSourcePorts.contains(config.agentSourcePort) {
             throw ConfigFileError(file: file, line: kv.entry("CollaborationSourcePorts")?.line ?? 0,

@@ -78,15 +78,19 @@ final class ControlPlane: Sendable {
         }
 
         // TLS unless the config says control_plain_http = yes (issue 14).
-        let tls: ControlTLS?
+        let tls: ServerTLS?
         if config.controlPlainHTTP {
             tls = nil
             logger.warning("control endpoint on \(listen) speaks plain HTTP (control_plain_http = yes): rule contents cross the network in clear, only their signatures protect them")
         } else {
             var names = ["\(listen.ip)"].filter { $0 != "0.0.0.0" && $0 != "::" }
             if let url = config.controlURL, let host = URLComponents(string: url)?.host, !names.contains(host) { names.append(host) }
-            tls = try ControlTLS.load(certificate: config.controlTLSCertificate, key: config.controlTLSKey,
-                                      stateDirectory: directory.path, names: names)
+            do throws(ServerTLS.Problem) {
+                tls = try ServerTLS.load(certificate: config.controlTLSCertificate, key: config.controlTLSKey,
+                                         folder: directory.path, names: names, fields: ("control_tls_cert", "control_tls_key"))
+            } catch {
+                throw ControlError(500, field: error.field, error.description)
+            }
         }
         let bound = Mutex<String?>(nil)
         do {

@@ -66,7 +66,11 @@ struct Serve: AsyncParsableCommand {
         ServiceMetrics.shared.bootstrap()
         var logger = Logger(label: "pcoip-connection-manager")
         logger.logLevel = level
-        let manager = ConnectionManager(config: loaded.config, signer: loaded.signer, broker: loaded.broker, logger: logger)
+        let manager = ConnectionManager(config: loaded.config, signer: loaded.signer, broker: loaded.broker,
+                                        gatewayTLS: loaded.gatewayTLS, logger: logger)
+        if loaded.gatewayTLS == nil {
+            logger.warning("the Security Gateways' control endpoints are reached in plain HTTP (SecurityGatewayPlainHttp = true): grants cross the network in clear")
+        }
         ServiceMetrics.shared.addCollector { text in manager.writeMetrics(into: &text) }
         let link = ServiceManagerLink(logger: logger, status: {
             let status = manager.status()
@@ -152,6 +156,8 @@ enum Loader {
         var signer: GrantSigner
         var broker: BrokerClient
         var tls: TLSConfiguration
+        /// The Security Gateways' control endpoints; nil with SecurityGatewayPlainHttp = true.
+        var gatewayTLS: TLSConfiguration?
     }
 
     static func load(_ path: String) async throws -> Loaded {
@@ -198,6 +204,20 @@ enum Loader {
         } catch {
             throw Failure("\(path): \(error)")
         }
-        return Loaded(config: config, signer: signer, broker: broker, tls: tls)
+        var gatewayTLS: TLSConfiguration?
+        if !config.securityGatewayPlainHTTP {
+            let (file, key) = config.securityGatewayCACertificate.isEmpty ? (config.sslCertificate, "SSLCert")
+                                                                           : (config.securityGatewayCACertificate, "SecurityGatewayCaCert")
+            let pem = try read(file, key: key)
+            do throws(CertificateFiles.Problem) { try CertificateFiles.checkCACertificate(pem, file: file) } catch {
+                throw Failure("\(path): \(key): \(error)")
+            }
+            do {
+                gatewayTLS = try ServerTLS.pinnedClient(trusting: file)
+            } catch {
+                throw Failure("\(path): \(key) \(file): \(error)")
+            }
+        }
+        return Loaded(config: config, signer: signer, broker: broker, tls: tls, gatewayTLS: gatewayTLS)
     }
 }

@@ -144,8 +144,31 @@ struct Serve: AsyncParsableCommand {
         let link = ServiceManagerLink(loops: gateway.engine.loopProbes,
                                       logger: logger,
                                       status: { "\(gateway.sessions.active) session(s), \(gateway.grants.count) prepared grant(s)" })
-        let app = SecurityGatewayControl.application(
-            gateway: gateway, address: .hostname("\(listen.ip)", port: Int(listen.port)), logger: logger,
+        // TLS unless ControlPlainHTTP = true (issue 14); making a certificate writes files: not on the pool.
+        let tls: ServerTLS?
+        if loaded.controlPlainHTTP {
+            tls = nil
+            logger.warning("control endpoint on \(listen) speaks plain HTTP (ControlPlainHTTP = true): grants cross the network in clear")
+        } else {
+            let names = ["\(listen.ip)"].filter { $0 != "0.0.0.0" && $0 != "::" }
+            let made = await BlockingExecutor.shared.run { () -> Result<ServerTLS, ServerTLS.Problem> in
+                Result { () throws(ServerTLS.Problem) in
+                    try ServerTLS.load(certificate: loaded.controlTLSCertificate.isEmpty ? nil : loaded.controlTLSCertificate,
+                                       key: loaded.controlTLSKey.isEmpty ? nil : loaded.controlTLSKey,
+                                       folder: dataDir, names: names, fields: ("ControlTLSCert", "ControlTLSKey"))
+                }
+            }
+            switch made {
+            case .success(let pair):
+                tls = pair
+                logger.info("control endpoint TLS with \(pair.source)")
+            case .failure(let problem):
+                await BlockingExecutor.shared.run { gateway.shutdown() }
+                throw Failure("\(config): \(problem)")
+            }
+        }
+        let app = try SecurityGatewayControl.application(
+            gateway: gateway, address: .hostname("\(listen.ip)", port: Int(listen.port)), logger: logger, tls: tls?.configuration,
             onServerRunning: { address in
                 log.notice("control endpoint on \(address)")
                 // The data listeners opened in start(); the grants are restored: ready.

@@ -50,7 +50,7 @@ struct SecurityGatewayCommandTests {
         #expect(noConfig != 0 && noConfigErr.contains("--config"), "\(noConfigErr)")
     }
 
-    @Test("serve restores prepared grants from --data-dir, answers /health, and stops on SIGTERM")
+    @Test("serve restores prepared grants from --data-dir, answers /health over TLS (its own certificate, made in --data-dir), and stops on SIGTERM")
     func serve() async throws {
         let dir = try SGTest.temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: dir) }
@@ -69,15 +69,19 @@ struct SecurityGatewayCommandTests {
         let process = try ChildProcess(Self.binary, ["serve", "--config", dir + "/sg.conf", "--data-dir", dir + "/data"])
         defer { process.stop() }
         var status = (0, "")
+        let ca = dir + "/data/control-tls.crt"
         let up = await eventuallyAsync {
-            status = (try? SGTest.curl("GET", "http://127.0.0.1:\(control)/v1/status")) ?? (0, "")
+            status = (try? SGTest.curl("GET", "https://127.0.0.1:\(control)/v1/status", ca: ca)) ?? (0, "")
             return status.0 == 200
         }
         #expect(up, "serve did not answer on its control endpoint")
         let object = try JSONSerialization.jsonObject(with: Data(status.1.utf8)) as? [String: Any]
         #expect(object?["prepared_grants"] as? Int == 1, "\(status.1)")
-        let (health, body) = try SGTest.curl("GET", "http://127.0.0.1:\(control)/health")
+        let (health, body) = try SGTest.curl("GET", "https://127.0.0.1:\(control)/health", ca: ca)
         #expect(health == 200 && body == #"{"code":200,"status":"success"}"#)
+        // TLS only: plain HTTP gets no answer, and a client trusting the system's CAs refuses the certificate.
+        #expect((try? SGTest.curl("GET", "http://127.0.0.1:\(control)/health"))?.0 != 200)
+        #expect((try? SGTest.curl("GET", "https://127.0.0.1:\(control)/health"))?.0 != 200)
         process.signal(SIGTERM)
         #expect(process.waitForExit() == 0, "\(process.output)")
         let output = process.output

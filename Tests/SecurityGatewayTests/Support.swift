@@ -59,8 +59,10 @@ enum SGTest {
     }
 
     /// Runs curl; returns (HTTP status, body).
-    static func curl(_ method: String, _ url: String, json: String? = nil) throws -> (Int, String) {
+    /// - Parameter ca: for an https URL, the only certificate trusted (the control endpoint's own).
+    static func curl(_ method: String, _ url: String, json: String? = nil, ca: String? = nil) throws -> (Int, String) {
         var arguments = ["-s", "-X", method, "-w", "\n%{http_code}", "--max-time", "\(Int(TestDeadline.seconds))", url]
+        if let ca { arguments += ["--cacert", ca] }
         if let json { arguments += ["-H", "Content-Type: application/json", "--data-binary", json] }
         let text = try ChildProcess.run("/usr/bin/curl", arguments).stdout
         guard let newline = text.lastIndex(of: "\n"), let code = Int(text[text.index(after: newline)...]) else {

@@ -162,7 +162,12 @@ done
 [ "$(stat -c %a "$CM_HOST_DIR/certs/connection-manager.key")" = 600 ] || fail "the TLS key is not mode 0600"
 setup "$NS_SG2" install --data-dir "$SG2_HOST_DIR" --bin-dir "$BIN_DIR" --accept-policies --enable-connection-manager=false \
     --external-pcoip-ip $SG2_PUB --jwt-verifying-cert "$CM_HOST_DIR/certs/grant-verifying.crt" --gateway-group e2e \
-    --sg-listen $SG2_PUB:$PORT --sg-control $SG2_PRIV:4173 >"$W/install-sg2.out" 2>&1 || fail "install on sg2: $(cat "$W/install-sg2.out")"
+    --sg-listen $SG2_PUB:$PORT --sg-control $SG2_PRIV:4173 \
+    --ssl-cert "$CM_HOST_DIR/certs/connection-manager.crt" --ssl-key "$CM_HOST_DIR/certs/connection-manager.key" \
+    >"$W/install-sg2.out" 2>&1 || fail "install on sg2: $(cat "$W/install-sg2.out")"
+# The deployment's certificate is every control endpoint's (issue 14): the CM trusts only it.
+SG_CA=$CM_HOST_DIR/certs/connection-manager.crt
+grep -q "^ControlTLSCert = " "$SG2_HOST_DIR/SecurityGateway.conf" || fail "the SG-only install did not give its control endpoint the certificate"
 [ -e "$SG2_HOST_DIR/ConnectionManager.conf" ] && fail "an SG-only install wrote ConnectionManager.conf"
 # No systemd here: install printed how to start the daemons; run exactly that.
 start_sg() {   # ROLE NS OUTFILE
@@ -186,8 +191,24 @@ healthy_at() {   # NS URL [CURL ARGS...]
     local ns=$1 url=$2; shift 2
     [ "$(in_ns "$ns" curl -s -m 5 "$@" "$url")" = '{"code":200,"status":"success"}' ]
 }
-eventually 60 "sg1 is not healthy" healthy_at "$NS_CM" "http://$CM_PRIV:4173/health"
-eventually 60 "sg2 is not healthy" healthy_at "$NS_SG2" "http://$SG2_PRIV:4173/health"
+# sg_get NS URL: a Security Gateway's control endpoint as the CM reaches it:
+# TLS trusting only $SG_CA, no name check (the CM addresses it by the IP its config lists).
+sg_get() {
+    in_ns "$1" /usr/bin/python3 -c '
+import ssl, sys, urllib.request
+context = ssl.create_default_context(cafile=sys.argv[1])
+context.check_hostname = False
+try:
+    print(urllib.request.urlopen(sys.argv[2], context=context, timeout=5).read().decode(), end="")
+except Exception as error:
+    print(f"error: {error}", file=sys.stderr); sys.exit(1)' "$SG_CA" "$2"
+}
+sg_healthy() { [ "$(sg_get "$1" "$2")" = '{"code":200,"status":"success"}' ]; }
+eventually 60 "sg1 is not healthy" sg_healthy "$NS_CM" "https://$CM_PRIV:4173/health"
+eventually 60 "sg2 is not healthy" sg_healthy "$NS_SG2" "https://$SG2_PRIV:4173/health"
+healthy_at "$NS_CM" "http://$CM_PRIV:4173/health" && fail "sg1's control endpoint answered plain HTTP"
+healthy_at "$NS_CM" "https://$CM_PRIV:4173/health" && fail "sg1's control endpoint was trusted without its certificate"
+pass "the Security Gateways' control endpoints speak TLS only, with the deployment's certificate (the CM trusts only it)"
 eventually 60 "the Connection Manager is not healthy (local control)" healthy_at "$NS_CM" "http://127.0.0.1:4174/health"
 eventually 60 "the Connection Manager's GET /health over HTTPS is not 200" healthy_at "$NS_CL" "https://$CM_PUB:$CM_PORT/health" -k
 pass "pcoip-cmsg-setup install on both hosts; the daemons started as it said; sg1, sg2 and the CM healthy"
@@ -202,7 +223,7 @@ pass "alice: hello, authenticate, list, allocate via the CM; target sg1 $CM_PUB 
 
 # The CM's and its Security Gateway's /metrics, parsed by prometheus_client: the allocation is counted.
 metrics_check() {   # NS URL PYTHON-CONDITION-ON-families(dict name -> samples)
-    in_ns "$1" curl -s -m 10 "$2" | /usr/bin/python3 -c '
+    { if [[ $2 == https://* ]]; then sg_get "$1" "$2"; else in_ns "$1" curl -s -m 10 "$2"; fi; } | /usr/bin/python3 -c '
 import sys
 from prometheus_client.parser import text_string_to_metric_families
 families = {f.name: f.samples for f in text_string_to_metric_families(sys.stdin.read())}
@@ -211,8 +232,8 @@ sys.exit(0 if ('"$3"') else 1)'
 }
 metrics_check "$NS_CM" http://127.0.0.1:4174/metrics 'value("cm_client_sessions") is not None and sum(s.value for s in families.get("cm_security_gateway_up", [])) == 2 and any(s.value > 0 for s in families.get("cm_events", []))' \
     || fail "the CM's /metrics: $(in_ns "$NS_CM" curl -s -m 10 http://127.0.0.1:4174/metrics | head -40)"
-metrics_check "$NS_CM" "http://$CM_PRIV:4173/metrics" 'value("sg_grants_used", ) is not None and value("sg_grants_used") >= 1' \
-    || fail "sg1's /metrics does not count the used grant: $(in_ns "$NS_CM" curl -s -m 10 "http://$CM_PRIV:4173/metrics" | grep sg_ | head -20)"
+metrics_check "$NS_CM" "https://$CM_PRIV:4173/metrics" 'value("sg_grants_used", ) is not None and value("sg_grants_used") >= 1' \
+    || fail "sg1's /metrics does not count the used grant: $(sg_get "$NS_CM" "https://$CM_PRIV:4173/metrics" | grep sg_ | head -20)"
 pass "/metrics of the CM (client sessions, gateways up, events) and of sg1 (grant used) parse with prometheus_client"
 
 # ---------------------------------------------------------------- 3. health: an unhealthy gateway, an unreachable broker

@@ -149,6 +149,12 @@ eventually 20 "the many-agents echo did not listen on $MANY_AGENTS:$PORT" listen
 pass "agents: openssl s_server and UDP echo on $AGENT_IP:$PORT; echo for $((SESSIONS + 1)) agent addresses from $MANY_AGENTS"
 
 # ---------------------------------------------------------------- gateways
+# The control endpoints speak TLS (issue 14) with one certificate for both
+# gateways' control addresses; the CM side trusts only it (SGCONTROL_CA).
+openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=sg-control \
+    -addext "subjectAltName=IP:$SG1_PRIV,IP:$SG2_PRIV" -addext "basicConstraints=critical,CA:TRUE" \
+    -keyout "$W/sg-control.key" -out "$W/sg-control.crt" >/dev/null 2>&1 || fail "openssl could not make the control certificate"
+export SGCONTROL_CA=$W/sg-control.crt
 write_config() {   # NAME PUBLIC PRIVATE
     cat >"$W/$1.conf" <<EOF
 # $1: both gateways are in one group.
@@ -156,6 +162,8 @@ GatewayGroup = $GROUP
 JwtVerifyingCert = $W/cm.crt
 ListenAddress = $2:$PORT
 ControlListen = $3:$CONTROL_PORT
+ControlTLSCert = $W/sg-control.crt
+ControlTLSKey = $W/sg-control.key
 AgentSourcePort = $SOURCE_PORT
 EOF
     # MaxConnections stays at its default (5000) unless a shorter run asks for less.
@@ -172,16 +180,16 @@ start sg2 "$NS_SG2" "$SG_BIN" serve --config "$W/sg2.conf" --data-dir "$W/sg2-da
 # http URL [METHOD] [BODY]: from the cm host; sets STATUS and BODY.
 http() {
     local url=$1 method=${2:-GET} body=${3:-}
-    local args=(-s -m 15 -X "$method" -o "$W/http.body" -w '%{http_code}')
+    local args=(-s -m 15 -X "$method" -o "$W/http.body" -w '%{http_code}' --cacert "$SGCONTROL_CA")
     [ -n "$body" ] && args+=(-H 'Content-Type: application/json' --data-binary "@$body")
     STATUS=$(in_ns "$NS_CM" curl "${args[@]}" "$url") || STATUS=${STATUS:-000}
     BODY=$(cat "$W/http.body" 2>/dev/null || true)
     rm -f "$W/http.body"
 }
-healthy() { http "http://$1/health"; [ "$STATUS" = 200 ] && [ "$BODY" = '{"code":200,"status":"success"}' ]; }
+healthy() { http "https://$1/health"; [ "$STATUS" = 200 ] && [ "$BODY" = '{"code":200,"status":"success"}' ]; }
 eventually 60 "sg1 did not answer GET /health with 200 on $SG1_CONTROL" healthy $SG1_CONTROL
 eventually 60 "sg2 did not answer GET /health with 200 on $SG2_CONTROL" healthy $SG2_CONTROL
-status_of() { http "http://$1/v1/status"; [ "$STATUS" = 200 ] || fail "GET /v1/status on $1: HTTP $STATUS"; printf '%s' "$BODY"; }
+status_of() { http "https://$1/v1/status"; [ "$STATUS" = 200 ] || fail "GET /v1/status on $1: HTTP $STATUS"; printf '%s' "$BODY"; }
 figure() { status_of "$1" | jq -er "$2"; }   # CONTROL JQ-PATH
 pass "sg1 and sg2 serving (group $GROUP), healthy"
 
@@ -299,7 +307,7 @@ end_tls kill
 
 grant other.jwt --audience other-group --agent $AGENT_IP:$PORT --sni other.e2e.test --session-id e2e-other
 jq -cn --rawfile g "$W/other.jwt" '{grant: ($g | rtrimstr("\n"))}' >"$W/other.body" || fail "jq: the prepare body"
-http "http://$SG2_CONTROL/v1/sessions" POST "$W/other.body"
+http "https://$SG2_CONTROL/v1/sessions" POST "$W/other.body"
 [ "$STATUS" = 401 ] && grep -q other-group <<<"$BODY" || fail "sg2 answered HTTP $STATUS to a grant for another group: $BODY"
 no_grant_before=$(figure $SG2_CONTROL '.refusals.no_grant // 0')
 in_ns "$NS_CL" timeout 15 openssl s_client -connect $SG2_PUB:$PORT -servername other.e2e.test </dev/null >"$W/other.out" 2>&1

@@ -523,7 +523,9 @@ def test_security_gateway(bin_dir, work):
     config = os.path.join(work, "SecurityGateway.conf")
     with open(config, "w") as f:
         f.write(f"GatewayGroup = ops\nJwtVerifyingCert = {cert}\nListenAddress = 127.0.0.1:{listen}\n"
-                f"ControlListen = 127.0.0.1:{control}\nAgentSourcePort = {source}\n")
+                f"ControlListen = 127.0.0.1:{control}\nAgentSourcePort = {source}\n"
+                # Plain HTTP on loopback, asked for explicitly (the TLS path has its own tests); the log says so.
+                "ControlPlainHTTP = true\n")
     proc, notify, log = start_daemon(work, "sg", [sg, "serve", "--config", config, "--data-dir", os.path.join(work, "sg-data")])
     try:
         if not check(eventually(lambda: notify.count("READY=1") >= 1 or proc.poll() is not None) and proc.poll() is None,

@@ -124,6 +124,18 @@ async def agent_main(args):
 
 # ---------------------------------------------------------------- prepare
 
+def control_connection(host, port):
+    """The Security Gateway's control endpoint speaks TLS (issue 14):
+    SGCONTROL_CA names its certificate, the only one trusted (no name check,
+    as the Connection Manager does); unset, the endpoint is plain HTTP."""
+    ca = os.environ.get("SGCONTROL_CA")
+    if not ca:
+        return http.client.HTTPConnection(host, port, timeout=30)
+    context = ssl.create_default_context(cafile=ca)
+    context.check_hostname = False
+    return http.client.HTTPSConnection(host, port, timeout=30, context=context)
+
+
 def prepare_main(args):
     grants = [line.strip() for line in open(args.grants) if line.strip()]
     host, port = args.control
@@ -132,7 +144,7 @@ def prepare_main(args):
     failures = []
 
     def worker(part):
-        conn = http.client.HTTPConnection(host, port, timeout=30)
+        conn = control_connection(host, port)
         for token in part:
             body = json.dumps({"grant": token}).encode()
             for attempt in (0, 1):
@@ -143,7 +155,7 @@ def prepare_main(args):
                     break
                 except (http.client.HTTPException, ConnectionError):
                     conn.close()
-                    conn = http.client.HTTPConnection(host, port, timeout=30)
+                    conn = control_connection(host, port)
                     if attempt:
                         raise
             with lock:
