@@ -222,12 +222,7 @@ public final class SQLiteBrokerStore: BrokerStore {
         let text = try await read { db in
             try String.fetchOne(db, sql: "SELECT control_key FROM gateway WHERE id = ?", arguments: [gatewayID])
         }
-        guard let text else { return nil }
-        do {
-            return try ControlKey(text: text)
-        } catch {
-            throw StoreError.unavailable("database \(path): the control key of gateway \(gatewayID) is damaged (\(error)); enroll the gateway again")
-        }
+        return try StoreMessages.controlKey(text, gatewayID: gatewayID, location: path)
     }
 
     public func registerGateway(id: Int64, _ registration: GatewayRegistration, now: Date) async throws(StoreError) -> [String] {

@@ -139,6 +139,16 @@ public enum StoreMessages {
         .inUse("user \(id) is the last enabled admin and cannot be deleted")
     }
 
+    /// A stored control key read back; a damaged one is the database's problem, named.
+    public static func controlKey(_ text: String?, gatewayID: Int64, location: String) throws(StoreError) -> ControlKey? {
+        guard let text else { return nil }
+        do {
+            return try ControlKey(text: text)
+        } catch {
+            throw StoreError.unavailable("database \(location): the control key of gateway \(gatewayID) is damaged (\(error)); enroll the gateway again")
+        }
+    }
+
     /// Runs a validation and turns its `FieldError` into `StoreError.invalid`.
     public static func check(_ body: () throws(FieldError) -> Void) throws(StoreError) {
         do { try body() } catch { throw StoreError.invalid(error) }

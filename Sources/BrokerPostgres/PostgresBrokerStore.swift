@@ -221,12 +221,7 @@ public final class PostgresBrokerStore: BrokerStore {
         let text = try await read { db in
             try await db.rows("SELECT control_key FROM gateway WHERE id = \(gatewayID)").first?.optionalString("control_key")
         }
-        guard let text else { return nil }
-        do {
-            return try ControlKey(text: text)
-        } catch {
-            throw StoreError.unavailable("database \(location): the control key of gateway \(gatewayID) is damaged (\(error)); enroll the gateway again")
-        }
+        return try StoreMessages.controlKey(text, gatewayID: gatewayID, location: location)
     }
 
     public func registerGateway(id: Int64, _ registration: GatewayRegistration, now: Date) async throws(StoreError) -> [String] {
