@@ -308,45 +308,79 @@ extension BrokerAPI {
     }
 
     /// Pushes the rule to the chosen gateway, then (cluster mode `E`) to every
-    /// other one with the port the first chose. A gateway that refuses that
+    /// other one at once (issue 15: the call takes the slowest gateway's time,
+    /// not the sum) with the port the first chose. A gateway that refuses that
     /// port (taken there) makes the broker take every push back and start
     /// again, at most three times; any other failure takes them back and
-    /// answers 502 naming the gateway. All or nothing.
+    /// answers 502 naming the first gateway (in the cluster's order) that
+    /// failed. All or nothing.
     private func place(_ push: RulePush, on choice: GatewayChoice, keys: [ControlKey],
                        logger: Logger) async throws(APIError) -> [Placement] {
         let attempts = choice.others.isEmpty ? 1 : 3
+        let client = gatewayClient
         for attempt in 1...attempts {
-            var placed: [Placement] = []
             var shared = push
-            for (index, gateway) in choice.all.enumerated() {
-                let ruleID = GatewayRule.newID()
-                // Each gateway's record says which path its rules take (nil: the gateway's default).
-                var own = shared
-                own.forwardingPath = ForwardingPath(rawValue: gateway.forwardingPath.rawValue)
-                do {
-                    let port = try await gatewayClient.put(ruleID: ruleID, push: own, gateway: gateway, key: keys[index])
-                    placed.append(Placement(gateway: gateway, key: keys[index], ruleID: ruleID, push: own, port: port))
-                    if index == 0 && shared.method != .protocolPortClientOnly { shared.port = port }
-                } catch {
-                    await takeBack(placed)
-                    if case .refused(_, 409, _) = error, index > 0, attempt < attempts {
-                        logger.notice("connect: \(error); trying another port on every gateway")
-                        break
-                    }
-                    logger.warning("connect: \(error)")
-                    throw APIError(.badGateway, error.description)
+            let first: Placement
+            switch await Self.push(shared, to: choice.all[0], key: keys[0], client: client) {
+            case .success(let placement): first = placement
+            case .failure(let error):
+                logger.warning("connect: \(error)")
+                throw APIError(.badGateway, error.description)
+            }
+            if shared.method != .protocolPortClientOnly { shared.port = first.port }
+            let rest = Array(zip(choice.all.dropFirst(), keys.dropFirst()))
+            let results = await withTaskGroup(of: (Int, Result<Placement, GatewayCallError>).self) { group in
+                for (index, (gateway, key)) in rest.enumerated() {
+                    let sharedPush = shared
+                    group.addTask { (index, await Self.push(sharedPush, to: gateway, key: key, client: client)) }
+                }
+                var collected = [Result<Placement, GatewayCallError>?](repeating: nil, count: rest.count)
+                for await (index, result) in group { collected[index] = result }
+                return collected.compactMap { $0 }
+            }
+            var placed = [first]
+            var failure: GatewayCallError?
+            for result in results {
+                switch result {
+                case .success(let placement): placed.append(placement)
+                case .failure(let error): if failure == nil { failure = error }
                 }
             }
-            if placed.count == choice.all.count { return placed }
+            guard let failure else { return placed }
+            await takeBack(placed)
+            if case .refused(_, 409, _) = failure, attempt < attempts {
+                logger.notice("connect: \(failure); trying another port on every gateway")
+                continue
+            }
+            logger.warning("connect: \(failure)")
+            throw APIError(.badGateway, failure.description)
         }
         throw APIError(.badGateway, "no port of the range was free on every gateway of the cluster after \(attempts) attempts")
     }
 
-    /// Deletes pushed rules again (best effort: a gateway that keeps one drops
-    /// it at its next registration, as the broker no longer lists it).
+    /// One push; each gateway's record says which path its rules take (nil: the gateway's default).
+    private static func push(_ shared: RulePush, to gateway: Gateway, key: ControlKey,
+                             client: GatewayControlClient) async -> Result<Placement, GatewayCallError> {
+        let ruleID = GatewayRule.newID()
+        var own = shared
+        own.forwardingPath = ForwardingPath(rawValue: gateway.forwardingPath.rawValue)
+        do {
+            let port = try await client.put(ruleID: ruleID, push: own, gateway: gateway, key: key)
+            return .success(Placement(gateway: gateway, key: key, ruleID: ruleID, push: own, port: port))
+        } catch {
+            return .failure(error)
+        }
+    }
+
+    /// Deletes pushed rules again, on every gateway at once (best effort: a
+    /// gateway that keeps one drops it at its next registration, as the
+    /// broker no longer lists it).
     private func takeBack(_ placed: [Placement]) async {
-        for placement in placed {
-            try? await gatewayClient.delete(ruleID: placement.ruleID, gateway: placement.gateway, key: placement.key)
+        let client = gatewayClient
+        await withTaskGroup(of: Void.self) { group in
+            for placement in placed {
+                group.addTask { try? await client.delete(ruleID: placement.ruleID, gateway: placement.gateway, key: placement.key) }
+            }
         }
     }
 
@@ -366,17 +400,34 @@ extension BrokerAPI {
         // Every rule of the connect call (one per gateway of an E cluster).
         let rules = try await store.rules(connectionID: rule.connectionID)
         let now = clock()
+        var deletes: [(rule: GatewayRule, gateway: Gateway, key: ControlKey)] = []
         for rule in rules {
             let gateway = try await store.gateway(id: rule.gatewayID)
             if gateway.isLive(now: now, offlineAfter: TimeInterval(configuration.offlineAfter)),
                let key = try await store.controlKey(gatewayID: gateway.id) {
-                do {
-                    try await gatewayClient.delete(ruleID: rule.id, gateway: gateway, key: key)
-                } catch {
-                    context.logger.warning("disconnect rule \(rule.id): \(error)")
-                    throw APIError(.badGateway, error.description)
+                deletes.append((rule, gateway, key))
+            }
+        }
+        // Every gateway at once (issue 15); the first failure in the cluster's order is the answer.
+        let client = gatewayClient
+        let failures = await withTaskGroup(of: (Int, GatewayCallError?).self) { group in
+            for (index, entry) in deletes.enumerated() {
+                group.addTask {
+                    do throws(GatewayCallError) {
+                        try await client.delete(ruleID: entry.rule.id, gateway: entry.gateway, key: entry.key)
+                        return (index, nil)
+                    } catch {
+                        return (index, error)
+                    }
                 }
             }
+            var found: [(Int, GatewayCallError)] = []
+            for await (index, error) in group { if let error { found.append((index, error)) } }
+            return found.sorted { $0.0 < $1.0 }
+        }
+        if let (index, error) = failures.first {
+            context.logger.warning("disconnect rule \(deletes[index].rule.id): \(error)")
+            throw APIError(.badGateway, error.description)
         }
         try await store.deleteRules(connectionID: rule.connectionID)
         context.logger.info("disconnect: rule \(rule.connectionID) on gateway(s) \(rules.map { "\($0.gatewayID)" }.joined(separator: ", "))")
