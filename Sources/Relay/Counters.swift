@@ -91,6 +91,16 @@ public struct RelayStats: Sendable, Equatable, CustomStringConvertible {
 }
 
 /// Bytes each way.
+/// One rule's TCP figures on one loop: looked up by rule id once per rule
+/// change (the listener keeps them beside its rules, each connection keeps
+/// its rule's), so accepting and closing a connection adds to them without
+/// hashing a String (issue 15). Touched only from the loop's thread.
+final class TCPRuleCounters {
+    var accepted = 0
+    /// Bytes of the rule's closed connections.
+    var closed = ByteCounts()
+}
+
 struct ByteCounts: Sendable {
     var toTarget = 0
     var toClient = 0

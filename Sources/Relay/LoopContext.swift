@@ -26,13 +26,14 @@ final class LoopContext: TimerHandler {
     private(set) var connections: [UInt64: RelayConnection] = [:]
     /// Connections of inspect-first rules whose inspector has not decided yet.
     private(set) var inspecting: [UInt64: InspectingConnection] = [:]
-    /// Connections accepted per rule id since the rule was installed (so the
+    /// Per rule id: connections accepted since the rule was installed (so the
     /// control plane sees a rule used even by a session that ended between
-    /// two of its looks). Touched once per connection.
-    private(set) var acceptedByRule: [String: Int] = [:]
-    /// Bytes of this loop's closed TCP connections per rule id (live ones are
-    /// added at read time, for `/metrics`). Touched once per closed connection.
-    private(set) var closedBytesByRule: [String: ByteCounts] = [:]
+    /// two of its looks) and bytes of closed connections (live ones are added
+    /// at read time, for `/metrics`). Looked up here once per rule change;
+    /// connections and listeners hold their rule's object.
+    private var tcpCountersByRule: [String: TCPRuleCounters] = [:]
+    /// Connections accepted per rule id since the rule was installed.
+    var acceptedByRule: [String: Int] { tcpCountersByRule.compactMapValues { $0.accepted > 0 ? $0.accepted : nil } }
     private var listeners: [SocketAddress: ListenerHandler] = [:]
     private var nextID: UInt64 = 0
     private var reserve: FileDescriptor?
@@ -63,13 +64,9 @@ final class LoopContext: TimerHandler {
     func install(_ ruleSet: RuleSet, newSockets: [SocketAddress: FileDescriptor],
                  newDatagramSockets: [SocketAddress: FileDescriptor] = [:]) {
         installDatagram(ruleSet, newSockets: newDatagramSockets)
-        if !acceptedByRule.isEmpty {
+        if !tcpCountersByRule.isEmpty {
             let ids = Set(ruleSet.rules.map(\.id))
-            acceptedByRule = acceptedByRule.filter { ids.contains($0.key) }
-        }
-        if !closedBytesByRule.isEmpty {
-            let ids = Set(ruleSet.rules.map(\.id))
-            closedBytesByRule = closedBytesByRule.filter { ids.contains($0.key) }
+            tcpCountersByRule = tcpCountersByRule.filter { ids.contains($0.key) }
         }
         for (address, listener) in listeners where ruleSet.listeners[address] == nil {
             listener.close()
@@ -78,8 +75,10 @@ final class LoopContext: TimerHandler {
         for (address, rules) in ruleSet.listeners {
             if let listener = listeners[address] {
                 listener.rules = rules
+                listener.ruleCounters = rules.rules.map { tcpCounters(for: $0.id) }
             } else if let fd = newSockets[address] {
                 let listener = ListenerHandler(fd: fd, rules: rules, context: self)
+                listener.ruleCounters = rules.rules.map { tcpCounters(for: $0.id) }
                 do {
                     try loop.register(fd, interest: [.readable], handler: listener)
                     listeners[address] = listener
@@ -147,6 +146,14 @@ final class LoopContext: TimerHandler {
         }
     }
 
+    /// A rule's TCP counters on this loop (made at its first use).
+    func tcpCounters(for ruleID: String) -> TCPRuleCounters {
+        if let counters = tcpCountersByRule[ruleID] { return counters }
+        let counters = TCPRuleCounters()
+        tcpCountersByRule[ruleID] = counters
+        return counters
+    }
+
     func datagramCounters(for ruleID: String) -> DatagramCounters {
         if let counters = datagramCountersByRule[ruleID] { return counters }
         let counters = DatagramCounters()
@@ -161,10 +168,10 @@ final class LoopContext: TimerHandler {
     /// bytes each way (closed connections plus what live ones delivered so far).
     func tcpTraffic() -> [String: TCPRuleTraffic] {
         var all: [String: TCPRuleTraffic] = [:]
-        for (id, accepted) in acceptedByRule { all[id, default: TCPRuleTraffic()].accepted = accepted }
-        for (id, bytes) in closedBytesByRule {
-            all[id, default: TCPRuleTraffic()].bytesToTarget += bytes.toTarget
-            all[id, default: TCPRuleTraffic()].bytesToClient += bytes.toClient
+        for (id, counters) in tcpCountersByRule where counters.accepted > 0 {
+            all[id, default: TCPRuleTraffic()].accepted = counters.accepted
+            all[id, default: TCPRuleTraffic()].bytesToTarget += counters.closed.toTarget
+            all[id, default: TCPRuleTraffic()].bytesToClient += counters.closed.toClient
         }
         for connection in connections.values {
             var traffic = all[connection.rule.id, default: TCPRuleTraffic()]
@@ -239,15 +246,17 @@ final class LoopContext: TimerHandler {
     func accepted(_ accepted: AcceptedConnection, on listener: ListenerHandler) {
         counters.bump(counters.accepted)
         if draining { return refuse(accepted, listener: listener, reason: .draining) }
-        guard let rule = listener.rules.match(accepted.peer.ip.unmapped) else {
+        guard let position = listener.rules.matchPosition(accepted.peer.ip.unmapped) else {
             return refuse(accepted, listener: listener, reason: .notAllowed)
         }
+        let rule = listener.rules.rules[position]
+        let ruleCounters = listener.ruleCounters[position]
         let gate = listener.rules.gate
         if let reason = admission.admit(gate) {
             return refuse(accepted, listener: listener, reason: reason)
         }
         if let inspector = rule.inspector {
-            return startInspection(accepted, rule: rule, inspector: inspector.inspector, gate: gate)
+            return startInspection(accepted, rule: rule, inspector: inspector.inspector, gate: gate, ruleCounters: ruleCounters)
         }
         let upstream: FileDescriptor
         do {
@@ -268,7 +277,7 @@ final class LoopContext: TimerHandler {
         Socket.setNoDelay(upstream)
         nextID &+= 1
         let connection = RelayConnection(id: nextID, client: accepted.fd, upstream: upstream, clientAddress: accepted.peer,
-                                         rule: rule, gate: gate, context: self, now: loop.now)
+                                         rule: rule, gate: gate, ruleCounters: ruleCounters, context: self, now: loop.now)
         let interest: EpollEvents = [.readable, .writable, .readHangUp, .edgeTriggered]
         do {
             try loop.register(accepted.fd, interest: interest, handler: connection)
@@ -284,7 +293,7 @@ final class LoopContext: TimerHandler {
             return
         }
         connections[connection.id] = connection
-        acceptedByRule[connection.rule.id, default: 0] += 1
+        ruleCounters.accepted &+= 1
         counters.bump(counters.active)
         connection.startConnect(loop: loop)
     }
@@ -293,7 +302,7 @@ final class LoopContext: TimerHandler {
 
     /// Reads the client's first bytes for the rule's inspector before any upstream connect.
     private func startInspection(_ accepted: AcceptedConnection, rule: RelayRule, inspector: any ConnectionInspector,
-                                 gate: AdmissionGate) {
+                                 gate: AdmissionGate, ruleCounters: TCPRuleCounters) {
         nextID &+= 1
         let connection = InspectingConnection(id: nextID, client: accepted.fd, clientAddress: accepted.peer, rule: rule,
                                               inspector: inspector, gate: gate, context: self, now: loop.now)
@@ -307,7 +316,7 @@ final class LoopContext: TimerHandler {
             return
         }
         inspecting[connection.id] = connection
-        acceptedByRule[rule.id, default: 0] += 1
+        ruleCounters.accepted &+= 1
         counters.bump(counters.active)
     }
 
@@ -358,7 +367,7 @@ final class LoopContext: TimerHandler {
         Socket.setNoDelay(upstream)
         let relay = RelayConnection(id: connection.id, client: connection.client, upstream: upstream,
                                     clientAddress: connection.clientAddress, rule: rule, gate: connection.gate,
-                                    context: self, now: loop.now, replay: connection.bytes,
+                                    ruleCounters: tcpCounters(for: rule.id), context: self, now: loop.now, replay: connection.bytes,
                                     inspection: connection.inspection, startedAt: connection.startedAt)
         let interest: EpollEvents = [.readable, .writable, .readHangUp, .edgeTriggered]
         do {
@@ -425,7 +434,7 @@ final class LoopContext: TimerHandler {
         counters.bump(counters.closed)
         counters.bump(counters.bytesClientToTarget, by: Int(truncatingIfNeeded: connection.toTarget.delivered &+ connection.replayedBytes))
         counters.bump(counters.bytesTargetToClient, by: Int(truncatingIfNeeded: connection.toClient.delivered))
-        closedBytesByRule[connection.rule.id, default: ByteCounts()].add(
+        connection.ruleCounters.closed.add(
             toTarget: Int(truncatingIfNeeded: connection.toTarget.delivered &+ connection.replayedBytes),
             toClient: Int(truncatingIfNeeded: connection.toClient.delivered))
         if log.logger.logLevel <= .debug {
@@ -439,6 +448,8 @@ final class LoopContext: TimerHandler {
 final class ListenerHandler: EventHandler, TimerHandler {
     let fd: FileDescriptor
     var rules: ListenerRules
+    /// Each rule's counters on this loop, by position in `rules.rules`.
+    var ruleCounters: [TCPRuleCounters] = []
     unowned let context: LoopContext
     private var closed = false
     private var paused = false

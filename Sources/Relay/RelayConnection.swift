@@ -16,6 +16,8 @@ final class RelayConnection: EventHandler, TimerHandler {
     let clientAddress: SocketAddress
     let rule: RelayRule
     let gate: AdmissionGate
+    /// The rule's counters on this loop (bytes added at close without a lookup).
+    let ruleCounters: TCPRuleCounters
     unowned let context: LoopContext
     let startedAt: UInt64
 
@@ -46,7 +48,7 @@ final class RelayConnection: EventHandler, TimerHandler {
     }
 
     init(id: UInt64, client: FileDescriptor, upstream: FileDescriptor, clientAddress: SocketAddress,
-         rule: RelayRule, gate: AdmissionGate, context: LoopContext, now: UInt64,
+         rule: RelayRule, gate: AdmissionGate, ruleCounters: TCPRuleCounters, context: LoopContext, now: UInt64,
          replay: [UInt8] = [], inspection: (any Inspection)? = nil, startedAt: UInt64? = nil) {
         self.id = id
         self.client = client
@@ -54,6 +56,7 @@ final class RelayConnection: EventHandler, TimerHandler {
         self.clientAddress = clientAddress
         self.rule = rule
         self.gate = gate
+        self.ruleCounters = ruleCounters
         self.context = context
         self.startedAt = startedAt ?? now
         lastActivity = now

@@ -162,6 +162,11 @@ public struct ListenerRules: Sendable {
 
     /// The first rule (in matching order) that admits `client`, or nil.
     public func match(_ client: IPAddress) -> RelayRule? {
+        matchPosition(client).map { rules[$0] }
+    }
+
+    /// The position in `rules` of the rule that admits `client`, or nil.
+    public func matchPosition(_ client: IPAddress) -> Int? {
         var best = hostRules.isEmpty ? Int.max : hostRules[client.unmapped]?.first ?? Int.max
         for position in otherRules {
             if position > best { break }
@@ -170,7 +175,7 @@ public struct ListenerRules: Sendable {
                 break
             }
         }
-        return best == Int.max ? nil : rules[best]
+        return best == Int.max ? nil : best
     }
 
     /// True when this listener carries exactly `rule` (same id and settings).
