@@ -3,28 +3,80 @@ import Foundation
 import Synchronization
 import SystemLayer
 
-/// The pushed rules on disk: `rules.json` in the state directory, replaced
-/// atomically (temporary file, fsync, rename, fsync of the directory) on
-/// every change, read at start. Each rule's JSON is kept from one save to
-/// the next and re-encoded only when the rule changed, so a save with
-/// thousands of rules costs a concatenation and a write, not thousands of
-/// encodings (a push used to spend 40% of its time here at 2,000 rules).
+/// The pushed rules on disk (issue 15): a snapshot, `rules.json`, and a
+/// journal after it, `rules.journal.<generation>`, one JSON record a line
+/// (`{"put": <rule>}` or `{"delete": "<id>"}`). A change appends its records
+/// with one write and one fdatasync, so a push costs what it changes, not
+/// the number of rules held; only an acknowledged change is answered, and a
+/// crash at any point loses none of them (a torn last line is the one being
+/// written when it happened, never acknowledged).
+///
+/// Compaction: when the journal holds more records than max(256, rules
+/// held), the next change starts a new journal generation and a background
+/// thread writes the snapshot of that moment (temporary file, fsync, rename,
+/// fsync of the folder), which names the generation it continues from, then
+/// removes the older journals. Load reads the snapshot and replays every
+/// journal of its generation or later. The first change of a process writes
+/// a snapshot whole (so what an earlier process left is folded in once).
 public struct RuleStore: Sendable {
     public let path: String
-    private let encoded = EncodedRules()
+    private let directory: String
+    private let journal: Journal
 
     public init(directory: String) {
+        self.directory = directory
         path = directory + "/rules.json"
+        journal = Journal()
     }
 
-    /// Each rule's last JSON, by id, with the state it encodes.
-    private final class EncodedRules: Sendable {
-        let table = Mutex<[String: (state: RuleState, json: [UInt8])]>([:])
+    /// The journal's state and each rule's last JSON, by id (re-encoded only when the rule changed).
+    private final class Journal: Sendable {
+        struct State {
+            var table: [String: (state: RuleState, json: [UInt8])] = [:]
+            /// The rules in order, as last saved.
+            var order: [String] = []
+            var file: AppendOnlyFile?
+            var generation = 0
+            var records = 0
+            /// A snapshot is being written in the background.
+            var compacting = false
+        }
+        let state = Mutex(State())
+        /// Snapshots are written one at a time, and never one older than the
+        /// latest written (a slow background write must not replace a newer
+        /// snapshot). Taken after `state` or alone, never the other way round.
+        let snapshots = Mutex(0)
     }
 
     private struct File: Codable {
         var version: Int
         var rules: [RuleState]
+        /// Version 2: the journal generation that follows this snapshot.
+        var journal: Int?
+    }
+
+    private enum Record: Codable {
+        case put(RuleState)
+        case delete(String)
+
+        enum CodingKeys: String, CodingKey { case put, delete }
+
+        init(from decoder: any Decoder) throws {
+            let container = try decoder.container(keyedBy: CodingKeys.self)
+            if let rule = try container.decodeIfPresent(RuleState.self, forKey: .put) {
+                self = .put(rule)
+            } else {
+                self = .delete(try container.decode(String.self, forKey: .delete))
+            }
+        }
+
+        func encode(to encoder: any Encoder) throws {
+            var container = encoder.container(keyedBy: CodingKeys.self)
+            switch self {
+            case .put(let rule): try container.encode(rule, forKey: .put)
+            case .delete(let id): try container.encode(id, forKey: .delete)
+            }
+        }
     }
 
     /// What `load` found.
@@ -35,10 +87,22 @@ public struct RuleStore: Sendable {
         public var problem: String?
     }
 
-    /// Reads the rules. A file that is not valid is moved aside to
-    /// `rules.json.bad-<unix seconds>` and reported in `problem`; the
-    /// gateway then starts without pushed rules (the broker re-pushes the
-    /// ones it wants at registration).
+    func journalPath(_ generation: Int) -> String { directory + "/rules.journal.\(generation)" }
+
+    /// Journal generations present in the folder, ascending.
+    private func journalGenerations() -> [Int] {
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? []
+        return names.compactMap { name in
+            name.hasPrefix("rules.journal.") ? Int(name.dropFirst("rules.journal.".count)) : nil
+        }.sorted()
+    }
+
+    /// Reads the snapshot and replays the journals after it. A snapshot that
+    /// is not valid is moved aside to `rules.json.bad-<unix seconds>` and
+    /// reported in `problem`; the gateway then starts without pushed rules
+    /// (the broker re-pushes the ones it wants at registration). A journal
+    /// line that does not parse ends that journal's replay (the torn end of a
+    /// write a crash interrupted) and is reported when it is not the last.
     public func load(now: Int64 = ControlClock.unixSeconds()) -> Loaded {
         let bytes: [UInt8]?
         do throws(Errno) {
@@ -46,55 +110,164 @@ public struct RuleStore: Sendable {
         } catch {
             return Loaded(rules: [], problem: "\(path): cannot read the rules: \(error)")
         }
-        guard let bytes else { return Loaded(rules: [], problem: nil) }
-        let why: String
-        do {
-            let file = try JSONDecoder().decode(File.self, from: Data(bytes))
-            if file.version == 1 {
-                let ids = Set(file.rules.map(\.id))
-                if ids.count == file.rules.count { return Loaded(rules: file.rules, problem: nil) }
-                why = "a rule id appears twice"
-            } else {
-                why = "version \(file.version) is not known to this gateway (expected 1)"
+        var rules: [RuleState] = []
+        var since = 0
+        if let bytes {
+            let why: String
+            do {
+                let file = try JSONDecoder().decode(File.self, from: Data(bytes))
+                if file.version == 1 || file.version == 2 {
+                    if Set(file.rules.map(\.id)).count == file.rules.count {
+                        rules = file.rules
+                        since = file.journal ?? 0
+                        return replayJournals(onto: rules, since: since)
+                    }
+                    why = "a rule id appears twice"
+                } else {
+                    why = "version \(file.version) is not known to this gateway (expected 1 or 2)"
+                }
+            } catch {
+                why = "not valid rules JSON (\(Self.shortDescription(error)))"
             }
-        } catch {
-            why = "not valid rules JSON (\(Self.shortDescription(error)))"
+            let aside = path + ".bad-\(now)"
+            do throws(Errno) {
+                try StateFile.rename(path, to: aside)
+            } catch {
+                return Loaded(rules: [], problem: "\(path): \(why); could not move it aside (\(error)); starting without pushed rules")
+            }
+            return Loaded(rules: [], problem: "\(path): \(why); kept as \(aside); starting without pushed rules")
         }
-        let aside = path + ".bad-\(now)"
-        do throws(Errno) {
-            try StateFile.rename(path, to: aside)
-        } catch {
-            return Loaded(rules: [], problem: "\(path): \(why); could not move it aside (\(error)); starting without pushed rules")
-        }
-        return Loaded(rules: [], problem: "\(path): \(why); kept as \(aside); starting without pushed rules")
+        return replayJournals(onto: rules, since: since)
     }
 
-    /// Replaces the file with `rules`: `{"version": 1, "rules": [...]}`, one
-    /// rule per line.
+    private func replayJournals(onto snapshot: [RuleState], since: Int) -> Loaded {
+        var rules = snapshot
+        var problems: [String] = []
+        let decoder = JSONDecoder()
+        for generation in journalGenerations() where generation >= since {
+            let file = journalPath(generation)
+            guard let bytes = try? StateFile.read(file, limit: 1 << 30) else { continue }
+            let lines = bytes.split(separator: 0x0A, omittingEmptySubsequences: true)
+            for (index, line) in lines.enumerated() {
+                guard let record = try? decoder.decode(Record.self, from: Data(line)) else {
+                    if index != lines.count - 1 || bytes.last == 0x0A {
+                        problems.append("\(file): line \(index + 1) is not a rule record; the records after it are not replayed")
+                    }
+                    break
+                }
+                switch record {
+                case .put(let rule):
+                    if let position = rules.firstIndex(where: { $0.id == rule.id }) { rules[position] = rule } else { rules.append(rule) }
+                case .delete(let id):
+                    rules.removeAll { $0.id == id }
+                }
+            }
+        }
+        return Loaded(rules: rules, problem: problems.isEmpty ? nil : problems.joined(separator: "; "))
+    }
+
+    /// Records the change from the last saved rules to `rules`: appended to
+    /// the journal and made durable before this returns.
     /// - Throws: `ControlError` 500 naming the file.
     public func save(_ rules: [RuleState]) throws(ControlError) {
-        var bytes = Array(#"{"version":1,"rules":["#.utf8)
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.sortedKeys]
-        do {
-            try encoded.table.withLock { table in
-                var next: [String: (state: RuleState, json: [UInt8])] = [:]
-                next.reserveCapacity(rules.count)
-                for (index, rule) in rules.enumerated() {
-                    let json: [UInt8]
-                    if let known = table[rule.id], known.state == rule {
-                        json = known.json
+        try journal.state.withLock { j throws(ControlError) in
+            var next: [String: (state: RuleState, json: [UInt8])] = [:]
+            next.reserveCapacity(rules.count)
+            var records: [UInt8] = []
+            var count = 0
+            // Replay keeps a known rule where it was and appends new ones: a
+            // known rule after a new one is an order the journal cannot say.
+            var seenNew = false, reordered = false
+            do {
+                for rule in rules {
+                    if j.table[rule.id] == nil { seenNew = true } else if seenNew { reordered = true }
+                    if let known = j.table[rule.id], known.state == rule {
+                        next[rule.id] = known
                     } else {
-                        json = [UInt8](try encoder.encode(rule))
+                        let json = [UInt8](try encoder.encode(rule))
+                        next[rule.id] = (rule, json)
+                        records += Array(#"{"put":"#.utf8) + json + Array("}\n".utf8)
+                        count += 1
                     }
-                    bytes.append(contentsOf: index == 0 ? [0x0A] : [0x2C, 0x0A])
-                    bytes.append(contentsOf: json)
-                    next[rule.id] = (rule, json)
                 }
-                table = next
+                for id in j.order where next[id] == nil {
+                    records += [UInt8](try encoder.encode(Record.delete(id))) + [0x0A]
+                    count += 1
+                }
+            } catch {
+                throw ControlError(500, "cannot encode the rules: \(error)")
             }
-        } catch {
-            throw ControlError(500, "cannot encode the rules: \(error)")
+            let order = rules.map(\.id)
+            if j.file == nil || reordered {
+                // The first change of this process, or after a failed append: the whole set, then a new journal.
+                let generation = (journalGenerations().last ?? j.generation) + 1
+                try writeSnapshot(rules, json: rules.map { next[$0.id]!.json }, generation: generation)
+                do throws(Errno) {
+                    j.file = try AppendOnlyFile(path: journalPath(generation))
+                } catch {
+                    throw ControlError(500, "cannot open \(journalPath(generation)): \(error)")
+                }
+                j.generation = generation
+                j.records = 0
+                removeJournals(before: generation)
+            } else if count > 0, let file = j.file {
+                do throws(Errno) {
+                    try file.append(records)
+                    try file.sync()
+                } catch {
+                    // The journal may end in a torn record: the next change starts afresh with a snapshot.
+                    j.file = nil
+                    throw ControlError(500, "cannot append to \(file.path): \(error)")
+                }
+                j.records += count
+            }
+            j.table = next
+            j.order = order
+            if j.records > max(256, rules.count), !j.compacting {
+                compact(&j, rules: rules)
+            }
+        }
+    }
+
+    /// Starts a new journal generation now and writes the snapshot of this
+    /// moment on a thread of its own; older journals go once it is durable.
+    private func compact(_ j: inout Journal.State, rules: [RuleState]) {
+        let generation = j.generation + 1
+        guard let file = try? AppendOnlyFile(path: journalPath(generation)) else { return }
+        j.file = file
+        j.generation = generation
+        j.records = 0
+        j.compacting = true
+        let json = rules.map { j.table[$0.id]!.json }
+        let store = self
+        let started = try? SystemThread.spawn(name: "rules-compact") {
+            try? store.writeSnapshot(rules, json: json, generation: generation)
+            store.removeJournals(before: generation)
+            store.journal.state.withLock { $0.compacting = false }
+        }
+        if started == nil {
+            try? writeSnapshot(rules, json: json, generation: generation)
+            removeJournals(before: generation)
+            j.compacting = false
+        }
+    }
+
+    /// `{"version": 2, "journal": N, "rules": [...]}`, one rule per line, replaced atomically.
+    private func writeSnapshot(_ rules: [RuleState], json: [[UInt8]], generation: Int) throws(ControlError) {
+        try journal.snapshots.withLock { latest throws(ControlError) in
+            guard generation > latest else { return }
+            try writeSnapshotFile(json, generation: generation)
+            latest = generation
+        }
+    }
+
+    private func writeSnapshotFile(_ json: [[UInt8]], generation: Int) throws(ControlError) {
+        var bytes = Array(#"{"version":2,"journal":\#(generation),"rules":["#.utf8)
+        for (index, rule) in json.enumerated() {
+            bytes.append(contentsOf: index == 0 ? [0x0A] : [0x2C, 0x0A])
+            bytes.append(contentsOf: rule)
         }
         bytes.append(contentsOf: Array("\n]}\n".utf8))
         do throws(Errno) {
@@ -102,6 +275,10 @@ public struct RuleStore: Sendable {
         } catch {
             throw ControlError(500, "cannot write \(path): \(error)")
         }
+    }
+
+    private func removeJournals(before generation: Int) {
+        for old in journalGenerations() where old < generation { StateFile.remove(journalPath(old)) }
     }
 
     static func shortDescription(_ error: any Error) -> String {

@@ -241,4 +241,71 @@ final class FakeBroker: @unchecked Sendable {
         #expect(serve.waitForExit() == 0, "\(serve.stderr)")
         #expect(!FileManager.default.fileExists(atPath: state + "/gateway.pid"))
     }
+
+    @Test("a crash in the middle of a burst of pushes loses no acknowledged rule (the journal, issue 15)")
+    func crashMidBurstKeepsAcknowledgedRules() throws {
+        let folder = TempFolder()
+        defer { folder.remove() }
+        let key = ControlKey.generate()
+        let keyFile = try writeKey(folder, key)
+        let state = folder.file("state")
+        let probe = try Socket.listen(on: SocketAddress("127.0.0.1:0")!, reusePort: false)
+        let port = Socket.localAddress(probe)!.port
+        probe.close()
+        let config = folder.file("gateway.conf")
+        try """
+        loops = 1
+        public_address = 127.0.0.1
+        desktop_networks = 127.0.0.0/8
+        control_listen = 127.0.0.1:\(port)
+        control_plain_http = yes
+        drain_timeout = 1s
+        """.write(toFile: config, atomically: true, encoding: .utf8)
+        let set = try GatewayBinary.run(["--state-dir", state, "--gateway-id", "7", "--control-key-file", keyFile])
+        #expect(set.status == 0, "\(set.stderr)")
+        let signer = ControlSigner(gatewayID: 7, key: key)
+        let call: @Sendable (String, String, String) throws -> BlockingHTTP.Response = { method, path, body in
+            let bytes = Array(body.utf8)
+            return try BlockingHTTP.request(method: method, host: "127.0.0.1", port: port, path: path,
+                                            headers: [("Authorization", signer.authorize(direction: .brokerToGateway, method: method, path: path, body: bytes)),
+                                                      ("Content-Type", "application/json")],
+                                            body: bytes, timeoutMilliseconds: 5000)
+        }
+        let first = try ChildProcess(GatewayBinary.path, ["serve", "--config", config, "--state-dir", state])
+        defer { first.stop() }
+        do {
+            #expect(eventually { (try? call("GET", "/control/v1/rules", "").status) == 200 }, "the control endpoint never answered: \(first.output)")
+            // Past the journal's compaction threshold (256 records), so a snapshot is written in the background meanwhile.
+            let acknowledged = Mutex<[String]>([])
+            let pusher = Thread {
+                for index in 0..<2000 {
+                    let id = String(format: "burst%04d", index)
+                    guard let answer = try? call("PUT", "/control/v1/rules/\(id)", #"{"protocol":"tcp","method":0,"target":"127.0.0.1:9"}"#) else { return }
+                    if answer.status == 200 || answer.status == 201 { acknowledged.withLock { $0.append(id) } }
+                }
+            }
+            pusher.start()
+            #expect(eventually { acknowledged.withLock { $0.count } >= 400 }, "the burst did not get going")
+            first.signal(SIGKILL)
+            #expect(first.waitForExit() != nil)
+            #expect(eventually { pusher.isFinished }, "the pusher did not stop after the kill")
+            let acked = acknowledged.withLock { $0 }
+
+            let serve = try ChildProcess(GatewayBinary.path, ["serve", "--config", config, "--state-dir", state])
+            defer { serve.stop() }
+            var listed: [String] = []
+            #expect(eventually {
+                guard let answer = try? call("GET", "/control/v1/rules", ""), answer.status == 200,
+                      let array = try? JSONSerialization.jsonObject(with: Data(answer.body)) as? [[String: Any]] else { return false }
+                listed = array.compactMap { $0["id"] as? String }
+                return true
+            }, "the restarted gateway never answered: \(serve.output)")
+            let missing = Set(acked).subtracting(listed)
+            #expect(missing.isEmpty, "\(missing.count) acknowledged rule(s) lost in the crash, e.g. \(missing.sorted().prefix(3))")
+            #expect(Set(listed).count == listed.count, "a rule is listed twice")
+            #expect(listed.count <= acked.count + 1, "more rules than acknowledged (+1 in flight): \(listed.count) against \(acked.count)")
+            let journals = (try FileManager.default.contentsOfDirectory(atPath: state)).filter { $0.hasPrefix("rules.journal.") }
+            #expect(!journals.isEmpty)
+        }
+    }
 }

@@ -23,9 +23,9 @@ import TestSupport
         let loaded = store.load()
         #expect(loaded.problem == nil)
         #expect(loaded.rules == rules)
-        // No temporary file is left behind.
+        // No temporary file is left behind: the snapshot and its (empty) journal.
         let names = try FileManager.default.contentsOfDirectory(atPath: folder.path)
-        #expect(names == ["rules.json"])
+        #expect(names.sorted() == ["rules.journal.1", "rules.json"])
 
         // A rule that changes under the same id is written as it is now (the
         // store keeps each rule's JSON between saves); a removed one is gone.
@@ -38,6 +38,49 @@ import TestSupport
         #expect(store.load().rules == [changed[1]])
         try store.save(changed)
         #expect(RuleStore(directory: folder.path).load().rules == changed)
+    }
+
+    @Test("the journal: a change appends its records and leaves the snapshot alone; a torn last record is the crash's and is dropped; compaction folds the journal into a new snapshot")
+    func journal() throws {
+        let folder = TempFolder()
+        defer { folder.remove() }
+        let store = RuleStore(directory: folder.path)
+        func rule(_ n: Int) -> RuleState {
+            RuleState(id: "j\(n)", push: RulePush(protocol: .tcp, method: .randomPort, target: "10.1.2.3:3389"), port: 20000 + n, created: 1_700_000_000)
+        }
+        var rules = (0..<10).map(rule)
+        try store.save(rules)
+        let snapshot = try #require(try StateFile.read(store.path))
+        rules.append(rule(10))
+        try store.save(rules)
+        rules.removeFirst()
+        try store.save(rules)
+        #expect(try StateFile.read(store.path) == snapshot, "a change rewrote the snapshot")
+        let journal = folder.file("rules.journal.1")
+        let lines = String(decoding: try #require(try StateFile.read(journal)), as: UTF8.self).split(separator: "\n")
+        #expect(lines.count == 2 && lines[0].hasPrefix(#"{"put":"#) && lines[1] == #"{"delete":"j0"}"#, "\(lines)")
+        #expect(RuleStore(directory: folder.path).load().rules == rules)
+
+        // A crash in the middle of an append leaves a torn last line: dropped, nothing else lost.
+        let handle = try #require(FileHandle(forWritingAtPath: journal))
+        handle.seekToEndOfFile()
+        handle.write(Data(#"{"put":{"id":"torn","po"#.utf8))
+        try handle.close()
+        let reloaded = RuleStore(directory: folder.path).load()
+        #expect(reloaded.rules == rules && reloaded.problem == nil, "\(String(describing: reloaded.problem))")
+
+        // More than 256 records: the next change starts journal 2 and a snapshot of that moment replaces journal 1.
+        let fresh = RuleStore(directory: folder.path)
+        try fresh.save(rules)   // a new process's first change: a snapshot, then its own journal
+        for n in 11..<300 {
+            rules.append(rule(n))
+            try fresh.save(rules)
+        }
+        #expect(eventually {
+            let names = (try? FileManager.default.contentsOfDirectory(atPath: folder.path)) ?? []
+            return names.filter { $0.hasPrefix("rules.journal.") }.count == 1
+        }, "the older journals were not removed after compaction")
+        #expect(RuleStore(directory: folder.path).load().rules == rules)
     }
 
     @Test func missingFileIsEmpty() {

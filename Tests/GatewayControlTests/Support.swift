@@ -132,7 +132,11 @@ final class TestGateway: Sendable {
 
     /// What an unchanged gateway looks like: the rules, the engine's rules, the state file.
     func snapshot() -> String {
-        let file = (try? StateFile.read(control.store.path)).flatMap { $0 }.map { String(decoding: $0, as: UTF8.self) } ?? "<none>"
+        // The snapshot file and every journal after it (issue 15): a change lands in one or the other.
+        let names = ((try? FileManager.default.contentsOfDirectory(atPath: folder.path)) ?? []).filter { $0.hasPrefix("rules.") }.sorted()
+        let file = names.map { name in
+            name + ":" + ((try? StateFile.read(folder.file(name))).flatMap { $0 }.map { String(decoding: $0, as: UTF8.self) } ?? "<none>")
+        }.joined(separator: "|")
         return "\(control.pushedRules())|\(engine.rules.map(\.description))|\(file)"
     }
 }
