@@ -246,7 +246,10 @@ extension BrokerAPI {
         let now = clock()
         let gateways = try await store.gateways()
         let cluster = try await desktop.loadBalancerID.asyncMap { id in try await store.gatewayCluster(id: id) }
-        let ruleCounts = try await store.ruleCounts()
+        // Rules per gateway only where the choice uses them (clusters L and P):
+        // counting every rule held is not a pinned desktop's cost (issue 15).
+        let needsCounts = desktop.gatewayID == nil && cluster.map { $0.loadBalanceVia != .everyGateway } == true
+        let ruleCounts = needsCounts ? try await store.ruleCounts() : [:]
         let choice = try Self.choose(desktop: desktop, gateways: gateways, cluster: cluster, ruleCounts: ruleCounts,
                                      loginGatewayID: session.session.loginGatewayID, now: now,
                                      offlineAfter: TimeInterval(configuration.offlineAfter))
