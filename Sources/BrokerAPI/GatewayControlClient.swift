@@ -5,6 +5,7 @@ import Foundation
 import NIOCore
 import NIOHTTP1
 import NIOSSL
+import Synchronization
 
 /// Why a gateway did not carry out a push or a delete. Descriptions name the
 /// gateway and what it said; they never hold its key.
@@ -69,14 +70,9 @@ struct GatewayControlClient: Sendable {
         if url.lowercased().hasPrefix("https://") {
             // Only the certificate the gateway registered (signed with its
             // control key) is trusted; its name is not what identifies it.
-            guard let pem = gateway.controlCertificate,
-                  let certificates = try? NIOSSLCertificate.fromPEMBytes(Array(pem.utf8)), !certificates.isEmpty else {
+            guard let pem = gateway.controlCertificate, let tls = Self.pinned.configuration(trusting: pem) else {
                 throw .unreachable(gateway: Self.name(gateway), reason: "its https control endpoint registered no usable certificate")
             }
-            var tls = TLSConfiguration.makeClientConfiguration()
-            tls.minimumTLSVersion = .tlsv12
-            tls.trustRoots = .certificates(certificates)
-            tls.certificateVerification = .noHostnameVerification
             request.tlsConfiguration = tls
         }
         request.headers.add(name: "Authorization",
@@ -95,6 +91,28 @@ struct GatewayControlClient: Sendable {
     }
 
     static func name(_ gateway: Gateway) -> String { "\(gateway.id) ('\(gateway.name)')" }
+
+    /// Client TLS per registered certificate, parsed once (not on every push).
+    private static let pinned = PinnedTLS()
+
+    private final class PinnedTLS: Sendable {
+        private let byPEM = Mutex<[String: TLSConfiguration]>([:])
+
+        func configuration(trusting pem: String) -> TLSConfiguration? {
+            if let known = byPEM.withLock({ $0[pem] }) { return known }
+            guard let certificates = try? NIOSSLCertificate.fromPEMBytes(Array(pem.utf8)), !certificates.isEmpty else { return nil }
+            var tls = TLSConfiguration.makeClientConfiguration()
+            tls.minimumTLSVersion = .tlsv12
+            tls.trustRoots = .certificates(certificates)
+            tls.certificateVerification = .noHostnameVerification
+            byPEM.withLock { table in
+                // Bounded: replaced certificates do not pile up.
+                if table.count >= 4096 { table.removeAll() }
+                table[pem] = tls
+            }
+            return tls
+        }
+    }
 
     /// The `error` of a JSON answer, or the start of the text.
     private static func errorText(_ answer: [UInt8]) -> String {

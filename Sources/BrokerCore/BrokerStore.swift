@@ -62,6 +62,18 @@ public struct StoreHealth: Sendable, Equatable {
     }
 
     public var isHealthy: Bool { problem == nil }
+
+    /// The verdict on a schema that could be read: healthy only when it is
+    /// exactly the one this build knows (both stores judge alike).
+    public static func judging(_ schema: SchemaStatus, location: String) -> StoreHealth {
+        if !schema.unknown.isEmpty {
+            return StoreHealth(location: location, problem: "database schema has migrations this broker does not know: \(schema.unknown.joined(separator: ", "))", schema: schema)
+        }
+        if !schema.pending.isEmpty {
+            return StoreHealth(location: location, problem: "database schema is not current: pending \(schema.pending.joined(separator: ", ")) (the next start of the broker applies them)", schema: schema)
+        }
+        return StoreHealth(location: location, problem: nil, schema: schema)
+    }
 }
 
 /// A user and the stored hash of their password, for the login check only.

@@ -118,13 +118,7 @@ public final class SQLiteBrokerStore: BrokerStore {
         do {
             _ = try await database.read { db in try Int.fetchOne(db, sql: "SELECT 1") }
             let schema = SchemaStatus(applied: applied, known: Migrations.migrator.migrations)
-            if !schema.unknown.isEmpty {
-                return StoreHealth(location: location, problem: "database schema has migrations this broker does not know: \(schema.unknown.joined(separator: ", "))", schema: schema)
-            }
-            if !schema.pending.isEmpty {
-                return StoreHealth(location: location, problem: "database schema is not current: pending \(schema.pending.joined(separator: ", ")) (the next start of the broker applies them)", schema: schema)
-            }
-            return StoreHealth(location: location, problem: nil, schema: schema)
+            return StoreHealth.judging(schema, location: location)
         } catch {
             return StoreHealth(location: location, problem: "database \(path) cannot be read: \(Self.describe(error))", schema: nil)
         }

@@ -127,13 +127,7 @@ public final class PostgresBrokerStore: BrokerStore {
         }
         do {
             let schema = try await schema()
-            if !schema.unknown.isEmpty {
-                return StoreHealth(location: location, problem: "database schema has migrations this broker does not know: \(schema.unknown.joined(separator: ", "))", schema: schema)
-            }
-            if !schema.pending.isEmpty {
-                return StoreHealth(location: location, problem: "database schema is not current: pending \(schema.pending.joined(separator: ", ")) (the next start of the broker applies them)", schema: schema)
-            }
-            return StoreHealth(location: location, problem: nil, schema: schema)
+            return StoreHealth.judging(schema, location: location)
         } catch {
             return StoreHealth(location: location, problem: error.description, schema: nil)
         }

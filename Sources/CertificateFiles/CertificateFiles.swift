@@ -115,6 +115,18 @@ public enum CertificateFiles {
         }
     }
 
+    /// SHA-256 of the first certificate's DER (what `openssl x509 -fingerprint -sha256` prints).
+    public static func sha256(pem: [UInt8], file: String) throws(Problem) -> [UInt8] {
+        try withCertificate(unixLineEndings(pem), file: file) { x509 throws(Problem) in
+            var digest = [UInt8](repeating: 0, count: 32)
+            var length: UInt32 = 0
+            guard X509_digest(x509, EVP_sha256(), &digest, &length) == 1, length == 32 else {
+                throw Problem(file: file, message: "cannot hash the certificate: \(lastError())")
+            }
+            return digest
+        }
+    }
+
     /// Checks a CA certificate file (trust for the broker's certificate): PEM, not DSA, not MD5-signed.
     public static func checkCACertificate(_ pem: [UInt8], file: String) throws(Problem) {
         let cert = try certificate(pem: pem, file: file)

@@ -10,8 +10,10 @@ import SystemLayer
 /// first start (`control-tls.crt`, `control-tls.key` 0600), CA:TRUE so that
 /// a peer can pin it as its only trust root.
 public struct ServerTLS: Sendable {
-    public static let certificateFile = "control-tls.crt"
-    public static let keyFile = "control-tls.key"
+    /// The address a listener serves, as a made certificate's name (none for a wildcard address).
+    public static func names(listening address: SocketAddress) -> [String] {
+        ["\(address.ip)"].filter { $0 != "0.0.0.0" && $0 != "::" }
+    }
 
     /// Why the pair cannot be used: the config key (or file) at fault and a sentence.
     public struct Problem: Error, Sendable, CustomStringConvertible {
@@ -26,20 +28,23 @@ public struct ServerTLS: Sendable {
     public let certificatePEM: String
     /// Where it came from, for the log.
     public let source: String
+    /// "SHA256:AB:CD:..." of the certificate (what peers pin).
+    public let fingerprint: String
 
     /// Loads the configured pair, or the folder's (made when missing).
     /// - Parameters:
     ///   - fields: the config keys named in errors (certificate, key).
     ///   - names: IP addresses and names a made certificate is for.
+    ///   - stem: the made pair's file names in `folder` (`STEM.crt`, `STEM.key`).
     /// - Throws: `Problem` naming the config key and the file.
     public static func load(certificate: String?, key: String?, folder: String, names: [String],
-                            fields: (certificate: String, key: String)) throws(Problem) -> ServerTLS {
+                            fields: (certificate: String, key: String), stem: String = "control-tls") throws(Problem) -> ServerTLS {
         let certificatePath: String, keyPath: String
         if let certificate, let key {
             (certificatePath, keyPath) = (certificate, key)
         } else {
-            certificatePath = folder + "/" + certificateFile
-            keyPath = folder + "/" + keyFile
+            certificatePath = folder + "/" + stem + ".crt"
+            keyPath = folder + "/" + stem + ".key"
             if !FileManager.default.fileExists(atPath: certificatePath) || !FileManager.default.fileExists(atPath: keyPath) {
                 try make(certificatePath: certificatePath, keyPath: keyPath, names: names, field: fields.certificate)
             }
@@ -50,9 +55,11 @@ public struct ServerTLS: Sendable {
         guard let keyPEM = FileManager.default.contents(atPath: keyPath) else {
             throw Problem(field: fields.key, message: "\(keyPath) cannot be read")
         }
+        let hash: [UInt8]
         do throws(CertificateFiles.Problem) {
             try CertificateFiles.checkServerPair(certificate: Array(certificatePEM), certificateFile: certificatePath,
                                                  key: Array(keyPEM), keyFile: keyPath)
+            hash = try CertificateFiles.sha256(pem: Array(certificatePEM), file: certificatePath)
         } catch {
             throw Problem(field: error.file == keyPath ? fields.key : fields.certificate, message: error.description)
         }
@@ -63,7 +70,7 @@ public struct ServerTLS: Sendable {
                 privateKey: .privateKey(try NIOSSLPrivateKey(bytes: Array(keyPEM), format: .pem)))
             configuration.minimumTLSVersion = .tlsv12
             return ServerTLS(configuration: configuration, certificatePEM: String(decoding: certificatePEM, as: UTF8.self),
-                             source: certificatePath)
+                             source: certificatePath, fingerprint: TLSClientSession.fingerprint(hash))
         } catch {
             throw Problem(field: fields.certificate, message: "\(certificatePath): \(error)")
         }

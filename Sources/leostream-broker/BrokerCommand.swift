@@ -279,40 +279,37 @@ struct BrokerOptions: ParsableArguments {
 
     /// The listener's TLS: --tls-cert and --tls-key (after HP's checks on
     /// them), else a self-signed RSA 3072 pair made once in --data-dir
-    /// (broker-tls.crt, broker-tls.key); nil only with --plain-http.
+    /// (broker-tls.crt, broker-tls.key); nil only with --plain-http. The
+    /// same loader as the control endpoints' (`ServerTLS`).
     func tlsConfiguration() throws -> BrokerTLS? {
         if plainHttp {
             if tlsCert != nil || tlsKey != nil { throw ValidationError("--plain-http and --tls-cert/--tls-key: give one") }
             return nil
         }
         switch (tlsCert, tlsKey) {
-        case (nil, nil):
-            let (host, _) = try listenAddress()
-            var names = tlsName
-            if host != "0.0.0.0" && host != "::" && !names.contains(host) { names.insert(host, at: 0) }
-            if names.isEmpty { names = ["localhost"] }
-            let cert = URL(fileURLWithPath: dataDir).appendingPathComponent("broker-tls.crt").path
-            let key = URL(fileURLWithPath: dataDir).appendingPathComponent("broker-tls.key").path
-            if !FileManager.default.fileExists(atPath: cert) || !FileManager.default.fileExists(atPath: key) {
-                let pair: (certificate: String, key: String)
-                do throws(CertificateFiles.Problem) {
-                    pair = try CertificateFiles.makeSelfSigned(commonName: names[0], subjectAltNames: names, ownTrustAnchor: true)
-                } catch {
-                    throw ValidationError("cannot make a self-signed certificate: \(error)")
-                }
-                do {
-                    try FileManager.default.createDirectory(atPath: dataDir, withIntermediateDirectories: true)
-                    try StateFile.writeAtomically(key, Array(pair.key.utf8), mode: 0o600, directoryOwner: true)
-                    try StateFile.writeAtomically(cert, Array(pair.certificate.utf8), mode: 0o644, directoryOwner: true)
-                } catch {
-                    throw ValidationError("--data-dir: cannot write the self-signed certificate \(cert): \(error)")
-                }
-            }
-            return try BrokerTLS.load(cert: cert, key: key, source: "the self-signed certificate \(cert)")
         case (_?, nil): throw ValidationError("--tls-cert needs --tls-key")
         case (nil, _?): throw ValidationError("--tls-key needs --tls-cert")
-        case (let cert?, let key?):
-            return try BrokerTLS.load(cert: cert, key: key, source: cert)
+        default: break
+        }
+        var names = tlsName
+        if tlsCert == nil {
+            let (host, _) = try listenAddress()
+            if host != "0.0.0.0" && host != "::" && !names.contains(host) { names.insert(host, at: 0) }
+            if names.isEmpty { names = ["localhost"] }
+            do {
+                try FileManager.default.createDirectory(atPath: dataDir, withIntermediateDirectories: true)
+            } catch {
+                throw ValidationError("--data-dir: cannot create \(dataDir): \((error as NSError).localizedDescription)")
+            }
+        }
+        do throws(ServerTLS.Problem) {
+            let tls = try ServerTLS.load(certificate: tlsCert, key: tlsKey, folder: dataDir, names: names,
+                                         fields: ("--tls-cert", "--tls-key"), stem: "broker-tls")
+            return BrokerTLS(configuration: tls.configuration,
+                             source: tlsCert == nil ? "the self-signed certificate \(tls.source)" : tls.source,
+                             fingerprint: tls.fingerprint)
+        } catch {
+            throw ValidationError("\(error.field) \(error.message)")
         }
     }
 }
@@ -323,29 +320,6 @@ struct BrokerTLS {
     let source: String
     /// "SHA256:AB:CD:..." of the certificate (what a gateway pins).
     let fingerprint: String
-
-    static func load(cert: String, key: String, source: String) throws -> BrokerTLS {
-        do {
-            guard let certPEM = FileManager.default.contents(atPath: cert) else { throw ValidationError("--tls-cert \(cert): cannot be read") }
-            guard let keyPEM = FileManager.default.contents(atPath: key) else { throw ValidationError("--tls-key \(key): cannot be read") }
-            do throws(CertificateFiles.Problem) {
-                try CertificateFiles.checkServerPair(certificate: Array(certPEM), certificateFile: cert, key: Array(keyPEM), keyFile: key)
-            } catch {
-                throw ValidationError("\(error.file == key ? "--tls-key" : "--tls-cert") \(error)")
-            }
-            do {
-                var tls = TLSConfiguration.makeServerConfiguration(
-                    certificateChain: try NIOSSLCertificate.fromPEMFile(cert).map { .certificate($0) },
-                    privateKey: .privateKey(try NIOSSLPrivateKey(file: key, format: .pem)))
-                tls.minimumTLSVersion = .tlsv12
-                let der = try NIOSSLCertificate.fromPEMFile(cert).first?.toDERBytes() ?? []
-                let hash = ControlCrypto.sha256(der)
-                return BrokerTLS(configuration: tls, source: source, fingerprint: TLSClientSession.fingerprint(hash))
-            } catch {
-                throw ValidationError("--tls-cert/--tls-key: \(error)")
-            }
-        }
-    }
 }
 
 extension BrokerOptions {

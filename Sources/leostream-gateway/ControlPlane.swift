@@ -83,7 +83,7 @@ final class ControlPlane: Sendable {
             tls = nil
             logger.warning("control endpoint on \(listen) speaks plain HTTP (control_plain_http = yes): rule contents cross the network in clear, only their signatures protect them")
         } else {
-            var names = ["\(listen.ip)"].filter { $0 != "0.0.0.0" && $0 != "::" }
+            var names = ServerTLS.names(listening: listen)
             if let url = config.controlURL, let host = URLComponents(string: url)?.host, !names.contains(host) { names.append(host) }
             do throws(ServerTLS.Problem) {
                 tls = try ServerTLS.load(certificate: config.controlTLSCertificate, key: config.controlTLSKey,

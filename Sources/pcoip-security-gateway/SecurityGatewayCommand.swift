@@ -150,7 +150,7 @@ struct Serve: AsyncParsableCommand {
             tls = nil
             logger.warning("control endpoint on \(listen) speaks plain HTTP (ControlPlainHTTP = true): grants cross the network in clear")
         } else {
-            let names = ["\(listen.ip)"].filter { $0 != "0.0.0.0" && $0 != "::" }
+            let names = ServerTLS.names(listening: listen)
             let made = await BlockingExecutor.shared.run { () -> Result<ServerTLS, ServerTLS.Problem> in
                 Result { () throws(ServerTLS.Problem) in
                     try ServerTLS.load(certificate: loaded.controlTLSCertificate.isEmpty ? nil : loaded.controlTLSCertificate,

@@ -204,7 +204,8 @@ struct BinaryTests {
         #expect(keyMode == 0o600)
         let portText = broker.stderr.components(separatedBy: "listening on 127.0.0.1:").last?.prefix { $0.isNumber } ?? ""
         let port = try #require(Int(portText), "no port in \(broker.stderr)")
-        #expect(broker.stderr.contains("(https:"))
+        // Hummingbird's own "listening on" line can come before ours: wait for ours.
+        #expect(broker.waitForOutput("(https:"), "\(broker.stderr)")
         let fingerprint = try ChildProcess.run("/usr/bin/openssl", ["x509", "-noout", "-fingerprint", "-sha256", "-in", certificate])
         let hash = fingerprint.stdout.split(separator: "=").last.map { "SHA256:" + $0.trimmingCharacters(in: .whitespacesAndNewlines) } ?? "?"
         #expect(broker.stderr.contains("certificate \(hash)"), "the log does not name the certificate's hash \(hash)")
