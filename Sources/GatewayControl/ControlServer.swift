@@ -20,7 +20,7 @@ public enum ControlServer {
 
     /// A Hummingbird application serving `control` on `address`.
     /// - Parameter onServerRunning: called with the bound address (`host:port`).
-    /// - Parameter tls: TLS for the endpoint (`ControlTLS`); nil: plain HTTP (`control_plain_http = yes`, tests).
+    /// - Parameter tls: TLS for the endpoint (`ServerTLS`); nil: plain HTTP (`control_plain_http = yes`, tests).
     public static func application(control: GatewayControl, address: BindAddress, logger: Logger, tls: TLSConfiguration? = nil,
                                    onServerRunning: @escaping @Sendable (String) async -> Void = { _ in }) throws
         -> some ApplicationProtocol
