@@ -15,6 +15,9 @@
 #include <netinet/tcp.h>
 #include <sys/eventfd.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <spawn.h>
 
 int shim_errno(void) { return errno; }
 void shim_set_errno(int value) { errno = value; }
@@ -112,6 +115,7 @@ static void fill_process_signals(sigset_t *set) {
     sigaddset(set, SIGINT);
     sigaddset(set, SIGHUP);
     sigaddset(set, SIGUSR1);
+    sigaddset(set, SIGUSR2);
 }
 
 int shim_block_process_signals(void) {
@@ -433,3 +437,92 @@ size_t shim_dgram_copy_first(const shim_dgram_batch *tx, void *out, size_t lengt
 }
 
 size_t shim_dgram_tx_length(const shim_dgram_batch *tx, int i) { return tx->iov[i].iov_len; }
+
+// MARK: descriptor passing (hot upgrade)
+
+int shim_seqpacket_pair(int fds[2]) {
+    return socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0, fds);
+}
+
+ssize_t shim_send_fds(int sock, const void *buf, size_t len, const int *fds, int nfds) {
+    if (nfds < 0 || nfds > SHIM_MAX_PASSED_FDS) { errno = EINVAL; return -1; }
+    struct iovec iov = { .iov_base = (void *)buf, .iov_len = len };
+    union { struct cmsghdr align; unsigned char bytes[CMSG_SPACE(sizeof(int) * SHIM_MAX_PASSED_FDS)]; } control;
+    memset(&control, 0, sizeof control);
+    struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1 };
+    if (nfds > 0) {
+        msg.msg_control = control.bytes;
+        msg.msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)nfds);
+        struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+        c->cmsg_level = SOL_SOCKET;
+        c->cmsg_type = SCM_RIGHTS;
+        c->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)nfds);
+        memcpy(CMSG_DATA(c), fds, sizeof(int) * (size_t)nfds);
+    }
+    return sendmsg(sock, &msg, MSG_NOSIGNAL);
+}
+
+ssize_t shim_recv_fds(int sock, void *buf, size_t len, int *fds, int maxfds, int *nfds, int *truncated) {
+    struct iovec iov = { .iov_base = buf, .iov_len = len };
+    union { struct cmsghdr align; unsigned char bytes[CMSG_SPACE(sizeof(int) * SHIM_MAX_PASSED_FDS)]; } control;
+    struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.bytes, .msg_controllen = sizeof control.bytes };
+    *nfds = 0;
+    *truncated = 0;
+    ssize_t n = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
+    if (n < 0) return n;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+        int count = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+        int *passed = (int *)CMSG_DATA(c);
+        for (int i = 0; i < count; i++) {
+            // More than the caller can hold: close them rather than leak.
+            if (*nfds < maxfds) fds[(*nfds)++] = passed[i]; else close(passed[i]);
+        }
+    }
+    if (msg.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) *truncated = 1;
+    return n;
+}
+
+int shim_spawn_passing_fd(const char *path, char *const argv[], char *const envp[], int passfd, int childfd, int *pid) {
+    posix_spawn_file_actions_t actions;
+    posix_spawnattr_t attr;
+    int rc = posix_spawn_file_actions_init(&actions);
+    if (rc != 0) { errno = rc; return -1; }
+    rc = posix_spawnattr_init(&attr);
+    if (rc != 0) { posix_spawn_file_actions_destroy(&actions); errno = rc; return -1; }
+    // The child sees the socket at `childfd`, without close-on-exec (dup2
+    // clears it on the new descriptor), and nothing else beyond stdin,
+    // stdout and stderr: descriptors made without close-on-exec by
+    // libraries (a listening socket among them) must not stay open in it.
+    // It starts with no signal blocked and every signal at its default, as
+    // a process started by a shell would.
+    int source = passfd;
+    if (passfd == childfd) {
+        source = fcntl(passfd, F_DUPFD_CLOEXEC, childfd + 1);
+        if (source < 0) { posix_spawn_file_actions_destroy(&actions); posix_spawnattr_destroy(&attr); return -1; }
+    }
+    rc = posix_spawn_file_actions_adddup2(&actions, source, childfd);
+    if (rc == 0) rc = posix_spawn_file_actions_addclosefrom_np(&actions, childfd + 1);
+    sigset_t empty, all;
+    sigemptyset(&empty);
+    sigfillset(&all);
+    if (rc == 0) rc = posix_spawnattr_setsigmask(&attr, &empty);
+    if (rc == 0) rc = posix_spawnattr_setsigdefault(&attr, &all);
+    if (rc == 0) rc = posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
+    pid_t child = 0;
+    if (rc == 0) rc = posix_spawn(&child, path, &actions, &attr, argv, envp);
+    posix_spawn_file_actions_destroy(&actions);
+    posix_spawnattr_destroy(&attr);
+    if (source != passfd) close(source);
+    if (rc != 0) { errno = rc; return -1; }
+    *pid = (int)child;
+    return 0;
+}
+
+int shim_reap_child(int pid, int *status) {
+    int raw = 0;
+    int rc = waitpid(pid, &raw, WNOHANG);
+    if (rc <= 0) return rc;
+    *status = WIFEXITED(raw) ? WEXITSTATUS(raw) : 128 + (WIFSIGNALED(raw) ? WTERMSIG(raw) : 0);
+    return rc;
+}

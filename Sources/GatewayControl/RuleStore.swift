@@ -231,6 +231,20 @@ public struct RuleStore: Sendable {
         }
     }
 
+    /// Waits (polling, up to `timeoutMilliseconds`) until no snapshot is
+    /// being written, so that another process loading the directory now sees
+    /// a snapshot and the journals it names (a hot upgrade's successor).
+    /// - Returns: false when a compaction was still running at the deadline.
+    public func waitForCompaction(timeoutMilliseconds: Int = 30_000) -> Bool {
+        var waited = 0
+        while journal.state.withLock({ $0.compacting }) {
+            guard waited < timeoutMilliseconds else { return false }
+            BlockingWait.sleep(milliseconds: 5)
+            waited += 5
+        }
+        return true
+    }
+
     /// Starts a new journal generation now and writes the snapshot of this
     /// moment on a thread of its own; older journals go once it is durable.
     private func compact(_ j: inout Journal.State, rules: [RuleState]) {

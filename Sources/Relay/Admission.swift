@@ -19,8 +19,11 @@ public enum RefusalReason: String, CaseIterable, Sendable {
 /// count is atomic; it is touched once per connection, never per byte.
 public final class AdmissionGate: Sendable {
     public let address: String
-    private let count = Atomic<Int>(0)
+    fileprivate let count = Atomic<Int>(0)
     private let limitValue: Atomic<Int>
+
+    /// A gate of its own with no limit (a handed-over connection whose rule is gone).
+    static func unlimited(_ address: String) -> AdmissionGate { AdmissionGate(address: address, limit: Int.max) }
 
     init(address: String, limit: Int) {
         self.address = address
@@ -65,6 +68,13 @@ public final class AdmissionControl: Sendable {
             return .listenerLimit
         }
         return nil
+    }
+
+    /// Counts a connection handed over by a predecessor, even over a limit
+    /// (it is established already); released as any other.
+    func force(_ listener: AdmissionGate) {
+        global.count.wrappingAdd(1, ordering: .relaxed)
+        listener.count.wrappingAdd(1, ordering: .relaxed)
     }
 
     @inline(__always)

@@ -90,6 +90,11 @@ public final class SourcePortRegistry: Sendable {
         }
     }
 
+    /// Marks `port` taken toward `target` (a flow handed over by a predecessor).
+    func take(_ port: UInt16, toward target: SocketAddress) {
+        _ = taken.withLock { $0.insert(Key(port: port, target: target)) }
+    }
+
     func release(_ port: UInt16, toward target: SocketAddress) {
         _ = taken.withLock { $0.remove(Key(port: port, target: target)) }
     }
@@ -229,6 +234,12 @@ final class DatagramListener: EventHandler {
         counters.stats.flowsCreated += 1
         counters.stats.flowsActive += 1
         return flow
+    }
+
+    /// Takes a flow handed over by a predecessor.
+    func adoptFlow(_ flow: DatagramFlow) {
+        flows[flow.client] = flow
+        flow.counters.stats.flowsActive += 1
     }
 
     /// Removes flows idle for longer than their rule allows.
@@ -376,6 +387,17 @@ final class DatagramFlow: EventHandler {
         fd.close()
         if let port = sourcePort { listener.context.sourcePorts.release(port, toward: target) }
         if let route { rule.router?.router.flowEnded(client: client, route: route) }
+    }
+
+    /// This flow as a handover record with its socket.
+    func handoverRecord(loop: Int, now: UInt64) -> HandedSocket {
+        let state = HandoverRecord.FlowState(local: local.map { "\($0)" }, sourcePort: sourcePort,
+                                             idleNanoseconds: now &- lastActivity,
+                                             datagramsToTarget: datagramsToTarget, bytesToTarget: bytesToTarget,
+                                             datagramsToClient: datagramsToClient, bytesToClient: bytesToClient)
+        return HandedSocket(record: HandoverRecord(kind: .flow, loop: loop, listen: "\(listener.rules.address)", descriptors: 1,
+                                                   rule: rule.id, target: "\(target)", client: "\(client)", flow: state),
+                            descriptors: [fd])
     }
 
     var info: FlowInfo {

@@ -23,7 +23,7 @@ final class LoopContext: TimerHandler {
     private var sweeping = false
     let pool: PipePool
     let log: RateLimitedLog
-    private(set) var connections: [UInt64: RelayConnection] = [:]
+    fileprivate(set) var connections: [UInt64: RelayConnection] = [:]
     /// Connections of inspect-first rules whose inspector has not decided yet.
     private(set) var inspecting: [UInt64: InspectingConnection] = [:]
     /// Per rule id: connections accepted since the rule was installed (so the
@@ -35,9 +35,11 @@ final class LoopContext: TimerHandler {
     /// Connections accepted per rule id since the rule was installed.
     var acceptedByRule: [String: Int] { tcpCountersByRule.compactMapValues { $0.accepted > 0 ? $0.accepted : nil } }
     private var listeners: [SocketAddress: ListenerHandler] = [:]
-    private var nextID: UInt64 = 0
+    fileprivate var nextID: UInt64 = 0
     private var reserve: FileDescriptor?
     private(set) var draining = false
+    /// Handed over (hot upgrade): nothing is watched; timers only wait.
+    private(set) var suspended = false
 
     init(loop: EventLoop, settings: RelaySettings, admission: AdmissionControl, flowAdmission: AdmissionControl,
          sourcePorts: SourcePortRegistry, budget: PipeBudget, logger: Logger) {
@@ -138,6 +140,10 @@ final class LoopContext: TimerHandler {
 
     /// Once a second: expire idle UDP flows.
     func timerFired(tag: Int, loop: EventLoop) {
+        if suspended {
+            loop.schedule(afterNanoseconds: LoopContext.sweepInterval, target: self)
+            return
+        }
         for listener in udpListeners.values { listener.expire(now: loop.now) }
         if udpListeners.isEmpty {
             sweeping = false
@@ -444,6 +450,128 @@ final class LoopContext: TimerHandler {
     }
 }
 
+// MARK: Hot upgrade
+
+extension LoopContext {
+    /// Stops watching every listener, connection and flow of this loop,
+    /// closing nothing, and describes them with their descriptors.
+    func suspendForHandover() -> [HandedSocket] {
+        suspended = true
+        var handed: [HandedSocket] = []
+        let id = loop.id
+        for (address, listener) in listeners {
+            loop.deregister(listener.fd)
+            handed.append(HandedSocket(record: HandoverRecord(kind: .tcpListener, loop: id, listen: "\(address)", descriptors: 1),
+                                       descriptors: [listener.fd]))
+        }
+        for (address, listener) in udpListeners {
+            loop.deregister(listener.fd)
+            handed.append(HandedSocket(record: HandoverRecord(kind: .udpListener, loop: id, listen: "\(address)", descriptors: 1),
+                                       descriptors: [listener.fd]))
+            for flow in listener.flows.values {
+                loop.deregister(flow.fd)
+                handed.append(flow.handoverRecord(loop: id, now: loop.now))
+            }
+        }
+        for connection in connections.values {
+            connection.suspend()
+            if let record = connection.handoverRecord(loop: id, now: loop.now) { handed.append(record) }
+        }
+        return handed
+    }
+
+    /// The handover did not happen: everything is watched again, as it was.
+    func resumeAfterHandover() {
+        suspended = false
+        for listener in listeners.values {
+            listener.resumeAfterHandover()
+        }
+        for listener in udpListeners.values {
+            try? loop.register(listener.fd, interest: [.readable], handler: listener)
+            for flow in listener.flows.values { try? loop.register(flow.fd, interest: [.readable], handler: flow) }
+        }
+        for connection in Array(connections.values) { connection.resume() }
+    }
+
+    /// The successor holds everything: our descriptors close without a word
+    /// to any peer (the sockets live on in the successor).
+    func releaseAfterHandover() {
+        for listener in listeners.values { listener.close() }
+        listeners.removeAll()
+        // Flows were taken out of epoll at suspension; closing a listener
+        // closes its flows' descriptors without sending anything.
+        for listener in udpListeners.values { listener.close() }
+        udpListeners.removeAll()
+        for connection in Array(connections.values) { connection.releaseHandedOver() }
+        pool.drainIdle()
+    }
+
+    /// Takes a connection or flow a predecessor handed over (its rule
+    /// looked up in `rules` by id, else rebuilt from the record), watches it
+    /// and pumps it. On failure its descriptors are closed.
+    /// - Returns: nil, or why it was refused.
+    func adopt(_ item: HandedSocket, rules: RuleSet, byID: [String: RelayRule]) -> String? {
+        let record = item.record
+        func refuse(_ reason: String) -> String {
+            item.descriptors.forEach { $0.close() }
+            return "\(record.kind.rawValue) \(record.client ?? "?") on \(record.listen): \(reason)"
+        }
+        guard let listen = SocketAddress(record.listen), let client = record.client.flatMap(SocketAddress.init),
+              let target = record.target.flatMap(SocketAddress.init), let ruleID = record.rule else {
+            return refuse("addresses or rule missing")
+        }
+        switch record.kind {
+        case .connection:
+            guard let state = record.connection else { return refuse("no connection state") }
+            var rule = byID[ruleID] ?? RelayRule(id: ruleID, listen: listen, target: target,
+                                                 idleTimeoutNanoseconds: state.idleTimeoutNanoseconds)
+            // The connection keeps going where it went, whatever its rule says now.
+            rule.target = target
+            let gate = rules.listeners[listen]?.gate ?? AdmissionGate.unlimited(record.listen)
+            let ruleCounters = tcpCounters(for: ruleID)
+            nextID &+= 1
+            let connection: RelayConnection
+            do throws(HandoverError) {
+                connection = try RelayConnection.adopted(item, state: state, id: nextID, clientAddress: client, rule: rule,
+                                                         gate: gate, ruleCounters: ruleCounters, context: self)
+            } catch {
+                return refuse(error.message)
+            }
+            admission.force(gate)
+            connections[connection.id] = connection
+            ruleCounters.accepted &+= 1
+            counters.bump(counters.active)
+            connection.resume()
+            return nil
+        case .flow:
+            guard let state = record.flow else { return refuse("no flow state") }
+            guard let listener = udpListeners[listen] else { return refuse("no UDP listener for it on this loop") }
+            guard item.descriptors.count == 1 else { return refuse("\(item.descriptors.count) descriptor(s) for 1") }
+            let rule = byID[ruleID] ?? RelayRule(id: ruleID, listen: listen, target: target, transport: .udp)
+            if let port = state.sourcePort { sourcePorts.take(port, toward: target) }
+            let flow = DatagramFlow(fd: item.descriptors[0], client: client, local: state.local.flatMap(IPAddress.init),
+                                    rule: rule, target: target, route: nil, listener: listener,
+                                    counters: datagramCounters(for: ruleID), sourcePort: state.sourcePort,
+                                    now: loop.now &- min(state.idleNanoseconds, loop.now))
+            flow.datagramsToTarget = state.datagramsToTarget
+            flow.bytesToTarget = state.bytesToTarget
+            flow.datagramsToClient = state.datagramsToClient
+            flow.bytesToClient = state.bytesToClient
+            do {
+                try loop.register(flow.fd, interest: [.readable], handler: flow)
+            } catch {
+                if let port = state.sourcePort { sourcePorts.release(port, toward: target) }
+                return refuse("cannot watch it: \(error)")
+            }
+            flowAdmission.force(listener.rules.gate)
+            listener.adoptFlow(flow)
+            return nil
+        case .tcpListener, .udpListener:
+            return refuse("a listener is taken by apply, not adopt")
+        }
+    }
+}
+
 /// A loop's listening socket for one address, with the rules that use it.
 final class ListenerHandler: EventHandler, TimerHandler {
     let fd: FileDescriptor
@@ -479,6 +607,13 @@ final class ListenerHandler: EventHandler, TimerHandler {
                 continue
             }
         }
+    }
+
+    /// Watched again after a handover that did not happen.
+    func resumeAfterHandover() {
+        guard !closed else { return }
+        paused = false
+        try? context.loop.register(fd, interest: [.readable], handler: self)
     }
 
     func pause(nanoseconds: UInt64) {

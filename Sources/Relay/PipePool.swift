@@ -20,6 +20,10 @@ public final class PipeBudget: Sendable {
     }
 
     func give() { inUse.wrappingSubtract(1, ordering: .relaxed) }
+
+    /// Counts a pipe that came with a handed-over connection, even over the cap
+    /// (its bytes must be delivered).
+    func force() { inUse.wrappingAdd(1, ordering: .relaxed) }
 }
 
 /// A loop's pipes. A connection holds a pipe only while bytes are in flight
@@ -69,6 +73,12 @@ final class PipePool {
             pipe.close()
             budget.give()
         }
+    }
+
+    /// Takes a pipe that came with a handed-over connection, holding bytes.
+    func adopt(_ pipe: Pipe) {
+        inUse += 1
+        budget.force()
     }
 
     /// Closes a pipe that may hold stale bytes (its connection was reset).

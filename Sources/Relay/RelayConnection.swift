@@ -325,3 +325,118 @@ private final class InspectedStart {
         self.inspection = inspection
     }
 }
+
+// MARK: Hot upgrade
+
+extension RelayConnection {
+    /// Stops this connection's events and timers without touching its
+    /// sockets (hot upgrade); `resume` undoes it. The liveness options a
+    /// timer would have set later are set now.
+    func suspend() {
+        let loop = context.loop
+        if let timer = connectTimer { loop.cancel(timer); connectTimer = nil }
+        if let timer = idleTimer { loop.cancel(timer); idleTimer = nil }
+        if let timer = livenessTimer {
+            loop.cancel(timer)
+            livenessTimer = nil
+            Socket.apply(context.settings.liveness, to: upstream)
+        }
+        // epoll_ctl(DEL), not `forget`: the sockets stay open (the successor
+        // holds them too), so closing ours later would not take them out.
+        loop.deregister(client)
+        loop.deregister(upstream)
+    }
+
+    /// Watches the sockets (again), re-arms the timers and pumps both
+    /// directions: bytes may wait on either side, and edge-triggered
+    /// readiness announces only what arrives from now on.
+    func resume() {
+        let loop = context.loop
+        let interest: EpollEvents = [.readable, .writable, .readHangUp, .edgeTriggered]
+        do {
+            try loop.register(client, interest: interest, handler: self)
+            try loop.register(upstream, interest: interest, handler: self)
+        } catch {
+            context.log.limited(.connectFailure, "cannot watch the connection from \(clientAddress) again: \(error)")
+            return close(resetClient: true, resetUpstream: true)
+        }
+        switch state {
+        case .closed:
+            return
+        case .connecting:
+            connectTimer = loop.schedule(afterNanoseconds: context.settings.connectTimeoutNanoseconds,
+                                         target: self, tag: TimerTag.connect.rawValue)
+        case .established:
+            if let idle = rule.idleTimeoutNanoseconds {
+                lastActivity = loop.now
+                idleTimer = loop.schedule(afterNanoseconds: idle, target: self, tag: TimerTag.idle.rawValue)
+            }
+            settle(toTarget.pump(), toClient.pump())
+        }
+    }
+
+    /// This connection as a handover record with its descriptors: the two
+    /// sockets, then the pipes holding bytes in flight. Nil for a connection
+    /// an inspector started (the Security Gateway's), which does not travel.
+    func handoverRecord(loop: Int, now: UInt64) -> HandedSocket? {
+        guard inspected == nil else { return nil }
+        let (target, targetPipe) = toTarget.handoverState()
+        let (back, backPipe) = toClient.handoverState()
+        let state = HandoverRecord.ConnectionState(
+            established: self.state == .established, ageNanoseconds: now &- startedAt,
+            idleTimeoutNanoseconds: rule.idleTimeoutNanoseconds, clientSpokeDuringConnect: clientReadableDuringConnect,
+            toTarget: target, toClient: back)
+        let descriptors = [client, upstream] + targetPipe + backPipe
+        return HandedSocket(record: HandoverRecord(kind: .connection, loop: loop, listen: "\(rule.listen)",
+                                                   descriptors: descriptors.count, rule: rule.id,
+                                                   target: "\(rule.target)", client: "\(clientAddress)",
+                                                   connection: state),
+                            descriptors: descriptors)
+    }
+
+    /// A connection handed over by a predecessor, not yet watched (`resume` does that).
+    static func adopted(_ item: HandedSocket, state: HandoverRecord.ConnectionState, id: UInt64, clientAddress: SocketAddress,
+                        rule: RelayRule, gate: AdmissionGate, ruleCounters: TCPRuleCounters,
+                        context: LoopContext) throws(HandoverError) -> RelayConnection {
+        let fds = item.descriptors
+        let pipeCount = (state.toTarget.pipeCapacity != nil ? 2 : 0) + (state.toClient.pipeCapacity != nil ? 2 : 0)
+        guard fds.count == 2 + pipeCount else {
+            throw HandoverError("connection from \(clientAddress): \(fds.count) descriptor(s) for \(2 + pipeCount)")
+        }
+        let now = context.loop.now
+        let connection = RelayConnection(id: id, client: fds[0], upstream: fds[1], clientAddress: clientAddress, rule: rule,
+                                         gate: gate, ruleCounters: ruleCounters, context: context, now: now,
+                                         startedAt: now &- min(state.ageNanoseconds, now))
+        var next = 2
+        func pipe(_ direction: HandoverRecord.DirectionState) -> Pipe? {
+            guard let capacity = direction.pipeCapacity else { return nil }
+            defer { next += 2 }
+            return Pipe(readEnd: fds[next], writeEnd: fds[next + 1], capacity: capacity)
+        }
+        let targetPipe = pipe(state.toTarget)
+        let backPipe = pipe(state.toClient)
+        connection.toTarget = try .restoring(state.toTarget, pipe: targetPipe, source: fds[0], destination: fds[1], pool: context.pool)
+        do throws(HandoverError) {
+            connection.toClient = try .restoring(state.toClient, pipe: backPipe, source: fds[1], destination: fds[0], pool: context.pool)
+        } catch {
+            connection.toTarget.io.discardBuffer()
+            throw error
+        }
+        connection.state = state.established ? .established : .connecting
+        connection.clientReadableDuringConnect = state.clientSpokeDuringConnect
+        return connection
+    }
+
+    /// The successor holds the sockets now: close our descriptors (and
+    /// pipes) without a reset or shutdown, so the peers notice nothing.
+    func releaseHandedOver() {
+        guard state != .closed else { return }
+        let wasEstablished = state == .established
+        state = .closed
+        client.close()
+        upstream.close()
+        toTarget.io.discardBuffer()
+        toClient.io.discardBuffer()
+        context.connectionClosed(self, wasEstablished: wasEstablished)
+    }
+}

@@ -52,6 +52,16 @@ public struct RelayDirection<IO: DirectionIO> {
 
     public init(io: IO) { self.io = io }
 
+    /// A direction carried over from a predecessor process (hot upgrade):
+    /// `io` already holds the `inFlight` bytes.
+    public init(io: IO, inFlight: Int, delivered: UInt64, sourceEnded: Bool, finished: Bool) {
+        self.io = io
+        self.inFlight = inFlight
+        self.delivered = delivered
+        self.sourceEnded = sourceEnded
+        self.finished = finished
+    }
+
     /// Moves bytes until the source is empty, the destination is full, the
     /// stream ended or a side failed.
     public mutating func pump() -> PumpOutcome {
@@ -192,5 +202,61 @@ struct SocketDirectionIO: DirectionIO {
 
     func finishDestination() {
         if !closeFollows { Socket.shutdownWrite(destination) }
+    }
+}
+
+// MARK: Hot upgrade
+
+extension RelayDirection where IO == SocketDirectionIO {
+    /// This direction as a handover record, with the pipe's two ends when
+    /// its in-flight bytes are in one (the pipe then travels with it).
+    func handoverState() -> (HandoverRecord.DirectionState, [FileDescriptor]) {
+        var state = HandoverRecord.DirectionState(
+            delivered: delivered, inFlight: inFlight, sourceEnded: sourceEnded, finished: finished,
+            pipeCapacity: nil, memory: nil, spliceUnsupported: io.spliceUnsupported, fellBack: io.fellBack,
+            closeFollows: io.closeFollows)
+        var descriptors: [FileDescriptor] = []
+        // A buffer is held only while bytes are in flight (it goes back when
+        // the pump finds it empty), so bytes in flight means a carrier.
+        if inFlight > 0 {
+            switch io.carrier {
+            case .pipe(let pipe):
+                state.pipeCapacity = pipe.capacity
+                descriptors = [pipe.readEnd, pipe.writeEnd]
+            case .memory(let buffer, let offset, let end):
+                state.memory = HandoverBase64.encode(UnsafeRawBufferPointer(rebasing: buffer[offset..<end]))
+            case .none:
+                state.inFlight = 0
+            }
+        }
+        return (state, descriptors)
+    }
+
+    /// A direction rebuilt from `state`, with `pipe` holding its in-flight
+    /// bytes when they came in one.
+    static func restoring(_ state: HandoverRecord.DirectionState, pipe: Pipe?, source: FileDescriptor,
+                          destination: FileDescriptor, pool: PipePool) throws(HandoverError) -> Self {
+        var io = SocketDirectionIO(source: source, destination: destination, pool: pool)
+        io.spliceUnsupported = state.spliceUnsupported
+        io.fellBack = state.fellBack
+        io.closeFollows = state.closeFollows
+        guard state.inFlight >= 0 else { throw HandoverError("negative bytes in flight") }
+        if state.inFlight > 0 {
+            if let pipe {
+                pool.adopt(pipe)
+                io.carrier = .pipe(pipe)
+            } else if let text = state.memory, let bytes = HandoverBase64.decode(text) {
+                guard bytes.count == state.inFlight else {
+                    throw HandoverError("\(bytes.count) byte(s) in memory for \(state.inFlight) in flight")
+                }
+                let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: max(bytes.count, SocketDirectionIO.memoryChunk), alignment: 16)
+                buffer.copyBytes(from: bytes)
+                io.carrier = .memory(buffer, offset: 0, end: bytes.count)
+            } else {
+                throw HandoverError("\(state.inFlight) byte(s) in flight but neither a pipe nor memory holds them")
+            }
+        }
+        return RelayDirection(io: io, inFlight: state.inFlight, delivered: state.delivered,
+                              sourceEnded: state.sourceEnded, finished: state.finished)
     }
 }

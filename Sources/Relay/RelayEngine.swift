@@ -29,6 +29,12 @@ public final class RelayEngine: Sendable {
         /// Listening sockets the service manager passed (socket activation),
         /// by address: the first rule set that wants the address takes it.
         var inherited: [SocketAddress: FileDescriptor] = [:]
+        /// Listening sockets a predecessor handed over (hot upgrade), by
+        /// address, in its loops' order: rules on those addresses use them.
+        var handedTCP: [SocketAddress: [FileDescriptor]] = [:]
+        var handedUDP: [SocketAddress: [FileDescriptor]] = [:]
+        /// Everything is suspended for a handover: no rule change.
+        var handingOver = false
     }
 
     /// Holds the per-loop contexts; each is touched only by commands on its own loop.
@@ -88,6 +94,7 @@ public final class RelayEngine: Sendable {
         try RuleError.validate(rules)
         try control.withLock { state throws(RuleError) in
             guard !state.stopped else { throw RuleError.invalid(rule: "-", reason: "the relay is shutting down") }
+            guard !state.handingOver else { throw RuleError.invalid(rule: "-", reason: "the relay is being handed to its successor") }
             let current = Set(state.ruleSet.listeners.keys)
             let wanted = Set(rules.filter { $0.transport.contains(.tcp) }.map(\.listen))
             let currentUDP = Set(state.ruleSet.udpListeners.keys)
@@ -104,6 +111,11 @@ public final class RelayEngine: Sendable {
             do throws(RuleError) {
                 for address in wanted.subtracting(current).sorted(by: { $0.description < $1.description }) {
                     let owner = owners[address]!
+                    if let handed = state.handedTCP[address] {
+                        // Hot upgrade: loop i takes the predecessor's socket i.
+                        opened[address] = try Self.spread(handed, over: group.loops.count, owner: owner, address: address)
+                        continue
+                    }
                     if let passed = state.inherited[address] {
                         // Socket activation: loop 0 takes the passed socket, the others a duplicate.
                         var fds = [passed]
@@ -141,6 +153,10 @@ public final class RelayEngine: Sendable {
                 }
                 for address in wantedUDP.subtracting(currentUDP).sorted(by: { $0.description < $1.description }) {
                     let owner = udpOwners[address]!
+                    if let handed = state.handedUDP[address] {
+                        openedUDP[address] = try Self.spread(handed, over: group.loops.count, owner: owner, address: address)
+                        continue
+                    }
                     do throws(SystemCallError) {
                         try Socket.probeFreeUDP(address)
                         var fds: [FileDescriptor] = []
@@ -160,9 +176,12 @@ public final class RelayEngine: Sendable {
                     }
                 }
             } catch {
-                // A passed socket stays open (and adoptable); its duplicates close.
-                for (address, fds) in opened { (state.inherited[address] != nil ? Array(fds.dropFirst()) : fds).forEach { $0.close() } }
-                for fds in openedUDP.values { fds.forEach { $0.close() } }
+                // A passed or handed socket stays open (and adoptable); its duplicates close.
+                for (address, fds) in opened {
+                    let kept = state.handedTCP[address]?.count ?? (state.inherited[address] != nil ? 1 : 0)
+                    fds.dropFirst(kept).forEach { $0.close() }
+                }
+                for (address, fds) in openedUDP { fds.dropFirst(state.handedUDP[address]?.count ?? 0).forEach { $0.close() } }
                 throw error
             }
 
@@ -195,7 +214,11 @@ public final class RelayEngine: Sendable {
             }
             let ruleSet = RuleSet(rules: rules, gates: gates, udpGates: udpGates)
             state.ruleSet = ruleSet
-            for address in opened.keys { state.inherited[address] = nil }
+            for address in opened.keys {
+                state.inherited[address] = nil
+                state.handedTCP[address] = nil
+            }
+            for address in openedUDP.keys { state.handedUDP[address] = nil }
             state.gates = gates
             state.udpGates = udpGates
             let sockets = opened
@@ -207,6 +230,140 @@ public final class RelayEngine: Sendable {
             }
         }
         logger.log(level: logLevel, "rules applied: \(rules.count) rule(s) on \(Set(rules.map(\.listen)).count) address(es)")
+    }
+
+    /// One socket per loop from the handed ones: loop i takes socket i;
+    /// missing ones are duplicates of the first (the successor has more
+    /// loops). Extra ones cannot be given a loop: the caller keeps them
+    /// only when the loop counts match, which the upgrade arranges.
+    private static func spread(_ handed: [FileDescriptor], over loops: Int, owner: String,
+                               address: SocketAddress) throws(RuleError) -> [FileDescriptor] {
+        var fds = Array(handed.prefix(loops))
+        do throws(Errno) {
+            while fds.count < loops { fds.append(try Socket.duplicate(handed[0])) }
+        } catch {
+            fds.dropFirst(handed.count).forEach { $0.close() }
+            throw RuleError.listenFailed(rule: owner, address: address, SystemCallError("fcntl(F_DUPFD_CLOEXEC)", error, context: "of the handed socket for \(address)"))
+        }
+        return fds
+    }
+
+    // MARK: Hot upgrade
+
+    /// The number of loops (a successor runs as many, so that each UDP
+    /// flow stays with the socket its client's datagrams reach).
+    public var loopCount: Int { group.loops.count }
+
+    /// Stops watching every listener, connection and flow, closing nothing,
+    /// and returns them with their descriptors for a successor process.
+    /// Rule changes are refused until `resumeAfterHandover` or
+    /// `releaseAfterHandover`. The pause a relayed stream sees starts here.
+    /// - Throws: `HandoverError` when the rules cannot travel (an inspector
+    ///   or a router, as the Security Gateway's), with nothing suspended.
+    public func suspendForHandover() throws(HandoverError) -> [HandedSocket] {
+        try control.withLock { state throws(HandoverError) in
+            guard !state.stopped else { throw HandoverError("the relay is shutting down") }
+            guard !state.handingOver else { throw HandoverError("a handover is already under way") }
+            if let rule = state.ruleSet.rules.first(where: { $0.inspector != nil || $0.router != nil }) {
+                throw HandoverError("rule \"\(rule.id)\" inspects or routes its connections; such sessions cannot be handed over")
+            }
+            state.handingOver = true
+        }
+        return gather { $0.suspendForHandover() }.flatMap { $0 }
+    }
+
+    /// The successor did not take over: everything is watched again and
+    /// rule changes are accepted.
+    public func resumeAfterHandover() {
+        let contexts = self.contexts
+        group.onEveryLoop { loop in contexts.all[loop.id].resumeAfterHandover() }
+        control.withLock { $0.handingOver = false }
+    }
+
+    /// The successor took everything: our descriptors close without a
+    /// word to any peer, and the relay stops (the caller exits).
+    public func releaseAfterHandover() {
+        control.withLock { state in
+            state.stopped = true
+            state.ruleSet = .empty
+        }
+        let contexts = self.contexts
+        group.onEveryLoop { loop in contexts.all[loop.id].releaseAfterHandover() }
+        group.shutdown()
+    }
+
+    /// Takes the listening sockets of a predecessor's handover: the rules
+    /// applied next use them for their addresses instead of binding.
+    /// - Returns: problems with records that were not listeners of a known
+    ///   address (their descriptors closed).
+    public func inheritHandedListeners(_ items: [HandedSocket]) -> [String] {
+        var problems: [String] = []
+        control.withLock { state in
+            var tcp: [SocketAddress: [(Int, FileDescriptor)]] = [:]
+            var udp: [SocketAddress: [(Int, FileDescriptor)]] = [:]
+            for item in items where item.record.kind == .tcpListener || item.record.kind == .udpListener {
+                guard let address = SocketAddress(item.record.listen), item.descriptors.count == 1 else {
+                    problems.append("\(item.record.kind.rawValue) \(item.record.listen): not an address with one socket")
+                    item.descriptors.forEach { $0.close() }
+                    continue
+                }
+                if item.record.kind == .tcpListener {
+                    tcp[address, default: []].append((item.record.loop, item.descriptors[0]))
+                } else {
+                    udp[address, default: []].append((item.record.loop, item.descriptors[0]))
+                }
+            }
+            for (address, fds) in tcp { state.handedTCP[address] = fds.sorted { $0.0 < $1.0 }.map(\.1) }
+            for (address, fds) in udp { state.handedUDP[address] = fds.sorted { $0.0 < $1.0 }.map(\.1) }
+        }
+        return problems
+    }
+
+    /// Closes handed listening sockets no rule took (their addresses are
+    /// gone from the successor's rules).
+    /// - Returns: the addresses closed.
+    public func discardUnclaimedHandedListeners() -> [String] {
+        control.withLock { state in
+            let closed = state.handedTCP.keys.map { "tcp \($0)" } + state.handedUDP.keys.map { "udp \($0)" }
+            state.handedTCP.values.joined().forEach { $0.close() }
+            state.handedUDP.values.joined().forEach { $0.close() }
+            state.handedTCP.removeAll()
+            state.handedUDP.removeAll()
+            return closed.sorted()
+        }
+    }
+
+    /// Takes the connections and flows a predecessor handed over, each on
+    /// the loop of the same number (flows must be: their client's datagrams
+    /// reach that loop's socket), watches them and pumps them. Call after
+    /// the rules are applied (with the handed listeners).
+    public func adopt(_ items: [HandedSocket]) -> AdoptionReport {
+        let ruleSet = control.withLock { $0.ruleSet }
+        let byID = Dictionary(ruleSet.rules.map { ($0.id, $0) }, uniquingKeysWith: { first, _ in first })
+        let loops = group.loops.count
+        var perLoop = [[HandedSocket]](repeating: [], count: loops)
+        for item in items where item.record.kind == .connection || item.record.kind == .flow {
+            perLoop[((item.record.loop % loops) + loops) % loops].append(item)
+        }
+        let work = perLoop
+        let reports = gather { context -> AdoptionReport in
+            var report = AdoptionReport()
+            for item in work[context.loop.id] {
+                if let problem = context.adopt(item, rules: ruleSet, byID: byID) {
+                    report.refused.append(problem)
+                } else if item.record.kind == .connection {
+                    report.connections += 1
+                } else {
+                    report.flows += 1
+                }
+            }
+            return report
+        }
+        return reports.reduce(into: AdoptionReport()) { all, one in
+            all.connections += one.connections
+            all.flows += one.flows
+            all.refused += one.refused
+        }
     }
 
     /// The rules in force.

@@ -51,6 +51,13 @@ public final class ServiceManagerLink: Service, Sendable {
         notifier.stopping(status: "stopping: " + status())
     }
 
+    /// A successor took over (hot upgrade): the service manager follows
+    /// it, and this process's heartbeat ends (the successor has its own).
+    public func handedOver(to pid: Int32) {
+        notifier.mainPID(pid, status: "handed over to pid \(pid)")
+        heartbeat?.stop()
+    }
+
     /// The daemon is about to exit.
     public func finish() {
         heartbeat?.stop()

@@ -26,6 +26,9 @@ public struct ServiceNotifier: Sendable {
     public func reloaded(status: String) { ready(status: status) }
     public func stopping(status: String) { send("STOPPING=1\nSTATUS=\(Self.clean(status))") }
     public func watchdog() { send("WATCHDOG=1") }
+    /// A successor process carries on (hot upgrade): systemd follows `pid`
+    /// from now on (the main process may say so under NotifyAccess=main).
+    public func mainPID(_ pid: Int32, status: String) { send("MAINPID=\(pid)\nSTATUS=\(Self.clean(status))") }
 
     /// A status is one line.
     static func clean(_ text: String) -> String {

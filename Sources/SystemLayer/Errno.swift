@@ -30,6 +30,8 @@ public struct Errno: Error, Equatable, Hashable, Sendable, CustomStringConvertib
     public static let hostUnreachable = Errno(rawValue: EHOSTUNREACH)
     public static let networkUnreachable = Errno(rawValue: ENETUNREACH)
     public static let permissionDenied = Errno(rawValue: EACCES)
+    public static let messageTooLong = Errno(rawValue: EMSGSIZE)
+    public static let noChild = Errno(rawValue: ECHILD)
 
     /// True for EMFILE and ENFILE: the process or system ran out of descriptors.
     public var isDescriptorExhaustion: Bool { self == .tooManyOpenFiles || self == .tooManyOpenFilesInSystem }
@@ -63,6 +65,8 @@ public struct Errno: Error, Equatable, Hashable, Sendable, CustomStringConvertib
         case EHOSTUNREACH: "EHOSTUNREACH"
         case ENETUNREACH: "ENETUNREACH"
         case EACCES: "EACCES"
+        case EMSGSIZE: "EMSGSIZE"
+        case ECHILD: "ECHILD"
         case EPERM: "EPERM"
         case ENOENT: "ENOENT"
         default: "errno \(rawValue)"

@@ -8,6 +8,13 @@ public struct Pipe: Sendable {
     /// The pipe's capacity in bytes, as the kernel granted it.
     public let capacity: Int
 
+    /// A pipe whose ends came from elsewhere (handed over by a predecessor).
+    public init(readEnd: FileDescriptor, writeEnd: FileDescriptor, capacity: Int) {
+        self.readEnd = readEnd
+        self.writeEnd = writeEnd
+        self.capacity = capacity
+    }
+
     /// Creates a non-blocking pipe and asks for `size` bytes of capacity.
     /// The kernel may grant less (e.g. when the user's pipe quota is spent);
     /// `capacity` says what it granted.

@@ -69,6 +69,7 @@ public enum ProcessSignal: Int32, Sendable {
     case hangUp = 1      // SIGHUP: reload
     case interrupt = 2   // SIGINT: fast stop
     case user1 = 10      // SIGUSR1: status dump
+    case user2 = 12      // SIGUSR2: hot upgrade (the gateway)
     case terminate = 15  // SIGTERM: graceful drain
 
     /// Blocks the handled signals (and SIGPIPE) in the calling thread. Call it

@@ -27,7 +27,10 @@ final class ControlPlane: Sendable {
     let control: GatewayControl
     let agent: BrokerAgent
     let directory: StateDirectory
-    private let server: ServerTask
+    private let server = Mutex<ServerTask?>(nil)
+    private let listen: SocketAddress
+    private let tls: ServerTLS?
+    private let configuredURL: String?
     private let maintenance = Mutex<ThreadHandle?>(nil)
     private let stopped = Atomic<Bool>(false)
     private let logger: Logger
@@ -35,9 +38,11 @@ final class ControlPlane: Sendable {
     private let forwardListen: SocketAddress?
     private let gatewaySignature: String
 
-    /// Loads the state directory, restores the persisted rules with the
-    /// config's forwards, opens the control endpoint, then registers.
-    /// - Throws: `ControlError` (state files, the control endpoint) or `RuleError` (the config's forwards).
+    /// Loads the state directory and restores the persisted rules with the
+    /// config's forwards (the relay serves them from here on); `start`
+    /// then opens the control endpoint and registers. (A hot upgrade's
+    /// successor adopts the handed sessions between the two.)
+    /// - Throws: `ControlError` (state files, the certificate) or `RuleError` (the config's forwards).
     init(engine: RelayEngine, config: GatewayConfiguration, directory: StateDirectory, logger: Logger) throws {
         self.directory = directory
         self.logger = logger
@@ -48,6 +53,8 @@ final class ControlPlane: Sendable {
         let key = try directory.loadKey()
         let range = stored.portRange.map { $0.first...$0.last } ?? 20001...22000
         let listen = config.controlListen!
+        self.listen = listen
+        configuredURL = config.controlURL
         let own = [listen] + config.rules.map(\.listen) + (config.brokerForwardListen.map { [$0] } ?? []) + (config.metricsListen.map { [$0] } ?? [])
         var settings = ControlSettings(publicAddress: config.publicAddress, desktopNetworks: config.desktopNetworks,
                                        portRange: range, ownAddresses: own)
@@ -92,7 +99,21 @@ final class ControlPlane: Sendable {
                 throw ControlError(500, field: error.field, error.description)
             }
         }
+        self.tls = tls
+        agent = BrokerAgent(control: control, version: gatewayVersion, controlURL: config.controlURL ?? "",
+                            portRange: PortRange(first: range.lowerBound, last: range.upperBound),
+                            controlCertificate: tls?.certificatePEM, logger: logger)
+        current.withLock { $0 = stored }
+        agent.configure(target(stored, signer), portRange: PortRange(first: range.lowerBound, last: range.upperBound))
+        updateForwarding(stored, signer)
+    }
+
+    /// Opens the control endpoint, starts registration and the maintenance
+    /// thread, and writes the pid file.
+    /// - Throws: `ControlError` (the endpoint) or `Errno` (a thread).
+    func start() throws {
         let bound = Mutex<String?>(nil)
+        let server: ServerTask
         do {
             let app = try ControlServer.application(control: control, address: .hostname("\(listen.ip)", port: Int(listen.port)),
                                                     logger: logger, tls: tls?.configuration,
@@ -101,23 +122,20 @@ final class ControlPlane: Sendable {
         } catch {
             throw ControlError(500, field: "control_listen", "control_listen: cannot serve on \(listen): \(error)")
         }
+        self.server.withLock { $0 = server }
         let address = server.address
         let boundAddress = SocketAddress(address)
         control.updateSettings { settings in
             if let boundAddress { settings.ownAddresses.append(boundAddress) }
         }
-        let url = config.controlURL ?? "\(tls == nil ? "http" : "https")://\(address)"
-        agent = BrokerAgent(control: control, version: gatewayVersion, controlURL: url,
-                            portRange: PortRange(first: range.lowerBound, last: range.upperBound),
-                            controlCertificate: tls?.certificatePEM, logger: logger)
-        current.withLock { $0 = stored }
-        agent.configure(target(stored, signer), portRange: PortRange(first: range.lowerBound, last: range.upperBound))
-        updateForwarding(stored, signer)
+        let url = configuredURL ?? "\(tls == nil ? "http" : "https")://\(address)"
+        agent.setControlURL(url)
         try agent.start()
         writeStatus()
         try directory.writePID(SystemInfo.processID)
         let handle = try SystemThread.spawn(name: "gw-maintain") { [self] in maintain() }
         maintenance.withLock { $0 = handle }
+        let stored = current.withLock { $0 }
         logger.info("control endpoint on \(address) (\(url)\(tls.map { ", TLS with \($0.source)" } ?? "")); state in \(directory.path); broker: \(stored.broker ?? "not set")")
     }
 
@@ -207,11 +225,18 @@ final class ControlPlane: Sendable {
     }
 
     /// Stops registration, the endpoint and the maintenance thread; the relay is the caller's.
-    func stop() {
+    /// - Parameter handingOver: a successor takes over (hot upgrade): the pid
+    ///   and status files stay for it to replace, and no rule changes after
+    ///   this returns (the journal's snapshot is complete on disk).
+    func stop(handingOver: Bool = false) {
         stopped.store(true, ordering: .relaxed)
         agent.stop()
         if let handle = maintenance.withLock({ h -> ThreadHandle? in let t = h; h = nil; return t }) { handle.join() }
-        server.stop()
+        server.withLock { s -> ServerTask? in let t = s; s = nil; return t }?.stop()
+        if handingOver {
+            if !control.store.waitForCompaction() { logger.warning("upgrade: the rules snapshot was still being written after 30 s") }
+            return
+        }
         directory.removePID()
         StateFile.remove(directory.statusPath)
     }

@@ -21,7 +21,9 @@ struct GatewayCommand: ParsableCommand {
         Signals while serving: SIGTERM stops accepting and lets sessions finish
         for drain_timeout; SIGHUP re-reads the config and the state directory
         without dropping a session (a bad config is reported and the old one
-        kept); SIGINT stops at once; SIGUSR1 logs the counters.
+        kept); SIGINT stops at once; SIGUSR1 logs the counters; SIGUSR2 upgrades
+        without dropping a session: the binary now at the path this one was
+        started from takes over every listening socket and live connection.
 
         Control plane (when the config sets control_listen): set the broker with
         `leostream-gateway --broker ADDRESS --gateway-id N --control-key-file FILE`
@@ -114,10 +116,15 @@ struct Serve: ParsableCommand {
         // Before any thread starts, so that every thread inherits the mask and
         // signals are taken only by the wait below.
         ProcessSignal.blockAll()
+        // The file SIGUSR2 will start: its path now, before anyone replaces it.
+        _ = Upgrade.executablePath
+        // Started by a running gateway for a hot upgrade (SIGUSR2)?
+        let takeover = Upgrade.successorChannel()
         let parsed: GatewayConfiguration
         do {
             parsed = try ConfigParser.load(path: config)
         } catch {
+            takeover?.channel.abort("\(error)")
             printError("error: \(error)")
             throw ExitCode(2)
         }
@@ -126,32 +133,48 @@ struct Serve: ParsableCommand {
         var logger = Logger(label: "leostream-gateway")
         logger.logLevel = level
 
+        var settings = parsed.settings
+        var predecessor: Int32?
+        if let takeover {
+            do throws(UpgradeFailure) {
+                let manifest = try takeover.hello(pid: SystemInfo.processID, version: gatewayVersion)
+                predecessor = manifest.pid
+                if manifest.loops != settings.loops {
+                    logger.warning("upgrade: loops = \(settings.loops) in \(config) takes effect at the next restart; the \(manifest.loops) running loop(s) are kept (each UDP flow stays with its socket)")
+                    settings.loops = manifest.loops
+                }
+                logger.notice("upgrade: taking over from pid \(manifest.pid) (\(manifest.version))")
+            } catch {
+                printError("error: upgrade: \(error)")
+                throw ExitCode(1)
+            }
+        }
         let engine: RelayEngine
         do {
-            engine = try RelayEngine(settings: parsed.settings, logger: logger)
+            engine = try RelayEngine(settings: settings, logger: logger)
         } catch {
+            takeover?.channel.abort("cannot start the event loops: \(error)")
             printError("error: cannot start the event loops: \(error)")
             throw ExitCode(1)
         }
-        // Socket activation: listening sockets systemd passed (a .socket
-        // unit) serve the forwards on their addresses.
-        do {
-            let passed = try Systemd.passedSockets()
-            if !passed.isEmpty {
-                let (adopted, refused) = engine.adopt(passed.map(\.fd))
-                for address in adopted { logger.info("socket activation: listener \(address) passed by the service manager") }
-                for fd in refused {
-                    logger.warning("socket activation: descriptor \(fd.rawValue) is not a listening TCP socket (or repeats an address); closed")
-                    fd.close()
-                }
+        var handed: [HandedSocket] = []
+        var suspendedAt: UInt64 = 0
+        if let takeover {
+            do throws(UpgradeFailure) {
+                (handed, suspendedAt) = try takeover.receiveSockets()
+            } catch {
+                printError("error: upgrade: \(error)")
+                engine.shutdown()
+                throw ExitCode(1)
             }
-        } catch {
-            logger.warning("socket activation: LISTEN_FDS cannot be read: \(error)")
+            for problem in engine.inheritHandedListeners(handed) { logger.warning("upgrade: \(problem)") }
+        } else {
+            Self.adoptActivatedSockets(engine: engine, logger: logger)
         }
         let planeBox = Mutex<ControlPlane?>(nil)
         GatewayOperations.registerMetrics(engine: engine, plane: { planeBox.withLock { $0 } })
+        let metricsBox = Mutex<ServerTask?>(nil)
         var plane: ControlPlane?
-        var metricsListener: ServerTask?
         do {
             if parsed.controlListen != nil {
                 plane = try ControlPlane(engine: engine, config: parsed, directory: StateDirectory(global.stateDir), logger: logger)
@@ -159,30 +182,49 @@ struct Serve: ParsableCommand {
             } else {
                 try engine.apply(parsed.rules)
             }
+            if let takeover, let predecessor {
+                // Rules are served on the handed listeners; now the commit.
+                do throws(UpgradeFailure) {
+                    try takeover.confirm(count: handed.count)
+                } catch {
+                    throw UpgradeFailure("pid \(predecessor) keeps serving: \(error)")
+                }
+                takeover.channel.socket.close()
+                let report = engine.adopt(handed)
+                for problem in report.refused { logger.warning("upgrade: not taken: \(problem)") }
+                for address in engine.discardUnclaimedHandedListeners() {
+                    logger.warning("upgrade: listener \(address) closed: no rule of this config uses it")
+                }
+                let paused = Double((MonotonicClock.nowNanoseconds &- suspendedAt) / 1000) / 1000
+                logger.notice("upgrade: took over \(report.connections) connection(s) and \(report.flows) UDP flow(s) from pid \(predecessor); the relay was paused \(paused) ms\(report.refused.isEmpty ? "" : "; \(report.refused.count) not taken")")
+            }
+            try plane?.start()
             if let listen = parsed.metricsListen {
-                metricsListener = try MetricsListener.start(listen: listen, logger: logger)
-                logger.info("metrics on http://\(metricsListener!.address)/metrics")
+                let listener = try MetricsListener.start(listen: listen, logger: logger)
+                metricsBox.withLock { $0 = listener }
+                logger.info("metrics on http://\(listener.address)/metrics")
             }
         } catch {
+            takeover?.channel.abort("\(error)")
             printError("error: \(config): \(error)")
             plane?.stop()
             engine.shutdown()
             throw ExitCode(1)
         }
-        logger.info("ready: \(parsed.rules.count) forward(s), \(parsed.settings.loops) loop(s), max_connections=\(parsed.settings.maxConnections), pid=\(ProcessInfoLite.pid)")
+        logger.info("ready: \(parsed.rules.count) forward(s), \(settings.loops) loop(s), max_connections=\(settings.maxConnections), pid=\(ProcessInfoLite.pid)")
         for rule in parsed.rules { logger.info("forward \(rule)", metadata: ["rule": "\(rule.id)", "target": "\(rule.target)"]) }
         // Listeners are open and state restored: only now READY=1.
-        let runningPlane = plane
         let link = ServiceManagerLink(loops: engine.loopProbes, logger: logger,
-                                      status: { GatewayOperations.status(engine: engine, plane: runningPlane) })
+                                      status: { GatewayOperations.status(engine: engine, plane: planeBox.withLock { $0 }) })
         link.ready()
         defer {
             link.finish()
-            metricsListener?.stop()
+            metricsBox.withLock { $0 }?.stop()
         }
 
         var current = parsed
         while true {
+            let plane = planeBox.withLock { $0 }
             switch ProcessSignal.wait() {
             case .hangUp?:
                 link.reloading()
@@ -193,6 +235,10 @@ struct Serve: ParsableCommand {
                 logger.notice("stats: \(engine.stats())")
                 if let kernel = plane?.control.kernelSummary() {
                     logger.notice("kernel path: \(kernel.forwards) forward(s), \(kernel.traffic.flows) flow(s), \(kernel.traffic.packets) packet(s), \(kernel.traffic.bytes) byte(s), \(kernel.traffic.offloadedClients) offloaded client(s)\(kernel.problem.map { "; problem: \($0)" } ?? "")")
+                }
+            case .user2?:
+                if upgrade(engine: engine, config: current, planeBox: planeBox, metricsBox: metricsBox, link: link, logger: logger) {
+                    return
                 }
             case .terminate?:
                 let seconds = Double(current.drainTimeoutNanoseconds) / 1e9
@@ -215,6 +261,66 @@ struct Serve: ParsableCommand {
             case nil:
                 continue
             }
+        }
+    }
+
+    /// Socket activation: listening sockets systemd passed (a .socket
+    /// unit) serve the forwards on their addresses.
+    private static func adoptActivatedSockets(engine: RelayEngine, logger: Logger) {
+        do {
+            let passed = try Systemd.passedSockets()
+            if !passed.isEmpty {
+                let (adopted, refused) = engine.adopt(passed.map(\.fd))
+                for address in adopted { logger.info("socket activation: listener \(address) passed by the service manager") }
+                for fd in refused {
+                    logger.warning("socket activation: descriptor \(fd.rawValue) is not a listening TCP socket (or repeats an address); closed")
+                    fd.close()
+                }
+            }
+        } catch {
+            logger.warning("socket activation: LISTEN_FDS cannot be read: \(error)")
+        }
+    }
+
+    /// SIGUSR2: hands every socket to the binary now at this one's path.
+    /// - Returns: true when the successor took over (this process exits);
+    ///   false when it did not (everything runs on, as it was).
+    private func upgrade(engine: RelayEngine, config: GatewayConfiguration, planeBox: borrowing Mutex<ControlPlane?>,
+                         metricsBox: borrowing Mutex<ServerTask?>, link: ServiceManagerLink, logger: Logger) -> Bool {
+        logger.notice("SIGUSR2: upgrading to \(Upgrade.executablePath ?? "?")")
+        do throws(UpgradeFailure) {
+            let summary = try Upgrade.handOver(engine: engine, logger: logger, stopControl: {
+                planeBox.withLock { $0 }?.stop(handingOver: true)
+                metricsBox.withLock { m -> ServerTask? in let t = m; m = nil; return t }?.stop()
+            }, restartControl: {
+                restartControl(engine: engine, config: config, planeBox: planeBox, metricsBox: metricsBox, logger: logger)
+            })
+            link.handedOver(to: summary.successor)
+            let milliseconds = Double(summary.pauseNanoseconds / 1000) / 1000
+            logger.notice("upgrade: handed over \(summary.connections) connection(s), \(summary.flows) UDP flow(s) and \(summary.listeners) listening socket(s) to pid \(summary.successor) (\(milliseconds) ms from suspension to release); exiting")
+            return true
+        } catch {
+            logger.error("upgrade failed: \(error); still serving every session")
+            return false
+        }
+    }
+
+    /// A handover failed after the control plane stopped: it starts again
+    /// (the relay kept its rules; restoring re-applies the same set).
+    private func restartControl(engine: RelayEngine, config: GatewayConfiguration, planeBox: borrowing Mutex<ControlPlane?>,
+                                metricsBox: borrowing Mutex<ServerTask?>, logger: Logger) {
+        do {
+            if config.controlListen != nil {
+                let plane = try ControlPlane(engine: engine, config: config, directory: StateDirectory(global.stateDir), logger: logger)
+                try plane.start()
+                planeBox.withLock { $0 = plane }
+            }
+            if let listen = config.metricsListen {
+                let listener = try MetricsListener.start(listen: listen, logger: logger)
+                metricsBox.withLock { $0 = listener }
+            }
+        } catch {
+            logger.critical("upgrade: the control plane cannot start again: \(error); the relay serves on, without it")
         }
     }
 

@@ -79,7 +79,7 @@ extern const int SHIM_IPV6_V6ONLY;
 
 // MARK: signals and threads
 
-/// Blocks SIGTERM, SIGINT, SIGHUP, SIGUSR1 and SIGPIPE in the calling thread,
+/// Blocks SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2 and SIGPIPE in the calling thread,
 /// so that threads started afterwards inherit the mask and the signals are
 /// taken only by `shim_wait_signal`.
 int shim_block_process_signals(void);
@@ -112,6 +112,26 @@ long shim_open_files_limit(void);
 int shim_set_open_files_limit(long soft);
 /// Monotonic clock in nanoseconds.
 uint64_t shim_monotonic_ns(void);
+
+
+// MARK: descriptor passing (hot upgrade)
+
+/// The most descriptors one message carries (the kernel's SCM_MAX_FD is 253).
+#define SHIM_MAX_PASSED_FDS 250
+/// socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK): messages keep their bounds.
+int shim_seqpacket_pair(int fds[2]);
+/// One message with `nfds` descriptors attached (SCM_RIGHTS); MSG_NOSIGNAL.
+ssize_t shim_send_fds(int sock, const void *buf, size_t len, const int *fds, int nfds);
+/// One message; its descriptors (close-on-exec) in `fds`, their count in
+/// `nfds`; `truncated` set when the message or its descriptors did not fit.
+ssize_t shim_recv_fds(int sock, void *buf, size_t len, int *fds, int maxfds, int *nfds, int *truncated);
+/// posix_spawn of `path` with `passfd` at `childfd` in the child (every
+/// descriptor above `childfd` closed there), no signal
+/// blocked and every disposition at its default. Returns 0 and the pid, or -1 with errno.
+int shim_spawn_passing_fd(const char *path, char *const argv[], char *const envp[], int passfd, int childfd, int *pid);
+/// waitpid(pid, WNOHANG): 0 while it runs, pid once it ended (`status`: the
+/// exit code, or 128 + the signal), -1 with errno.
+int shim_reap_child(int pid, int *status);
 
 #endif
 
