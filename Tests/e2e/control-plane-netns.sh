@@ -23,6 +23,7 @@
 # refused); the broker stops and A's live echo session keeps carrying bytes;
 # a second gateway joins and a cluster with load_balance_via E opens each
 # connection on both (same port, both reach sshd, disconnect closes both);
+# the gateway is upgraded in place (SIGUSR2) with A's sessions live;
 # the gateway is frozen (SIGSTOP) and the broker marks it offline and stops
 # choosing it; thawed, it comes back online. Then the broker's SQLite data
 # is copied into PostgreSQL (switch-database) and two brokers serve from it:
@@ -215,7 +216,9 @@ grep -qF "pinned the broker's certificate $BROKER_FP" "$W/gateway-configure.log"
     || fail "the gateway did not pin the broker's certificate $BROKER_FP: $(cat "$W/gateway-configure.log")"
 grep -qF "certificate $BROKER_FP" "$W/broker.log" || fail "the broker did not log its certificate's hash $BROKER_FP"
 pass "enrollment pinned the broker's certificate ($BROKER_FP, as the broker logs it)"
-start_gateway() { start gateway "$NS_GW" "$GATEWAY_BIN" serve --config "$W/gateway.conf" --state-dir "$GW_STATE"; }
+# From a copy of its own: the hot upgrade below replaces the file.
+mkdir -p "$W/bin" && cp "$GATEWAY_BIN" "$W/bin/leostream-gateway"
+start_gateway() { start gateway "$NS_GW" "$W/bin/leostream-gateway" serve --config "$W/gateway.conf" --state-dir "$GW_STATE"; }
 start_gateway
 eventually 60 "the gateway did not register (GET /v1/gateways/$GW_ID never showed online true)" is_online
 in_ns "$NS_GW" "$GATEWAY_BIN" --status --state-dir "$GW_STATE" >"$W/status.out" 2>&1 || fail "gateway --status: $(cat "$W/status.out")"
@@ -331,6 +334,38 @@ ADMIN_SID=$(login "$NS_BR" "$BROKER_URL" admin "$ADMIN_PASSWORD") || exit 1
 eventually 60 "the gateway did not register again after the broker came back" is_online
 udp_exchange "udp-after-the-outage" || fail "A's UDP flow stopped after the broker came back (its rule was not kept)"
 pass "the broker is back, the gateway registered again and kept the rules (A's UDP flow still echoes)"
+
+# ---------------------------------------------------------------- gateway hot upgrade
+# The binary file is replaced and SIGUSR2 hands every socket to the new one:
+# A's live TCP session and UDP flow carry on, the new process registers,
+# serves the control endpoint and opens new rules.
+say "upgrading the gateway in place (new binary file, SIGUSR2)"
+coproc LIVE { exec ip netns exec "$NS_A" socat - "TCP:$GW_PUB:$ECHO_RULE_PORT" 2>>"$W/live-session.log"; }
+LIVE_CHILD=$LIVE_PID
+exchange "before-the-upgrade" || fail "A's echo session through $GW_PUB:$ECHO_RULE_PORT did not echo before the upgrade"
+udp_exchange "udp-before-the-upgrade" || fail "A's UDP flow did not echo before the upgrade"
+OLD_GW_PID=$(cat "$GW_STATE/gateway.pid")
+cp "$GATEWAY_BIN" "$W/bin/leostream-gateway.new" && mv -f "$W/bin/leostream-gateway.new" "$W/bin/leostream-gateway"
+kill -USR2 "$OLD_GW_PID"
+took_over() {   # the pid file names a live process other than the old one
+    local p
+    p=$(cat "$GW_STATE/gateway.pid" 2>/dev/null) && [ -n "$p" ] && [ "$p" != "$OLD_GW_PID" ] && kill -0 "$p" 2>/dev/null
+}
+old_gone() { ! kill -0 "$OLD_GW_PID" 2>/dev/null; }
+eventually 60 "no new gateway process took over from pid $OLD_GW_PID" took_over
+eventually 30 "the old gateway (pid $OLD_GW_PID) did not exit after the handover" old_gone
+grep -q "upgrade: took over [1-9][0-9]* connection(s) and [1-9][0-9]* UDP flow(s) from pid $OLD_GW_PID" "$W/gateway.log" \
+    || fail "the new gateway did not say it took over A's connection and flow from pid $OLD_GW_PID"
+for i in 1 2 3; do
+    exchange "after-the-upgrade-$i" || fail "A's live session stopped carrying bytes after the upgrade (line $i)"
+    udp_exchange "udp-after-the-upgrade-$i" || fail "A's UDP flow stopped after the upgrade (datagram $i)"
+done
+registered_again() { jq -e --arg pid "$(cat "$GW_STATE/gateway.pid")" '.pid == ($pid | tonumber) and .registration.state == "registered"' "$GW_STATE/status.json" >/dev/null 2>&1; }
+eventually 60 "the upgraded gateway did not register with the broker" registered_again
+connect ssh
+eventually 30 "a rule pushed to the upgraded gateway (port $PORT) did not reach sshd" has_banner "$NS_A" "$GW_PUB" "$PORT"
+kill "$LIVE_CHILD" 2>/dev/null; wait "$LIVE_CHILD" 2>/dev/null
+pass "hot upgrade: the new binary (pid $(cat "$GW_STATE/gateway.pid")) took over; A's live TCP session and UDP flow carried on, it registered and a new rule works"
 
 # ---------------------------------------------------------------- cluster mode E
 # A second gateway joins; a cluster with load_balance_via E puts each rule on
