@@ -56,6 +56,7 @@ public final class ServiceManagerLink: Service, Sendable {
     public func handedOver(to pid: Int32) {
         notifier.mainPID(pid, status: "handed over to pid \(pid)")
         heartbeat?.stop()
+        if !notifier.barrier() { logger.warning("upgrade: the service manager did not confirm MAINPID=\(pid) within 5 s") }
     }
 
     /// The daemon is about to exit.

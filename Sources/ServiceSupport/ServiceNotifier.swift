@@ -10,13 +10,17 @@ import SystemLayer
 /// Without a manager (no `NOTIFY_SOCKET`) every call does nothing.
 public struct ServiceNotifier: Sendable {
     let send: @Sendable (String) -> Void
+    /// Waits until the manager read what was sent (true without a manager).
+    let barrier: @Sendable () -> Bool
 
     /// The real one, through libsystemd.
-    public static let systemd = ServiceNotifier { Systemd.notify($0) }
+    public static let systemd = ServiceNotifier(send: { Systemd.notify($0) },
+                                                barrier: { Systemd.notifySocket == nil || Systemd.notifyBarrier() })
 
     /// `send` receives each message (for tests).
-    public init(send: @escaping @Sendable (String) -> Void) {
+    public init(send: @escaping @Sendable (String) -> Void, barrier: @escaping @Sendable () -> Bool = { true }) {
         self.send = send
+        self.barrier = barrier
     }
 
     public func ready(status: String) { send("READY=1\nSTATUS=\(Self.clean(status))") }

@@ -15,6 +15,18 @@ public enum Systemd {
         sd_notify(0, state) > 0
     }
 
+    /// Waits (up to `timeoutMicroseconds`) until the service manager has
+    /// read every notification sent before (`sd_notify_barrier`): a process
+    /// that said MAINPID= of its successor exits only once that is known,
+    /// or systemd could take its exit for the service's end.
+    /// - Returns: whether the barrier was passed.
+    @discardableResult
+    public static func notifyBarrier(timeoutMicroseconds: UInt64 = 5_000_000) -> Bool {
+        guard notifySocket != nil else { return false }
+        BlockingCallCheck.check("sd_notify_barrier")
+        return sd_notify_barrier(0, timeoutMicroseconds) >= 0
+    }
+
     /// Whether `NOTIFY_SOCKET` names a manager to notify.
     public static var notifySocket: String? {
         getenv("NOTIFY_SOCKET").map { String(cString: $0) }

@@ -213,6 +213,9 @@ struct Serve: ParsableCommand {
         }
         logger.info("ready: \(parsed.rules.count) forward(s), \(settings.loops) loop(s), max_connections=\(settings.maxConnections), pid=\(ProcessInfoLite.pid)")
         for rule in parsed.rules { logger.info("forward \(rule)", metadata: ["rule": "\(rule.id)", "target": "\(rule.target)"]) }
+        if let predecessor, !Upgrade.waitForExit(of: predecessor, seconds: 10) {
+            logger.warning("upgrade: pid \(predecessor) has not exited 10 s after the handover")
+        }
         // Listeners are open and state restored: only now READY=1.
         let link = ServiceManagerLink(loops: engine.loopProbes, logger: logger,
                                       status: { GatewayOperations.status(engine: engine, plane: planeBox.withLock { $0 }) })

@@ -34,6 +34,21 @@ enum Upgrade {
         return UpgradeTakeover(channel: UpgradeChannel(socket: MessageSocket(fd: fd)))
     }
 
+    /// Waits until `pid` (the predecessor) has exited (a zombie counts as
+    /// exited), up to `seconds`: the service manager follows this process
+    /// only from the predecessor's MAINPID= on, and drops notifications
+    /// from another pid before that.
+    /// - Returns: false when it was still running at the deadline.
+    static func waitForExit(of pid: Int32, seconds: Int) -> Bool {
+        for _ in 0..<(seconds * 50) {
+            guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8) else { return true }
+            // "pid (comm) S ...": the state follows the last ')'.
+            if let close = stat.lastIndex(of: ")"), stat[stat.index(after: close)...].dropFirst().first == "Z" { return true }
+            BlockingWait.sleep(milliseconds: 20)
+        }
+        return false
+    }
+
     /// Starts the successor and hands everything to it.
     /// - Returns: the summary once the successor owns every socket (the
     ///   caller exits); throws with everything running as before otherwise.

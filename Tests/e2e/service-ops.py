@@ -16,7 +16,9 @@ Checks:
             sessions; WATCHDOG=1 repeatedly; /metrics (metrics_listen)
             parsed by prometheus_client with bytes and datagrams equal to what
             the test sent; SIGHUP -> RELOADING=1 then READY=1; SIGTERM ->
-            STOPPING=1 and exit 0; --version names the commit
+            STOPPING=1 and exit 0; SIGUSR2 (hot upgrade) -> MAINPID= of the
+            successor, BARRIER=1, exit 0; the successor's READY=1 after it, its
+            watchdog pings, the live session carried on; --version names the commit
   activation  a forward on a listening socket passed as LISTEN_FDS (bound
             without SO_REUSEPORT: the gateway could not bind it itself); a
             client queued in its backlog before the start is relayed
@@ -321,7 +323,41 @@ def test_gateway(bin_dir, work):
         reload_message = notify.all()[reloading()]
         check("MONOTONIC_USEC=" in reload_message, "RELOADING=1 carries MONOTONIC_USEC")
 
-        sigterm_stops(proc, notify, "gateway")
+        # Hot upgrade (SIGUSR2): the running process names its successor with
+        # MAINPID= and waits (BARRIER=1) until the manager has read it before
+        # it exits; the successor says READY=1 only after that, and pings.
+        before = len(notify.all())
+        session = socket.create_connection(("127.0.0.1", forward), timeout=DEADLINE)
+        session.sendall(b"before the upgrade")
+        check(session.recv(100) == b"before the upgrade", "a session is live before the upgrade")
+        os.kill(proc.pid, signal.SIGUSR2)
+        main_pid = lambda: notify.index_of("MAINPID=", after=before - 1)
+        if check(eventually(lambda: main_pid() is not None), "SIGUSR2 -> MAINPID= of the successor"):
+            message = notify.all()[main_pid()]
+            successor = int(message.split("MAINPID=")[1].split("\n")[0])
+            check(successor != proc.pid, f"MAINPID={successor} names another process than {proc.pid}")
+            check(eventually(lambda: notify.index_of("BARRIER=1", after=main_pid()) is not None),
+                  "... then BARRIER=1 (it waits for the manager before exiting)")
+            try:
+                code = proc.wait(timeout=DEADLINE)
+            except subprocess.TimeoutExpired:
+                code = None
+            check(code == 0, f"the predecessor exited 0 after the handover ({code})")
+            check(eventually(lambda: notify.index_of("READY=1", after=main_pid()) is not None),
+                  "the successor sent READY=1 after the predecessor's MAINPID=")
+            watchdog_seen = len(notify.all())
+            check(eventually(lambda: notify.index_of("WATCHDOG=1", after=watchdog_seen - 1) is not None),
+                  "the successor pings the watchdog")
+            session.sendall(b"after the upgrade")
+            check(session.recv(100) == b"after the upgrade", "the live session carries on through the successor")
+            session.close()
+            check(tcp_round_trip(forward, payload) == payload, "a new connection through the successor echoes 100,000 bytes")
+            stopping = len(notify.all())
+            os.kill(successor, signal.SIGTERM)
+            check(eventually(lambda: notify.index_of("STOPPING=1", after=stopping - 1) is not None), "successor: SIGTERM -> STOPPING=1")
+            check(eventually(lambda: not os.path.exists(f"/proc/{successor}")), "the successor exited after SIGTERM")
+        else:
+            sigterm_stops(proc, notify, "gateway")
     finally:
         finish_daemon(proc, notify, log, work, "gateway")
 
