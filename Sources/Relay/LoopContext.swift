@@ -40,6 +40,8 @@ final class LoopContext: TimerHandler {
     private(set) var draining = false
     /// Handed over (hot upgrade): nothing is watched; timers only wait.
     private(set) var suspended = false
+    /// Handed UDP listeners not read yet (their flows are adopted first).
+    private var heldDatagramListeners: [SocketAddress] = []
 
     init(loop: EventLoop, settings: RelaySettings, admission: AdmissionControl, flowAdmission: AdmissionControl,
          sourcePorts: SourcePortRegistry, budget: PipeBudget, logger: Logger) {
@@ -63,9 +65,12 @@ final class LoopContext: TimerHandler {
     /// Switches to `ruleSet`: listeners it no longer has are closed (their
     /// established connections go on), new ones are registered with the
     /// sockets the engine opened for this loop, and kept ones get their new rules.
+    /// - Parameter holding: UDP addresses whose new sockets are registered
+    ///   without interest until `releaseHeldDatagramListeners` (a hot
+    ///   upgrade's handed sockets, read only once their flows are adopted).
     func install(_ ruleSet: RuleSet, newSockets: [SocketAddress: FileDescriptor],
-                 newDatagramSockets: [SocketAddress: FileDescriptor] = [:]) {
-        installDatagram(ruleSet, newSockets: newDatagramSockets)
+                 newDatagramSockets: [SocketAddress: FileDescriptor] = [:], holding: Set<SocketAddress> = []) {
+        installDatagram(ruleSet, newSockets: newDatagramSockets, holding: holding)
         if !tcpCountersByRule.isEmpty {
             let ids = Set(ruleSet.rules.map(\.id))
             tcpCountersByRule = tcpCountersByRule.filter { ids.contains($0.key) }
@@ -104,7 +109,7 @@ final class LoopContext: TimerHandler {
 
     // MARK: UDP
 
-    private func installDatagram(_ ruleSet: RuleSet, newSockets: [SocketAddress: FileDescriptor]) {
+    private func installDatagram(_ ruleSet: RuleSet, newSockets: [SocketAddress: FileDescriptor], holding: Set<SocketAddress>) {
         for (address, listener) in udpListeners where ruleSet.udpListeners[address] == nil {
             // The rule is gone: its flows end with it (replies could not be
             // sent without the listening socket), and later datagrams from
@@ -122,7 +127,9 @@ final class LoopContext: TimerHandler {
             } else if let fd = newSockets[address] {
                 let listener = DatagramListener(fd: fd, rules: rules, context: self)
                 do {
-                    try loop.register(fd, interest: [.readable], handler: listener)
+                    let held = holding.contains(address)
+                    try loop.register(fd, interest: held ? [] : [.readable], handler: listener)
+                    if held { heldDatagramListeners.append(address) }
                     udpListeners[address] = listener
                 } catch {
                     log.logger.error("cannot watch udp listener \(address) on loop \(loop.id): \(error)")
@@ -504,6 +511,14 @@ extension LoopContext {
         udpListeners.removeAll()
         for connection in Array(connections.values) { connection.releaseHandedOver() }
         pool.drainIdle()
+    }
+
+    /// Starts reading the handed UDP listeners (their flows are adopted).
+    func releaseHeldDatagramListeners() {
+        for address in heldDatagramListeners {
+            if let listener = udpListeners[address] { try? loop.modify(listener.fd, interest: [.readable]) }
+        }
+        heldDatagramListeners.removeAll()
     }
 
     /// Takes a connection or flow a predecessor handed over (its rule

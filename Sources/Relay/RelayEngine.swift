@@ -35,6 +35,8 @@ public final class RelayEngine: Sendable {
         var handedUDP: [SocketAddress: [FileDescriptor]] = [:]
         /// Everything is suspended for a handover: no rule change.
         var handingOver = false
+        /// Handed UDP listeners watched only once `adopt` has placed their flows.
+        var heldUDP: Set<SocketAddress> = []
     }
 
     /// Holds the per-loop contexts; each is touched only by commands on its own loop.
@@ -155,6 +157,9 @@ public final class RelayEngine: Sendable {
                     let owner = udpOwners[address]!
                     if let handed = state.handedUDP[address] {
                         openedUDP[address] = try Self.spread(handed, over: group.loops.count, owner: owner, address: address)
+                        // Not read until the flows are adopted: a datagram of
+                        // a handed flow read before would open a second flow.
+                        state.heldUDP.insert(address)
                         continue
                     }
                     do throws(SystemCallError) {
@@ -223,10 +228,11 @@ public final class RelayEngine: Sendable {
             state.udpGates = udpGates
             let sockets = opened
             let udpSockets = openedUDP
+            let held = state.heldUDP
             let contexts = self.contexts
             group.onEveryLoop { loop in
                 contexts.all[loop.id].install(ruleSet, newSockets: sockets.mapValues { $0[loop.id] },
-                                              newDatagramSockets: udpSockets.mapValues { $0[loop.id] })
+                                              newDatagramSockets: udpSockets.mapValues { $0[loop.id] }, holding: held)
             }
         }
         logger.log(level: logLevel, "rules applied: \(rules.count) rule(s) on \(Set(rules.map(\.listen)).count) address(es)")
@@ -357,8 +363,11 @@ public final class RelayEngine: Sendable {
                     report.flows += 1
                 }
             }
+            // The flows are in place: the handed UDP sockets are read from now on.
+            context.releaseHeldDatagramListeners()
             return report
         }
+        control.withLock { $0.heldUDP.removeAll() }
         return reports.reduce(into: AdoptionReport()) { all, one in
             all.connections += one.connections
             all.flows += one.flows

@@ -17,18 +17,21 @@ Steps:
   start     BIN copied to TMP/leostream-gateway (PATH), started as
             `PATH serve --config CONF --state-dir TMP/state`; `ready: ... pid=`
   upgrade   100 sessions stream (256-4,096 B every 50 ms each, ~4 MB/s in
-            all) and a UDP flow pings every 20 ms; PATH replaced by a fresh
+            all) and a UDP flow pings every 2 ms; PATH replaced by a fresh
             copy of BIN (new inode), SIGUSR2: the new process logs `took over
-            100 connection(s) from pid OLD` and its own `ready: ... pid=NEW`,
-            the old one logs `handed over 100 connection(s) ... to pid NEW`
-            and exits 0; NEW runs the new inode with the same arguments;
-            streaming goes on 2 s, then every client half-closes and reads to
-            EOF: every byte back, in order, none missing or extra, no reset or
-            early EOF, and the echo server got exactly what was sent. New TCP
-            connections, a new UDP flow and the UDP flow kept open across the
-            upgrade all echo afterwards; /metrics (now the new process) counts
-            the 100 sessions. The longest gap between echo chunks around the
-            upgrade is printed (never asserted).
+            100 connection(s) [and F UDP flow(s)] from pid OLD` and its own
+            `ready: ... pid=NEW`, the old one logs `handed over 100
+            connection(s) ... to pid NEW` and exits 0; NEW runs the new inode
+            with the same arguments; F (when logged) is what /metrics counted
+            just before the signal; streaming goes on 2 s, then every client
+            half-closes and reads to EOF: every byte back, in order, none
+            missing or extra, no reset or early EOF, and the echo server got
+            exactly what was sent. New TCP connections, a new UDP flow and the
+            UDP flow kept open across the upgrade all echo afterwards; the
+            kept flow reaches the desktop from one upstream address throughout
+            (handed over, never re-created); /metrics (now the new process)
+            counts the 100 sessions and F + 1 flows. The longest gap between
+            echo chunks around the upgrade is printed (never asserted).
   failed    while 10 sessions stream: PATH becomes `#!/bin/sh exit 1`, then a
             non-executable file, then BIN again with a config that no longer
             loads; each SIGUSR2 -> `upgrade failed:`, same pid alive, no
@@ -78,7 +81,8 @@ NAME = "hot-upgrade"
 # each way for 100 sessions, enough to keep bytes in flight at any moment.
 CHUNK_MIN, CHUNK_MAX = 256, 4096
 SEND_INTERVAL = 0.05          # seconds between two chunks of one session
-UDP_INTERVAL = 0.02           # seconds between two datagrams of the kept flow
+UDP_INTERVAL = 0.002          # seconds between two datagrams of the kept flow: several land
+                              # inside the handover itself (a few ms), where flows are at risk
 MOVED_BEFORE_UPGRADE = 16384  # bytes echoed per session before upgrading
 
 failures = []
@@ -662,6 +666,7 @@ def udp_round_trip(port, tag):
 READY = re.compile(r"ready:.*\bpid=(\d+)")
 TOOK_OVER = re.compile(r"took over (\d+) connection")
 HANDED_OVER = re.compile(r"handed over (\d+) connection")
+UDP_FLOWS = re.compile(r"(\d+) UDP flow")
 FROM_PID = re.compile(r"from pid[ =]?(\d+)")
 TO_PID = re.compile(r"to pid[ =]?(\d+)")
 UPGRADE_FAILED = re.compile(r"upgrade failed")
@@ -931,17 +936,21 @@ def gauge(port, name):
 class HotUpgradeTest:
     def __init__(self, binary, verbose, harness_only):
         self.work = tempfile.mkdtemp(prefix="hot-upgrade.")
-        self.gateway = Gateway(self.work, binary, verbose)
-        self.harness_only = harness_only
-        self.next_sid = 1
-        self.totals = {"sessions": 0, "client_sent": 0, "client_received": 0, "server_received": 0}
-        tcp, udp = echo_servers()
-        self.echo_port = tcp.getsockname()[1]
-        self.echo = EchoServer(tcp)
-        self.udp_echo = UdpEcho(udp)
-        self.driver = LoadDriver()
-        self.port = free_port_pair()
-        self.metrics = free_port()
+        try:
+            self.gateway = Gateway(self.work, binary, verbose)
+            self.harness_only = harness_only
+            self.next_sid = 1
+            self.totals = {"sessions": 0, "client_sent": 0, "client_received": 0, "server_received": 0}
+            tcp, udp = echo_servers()
+            self.echo_port = tcp.getsockname()[1]
+            self.echo = EchoServer(tcp)
+            self.udp_echo = UdpEcho(udp)
+            self.driver = LoadDriver()
+            self.port = free_port_pair()
+            self.metrics = free_port()
+        except BaseException:
+            shutil.rmtree(self.work, ignore_errors=True)
+            raise
 
     def sid(self):
         self.next_sid += 1
@@ -1030,9 +1039,10 @@ protocol = tcp+udp
         """Replaces PATH, sends SIGUSR2 and checks the handover; returns
         monotonic times: signal, took (took-over line seen), done (old gone)."""
         gw = self.gateway
-        udp_flows = max(0, gauge(self.metrics, "relay_udp_flows_active") or 0)
         old = gw.pid
         inode = gw.install()
+        # Read just before the signal: no UDP flow starts or ends between the two.
+        udp_flows = max(0, gauge(self.metrics, "relay_udp_flows_active") or 0)
         mark = gw.log.mark()
         timing = {"signal": time.monotonic()}
         if self.harness_only:
@@ -1062,11 +1072,19 @@ protocol = tcp+udp
         require(status == ("exited", 0), f"{label}: the old gateway (pid {old}) exited with status 0 ({describe(status) if status else 'still running'})")
         gw.pid = new
         took_n, handed_n = int(took.group(1)), int(handed.group(1))
-        # Only our sessions are open; if the gateway also counts UDP flows as
-        # connections, the count may include those /metrics reported.
-        check(count <= took_n <= count + udp_flows,
-              f"{label}: took over {took_n} connection(s): the {count} sessions"
-              + (f" (+ up to {udp_flows} UDP flow(s))" if udp_flows else "") + f": {line!r}")
+        flows = UDP_FLOWS.search(line)
+        if flows:
+            # UDP flows counted on their own: connections are exactly our sessions,
+            # flows exactly what /metrics counted just before the signal.
+            check(took_n == count, f"{label}: took over {took_n} connection(s), the {count} sessions: {line!r}")
+            check(int(flows.group(1)) == udp_flows,
+                  f"{label}: took over {flows.group(1)} UDP flow(s), the {udp_flows} /metrics counted before the signal")
+        else:
+            # Only our sessions are open; if the gateway counts UDP flows as
+            # connections, the count may include those /metrics reported.
+            check(count <= took_n <= count + udp_flows,
+                  f"{label}: took over {took_n} connection(s): the {count} sessions"
+                  + (f" (+ up to {udp_flows} UDP flow(s))" if udp_flows else "") + f": {line!r}")
         check(handed_n == took_n, f"{label}: the old process handed over as many ({handed_n}): {handed_line!r}")
         from_pid, to_pid = FROM_PID.search(line), TO_PID.search(handed_line)
         check(from_pid is not None and int(from_pid.group(1)) == old, f"{label}: `took over` names the old pid {old}")
@@ -1082,6 +1100,7 @@ protocol = tcp+udp
             check(gw.running_file(new) == inode, f"{label}: the new gateway runs the file now at PATH (inode {inode})")
             check(cmdline == gw.argv, f"{label}: the new gateway has the same arguments ({cmdline})")
         check(gw.log.find(UPGRADE_FAILED, mark) is None, f"{label}: no `upgrade failed` logged")
+        timing["udp_flows"] = int(flows.group(1)) if flows else None
         return timing
 
     def after_upgrade(self, count, flow, timing, label):
@@ -1091,14 +1110,24 @@ protocol = tcp+udp
         if flow:
             check(eventually(lambda: flow.echoed_after(timing["done"])),
                   f"{label}: the UDP flow kept open across the upgrade still echoes")
-            before = [peer for t, peer in self.udp_echo.sources.get(b"flow", []) if t < timing["signal"]]
-            after = [peer for t, peer in self.udp_echo.sources.get(b"flow", []) if t > timing["done"]]
-            if before and after:
-                info(f"{label}: the kept flow reached the desktop from {before[-1]} before and {after[-1]} after "
-                     f"({'same upstream socket' if before[-1] == after[-1] else 'a new upstream socket'}; informational)")
+            # A flow handed over keeps its upstream socket: the desktop sees one
+            # source address. A second one means a new flow was made for the
+            # same client (a datagram met no flow during the handover).
+            seen = {}
+            for t, peer in list(self.udp_echo.sources.get(b"flow", [])):
+                seen.setdefault(peer, []).append(t - timing["signal"])
+            check(len(seen) == 1, f"{label}: the kept UDP flow reached the desktop from one upstream address throughout ("
+                  + "; ".join(f"{peer[0]}:{peer[1]} from {min(ts) * 1000:+.0f} to {max(ts) * 1000:+.0f} ms after SIGUSR2, {len(ts)} datagrams"
+                              for peer, ts in seen.items()) + ")")
         active = lambda: gauge(self.metrics, "relay_connections_active")
         check(eventually(lambda: active() == count),
               f"{label}: /metrics of the new process counts the {count} sessions (relay_connections_active {active()})")
+        if timing.get("udp_flows") is not None:
+            # Every flow taken over, plus the one the new-flow probe above added.
+            flows = lambda: gauge(self.metrics, "relay_udp_flows_active")
+            check(eventually(lambda: flows() == timing["udp_flows"] + 1),
+                  f"{label}: /metrics of the new process counts the {timing['udp_flows']} UDP flows taken over "
+                  f"and the new one (relay_udp_flows_active {flows()})")
 
     def failed_upgrades(self, count):
         """Each way an upgrade can fail leaves the gateway as it was."""
@@ -1240,22 +1269,24 @@ def main():
     if not become_subreaper():
         info("warning: PR_SET_CHILD_SUBREAPER unavailable: exit statuses after the first upgrade cannot be read")
     started = time.monotonic()
-    test = HotUpgradeTest(binary, args.verbose, args.harness_only)
+    test = None
     try:
+        test = HotUpgradeTest(binary, args.verbose, args.harness_only)
         test.run()
     except Fatal:
         pass   # already reported by require()/wait()
     except Exception:
         fail(f"the test itself raised:\n{traceback.format_exc()}")
     finally:
-        # Processes first: printing can fail (a closed pipe) and must not leave a gateway behind.
-        try:
-            test.cleanup()
-        finally:
-            test.background_errors()
-            if failures and test.gateway.log and not args.verbose:
-                test.gateway.log.dump()
-            test.report()
+        if test is not None:
+            # Processes first: printing can fail (a closed pipe) and must not leave a gateway behind.
+            try:
+                test.cleanup()
+            finally:
+                test.background_errors()
+                if failures and test.gateway.log and not args.verbose:
+                    test.gateway.log.dump()
+                test.report()
     info(f"{passed} passed, {len(failures)} failed in {time.monotonic() - started:.1f} s"
          + (" (harness only: no upgrade tried)" if args.harness_only else ""))
     return 1 if failures else 0
