@@ -347,9 +347,10 @@ extension RelayConnection {
         loop.deregister(upstream)
     }
 
-    /// Watches the sockets (again), re-arms the timers and pumps both
-    /// directions: bytes may wait on either side, and edge-triggered
-    /// readiness announces only what arrives from now on.
+    /// Watches the sockets (again) and re-arms the timers. No pump here:
+    /// adding a descriptor to epoll reports its readiness at that moment,
+    /// edge-triggered or not, so bytes waiting on either side (or room for
+    /// the bytes in flight) raise an event of their own on the next wait.
     func resume() {
         let loop = context.loop
         let interest: EpollEvents = [.readable, .writable, .readHangUp, .edgeTriggered]
@@ -371,7 +372,6 @@ extension RelayConnection {
                 lastActivity = loop.now
                 idleTimer = loop.schedule(afterNanoseconds: idle, target: self, tag: TimerTag.idle.rawValue)
             }
-            settle(toTarget.pump(), toClient.pump())
         }
     }
 

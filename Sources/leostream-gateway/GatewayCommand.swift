@@ -159,9 +159,12 @@ struct Serve: ParsableCommand {
         }
         var handed: [HandedSocket] = []
         var suspendedAt: UInt64 = 0
+        var receivedAt: UInt64 = 0
+        var restoredAt: UInt64 = 0
         if let takeover {
             do throws(UpgradeFailure) {
                 (handed, suspendedAt) = try takeover.receiveSockets()
+                receivedAt = MonotonicClock.nowNanoseconds
             } catch {
                 printError("error: upgrade: \(error)")
                 engine.shutdown()
@@ -185,18 +188,22 @@ struct Serve: ParsableCommand {
             if let takeover, let predecessor {
                 // Rules are served on the handed listeners; now the commit.
                 do throws(UpgradeFailure) {
+                    restoredAt = MonotonicClock.nowNanoseconds
                     try takeover.confirm(count: handed.count)
                 } catch {
                     throw UpgradeFailure("pid \(predecessor) keeps serving: \(error)")
                 }
                 takeover.channel.socket.close()
+                let releasedAt = MonotonicClock.nowNanoseconds
                 let report = engine.adopt(handed)
                 for problem in report.refused { logger.warning("upgrade: not taken: \(problem)") }
                 for address in engine.discardUnclaimedHandedListeners() {
                     logger.warning("upgrade: listener \(address) closed: no rule of this config uses it")
                 }
-                let paused = Double((MonotonicClock.nowNanoseconds &- suspendedAt) / 1000) / 1000
-                logger.notice("upgrade: took over \(report.connections) connection(s) and \(report.flows) UDP flow(s) from pid \(predecessor); the relay was paused \(paused) ms\(report.refused.isEmpty ? "" : "; \(report.refused.count) not taken")")
+                let now = MonotonicClock.nowNanoseconds
+                func ms(_ from: UInt64, _ to: UInt64) -> Double { Double((to &- from) / 1000) / 1000 }
+                let paused = "\(ms(suspendedAt, now)) ms (sockets received \(ms(suspendedAt, receivedAt)) ms after the suspension, rules restored in \(ms(receivedAt, restoredAt)) ms, the release came \(ms(restoredAt, releasedAt)) ms later, sessions adopted in \(ms(releasedAt, now)) ms)"
+                logger.notice("upgrade: took over \(report.connections) connection(s) and \(report.flows) UDP flow(s) from pid \(predecessor); the relay was paused \(paused)\(report.refused.isEmpty ? "" : "; \(report.refused.count) not taken")")
             }
             try plane?.start()
             if let listen = parsed.metricsListen {
