@@ -137,7 +137,8 @@ public final class GatewayControl: Sendable {
                         throw ControlError(400, "rule \(rule.id): bad port \(rule.port)")
                     }
                     do throws(RuleError) {
-                        try engine.apply(s.fixed + relayRules((kept + [rule]), s.settings))
+                        // One rule at a time, on top of those kept so far.
+                        try engine.change(upserting: relayRules([rule], s.settings))
                     } catch {
                         throw ControlError(409, "\(error)")
                     }
@@ -272,14 +273,14 @@ public final class GatewayControl: Sendable {
                         : error.controlError
                 }
             } else {
-                try applyToEngine(current + (RulePolicy.relayRule(rule, settings: s.settings).map { [$0] } ?? []))
+                try applyToEngine(upserting: relayRules([rule], s.settings))
             }
             do throws(ControlError) {
                 try store.save(next)
             } catch {
                 s.storeError = error.message
                 if !added.isEmpty { try? kernel?.apply(added.map { .remove($0) }) }
-                try? engine.apply(current)
+                try? engine.change(removing: [RulePolicy.idPrefix + id])
                 throw error
             }
             if !added.isEmpty {
@@ -617,9 +618,11 @@ public final class GatewayControl: Sendable {
         }.map { PortAllocator.Use(port: Int($0.listen.port), transport: $0.transport, allow: $0.allow) }
     }
 
-    private func applyToEngine(_ rules: [RelayRule]) throws(ControlError) {
+    /// Adds (or removes) relay rules one change at a time: the engine's cost
+    /// is that of the rules changed, not of the rules held.
+    private func applyToEngine(upserting: [RelayRule] = [], removing: [String] = []) throws(ControlError) {
         do throws(RuleError) {
-            try engine.apply(rules)
+            try engine.change(upserting: upserting, removing: removing)
         } catch {
             switch error {
             case .listenFailed, .conflictingRules:
@@ -634,14 +637,16 @@ public final class GatewayControl: Sendable {
     /// elements go in one batch and their flows' conntrack entries with them.
     private func remove(_ ids: Set<String>, from s: inout State) throws(ControlError) {
         let next = s.pushed.filter { !ids.contains($0.id) }
-        let forwards = s.pushed.filter { ids.contains($0.id) }.flatMap { KernelRules.forwards($0, publicAddress: s.settings.publicAddress) }
+        let leaving = s.pushed.filter { ids.contains($0.id) }
+        let forwards = leaving.flatMap { KernelRules.forwards($0, publicAddress: s.settings.publicAddress) }
+        let relayIDs = ids.map { RulePolicy.idPrefix + $0 }
         // Removing rules only closes listeners; it cannot fail to apply.
-        try applyToEngine(s.fixed + relayRules(next, s.settings))
+        try applyToEngine(removing: relayIDs)
         if let kernel, !forwards.isEmpty {
             do throws(NetfilterError) {
                 try kernel.apply(forwards.map { .remove($0) })
             } catch {
-                try? engine.apply(s.fixed + relayRules(s.pushed, s.settings))
+                try? engine.change(upserting: relayRules(leaving, s.settings))
                 throw error.controlError
             }
         }
@@ -650,7 +655,7 @@ public final class GatewayControl: Sendable {
         } catch {
             s.storeError = error.message
             if let kernel, !forwards.isEmpty { try? kernel.apply(forwards.map { .add($0, timeoutMilliseconds: nil) }) }
-            try? engine.apply(s.fixed + relayRules(s.pushed, s.settings))
+            try? engine.change(upserting: relayRules(leaving, s.settings))
             throw error
         }
         s.storeError = nil

@@ -62,24 +62,31 @@ final class LoopContext: TimerHandler {
 
     // MARK: Rules
 
-    /// Switches to `ruleSet`: listeners it no longer has are closed (their
-    /// established connections go on), new ones are registered with the
-    /// sockets the engine opened for this loop, and kept ones get their new rules.
-    /// - Parameter holding: UDP addresses whose new sockets are registered
-    ///   without interest until `releaseHeldDatagramListeners` (a hot
-    ///   upgrade's handed sockets, read only once their flows are adopted).
-    func install(_ ruleSet: RuleSet, newSockets: [SocketAddress: FileDescriptor],
-                 newDatagramSockets: [SocketAddress: FileDescriptor] = [:], holding: Set<SocketAddress> = []) {
-        installDatagram(ruleSet, newSockets: newDatagramSockets, holding: holding)
-        if !tcpCountersByRule.isEmpty {
-            let ids = Set(ruleSet.rules.map(\.id))
-            tcpCountersByRule = tcpCountersByRule.filter { ids.contains($0.key) }
-        }
-        for (address, listener) in listeners where ruleSet.listeners[address] == nil {
-            listener.close()
-            listeners[address] = nil
-        }
-        for (address, rules) in ruleSet.listeners {
+    /// A change of rules as a loop sees it: the new rules of each address
+    /// touched (nil: its listener closes), the rule ids gone, and the UDP
+    /// addresses whose new sockets are registered without interest until
+    /// `releaseHeldDatagramListeners` (a hot upgrade's handed sockets, read
+    /// only once their flows are adopted).
+    struct RuleDelta: Sendable {
+        var tcp: [SocketAddress: ListenerRules?]
+        var udp: [SocketAddress: ListenerRules?]
+        var removedIDs: [String]
+        var held: Set<SocketAddress> = []
+    }
+
+    /// Applies `delta` to the addresses it names, and to nothing else:
+    /// listeners whose address lost its last rule close (their established
+    /// connections go on), new ones are registered with the sockets the
+    /// engine opened for this loop, kept ones get their new rules.
+    func install(_ delta: RuleDelta, newSockets: [SocketAddress: FileDescriptor],
+                 newDatagramSockets: [SocketAddress: FileDescriptor] = [:]) {
+        installDatagram(delta, newSockets: newDatagramSockets)
+        for id in delta.removedIDs { tcpCountersByRule[id] = nil }
+        for (address, change) in delta.tcp {
+            guard let rules = change else {
+                listeners.removeValue(forKey: address)?.close()
+                continue
+            }
             if let listener = listeners[address] {
                 listener.rules = rules
                 listener.ruleCounters = rules.rules.map { tcpCounters(for: $0.id) }
@@ -109,15 +116,15 @@ final class LoopContext: TimerHandler {
 
     // MARK: UDP
 
-    private func installDatagram(_ ruleSet: RuleSet, newSockets: [SocketAddress: FileDescriptor], holding: Set<SocketAddress>) {
-        for (address, listener) in udpListeners where ruleSet.udpListeners[address] == nil {
-            // The rule is gone: its flows end with it (replies could not be
-            // sent without the listening socket), and later datagrams from
-            // their clients meet a closed port.
-            listener.close()
-            udpListeners[address] = nil
-        }
-        for (address, rules) in ruleSet.udpListeners {
+    private func installDatagram(_ delta: RuleDelta, newSockets: [SocketAddress: FileDescriptor]) {
+        for (address, change) in delta.udp {
+            guard let rules = change else {
+                // The rule is gone: its flows end with it (replies could not be
+                // sent without the listening socket), and later datagrams from
+                // their clients meet a closed port.
+                udpListeners.removeValue(forKey: address)?.close()
+                continue
+            }
             if let listener = udpListeners[address] {
                 listener.rules = rules
                 // Flows whose rule no longer admits their client end now.
@@ -127,7 +134,7 @@ final class LoopContext: TimerHandler {
             } else if let fd = newSockets[address] {
                 let listener = DatagramListener(fd: fd, rules: rules, context: self)
                 do {
-                    let held = holding.contains(address)
+                    let held = delta.held.contains(address)
                     try loop.register(fd, interest: held ? [] : [.readable], handler: listener)
                     if held { heldDatagramListeners.append(address) }
                     udpListeners[address] = listener
@@ -525,7 +532,7 @@ extension LoopContext {
     /// looked up in `rules` by id, else rebuilt from the record), watches it
     /// and pumps it. On failure its descriptors are closed.
     /// - Returns: nil, or why it was refused.
-    func adopt(_ item: HandedSocket, rules: RuleSet, byID: [String: RelayRule]) -> String? {
+    func adopt(_ item: HandedSocket, gates: [SocketAddress: AdmissionGate], byID: [String: RelayRule]) -> String? {
         let record = item.record
         func refuse(_ reason: String) -> String {
             item.descriptors.forEach { $0.close() }
@@ -542,7 +549,7 @@ extension LoopContext {
                                                  idleTimeoutNanoseconds: state.idleTimeoutNanoseconds)
             // The connection keeps going where it went, whatever its rule says now.
             rule.target = target
-            let gate = rules.listeners[listen]?.gate ?? AdmissionGate.unlimited(record.listen)
+            let gate = gates[listen] ?? AdmissionGate.unlimited(record.listen)
             let ruleCounters = tcpCounters(for: ruleID)
             nextID &+= 1
             let connection: RelayConnection

@@ -22,7 +22,11 @@ public final class RelayEngine: Sendable {
     private let control: Mutex<ControlState>
 
     private struct ControlState {
-        var ruleSet = RuleSet.empty
+        /// Every rule, indexed for changes one at a time.
+        var index = RuleIndex()
+        /// What each loop serves: the rules of each listening address.
+        var tcpListeners: [SocketAddress: ListenerRules] = [:]
+        var udpListeners: [SocketAddress: ListenerRules] = [:]
         var gates: [SocketAddress: AdmissionGate] = [:]
         var udpGates: [SocketAddress: AdmissionGate] = [:]
         var stopped = false
@@ -85,8 +89,10 @@ public final class RelayEngine: Sendable {
         return (adopted, refused)
     }
 
-    /// Replaces the rule set. New listeners are opened first, on this thread;
-    /// if any cannot be opened, the ones opened so far are closed and nothing
+    /// Replaces the rule set: the difference from the rules in force is
+    /// applied as one `change` (rules whose settings are unchanged are
+    /// untouched). New listeners are opened first, on this thread; if any
+    /// cannot be opened, the ones opened so far are closed and nothing
     /// changes. Established connections are never touched: a removed rule
     /// only stops new connections.
     /// - Parameter logLevel: the level of the "rules applied" line (a caller
@@ -94,148 +100,161 @@ public final class RelayEngine: Sendable {
     /// - Throws: `RuleError` naming the rule and the reason.
     public func apply(_ rules: [RelayRule], logLevel: Logger.Level = .info) throws(RuleError) {
         try RuleError.validate(rules)
-        try control.withLock { state throws(RuleError) in
+        let wanted = Set(rules.map(\.id))
+        let removing = control.withLock { state in state.index.byID.keys.filter { !wanted.contains($0) } }
+        try change(upserting: rules, removing: removing, logLevel: logLevel)
+    }
+
+    /// Adds or replaces the rules `upserting` and removes the rules whose
+    /// ids are in `removing` (unknown ids are ignored), all or nothing, at a
+    /// cost that depends on the addresses touched, not on the rules held:
+    /// a listener opens when its address gets its first rule and closes
+    /// when its last goes; the loops update only those addresses.
+    /// Established connections are never touched.
+    /// - Throws: `RuleError` naming the rule and the reason; nothing changed.
+    public func change(upserting: [RelayRule] = [], removing: [String] = [], logLevel: Logger.Level = .debug) throws(RuleError) {
+        let summary: (rules: Int, addresses: Int)? = try control.withLock { state throws(RuleError) in
             guard !state.stopped else { throw RuleError.invalid(rule: "-", reason: "the relay is shutting down") }
             guard !state.handingOver else { throw RuleError.invalid(rule: "-", reason: "the relay is being handed to its successor") }
-            let current = Set(state.ruleSet.listeners.keys)
-            let wanted = Set(rules.filter { $0.transport.contains(.tcp) }.map(\.listen))
-            let currentUDP = Set(state.ruleSet.udpListeners.keys)
-            let wantedUDP = Set(rules.filter { $0.transport.contains(.udp) }.map(\.listen))
-            var opened: [SocketAddress: [FileDescriptor]] = [:]
-            var openedUDP: [SocketAddress: [FileDescriptor]] = [:]
-            // The first rule of each address names a listener that fails.
-            var owners: [SocketAddress: String] = [:]
-            var udpOwners: [SocketAddress: String] = [:]
-            for rule in rules {
-                if owners[rule.listen] == nil { owners[rule.listen] = rule.id }
-                if rule.transport.contains(.udp) && udpOwners[rule.listen] == nil { udpOwners[rule.listen] = rule.id }
-            }
-            do throws(RuleError) {
-                for address in wanted.subtracting(current).sorted(by: { $0.description < $1.description }) {
-                    let owner = owners[address]!
-                    if let handed = state.handedTCP[address] {
-                        // Hot upgrade: loop i takes the predecessor's socket i.
-                        opened[address] = try Self.spread(handed, over: group.loops.count, owner: owner, address: address)
-                        continue
-                    }
-                    if let passed = state.inherited[address] {
-                        // Socket activation: loop 0 takes the passed socket, the others a duplicate.
-                        var fds = [passed]
-                        do throws(Errno) {
-                            for _ in group.loops.dropFirst() { fds.append(try Socket.duplicate(passed)) }
-                        } catch {
-                            fds.dropFirst().forEach { $0.close() }
-                            throw RuleError.listenFailed(rule: owner, address: address, SystemCallError("fcntl(F_DUPFD_CLOEXEC)", error, context: "of the passed socket for \(address)"))
-                        }
-                        Socket.setNoDelay(passed)
-                        Socket.apply(settings.liveness, to: passed)
-                        opened[address] = fds
-                        continue
-                    }
-                    do throws(SystemCallError) {
-                        try Socket.probeFree(address)
-                        var fds: [FileDescriptor] = []
-                        for _ in group.loops {
-                            do throws(SystemCallError) {
-                                let fd = try Socket.listen(on: address, reusePort: true, backlog: settings.listenBacklog)
-                                // Accepted sockets inherit these, which saves
-                                // several setsockopt calls per connection.
-                                Socket.setNoDelay(fd)
-                                Socket.apply(settings.liveness, to: fd)
-                                fds.append(fd)
-                            } catch {
-                                fds.forEach { $0.close() }
-                                throw error
-                            }
-                        }
-                        opened[address] = fds
-                    } catch {
-                        throw RuleError.listenFailed(rule: owner, address: address, error)
-                    }
-                }
-                for address in wantedUDP.subtracting(currentUDP).sorted(by: { $0.description < $1.description }) {
-                    let owner = udpOwners[address]!
-                    if let handed = state.handedUDP[address] {
-                        openedUDP[address] = try Self.spread(handed, over: group.loops.count, owner: owner, address: address)
-                        // Not read until the flows are adopted: a datagram of
-                        // a handed flow read before would open a second flow.
-                        state.heldUDP.insert(address)
-                        continue
-                    }
-                    do throws(SystemCallError) {
-                        try Socket.probeFreeUDP(address)
-                        var fds: [FileDescriptor] = []
-                        for _ in group.loops {
-                            do throws(SystemCallError) {
-                                fds.append(try Socket.bindUDP(address, reusePort: true, packetInfo: address.ip.isUnspecified,
-                                                              receiveBuffer: settings.udpReceiveBuffer,
-                                                              sendBuffer: settings.udpSendBuffer))
-                            } catch {
-                                fds.forEach { $0.close() }
-                                throw error
-                            }
-                        }
-                        openedUDP[address] = fds
-                    } catch {
-                        throw RuleError.listenFailed(rule: owner, address: address, error)
-                    }
-                }
-            } catch {
-                // A passed or handed socket stays open (and adoptable); its duplicates close.
-                for (address, fds) in opened {
-                    let kept = state.handedTCP[address]?.count ?? (state.inherited[address] != nil ? 1 : 0)
-                    fds.dropFirst(kept).forEach { $0.close() }
-                }
-                for (address, fds) in openedUDP { fds.dropFirst(state.handedUDP[address]?.count ?? 0).forEach { $0.close() } }
-                throw error
-            }
+            let plan = try state.index.plan(upserting: upserting, removing: removing)
+            if plan.isEmpty { return nil }
+            let (opened, openedUDP) = try openListeners(plan, &state)
+            state.index.commit(plan)
 
-            // The tightest limit any rule of an address sets, found in one
-            // pass: a gateway holding thousands of pushed rules applies the
-            // whole set on every push, so nothing here may be O(rules²).
-            var tcpLimits: [SocketAddress: Int] = [:]
-            var udpLimits: [SocketAddress: Int] = [:]
-            for rule in rules {
-                if rule.transport.contains(.tcp), let limit = rule.maxConnections {
-                    tcpLimits[rule.listen] = min(tcpLimits[rule.listen] ?? limit, limit)
+            // Each touched address's rules, gate and limit (the tightest any
+            // of its rules sets), made from its own few rules only.
+            var tcpDelta: [SocketAddress: ListenerRules?] = [:]
+            var udpDelta: [SocketAddress: ListenerRules?] = [:]
+            for address in plan.after.keys {
+                let all = state.index.rules(at: address)
+                let tcp = all.filter { $0.transport.contains(.tcp) }
+                let udp = all.filter { $0.transport.contains(.udp) }
+                if tcp.isEmpty {
+                    if state.tcpListeners.removeValue(forKey: address) != nil { tcpDelta[address] = .some(nil) }
+                    state.gates[address] = nil
+                } else {
+                    let limit = tcp.compactMap(\.maxConnections).min() ?? settings.maxConnectionsPerListener
+                    let gate = state.gates[address] ?? AdmissionGate(address: address.description, limit: limit)
+                    gate.setLimit(limit)
+                    state.gates[address] = gate
+                    let listener = ListenerRules.ordered(address: address, rules: tcp, gate: gate)
+                    state.tcpListeners[address] = listener
+                    tcpDelta[address] = listener
                 }
-                if rule.transport.contains(.udp), let limit = rule.maxFlows {
-                    udpLimits[rule.listen] = min(udpLimits[rule.listen] ?? limit, limit)
+                if udp.isEmpty {
+                    if state.udpListeners.removeValue(forKey: address) != nil { udpDelta[address] = .some(nil) }
+                    state.udpGates[address] = nil
+                } else {
+                    let limit = udp.compactMap(\.maxFlows).min() ?? settings.maxFlowsPerListener
+                    let gate = state.udpGates[address] ?? AdmissionGate(address: "udp \(address)", limit: limit)
+                    gate.setLimit(limit)
+                    state.udpGates[address] = gate
+                    let listener = ListenerRules.ordered(address: address, rules: udp, gate: gate)
+                    state.udpListeners[address] = listener
+                    udpDelta[address] = listener
                 }
             }
-            var gates: [SocketAddress: AdmissionGate] = [:]
-            for address in wanted {
-                let limit = tcpLimits[address] ?? settings.maxConnectionsPerListener
-                let gate = state.gates[address] ?? AdmissionGate(address: address.description, limit: limit)
-                gate.setLimit(limit)
-                gates[address] = gate
-            }
-            var udpGates: [SocketAddress: AdmissionGate] = [:]
-            for address in wantedUDP {
-                let limit = udpLimits[address] ?? settings.maxFlowsPerListener
-                let gate = state.udpGates[address] ?? AdmissionGate(address: "udp \(address)", limit: limit)
-                gate.setLimit(limit)
-                udpGates[address] = gate
-            }
-            let ruleSet = RuleSet(rules: rules, gates: gates, udpGates: udpGates)
-            state.ruleSet = ruleSet
             for address in opened.keys {
                 state.inherited[address] = nil
                 state.handedTCP[address] = nil
             }
             for address in openedUDP.keys { state.handedUDP[address] = nil }
-            state.gates = gates
-            state.udpGates = udpGates
-            let sockets = opened
-            let udpSockets = openedUDP
-            let held = state.heldUDP
+            let delta = LoopContext.RuleDelta(tcp: tcpDelta, udp: udpDelta, removedIDs: plan.removed,
+                                              held: state.heldUDP)
             let contexts = self.contexts
             group.onEveryLoop { loop in
-                contexts.all[loop.id].install(ruleSet, newSockets: sockets.mapValues { $0[loop.id] },
-                                              newDatagramSockets: udpSockets.mapValues { $0[loop.id] }, holding: held)
+                contexts.all[loop.id].install(delta, newSockets: opened.mapValues { $0[loop.id] },
+                                              newDatagramSockets: openedUDP.mapValues { $0[loop.id] })
             }
+            return (state.index.count, state.index.addressCount)
         }
-        logger.log(level: logLevel, "rules applied: \(rules.count) rule(s) on \(Set(rules.map(\.listen)).count) address(es)")
+        if let summary {
+            logger.log(level: logLevel, "rules applied: \(summary.rules) rule(s) on \(summary.addresses) address(es)")
+        }
+    }
+
+    /// Opens the listening sockets `plan` needs (one per loop per address),
+    /// or takes the handed or passed ones; on any failure closes what it
+    /// opened (a passed or handed socket stays, adoptable) and throws.
+    private func openListeners(_ plan: RuleIndex.Plan, _ state: inout ControlState) throws(RuleError)
+        -> ([SocketAddress: [FileDescriptor]], [SocketAddress: [FileDescriptor]]) {
+        var opened: [SocketAddress: [FileDescriptor]] = [:]
+        var openedUDP: [SocketAddress: [FileDescriptor]] = [:]
+        do throws(RuleError) {
+            for address in plan.openTCP {
+                let owner = plan.owners[address] ?? "-"
+                if let handed = state.handedTCP[address] {
+                    // Hot upgrade: loop i takes the predecessor's socket i.
+                    opened[address] = try Self.spread(handed, over: group.loops.count, owner: owner, address: address)
+                    continue
+                }
+                if let passed = state.inherited[address] {
+                    // Socket activation: loop 0 takes the passed socket, the others a duplicate.
+                    opened[address] = try Self.spread([passed], over: group.loops.count, owner: owner, address: address)
+                    Socket.setNoDelay(passed)
+                    Socket.apply(settings.liveness, to: passed)
+                    continue
+                }
+                do throws(SystemCallError) {
+                    try Socket.probeFree(address)
+                    var fds: [FileDescriptor] = []
+                    for _ in group.loops {
+                        do throws(SystemCallError) {
+                            let fd = try Socket.listen(on: address, reusePort: true, backlog: settings.listenBacklog)
+                            // Accepted sockets inherit these, which saves
+                            // several setsockopt calls per connection.
+                            Socket.setNoDelay(fd)
+                            Socket.apply(settings.liveness, to: fd)
+                            fds.append(fd)
+                        } catch {
+                            fds.forEach { $0.close() }
+                            throw error
+                        }
+                    }
+                    opened[address] = fds
+                } catch {
+                    throw RuleError.listenFailed(rule: owner, address: address, error)
+                }
+            }
+            for address in plan.openUDP {
+                let owner = plan.after[address]?.first { $0.transport.contains(.udp) }?.id ?? plan.owners[address] ?? "-"
+                if let handed = state.handedUDP[address] {
+                    openedUDP[address] = try Self.spread(handed, over: group.loops.count, owner: owner, address: address)
+                    // Not read until the flows are adopted: a datagram of
+                    // a handed flow read before would open a second flow.
+                    state.heldUDP.insert(address)
+                    continue
+                }
+                do throws(SystemCallError) {
+                    try Socket.probeFreeUDP(address)
+                    var fds: [FileDescriptor] = []
+                    for _ in group.loops {
+                        do throws(SystemCallError) {
+                            fds.append(try Socket.bindUDP(address, reusePort: true, packetInfo: address.ip.isUnspecified,
+                                                          receiveBuffer: settings.udpReceiveBuffer,
+                                                          sendBuffer: settings.udpSendBuffer))
+                        } catch {
+                            fds.forEach { $0.close() }
+                            throw error
+                        }
+                    }
+                    openedUDP[address] = fds
+                } catch {
+                    throw RuleError.listenFailed(rule: owner, address: address, error)
+                }
+            }
+        } catch {
+            for (address, fds) in opened {
+                let kept = state.handedTCP[address]?.count ?? (state.inherited[address] != nil ? 1 : 0)
+                fds.dropFirst(kept).forEach { $0.close() }
+            }
+            for (address, fds) in openedUDP {
+                fds.dropFirst(state.handedUDP[address]?.count ?? 0).forEach { $0.close() }
+                if state.handedUDP[address] != nil { state.heldUDP.remove(address) }
+            }
+            throw error
+        }
+        return (opened, openedUDP)
     }
 
     /// One socket per loop from the handed ones: loop i takes socket i;
@@ -270,7 +289,7 @@ public final class RelayEngine: Sendable {
         try control.withLock { state throws(HandoverError) in
             guard !state.stopped else { throw HandoverError("the relay is shutting down") }
             guard !state.handingOver else { throw HandoverError("a handover is already under way") }
-            if let rule = state.ruleSet.rules.first(where: { $0.inspector != nil || $0.router != nil }) {
+            if let rule = state.index.byID.values.first(where: { $0.inspector != nil || $0.router != nil }) {
                 throw HandoverError("rule \"\(rule.id)\" inspects or routes its connections; such sessions cannot be handed over")
             }
             state.handingOver = true
@@ -291,7 +310,9 @@ public final class RelayEngine: Sendable {
     public func releaseAfterHandover() {
         control.withLock { state in
             state.stopped = true
-            state.ruleSet = .empty
+            state.index = RuleIndex()
+            state.tcpListeners.removeAll()
+            state.udpListeners.removeAll()
         }
         let contexts = self.contexts
         group.onEveryLoop { loop in contexts.all[loop.id].releaseAfterHandover() }
@@ -344,8 +365,7 @@ public final class RelayEngine: Sendable {
     /// reach that loop's socket), watches them and pumps them. Call after
     /// the rules are applied (with the handed listeners).
     public func adopt(_ items: [HandedSocket]) -> AdoptionReport {
-        let ruleSet = control.withLock { $0.ruleSet }
-        let byID = Dictionary(ruleSet.rules.map { ($0.id, $0) }, uniquingKeysWith: { first, _ in first })
+        let (byID, gates) = control.withLock { ($0.index.byID, $0.gates) }
         let loops = group.loops.count
         var perLoop = [[HandedSocket]](repeating: [], count: loops)
         for item in items where item.record.kind == .connection || item.record.kind == .flow {
@@ -355,7 +375,7 @@ public final class RelayEngine: Sendable {
         let reports = gather { context -> AdoptionReport in
             var report = AdoptionReport()
             for item in work[context.loop.id] {
-                if let problem = context.adopt(item, rules: ruleSet, byID: byID) {
+                if let problem = context.adopt(item, gates: gates, byID: byID) {
                     report.refused.append(problem)
                 } else if item.record.kind == .connection {
                     report.connections += 1
@@ -376,20 +396,16 @@ public final class RelayEngine: Sendable {
     }
 
     /// The rules in force.
-    public var rules: [RelayRule] { control.withLock { $0.ruleSet.rules } }
+    public var rules: [RelayRule] { control.withLock { $0.index.rules } }
 
     /// Removes the rule `id` and closes its established connections (with a
     /// reset on both sides).
     /// - Returns: how many connections were closed, or nil when no such rule exists.
     @discardableResult
     public func revoke(ruleID: String) -> Int? {
-        let remaining: [RelayRule]? = control.withLock { state in
-            guard state.ruleSet.rules.contains(where: { $0.id == ruleID }) else { return nil }
-            return state.ruleSet.rules.filter { $0.id != ruleID }
-        }
-        guard let remaining else { return nil }
-        // Removing a rule from a valid set cannot make it invalid or open a listener.
-        try? apply(remaining)
+        guard control.withLock({ $0.index.byID[ruleID] != nil }) else { return nil }
+        // Removing a rule cannot make the set invalid or open a listener.
+        try? change(removing: [ruleID])
         let total = sumOnEveryLoop { $0.revoke(ruleID: ruleID) }
         logger.info("rule \"\(ruleID)\" revoked: \(total) connection(s) closed")
         return total
@@ -505,7 +521,9 @@ public final class RelayEngine: Sendable {
     public func stopAccepting() {
         control.withLock { state in
             state.stopped = true
-            state.ruleSet = .empty
+            state.index = RuleIndex()
+            state.tcpListeners.removeAll()
+            state.udpListeners.removeAll()
         }
         let contexts = self.contexts
         group.onEveryLoop { loop in contexts.all[loop.id].stopListening() }

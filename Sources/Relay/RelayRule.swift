@@ -160,6 +160,15 @@ public struct ListenerRules: Sendable {
         self.positions = positions
     }
 
+    /// The rules of one address in matching order: most specific first,
+    /// then in the order given.
+    static func ordered(address: SocketAddress, rules group: [RelayRule], gate: AdmissionGate) -> ListenerRules {
+        // Each rule's specificity is computed once, not per comparison.
+        let keyed = group.enumerated().map { (specificity: $0.element.specificity, offset: $0.offset) }
+        let order = keyed.sorted { a, b in a.specificity != b.specificity ? a.specificity > b.specificity : a.offset < b.offset }
+        return ListenerRules(address: address, rules: order.map { group[$0.offset] }, gate: gate)
+    }
+
     /// The first rule (in matching order) that admits `client`, or nil.
     public func match(_ client: IPAddress) -> RelayRule? {
         matchPosition(client).map { rules[$0] }
@@ -204,11 +213,7 @@ public struct RuleSet: Sendable {
         for rule in rules { grouped[rule.listen, default: []].append(rule) }
         var listeners: [SocketAddress: ListenerRules] = [:]
         for (address, group) in grouped {
-            // Each rule's specificity is computed once, not per comparison.
-            let keyed = group.enumerated().map { (specificity: $0.element.specificity, offset: $0.offset) }
-            let order = keyed.sorted { a, b in a.specificity != b.specificity ? a.specificity > b.specificity : a.offset < b.offset }
-            let sorted = order.map { group[$0.offset] }
-            listeners[address] = ListenerRules(address: address, rules: sorted, gate: gates[address]!)
+            listeners[address] = ListenerRules.ordered(address: address, rules: group, gate: gates[address]!)
         }
         return listeners
     }
@@ -248,33 +253,7 @@ public enum RuleError: Error, Equatable, Sendable, CustomStringConvertible {
         for rule in rules {
             if seen[rule.id] != nil { throw .duplicateID(rule.id) }
             seen[rule.id] = rule
-            if rule.listen.port == 0 { throw .invalid(rule: rule.id, reason: "listen port must not be 0") }
-            if rule.router != nil && rule.transport != .udp {
-                throw .invalid(rule: rule.id, reason: "a datagram router applies to udp forwards only")
-            }
-            if rule.inspector != nil && rule.transport != .tcp {
-                throw .invalid(rule: rule.id, reason: "an inspector (inspect first) applies to tcp forwards only")
-            }
-            if rule.target.port == 0 && rule.inspector == nil { throw .invalid(rule: rule.id, reason: "target port must not be 0") }
-            if let limit = rule.maxConnections, limit < 1 {
-                throw .invalid(rule: rule.id, reason: "max_connections must be at least 1")
-            }
-            if let limit = rule.maxFlows, limit < 1 {
-                throw .invalid(rule: rule.id, reason: "max_flows must be at least 1")
-            }
-            if rule.transport.isEmpty { throw .invalid(rule: rule.id, reason: "protocol must be tcp, udp or both") }
-            if rule.preamble != nil && rule.transport != .tcp {
-                throw .invalid(rule: rule.id, reason: "a preamble (PROXY header) applies to tcp forwards only")
-            }
-            if let ports = rule.sourcePorts {
-                guard rule.transport.contains(.udp) else {
-                    throw .invalid(rule: rule.id, reason: "source_ports applies to udp forwards only")
-                }
-                if ports.lowerBound == 0 { throw .invalid(rule: rule.id, reason: "source_ports must be 1-65535") }
-            }
-            if rule.transport.contains(.udp) && rule.udpIdleTimeoutNanoseconds == 0 {
-                throw .invalid(rule: rule.id, reason: "udp_idle_timeout must be more than 0")
-            }
+            try checkAlone(rule)
             // Two rules conflict when they listen on one address for the same
             // clients with a transport in common: found by hashing the pair
             // (address, allow-set), so a list of n rules is checked in O(n).
@@ -287,20 +266,75 @@ public enum RuleError: Error, Equatable, Sendable, CustomStringConvertible {
         }
         // A wildcard and a specific address on the same port cannot both be bound.
         for (address, group) in byListen where !address.ip.isUnspecified {
-            let wildcard = SocketAddress(ip: address.ip.isIPv4 ? .v4(0) : .v6(0, 0), port: address.port)
-            guard let wildcardRules = byListen[wildcard] else { continue }
-            let wildcardTransports = wildcardRules.reduce(Transport()) { $0.union($1.transport) }
-            for rule in group where !wildcardTransports.isDisjoint(with: rule.transport) {
-                let other = wildcardRules.first { !$0.transport.isDisjoint(with: rule.transport) }!
+            guard let wildcardRules = byListen[address.wildcard] else { continue }
+            if let (other, rule) = wildcardConflict(wildcard: wildcardRules, specific: group) {
                 throw .conflictingRules(other.id, rule.id, listen: address)
             }
         }
     }
 
-    private struct ConflictKey: Hashable {
+    /// The first (wildcard rule, specific rule) pair with a transport in common.
+    static func wildcardConflict(wildcard: [RelayRule], specific: [RelayRule]) -> (RelayRule, RelayRule)? {
+        let wildcardTransports = wildcard.reduce(Transport()) { $0.union($1.transport) }
+        for rule in specific where !wildcardTransports.isDisjoint(with: rule.transport) {
+            return (wildcard.first { !$0.transport.isDisjoint(with: rule.transport) }!, rule)
+        }
+        return nil
+    }
+
+    /// Two rules of one address that would take the same clients on a transport in common.
+    static func sameClientsConflict(_ rules: [RelayRule]) -> (RelayRule, RelayRule)? {
+        var sameClients: [ConflictKey: [RelayRule]] = [:]
+        for rule in rules {
+            let key = ConflictKey(listen: rule.listen, allow: Set(rule.allow))
+            if let other = sameClients[key, default: []].first(where: { !$0.transport.isDisjoint(with: rule.transport) }) {
+                return (other, rule)
+            }
+            sameClients[key, default: []].append(rule)
+        }
+        return nil
+    }
+
+    /// The checks one rule passes on its own (ports, limits, transports).
+    static func checkAlone(_ rule: RelayRule) throws(RuleError) {
+        if rule.listen.port == 0 { throw RuleError.invalid(rule: rule.id, reason: "listen port must not be 0") }
+        if rule.router != nil && rule.transport != .udp {
+            throw .invalid(rule: rule.id, reason: "a datagram router applies to udp forwards only")
+        }
+        if rule.inspector != nil && rule.transport != .tcp {
+            throw .invalid(rule: rule.id, reason: "an inspector (inspect first) applies to tcp forwards only")
+        }
+        if rule.target.port == 0 && rule.inspector == nil { throw .invalid(rule: rule.id, reason: "target port must not be 0") }
+        if let limit = rule.maxConnections, limit < 1 {
+            throw .invalid(rule: rule.id, reason: "max_connections must be at least 1")
+        }
+        if let limit = rule.maxFlows, limit < 1 {
+            throw .invalid(rule: rule.id, reason: "max_flows must be at least 1")
+        }
+        if rule.transport.isEmpty { throw .invalid(rule: rule.id, reason: "protocol must be tcp, udp or both") }
+        if rule.preamble != nil && rule.transport != .tcp {
+            throw .invalid(rule: rule.id, reason: "a preamble (PROXY header) applies to tcp forwards only")
+        }
+        if let ports = rule.sourcePorts {
+            guard rule.transport.contains(.udp) else {
+                throw .invalid(rule: rule.id, reason: "source_ports applies to udp forwards only")
+            }
+            if ports.lowerBound == 0 { throw .invalid(rule: rule.id, reason: "source_ports must be 1-65535") }
+        }
+        if rule.transport.contains(.udp) && rule.udpIdleTimeoutNanoseconds == 0 {
+            throw .invalid(rule: rule.id, reason: "udp_idle_timeout must be more than 0")
+        }
+    }
+
+    struct ConflictKey: Hashable {
         let listen: SocketAddress
         let allow: Set<CIDR>
     }
+}
+
+extension SocketAddress {
+    /// The wildcard address of this one's family, on its port.
+    var wildcard: SocketAddress { SocketAddress(ip: ip.isIPv4 ? .v4(0) : .v6(0, 0), port: port) }
 }
 
 extension CIDR {
