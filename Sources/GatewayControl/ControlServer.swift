@@ -55,8 +55,8 @@ public enum ControlServer {
         }
         let started = MonotonicClock.nowNanoseconds
         do throws(ControlError) {
-            let limit = await BlockingExecutor.shared.run { control.settings.maxBodyBytes }
-            let body = try await readBody(&request, limit: limit)
+            // A copy under a lock held only to copy: no hop to another thread.
+            let body = try await readBody(&request, limit: control.settings.maxBodyBytes)
             let authorization = request.headers[.authorization]
             let result = await BlockingExecutor.shared.run { () -> Result<Response, ControlError> in
                 Result { () throws(ControlError) in

@@ -28,6 +28,11 @@ public final class GatewayControl: Sendable {
     private let clock: @Sendable () -> Int64
     private let probe: @Sendable (ControlSettings) -> PortAllocator.Probe
     private let state: Mutex<State>
+    /// Copies of the settings and the signer, under a lock of their own held
+    /// only to copy: every request reads them (body limit, signature check)
+    /// and must not wait for a change in progress (which holds `state`
+    /// across the relay loops and the journal's fdatasync).
+    private let published: Mutex<(settings: ControlSettings, signer: ControlSigner?)>
     /// Each pushed rule's relay rule, by id, with what it was made from:
     /// every push applies the whole set, and parsing thousands of targets
     /// each time made a push O(rules) in string parsing.
@@ -77,6 +82,7 @@ public final class GatewayControl: Sendable {
         self.clock = clock
         self.probe = probe
         state = Mutex(State(settings: settings, signer: signer, baseRules: baseRules, pushed: []))
+        published = Mutex((settings, signer))
     }
 
     // MARK: Start and configuration
@@ -191,22 +197,31 @@ public final class GatewayControl: Sendable {
 
     /// Replaces the key pushes are verified with (nil: refuse every push).
     public func setSigner(_ signer: ControlSigner?) {
-        state.withLock { $0.signer = signer }
+        state.withLock { s in
+            s.signer = signer
+            published.withLock { $0.signer = signer }
+        }
     }
 
     /// Changes the port range new rules take ports from; existing rules stay.
     public func setPortRange(_ range: ClosedRange<Int>) {
-        state.withLock { $0.settings.portRange = range }
+        state.withLock { s in
+            s.settings.portRange = range
+            published.withLock { $0.settings = s.settings }
+        }
     }
 
     /// Changes the settings new pushes are checked against (e.g. the bound
     /// control address once known); existing rules stay.
     public func updateSettings(_ change: @Sendable (inout ControlSettings) -> Void) {
-        state.withLock { change(&$0.settings) }
+        state.withLock { s in
+            change(&s.settings)
+            published.withLock { $0.settings = s.settings }
+        }
     }
 
-    public var settings: ControlSettings { state.withLock { $0.settings } }
-    public var signer: ControlSigner? { state.withLock { $0.signer } }
+    public var settings: ControlSettings { published.withLock { $0.settings } }
+    public var signer: ControlSigner? { published.withLock { $0.signer } }
 
     // MARK: The broker's calls
 

@@ -71,6 +71,8 @@ final class LoopContext: TimerHandler {
         var tcp: [SocketAddress: ListenerRules?]
         var udp: [SocketAddress: ListenerRules?]
         var removedIDs: [String]
+        /// Rules removed or replaced: only their UDP flows can have lost their rule.
+        var changedIDs: Set<String> = []
         var held: Set<SocketAddress> = []
     }
 
@@ -127,9 +129,13 @@ final class LoopContext: TimerHandler {
             }
             if let listener = udpListeners[address] {
                 listener.rules = rules
-                // Flows whose rule no longer admits their client end now.
-                for flow in Array(listener.flows.values) where !rules.contains(flow.rule) {
-                    listener.closeFlow(flow)
+                // Flows whose rule no longer admits their client end now
+                // (only a removed or replaced rule can do that: rules only
+                // added cost no look at the flows).
+                if !delta.changedIDs.isEmpty {
+                    for flow in Array(listener.flows.values) where delta.changedIDs.contains(flow.rule.id) && !rules.contains(flow.rule) {
+                        listener.closeFlow(flow)
+                    }
                 }
             } else if let fd = newSockets[address] {
                 let listener = DatagramListener(fd: fd, rules: rules, context: self)

@@ -125,7 +125,7 @@ public final class RelayEngine: Sendable {
             // of its rules sets), made from its own few rules only.
             var tcpDelta: [SocketAddress: ListenerRules?] = [:]
             var udpDelta: [SocketAddress: ListenerRules?] = [:]
-            for address in plan.after.keys {
+            for address in plan.touched {
                 let all = state.index.rules(at: address)
                 let tcp = all.filter { $0.transport.contains(.tcp) }
                 let udp = all.filter { $0.transport.contains(.udp) }
@@ -160,7 +160,7 @@ public final class RelayEngine: Sendable {
             }
             for address in openedUDP.keys { state.handedUDP[address] = nil }
             let delta = LoopContext.RuleDelta(tcp: tcpDelta, udp: udpDelta, removedIDs: plan.removed,
-                                              held: state.heldUDP)
+                                              changedIDs: Set(plan.removed + plan.replaced), held: state.heldUDP)
             let contexts = self.contexts
             group.onEveryLoop { loop in
                 contexts.all[loop.id].install(delta, newSockets: opened.mapValues { $0[loop.id] },
@@ -217,7 +217,7 @@ public final class RelayEngine: Sendable {
                 }
             }
             for address in plan.openUDP {
-                let owner = plan.after[address]?.first { $0.transport.contains(.udp) }?.id ?? plan.owners[address] ?? "-"
+                let owner = plan.udpOwners[address] ?? "-"
                 if let handed = state.handedUDP[address] {
                     openedUDP[address] = try Self.spread(handed, over: group.loops.count, owner: owner, address: address)
                     // Not read until the flows are adopted: a datagram of

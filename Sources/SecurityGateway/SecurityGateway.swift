@@ -292,12 +292,12 @@ public final class SecurityGateway: Sendable {
 
 /// Keeps the relay's rules equal to the base rules plus one UDP rule per
 /// live session's client. Sessions start and end on the relay loops, which
-/// must not wait for `RelayEngine.apply` (it runs a command on every loop,
+/// must not wait for the engine (a change runs a command on every loop,
 /// their own included), so changes are applied on a serial queue,
-/// coalesced: each run applies the state as it is then. A run costs O(n)
-/// for n bindings (the tracker keeps each binding's rule; the relay checks
-/// a rule list in O(n) and matches a client by a hash of its address), so
-/// a burst of session starts costs a few runs, not one O(n) run each.
+/// coalesced: each run takes the client addresses whose rule came or went
+/// since the last one and applies just those (`RelayEngine.change`). The
+/// relay then rebuilds only the rules of the SG's one UDP address (O(rules
+/// there)), and looks at the flows only when a rule went.
 final class RuleSync: Sendable {
     private struct State {
         var base: [RelayRule] = []
@@ -330,7 +330,7 @@ final class RuleSync: Sendable {
         guard !scheduled.exchange(true, ordering: .acquiringAndReleasing) else { return }
         queue.async { [self] in
             scheduled.store(false, ordering: .releasing)
-            do throws(RuleError) { try applyNow() } catch {
+            do throws(RuleError) { try applyChanges() } catch {
                 logger.error("security gateway: UDP rules not applied: \(error)")
             }
         }
@@ -353,6 +353,26 @@ final class RuleSync: Sendable {
         }
     }
 
+    /// Applies the sessions' rule changes since the last run, one rule per
+    /// client address that came or went (`RelayEngine.change`): a run costs
+    /// what changed, not every binding held.
+    func applyChanges() throws(RuleError) {
+        let (sessions, stopped) = state.withLock { ($0.sessions, $0.stopped) }
+        guard !stopped, let sessions else { return }
+        let (upserting, removing) = sessions.takeRuleChanges()
+        guard !upserting.isEmpty || !removing.isEmpty else { return }
+        do throws(RuleError) {
+            try engine.change(upserting: upserting, removing: removing)
+            state.withLock { $0.lastError = nil }
+        } catch {
+            // Tried again with the next change.
+            sessions.markUnapplied(upserting.flatMap { $0.allow.map(\.address) })
+            state.withLock { $0.lastError = error.description }
+            throw error
+        }
+    }
+
+    /// The base and every session's rule, as a whole set (start, reload).
     func applyNow() throws(RuleError) {
         let (base, sessions, stopped) = state.withLock { ($0.base, $0.sessions, $0.stopped) }
         guard !stopped else { return }

@@ -64,6 +64,8 @@ public final class SessionTracker: DatagramRouter, Sendable {
         var activeBySession: [String: Int] = [:]
         /// nil when EnableCollaboration is off; a reload may change it.
         var collaborationPorts: ClosedRange<UInt16>?
+        /// Client addresses whose rule came or went since `takeRuleChanges`.
+        var dirty: Set<IPAddress> = []
     }
 
     public let agentSourcePort: UInt16
@@ -128,7 +130,10 @@ public final class SessionTracker: DatagramRouter, Sendable {
                                                      sequence: s.sequence))
             s.pathCount += 1
             s.portsByAgent[agent, default: []].insert(port)
-            if first { s.rules[client] = rule(client: client, agent: agent, port: port) }
+            if first {
+                s.rules[client] = rule(client: client, agent: agent, port: port)
+                s.dirty.insert(client)
+            }
             s.active += 1
             s.started += 1
             s.activeBySession[sessionID, default: 0] += 1
@@ -161,6 +166,7 @@ public final class SessionTracker: DatagramRouter, Sendable {
                 // The rule goes, and its flows with it.
                 s.paths[ticket.client] = nil
                 s.rules[ticket.client] = nil
+                s.dirty.insert(ticket.client)
                 return (true, false)
             }
             s.paths[ticket.client] = list
@@ -227,8 +233,31 @@ public final class SessionTracker: DatagramRouter, Sendable {
         state.withLock { Array($0.rules.values) }
     }
 
+    /// The UDP rules to add and the rule ids to remove since the last call
+    /// (a client whose rule came and went in between is one removal of an
+    /// id the relay may not hold, which it ignores): how the relay follows
+    /// the sessions one rule at a time.
+    public func takeRuleChanges() -> (upserting: [RelayRule], removing: [String]) {
+        state.withLock { s in
+            var upserting: [RelayRule] = []
+            var removing: [String] = []
+            for client in s.dirty {
+                if let rule = s.rules[client] { upserting.append(rule) } else { removing.append(Self.ruleID(client)) }
+            }
+            s.dirty.removeAll(keepingCapacity: true)
+            return (upserting, removing)
+        }
+    }
+
+    /// Marks clients whose rule changes did not reach the relay, for the next call.
+    public func markUnapplied(_ clients: [IPAddress]) {
+        state.withLock { s in for client in clients { s.dirty.insert(client) } }
+    }
+
+    static func ruleID(_ client: IPAddress) -> String { "sg-udp-\(client)" }
+
     private func rule(client: IPAddress, agent: SocketAddress, port: UInt16) -> RelayRule {
-        var rule = RelayRule(id: "sg-udp-\(client)", listen: listen,
+        var rule = RelayRule(id: Self.ruleID(client), listen: listen,
                              allow: [CIDR(address: client, prefixLength: client.isIPv4 ? 32 : 128)],
                              target: agent, transport: .udp, sourcePorts: port...port)
         rule.router = RuleRouter(name: Self.routerName, router: self)

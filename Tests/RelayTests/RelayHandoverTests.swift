@@ -53,12 +53,16 @@ struct RelayHandoverTests {
         // maxPipes 0: the bytes in flight are in memory, not in a pipe.
         let target = try TestListener()
         defer { target.close() }
+        // Small buffers at both ends, so that a few MiB fill the path up to
+        // the relay's pipe (the test shares the machine with the others).
+        Socket.setBufferSizes(target.fd, receive: 65536, send: 65536)
         let listen = freeLoopbackAddress()
         let rule = RelayRule(id: "desk", listen: listen, target: target.address)
         let a = try makeEngine { $0.maxPipes = maxPipes; $0.pipeSize = 65536 }
         try a.apply([rule])
         let client = try TestClient.connect(listen)
         defer { client.close() }
+        Socket.setBufferSizes(client.fd, receive: 65536, send: 65536)
         let upstream = try #require(target.accept())
         defer { upstream.close() }
         #expect(eventually { a.connections().first?.established == true })
@@ -66,9 +70,17 @@ struct RelayHandoverTests {
         // The target reads nothing yet: the client's bytes pile up in the
         // kernel's buffers and in the relay's pipe (or memory).
         var sender = Sender(seed: 7)
-        sender.fill(client, limit: 32 << 20)
-        #expect(eventually { a.connections().first.map { $0.bytesClientToTarget > 0 } ?? false })
-        let handed = try a.suspendForHandover()
+        // Until the relay holds bytes it could not deliver yet: the kernel's
+        // buffers on the way grow as they are used, so a pause in the
+        // client's writes is not yet a full path; look, and fill again.
+        var handed: [HandedSocket] = []
+        for _ in 0..<100 {
+            sender.fill(client, limit: sender.sent + (1 << 20))
+            BlockingWait.writable(client.fd, timeoutMilliseconds: 20)
+            handed = try a.suspendForHandover()
+            if handed.first(where: { $0.record.kind == .connection })?.record.connection?.toTarget.inFlight ?? 0 > 0 { break }
+            a.resumeAfterHandover()
+        }
         let record = try #require(handed.first { $0.record.kind == .connection }?.record.connection)
         #expect(record.established)
         #expect(record.toTarget.inFlight > 0, "the relay held no byte in flight; the test proves nothing")

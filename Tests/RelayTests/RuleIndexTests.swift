@@ -24,8 +24,8 @@ struct RuleIndexTests {
         // A second rule on the same address opens nothing.
         var plan = try index.plan(upserting: [rule("b", "0.0.0.0:20001", allow: ["10.1.0.2/32"])], removing: [])
         #expect(plan.openTCP.isEmpty && plan.closeTCP.isEmpty)
-        #expect(plan.after[SocketAddress("0.0.0.0:20001")!]?.map(\.id) == ["a", "b"])
         index.commit(plan)
+        #expect(index.rules(at: SocketAddress("0.0.0.0:20001")!).map(\.id) == ["a", "b"])
         // Removing one of two closes nothing; removing the last closes it.
         plan = try index.plan(upserting: [], removing: ["a"])
         #expect(plan.closeTCP.isEmpty)
@@ -85,7 +85,7 @@ struct RuleIndexTests {
         let many = (0..<1000).map { rule("r\($0)", "0.0.0.0:\(20001 + $0)") }
         let index = try indexed(many)
         let plan = try index.plan(upserting: [rule("new", "0.0.0.0:30000")], removing: ["r5"])
-        #expect(plan.after.count == 2)
+        #expect(plan.touched.count == 2)
         #expect(plan.openTCP == [SocketAddress("0.0.0.0:30000")!] && plan.closeTCP == [SocketAddress("0.0.0.0:20006")!])
     }
 }
