@@ -14,11 +14,27 @@ enum Upgrade {
     /// The descriptor number the successor finds its end of the pair at.
     static let successorDescriptor: Int32 = 3
 
-    /// The executable's path as it was at start: the file an operator
-    /// replaces (readlink of /proc/self/exe says "(deleted)" afterwards).
-    /// Read once, at start (`Serve.run` touches it first thing).
+    /// The path this executable was started by, as it was at start: the
+    /// file (or symlink) an operator replaces. argv[0] when it names a path
+    /// (made absolute against the directory at start, symlinks kept, so a
+    /// deployment that switches a symlink upgrades to its new target), else
+    /// the first match on PATH, else /proc/self/exe (which names the old
+    /// inode's path, "(deleted)" once replaced). Read once, at start
+    /// (`Serve.run` touches it first thing).
     static let executablePath: String? = {
-        guard let path = try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe") else { return nil }
+        let fm = FileManager.default
+        if let first = CommandLine.arguments.first, !first.isEmpty {
+            if first.hasPrefix("/") { return first }
+            if first.contains("/") {
+                let relative = first.hasPrefix("./") ? String(first.dropFirst(2)) : first
+                return (fm.currentDirectoryPath as NSString).appendingPathComponent(relative)
+            }
+            for folder in (ProcessInfo.processInfo.environment["PATH"] ?? "").split(separator: ":") where folder.hasPrefix("/") {
+                let candidate = "\(folder)/\(first)"
+                if fm.isExecutableFile(atPath: candidate) { return candidate }
+            }
+        }
+        guard let path = try? fm.destinationOfSymbolicLink(atPath: "/proc/self/exe") else { return nil }
         return path.hasSuffix(" (deleted)") ? String(path.dropLast(" (deleted)".count)) : path
     }()
 
