@@ -144,6 +144,9 @@ public struct HandoverSummary: Sendable, Equatable {
     public var flows = 0
     /// From the relay's suspension to the successor's `received`.
     public var pauseNanoseconds: UInt64 = 0
+    /// How long suspending took, and then sending every record.
+    public var suspendNanoseconds: UInt64 = 0
+    public var sendNanoseconds: UInt64 = 0
 }
 
 /// The predecessor's side.
@@ -175,6 +178,8 @@ public enum UpgradeHandoff {
             throw UpgradeFailure(error.message)
         }
         var summary = HandoverSummary(successor: successor)
+        let suspended = MonotonicClock.nowNanoseconds
+        summary.suspendNanoseconds = suspended &- started
         for item in handed {
             switch item.record.kind {
             case .tcpListener, .udpListener: summary.listeners += 1
@@ -188,6 +193,7 @@ public enum UpgradeHandoff {
                                  descriptors: batch.flatMap(\.descriptors))
             }
             try channel.send(UpgradeMessage(type: "end", count: handed.count, suspendedAt: started))
+            summary.sendNanoseconds = MonotonicClock.nowNanoseconds &- suspended
             let (received, _) = try channel.receive("received", seconds: 60)
             guard received.count == handed.count else {
                 throw UpgradeFailure("the successor took \(received.count ?? 0) of \(handed.count) socket records")

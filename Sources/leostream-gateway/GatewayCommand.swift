@@ -307,7 +307,7 @@ struct Serve: ParsableCommand {
             })
             link.handedOver(to: summary.successor)
             let milliseconds = Double(summary.pauseNanoseconds / 1000) / 1000
-            logger.notice("upgrade: handed over \(summary.connections) connection(s), \(summary.flows) UDP flow(s) and \(summary.listeners) listening socket(s) to pid \(summary.successor) (\(milliseconds) ms from suspension to release); exiting")
+            logger.notice("upgrade: handed over \(summary.connections) connection(s), \(summary.flows) UDP flow(s) and \(summary.listeners) listening socket(s) to pid \(summary.successor) (\(milliseconds) ms from suspension to release: suspended in \(Double(summary.suspendNanoseconds / 1000) / 1000) ms, records sent in \(Double(summary.sendNanoseconds / 1000) / 1000) ms); exiting")
             return true
         } catch {
             logger.error("upgrade failed: \(error); still serving every session")
