@@ -248,7 +248,7 @@ public final class GatewayControl: Sendable {
         try RulePolicy.checkID(id)
         let now = clock()
         let probe = self.probe
-        return try state.withLock { s throws(ControlError) in
+        let (rule, created, pending) = try state.withLock { s throws(ControlError) -> (RuleState, Bool, RuleStore.Pending?) in
             let checked = try RulePolicy.check(push, settings: s.settings)
             var normalized = push
             normalized.unusedExpirySeconds = checked.unusedExpirySeconds
@@ -264,7 +264,7 @@ public final class GatewayControl: Sendable {
                 guard existing.push == normalized else {
                     throw ControlError(409, field: "id", "id: rule \(id) already exists with other settings (delete it first)")
                 }
-                return (existing, false)
+                return (existing, false, nil)
             }
             // The relay rules in force, made once for the port choice, the
             // new set and a roll-back.
@@ -290,8 +290,9 @@ public final class GatewayControl: Sendable {
             } else {
                 try applyToEngine(upserting: relayRules([rule], s.settings))
             }
+            let pending: RuleStore.Pending?
             do throws(ControlError) {
-                try store.save(next)
+                pending = try store.record(next)
             } catch {
                 s.storeError = error.message
                 if !added.isEmpty { try? kernel?.apply(added.map { .remove($0) }) }
@@ -304,7 +305,25 @@ public final class GatewayControl: Sendable {
             }
             s.storeError = nil
             s.pushed = next
-            return (rule, true)
+            return (rule, true, pending)
+        }
+        // Durable before the answer, outside the lock: pushes arriving
+        // meanwhile share one fdatasync (group commit).
+        if let pending { try waitDurable(pending) }
+        return (rule, created)
+    }
+
+    /// Waits for a recorded change to be durable. A failure leaves the change
+    /// in effect (in the relay and in memory; the next change writes the
+    /// whole set again) and says so: the page cache holds it, but it was not
+    /// acknowledged as durable.
+    private func waitDurable(_ pending: RuleStore.Pending) throws(ControlError) {
+        do throws(ControlError) {
+            try store.makeDurable(pending)
+        } catch {
+            state.withLock { $0.storeError = error.message }
+            logger.critical("control: \(error.message); the change is in effect but not durable")
+            throw ControlError(500, "\(error.message); the change is in effect but was not made durable")
         }
     }
 
@@ -313,10 +332,11 @@ public final class GatewayControl: Sendable {
     /// - Throws: `ControlError` 404 for an unknown id, 500 when the state cannot be written.
     public func delete(id: String) throws(ControlError) {
         try RulePolicy.checkID(id)
-        try state.withLock { s throws(ControlError) in
+        let pending = try state.withLock { s throws(ControlError) -> RuleStore.Pending? in
             guard s.pushed.contains(where: { $0.id == id }) else { throw ControlError(404, field: "id", "id: no rule \(id)") }
-            try remove(Set([id]), from: &s)
+            return try remove(Set([id]), from: &s, waitDurable: false)
         }
+        if let pending { try waitDurable(pending) }
         logger.info("control: rule \(id) deleted")
     }
 
@@ -650,7 +670,10 @@ public final class GatewayControl: Sendable {
 
     /// Removes rules: listeners close (their sessions go on), kernel
     /// elements go in one batch and their flows' conntrack entries with them.
-    private func remove(_ ids: Set<String>, from s: inout State) throws(ControlError) {
+    /// - Parameter waitDurable: false: the caller waits for the returned
+    ///   append after releasing the lock (group commit).
+    @discardableResult
+    private func remove(_ ids: Set<String>, from s: inout State, waitDurable: Bool = true) throws(ControlError) -> RuleStore.Pending? {
         let next = s.pushed.filter { !ids.contains($0.id) }
         let leaving = s.pushed.filter { ids.contains($0.id) }
         let forwards = leaving.flatMap { KernelRules.forwards($0, publicAddress: s.settings.publicAddress) }
@@ -665,8 +688,13 @@ public final class GatewayControl: Sendable {
                 throw error.controlError
             }
         }
+        var pending: RuleStore.Pending?
         do throws(ControlError) {
-            try store.save(next)
+            pending = try store.record(next)
+            if waitDurable, let written = pending {
+                try store.makeDurable(written)
+                pending = nil
+            }
         } catch {
             s.storeError = error.message
             if let kernel, !forwards.isEmpty { try? kernel.apply(forwards.map { .add($0, timeoutMilliseconds: nil) }) }
@@ -690,5 +718,6 @@ public final class GatewayControl: Sendable {
                 }
             }
         }
+        return pending
     }
 }

@@ -166,13 +166,41 @@ public struct RuleStore: Sendable {
         return Loaded(rules: rules, problem: problems.isEmpty ? nil : problems.joined(separator: "; "))
     }
 
+    /// An append not yet known to be durable: `makeDurable` waits for it.
+    public struct Pending: Sendable {
+        let file: AppendOnlyFile
+        let sequence: UInt64
+    }
+
     /// Records the change from the last saved rules to `rules`: appended to
     /// the journal and made durable before this returns.
     /// - Throws: `ControlError` 500 naming the file.
     public func save(_ rules: [RuleState]) throws(ControlError) {
+        if let pending = try record(rules) { try makeDurable(pending) }
+    }
+
+    /// Waits until `pending` is durable; concurrent callers share one
+    /// fdatasync (group commit). On failure the next change writes the
+    /// whole set again (the journal may hold a torn record).
+    /// - Throws: `ControlError` 500 naming the file.
+    public func makeDurable(_ pending: Pending) throws(ControlError) {
+        do throws(Errno) {
+            try pending.file.sync(through: pending.sequence)
+        } catch {
+            journal.state.withLock { j in if j.file === pending.file { j.file = nil } }
+            throw ControlError(500, "cannot make \(pending.file.path) durable: \(error)")
+        }
+    }
+
+    /// `save` without the wait: the change is in the journal file (page
+    /// cache), and durable once `makeDurable` returns for what this answers
+    /// (nil: nothing to wait for, e.g. a snapshot written durably).
+    /// - Throws: `ControlError` 500 naming the file.
+    public func record(_ rules: [RuleState]) throws(ControlError) -> Pending? {
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.sortedKeys]
-        try journal.state.withLock { j throws(ControlError) in
+        return try journal.state.withLock { j throws(ControlError) -> Pending? in
+            var pending: Pending?
             var next: [String: (state: RuleState, json: [UInt8])] = [:]
             next.reserveCapacity(rules.count)
             var records: [UInt8] = []
@@ -214,8 +242,7 @@ public struct RuleStore: Sendable {
                 removeJournals(before: generation)
             } else if count > 0, let file = j.file {
                 do throws(Errno) {
-                    try file.append(records)
-                    try file.sync()
+                    pending = Pending(file: file, sequence: try file.appendRecord(records))
                 } catch {
                     // The journal may end in a torn record: the next change starts afresh with a snapshot.
                     j.file = nil
@@ -228,6 +255,7 @@ public struct RuleStore: Sendable {
             if j.records > max(256, rules.count), !j.compacting {
                 compact(&j, rules: rules)
             }
+            return pending
         }
     }
 

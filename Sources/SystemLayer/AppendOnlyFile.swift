@@ -11,6 +11,19 @@ import Glibc
 public final class AppendOnlyFile: Sendable {
     public let path: String
     private let fd: FileDescriptor
+    /// Group commit (`sync(through:)`): appends are numbered; one fdatasync
+    /// covers every append made before it started.
+    private let durability = ConditionLock()
+    private let progress = Progress()
+
+    /// Guarded by `durability`.
+    private final class Progress: @unchecked Sendable {
+        var appended: UInt64 = 0
+        var synced: UInt64 = 0
+        var syncing = false
+        /// The last fdatasync that failed, and the appends it was to cover.
+        var failure: (through: UInt64, error: Errno)?
+    }
 
     /// Opens `path` for appending, creating it with `mode` (exactly, whatever
     /// the umask) when missing.
@@ -33,6 +46,54 @@ public final class AppendOnlyFile: Sendable {
     /// - Throws: `Errno` (ENOSPC, EIO, ...); part of the bytes may have been written.
     public func append(_ bytes: [UInt8]) throws(Errno) {
         try fd.writeAll(bytes)
+    }
+
+    /// Appends `bytes` (one write) and returns its number, for `sync(through:)`.
+    /// - Throws: `Errno`; part of the bytes may have been written.
+    public func appendRecord(_ bytes: [UInt8]) throws(Errno) -> UInt64 {
+        try fd.writeAll(bytes)
+        return durability.withLock {
+            progress.appended += 1
+            return progress.appended
+        }
+    }
+
+    /// Makes the appends up to number `sequence` durable. Threads waiting at
+    /// once share one fdatasync (group commit): while one syncs, the others
+    /// wait for it, and are done when it covered their append.
+    /// - Throws: `Errno` of the fdatasync that was to cover `sequence`.
+    public func sync(through sequence: UInt64) throws(Errno) {
+        BlockingCallCheck.check("fdatasync of \(path)")
+        while true {
+            enum Next { case done, failed(Errno), wait, sync(UInt64) }
+            let next: Next = durability.withLock {
+                if progress.synced >= sequence { return .done }
+                if let failure = progress.failure, failure.through >= sequence { return .failed(failure.error) }
+                if progress.syncing {
+                    _ = durability.wait(until: ConditionLock.deadline(afterSeconds: 1))
+                    return .wait
+                }
+                progress.syncing = true
+                return .sync(progress.appended)
+            }
+            switch next {
+            case .done: return
+            case .failed(let error): throw error
+            case .wait: continue
+            case .sync(let target):
+                let failed: Errno? = fdatasync(fd.rawValue) == 0 ? nil : Errno.current
+                durability.withLock {
+                    progress.syncing = false
+                    if let failed {
+                        if failed != .interrupted { progress.failure = (target, failed) }
+                    } else {
+                        progress.synced = max(progress.synced, target)
+                    }
+                    durability.broadcast()
+                }
+                if let failed, failed != .interrupted { throw failed }
+            }
+        }
     }
 
     /// Makes every byte appended so far durable (fdatasync).
