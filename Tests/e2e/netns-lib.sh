@@ -16,8 +16,9 @@ stop_role() {   # role [signal]: stops the group (thawing it first), polling unt
     [ -n "$pid" ] || return 0
     kill -CONT -- "-$pid" 2>/dev/null
     kill "-$sig" -- "-$pid" 2>/dev/null
-    # The whole group: a hot-upgraded gateway's successor is in its predecessor's group.
-    { for _ in $(seq 100); do kill -0 -- "-$pid" 2>/dev/null || break; sleep 0.1; done; } 2>/dev/null
+    # The process or its group: a hot-upgraded gateway's successor lives in
+    # its predecessor's group after the predecessor is gone.
+    { for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || kill -0 -- "-$pid" 2>/dev/null || break; sleep 0.1; done; } 2>/dev/null
     kill -KILL -- "-$pid" 2>/dev/null
     { wait "$pid"; } 2>/dev/null
     unset "PIDS[$role]"
@@ -65,7 +66,9 @@ start() {
     ip netns exec "$ns" setsid "$@" >>"$W/$role.log" 2>&1 </dev/null &
     PIDS[$role]=$!
 }
-alive() { local pid=${PIDS[$1]:-}; [ -n "$pid" ] && kill -0 -- "-$pid" 2>/dev/null; }   # any process of its group
+# The process, or any process of its group (just after `start` the group
+# does not exist yet: setsid has not run).
+alive() { local pid=${PIDS[$1]:-}; [ -n "$pid" ] && { kill -0 "$pid" 2>/dev/null || kill -0 -- "-$pid" 2>/dev/null; }; }
 
 # eventually DEADLINE_S DESCRIPTION CMD...: polls CMD until it succeeds.
 eventually() {
