@@ -308,12 +308,7 @@ public final class RelayEngine: Sendable {
     /// The successor took everything: our descriptors close without a
     /// word to any peer, and the relay stops (the caller exits).
     public func releaseAfterHandover() {
-        control.withLock { state in
-            state.stopped = true
-            state.index = RuleIndex()
-            state.tcpListeners.removeAll()
-            state.udpListeners.removeAll()
-        }
+        forgetRules()
         let contexts = self.contexts
         group.onEveryLoop { loop in contexts.all[loop.id].releaseAfterHandover() }
         group.shutdown()
@@ -515,16 +510,22 @@ public final class RelayEngine: Sendable {
         gather { $0.connections.values.map(\.info) }.flatMap { $0 }.sorted { $0.id < $1.id }
     }
 
-    /// Closes every listener (TCP and UDP) and refuses rule changes from
-    /// now on; established sessions go on. Returns once every loop has closed
-    /// its listeners, so a client connecting afterwards is refused.
-    public func stopAccepting() {
+    /// Refuses rule changes from now on and forgets the rules (their
+    /// listeners are the loops' to close).
+    private func forgetRules() {
         control.withLock { state in
             state.stopped = true
             state.index = RuleIndex()
             state.tcpListeners.removeAll()
             state.udpListeners.removeAll()
         }
+    }
+
+    /// Closes every listener (TCP and UDP) and refuses rule changes from
+    /// now on; established sessions go on. Returns once every loop has closed
+    /// its listeners, so a client connecting afterwards is refused.
+    public func stopAccepting() {
+        forgetRules()
         let contexts = self.contexts
         group.onEveryLoop { loop in contexts.all[loop.id].stopListening() }
     }
