@@ -116,7 +116,10 @@ public final class GatewayControl: Sendable {
             }
         }
         try state.withLock { s throws in
-            try engine.apply(s.fixed)
+            // On top of what the relay holds: a control plane restarted on a
+            // running relay (a hot upgrade that did not happen) finds its
+            // rules there, and listeners that stay are not closed and reopened.
+            try engine.change(upserting: s.fixed, logLevel: .info)
             var kept: [RuleState] = []
             for rule in loaded.rules {
                 do throws(ControlError) {
@@ -155,6 +158,8 @@ public final class GatewayControl: Sendable {
                     problems.append("persisted rule \(rule.id) not restored: \(error)")
                 }
             }
+            // Exactly these from now on (on a fresh relay, nothing to remove).
+            try engine.apply(s.fixed + relayRules(kept, s.settings))
             if let kernel {
                 var wanted: [(KernelForward, timeoutMilliseconds: UInt64?)] = []
                 for rule in kept {

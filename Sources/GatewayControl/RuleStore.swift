@@ -167,10 +167,7 @@ public struct RuleStore: Sendable {
     }
 
     /// An append not yet known to be durable: `makeDurable` waits for it.
-    public struct Pending: Sendable {
-        let file: AppendOnlyFile
-        let sequence: UInt64
-    }
+    public typealias Pending = AppendOnlyFile.Appended
 
     /// Records the change from the last saved rules to `rules`: appended to
     /// the journal and made durable before this returns.
@@ -185,7 +182,7 @@ public struct RuleStore: Sendable {
     /// - Throws: `ControlError` 500 naming the file.
     public func makeDurable(_ pending: Pending) throws(ControlError) {
         do throws(Errno) {
-            try pending.file.sync(through: pending.sequence)
+            try pending.makeDurable()
         } catch {
             journal.state.withLock { j in if j.file === pending.file { j.file = nil } }
             throw ControlError(500, "cannot make \(pending.file.path) durable: \(error)")
@@ -242,7 +239,7 @@ public struct RuleStore: Sendable {
                 removeJournals(before: generation)
             } else if count > 0, let file = j.file {
                 do throws(Errno) {
-                    pending = Pending(file: file, sequence: try file.appendRecord(records))
+                    pending = try file.append(records)
                 } catch {
                     // The journal may end in a torn record: the next change starts afresh with a snapshot.
                     j.file = nil

@@ -24,9 +24,6 @@ public final class RelayEngine: Sendable {
     private struct ControlState {
         /// Every rule, indexed for changes one at a time.
         var index = RuleIndex()
-        /// What each loop serves: the rules of each listening address.
-        var tcpListeners: [SocketAddress: ListenerRules] = [:]
-        var udpListeners: [SocketAddress: ListenerRules] = [:]
         var gates: [SocketAddress: AdmissionGate] = [:]
         var udpGates: [SocketAddress: AdmissionGate] = [:]
         var stopped = false
@@ -127,32 +124,12 @@ public final class RelayEngine: Sendable {
             var udpDelta: [SocketAddress: ListenerRules?] = [:]
             for address in plan.touched {
                 let all = state.index.rules(at: address)
-                let tcp = all.filter { $0.transport.contains(.tcp) }
-                let udp = all.filter { $0.transport.contains(.udp) }
-                if tcp.isEmpty {
-                    if state.tcpListeners.removeValue(forKey: address) != nil { tcpDelta[address] = .some(nil) }
-                    state.gates[address] = nil
-                } else {
-                    let limit = tcp.compactMap(\.maxConnections).min() ?? settings.maxConnectionsPerListener
-                    let gate = state.gates[address] ?? AdmissionGate(address: address.description, limit: limit)
-                    gate.setLimit(limit)
-                    state.gates[address] = gate
-                    let listener = ListenerRules.ordered(address: address, rules: tcp, gate: gate)
-                    state.tcpListeners[address] = listener
-                    tcpDelta[address] = listener
-                }
-                if udp.isEmpty {
-                    if state.udpListeners.removeValue(forKey: address) != nil { udpDelta[address] = .some(nil) }
-                    state.udpGates[address] = nil
-                } else {
-                    let limit = udp.compactMap(\.maxFlows).min() ?? settings.maxFlowsPerListener
-                    let gate = state.udpGates[address] ?? AdmissionGate(address: "udp \(address)", limit: limit)
-                    gate.setLimit(limit)
-                    state.udpGates[address] = gate
-                    let listener = ListenerRules.ordered(address: address, rules: udp, gate: gate)
-                    state.udpListeners[address] = listener
-                    udpDelta[address] = listener
-                }
+                tcpDelta[address] = Self.listener(address, rules: all.filter { $0.transport.contains(.tcp) }, gates: &state.gates,
+                                                  limit: \.maxConnections, defaultLimit: settings.maxConnectionsPerListener,
+                                                  gateName: address.description)
+                udpDelta[address] = Self.listener(address, rules: all.filter { $0.transport.contains(.udp) }, gates: &state.udpGates,
+                                                  limit: \.maxFlows, defaultLimit: settings.maxFlowsPerListener,
+                                                  gateName: "udp \(address)")
             }
             for address in opened.keys {
                 state.inherited[address] = nil
@@ -170,6 +147,38 @@ public final class RelayEngine: Sendable {
         }
         if let summary {
             logger.log(level: logLevel, "rules applied: \(summary.rules) rule(s) on \(summary.addresses) address(es)")
+        }
+    }
+
+    /// One transport's listener at `address` after a change, for the loops:
+    /// its rules with its gate (kept in `gates`, its limit the tightest a
+    /// rule sets), `.some(nil)` when it closes, nil when it neither was nor is.
+    private static func listener(_ address: SocketAddress, rules: [RelayRule], gates: inout [SocketAddress: AdmissionGate],
+                                 limit: KeyPath<RelayRule, Int?>, defaultLimit: Int, gateName: String) -> ListenerRules?? {
+        guard !rules.isEmpty else {
+            return gates.removeValue(forKey: address) == nil ? nil : .some(nil)
+        }
+        let tightest = rules.compactMap { $0[keyPath: limit] }.min() ?? defaultLimit
+        let gate = gates[address] ?? AdmissionGate(address: gateName, limit: tightest)
+        gate.setLimit(tightest)
+        gates[address] = gate
+        return ListenerRules.ordered(address: address, rules: rules, gate: gate)
+    }
+
+    /// A probe bind without SO_REUSEPORT (a port another process holds is
+    /// reported, not shared), then one socket per loop from `open`; on a
+    /// failure those opened are closed.
+    private func openPerLoop(_ address: SocketAddress, owner: String,
+                             probe: (SocketAddress) throws(SystemCallError) -> Void,
+                             open: () throws(SystemCallError) -> FileDescriptor) throws(RuleError) -> [FileDescriptor] {
+        var fds: [FileDescriptor] = []
+        do throws(SystemCallError) {
+            try probe(address)
+            for _ in group.loops { fds.append(try open()) }
+            return fds
+        } catch {
+            fds.forEach { $0.close() }
+            throw RuleError.listenFailed(rule: owner, address: address, error)
         }
     }
 
@@ -195,25 +204,13 @@ public final class RelayEngine: Sendable {
                     Socket.apply(settings.liveness, to: passed)
                     continue
                 }
-                do throws(SystemCallError) {
-                    try Socket.probeFree(address)
-                    var fds: [FileDescriptor] = []
-                    for _ in group.loops {
-                        do throws(SystemCallError) {
-                            let fd = try Socket.listen(on: address, reusePort: true, backlog: settings.listenBacklog)
-                            // Accepted sockets inherit these, which saves
-                            // several setsockopt calls per connection.
-                            Socket.setNoDelay(fd)
-                            Socket.apply(settings.liveness, to: fd)
-                            fds.append(fd)
-                        } catch {
-                            fds.forEach { $0.close() }
-                            throw error
-                        }
-                    }
-                    opened[address] = fds
-                } catch {
-                    throw RuleError.listenFailed(rule: owner, address: address, error)
+                opened[address] = try openPerLoop(address, owner: owner, probe: Socket.probeFree) { () throws(SystemCallError) in
+                    let fd = try Socket.listen(on: address, reusePort: true, backlog: settings.listenBacklog)
+                    // Accepted sockets inherit these, which saves
+                    // several setsockopt calls per connection.
+                    Socket.setNoDelay(fd)
+                    Socket.apply(settings.liveness, to: fd)
+                    return fd
                 }
             }
             for address in plan.openUDP {
@@ -225,22 +222,9 @@ public final class RelayEngine: Sendable {
                     state.heldUDP.insert(address)
                     continue
                 }
-                do throws(SystemCallError) {
-                    try Socket.probeFreeUDP(address)
-                    var fds: [FileDescriptor] = []
-                    for _ in group.loops {
-                        do throws(SystemCallError) {
-                            fds.append(try Socket.bindUDP(address, reusePort: true, packetInfo: address.ip.isUnspecified,
-                                                          receiveBuffer: settings.udpReceiveBuffer,
-                                                          sendBuffer: settings.udpSendBuffer))
-                        } catch {
-                            fds.forEach { $0.close() }
-                            throw error
-                        }
-                    }
-                    openedUDP[address] = fds
-                } catch {
-                    throw RuleError.listenFailed(rule: owner, address: address, error)
+                openedUDP[address] = try openPerLoop(address, owner: owner, probe: Socket.probeFreeUDP) { () throws(SystemCallError) in
+                    try Socket.bindUDP(address, reusePort: true, packetInfo: address.ip.isUnspecified,
+                                       receiveBuffer: settings.udpReceiveBuffer, sendBuffer: settings.udpSendBuffer)
                 }
             }
         } catch {
@@ -516,8 +500,6 @@ public final class RelayEngine: Sendable {
         control.withLock { state in
             state.stopped = true
             state.index = RuleIndex()
-            state.tcpListeners.removeAll()
-            state.udpListeners.removeAll()
         }
     }
 

@@ -112,10 +112,9 @@ struct RuleIndex {
         for address in plan.touched {
             var pairs: [(wildcard: SocketAddress, specific: SocketAddress)] = []
             if address.ip.isUnspecified {
-                for other in addressesByPort[address.port] ?? [] where !other.ip.isUnspecified && other.wildcard == address {
-                    pairs.append((address, other))
-                }
-                for other in plan.touched where other.port == address.port && !other.ip.isUnspecified && other.wildcard == address {
+                // The specific addresses of this port, held or arriving.
+                for other in (addressesByPort[address.port] ?? []).union(plan.touched)
+                where other.port == address.port && !other.ip.isUnspecified && other.wildcard == address {
                     pairs.append((address, other))
                 }
             } else {

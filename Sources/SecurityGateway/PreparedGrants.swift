@@ -38,16 +38,15 @@ public final class PreparedGrants: Sendable {
         var journal: AppendOnlyFile?
         /// Records in the journal, to know when to rewrite it.
         var records = 0
-        /// Records appended since the start (a sequence number for `waitDurable`).
-        var appended: UInt64 = 0
+        /// The last record appended (`waitDurable` makes it, and every one
+        /// before it, durable; earlier journals are in the snapshot that
+        /// replaced them).
+        var lastAppended: AppendOnlyFile.Appended?
         /// Why the journal cannot be written, when it cannot.
         var journalError: String?
     }
 
     private let state = Mutex<State>(State())
-    /// The highest record sequence known durable; held while one thread
-    /// syncs, so changes that wait meanwhile share the next sync.
-    private let durable = Mutex<UInt64>(0)
     private let path: String?
     /// The most grants held; preparing beyond it is refused.
     public let capacity: Int
@@ -109,20 +108,20 @@ public final class PreparedGrants: Sendable {
     /// Adds a verified grant; returns once it is durable in the journal.
     public func prepare(_ grant: SessionGrant, token: String, now: Date = Date()) -> PrepareResult {
         let name = grant.serverName.lowercased()
-        let outcome = state.withLock { s -> (PrepareResult, UInt64) in
-            if s.consumed[grant.id] != nil { return (.alreadyUsed, 0) }
-            if s.byName[name]?.contains(where: { $0.grant.id == grant.id }) == true { return (.alreadyPrepared, 0) }
+        let outcome = state.withLock { s -> (PrepareResult, AppendOnlyFile.Appended?) in
+            if s.consumed[grant.id] != nil { return (.alreadyUsed, nil) }
+            if s.byName[name]?.contains(where: { $0.grant.id == grant.id }) == true { return (.alreadyPrepared, nil) }
             if s.count >= capacity { removeExpired(&s, now: now) }
-            guard s.count < capacity else { return (.full, 0) }
+            guard s.count < capacity else { return (.full, nil) }
             do throws(Errno) {
                 try append(&s, Journal.Record(op: .prepare, id: grant.id, token: token))
             } catch {
-                return (.notStored("cannot write \(path ?? "-"): \(error)"), 0)
+                return (.notStored("cannot write \(path ?? "-"): \(error)"), nil)
             }
             s.byName[name, default: []].append(Entry(grant: grant, token: token))
             s.count += 1
             compactIfLarge(&s)
-            return (.added, s.appended)
+            return (.added, s.lastAppended)
         }
         if outcome.0 == .added, let problem = waitDurable(outcome.1) {
             // The line is written but not known durable: say so rather than promise.
@@ -148,7 +147,7 @@ public final class PreparedGrants: Sendable {
     /// use is journalled at once and made durable in the background).
     public func lookup(serverName: String, client: String, now: Date = Date(), leeway: TimeInterval = 30) -> Entry? {
         let name = serverName.lowercased()
-        var sequence: UInt64 = 0
+        var used: AppendOnlyFile.Appended?
         let found = state.withLock { s -> Entry? in
             guard let entries = s.byName[name] else { return nil }
             let live = entries.filter { now.timeIntervalSince($0.grant.expires) < leeway && $0.grant.notBefore.timeIntervalSince(now) <= leeway }
@@ -161,12 +160,11 @@ public final class PreparedGrants: Sendable {
                 // A failed write is recorded in journalError (health); the use stands in memory.
                 try? append(&s, Journal.Record(op: .used, id: match.grant.id, expires: match.grant.expires.timeIntervalSince1970))
                 compactIfLarge(&s)
-                sequence = s.appended
+                used = s.lastAppended
             }
             return match
         }
-        if sequence > 0 {
-            let used = sequence
+        if let used {
             BlockingExecutor.shared.execute { [self] in _ = waitDurable(used) }
         }
         return found
@@ -194,7 +192,7 @@ public final class PreparedGrants: Sendable {
     // MARK: Journal
 
     private func removeAll(where doomed: (Entry) -> Bool) -> Int {
-        let (removed, sequence) = state.withLock { s -> (Int, UInt64) in
+        let (removed, last) = state.withLock { s -> (Int, AppendOnlyFile.Appended?) in
             var removed = 0
             for (name, entries) in s.byName {
                 var kept: [Entry] = []
@@ -210,9 +208,9 @@ public final class PreparedGrants: Sendable {
             }
             s.count -= removed
             compactIfLarge(&s)
-            return (removed, s.appended)
+            return (removed, s.lastAppended)
         }
-        if removed > 0 { _ = waitDurable(sequence) }
+        if removed > 0 { _ = waitDurable(last) }
         return removed
     }
 
@@ -238,13 +236,12 @@ public final class PreparedGrants: Sendable {
         if s.journal == nil, let error = compact(&s) { throw error }
         guard let journal = s.journal else { throw Errno(rawValue: EIO) }
         do throws(Errno) {
-            try journal.append(record.line)
+            s.lastAppended = try journal.append(record.line)
         } catch {
             s.journalError = "cannot write \(path): \(error)"
             throw error
         }
         s.records += 1
-        s.appended += 1
     }
 
     /// Rewrites the journal once it holds several times the live state
@@ -283,21 +280,17 @@ public final class PreparedGrants: Sendable {
         }
     }
 
-    /// Waits until record `sequence` is durable. - Returns: the problem, or nil.
-    private func waitDurable(_ sequence: UInt64) -> String? {
-        guard path != nil else { return nil }
-        return durable.withLock { synced -> String? in
-            guard synced < sequence else { return nil }
-            let (journal, upTo) = state.withLock { ($0.journal, $0.appended) }
-            do throws(Errno) {
-                try journal?.sync()
-            } catch {
-                let problem = "cannot sync \(journal?.path ?? "-"): \(error)"
-                state.withLock { $0.journalError = problem }
-                return problem
-            }
-            synced = upTo
+    /// Waits until `appended` (and every record before it) is durable;
+    /// concurrent waiters share one fdatasync. - Returns: the problem, or nil.
+    private func waitDurable(_ appended: AppendOnlyFile.Appended?) -> String? {
+        guard path != nil, let appended else { return nil }
+        do throws(Errno) {
+            try appended.makeDurable()
             return nil
+        } catch {
+            let problem = "cannot sync \(appended.file.path): \(error)"
+            state.withLock { $0.journalError = problem }
+            return problem
         }
     }
 }

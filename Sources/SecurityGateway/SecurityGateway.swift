@@ -359,14 +359,14 @@ final class RuleSync: Sendable {
     func applyChanges() throws(RuleError) {
         let (sessions, stopped) = state.withLock { ($0.sessions, $0.stopped) }
         guard !stopped, let sessions else { return }
-        let (upserting, removing) = sessions.takeRuleChanges()
+        let (upserting, removing, clients) = sessions.takeRuleChanges()
         guard !upserting.isEmpty || !removing.isEmpty else { return }
         do throws(RuleError) {
             try engine.change(upserting: upserting, removing: removing)
             state.withLock { $0.lastError = nil }
         } catch {
-            // Tried again with the next change.
-            sessions.markUnapplied(upserting.flatMap { $0.allow.map(\.address) })
+            // Tried again with the next change (removals too).
+            sessions.markUnapplied(clients)
             state.withLock { $0.lastError = error.description }
             throw error
         }

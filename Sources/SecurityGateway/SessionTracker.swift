@@ -237,15 +237,17 @@ public final class SessionTracker: DatagramRouter, Sendable {
     /// (a client whose rule came and went in between is one removal of an
     /// id the relay may not hold, which it ignores): how the relay follows
     /// the sessions one rule at a time.
-    public func takeRuleChanges() -> (upserting: [RelayRule], removing: [String]) {
+    /// - Returns: also the client addresses taken, for `markUnapplied`.
+    public func takeRuleChanges() -> (upserting: [RelayRule], removing: [String], clients: [IPAddress]) {
         state.withLock { s in
             var upserting: [RelayRule] = []
             var removing: [String] = []
             for client in s.dirty {
                 if let rule = s.rules[client] { upserting.append(rule) } else { removing.append(Self.ruleID(client)) }
             }
+            let clients = Array(s.dirty)
             s.dirty.removeAll(keepingCapacity: true)
-            return (upserting, removing)
+            return (upserting, removing, clients)
         }
     }
 

@@ -2,12 +2,15 @@ import CSystemShim
 import Glibc
 
 /// A file written only at its end: a journal of records, each appended with
-/// one write(2) and made durable by `sync()` (fdatasync). The descriptor is
-/// closed when the last reference goes, so a thread may still `sync()` a
-/// journal that another has just replaced.
+/// one write(2) and made durable by `makeDurable()` on what `append`
+/// answered (fdatasync, shared by the threads waiting at once: group
+/// commit). The descriptor is closed when the last reference goes, so a
+/// thread may still make an append durable in a journal that another has
+/// just replaced. The rules journal (gateway) and the prepared grants'
+/// journal (Security Gateway) use it.
 ///
 /// Appends from several threads must be serialized by the owner (records
-/// must not interleave); `sync()` may run on any thread at any time.
+/// must not interleave); waits may run on any thread at any time.
 public final class AppendOnlyFile: Sendable {
     public let path: String
     private let fd: FileDescriptor
@@ -42,20 +45,25 @@ public final class AppendOnlyFile: Sendable {
 
     deinit { fd.close() }
 
-    /// Appends `bytes` at the end of the file (page cache; not yet durable).
-    /// - Throws: `Errno` (ENOSPC, EIO, ...); part of the bytes may have been written.
-    public func append(_ bytes: [UInt8]) throws(Errno) {
-        try fd.writeAll(bytes)
+    /// One append, to be made durable with `makeDurable()`.
+    public struct Appended: Sendable {
+        public let file: AppendOnlyFile
+        public let sequence: UInt64
+
+        /// Waits until this append (and every one before it) is durable; see `sync(through:)`.
+        public func makeDurable() throws(Errno) { try file.sync(through: sequence) }
     }
 
-    /// Appends `bytes` (one write) and returns its number, for `sync(through:)`.
-    /// - Throws: `Errno`; part of the bytes may have been written.
-    public func appendRecord(_ bytes: [UInt8]) throws(Errno) -> UInt64 {
+    /// Appends `bytes` at the end of the file with one write (page cache; not
+    /// yet durable): `makeDurable()` on the answer waits for it.
+    /// - Throws: `Errno` (ENOSPC, EIO, ...); part of the bytes may have been written.
+    public func append(_ bytes: [UInt8]) throws(Errno) -> Appended {
         try fd.writeAll(bytes)
-        return durability.withLock {
+        let sequence = durability.withLock {
             progress.appended += 1
             return progress.appended
         }
+        return Appended(file: self, sequence: sequence)
     }
 
     /// Makes the appends up to number `sequence` durable. Threads waiting at
@@ -94,12 +102,5 @@ public final class AppendOnlyFile: Sendable {
                 if let failed, failed != .interrupted { throw failed }
             }
         }
-    }
-
-    /// Makes every byte appended so far durable (fdatasync).
-    /// - Throws: `Errno` (EIO, ...).
-    public func sync() throws(Errno) {
-        BlockingCallCheck.check("fdatasync of \(path)")
-        _ = try Syscall.run { fdatasync(fd.rawValue) }
     }
 }

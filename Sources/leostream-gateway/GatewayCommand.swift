@@ -206,11 +206,7 @@ struct Serve: ParsableCommand {
                 logger.notice("upgrade: took over \(report.connections) connection(s) and \(report.flows) UDP flow(s) from pid \(predecessor); the relay was paused \(paused)\(report.refused.isEmpty ? "" : "; \(report.refused.count) not taken")")
             }
             try plane?.start()
-            if let listen = parsed.metricsListen {
-                let listener = try MetricsListener.start(listen: listen, logger: logger)
-                metricsBox.withLock { $0 = listener }
-                logger.info("metrics on http://\(listener.address)/metrics")
-            }
+            try Self.startMetrics(parsed, into: metricsBox, logger: logger)
         } catch {
             takeover?.channel.abort("\(error)")
             printError("error: \(config): \(error)")
@@ -274,6 +270,14 @@ struct Serve: ParsableCommand {
         }
     }
 
+    /// `metrics_listen`, when the config sets it.
+    private static func startMetrics(_ config: GatewayConfiguration, into box: borrowing Mutex<ServerTask?>, logger: Logger) throws {
+        guard let listen = config.metricsListen else { return }
+        let listener = try MetricsListener.start(listen: listen, logger: logger)
+        box.withLock { $0 = listener }
+        logger.info("metrics on http://\(listener.address)/metrics")
+    }
+
     /// Socket activation: listening sockets systemd passed (a .socket
     /// unit) serve the forwards on their addresses.
     private static func adoptActivatedSockets(engine: RelayEngine, logger: Logger) {
@@ -325,10 +329,7 @@ struct Serve: ParsableCommand {
                 try plane.start()
                 planeBox.withLock { $0 = plane }
             }
-            if let listen = config.metricsListen {
-                let listener = try MetricsListener.start(listen: listen, logger: logger)
-                metricsBox.withLock { $0 = listener }
-            }
+            try Self.startMetrics(config, into: metricsBox, logger: logger)
         } catch {
             logger.critical("upgrade: the control plane cannot start again: \(error); the relay serves on, without it")
         }

@@ -24,8 +24,7 @@ struct AppendOnlyFileTests {
                 defer { done.leave() }
                 for i in 0..<perThread {
                     do {
-                        let sequence = try file.appendRecord(Array("\(t) \(i)\n".utf8))
-                        try file.sync(through: sequence)
+                        try file.append(Array("\(t) \(i)\n".utf8)).makeDurable()
                     } catch {
                         failures.withLock { $0.append("\(t) \(i): \(error)") }
                     }
