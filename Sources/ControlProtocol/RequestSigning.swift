@@ -31,17 +31,29 @@ public struct ControlAuthorization: Sendable, Equatable {
     /// Parses a header value.
     /// - Throws: `ControlAuthError.malformed` naming the part that is wrong.
     public init(header: String) throws(ControlAuthError) {
-        let trimmed = header.trimmingCharacters(in: .whitespaces)
-        guard trimmed.hasPrefix(Self.scheme + " ") else {
+        // Bytes, not Foundation's string search: this runs for every control request.
+        func trimmed(_ part: ArraySlice<UInt8>) -> ArraySlice<UInt8> {
+            var part = part
+            while let first = part.first, first == 0x20 || first == 0x09 { part.removeFirst() }
+            while let last = part.last, last == 0x20 || last == 0x09 { part.removeLast() }
+            return part
+        }
+        let value = trimmed(Array(header.utf8)[...])
+        let prefix = Array((Self.scheme + " ").utf8)
+        guard value.starts(with: prefix) else {
             throw .malformed("expected the \(Self.scheme) scheme")
         }
         var fields: [String: String] = [:]
-        for part in trimmed.dropFirst(Self.scheme.count + 1).split(separator: ",") {
-            let pair = part.split(separator: "=", maxSplits: 1).map { $0.trimmingCharacters(in: .whitespaces) }
-            guard pair.count == 2, !pair[0].isEmpty, fields[pair[0]] == nil else {
+        for part in value.dropFirst(prefix.count).split(separator: 0x2C) {
+            guard let equals = part.firstIndex(of: 0x3D) else {
                 throw .malformed("expected key=value pairs gw, ts, nonce and sig, each once")
             }
-            fields[pair[0]] = pair[1]
+            let key = String(decoding: trimmed(part[..<equals]), as: UTF8.self)
+            let field = String(decoding: trimmed(part[(equals + 1)...]), as: UTF8.self)
+            guard !key.isEmpty, fields[key] == nil else {
+                throw .malformed("expected key=value pairs gw, ts, nonce and sig, each once")
+            }
+            fields[key] = field
         }
         guard fields.count == 4 else { throw .malformed("expected exactly gw, ts, nonce and sig") }
         guard let gw = fields["gw"].flatMap({ Int($0) }), gw > 0 else { throw .malformed("gw must be a positive gateway id") }

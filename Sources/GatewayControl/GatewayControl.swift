@@ -46,8 +46,13 @@ public final class GatewayControl: Sendable {
         var forward: RelayRule?
         /// The config's forwards and broker forwarding: every rule not pushed.
         var fixed: [RelayRule] { baseRules + (forward.map { [$0] } ?? []) }
-        /// Pushed rules in creation order.
-        var pushed: [RuleState]
+        /// Pushed rules by id, in creation order.
+        var pushed = PushedRules()
+        /// The ports the config's forwards and broker forwarding hold, and
+        /// those each pushed rule holds (by rule id): a push's port choice
+        /// costs the ports it tries, not the rules held.
+        var fixedPorts = PortUses()
+        var pushedPorts = PortUses()
         /// Connections and flows ever seen per engine rule id, at the last tick.
         var seenUse: [String: Int] = [:]
         /// Why the last write of `rules.json` failed; nil once one succeeds.
@@ -81,7 +86,9 @@ public final class GatewayControl: Sendable {
         self.logger = logger
         self.clock = clock
         self.probe = probe
-        state = Mutex(State(settings: settings, signer: signer, baseRules: baseRules, pushed: []))
+        var initial = State(settings: settings, signer: signer, baseRules: baseRules)
+        Self.indexFixedPorts(&initial)
+        state = Mutex(initial)
         published = Mutex((settings, signer))
     }
 
@@ -171,7 +178,11 @@ public final class GatewayControl: Sendable {
                 }
                 try kernel.reconcile(publics: [s.settings.publicAddress], forwards: wanted)
             }
-            s.pushed = kept
+            s.pushed = PushedRules(kept)
+            let live = Set(kept.map(\.id))
+            relayCache.withLock { cache in cache = cache.filter { live.contains($0.key) } }
+            reindexPorts(&s)
+            store.seed(kept)
             if kept != loaded.rules {
                 do throws(ControlError) { try store.save(kept) } catch { problems.append("\(error)") }
             }
@@ -185,8 +196,9 @@ public final class GatewayControl: Sendable {
     /// - Throws: `RuleError` and changes nothing when the new list cannot be applied.
     public func setBaseRules(_ rules: [RelayRule]) throws(RuleError) {
         try state.withLock { s throws(RuleError) in
-            try engine.apply(rules + (s.forward.map { [$0] } ?? []) + relayRules(s.pushed, s.settings))
+            try engine.apply(rules + (s.forward.map { [$0] } ?? []) + relayRules(s.pushed.list, s.settings))
             s.baseRules = rules
+            Self.indexFixedPorts(&s)
         }
     }
 
@@ -195,8 +207,9 @@ public final class GatewayControl: Sendable {
     public func setForwardRule(_ rule: RelayRule?) throws(RuleError) {
         try state.withLock { s throws(RuleError) in
             guard s.forward != rule else { return }
-            try engine.apply(s.baseRules + (rule.map { [$0] } ?? []) + relayRules(s.pushed, s.settings))
+            try engine.apply(s.baseRules + (rule.map { [$0] } ?? []) + relayRules(s.pushed.list, s.settings))
             s.forward = rule
+            Self.indexFixedPorts(&s)
         }
     }
 
@@ -220,8 +233,10 @@ public final class GatewayControl: Sendable {
     /// control address once known); existing rules stay.
     public func updateSettings(_ change: @Sendable (inout ControlSettings) -> Void) {
         state.withLock { s in
+            let address = s.settings.publicAddress
             change(&s.settings)
             published.withLock { $0.settings = s.settings }
+            if s.settings.publicAddress != address { reindexPorts(&s) }
         }
     }
 
@@ -265,22 +280,18 @@ public final class GatewayControl: Sendable {
                 }
                 if let refusal = KernelRules.refusal(checked, settings: s.settings) { throw refusal }
             }
-            if let existing = s.pushed.first(where: { $0.id == id }) {
+            if let existing = s.pushed[id] {
                 guard existing.push == normalized else {
                     throw ControlError(409, field: "id", "id: rule \(id) already exists with other settings (delete it first)")
                 }
                 return (existing, false, nil)
             }
-            // The relay rules in force, made once for the port choice, the
-            // new set and a roll-back.
-            let current = s.fixed + relayRules(s.pushed, s.settings)
             let allocator = PortAllocator(range: s.settings.portRange)
             let port = try allocator.allocate(method: push.method, requested: push.port, client: checked.client,
                                               transport: checked.transport,
-                                              uses: uses(of: current, s.settings) + kernelUses(s.pushed, s.settings),
+                                              holders: { s.fixedPorts.holders($0) + s.pushedPorts.holders($0) },
                                               probe: probe(s.settings))
             let rule = RuleState(id: id, push: normalized, port: port, created: now)
-            let next = s.pushed + [rule]
             var added: [KernelForward] = []
             if path == .kernel, let kernel {
                 added = KernelRules.forwards(rule, publicAddress: s.settings.publicAddress)
@@ -297,11 +308,12 @@ public final class GatewayControl: Sendable {
             }
             let pending: RuleStore.Pending?
             do throws(ControlError) {
-                pending = try store.record(next)
+                pending = try store.record(upserting: [rule])
             } catch {
                 s.storeError = error.message
                 if !added.isEmpty { try? kernel?.apply(added.map { .remove($0) }) }
                 try? engine.change(removing: [RulePolicy.idPrefix + id])
+                relayCache.withLock { $0[id] = nil }
                 throw error
             }
             if !added.isEmpty {
@@ -309,7 +321,8 @@ public final class GatewayControl: Sendable {
                 s.kernelAddedIn[id] = s.kernelGeneration
             }
             s.storeError = nil
-            s.pushed = next
+            s.pushed[id] = rule
+            s.pushedPorts.set(id, portUses(of: rule, s.settings))
             return (rule, true, pending)
         }
         // Durable before the answer, outside the lock: pushes arriving
@@ -338,7 +351,7 @@ public final class GatewayControl: Sendable {
     public func delete(id: String) throws(ControlError) {
         try RulePolicy.checkID(id)
         let pending = try state.withLock { s throws(ControlError) -> RuleStore.Pending? in
-            guard s.pushed.contains(where: { $0.id == id }) else { throw ControlError(404, field: "id", "id: no rule \(id)") }
+            guard s.pushed.contains(id) else { throw ControlError(404, field: "id", "id: no rule \(id)") }
             return try remove(Set([id]), from: &s, waitDurable: false)
         }
         if let pending { try waitDurable(pending) }
@@ -348,7 +361,7 @@ public final class GatewayControl: Sendable {
     /// The pushed rules with their live session counts (`GET /control/v1/rules`).
     public func rules() -> [RuleState] {
         let sessions = sessionCounts()
-        let (pushed, traffic) = state.withLock { ($0.pushed, $0.kernelTraffic) }
+        let (pushed, traffic) = state.withLock { ($0.pushed.list, $0.kernelTraffic) }
         return pushed.map { rule in
             var rule = rule
             rule.sessions = sessions[RulePolicy.idPrefix + rule.id] ?? 0
@@ -366,7 +379,7 @@ public final class GatewayControl: Sendable {
         return state.withLock { s in
             var total = KernelTraffic()
             var forwards = 0
-            for rule in s.pushed where rule.forwardingPath != .userspace {
+            for rule in s.pushed.list where rule.forwardingPath != .userspace {
                 forwards += KernelRules.forwards(rule, publicAddress: s.settings.publicAddress).count
                 if let t = s.kernelTraffic[rule.id] {
                     total.flows += t.flows
@@ -384,7 +397,7 @@ public final class GatewayControl: Sendable {
     public var problem: String? { state.withLock { $0.storeError } }
 
     /// The pushed rules as last recorded (no engine query).
-    public func pushedRules() -> [RuleState] { state.withLock { $0.pushed } }
+    public func pushedRules() -> [RuleState] { state.withLock { $0.pushed.list } }
 
     /// The broker's answer to a registration: removes the rules in `sent`
     /// (the ones the registration listed) that `keep` does not hold. Rules
@@ -395,7 +408,7 @@ public final class GatewayControl: Sendable {
         let drop = Set(sent).subtracting(keep)
         guard !drop.isEmpty else { return [] }
         let removed: [String] = state.withLock { s in
-            let present = drop.filter { id in s.pushed.contains { $0.id == id } }
+            let present = drop.filter { s.pushed.contains($0) }
             guard !present.isEmpty else { return [] }
             do throws(ControlError) { try remove(present, from: &s) } catch {
                 logger.error("control: reconciliation could not remove \(present.sorted()): \(error)")
@@ -445,15 +458,16 @@ public final class GatewayControl: Sendable {
         let expired: [String] = state.withLock { s in
             var firstUse = false
             var seen: [String: Int] = [:]
-            for index in s.pushed.indices {
-                let id = RulePolicy.idPrefix + s.pushed[index].id
+            let seenBefore = s.seenUse
+            s.pushed.updateEach { rule in
+                let id = RulePolicy.idPrefix + rule.id
                 let count = sessions[id] ?? 0
                 let total = everUsed[id] ?? 0
                 seen[id] = total
-                s.pushed[index].sessions = count
-                if count > 0 || total > (s.seenUse[id] ?? 0) {
-                    if s.pushed[index].lastUsed == nil { firstUse = true }
-                    s.pushed[index].lastUsed = now
+                rule.sessions = count
+                if count > 0 || total > (seenBefore[id] ?? 0) {
+                    if rule.lastUsed == nil { firstUse = true }
+                    rule.lastUsed = now
                 }
             }
             s.seenUse = seen
@@ -479,9 +493,10 @@ public final class GatewayControl: Sendable {
                     logger.error("control: could not expire \(expiring.sorted()): \(error)")
                     return []
                 }
-            } else if firstUse {
+            }
+            if firstUse {
                 // The first use is worth a write: after a restart the rule must not expire.
-                do throws(ControlError) { try store.save(s.pushed) } catch { logger.error("control: \(error)") }
+                do throws(ControlError) { try store.save(s.pushed.list) } catch { logger.error("control: \(error)") }
             }
             return expiring.sorted()
         }
@@ -500,7 +515,8 @@ public final class GatewayControl: Sendable {
         guard let kernel else { return ([], false) }
         var expired = Set<String>()
         var changes: [KernelTable.Change] = []
-        var next = s.pushed
+        let original = s.pushed.list
+        var next = original
         var base = s.kernelBase
         var traffic: [String: KernelTraffic] = [:]
         for index in next.indices where next[index].forwardingPath != .userspace {
@@ -570,12 +586,12 @@ public final class GatewayControl: Sendable {
             s.kernelTraffic = traffic
             return (expired, false)
         }
-        let changed = next != s.pushed
-        for rule in next where rule.offloaded != s.pushed.first(where: { $0.id == rule.id })?.offloaded {
+        let changed = next != original
+        for rule in next where rule.offloaded != s.pushed[rule.id]?.offloaded {
             logger.info("control: rule \(rule.id): clients \(rule.offloaded ?? []) offloaded to the kernel path")
         }
-        s.pushed = next
-        s.kernelBase = base.filter { key, _ in next.contains { $0.id == key } }
+        s.pushed = PushedRules(next)
+        s.kernelBase = base.filter { key, _ in s.pushed.contains(key) }
         s.kernelAddedIn = s.kernelAddedIn.filter { _, generation in generation > readGeneration }
         s.kernelTraffic = traffic
         if s.kernelError != nil { logger.notice("control: the kernel table is in step again") }
@@ -597,7 +613,7 @@ public final class GatewayControl: Sendable {
     public func portsInUse() -> [String] {
         state.withLock { s in
             var ports: [String] = []
-            for rule in s.fixed + relayRules(s.pushed, s.settings) {
+            for rule in s.fixed + relayRules(s.pushed.list, s.settings) {
                 if rule.transport.contains(.tcp) { ports.append("\(rule.listen.port)/tcp") }
                 if rule.transport.contains(.udp) { ports.append("\(rule.listen.port)/udp") }
             }
@@ -624,14 +640,27 @@ public final class GatewayControl: Sendable {
                 }
                 if let rule { rules.append(rule) }
             }
-            // Entries of rules no longer pushed are dropped once they are as
-            // many as the live ones (a trial list may be a subset, so not at once).
-            if cache.count > 2 * max(pushed.count, 64) {
-                let live = Set(pushed.map(\.id))
-                cache = cache.filter { live.contains($0.key) }
-            }
+            // Entries go with their rules (`remove`, a failed put, restore).
             return rules
         }
+    }
+
+    /// The ports one pushed rule holds.
+    private func portUses(of rule: RuleState, _ settings: ControlSettings) -> [PortAllocator.Use] {
+        rule.forwardingPath == .kernel ? kernelUses([rule], settings) : Self.uses(of: relayRules([rule], settings), settings)
+    }
+
+    /// Rebuilds the port index of every pushed rule (restore, a new public address).
+    private func reindexPorts(_ s: inout State) {
+        s.pushedPorts = PortUses()
+        for rule in s.pushed.list { s.pushedPorts.set(rule.id, portUses(of: rule, s.settings)) }
+        Self.indexFixedPorts(&s)
+    }
+
+    /// Rebuilds the port index of the config's forwards and broker forwarding.
+    private static func indexFixedPorts(_ s: inout State) {
+        s.fixedPorts = PortUses()
+        for (index, use) in uses(of: s.fixed, s.settings).enumerated() { s.fixedPorts.set(String(index), [use]) }
     }
 
     /// The ports kernel rules hold (they have no listener to show them).
@@ -651,7 +680,7 @@ public final class GatewayControl: Sendable {
     }
 
     /// The ports `relays` hold on the public address.
-    private func uses(of relays: [RelayRule], _ settings: ControlSettings) -> [PortAllocator.Use] {
+    private static func uses(of relays: [RelayRule], _ settings: ControlSettings) -> [PortAllocator.Use] {
         relays.filter { rule in
             // Rules on another specific address do not hold the public address's port.
             rule.listen.ip == settings.publicAddress || rule.listen.ip.isUnspecified || settings.publicAddress.isUnspecified
@@ -679,8 +708,7 @@ public final class GatewayControl: Sendable {
     ///   append after releasing the lock (group commit).
     @discardableResult
     private func remove(_ ids: Set<String>, from s: inout State, waitDurable: Bool = true) throws(ControlError) -> RuleStore.Pending? {
-        let next = s.pushed.filter { !ids.contains($0.id) }
-        let leaving = s.pushed.filter { ids.contains($0.id) }
+        let leaving = ids.compactMap { s.pushed[$0] }
         let forwards = leaving.flatMap { KernelRules.forwards($0, publicAddress: s.settings.publicAddress) }
         let relayIDs = ids.map { RulePolicy.idPrefix + $0 }
         // Removing rules only closes listeners; it cannot fail to apply.
@@ -695,7 +723,7 @@ public final class GatewayControl: Sendable {
         }
         var pending: RuleStore.Pending?
         do throws(ControlError) {
-            pending = try store.record(next)
+            pending = try store.record(removing: Array(ids))
             if waitDurable, let written = pending {
                 try store.makeDurable(written)
                 pending = nil
@@ -707,8 +735,10 @@ public final class GatewayControl: Sendable {
             throw error
         }
         s.storeError = nil
-        s.pushed = next
+        s.pushed.remove(ids)
+        relayCache.withLock { cache in for id in ids { cache[id] = nil } }
         for id in ids {
+            s.pushedPorts.remove(id)
             s.kernelTraffic[id] = nil
             s.kernelBase[id] = nil
             s.kernelAddedIn[id] = nil

@@ -41,10 +41,19 @@ public struct PortAllocator: Sendable {
     /// - Throws: `ControlError` 409 naming the port when it is taken or the range is exhausted.
     public func allocate(method: RoutingMethod, requested: Int?, client: IPAddress?, transport: Transport,
                          uses: [Use], probe: Probe) throws(ControlError) -> Int {
+        let byPort = Dictionary(grouping: uses, by: \.port)
+        return try allocate(method: method, requested: requested, client: client, transport: transport,
+                            holders: { byPort[$0] ?? [] }, probe: probe)
+    }
+
+    /// The same, with the ports in use given by port (`holders`: the uses of
+    /// one port), so that a choice costs the ports tried, not the rules held.
+    public func allocate(method: RoutingMethod, requested: Int?, client: IPAddress?, transport: Transport,
+                         holders: (Int) -> [Use], probe: Probe) throws(ControlError) -> Int {
         switch method {
         case .protocolPortClientOnly:
             guard let port = requested else { throw .badField("port", "required for method 1") }
-            return try take(port, client: client, transport: transport, uses: uses, probe: probe)
+            return try take(port, client: client, transport: transport, holders: holders, probe: probe)
         case .randomPort, .randomPortClientOnly:
             if let port = requested {
                 // A cluster that places rules on every gateway (E) asks each
@@ -52,13 +61,13 @@ public struct PortAllocator: Sendable {
                 guard range.contains(port) else {
                     throw .badField("port", "\(port) is outside this gateway's port range \(range.lowerBound)-\(range.upperBound)")
                 }
-                return try take(port, client: client, transport: transport, uses: uses, probe: probe)
+                return try take(port, client: client, transport: transport, holders: holders, probe: probe)
             }
             let count = range.count
             let start = Int.random(in: range)
             for step in 0..<count {
                 let port = range.lowerBound + (start - range.lowerBound + step) % count
-                if uses.contains(where: { $0.port == port && !$0.transport.isDisjoint(with: transport) }) { continue }
+                if holders(port).contains(where: { !$0.transport.isDisjoint(with: transport) }) { continue }
                 if probe(port, transport) { return port }
             }
             throw ControlError(409, field: "port", "port: the port range \(range.lowerBound)-\(range.upperBound) is exhausted (all \(count) ports are in use)")
@@ -67,10 +76,11 @@ public struct PortAllocator: Sendable {
 
     /// A requested port: free for `transport`, or held only by client-only
     /// rules of other clients when this rule is client-only too.
-    private func take(_ port: Int, client: IPAddress?, transport: Transport, uses: [Use], probe: Probe) throws(ControlError) -> Int {
+    private func take(_ port: Int, client: IPAddress?, transport: Transport, holders uses: (Int) -> [Use], probe: Probe) throws(ControlError) -> Int {
         var needProbe: Transport = []
+        let onPort = uses(port)
         for part in [Transport.tcp, .udp] where transport.contains(part) {
-            let holders = uses.filter { $0.port == port && $0.transport.contains(part) }
+            let holders = onPort.filter { $0.transport.contains(part) }
             if holders.isEmpty { needProbe.insert(part); continue }
             // Shared only among client-only rules of other clients.
             let shareable = holders.allSatisfy { use in

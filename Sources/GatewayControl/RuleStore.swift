@@ -29,12 +29,17 @@ public struct RuleStore: Sendable {
         journal = Journal()
     }
 
-    /// The journal's state and each rule's last JSON, by id (re-encoded only when the rule changed).
+    /// The journal's state and each rule's last JSON, by id (re-encoded only
+    /// when the rule changed), with its place in the saved order.
     private final class Journal: Sendable {
+        struct Entry {
+            var sequence: Int
+            var state: RuleState
+            var json: [UInt8]
+        }
         struct State {
-            var table: [String: (state: RuleState, json: [UInt8])] = [:]
-            /// The rules in order, as last saved.
-            var order: [String] = []
+            var table: [String: Entry] = [:]
+            var nextSequence = 0
             var file: AppendOnlyFile?
             var generation = 0
             var records = 0
@@ -141,7 +146,10 @@ public struct RuleStore: Sendable {
     }
 
     private func replayJournals(onto snapshot: [RuleState], since: Int) -> Loaded {
-        var rules = snapshot
+        // Deleted rules leave a hole until the end: a replay costs O(records), not O(records x rules).
+        var rules: [RuleState?] = snapshot
+        var positions: [String: Int] = [:]
+        for (index, rule) in snapshot.enumerated() { positions[rule.id] = index }
         var problems: [String] = []
         let decoder = JSONDecoder()
         for generation in journalGenerations() where generation >= since {
@@ -157,13 +165,18 @@ public struct RuleStore: Sendable {
                 }
                 switch record {
                 case .put(let rule):
-                    if let position = rules.firstIndex(where: { $0.id == rule.id }) { rules[position] = rule } else { rules.append(rule) }
+                    if let position = positions[rule.id] {
+                        rules[position] = rule
+                    } else {
+                        positions[rule.id] = rules.count
+                        rules.append(rule)
+                    }
                 case .delete(let id):
-                    rules.removeAll { $0.id == id }
+                    if let position = positions.removeValue(forKey: id) { rules[position] = nil }
                 }
             }
         }
-        return Loaded(rules: rules, problem: problems.isEmpty ? nil : problems.joined(separator: "; "))
+        return Loaded(rules: rules.compactMap { $0 }, problem: problems.isEmpty ? nil : problems.joined(separator: "; "))
     }
 
     /// An append not yet known to be durable: `makeDurable` waits for it.
@@ -191,69 +204,141 @@ public struct RuleStore: Sendable {
 
     /// `save` without the wait: the change is in the journal file (page
     /// cache), and durable once `makeDurable` returns for what this answers
-    /// (nil: nothing to wait for, e.g. a snapshot written durably).
+    /// (nil: nothing to wait for, e.g. a snapshot written durably). Costs
+    /// O(rules held): for the control plane's rare whole-set saves.
     /// - Throws: `ControlError` 500 naming the file.
     public func record(_ rules: [RuleState]) throws(ControlError) -> Pending? {
+        try journal.state.withLock { j throws(ControlError) -> Pending? in
+            // Replay keeps a known rule where it was and appends new ones: a
+            // known rule after a new one, or known rules in another order,
+            // is an order the journal cannot say: a snapshot says it.
+            var seenNew = false, reordered = false, last = -1
+            var wanted = Set<String>()
+            wanted.reserveCapacity(rules.count)
+            for rule in rules {
+                wanted.insert(rule.id)
+                if let known = j.table[rule.id] {
+                    if seenNew || known.sequence < last { reordered = true }
+                    last = known.sequence
+                } else {
+                    seenNew = true
+                }
+            }
+            let removing = j.table.keys.filter { !wanted.contains($0) }
+            return try commit(&j, upserting: rules, removing: removing, order: reordered ? rules.map(\.id) : nil)
+        }
+    }
+
+    /// Tells the store the rules in force after a load (no write): the first
+    /// change of the process then writes them whole as a snapshot, with the
+    /// change, and a new journal after it.
+    public func seed(_ rules: [RuleState]) {
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.sortedKeys]
-        return try journal.state.withLock { j throws(ControlError) -> Pending? in
-            var pending: Pending?
-            var next: [String: (state: RuleState, json: [UInt8])] = [:]
-            next.reserveCapacity(rules.count)
-            var records: [UInt8] = []
-            var count = 0
-            // Replay keeps a known rule where it was and appends new ones: a
-            // known rule after a new one is an order the journal cannot say.
-            var seenNew = false, reordered = false
-            do {
-                for rule in rules {
-                    if j.table[rule.id] == nil { seenNew = true } else if seenNew { reordered = true }
-                    if let known = j.table[rule.id], known.state == rule {
-                        next[rule.id] = known
-                    } else {
-                        let json = [UInt8](try encoder.encode(rule))
-                        next[rule.id] = (rule, json)
-                        records += Array(#"{"put":"#.utf8) + json + Array("}\n".utf8)
-                        count += 1
-                    }
-                }
-                for id in j.order where next[id] == nil {
-                    records += [UInt8](try encoder.encode(Record.delete(id))) + [0x0A]
-                    count += 1
-                }
-            } catch {
-                throw ControlError(500, "cannot encode the rules: \(error)")
+        journal.state.withLock { j in
+            guard j.file == nil else { return }
+            j.table = [:]
+            for (index, rule) in rules.enumerated() {
+                guard let json = try? encoder.encode(rule) else { continue }
+                j.table[rule.id] = Journal.Entry(sequence: index, state: rule, json: [UInt8](json))
             }
-            let order = rules.map(\.id)
-            if j.file == nil || reordered {
-                // The first change of this process, or after a failed append: the whole set, then a new journal.
-                let generation = (journalGenerations().last ?? j.generation) + 1
-                try writeSnapshot(rules, json: rules.map { next[$0.id]!.json }, generation: generation)
-                do throws(Errno) {
-                    j.file = try AppendOnlyFile(path: journalPath(generation))
-                } catch {
-                    throw ControlError(500, "cannot open \(journalPath(generation)): \(error)")
-                }
-                j.generation = generation
-                j.records = 0
-                removeJournals(before: generation)
-            } else if count > 0, let file = j.file {
-                do throws(Errno) {
-                    pending = try file.append(records)
-                } catch {
-                    // The journal may end in a torn record: the next change starts afresh with a snapshot.
-                    j.file = nil
-                    throw ControlError(500, "cannot append to \(file.path): \(error)")
-                }
-                j.records += count
+            j.nextSequence = rules.count
+        }
+    }
+
+    /// Records one change (issue 15): `upserting` rules added or replaced
+    /// (a known id keeps its place), `removing` ids deleted. Costs what it
+    /// changes, not the rules held. Nothing is recorded when the write fails.
+    /// - Throws: `ControlError` 500 naming the file.
+    public func record(upserting: [RuleState] = [], removing: [String] = []) throws(ControlError) -> Pending? {
+        try journal.state.withLock { j throws(ControlError) -> Pending? in
+            try commit(&j, upserting: upserting, removing: removing, order: nil)
+        }
+    }
+
+    /// Appends the change's records (or, for the first change of a process,
+    /// after a failed append, or with `order` set, writes the whole set as a
+    /// snapshot), then updates the table.
+    private func commit(_ j: inout Journal.State, upserting: [RuleState], removing: [String],
+                        order: [String]?) throws(ControlError) -> Pending? {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys]
+        var changed: [(id: String, state: RuleState, json: [UInt8])] = []
+        var gone: [String] = []
+        var records: [UInt8] = []
+        do {
+            for rule in upserting {
+                if let known = j.table[rule.id], known.state == rule { continue }
+                let json = [UInt8](try encoder.encode(rule))
+                changed.append((rule.id, rule, json))
+                records += Array(#"{"put":"#.utf8) + json + Array("}\n".utf8)
+            }
+            for id in Set(removing) where j.table[id] != nil {
+                gone.append(id)
+                records += [UInt8](try encoder.encode(Record.delete(id))) + [0x0A]
+            }
+        } catch {
+            throw ControlError(500, "cannot encode the rules: \(error)")
+        }
+        let count = changed.count + gone.count
+        var pending: Pending?
+        if j.file == nil || order != nil {
+            // The whole set, then a new journal: the table changes only once it is written.
+            var next = j.table
+            var sequence = j.nextSequence
+            apply(changed, gone, to: &next, sequence: &sequence)
+            if let order {
+                for (index, id) in order.enumerated() { next[id]?.sequence = index }
+                sequence = order.count
+            }
+            let generation = (journalGenerations().last ?? j.generation) + 1
+            try writeSnapshot(json: Self.ordered(next), generation: generation)
+            do throws(Errno) {
+                j.file = try AppendOnlyFile(path: journalPath(generation))
+            } catch {
+                throw ControlError(500, "cannot open \(journalPath(generation)): \(error)")
             }
             j.table = next
-            j.order = order
-            if j.records > max(256, rules.count), !j.compacting {
-                compact(&j, rules: rules)
-            }
-            return pending
+            j.nextSequence = sequence
+            j.generation = generation
+            j.records = 0
+            removeJournals(before: generation)
+            return nil
         }
+        if count > 0, let file = j.file {
+            do throws(Errno) {
+                pending = try file.append(records)
+            } catch {
+                // The journal may end in a torn record: the next change starts afresh with a snapshot.
+                j.file = nil
+                throw ControlError(500, "cannot append to \(file.path): \(error)")
+            }
+            j.records += count
+            apply(changed, gone, to: &j.table, sequence: &j.nextSequence)
+        }
+        if j.records > max(256, j.table.count), !j.compacting {
+            compact(&j)
+        }
+        return pending
+    }
+
+    private func apply(_ changed: [(id: String, state: RuleState, json: [UInt8])], _ gone: [String],
+                       to table: inout [String: Journal.Entry], sequence: inout Int) {
+        for change in changed {
+            if table[change.id] != nil {
+                table[change.id]!.state = change.state
+                table[change.id]!.json = change.json
+            } else {
+                table[change.id] = Journal.Entry(sequence: sequence, state: change.state, json: change.json)
+                sequence += 1
+            }
+        }
+        for id in gone { table[id] = nil }
+    }
+
+    /// The rules' JSON in their saved order.
+    private static func ordered(_ table: [String: Journal.Entry]) -> [[UInt8]] {
+        table.values.sorted { $0.sequence < $1.sequence }.map(\.json)
     }
 
     /// Waits (polling, up to `timeoutMilliseconds`) until no snapshot is
@@ -271,30 +356,31 @@ public struct RuleStore: Sendable {
     }
 
     /// Starts a new journal generation now and writes the snapshot of this
-    /// moment on a thread of its own; older journals go once it is durable.
-    private func compact(_ j: inout Journal.State, rules: [RuleState]) {
+    /// moment on a thread of its own (the ordering too: the table is shared
+    /// copy-on-write); older journals go once it is durable.
+    private func compact(_ j: inout Journal.State) {
         let generation = j.generation + 1
         guard let file = try? AppendOnlyFile(path: journalPath(generation)) else { return }
         j.file = file
         j.generation = generation
         j.records = 0
         j.compacting = true
-        let json = rules.map { j.table[$0.id]!.json }
+        let table = j.table
         let store = self
         let started = try? SystemThread.spawn(name: "rules-compact") {
-            try? store.writeSnapshot(rules, json: json, generation: generation)
+            try? store.writeSnapshot(json: Self.ordered(table), generation: generation)
             store.removeJournals(before: generation)
             store.journal.state.withLock { $0.compacting = false }
         }
         if started == nil {
-            try? writeSnapshot(rules, json: json, generation: generation)
+            try? writeSnapshot(json: Self.ordered(table), generation: generation)
             removeJournals(before: generation)
             j.compacting = false
         }
     }
 
     /// `{"version": 2, "journal": N, "rules": [...]}`, one rule per line, replaced atomically.
-    private func writeSnapshot(_ rules: [RuleState], json: [[UInt8]], generation: Int) throws(ControlError) {
+    private func writeSnapshot(json: [[UInt8]], generation: Int) throws(ControlError) {
         try journal.snapshots.withLock { latest throws(ControlError) in
             guard generation > latest else { return }
             try writeSnapshotFile(json, generation: generation)

@@ -1,3 +1,4 @@
+import Foundation
 import Testing
 import ControlProtocol
 import TestSupport
@@ -65,6 +66,28 @@ struct ControlProtocolTests {
             let other = ControlAuthorization(gatewayID: 8, timestamp: auth.timestamp, nonce: auth.nonce, signature: auth.signature)
             try signer.verify(other, direction: .brokerToGateway, method: "PUT", path: "/control/v1/rules/a", body: body, replay: ReplayGuard(), now: now)
         }
+    }
+
+    @Test("base64url without Foundation: every length round-trips and matches Foundation's alphabet-swapped base64; bad text is refused")
+    func base64url() {
+        for length in 0..<70 {
+            let bytes = (0..<length).map { _ in UInt8.random(in: 0...255) }
+            let text = ControlCrypto.base64url(bytes)
+            let reference = Data(bytes).base64EncodedString().replacingOccurrences(of: "+", with: "-")
+                .replacingOccurrences(of: "/", with: "_").replacingOccurrences(of: "=", with: "")
+            #expect(text == reference, "length \(length)")
+            #expect(ControlCrypto.fromBase64url(text) == bytes, "length \(length)")
+            #expect(ControlCrypto.fromBase64url(Data(bytes).base64EncodedString().replacingOccurrences(of: "+", with: "-")
+                .replacingOccurrences(of: "/", with: "_")) == bytes, "padded, length \(length)")
+        }
+        for bad in ["A", "AAAAA", "AA+A", "AA/A", "AA A", "é"] { #expect(ControlCrypto.fromBase64url(bad) == nil, "\(bad)") }
+    }
+
+    @Test("a header with spaces and tabs around its parts parses the same")
+    func headerWhitespace() throws {
+        let header = signer.authorize(direction: .brokerToGateway, method: "PUT", path: "/control/v1/rules/a", body: body, now: 1_800_000_000)
+        let spaced = "\t " + header.replacingOccurrences(of: ", ", with: " ,\t").replacingOccurrences(of: "=", with: " = ") + " \t"
+        #expect(try ControlAuthorization(header: spaced) == ControlAuthorization(header: header))
     }
 
     @Test("malformed Authorization headers are named, never crash", arguments: [

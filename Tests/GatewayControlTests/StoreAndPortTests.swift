@@ -1,6 +1,6 @@
 import ControlProtocol
 import Foundation
-import GatewayControl
+@testable import GatewayControl
 import Relay
 import SystemLayer
 import Testing
@@ -81,6 +81,40 @@ import TestSupport
             return names.filter { $0.hasPrefix("rules.journal.") }.count == 1
         }, "the older journals were not removed after compaction")
         #expect(RuleStore(directory: folder.path).load().rules == rules)
+    }
+
+    @Test("one change at a time (issue 15): a record per change, the order of creation kept through replacements and deletes, a seeded store's first change writes the seeded rules whole")
+    func incrementalChanges() throws {
+        let folder = TempFolder()
+        defer { folder.remove() }
+        func rule(_ n: Int, port: Int? = nil) -> RuleState {
+            RuleState(id: "i\(n)", push: RulePush(protocol: .tcp, method: .randomPort, target: "10.1.2.3:3389"), port: port ?? 21000 + n, created: 1_700_000_000)
+        }
+        let store = RuleStore(directory: folder.path)
+        // The first change of a process: a snapshot of what it was seeded with plus the change.
+        store.seed((0..<5).map { rule($0) })
+        #expect(try store.record(upserting: [rule(5)]) == nil, "the first change writes a snapshot, durable at once")
+        #expect(RuleStore(directory: folder.path).load().rules.map(\.id) == ["i0", "i1", "i2", "i3", "i4", "i5"])
+        let snapshot = try #require(try StateFile.read(store.path))
+        // Then records only, each durable once asked.
+        try #require(try store.record(upserting: [rule(6)])).makeDurable()
+        try #require(try store.record(upserting: [rule(2, port: 29999)], removing: ["i0", "nosuch"])).makeDurable()
+        #expect(try store.record(upserting: [rule(3)]) == nil, "an unchanged rule writes nothing")
+        #expect(try store.record(removing: ["nosuch"]) == nil, "an unknown id writes nothing")
+        #expect(try StateFile.read(store.path) == snapshot, "a change rewrote the snapshot")
+        let loaded = RuleStore(directory: folder.path).load().rules
+        #expect(loaded.map(\.id) == ["i1", "i2", "i3", "i4", "i5", "i6"], "a replaced rule keeps its place")
+        #expect(loaded.first { $0.id == "i2" }?.port == 29999)
+        // A whole-set save in another order is said by a snapshot.
+        let reordered = loaded.reversed().map { $0 }
+        try store.save(reordered)
+        #expect(RuleStore(directory: folder.path).load().rules == reordered)
+        // Compaction in the background keeps the order of creation.
+        for n in 7..<600 { try store.record(upserting: [rule(n)]).map { try $0.makeDurable() } }
+        for n in stride(from: 7, to: 600, by: 2) { try store.record(removing: ["i\(n)"]).map { try $0.makeDurable() } }
+        #expect(store.waitForCompaction())
+        let expected = reordered.map(\.id) + stride(from: 8, to: 600, by: 2).map { "i\($0)" }
+        #expect(RuleStore(directory: folder.path).load().rules.map(\.id) == expected)
     }
 
     @Test func missingFileIsEmpty() {
@@ -245,5 +279,45 @@ import TestSupport
         #expect(TLSClientSession.parseFingerprint(hash.map { String(format: "%02x", $0) }.joined()) == hash)
         #expect(TLSClientSession.parseFingerprint("SHA256:00:11") == nil)
         #expect(TLSClientSession.parseFingerprint(String(repeating: "zz", count: 32)) == nil)
+    }
+}
+
+@Suite(.offPool) struct PushedRulesAndPortUsesTests {
+    func rule(_ id: String, port: Int = 1) -> RuleState {
+        RuleState(id: id, push: RulePush(protocol: .tcp, method: .randomPort, target: "10.0.0.1:22"), port: port, created: 0)
+    }
+
+    @Test("pushed rules keep the order of creation through replacements, removals and in-place updates")
+    func pushedRules() {
+        var pushed = PushedRules([rule("a"), rule("b"), rule("c")])
+        pushed["b"] = rule("b", port: 2)
+        pushed["d"] = rule("d")
+        pushed.remove(["a", "zz"])
+        #expect(pushed.list.map(\.id) == ["b", "c", "d"])
+        #expect(pushed["b"]?.port == 2 && pushed["a"] == nil && pushed.contains("c") && !pushed.contains("a"))
+        pushed.updateEach { $0.sessions = 3 }
+        #expect(pushed.list.allSatisfy { $0.sessions == 3 } && pushed.list.map(\.id) == ["b", "c", "d"])
+        #expect(Set(pushed.filter { $0.port == 1 }.map(\.id)) == ["c", "d"])
+        pushed["a"] = rule("a")
+        #expect(pushed.list.map(\.id) == ["b", "c", "d", "a"], "a removed id pushed again goes last")
+    }
+
+    @Test("the port index answers by port, and forgets an owner's ports with it; the allocator refuses what it holds")
+    func portUses() throws {
+        var uses = PortUses()
+        uses.set("r1", [PortAllocator.Use(port: 30000, transport: .tcp, allow: [])])
+        uses.set("r2", [PortAllocator.Use(port: 30000, transport: .udp, allow: []), PortAllocator.Use(port: 30001, transport: .both, allow: [])])
+        #expect(uses.holders(30000).count == 2 && uses.holders(30001).count == 1 && uses.holders(30002).isEmpty)
+        let allocator = PortAllocator(range: 30000...30002)
+        let always: PortAllocator.Probe = { _, _ in true }
+        #expect(try allocator.allocate(method: .randomPort, requested: nil, client: nil, transport: .tcp,
+                                       holders: uses.holders, probe: always) == 30002)
+        #expect(throws: ControlError.self) {
+            try allocator.allocate(method: .randomPort, requested: 30001, client: nil, transport: .udp, holders: uses.holders, probe: always)
+        }
+        uses.remove("r2")
+        #expect(uses.holders(30001).isEmpty && uses.holders(30000).count == 1 && uses.owners == 1)
+        uses.set("r1", [])
+        #expect(uses.holders(30000).isEmpty && uses.owners == 0)
     }
 }
