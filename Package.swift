@@ -264,7 +264,7 @@ let package = Package(
         .testTarget(name: "TLSInspectTests", dependencies: ["TestSupport", "TLSInspect"]),
         .testTarget(name: "SessionGrantsTests", dependencies: ["TestSupport", "SessionGrants"]),
         .testTarget(name: "SecurityGatewayTests", dependencies: [
-            "TestSupport", "SecurityGateway", "SessionGrants", "SystemLayer", "Relay",
+            "TestSupport", "SecurityGateway", "SessionGrants", "SystemLayer", "Relay", "GatewayControl",
             .product(name: "Hummingbird", package: "hummingbird"),
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             .product(name: "Logging", package: "swift-log"),

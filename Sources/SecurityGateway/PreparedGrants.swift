@@ -19,8 +19,13 @@ import SystemLayer
 /// its line is durable (fdatasync, shared by the changes that wait at the
 /// same time); a single-use grant consumed by a connection is appended on
 /// the loop and made durable in the background. When the journal holds
-/// much more than the live state it is rewritten (a snapshot: temporary
-/// file, fsync, rename, directory fsync), so its size stays O(live grants).
+/// much more than the live state it is rewritten, so its size stays
+/// O(live grants): a background thread writes the snapshot of that moment
+/// to a temporary file and fsyncs it while changes go on being appended to
+/// the journal (and kept in memory); then, under the lock, those records
+/// are appended to the snapshot, which is synced and renamed over the
+/// journal (and the folder fsynced). A crash at any point leaves the old
+/// journal or the new one, each holding every acknowledged change.
 public final class PreparedGrants: Sendable {
     public struct Entry: Sendable, Equatable {
         public let grant: SessionGrant
@@ -44,6 +49,9 @@ public final class PreparedGrants: Sendable {
         var lastAppended: AppendOnlyFile.Appended?
         /// Why the journal cannot be written, when it cannot.
         var journalError: String?
+        /// While a snapshot is written in the background: the records
+        /// appended since it was taken, and how many (nil: none is being written).
+        var tail: (bytes: [UInt8], records: Int)?
     }
 
     private let state = Mutex<State>(State())
@@ -89,6 +97,7 @@ public final class PreparedGrants: Sendable {
         if replay.damagedLines > 0 {
             try? StateFile.rename(path, to: path + ".bad-\(Int(now.timeIntervalSince1970))")
         }
+        StateFile.remove(compactingPath(path))   // a snapshot a stop interrupted
         state.withLock { s in _ = compact(&s) }
         return (kept, dropped)
     }
@@ -235,19 +244,108 @@ public final class PreparedGrants: Sendable {
         guard let path else { return }
         if s.journal == nil, let error = compact(&s) { throw error }
         guard let journal = s.journal else { throw Errno(rawValue: EIO) }
+        let line = record.line
         do throws(Errno) {
-            s.lastAppended = try journal.append(record.line)
+            s.lastAppended = try journal.append(line)
         } catch {
             s.journalError = "cannot write \(path): \(error)"
             throw error
         }
         s.records += 1
+        if s.tail != nil {
+            s.tail!.bytes += line
+            s.tail!.records += 1
+        }
     }
 
     /// Rewrites the journal once it holds several times the live state
     /// (called after a change has been applied to the state, so the snapshot holds it).
     private func compactIfLarge(_ s: inout State) {
-        if s.records > max(1024, 4 * (s.count + s.consumed.count)) { compact(&s) }
+        guard let path, s.tail == nil, s.records > max(1024, 4 * (s.count + s.consumed.count)) else { return }
+        // The state is shared copy-on-write with the thread; encoding it happens there.
+        let (byName, consumed) = (s.byName, s.consumed)
+        s.tail = ([], 0)
+        let started = try? SystemThread.spawn(name: "grants-compact") { [self] in
+            compactInBackground(path: path, byName: byName, consumed: consumed)
+        }
+        if started == nil {
+            s.tail = nil
+            compact(&s)
+        }
+    }
+
+    /// Where the background snapshot is written before it replaces the journal.
+    private func compactingPath(_ path: String) -> String { path + ".compacting" }
+
+    private func compactInBackground(path: String, byName: [String: [Entry]], consumed: [String: Date]) {
+        let (snapshot, records) = Self.snapshot(byName: byName, consumed: consumed)
+        let temporary = compactingPath(path)
+        StateFile.remove(temporary)
+        let written: AppendOnlyFile
+        do throws(Errno) {
+            written = try AppendOnlyFile(path: temporary)
+            try written.append(snapshot).makeDurable()
+        } catch {
+            StateFile.remove(temporary)
+            state.withLock { s in
+                s.tail = nil
+                s.journalError = "cannot rewrite \(path): \(error)"
+            }
+            return
+        }
+        state.withLock { s in
+            let tail = s.tail ?? ([], 0)
+            s.tail = nil
+            do throws(Errno) {
+                if !tail.bytes.isEmpty { try written.append(tail.bytes).makeDurable() }
+                try StateFile.rename(temporary, to: path)
+            } catch {
+                // The journal is as it was, and holds everything.
+                StateFile.remove(temporary)
+                s.journalError = "cannot rewrite \(path): \(error)"
+                return
+            }
+            // From here on the journal's name is the snapshot's: appends go to it.
+            s.records = records + tail.records
+            do throws(Errno) {
+                try StateFile.syncDirectory(of: path)
+                s.journal = try AppendOnlyFile(path: path)
+                s.journalError = nil
+            } catch {
+                // Not known durable: the next change writes a snapshot synchronously.
+                s.journal = nil
+                s.journalError = "cannot rewrite \(path): \(error)"
+            }
+        }
+    }
+
+    /// Waits (polling, up to `timeoutMilliseconds`) until no snapshot is
+    /// being written in the background. - Returns: false at the deadline.
+    public func waitForCompaction(timeoutMilliseconds: Int = 30_000) -> Bool {
+        var waited = 0
+        while state.withLock({ $0.tail != nil }) {
+            guard waited < timeoutMilliseconds else { return false }
+            BlockingWait.sleep(milliseconds: 5)
+            waited += 5
+        }
+        return true
+    }
+
+    /// The journal lines of a snapshot of `byName` and `consumed`, and how many.
+    private static func snapshot(byName: [String: [Entry]], consumed: [String: Date]) -> (bytes: [UInt8], records: Int) {
+        var snapshot: [UInt8] = []
+        var records = 0
+        for entries in byName.values {
+            for entry in entries {
+                snapshot += Journal.Record(op: .prepare, id: entry.grant.id, token: entry.token).line
+                records += 1
+            }
+        }
+        for (id, expires) in consumed {
+            snapshot += Journal.Record(op: .used, id: id, expires: expires.timeIntervalSince1970).line
+            records += 1
+        }
+        return (snapshot, records)
     }
 
     /// Rewrites the journal as a snapshot of the live state (atomically,
@@ -256,18 +354,7 @@ public final class PreparedGrants: Sendable {
     @discardableResult
     private func compact(_ s: inout State) -> Errno? {
         guard let path else { return nil }
-        var snapshot: [UInt8] = []
-        var records = 0
-        for entries in s.byName.values {
-            for entry in entries {
-                snapshot += Journal.Record(op: .prepare, id: entry.grant.id, token: entry.token).line
-                records += 1
-            }
-        }
-        for (id, expires) in s.consumed {
-            snapshot += Journal.Record(op: .used, id: id, expires: expires.timeIntervalSince1970).line
-            records += 1
-        }
+        let (snapshot, records) = Self.snapshot(byName: s.byName, consumed: s.consumed)
         do throws(Errno) {
             try StateFile.writeAtomically(path, snapshot, mode: 0o600)
             s.journal = try AppendOnlyFile(path: path)
