@@ -24,11 +24,13 @@ public final class SecurityGateway: Sendable {
     private let sync: RuleSync
     private let logger: Logger
 
-    /// The TCP rule's id, and the UDP rule that keeps the UDP port bound
-    /// (it admits no sender: 0.0.0.0/32 is never a source address) so that
-    /// datagrams from clients without a session are counted as dropped.
+    /// The TCP rule's id, and the one UDP rule's: it admits any sender and
+    /// is routed by the session tracker, which gives each new flow its
+    /// client's path (agent and source port); a sender without a session
+    /// has no route, and its datagrams are dropped and counted
+    /// (`not_allowed`). A session starting or ending changes no relay rule.
     public static let tcpRuleID = "sg-tcp"
-    public static let udpGuardRuleID = "sg-udp-guard"
+    public static let udpRuleID = "sg-udp"
 
     /// Starts the relay loops; nothing listens before `start()`.
     /// - Throws: `Errno` when the loops cannot be created.
@@ -44,14 +46,10 @@ public final class SecurityGateway: Sendable {
         self.sync = sync
         sessions = SessionTracker(agentSourcePort: config.agentSourcePort,
                                   collaborationPorts: config.enableCollaboration ? config.collaborationSourcePorts : nil,
-                                  listen: config.listen, onChange: { sync.schedule() },
+                                  listen: config.listen,
                                   onPathEnded: { client, agent in sync.closeFlows(client: client, agent: agent) })
         let tcp = Self.tcpRule(config, grants: grants, sessions: sessions)
-        let nobody = config.listen.ip.isIPv4 ? CIDR(address: .v4(0), prefixLength: 32) : CIDR(address: .v6(0, 0), prefixLength: 128)
-        let guardRule = RelayRule(id: Self.udpGuardRuleID, listen: config.listen, allow: [nobody],
-                                  target: SocketAddress(ip: config.listen.ip.isIPv4 ? .v4(0x7f00_0001) : .v6(0, 1), port: 9),
-                                  transport: .udp)
-        sync.configure(base: [tcp, guardRule], sessions: sessions)
+        sync.configure(base: [tcp, sessions.udpRule(id: Self.udpRuleID)], sessions: sessions)
     }
 
     /// The inspect-first TCP rule on `ListenAddress` (ClientHello → SNI → grant → agent).
@@ -290,14 +288,12 @@ public final class SecurityGateway: Sendable {
     }
 }
 
-/// Keeps the relay's rules equal to the base rules plus one UDP rule per
-/// live session's client. Sessions start and end on the relay loops, which
-/// must not wait for the engine (a change runs a command on every loop,
-/// their own included), so changes are applied on a serial queue,
-/// coalesced: each run takes the client addresses whose rule came or went
-/// since the last one and applies just those (`RelayEngine.change`). The
-/// relay then rebuilds only the rules of the SG's one UDP address (O(rules
-/// there)), and looks at the flows only when a rule went.
+/// Keeps the relay's rules equal to the base rules (the inspected TCP rule
+/// and the one routed UDP rule), and ends the UDP flows of paths that
+/// ended. Sessions end on the relay loops, which must not wait for the
+/// engine (a command runs on every loop, their own included), so the flows
+/// are closed on a serial queue, coalesced: each run closes the flows of
+/// every path that ended since the last one in one look at the flows.
 final class RuleSync: Sendable {
     private struct State {
         var base: [RelayRule] = []
@@ -310,7 +306,13 @@ final class RuleSync: Sendable {
     private let logger: Logger
     private let state = Mutex(State())
     private let queue = DispatchQueue(label: "security-gateway.rules")
-    private let scheduled = Atomic<Bool>(false)
+    /// Paths ended whose flows are to be closed by the next run (nil: no run is scheduled).
+    private let endedPaths = Mutex<Set<EndedPath>?>(nil)
+
+    private struct EndedPath: Hashable {
+        let client: IPAddress
+        let agent: SocketAddress
+    }
 
     init(engine: RelayEngine, logger: Logger) {
         self.engine = engine
@@ -325,16 +327,6 @@ final class RuleSync: Sendable {
     }
 
     var lastError: String? { state.withLock { $0.lastError } }
-
-    func schedule() {
-        guard !scheduled.exchange(true, ordering: .acquiringAndReleasing) else { return }
-        queue.async { [self] in
-            scheduled.store(false, ordering: .releasing)
-            do throws(RuleError) { try applyChanges() } catch {
-                logger.error("security gateway: UDP rules not applied: \(error)")
-            }
-        }
-    }
 
     /// Replaces the TCP rule of the base (a reload) and applies at once.
     /// - Throws: `RuleError`; the previous base stays then.
@@ -353,30 +345,11 @@ final class RuleSync: Sendable {
         }
     }
 
-    /// Applies the sessions' rule changes since the last run, one rule per
-    /// client address that came or went (`RelayEngine.change`): a run costs
-    /// what changed, not every binding held.
-    func applyChanges() throws(RuleError) {
-        let (sessions, stopped) = state.withLock { ($0.sessions, $0.stopped) }
-        guard !stopped, let sessions else { return }
-        let (upserting, removing, clients) = sessions.takeRuleChanges()
-        guard !upserting.isEmpty || !removing.isEmpty else { return }
-        do throws(RuleError) {
-            try engine.change(upserting: upserting, removing: removing)
-            state.withLock { $0.lastError = nil }
-        } catch {
-            // Tried again with the next change (removals too).
-            sessions.markUnapplied(clients)
-            state.withLock { $0.lastError = error.description }
-            throw error
-        }
-    }
-
-    /// The base and every session's rule, as a whole set (start, reload).
+    /// The base rules, as a whole set (start, reload).
     func applyNow() throws(RuleError) {
-        let (base, sessions, stopped) = state.withLock { ($0.base, $0.sessions, $0.stopped) }
+        let (base, stopped) = state.withLock { ($0.base, $0.stopped) }
         guard !stopped else { return }
-        let rules = base + (sessions?.udpRules() ?? [])
+        let rules = base
         do throws(RuleError) {
             try engine.apply(rules, logLevel: .debug)
             state.withLock { $0.lastError = nil }
@@ -387,11 +360,22 @@ final class RuleSync: Sendable {
     }
 
     /// Closes, off the relay loops, the UDP flows from `client` toward
-    /// `agent` (a path ended while the address keeps others, so its rule stays).
+    /// `agent` (their path ended). Paths ending while a run is pending join
+    /// it: one look at the flows for all of them.
     func closeFlows(client: IPAddress, agent: SocketAddress) {
+        let schedule = endedPaths.withLock { pending -> Bool in
+            guard pending == nil else {
+                pending!.insert(EndedPath(client: client, agent: agent))
+                return false
+            }
+            pending = [EndedPath(client: client, agent: agent)]
+            return true
+        }
+        guard schedule else { return }
         queue.async { [self] in
-            guard !state.withLock({ $0.stopped }) else { return }
-            engine.closeFlows { $0.client.ip.unmapped == client && $0.target == agent }
+            let ended = endedPaths.withLock { pending in defer { pending = nil }; return pending ?? [] }
+            guard !state.withLock({ $0.stopped }), !ended.isEmpty else { return }
+            engine.closeFlows { ended.contains(EndedPath(client: $0.client.ip.unmapped, agent: $0.target)) }
         }
     }
 

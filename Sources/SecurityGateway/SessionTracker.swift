@@ -9,14 +9,16 @@ import SystemLayer
 /// each further one when collaboration is on).
 ///
 /// One address may hold paths to several agents (users behind one NAT
-/// address): the relay carries one UDP rule per client address, routed by
-/// this tracker, which gives each new UDP flow (client address and port) the
-/// most recently started path that has no flow yet, or else the most recent
-/// path. A flow keeps its path until it closes.
+/// address): the relay carries one UDP rule (`udpRule`), admitting any
+/// sender and routed by this tracker, which gives each new UDP flow (client
+/// address and port) the most recently started path of its address that
+/// has no flow yet, or else the most recent path, and no route to an
+/// address without a path. A flow keeps its path until it closes.
 ///
 /// Touched once when a session starts and once when it ends (from the relay
-/// loops), and when a UDP flow opens or closes; `udpRules` is what the relay
-/// must carry for the live sessions.
+/// loops), and when a UDP flow opens or closes: O(1) each, and no relay
+/// rule changes (issue 15: a reconnect storm of thousands of sessions costs
+/// the relay nothing but the flows it closes).
 public final class SessionTracker: DatagramRouter, Sendable {
     /// One started session, handed back to `end`.
     public final class Ticket: Sendable {
@@ -55,8 +57,6 @@ public final class SessionTracker: DatagramRouter, Sendable {
         /// The source ports in use toward each agent (so a new path finds
         /// its port without scanning every path).
         var portsByAgent: [SocketAddress: Set<UInt16>] = [:]
-        /// Each client address's relay rule, made once when its first path starts.
-        var rules: [IPAddress: RelayRule] = [:]
         var sequence: UInt64 = 0
         var active = 0
         /// Connections admitted by a prepared grant since start (for `/metrics`).
@@ -64,8 +64,6 @@ public final class SessionTracker: DatagramRouter, Sendable {
         var activeBySession: [String: Int] = [:]
         /// nil when EnableCollaboration is off; a reload may change it.
         var collaborationPorts: ClosedRange<UInt16>?
-        /// Client addresses whose rule came or went since `takeRuleChanges`.
-        var dirty: Set<IPAddress> = []
     }
 
     public let agentSourcePort: UInt16
@@ -77,28 +75,36 @@ public final class SessionTracker: DatagramRouter, Sendable {
         state.withLock { $0.collaborationPorts = ports }
     }
     private let state = Mutex(State())
-    /// Called (on the thread that started or ended a session) when the UDP rules changed.
-    private let onChange: @Sendable () -> Void
-    /// Called when a path ended while its client address keeps others: the
-    /// flows toward `agent` from that address must be closed (the rule stays).
+    /// Called (on the thread that ended a session) when a path with flows
+    /// ended: the flows toward `agent` from that address must be closed.
     private let onPathEnded: @Sendable (_ client: IPAddress, _ agent: SocketAddress) -> Void
 
-    /// Where the UDP rules listen (the gateway's ListenAddress).
+    /// Where the UDP rule listens (the gateway's ListenAddress).
     public let listen: SocketAddress
 
-    /// The name of the router on every UDP rule of this tracker.
+    /// The name of the router on the UDP rule of this tracker.
     static let routerName = "sg-sessions"
 
     /// - Parameter collaborationPorts: nil when EnableCollaboration is off.
-    /// - Parameter listen: the address the UDP rules listen on.
+    /// - Parameter listen: the address the UDP rule listens on.
     public init(agentSourcePort: UInt16, collaborationPorts: ClosedRange<UInt16>?,
-                listen: SocketAddress = SocketAddress(ip: .v4(0), port: 4172), onChange: @escaping @Sendable () -> Void = {},
+                listen: SocketAddress = SocketAddress(ip: .v4(0), port: 4172),
                 onPathEnded: @escaping @Sendable (IPAddress, SocketAddress) -> Void = { _, _ in }) {
         self.agentSourcePort = agentSourcePort
         state.withLock { $0.collaborationPorts = collaborationPorts }
         self.listen = listen
-        self.onChange = onChange
         self.onPathEnded = onPathEnded
+    }
+
+    /// The relay's one UDP rule for every session, on `listen`: it admits
+    /// any sender and takes each new flow's agent and source port from this
+    /// tracker (no route, so dropped and counted, for an address without a
+    /// session). Its `target` is never used (a route always names one).
+    public func udpRule(id: String) -> RelayRule {
+        let unused = SocketAddress(ip: listen.ip.isIPv4 ? .v4(0x7f00_0001) : .v6(0, 1), port: 9)
+        var rule = RelayRule(id: id, listen: listen, target: unused, transport: .udp)
+        rule.router = RuleRouter(name: Self.routerName, router: self)
+        return rule
     }
 
     /// Starts a session of `client` to `agent`.
@@ -106,14 +112,14 @@ public final class SessionTracker: DatagramRouter, Sendable {
     ///   (`agentBusy`: the agent has paths from other addresses and no
     ///   collaboration port is free, or collaboration is off).
     public func start(client: IPAddress, agent: SocketAddress, sessionID: String) -> Result<Ticket, SessionRefusal> {
-        let (result, changed) = state.withLock { s -> (Result<Ticket, SessionRefusal>, Bool) in
+        state.withLock { s -> Result<Ticket, SessionRefusal> in
             if let index = s.paths[client]?.firstIndex(where: { $0.binding.agent == agent }) {
                 // Same address and agent (a reconnect, a second channel): the path is shared.
                 s.paths[client]![index].binding.sessions += 1
                 s.active += 1
                 s.started += 1
                 s.activeBySession[sessionID, default: 0] += 1
-                return (.success(Ticket(client: client, agent: agent, sessionID: sessionID)), false)
+                return .success(Ticket(client: client, agent: agent, sessionID: sessionID))
             }
             let taken = s.portsByAgent[agent] ?? []
             let port: UInt16
@@ -122,57 +128,42 @@ public final class SessionTracker: DatagramRouter, Sendable {
             } else if let range = s.collaborationPorts, let free = range.first(where: { !taken.contains($0) }) {
                 port = free
             } else {
-                return (.failure(.agentBusy), false)
+                return .failure(.agentBusy)
             }
             s.sequence += 1
-            let first = s.paths[client] == nil
             s.paths[client, default: []].append(Path(binding: Binding(client: client, agent: agent, sourcePort: port, sessions: 1),
                                                      sequence: s.sequence))
             s.pathCount += 1
             s.portsByAgent[agent, default: []].insert(port)
-            if first {
-                s.rules[client] = rule(client: client, agent: agent, port: port)
-                s.dirty.insert(client)
-            }
             s.active += 1
             s.started += 1
             s.activeBySession[sessionID, default: 0] += 1
-            return (.success(Ticket(client: client, agent: agent, sessionID: sessionID)), first)
+            return .success(Ticket(client: client, agent: agent, sessionID: sessionID))
         }
-        if changed { onChange() }
-        return result
     }
 
-    /// Ends a session; a path closes with its last session (and the
-    /// address's UDP rule with its last path).
+    /// Ends a session; a path closes with its last session, and its flows
+    /// with it (`onPathEnded`).
     public func end(_ ticket: Ticket) {
-        let (ruleChanged, pathEnded) = state.withLock { s -> (Bool, Bool) in
+        let pathEnded = state.withLock { s -> Bool in
             s.active -= 1
             if let n = s.activeBySession[ticket.sessionID] {
                 s.activeBySession[ticket.sessionID] = n > 1 ? n - 1 : nil
             }
             guard var list = s.paths[ticket.client],
-                  let index = list.firstIndex(where: { $0.binding.agent == ticket.agent }) else { return (false, false) }
+                  let index = list.firstIndex(where: { $0.binding.agent == ticket.agent }) else { return false }
             list[index].binding.sessions -= 1
             if list[index].binding.sessions > 0 {
                 s.paths[ticket.client] = list
-                return (false, false)
+                return false
             }
             let ended = list.remove(at: index)
             s.pathCount -= 1
             s.portsByAgent[ended.binding.agent]?.remove(ended.binding.sourcePort)
             if s.portsByAgent[ended.binding.agent]?.isEmpty == true { s.portsByAgent[ended.binding.agent] = nil }
-            if list.isEmpty {
-                // The rule goes, and its flows with it.
-                s.paths[ticket.client] = nil
-                s.rules[ticket.client] = nil
-                s.dirty.insert(ticket.client)
-                return (true, false)
-            }
-            s.paths[ticket.client] = list
-            return (false, !ended.flows.isEmpty)
+            s.paths[ticket.client] = list.isEmpty ? nil : list
+            return !ended.flows.isEmpty
         }
-        if ruleChanged { onChange() }
         if pathEnded { onPathEnded(ticket.client, ticket.agent) }
     }
 
@@ -224,45 +215,4 @@ public final class SessionTracker: DatagramRouter, Sendable {
 
     /// How many UDP paths are open.
     public var bindingCount: Int { state.withLock { $0.pathCount } }
-
-    /// The relay's UDP rules for the live sessions, on `listen`: one per
-    /// client address (allow that address only), routed by this tracker
-    /// among the address's paths. In no particular order (they admit
-    /// distinct clients). O(addresses), each rule made once.
-    public func udpRules() -> [RelayRule] {
-        state.withLock { Array($0.rules.values) }
-    }
-
-    /// The UDP rules to add and the rule ids to remove since the last call
-    /// (a client whose rule came and went in between is one removal of an
-    /// id the relay may not hold, which it ignores): how the relay follows
-    /// the sessions one rule at a time.
-    /// - Returns: also the client addresses taken, for `markUnapplied`.
-    public func takeRuleChanges() -> (upserting: [RelayRule], removing: [String], clients: [IPAddress]) {
-        state.withLock { s in
-            var upserting: [RelayRule] = []
-            var removing: [String] = []
-            for client in s.dirty {
-                if let rule = s.rules[client] { upserting.append(rule) } else { removing.append(Self.ruleID(client)) }
-            }
-            let clients = Array(s.dirty)
-            s.dirty.removeAll(keepingCapacity: true)
-            return (upserting, removing, clients)
-        }
-    }
-
-    /// Marks clients whose rule changes did not reach the relay, for the next call.
-    public func markUnapplied(_ clients: [IPAddress]) {
-        state.withLock { s in for client in clients { s.dirty.insert(client) } }
-    }
-
-    static func ruleID(_ client: IPAddress) -> String { "sg-udp-\(client)" }
-
-    private func rule(client: IPAddress, agent: SocketAddress, port: UInt16) -> RelayRule {
-        var rule = RelayRule(id: Self.ruleID(client), listen: listen,
-                             allow: [CIDR(address: client, prefixLength: client.isIPv4 ? 32 : 128)],
-                             target: agent, transport: .udp, sourcePorts: port...port)
-        rule.router = RuleRouter(name: Self.routerName, router: self)
-        return rule
-    }
 }

@@ -113,7 +113,7 @@ struct SecurityGatewayScaleTests {
         #expect(store.storeProblem?.contains("no-such-dir") == true)
     }
 
-    @Test("5,000 clients to 5,000 agents: one binding and rule each from AgentSourcePort; all released at the end")
+    @Test("5,000 clients to 5,000 agents: one binding and route each from AgentSourcePort; all released at the end")
     func trackerAtScale() throws {
         let listen = SocketAddress("0.0.0.0:4172")!
         let tracker = SessionTracker(agentSourcePort: 55000, collaborationPorts: 55001...55002, listen: listen)
@@ -127,17 +127,19 @@ struct SecurityGatewayScaleTests {
         let b = try tracker.start(client: .v4(0x0b00_0001), agent: agent0, sessionID: "b").get()
         let c = try tracker.start(client: .v4(0x0b00_0002), agent: agent0, sessionID: "c").get()
         #expect(refusal(tracker.start(client: .v4(0x0b00_0003), agent: agent0, sessionID: "d")) == .agentBusy)
-        let rules = tracker.udpRules()
-        #expect(rules.count == 5002 && tracker.bindingCount == 5002 && tracker.active == 5002)
-        #expect(Set(rules.map(\.id)).count == 5002 && rules.allSatisfy { $0.listen == listen && $0.transport == .udp })
-        #expect(rules.filter { $0.sourcePorts == 55000...55000 }.count == 5000)
-        #expect(Set(rules.filter { $0.target == agent0 }.compactMap(\.sourcePorts?.lowerBound)) == [55000, 55001, 55002])
-        try RelayRule.check(rules)
+        #expect(tracker.bindingCount == 5002 && tracker.active == 5002)
+        // Each client address's flows are routed to its own path: agent i from AgentSourcePort, agent 0's later clients from the collaboration ports.
+        for i in stride(from: 0, to: 5000, by: 7) {
+            let route = tracker.route(client: SocketAddress(ip: .v4(0x0a61_0000 + UInt32(i)), port: 9000), rule: "sg-udp")
+            #expect(route == DatagramRoute(target: SocketAddress(ip: .v4(0x0a60_0000 + UInt32(i)), port: 4172), sourcePort: 55000))
+        }
+        #expect(tracker.route(client: SocketAddress(ip: .v4(0x0b00_0002), port: 9000), rule: "sg-udp") == DatagramRoute(target: agent0, sourcePort: 55002))
+        #expect(tracker.route(client: SocketAddress(ip: .v4(0x0b00_0003), port: 9000), rule: "sg-udp") == nil, "the refused client has no route")
         // Agent 0's first client leaves: its port is free again for the next client.
         tracker.end(tickets[0])
         let e = try tracker.start(client: .v4(0x0b00_0004), agent: agent0, sessionID: "e").get()
         #expect(tracker.bindings.first { $0.client == .v4(0x0b00_0004) }?.sourcePort == 55000)
         for ticket in tickets.dropFirst() + [b, c, e] { tracker.end(ticket) }
-        #expect(tracker.active == 0 && tracker.bindingCount == 0 && tracker.udpRules().isEmpty)
+        #expect(tracker.active == 0 && tracker.bindingCount == 0 && tracker.bindings.isEmpty)
     }
 }
