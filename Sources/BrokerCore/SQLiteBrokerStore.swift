@@ -55,7 +55,7 @@ public final class SQLiteBrokerStore: BrokerStore {
                 configuration.readonly = true
                 let queue = try DatabaseQueue(path: path, configuration: configuration)
                 // Touch the file now so that garbage is reported at open.
-                _ = try queue.read { db in try Int.fetchOne(db, sql: "SELECT count(*) FROM sqlite_master") }
+                _ = try queue.read { db in try Int.fetchOne(db.cachedStatement(sql: "SELECT count(*) FROM sqlite_master")) }
                 database = queue
             }
         } catch let error as StoreError {
@@ -116,7 +116,7 @@ public final class SQLiteBrokerStore: BrokerStore {
         case .success(let found): applied = found
         }
         do {
-            _ = try await database.read { db in try Int.fetchOne(db, sql: "SELECT 1") }
+            _ = try await database.read { db in try Int.fetchOne(db.cachedStatement(sql: "SELECT 1")) }
             let schema = SchemaStatus(applied: applied, known: Migrations.migrator.migrations)
             return StoreHealth.judging(schema, location: location)
         } catch {
@@ -131,7 +131,7 @@ public final class SQLiteBrokerStore: BrokerStore {
     /// Every migration recorded in the file, known to this build or not, in the order applied.
     private static func appliedIdentifiers(_ db: Database) throws -> [String] {
         guard try db.tableExists("grdb_migrations") else { return [] }
-        return try String.fetchAll(db, sql: "SELECT identifier FROM grdb_migrations ORDER BY rowid")
+        return try String.fetchAll(db.cachedStatement(sql: "SELECT identifier FROM grdb_migrations ORDER BY rowid"))
     }
 
     // MARK: Gateways
@@ -140,7 +140,7 @@ public final class SQLiteBrokerStore: BrokerStore {
 
     public func gateways() async throws(StoreError) -> [Gateway] {
         try await read { db in
-            try Row.fetchAll(db, sql: "SELECT \(Self.gatewayColumns) FROM gateway ORDER BY id").map(StoreRecords.gateway)
+            try Row.fetchAll(db.cachedStatement(sql: "SELECT \(Self.gatewayColumns) FROM gateway ORDER BY id")).map(StoreRecords.gateway)
         }
     }
 
@@ -186,10 +186,10 @@ public final class SQLiteBrokerStore: BrokerStore {
     public func deleteGateway(id: Int64) async throws(StoreError) {
         try await write { db in
             _ = try Self.fetchGateway(db, id: id)
-            let desktops = try Int.fetchOne(db, sql: "SELECT count(*) FROM desktop WHERE gateway_id = ?", arguments: [id]) ?? 0
-            let rules = try Int.fetchOne(db, sql: "SELECT count(*) FROM gateway_rule WHERE gateway_id = ?", arguments: [id]) ?? 0
+            let desktops = try Int.fetchOne(db.cachedStatement(sql: "SELECT count(*) FROM desktop WHERE gateway_id = ?"), arguments: [id]) ?? 0
+            let rules = try Int.fetchOne(db.cachedStatement(sql: "SELECT count(*) FROM gateway_rule WHERE gateway_id = ?"), arguments: [id]) ?? 0
             if let refusal = StoreMessages.gatewayInUse(id, desktops: desktops, rules: rules) { throw refusal }
-            try db.execute(sql: "DELETE FROM gateway WHERE id = ?", arguments: [id])
+            try db.cachedStatement(sql: "DELETE FROM gateway WHERE id = ?").execute(arguments: [id])
         }
     }
 
@@ -214,7 +214,7 @@ public final class SQLiteBrokerStore: BrokerStore {
 
     public func controlKey(gatewayID: Int64) async throws(StoreError) -> ControlKey? {
         let text = try await read { db in
-            try String.fetchOne(db, sql: "SELECT control_key FROM gateway WHERE id = ?", arguments: [gatewayID])
+            try String.fetchOne(db.cachedStatement(sql: "SELECT control_key FROM gateway WHERE id = ?"), arguments: [gatewayID])
         }
         return try StoreMessages.controlKey(text, gatewayID: gatewayID, location: path)
     }
@@ -229,7 +229,7 @@ public final class SQLiteBrokerStore: BrokerStore {
                 WHERE id = ?
                 """, arguments: [registration.version, registration.controlURL, registration.portRange.first,
                                  registration.portRange.last, now, registration.controlCertificate, id])
-            let known = Set(try String.fetchAll(db, sql: "SELECT id FROM gateway_rule WHERE gateway_id = ?", arguments: [id]))
+            let known = Set(try String.fetchAll(db.cachedStatement(sql: "SELECT id FROM gateway_rule WHERE gateway_id = ?"), arguments: [id]))
             return StoreMessages.keptRules(reported: registration.ruleIDs, known: known)
         }
     }
@@ -249,14 +249,14 @@ public final class SQLiteBrokerStore: BrokerStore {
                 SELECT id FROM gateway WHERE online AND (last_heartbeat IS NULL OR last_heartbeat < ?) ORDER BY id
                 """, arguments: [cutoff])
             for id in stale {
-                try db.execute(sql: "UPDATE gateway SET online = 0 WHERE id = ?", arguments: [id])
+                try db.cachedStatement(sql: "UPDATE gateway SET online = 0 WHERE id = ?").execute(arguments: [id])
             }
             return stale
         }
     }
 
     private static func fetchGateway(_ db: Database, id: Int64) throws -> Gateway {
-        guard let row = try Row.fetchOne(db, sql: "SELECT \(gatewayColumns) FROM gateway WHERE id = ?", arguments: [id]) else {
+        guard let row = try Row.fetchOne(db.cachedStatement(sql: "SELECT \(gatewayColumns) FROM gateway WHERE id = ?"), arguments: [id]) else {
             throw StoreMessages.noGateway(id)
         }
         return try StoreRecords.gateway(row)
@@ -278,9 +278,9 @@ public final class SQLiteBrokerStore: BrokerStore {
         try await read { db in
             let rows: [Row]
             if let gatewayID {
-                rows = try Row.fetchAll(db, sql: "SELECT * FROM gateway_rule WHERE gateway_id = ? ORDER BY created, id", arguments: [gatewayID])
+                rows = try Row.fetchAll(db.cachedStatement(sql: "SELECT * FROM gateway_rule WHERE gateway_id = ? ORDER BY created, id"), arguments: [gatewayID])
             } else {
-                rows = try Row.fetchAll(db, sql: "SELECT * FROM gateway_rule ORDER BY created, id")
+                rows = try Row.fetchAll(db.cachedStatement(sql: "SELECT * FROM gateway_rule ORDER BY created, id"))
             }
             return try rows.map(StoreRecords.rule)
         }
@@ -288,7 +288,7 @@ public final class SQLiteBrokerStore: BrokerStore {
 
     public func rule(id: String) async throws(StoreError) -> GatewayRule {
         try await read { db in
-            guard let row = try Row.fetchOne(db, sql: "SELECT * FROM gateway_rule WHERE id = ?", arguments: [id]) else {
+            guard let row = try Row.fetchOne(db.cachedStatement(sql: "SELECT * FROM gateway_rule WHERE id = ?"), arguments: [id]) else {
                 throw StoreMessages.noRule(id)
             }
             return try StoreRecords.rule(row)
@@ -297,7 +297,7 @@ public final class SQLiteBrokerStore: BrokerStore {
 
     public func rules(connectionID: String) async throws(StoreError) -> [GatewayRule] {
         try await read { db in
-            try Row.fetchAll(db, sql: "SELECT * FROM gateway_rule WHERE connection_id = ? ORDER BY id = connection_id DESC, gateway_id, id",
+            try Row.fetchAll(db.cachedStatement(sql: "SELECT * FROM gateway_rule WHERE connection_id = ? ORDER BY id = connection_id DESC, gateway_id, id"),
                              arguments: [connectionID]).map(StoreRecords.rule)
         }
     }
@@ -305,7 +305,7 @@ public final class SQLiteBrokerStore: BrokerStore {
     public func ruleCounts() async throws(StoreError) -> [Int64: Int] {
         try await read { db in
             var counts: [Int64: Int] = [:]
-            for row in try Row.fetchAll(db, sql: "SELECT gateway_id, count(*) AS n FROM gateway_rule GROUP BY gateway_id") {
+            for row in try Row.fetchAll(db.cachedStatement(sql: "SELECT gateway_id, count(*) AS n FROM gateway_rule GROUP BY gateway_id")) {
                 counts[row["gateway_id"]] = row["n"]
             }
             return counts
@@ -317,10 +317,10 @@ public final class SQLiteBrokerStore: BrokerStore {
             for rule in rules {
                 _ = try Self.fetchGateway(db, id: rule.gatewayID)
                 let push = StoreRecords.pushText(rule)
-                try db.execute(sql: """
+                try db.cachedStatement(sql: """
                     INSERT INTO gateway_rule (id, gateway_id, desktop_id, user_id, protocol_name, push, port, created, connection_id)
                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
-                    """, arguments: [rule.id, rule.gatewayID, rule.desktopID, rule.userID, rule.protocolName, push,
+                    """).execute(arguments: [rule.id, rule.gatewayID, rule.desktopID, rule.userID, rule.protocolName, push,
                                      rule.port, rule.created, rule.connectionID])
             }
         }
@@ -328,7 +328,7 @@ public final class SQLiteBrokerStore: BrokerStore {
 
     public func updateRulePort(id: String, port: Int) async throws(StoreError) {
         try await write { db in
-            try db.execute(sql: "UPDATE gateway_rule SET port = ? WHERE id = ?", arguments: [port, id])
+            try db.cachedStatement(sql: "UPDATE gateway_rule SET port = ? WHERE id = ?").execute(arguments: [port, id])
             if db.changesCount == 0 {
                 throw StoreMessages.noRule(id)
             }
@@ -337,7 +337,7 @@ public final class SQLiteBrokerStore: BrokerStore {
 
     public func deleteRule(id: String) async throws(StoreError) {
         try await write { db in
-            try db.execute(sql: "DELETE FROM gateway_rule WHERE id = ?", arguments: [id])
+            try db.cachedStatement(sql: "DELETE FROM gateway_rule WHERE id = ?").execute(arguments: [id])
             if db.changesCount == 0 {
                 throw StoreMessages.noRule(id)
             }
@@ -346,7 +346,7 @@ public final class SQLiteBrokerStore: BrokerStore {
 
     public func deleteRules(connectionID: String) async throws(StoreError) {
         try await write { db in
-            try db.execute(sql: "DELETE FROM gateway_rule WHERE connection_id = ?", arguments: [connectionID])
+            try db.cachedStatement(sql: "DELETE FROM gateway_rule WHERE connection_id = ?").execute(arguments: [connectionID])
             if db.changesCount == 0 {
                 throw StoreMessages.noConnection(connectionID)
             }
@@ -360,7 +360,7 @@ public final class SQLiteBrokerStore: BrokerStore {
 
     public func gatewayClusters() async throws(StoreError) -> [GatewayCluster] {
         try await read { db in
-            try Row.fetchAll(db, sql: "SELECT \(Self.clusterColumns) FROM gateway_cluster ORDER BY id").map(StoreRecords.cluster)
+            try Row.fetchAll(db.cachedStatement(sql: "SELECT \(Self.clusterColumns) FROM gateway_cluster ORDER BY id")).map(StoreRecords.cluster)
         }
     }
 
@@ -402,15 +402,15 @@ public final class SQLiteBrokerStore: BrokerStore {
     public func deleteGatewayCluster(id: Int64) async throws(StoreError) {
         try await write { db in
             _ = try Self.fetchCluster(db, id: id)
-            let gateways = try Int.fetchOne(db, sql: "SELECT count(*) FROM gateway WHERE load_balancer_id = ?", arguments: [id]) ?? 0
-            let desktops = try Int.fetchOne(db, sql: "SELECT count(*) FROM desktop WHERE load_balancer_id = ?", arguments: [id]) ?? 0
+            let gateways = try Int.fetchOne(db.cachedStatement(sql: "SELECT count(*) FROM gateway WHERE load_balancer_id = ?"), arguments: [id]) ?? 0
+            let desktops = try Int.fetchOne(db.cachedStatement(sql: "SELECT count(*) FROM desktop WHERE load_balancer_id = ?"), arguments: [id]) ?? 0
             if let refusal = StoreMessages.clusterInUse(id, gateways: gateways, desktops: desktops) { throw refusal }
-            try db.execute(sql: "DELETE FROM gateway_cluster WHERE id = ?", arguments: [id])
+            try db.cachedStatement(sql: "DELETE FROM gateway_cluster WHERE id = ?").execute(arguments: [id])
         }
     }
 
     private static func fetchCluster(_ db: Database, id: Int64) throws -> GatewayCluster {
-        guard let row = try Row.fetchOne(db, sql: "SELECT \(clusterColumns) FROM gateway_cluster WHERE id = ?", arguments: [id]) else {
+        guard let row = try Row.fetchOne(db.cachedStatement(sql: "SELECT \(clusterColumns) FROM gateway_cluster WHERE id = ?"), arguments: [id]) else {
             throw StoreMessages.noCluster(id)
         }
         return try StoreRecords.cluster(row)
@@ -429,14 +429,14 @@ public final class SQLiteBrokerStore: BrokerStore {
     public func desktops() async throws(StoreError) -> [Desktop] {
         try await read { db in
             var protocols: [Int64: [DesktopProtocol]] = [:]
-            for row in try Row.fetchAll(db, sql: "SELECT desktop_id, name, port, transport FROM desktop_protocol ORDER BY desktop_id, position") {
+            for row in try Row.fetchAll(db.cachedStatement(sql: "SELECT desktop_id, name, port, transport FROM desktop_protocol ORDER BY desktop_id, position")) {
                 protocols[row["desktop_id"], default: []].append(try StoreRecords.desktopProtocol(row))
             }
             var users: [Int64: [Int64]] = [:]
-            for row in try Row.fetchAll(db, sql: "SELECT desktop_id, user_id FROM desktop_user ORDER BY desktop_id, user_id") {
+            for row in try Row.fetchAll(db.cachedStatement(sql: "SELECT desktop_id, user_id FROM desktop_user ORDER BY desktop_id, user_id")) {
                 users[row["desktop_id"], default: []].append(row["user_id"])
             }
-            return try Row.fetchAll(db, sql: "SELECT \(Self.desktopColumns) FROM desktop ORDER BY id").map { row in
+            return try Row.fetchAll(db.cachedStatement(sql: "SELECT \(Self.desktopColumns) FROM desktop ORDER BY id")).map { row in
                 try StoreRecords.desktop(row, protocols: protocols[row["id"]] ?? [], users: users[row["id"]] ?? [])
             }
         }
@@ -477,11 +477,11 @@ public final class SQLiteBrokerStore: BrokerStore {
                 """, arguments: [desktop.name, desktop.address, desktop.gatewayID, desktop.loadBalancerID,
                                  desktop.notes, now, id])
             if changes.protocols != nil {
-                try db.execute(sql: "DELETE FROM desktop_protocol WHERE desktop_id = ?", arguments: [id])
+                try db.cachedStatement(sql: "DELETE FROM desktop_protocol WHERE desktop_id = ?").execute(arguments: [id])
                 try Self.storeProtocols(db, desktopID: id, desktop.protocols)
             }
             if changes.users != nil {
-                try db.execute(sql: "DELETE FROM desktop_user WHERE desktop_id = ?", arguments: [id])
+                try db.cachedStatement(sql: "DELETE FROM desktop_user WHERE desktop_id = ?").execute(arguments: [id])
                 try Self.storeEntitlements(db, desktopID: id, desktop.users)
             }
             return try Self.fetchDesktop(db, id: id)
@@ -491,19 +491,19 @@ public final class SQLiteBrokerStore: BrokerStore {
     public func deleteDesktop(id: Int64) async throws(StoreError) {
         try await write { db in
             _ = try Self.fetchDesktop(db, id: id)
-            let rules = try Int.fetchOne(db, sql: "SELECT count(*) FROM gateway_rule WHERE desktop_id = ?", arguments: [id]) ?? 0
+            let rules = try Int.fetchOne(db.cachedStatement(sql: "SELECT count(*) FROM gateway_rule WHERE desktop_id = ?"), arguments: [id]) ?? 0
             if let refusal = StoreMessages.desktopInUse(id, rules: rules) { throw refusal }
-            try db.execute(sql: "DELETE FROM desktop WHERE id = ?", arguments: [id])
+            try db.cachedStatement(sql: "DELETE FROM desktop WHERE id = ?").execute(arguments: [id])
         }
     }
 
     private static func fetchDesktop(_ db: Database, id: Int64) throws -> Desktop {
-        guard let row = try Row.fetchOne(db, sql: "SELECT \(desktopColumns) FROM desktop WHERE id = ?", arguments: [id]) else {
+        guard let row = try Row.fetchOne(db.cachedStatement(sql: "SELECT \(desktopColumns) FROM desktop WHERE id = ?"), arguments: [id]) else {
             throw StoreMessages.noDesktop(id)
         }
-        let protocols = try Row.fetchAll(db, sql: "SELECT name, port, transport FROM desktop_protocol WHERE desktop_id = ? ORDER BY position",
+        let protocols = try Row.fetchAll(db.cachedStatement(sql: "SELECT name, port, transport FROM desktop_protocol WHERE desktop_id = ? ORDER BY position"),
                                          arguments: [id]).map(StoreRecords.desktopProtocol)
-        let users = try Int64.fetchAll(db, sql: "SELECT user_id FROM desktop_user WHERE desktop_id = ? ORDER BY user_id", arguments: [id])
+        let users = try Int64.fetchAll(db.cachedStatement(sql: "SELECT user_id FROM desktop_user WHERE desktop_id = ? ORDER BY user_id"), arguments: [id])
         return try StoreRecords.desktop(row, protocols: protocols, users: users)
     }
 
@@ -523,7 +523,7 @@ public final class SQLiteBrokerStore: BrokerStore {
 
     private static func storeEntitlements(_ db: Database, desktopID: Int64, _ users: [Int64]) throws {
         for user in users {
-            try db.execute(sql: "INSERT INTO desktop_user (desktop_id, user_id) VALUES (?, ?)", arguments: [desktopID, user])
+            try db.cachedStatement(sql: "INSERT INTO desktop_user (desktop_id, user_id) VALUES (?, ?)").execute(arguments: [desktopID, user])
         }
     }
 
@@ -542,7 +542,7 @@ public final class SQLiteBrokerStore: BrokerStore {
 
     public func users() async throws(StoreError) -> [User] {
         try await read { db in
-            try Row.fetchAll(db, sql: "SELECT \(Self.userColumns) FROM user_account ORDER BY id").map(StoreRecords.user)
+            try Row.fetchAll(db.cachedStatement(sql: "SELECT \(Self.userColumns) FROM user_account ORDER BY id")).map(StoreRecords.user)
         }
     }
 
@@ -551,7 +551,7 @@ public final class SQLiteBrokerStore: BrokerStore {
     }
 
     public func userCount() async throws(StoreError) -> Int {
-        try await read { db in try Int.fetchOne(db, sql: "SELECT count(*) FROM user_account") ?? 0 }
+        try await read { db in try Int.fetchOne(db.cachedStatement(sql: "SELECT count(*) FROM user_account")) ?? 0 }
     }
 
     public func createUser(_ changes: UserChanges, now: Date) async throws(StoreError) -> User {
@@ -585,7 +585,7 @@ public final class SQLiteBrokerStore: BrokerStore {
                 """, arguments: [user.login, user.displayName, user.role.rawValue, user.enabled, now,
                                  changes.passwordHash, id])
             if changes.passwordHash != nil || !user.enabled {
-                try db.execute(sql: "DELETE FROM user_session WHERE user_id = ?", arguments: [id])
+                try db.cachedStatement(sql: "DELETE FROM user_session WHERE user_id = ?").execute(arguments: [id])
             }
             return try Self.fetchUser(db, id: id)
         }
@@ -597,20 +597,20 @@ public final class SQLiteBrokerStore: BrokerStore {
             if try StoreMessages.removesAdmin(before: user, after: nil) && Self.activeAdminCount(db) <= 1 {
                 throw StoreMessages.lastAdminDelete(id)
             }
-            try db.execute(sql: "DELETE FROM user_account WHERE id = ?", arguments: [id])
+            try db.cachedStatement(sql: "DELETE FROM user_account WHERE id = ?").execute(arguments: [id])
         }
     }
 
     public func credentials(login: String) async throws(StoreError) -> Credentials? {
         try await read { db in
-            guard let row = try Row.fetchOne(db, sql: "SELECT \(Self.userColumns), password_hash FROM user_account WHERE login = ? COLLATE NOCASE",
+            guard let row = try Row.fetchOne(db.cachedStatement(sql: "SELECT \(Self.userColumns), password_hash FROM user_account WHERE login = ? COLLATE NOCASE"),
                                              arguments: [login]) else { return nil }
             return Credentials(user: try StoreRecords.user(row), passwordHash: row["password_hash"])
         }
     }
 
     private static func fetchUser(_ db: Database, id: Int64) throws -> User {
-        guard let row = try Row.fetchOne(db, sql: "SELECT \(userColumns) FROM user_account WHERE id = ?", arguments: [id]) else {
+        guard let row = try Row.fetchOne(db.cachedStatement(sql: "SELECT \(userColumns) FROM user_account WHERE id = ?"), arguments: [id]) else {
             throw StoreMessages.noUser(id)
         }
         return try StoreRecords.user(row)
@@ -622,7 +622,7 @@ public final class SQLiteBrokerStore: BrokerStore {
     }
 
     private static func activeAdminCount(_ db: Database) throws -> Int {
-        try Int.fetchOne(db, sql: "SELECT count(*) FROM user_account WHERE role = 'admin' AND enabled") ?? 0
+        try Int.fetchOne(db.cachedStatement(sql: "SELECT count(*) FROM user_account WHERE role = 'admin' AND enabled")) ?? 0
     }
 
 
@@ -640,26 +640,26 @@ public final class SQLiteBrokerStore: BrokerStore {
 
     public func session(tokenHash: String, now: Date) async throws(StoreError) -> AuthenticatedSession? {
         try await read { db in
-            guard let row = try Row.fetchOne(db, sql: """
+            guard let row = try Row.fetchOne(db.cachedStatement(sql: """
                 SELECT s.token_hash, s.user_id, s.created AS session_created, s.expires, s.client_address, s.login_gateway_id,
                        u.id, u.login, u.display_name, u.role, u.enabled, u.created, u.updated
                 FROM user_session s JOIN user_account u ON u.id = s.user_id
                 WHERE s.token_hash = ? AND s.expires > ? AND u.enabled
-                """, arguments: [tokenHash, now]) else { return nil }
+                """), arguments: [tokenHash, now]) else { return nil }
             return try StoreRecords.authenticatedSession(row)
         }
     }
 
     public func deleteSession(tokenHash: String) async throws(StoreError) {
         try await write { db in
-            try db.execute(sql: "DELETE FROM user_session WHERE token_hash = ?", arguments: [tokenHash])
+            try db.cachedStatement(sql: "DELETE FROM user_session WHERE token_hash = ?").execute(arguments: [tokenHash])
         }
     }
 
     @discardableResult
     public func deleteExpiredSessions(now: Date) async throws(StoreError) -> Int {
         try await write { db in
-            try db.execute(sql: "DELETE FROM user_session WHERE expires <= ?", arguments: [now])
+            try db.cachedStatement(sql: "DELETE FROM user_session WHERE expires <= ?").execute(arguments: [now])
             return db.changesCount
         }
     }
@@ -710,13 +710,13 @@ public final class SQLiteBrokerStore: BrokerStore {
 
 
     private static func requireRow(_ db: Database, table: String, id: Int64, field: String, what: String) throws {
-        if try Int.fetchOne(db, sql: "SELECT 1 FROM \(table) WHERE id = ?", arguments: [id]) == nil {
+        if try Int.fetchOne(db.cachedStatement(sql: "SELECT 1 FROM \(table) WHERE id = ?"), arguments: [id]) == nil {
             throw StoreMessages.missingReference(field: field, what: what, id: id)
         }
     }
 
     private static func requireUnique(_ db: Database, table: String, column: String, value: String, except id: Int64, what: String) throws {
-        if let other = try Int64.fetchOne(db, sql: "SELECT id FROM \(table) WHERE \(column) = ? COLLATE NOCASE AND id != ?",
+        if let other = try Int64.fetchOne(db.cachedStatement(sql: "SELECT id FROM \(table) WHERE \(column) = ? COLLATE NOCASE AND id != ?"),
                                           arguments: [value, id]) {
             throw StoreMessages.duplicate(column: column, what: what, value: value, existing: other)
         }
