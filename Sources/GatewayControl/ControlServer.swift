@@ -38,11 +38,14 @@ public enum ControlServer {
                            logger: logger)
     }
 
-    /// Answers one request. Only reading the body happens on Swift's
-    /// cooperative threads; checking the signature and the change itself
+    /// Answers one request. Checking the signature and the change itself
     /// (the control state's lock, the relay loops taking the new rules, the
-    /// rules file's fsync) run on `BlockingExecutor.shared`, so one slow
-    /// push never holds back another server of the process.
+    /// rules file's fdatasync) may block, so they never run on Swift's
+    /// cooperative threads: inline when the request already runs on a
+    /// dedicated thread (the gateway runs this server's tasks on
+    /// `BlockingExecutor.shared`: no hop per request), else on
+    /// `BlockingExecutor.shared`. One slow push never holds back another
+    /// server of the process.
     static func handle(_ request: Request, control: GatewayControl, logger: Logger) async -> Response {
         var request = request
         let method = request.method.rawValue
@@ -58,12 +61,13 @@ public enum ControlServer {
             // A copy under a lock held only to copy: no hop to another thread.
             let body = try await readBody(&request, limit: control.settings.maxBodyBytes)
             let authorization = request.headers[.authorization]
-            let result = await BlockingExecutor.shared.run { () -> Result<Response, ControlError> in
+            let work = { @Sendable () -> Result<Response, ControlError> in
                 Result { () throws(ControlError) in
                     try control.authenticate(header: authorization, method: method, path: path, body: body)
                     return try route(method: method, path: path, body: body, control: control)
                 }
             }
+            let result = BlockingExecutor.onDedicatedThread ? work() : await BlockingExecutor.shared.run(work)
             let response = try result.get()
             countCall(method: method, status: Int(response.status.code), since: started)
             logger.info("control: \(method) \(path) -> \(response.status.code)", metadata: ruleMetadata(path))
@@ -114,7 +118,8 @@ public enum ControlServer {
         guard method == "GET" else {
             return json(405, errorBody(ControlError(405, "\(method) \(healthPath): only GET is allowed here")))
         }
-        let (rules, problem) = await BlockingExecutor.shared.run { (control.pushedRules().count, control.problem) }
+        let read = { @Sendable in (control.pushedRules().count, control.problem) }
+        let (rules, problem) = BlockingExecutor.onDedicatedThread ? read() : await BlockingExecutor.shared.run(read)
         if let problem {
             return json(500, ControlJSON.encode(HealthAnswer(code: 500, status: "failure", rules: rules, reason: problem)))
         }

@@ -45,6 +45,11 @@ public final class BlockingExecutor: TaskExecutor, @unchecked Sendable {
         self.idleSeconds = idleSeconds
     }
 
+    /// Whether the calling thread is one where blocking is allowed: a
+    /// `BlockingExecutor` thread (a task that prefers such an executor runs
+    /// there) or another dedicated thread, never a cooperative one.
+    public static var onDedicatedThread: Bool { shim_thread_is_dedicated() != 0 }
+
     // MARK: Running work
 
     /// Runs `body` on one of the pool's threads and returns what it returns.

@@ -118,7 +118,7 @@ final class ControlPlane: Sendable {
             let app = try ControlServer.application(control: control, address: .hostname("\(listen.ip)", port: Int(listen.port)),
                                                     logger: logger, tls: tls?.configuration,
                                                     onServerRunning: { address in bound.withLock { $0 = address } })
-            server = try ServerTask(app, bound: bound, seconds: 10, logger: logger)
+            server = try ServerTask(app, bound: bound, seconds: 10, executor: BlockingExecutor.shared, logger: logger)
         } catch {
             throw ControlError(500, field: "control_listen", "control_listen: cannot serve on \(listen): \(error)")
         }
