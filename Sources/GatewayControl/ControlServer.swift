@@ -67,7 +67,7 @@ public enum ControlServer {
                     return try route(method: method, path: path, body: body, control: control)
                 }
             }
-            let result = BlockingExecutor.onDedicatedThread ? work() : await BlockingExecutor.shared.run(work)
+            let result = await BlockingExecutor.shared.runOffPool(work)
             let response = try result.get()
             countCall(method: method, status: Int(response.status.code), since: started)
             logger.info("control: \(method) \(path) -> \(response.status.code)", metadata: ruleMetadata(path))
@@ -118,8 +118,7 @@ public enum ControlServer {
         guard method == "GET" else {
             return json(405, errorBody(ControlError(405, "\(method) \(healthPath): only GET is allowed here")))
         }
-        let read = { @Sendable in (control.pushedRules().count, control.problem) }
-        let (rules, problem) = BlockingExecutor.onDedicatedThread ? read() : await BlockingExecutor.shared.run(read)
+        let (rules, problem) = await BlockingExecutor.shared.runOffPool { (control.pushedRules().count, control.problem) }
         if let problem {
             return json(500, ControlJSON.encode(HealthAnswer(code: 500, status: "failure", rules: rules, reason: problem)))
         }

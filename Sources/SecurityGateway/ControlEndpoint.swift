@@ -45,14 +45,16 @@ public enum SecurityGatewayControl {
     /// Answers one request. Whatever may block (the grant journal's fsync,
     /// waits for the relay loops, locks held across them) runs on
     /// `BlockingExecutor.shared`, never on Swift's cooperative threads, so
-    /// `/health` answers while the machine is busy.
+    /// `/health` answers while the machine is busy: inline when the request
+    /// already runs there (`serve` runs its servers' tasks on that pool), else
+    /// handed to it.
     static func handle(_ request: Request, gateway: SecurityGateway, logger: Logger) async -> Response {
         var request = request
         let method = request.method.rawValue
         let path = request.uri.path
         switch (method, path) {
         case ("GET", "/health"):
-            if let reason = await BlockingExecutor.shared.run({ gateway.problem }) {
+            if let reason = await BlockingExecutor.shared.runOffPool({ gateway.problem }) {
                 return json(500, ["code": 500, "status": "failure", "reason": reason])
             }
             return json(200, ["code": 200, "status": "success"])
@@ -61,7 +63,7 @@ public enum SecurityGatewayControl {
             return Response(status: .ok, headers: [.contentType: ServiceMetrics.contentType],
                             body: ResponseBody(byteBuffer: ByteBuffer(bytes: bytes)))
         case ("GET", "/v1/status"):
-            let status = await BlockingExecutor.shared.run { gateway.status() }
+            let status = await BlockingExecutor.shared.runOffPool { gateway.status() }
             let data = (try? JSONEncoder().encode(status)) ?? Data("{}".utf8)
             return raw(200, Array(data))
         case ("POST", "/v1/sessions"):
@@ -93,7 +95,7 @@ public enum SecurityGatewayControl {
                 }
                 let id = String(path.dropFirst(prefix.count)).removingPercentEncoding ?? ""
                 guard !id.isEmpty, id.utf8.count <= 256 else { return json(400, ["error": "session id: empty or too long", "field": "id"]) }
-                let done = await BlockingExecutor.shared.run { gateway.revoke(sessionID: id) }
+                let done = await BlockingExecutor.shared.runOffPool { gateway.revoke(sessionID: id) }
                 return done.grants > 0 || done.connections > 0
                     ? json(200, ["revoked": done.grants, "closed_connections": done.connections])
                     : json(404, ["error": "session id: no prepared grant or live connection for this session", "field": "id"])

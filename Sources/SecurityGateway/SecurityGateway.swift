@@ -186,7 +186,7 @@ public final class SecurityGateway: Sendable {
         // The store waits for its journal's fdatasync: not on Swift's
         // cooperative threads, nor on Dispatch's global queues (as narrow).
         let grants = self.grants
-        let stored = await BlockingExecutor.shared.run { grants.prepare(grant, token: token) }
+        let stored = await BlockingExecutor.shared.runOffPool { grants.prepare(grant, token: token) }
         switch stored {
         case .added:
             logger.info("session \(grant.sessionID) prepared for \(grant.serverName)",

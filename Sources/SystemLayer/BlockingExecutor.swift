@@ -63,6 +63,15 @@ public final class BlockingExecutor: TaskExecutor, @unchecked Sendable {
         return try result.get()
     }
 
+    /// Runs `body` where blocking is allowed: right here when the calling
+    /// thread is dedicated (a task that prefers a `BlockingExecutor` already
+    /// runs on one of its threads: no hop), else on one of the pool's threads.
+    /// - Throws: what `body` throws.
+    public func runOffPool<T: Sendable, E: Error>(_ body: @escaping @Sendable () throws(E) -> T) async throws(E) -> T {
+        if Self.onDedicatedThread { return try body() }
+        return try await run(body)
+    }
+
     /// Runs `body` on one of the pool's threads without waiting for it.
     public func execute(_ body: @escaping @Sendable () -> Void) {
         submit(.closure(body))

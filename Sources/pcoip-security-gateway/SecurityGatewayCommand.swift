@@ -187,7 +187,10 @@ struct Serve: AsyncParsableCommand {
                                                       logger: logger))
         defer { link.finish() }
         do {
-            try await group.run()
+            // The servers' tasks run on the blocking pool: a prepare's JWT
+            // check and journal fdatasync run where the request is, without
+            // a hop to another thread and back (issue 15).
+            try await withTaskExecutorPreference(BlockingExecutor.shared) { try await group.run() }
         } catch {
             await BlockingExecutor.shared.run {
                 gateway.shutdown()
