@@ -7,7 +7,9 @@ measurement.
                 target), then a TCP connection through the port the gateway
                 answered that completes a 64-byte echo; the time from sending
                 the PUT to the echo's last byte, one rule at a time (each rule
-                is deleted afterwards, untimed). Prints p50/p99/mean/max in ms.
+                is deleted afterwards, untimed). Prints p50/p99/mean/max in ms,
+                and from the gateway's own /metrics histogram the share of
+                those PUTs it handled within 1 ms and the bucket of their p99.
   rule-rate     WORKERS threads each PUT a rule then DELETE it, for SECONDS;
                 prints pushes+deletes per second (and pairs per second).
   connect-rate  WORKERS threads POST /v1/connect to the broker (which chooses
@@ -92,6 +94,33 @@ def put(args):
     print(answer["port"])
 
 
+def put_histogram(client):
+    """The gateway's own histogram of PUT handling times (its /metrics):
+    cumulative counts by upper bound in seconds."""
+    status, data = client.request("GET", "/metrics")
+    if status != 200:
+        return {}
+    buckets = {}
+    for line in data.decode().splitlines():
+        if not line.startswith("gateway_rule_push_duration_seconds_bucket{") or 'method="PUT"' not in line:
+            continue
+        le = line.split('le="', 1)[1].split('"', 1)[0]
+        buckets[float("inf") if le == "+Inf" else float(le)] = float(line.rsplit(" ", 1)[1])
+    return buckets
+
+
+def server_side(before, after):
+    """From two histogram scrapes: the share of PUTs the gateway handled within
+    1 ms, and the bucket bound holding the 99th percentile."""
+    delta = {le: after.get(le, 0) - before.get(le, 0) for le in after}
+    total = delta.get(float("inf"), 0)
+    if total <= 0:
+        return "server_within_1ms=nan server_p99_le_ms=nan"
+    within = delta.get(0.001, 0) / total
+    p99 = min((le for le, n in delta.items() if n >= 0.99 * total), default=float("inf"))
+    return f"server_within_1ms={within:.4f} server_p99_le_ms={p99 * 1000:g}"
+
+
 def push_latency(args):
     host, port, gid, key = control_from(args)
     client = ControlClient(host, port, gid, key)
@@ -101,6 +130,7 @@ def push_latency(args):
         rid = secrets.token_hex(16)
         echo_through(public, client.put_rule(rid, args.target, **extra))
         client.delete_rule(rid)
+    before = put_histogram(client)
     samples = []
     for _ in range(args.count):
         rid = secrets.token_hex(16)
@@ -110,7 +140,8 @@ def push_latency(args):
         samples.append((time.perf_counter() - start) * 1000)
         client.delete_rule(rid)
     print(f"scenario=push-latency count={len(samples)} p50_ms={percentile(samples, 50):.3f} "
-          f"p99_ms={percentile(samples, 99):.3f} mean_ms={sum(samples) / len(samples):.3f} max_ms={max(samples):.3f}")
+          f"p99_ms={percentile(samples, 99):.3f} mean_ms={sum(samples) / len(samples):.3f} max_ms={max(samples):.3f} "
+          f"{server_side(before, put_histogram(client))}")
 
 
 def rule_rate(args):
