@@ -10,9 +10,11 @@ import SystemLayer
 /// `RelayEngine` together with the config file's forwards.
 ///
 /// Every change runs under one lock in this order: check, choose a port,
-/// apply the whole rule list to the engine (all or nothing), write the
-/// state file; if the write fails the engine gets the previous list back.
-/// So an error changes nothing, and what is on disk is what runs.
+/// give the engine just the rules that change (all or nothing), append the
+/// change to the rules journal; if the write fails the engine's change is
+/// undone. So an error changes nothing, and what is on disk is what runs.
+/// A push or a delete costs what it changes, not the rules held (issue 15):
+/// the pushed rules, the ports in use and the journal are all kept by id.
 ///
 /// Rules on the kernel path (`forwarding_path` kernel or offload, see
 /// `KernelRules`) are elements of the gateway's nftables table: a change is
