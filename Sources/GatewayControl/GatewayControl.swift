@@ -661,8 +661,7 @@ public final class GatewayControl: Sendable {
 
     /// Rebuilds the port index of the config's forwards and broker forwarding.
     private static func indexFixedPorts(_ s: inout State) {
-        s.fixedPorts = PortUses()
-        for (index, use) in uses(of: s.fixed, s.settings).enumerated() { s.fixedPorts.set(String(index), [use]) }
+        s.fixedPorts = PortUses(uses(of: s.fixed, s.settings))
     }
 
     /// The ports kernel rules hold (they have no listener to show them).

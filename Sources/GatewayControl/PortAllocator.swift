@@ -36,18 +36,10 @@ public struct PortAllocator: Sendable {
     ///   - method: the routing method; 0 and 2 take a random free port of the range (or `requested`,
     ///     which must be one of it), 1 takes `requested` (any port).
     ///   - client: the only client of a method 1 or 2 rule.
-    ///   - uses: the ports rules hold now.
+    ///   - holders: the uses of one port by the rules held now (`PortUses.holders`):
+    ///     a choice costs the ports tried, not the rules held.
     ///   - probe: the bind test (a real bind in production, a table in unit tests).
     /// - Throws: `ControlError` 409 naming the port when it is taken or the range is exhausted.
-    public func allocate(method: RoutingMethod, requested: Int?, client: IPAddress?, transport: Transport,
-                         uses: [Use], probe: Probe) throws(ControlError) -> Int {
-        let byPort = Dictionary(grouping: uses, by: \.port)
-        return try allocate(method: method, requested: requested, client: client, transport: transport,
-                            holders: { byPort[$0] ?? [] }, probe: probe)
-    }
-
-    /// The same, with the ports in use given by port (`holders`: the uses of
-    /// one port), so that a choice costs the ports tried, not the rules held.
     public func allocate(method: RoutingMethod, requested: Int?, client: IPAddress?, transport: Transport,
                          holders: (Int) -> [Use], probe: Probe) throws(ControlError) -> Int {
         switch method {

@@ -62,6 +62,12 @@ struct PortUses: Sendable {
 
     init() {}
 
+    /// Each of `uses` held by an owner of its own (rules that are never
+    /// changed one at a time: the config's forwards).
+    init(_ uses: [PortAllocator.Use]) {
+        for (index, use) in uses.enumerated() { set(String(index), [use]) }
+    }
+
     var owners: Int { byOwner.count }
 
     /// Replaces what `owner` holds (an empty list: nothing).

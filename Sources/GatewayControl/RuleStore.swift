@@ -346,13 +346,7 @@ public struct RuleStore: Sendable {
     /// a snapshot and the journals it names (a hot upgrade's successor).
     /// - Returns: false when a compaction was still running at the deadline.
     public func waitForCompaction(timeoutMilliseconds: Int = 30_000) -> Bool {
-        var waited = 0
-        while journal.state.withLock({ $0.compacting }) {
-            guard waited < timeoutMilliseconds else { return false }
-            BlockingWait.sleep(milliseconds: 5)
-            waited += 5
-        }
-        return true
+        BlockingWait.until(timeoutMilliseconds: timeoutMilliseconds) { !journal.state.withLock { $0.compacting } }
     }
 
     /// Starts a new journal generation now and writes the snapshot of this

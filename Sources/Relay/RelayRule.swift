@@ -194,33 +194,6 @@ public struct ListenerRules: Sendable {
     }
 }
 
-/// An immutable snapshot of every rule, published to the loops as a whole.
-public struct RuleSet: Sendable {
-    public let rules: [RelayRule]
-    /// TCP listeners by address.
-    public let listeners: [SocketAddress: ListenerRules]
-    /// UDP listeners by address; their gates count flows.
-    public let udpListeners: [SocketAddress: ListenerRules]
-
-    init(rules: [RelayRule], gates: [SocketAddress: AdmissionGate], udpGates: [SocketAddress: AdmissionGate] = [:]) {
-        self.rules = rules
-        listeners = RuleSet.group(rules.filter { $0.transport.contains(.tcp) }, gates)
-        udpListeners = RuleSet.group(rules.filter { $0.transport.contains(.udp) }, udpGates)
-    }
-
-    private static func group(_ rules: [RelayRule], _ gates: [SocketAddress: AdmissionGate]) -> [SocketAddress: ListenerRules] {
-        var grouped: [SocketAddress: [RelayRule]] = [:]
-        for rule in rules { grouped[rule.listen, default: []].append(rule) }
-        var listeners: [SocketAddress: ListenerRules] = [:]
-        for (address, group) in grouped {
-            listeners[address] = ListenerRules.ordered(address: address, rules: group, gate: gates[address]!)
-        }
-        return listeners
-    }
-
-    static let empty = RuleSet(rules: [], gates: [:])
-}
-
 /// Why a rule set was refused. Nothing is changed when one is thrown.
 public enum RuleError: Error, Equatable, Sendable, CustomStringConvertible {
     case duplicateID(String)
@@ -278,19 +251,6 @@ public enum RuleError: Error, Equatable, Sendable, CustomStringConvertible {
         let wildcardTransports = wildcard.reduce(Transport()) { $0.union($1.transport) }
         for rule in specific where !wildcardTransports.isDisjoint(with: rule.transport) {
             return (wildcard.first { !$0.transport.isDisjoint(with: rule.transport) }!, rule)
-        }
-        return nil
-    }
-
-    /// Two rules of one address that would take the same clients on a transport in common.
-    static func sameClientsConflict(_ rules: [RelayRule]) -> (RelayRule, RelayRule)? {
-        var sameClients: [ConflictKey: [RelayRule]] = [:]
-        for rule in rules {
-            let key = ConflictKey(listen: rule.listen, allow: Set(rule.allow))
-            if let other = sameClients[key, default: []].first(where: { !$0.transport.isDisjoint(with: rule.transport) }) {
-                return (other, rule)
-            }
-            sameClients[key, default: []].append(rule)
         }
         return nil
     }

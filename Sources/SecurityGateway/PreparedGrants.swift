@@ -322,13 +322,7 @@ public final class PreparedGrants: Sendable {
     /// Waits (polling, up to `timeoutMilliseconds`) until no snapshot is
     /// being written in the background. - Returns: false at the deadline.
     public func waitForCompaction(timeoutMilliseconds: Int = 30_000) -> Bool {
-        var waited = 0
-        while state.withLock({ $0.tail != nil }) {
-            guard waited < timeoutMilliseconds else { return false }
-            BlockingWait.sleep(milliseconds: 5)
-            waited += 5
-        }
-        return true
+        BlockingWait.until(timeoutMilliseconds: timeoutMilliseconds) { state.withLock { $0.tail == nil } }
     }
 
     /// The journal lines of a snapshot of `byName` and `consumed`, and how many.

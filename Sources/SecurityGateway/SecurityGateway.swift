@@ -49,7 +49,7 @@ public final class SecurityGateway: Sendable {
                                   listen: config.listen,
                                   onPathEnded: { client, agent in sync.closeFlows(client: client, agent: agent) })
         let tcp = Self.tcpRule(config, grants: grants, sessions: sessions)
-        sync.configure(base: [tcp, sessions.udpRule(id: Self.udpRuleID)], sessions: sessions)
+        sync.configure(base: [tcp, sessions.udpRule(id: Self.udpRuleID)])
     }
 
     /// The inspect-first TCP rule on `ListenAddress` (ClientHello → SNI → grant → agent).
@@ -297,7 +297,6 @@ public final class SecurityGateway: Sendable {
 final class RuleSync: Sendable {
     private struct State {
         var base: [RelayRule] = []
-        var sessions: SessionTracker?
         var lastError: String?
         var stopped = false
     }
@@ -319,11 +318,8 @@ final class RuleSync: Sendable {
         self.logger = logger
     }
 
-    func configure(base: [RelayRule], sessions: SessionTracker) {
-        state.withLock { s in
-            s.base = base
-            s.sessions = sessions
-        }
+    func configure(base: [RelayRule]) {
+        state.withLock { $0.base = base }
     }
 
     var lastError: String? { state.withLock { $0.lastError } }
@@ -382,10 +378,7 @@ final class RuleSync: Sendable {
     func waitIdle() { queue.sync {} }
 
     func stop() {
-        state.withLock { s in
-            s.stopped = true
-            s.sessions = nil
-        }
+        state.withLock { $0.stopped = true }
         queue.sync {}
     }
 }

@@ -114,4 +114,17 @@ public enum BlockingWait {
         BlockingCallCheck.check("sleep \(milliseconds) ms")
         _ = usleep(UInt32(milliseconds * 1000))
     }
+
+    /// Polls `condition` every `everyMilliseconds` until it holds or
+    /// `timeoutMilliseconds` have passed (a state another thread or process
+    /// changes without telling: a background write ending, a process exiting).
+    /// - Returns: true when it held, false at the deadline.
+    public static func until(timeoutMilliseconds: Int, everyMilliseconds: Int = 5, _ condition: () -> Bool) -> Bool {
+        let deadline = MonotonicClock.nowNanoseconds + UInt64(timeoutMilliseconds) * 1_000_000
+        while !condition() {
+            guard MonotonicClock.nowNanoseconds < deadline else { return false }
+            sleep(milliseconds: everyMilliseconds)
+        }
+        return true
+    }
 }

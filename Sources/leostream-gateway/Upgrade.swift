@@ -56,13 +56,12 @@ enum Upgrade {
     /// from another pid before that.
     /// - Returns: false when it was still running at the deadline.
     static func waitForExit(of pid: Int32, seconds: Int) -> Bool {
-        for _ in 0..<(seconds * 50) {
+        BlockingWait.until(timeoutMilliseconds: seconds * 1000, everyMilliseconds: 20) {
             guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8) else { return true }
             // "pid (comm) S ...": the state follows the last ')'.
-            if let close = stat.lastIndex(of: ")"), stat[stat.index(after: close)...].dropFirst().first == "Z" { return true }
-            BlockingWait.sleep(milliseconds: 20)
+            guard let close = stat.lastIndex(of: ")") else { return false }
+            return stat[stat.index(after: close)...].dropFirst().first == "Z"
         }
-        return false
     }
 
     /// Starts the successor and hands everything to it.

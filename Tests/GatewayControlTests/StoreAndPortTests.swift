@@ -153,13 +153,13 @@ import TestSupport
         let allocator = PortAllocator(range: 30000...30009)
         let uses = (30000...30008).map { PortAllocator.Use(port: $0, transport: .tcp, allow: []) }
         for _ in 0..<20 {
-            let port = try allocator.allocate(method: .randomPort, requested: nil, client: nil, transport: .tcp, uses: uses, probe: always)
+            let port = try allocator.allocate(method: .randomPort, requested: nil, client: nil, transport: .tcp, holders: PortUses(uses).holders, probe: always)
             #expect(port == 30009)
         }
         var seen = Set<Int>()
         for _ in 0..<200 {
             let port = try allocator.allocate(method: .randomPortClientOnly, requested: nil, client: IPAddress("10.0.0.1"),
-                                              transport: .tcp, uses: [], probe: always)
+                                              transport: .tcp, holders: PortUses([]).holders, probe: always)
             #expect((30000...30009).contains(port))
             seen.insert(port)
         }
@@ -169,38 +169,38 @@ import TestSupport
     @Test func udpPortOfATCPRuleIsFreeForUDP() throws {
         let allocator = PortAllocator(range: 30000...30000)
         let uses = [PortAllocator.Use(port: 30000, transport: .tcp, allow: [])]
-        #expect(try allocator.allocate(method: .randomPort, requested: nil, client: nil, transport: .udp, uses: uses, probe: always) == 30000)
+        #expect(try allocator.allocate(method: .randomPort, requested: nil, client: nil, transport: .udp, holders: PortUses(uses).holders, probe: always) == 30000)
         #expect(throws: ControlError.self) {
-            try allocator.allocate(method: .randomPort, requested: nil, client: nil, transport: .both, uses: uses, probe: always)
+            try allocator.allocate(method: .randomPort, requested: nil, client: nil, transport: .both, holders: PortUses(uses).holders, probe: always)
         }
     }
 
     @Test func methodOneTakesTheRequestedPort() throws {
         let allocator = PortAllocator(range: 30000...30009)
         let port = try allocator.allocate(method: .protocolPortClientOnly, requested: 3389, client: IPAddress("10.0.0.1"),
-                                          transport: .tcp, uses: [], probe: always)
+                                          transport: .tcp, holders: PortUses([]).holders, probe: always)
         #expect(port == 3389)
         // Another client's method-1 rule may share it; the relay tells them apart by address.
         let other = [PortAllocator.Use(port: 3389, transport: .tcp, allow: [CIDR("10.0.0.2/32")!])]
         #expect(try allocator.allocate(method: .protocolPortClientOnly, requested: 3389, client: IPAddress("10.0.0.1"),
-                                       transport: .tcp, uses: other, probe: { _, _ in false }) == 3389)
+                                       transport: .tcp, holders: PortUses(other).holders, probe: { _, _ in false }) == 3389)
     }
 
     @Test("methods 0 and 2 may ask for a port of the range (a cluster placing rules on every gateway)")
     func randomMethodsTakeARequestedPortOfTheRange() throws {
         let allocator = PortAllocator(range: 30000...30009)
-        #expect(try allocator.allocate(method: .randomPort, requested: 30004, client: nil, transport: .both, uses: [], probe: always) == 30004)
+        #expect(try allocator.allocate(method: .randomPort, requested: 30004, client: nil, transport: .both, holders: PortUses([]).holders, probe: always) == 30004)
         #expect(try allocator.allocate(method: .randomPortClientOnly, requested: 30009, client: IPAddress("10.0.0.1"),
-                                       transport: .tcp, uses: [], probe: always) == 30009)
+                                       transport: .tcp, holders: PortUses([]).holders, probe: always) == 30009)
         #expect(throws: ControlError(400, field: "port", "port: 30010 is outside this gateway's port range 30000-30009")) {
-            try allocator.allocate(method: .randomPort, requested: 30010, client: nil, transport: .tcp, uses: [], probe: always)
+            try allocator.allocate(method: .randomPort, requested: 30010, client: nil, transport: .tcp, holders: PortUses([]).holders, probe: always)
         }
         #expect(throws: ControlError(409, field: "port", "port: 30004/udp is already taken by another rule")) {
             try allocator.allocate(method: .randomPort, requested: 30004, client: nil, transport: .udp,
-                                   uses: [PortAllocator.Use(port: 30004, transport: .both, allow: [])], probe: always)
+                                   holders: PortUses([PortAllocator.Use(port: 30004, transport: .both, allow: [])]).holders, probe: always)
         }
         do {
-            _ = try allocator.allocate(method: .randomPort, requested: 30005, client: nil, transport: .tcp, uses: [], probe: { _, _ in false })
+            _ = try allocator.allocate(method: .randomPort, requested: 30005, client: nil, transport: .tcp, holders: PortUses([]).holders, probe: { _, _ in false })
             Issue.record("a requested port another process holds was accepted")
         } catch {
             #expect(error.status == 409)
@@ -212,16 +212,16 @@ import TestSupport
         let open = [PortAllocator.Use(port: 3389, transport: .tcp, allow: [])]
         #expect(throws: ControlError(409, field: "port", "port: 3389/tcp is already taken by another rule")) {
             try allocator.allocate(method: .protocolPortClientOnly, requested: 3389, client: IPAddress("10.0.0.1"),
-                                   transport: .tcp, uses: open, probe: { _, _ in true })
+                                   transport: .tcp, holders: PortUses(open).holders, probe: { _, _ in true })
         }
         let sameClient = [PortAllocator.Use(port: 3389, transport: .tcp, allow: [CIDR("10.0.0.1/32")!])]
         #expect(throws: ControlError.self) {
             try allocator.allocate(method: .protocolPortClientOnly, requested: 3389, client: IPAddress("10.0.0.1"),
-                                   transport: .tcp, uses: sameClient, probe: { _, _ in true })
+                                   transport: .tcp, holders: PortUses(sameClient).holders, probe: { _, _ in true })
         }
         do {
             _ = try allocator.allocate(method: .protocolPortClientOnly, requested: 3389, client: IPAddress("10.0.0.1"),
-                                       transport: .tcp, uses: [], probe: { _, _ in false })
+                                       transport: .tcp, holders: PortUses([]).holders, probe: { _, _ in false })
             Issue.record("a port another process holds was accepted")
         } catch {
             #expect(error.status == 409)
@@ -235,7 +235,7 @@ import TestSupport
         // 30002 and 30003 are held by another process.
         let probe: PortAllocator.Probe = { port, _ in port < 30002 }
         do {
-            _ = try allocator.allocate(method: .randomPort, requested: nil, client: nil, transport: .tcp, uses: uses, probe: probe)
+            _ = try allocator.allocate(method: .randomPort, requested: nil, client: nil, transport: .tcp, holders: PortUses(uses).holders, probe: probe)
             Issue.record("an exhausted range gave a port")
         } catch {
             #expect(error.status == 409)

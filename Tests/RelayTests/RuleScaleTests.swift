@@ -42,8 +42,7 @@ struct RuleScaleTests {
             if round % 2 == 1 { rules.append(RelayRule(id: "anyone", listen: listen, target: target, transport: .udp)) }
             rules.shuffle(using: &generator)
             try RuleError.validate(rules)
-            let set = RuleSet(rules: rules, gates: [:], udpGates: [listen: AdmissionGate(address: "udp", limit: 10)])
-            let listener = try #require(set.udpListeners[listen])
+            let listener = ListenerRules.ordered(address: listen, rules: rules, gate: AdmissionGate(address: "udp", limit: 10))
             var clients = hosts.shuffled(using: &generator).prefix(500).map { $0 }
             clients += ["10.1.0.9", "10.2.3.4", "10.3.0.1", "10.3.0.2", "10.3.0.3", "10.1.255.255", "2001:db8::7", "2001:db8::8",
                         "10.4.0.1", "::ffff:10.4.0.1", "0.0.0.0", "192.0.2.1", "::ffff:10.1.0.3"].map { IPAddress($0)! }
@@ -91,8 +90,7 @@ struct RuleScaleTests {
         let a = RelayRule(id: "a", listen: listen, allow: [CIDR("10.0.0.1")!], target: target, transport: .udp)
         var changed = a
         changed.target = SocketAddress("10.9.0.2:4172")!
-        let set = RuleSet(rules: [a], gates: [:], udpGates: [listen: AdmissionGate(address: "udp", limit: 10)])
-        let listener = try #require(set.udpListeners[listen])
+        let listener = ListenerRules.ordered(address: listen, rules: [a], gate: AdmissionGate(address: "udp", limit: 10))
         #expect(listener.contains(a))
         #expect(!listener.contains(changed))
         var renamed = a
