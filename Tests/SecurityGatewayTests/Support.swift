@@ -81,8 +81,10 @@ final class RawClient {
         var one: Int32 = 1
         setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
         var address = SGTest.loopback(port)
+        // On a throw from here on, deinit runs (every property is set) and
+        // closes fd: closing it here too closed whatever descriptor took the
+        // number meanwhile (an event loop's socket, a journal) under load.
         guard SGTest.withSockaddr(&address, { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }) == 0 else {
-            close(fd)
             throw SGTest.Failed("connect to 127.0.0.1:\(port): errno \(errno)")
         }
     }
@@ -159,8 +161,7 @@ final class UDPClient {
         fd = socket(AF_INET, Int32(SOCK_DGRAM.rawValue), 0)
         var address = SGTest.loopback(0, host: host)
         guard SGTest.withSockaddr(&address, { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }) == 0 else {
-            close(fd)
-            throw SGTest.Failed("udp client: cannot bind \(host)")
+            throw SGTest.Failed("udp client: cannot bind \(host)")   // deinit closes fd
         }
         SGTest.setTimeout(fd, milliseconds: 200)
     }
