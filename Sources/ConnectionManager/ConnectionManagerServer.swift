@@ -97,15 +97,14 @@ public enum ConnectionManagerServer {
     /// 200 `{"code":200,"status":"success"}`, or 500 with the reason.
     static func health(_ manager: ConnectionManager) -> Response {
         if let reason = manager.problem {
-            return json(500, ["code": 500, "status": "failure", "reason": reason])
+            return json(500, ["code": 500, "status": "failure", "reason": .string(reason)])
         }
         return json(200, ["code": 200, "status": "success"])
     }
 
-    static func json(_ status: Int, _ object: [String: Any]) -> Response {
-        let data = (try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys])) ?? Data("{}".utf8)
-        return Response(status: HTTPResponse.Status(code: status), headers: [.contentType: "application/json"],
-                        body: .init(byteBuffer: ByteBuffer(bytes: data)))
+    static func json(_ status: Int, _ object: [String: FlatJSON.Value]) -> Response {
+        Response(status: HTTPResponse.Status(code: status), headers: [.contentType: "application/json"],
+                 body: .init(byteBuffer: ByteBuffer(bytes: FlatJSON.encode(object))))
     }
 }
 

@@ -201,8 +201,10 @@ final class RelayConnection: EventHandler, TimerHandler {
         let written = inspected.pending.withUnsafeBytes { raw in Result { () throws(Errno) in try upstream.write(raw) } }
         switch written {
         case .success(.done(let n)):
-            inspected.pending.removeFirst(n)
             inspected.replayed &+= UInt64(n)
+            // Written whole (the usual case): give the buffer back rather than
+            // keep its capacity (the inspector's 2 KiB) for the connection's life.
+            if n == inspected.pending.count { inspected.pending = [] } else { inspected.pending.removeFirst(n) }
             return true
         case .success(.wouldBlock):
             return true

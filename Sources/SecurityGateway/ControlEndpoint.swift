@@ -55,7 +55,7 @@ public enum SecurityGatewayControl {
         switch (method, path) {
         case ("GET", "/health"):
             if let reason = await BlockingExecutor.shared.runOffPool({ gateway.problem }) {
-                return json(500, ["code": 500, "status": "failure", "reason": reason])
+                return json(500, ["code": 500, "status": "failure", "reason": .string(reason)])
             }
             return json(200, ["code": 200, "status": "success"])
         case ("GET", "/metrics"):
@@ -82,11 +82,11 @@ public enum SecurityGatewayControl {
                 return json(400, ["error": "grant: missing (a string holding the signed JWT)", "field": "grant"])
             }
             if let extra = object.keys.sorted().first(where: { $0 != "grant" }) {
-                return json(400, ["error": "\(extra): unknown field", "field": extra])
+                return json(400, ["error": "\(extra): unknown field", "field": .string(extra)])
             }
             let answer = await gateway.prepare(token: token)
             logger.info("control: POST /v1/sessions -> \(answer.status)")
-            return json(answer.status, answer.body)
+            return json(answer.status, answer.body.mapValues(FlatJSON.Value.string))
         default:
             let prefix = "/v1/sessions/"
             if path.hasPrefix(prefix) && path.count > prefix.count {
@@ -97,16 +97,15 @@ public enum SecurityGatewayControl {
                 guard !id.isEmpty, id.utf8.count <= 256 else { return json(400, ["error": "session id: empty or too long", "field": "id"]) }
                 let done = await BlockingExecutor.shared.runOffPool { gateway.revoke(sessionID: id) }
                 return done.grants > 0 || done.connections > 0
-                    ? json(200, ["revoked": done.grants, "closed_connections": done.connections])
+                    ? json(200, ["revoked": .int(done.grants), "closed_connections": .int(done.connections)])
                     : json(404, ["error": "session id: no prepared grant or live connection for this session", "field": "id"])
             }
             return json(404, ["error": "\(method) \(path): not a control path"])
         }
     }
 
-    static func json(_ status: Int, _ object: [String: Any]) -> Response {
-        let data = (try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys])) ?? Data("{}".utf8)
-        return raw(status, Array(data))
+    static func json(_ status: Int, _ object: [String: FlatJSON.Value]) -> Response {
+        raw(status, FlatJSON.encode(object))
     }
 
     static func raw(_ status: Int, _ bytes: [UInt8]) -> Response {

@@ -37,6 +37,8 @@ public enum SessionRefusal: String, CaseIterable, Sendable, Error {
 public final class SNIInspection: Inspection {
     private var reader: ClientHelloReader
     private var fed = 0
+    /// The decision once made; later bytes do not change it.
+    private var settled: InspectionDecision?
     private let client: SocketAddress
     private let grants: PreparedGrants
     private let sessions: SessionTracker
@@ -53,16 +55,24 @@ public final class SNIInspection: Inspection {
     }
 
     public func feed(_ all: [UInt8]) -> InspectionDecision {
+        if let settled { return settled }
         let outcome = reader.feed(all[fed...])
         fed = all.count
+        let decision: InspectionDecision
         switch outcome {
         case .needMore:
             return .needMore
         case .rejected(let error):
-            return .refuse(Self.reason(error).rawValue)
+            decision = .refuse(Self.reason(error).rawValue)
         case .complete(let hello):
-            return decide(hello)
+            decision = decide(hello)
         }
+        // Decided: the relay replays its own copy of the bytes, and this
+        // object lives as long as the session (to end it), so the reader's
+        // buffer (2 KiB reserved) goes now, not at the session's end.
+        settled = decision
+        reader = ClientHelloReader(maxBytes: 0)
+        return decision
     }
 
     private func decide(_ hello: ClientHello) -> InspectionDecision {

@@ -102,7 +102,7 @@ public struct ServiceLogHandler: LogHandler {
     }
 
     static func line(label: String, level: Logger.Level, message: String, metadata: Logger.Metadata, now: Date = Date()) -> String {
-        var line = "\(now.formatted(.iso8601.year().month().day().time(includingFractionalSeconds: true).timeZone(separator: .omitted))) \(level.rawValue) \(label): "
+        var line = "\(UTCTimestamp.format(secondsSince1970: now.timeIntervalSince1970)) \(level.rawValue) \(label): "
         line += message.replacingOccurrences(of: "\n", with: "\\n")
         for (key, value) in metadata.sorted(by: { $0.key < $1.key }) where !isSecret(key) {
             line += " \(key)=\(quoted("\(value)"))"
