@@ -249,9 +249,7 @@ final class FakeBroker: @unchecked Sendable {
         let key = ControlKey.generate()
         let keyFile = try writeKey(folder, key)
         let state = folder.file("state")
-        let probe = try Socket.listen(on: SocketAddress("127.0.0.1:0")!, reusePort: false)
-        let port = Socket.localAddress(probe)!.port
-        probe.close()
+        let port = TestPorts.free()
         let config = folder.file("gateway.conf")
         try """
         loops = 1

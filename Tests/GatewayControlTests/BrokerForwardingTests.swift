@@ -32,9 +32,7 @@ import TestSupport
         defer { upstream.close() }
         let brokerAddress = Socket.localAddress(upstream)!
         try await offPool {
-            let probe = try Socket.listen(on: SocketAddress("127.0.0.1:0")!, reusePort: false)
-            let listen = Socket.localAddress(probe)!
-            probe.close()
+            let listen = TestPorts.freeAddress()
             let signer = ControlSigner(gatewayID: TestGateway.gatewayID, key: key)
             try gateway.control.setForwardRule(BrokerForwarding.rule(listen: listen, broker: brokerAddress, signer: signer,
                                                                      signature: "leo-gw-signature-1"))

@@ -20,10 +20,7 @@ import TestSupport
             if method != 0 { body += ",\"client_ip\":\"127.0.0.1\"" }
             if method == 1 {
                 // The "protocol's own port": one the test knows is free.
-                let probe = try Socket.listen(on: SocketAddress("127.0.0.1:0")!, reusePort: false)
-                let port = Socket.localAddress(probe)!.port
-                probe.close()
-                body += ",\"port\":\(port)"
+                body += ",\"port\":\(TestPorts.free())"
             }
             body += "}"
             let reply = try gateway.put("desk-\(method)", body)

@@ -17,11 +17,7 @@ import TestSupport
         return try RelayEngine(settings: RelaySettings(loops: 2), logger: logger)
     }
 
-    private static func freePort() throws -> Int {
-        let probe = try Socket.listen(on: SocketAddress("127.0.0.1:0")!, reusePort: false)
-        defer { probe.close() }
-        return Int(Socket.localAddress(probe)!.port)
-    }
+    private static func freePort() throws -> Int { Int(TestPorts.free()) }
 
     /// Runs the predecessor's side on a thread; `result` answers once it ended.
     private final class Predecessor: @unchecked Sendable {

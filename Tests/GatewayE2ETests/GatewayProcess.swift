@@ -48,23 +48,7 @@ struct TempDir {
     func cleanup() { try? FileManager.default.removeItem(atPath: path) }
 }
 
-func freePort() -> UInt16 {
-    let fd = try! Socket.listen(on: SocketAddress("127.0.0.1:0")!, reusePort: false, backlog: 1)
-    defer { fd.close() }
-    return Socket.localAddress(fd)!.port
-}
+func freePort() -> UInt16 { TestPorts.free() }
 
 /// A loopback port free for both TCP and UDP at this moment.
-func freeDualPort() -> UInt16 {
-    for _ in 0..<100 {
-        let udp = try! Socket.bindUDP(SocketAddress("127.0.0.1:0")!, reusePort: false)
-        let port = Socket.localAddress(udp)!.port
-        if let tcp = try? Socket.listen(on: SocketAddress(ip: .v4(0x7f00_0001), port: port), reusePort: false, backlog: 1) {
-            tcp.close()
-            udp.close()
-            return port
-        }
-        udp.close()
-    }
-    fatalError("no port free for both TCP and UDP in 100 tries")
-}
+func freeDualPort() -> UInt16 { TestPorts.free() }

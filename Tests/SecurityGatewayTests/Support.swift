@@ -23,23 +23,8 @@ enum SGTest {
         return dir
     }
 
-    /// A port free for both TCP and UDP on 127.0.0.1 (high, from the kernel's ephemeral range).
-    static func freePort() throws -> UInt16 {
-        for _ in 0..<50 {
-            let tcp = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-            defer { close(tcp) }
-            var address = loopback(0)
-            var length = socklen_t(MemoryLayout<sockaddr_in>.size)
-            guard withSockaddr(&address, { bind(tcp, $0, length) }) == 0 else { continue }
-            _ = withSockaddr(&address) { getsockname(tcp, $0, &length) }
-            let port = UInt16(bigEndian: address.sin_port)
-            let udp = socket(AF_INET, Int32(SOCK_DGRAM.rawValue), 0)
-            defer { close(udp) }
-            var same = loopback(port)
-            if withSockaddr(&same, { bind(udp, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }) == 0 { return port }
-        }
-        throw Failed("no free port")
-    }
+    /// A port free for both TCP and UDP on 127.0.0.1 (`TestPorts`: below the ephemeral range).
+    static func freePort() throws -> UInt16 { TestPorts.free() }
 
     static func loopback(_ port: UInt16, host: String = "127.0.0.1") -> sockaddr_in {
         var address = sockaddr_in()

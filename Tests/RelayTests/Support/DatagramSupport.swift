@@ -79,11 +79,7 @@ struct DatagramClient {
     func close() { fd.close() }
 }
 
-func freeUDPAddress() -> SocketAddress {
-    let fd = try! Socket.bindUDP(SocketAddress("127.0.0.1:0")!, reusePort: false)
-    defer { fd.close() }
-    return Socket.localAddress(fd)!
-}
+func freeUDPAddress() -> SocketAddress { TestPorts.freeAddress() }
 
 /// Milliseconds left until `deadline` (monotonic nanoseconds), at least 0.
 func remainingMilliseconds(until deadline: UInt64) -> Int32 {
@@ -91,19 +87,6 @@ func remainingMilliseconds(until deadline: UInt64) -> Int32 {
     return now >= deadline ? 0 : Int32((deadline - now) / 1_000_000)
 }
 
-/// A loopback port free for both TCP and UDP at this moment (both bound, then
-/// released), so a test can open both on one number. Ports above the
-/// ephemeral range would be safer still, but any other test may hold one.
-func freeDualPort() -> UInt16 {
-    for _ in 0..<100 {
-        let udp = try! Socket.bindUDP(SocketAddress("127.0.0.1:0")!, reusePort: false)
-        let port = Socket.localAddress(udp)!.port
-        if let tcp = try? Socket.listen(on: SocketAddress(ip: .v4(0x7f00_0001), port: port), reusePort: false, backlog: 1) {
-            tcp.close()
-            udp.close()
-            return port
-        }
-        udp.close()
-    }
-    fatalError("no port free for both TCP and UDP in 100 tries")
-}
+/// A loopback port free for both TCP and UDP at this moment, so a test can
+/// open both on one number.
+func freeDualPort() -> UInt16 { TestPorts.free() }

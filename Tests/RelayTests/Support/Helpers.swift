@@ -5,11 +5,7 @@ import SystemLayer
 import TestSupport
 
 /// A loopback port that was free a moment ago (bound to port 0, then closed).
-func freeLoopbackAddress() -> SocketAddress {
-    let fd = try! Socket.listen(on: SocketAddress("127.0.0.1:0")!, reusePort: false, backlog: 1)
-    defer { fd.close() }
-    return Socket.localAddress(fd)!
-}
+func freeLoopbackAddress() -> SocketAddress { TestPorts.freeAddress() }
 
 func makeEngine(_ configure: (inout RelaySettings) -> Void = { _ in }) throws -> RelayEngine {
     var settings = RelaySettings(loops: 2)
