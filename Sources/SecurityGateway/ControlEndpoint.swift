@@ -1,4 +1,4 @@
-import Foundation
+import FoundationEssentials
 import Hummingbird
 import HummingbirdCore
 import HummingbirdTLS
@@ -75,10 +75,10 @@ public enum SecurityGatewayControl {
             } catch {
                 return json(400, ["error": "body: cannot be read", "field": "body"])
             }
-            guard let object = (try? JSONSerialization.jsonObject(with: Data(body))) as? [String: Any] else {
+            guard let object = try? JSONDecoder().decode(PrepareBody.self, from: Data(body)) else {
                 return json(400, ["error": "body: not a JSON object", "field": "body"])
             }
-            guard let token = object["grant"] as? String, !token.isEmpty else {
+            guard let token = object.grant, !token.isEmpty else {
                 return json(400, ["error": "grant: missing (a string holding the signed JWT)", "field": "grant"])
             }
             if let extra = object.keys.sorted().first(where: { $0 != "grant" }) {
@@ -93,7 +93,7 @@ public enum SecurityGatewayControl {
                 guard method == "DELETE" else {
                     return json(405, ["error": "\(method) \(path): only DELETE is allowed here"])
                 }
-                let id = String(path.dropFirst(prefix.count)).removingPercentEncoding ?? ""
+                let id = PercentDecoding.decode(path.dropFirst(prefix.count)) ?? ""
                 guard !id.isEmpty, id.utf8.count <= 256 else { return json(400, ["error": "session id: empty or too long", "field": "id"]) }
                 let done = await BlockingExecutor.shared.runOffPool { gateway.revoke(sessionID: id) }
                 return done.grants > 0 || done.connections > 0
@@ -111,5 +111,25 @@ public enum SecurityGatewayControl {
     static func raw(_ status: Int, _ bytes: [UInt8]) -> Response {
         Response(status: HTTPResponse.Status(code: status), headers: [.contentType: "application/json"],
                  body: ResponseBody(byteBuffer: ByteBuffer(bytes: bytes)))
+    }
+}
+
+/// The body of `POST /v1/sessions`: any JSON object; `grant` when it is a
+/// string, and every key, so that an unknown one is named.
+private struct PrepareBody: Decodable {
+    let grant: String?
+    let keys: [String]
+
+    private struct Key: CodingKey {
+        let stringValue: String
+        var intValue: Int? { nil }
+        init(stringValue: String) { self.stringValue = stringValue }
+        init?(intValue: Int) { nil }
+    }
+
+    init(from decoder: any Decoder) throws {
+        let fields = try decoder.container(keyedBy: Key.self)
+        keys = fields.allKeys.map(\.stringValue)
+        grant = try? fields.decode(String.self, forKey: Key(stringValue: "grant"))
     }
 }

@@ -1,5 +1,5 @@
 import CertificateFiles
-import Foundation
+import FoundationEssentials
 import NIOSSL
 import SystemLayer
 

@@ -1,4 +1,4 @@
-import Foundation
+import FoundationEssentials
 import Logging
 import SystemLayer
 
@@ -103,7 +103,7 @@ public struct ServiceLogHandler: LogHandler {
 
     static func line(label: String, level: Logger.Level, message: String, metadata: Logger.Metadata, now: Date = Date()) -> String {
         var line = "\(UTCTimestamp.format(secondsSince1970: now.timeIntervalSince1970)) \(level.rawValue) \(label): "
-        line += message.replacingOccurrences(of: "\n", with: "\\n")
+        line += escaped(message, quotes: false)
         for (key, value) in metadata.sorted(by: { $0.key < $1.key }) where !isSecret(key) {
             line += " \(key)=\(quoted("\(value)"))"
         }
@@ -111,8 +111,23 @@ public struct ServiceLogHandler: LogHandler {
     }
 
     static func quoted(_ value: String) -> String {
-        guard value.isEmpty || value.contains(where: { $0 == " " || $0 == "\"" || $0 == "=" || $0 == "\n" }) else { return value }
-        return "\"" + value.replacingOccurrences(of: "\\", with: "\\\\").replacingOccurrences(of: "\"", with: "\\\"")
-            .replacingOccurrences(of: "\n", with: "\\n") + "\""
+        guard value.isEmpty || value.utf8.contains(where: { $0 == 0x20 || $0 == 0x22 || $0 == 0x3D || $0 == 0x0A || $0 == 0x0D })
+        else { return value }
+        return "\"" + escaped(value, quotes: true) + "\""
+    }
+
+    /// Line breaks (LF and CR, also inside a CRLF) as `\n` and `\r`, so
+    /// one event stays one line; with `quotes`, backslashes and double
+    /// quotes escaped too.
+    static func escaped(_ text: String, quotes: Bool) -> String {
+        ByteEscape.apply(text) { byte in
+            switch byte {
+            case 0x0A: ByteEscape.backslash("n")
+            case 0x0D: ByteEscape.backslash("r")
+            case 0x5C where quotes: ByteEscape.backslash("\\")
+            case 0x22 where quotes: ByteEscape.backslash("\"")
+            default: nil
+            }
+        }
     }
 }

@@ -82,7 +82,8 @@ public struct PrometheusText: Sendable {
 
     /// Starts a family: its HELP and TYPE lines.
     public mutating func family(_ name: String, _ kind: Kind, help: String) {
-        append("# HELP \(name) \(help.replacingOccurrences(of: "\\", with: "\\\\").replacingOccurrences(of: "\n", with: "\\n"))\n")
+        let escapedHelp = ByteEscape.apply(help) { $0 == 0x5C ? ByteEscape.backslash("\\") : $0 == 0x0A ? ByteEscape.backslash("n") : nil }
+        append("# HELP \(name) \(escapedHelp)\n")
         append("# TYPE \(name) \(kind.rawValue)\n")
     }
 

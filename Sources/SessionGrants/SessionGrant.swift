@@ -1,4 +1,4 @@
-import Foundation
+import FoundationEssentials
 import JWTKit
 
 /// A signed session grant (JWT, RFC 7519): what a Connection Manager hands a

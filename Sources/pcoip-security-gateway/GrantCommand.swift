@@ -1,5 +1,5 @@
 import ArgumentParser
-import Foundation
+import FoundationEssentials
 import SessionGrants
 import SystemLayer
 
@@ -67,7 +67,7 @@ struct Grant: AsyncParsableCommand {
         guard let address = SocketAddress(agent), address.port != 0 else {
             throw ValidationError("--agent: \"\(agent)\" is not a numeric HOST:PORT with a port 1-65535")
         }
-        guard Self.isHostName(sni.replacingOccurrences(of: "{n}", with: String(max(count - 1, 0)))) else {
+        guard Self.isHostName(sni.replacing("{n}", with: String(max(count - 1, 0)))) else {
             throw ValidationError("--sni: \"\(sni)\" is not a host name (1-255 bytes of letters, digits, '-', '.', '_', not starting with '.' or '-')")
         }
         guard !audience.isEmpty, audience.utf8.count <= 255, audience.allSatisfy({ !$0.isWhitespace }) else {
@@ -112,8 +112,8 @@ struct Grant: AsyncParsableCommand {
             }
             let index = String(n)
             let grant = SessionGrant(
-                sessionID: sessionID?.replacingOccurrences(of: "{n}", with: index) ?? UUID().uuidString.lowercased(),
-                agent: "\(target)", serverName: sni.replacingOccurrences(of: "{n}", with: index).lowercased(),
+                sessionID: sessionID?.replacing("{n}", with: index) ?? UUID().uuidString.lowercased(),
+                agent: "\(target)", serverName: sni.replacing("{n}", with: index).lowercased(),
                 client: client, audience: audience, issuedAt: now, expires: now.addingTimeInterval(TimeInterval(lifetime)),
                 singleUse: singleUse)
             do throws(GrantError) {
@@ -123,11 +123,11 @@ struct Grant: AsyncParsableCommand {
                 throw Failure("signing grant \(n): \(error)")
             }
             if out.utf8.count >= 1 << 20 {
-                FileHandle.standardOutput.write(Data(out.utf8))
+                try Self.writeOut(out)
                 out = ""
             }
         }
-        FileHandle.standardOutput.write(Data(out.utf8))
+        try Self.writeOut(out)
     }
 
     /// The SNI rule of the gateway's ClientHello reader: 1-255 bytes of
@@ -138,6 +138,15 @@ struct Grant: AsyncParsableCommand {
         return bytes.allSatisfy { b in
             (b >= 0x61 && b <= 0x7A) || (b >= 0x41 && b <= 0x5A) || (b >= 0x30 && b <= 0x39)
                 || b == UInt8(ascii: "-") || b == UInt8(ascii: ".") || b == UInt8(ascii: "_")
+        }
+    }
+
+    /// Writes to standard output, all of it (a pipe may take it in parts).
+    private static func writeOut(_ text: String) throws {
+        do throws(Errno) {
+            try FileDescriptor(rawValue: 1).writeAll(Array(text.utf8))
+        } catch {
+            throw Failure("standard output: \(error)")
         }
     }
 }

@@ -1,5 +1,5 @@
 import ArgumentParser
-import Foundation
+import FoundationEssentials
 import Hummingbird
 import Logging
 import Relay
@@ -118,7 +118,7 @@ struct Serve: AsyncParsableCommand {
                 try FileManager.default.createDirectory(atPath: dataDir, withIntermediateDirectories: true,
                                                         attributes: [.posixPermissions: 0o700])
             } catch {
-                throw Failure("--data-dir: cannot create \(dataDir): \(error.localizedDescription)")
+                throw Failure("--data-dir: cannot create \(dataDir): \(error)")
             }
             let grants = PreparedGrants(path: dataDir + "/prepared-grants.json")
             let restored = await grants.restore(verifier: verifier)

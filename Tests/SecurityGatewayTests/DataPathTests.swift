@@ -267,6 +267,32 @@ struct SecurityGatewayDataPathTests {
         await sg.stop()
     }
 
+    @Test("bad bodies on the control endpoint: 400 naming the body or the field, nothing prepared; session ids are percent-decoded")
+    func badControlBodies() async throws {
+        let sg = try await GatewayFixture.start()
+        let url = sg.control_ + "/v1/sessions"
+        for (body, mentions) in [
+            ("not json", #""field":"body""#), ("[1,2]", #""field":"body""#), (#""grant""#, #""field":"body""#),
+            ("{}", #""field":"grant""#), (#"{"grant":5}"#, #""field":"grant""#), (#"{"grant":""}"#, #""field":"grant""#),
+            (#"{"grant":null}"#, #""field":"grant""#),
+            (#"{"grant":"a.b.c","colour":"red"}"#, #""error":"colour: unknown field","field":"colour""#),
+        ] {
+            let (status, text) = try SGTest.curl("POST", url, json: body)
+            #expect(status == 400 && text.contains(mentions), "\(body): \(status) \(text)")
+        }
+        #expect(sg.status().preparedGrants == 0)
+        // A session id with a slash, percent-encoded in the path, names that session.
+        #expect(try await sg.prepare(sg.grant(sni: "slash.test", session: "a/b é")) == 201)
+        let (status, body) = try SGTest.curl("DELETE", url + "/a%2Fb%20%C3%A9")
+        #expect(status == 200 && body.contains(#""revoked":1"#), "\(status) \(body)")
+        // A broken escape or bytes that are not UTF-8 name no session.
+        for bad in ["/a%2", "/a%zz", "/%FF"] {
+            let (status, text) = try SGTest.curl("DELETE", url + bad)
+            #expect(status == 400 && text.contains(#""field":"id""#), "\(bad): \(status) \(text)")
+        }
+        await sg.stop()
+    }
+
     @Test("bad input on the TCP port: each refused and counted by reason, a split ClientHello accepted, nothing leaks")
     func badInput() async throws {
         let sg = try await GatewayFixture.start(helloTimeout: "0.5")

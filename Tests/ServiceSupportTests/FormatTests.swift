@@ -50,4 +50,19 @@ struct FormatTests {
         #expect(parsed["code"] as? Int == 200)
         #expect(String(decoding: FlatJSON.encode([:]), as: UTF8.self) == "{}")
     }
+
+    @Test("a CR or CRLF in a log message or value stays on the event's one line")
+    func lineBreaksAreEscaped() {
+        let line = ServiceLogHandler.line(label: "sg", level: .warning, message: "a\r\nb\rc",
+                                          metadata: ["client": "x\r\ny", "plain": "z"], now: Date(timeIntervalSince1970: 0))
+        #expect(line == "1970-01-01T00:00:00.000Z warning sg: a\\r\\nb\\rc client=\"x\\r\\ny\" plain=z\n")
+        #expect(line.utf8.filter { $0 == 0x0A || $0 == 0x0D }.count == 1)
+    }
+
+    @Test("percent-decoding agrees with Foundation's removingPercentEncoding", arguments: [
+        "plain", "a%2Fb", "%C3%A9t%C3%A9", "100%25", "%41%62", "a%2", "%", "%zz", "%FF", "%C3", "a+b", "",
+    ])
+    func percentDecoding(text: String) {
+        #expect(PercentDecoding.decode(text) == text.removingPercentEncoding)
+    }
 }

@@ -111,6 +111,31 @@ struct SessionGrantTests {
         }
     }
 
+    @Test("the unverified header: alg must be a string, crit must be absent, the header a JSON object")
+    func headerChecks() throws {
+        func b64(_ text: String) -> String {
+            Data(text.utf8).base64EncodedString().replacingOccurrences(of: "+", with: "-")
+                .replacingOccurrences(of: "/", with: "_").replacingOccurrences(of: "=", with: "")
+        }
+        func parse(_ header: String) -> Result<GrantToken, GrantError> {
+            Result { () throws(GrantError) in try GrantToken(parsing: b64(header) + "." + b64(#"{"sid":"s"}"#) + ".c2ln") }
+        }
+        #expect(try parse(#"{"alg":"ES256","typ":"JWT"}"#).get().algorithm == "ES256")
+        #expect(try parse(#"{"alg":"ES256"}"#).get().payload == Array(#"{"sid":"s"}"#.utf8))
+        for (header, reason) in [
+            (#"{"typ":"JWT"}"#, "the header has no alg"), (#"{"alg":256}"#, "the header has no alg"),
+            (#"{"alg":""}"#, "the header has no alg"), (#"{"alg":"\#(String(repeating: "A", count: 17))"}"#, "the header has no alg"),
+            (#"{"alg":"ES256","crit":["exp"]}"#, "critical header extensions are not supported"),
+            (#"{"alg":"ES256","crit":null}"#, "critical header extensions are not supported"),
+            (#"["alg","ES256"]"#, "the header is not base64url JSON"), ("alg", "the header is not base64url JSON"),
+        ] {
+            #expect(throws: GrantError.malformed(reason), "\(header)") { try parse(header).get() }
+        }
+        #expect(throws: GrantError.malformed("the header is not base64url JSON")) {
+            try GrantToken(parsing: "e30+." + b64("{}") + ".c2ln")
+        }
+    }
+
     @Test("alg none, and HS256 keyed with the public certificate, are refused before any signature check")
     func algorithmConfusion() async throws {
         let keys = try KeyFactory()
