@@ -41,39 +41,64 @@ def main() -> int:
         if resumed:
             rest = pending.pop(tid, resumed.group(1) + "(") + resumed.group(2)
         events.append((tid, rest))
-    # Threads belong to the process that cloned them (CLONE_THREAD).
-    parent: dict[int, int] = {}
+    # Which process each event belongs to. Task ids are reused within a long
+    # run (pid_max is often 32768), so a task id names one task from its first
+    # event to its "+++ exited" line: a life. A life started by clone with
+    # CLONE_THREAD belongs to the process of the life that cloned it; any
+    # other life is a process of its own. The clone's return line may come
+    # after the new task's first events, hence two passes.
+    class Life:
+        __slots__ = ("parent",)
+
+        def __init__(self) -> None:
+            self.parent: "Life | None" = None
+
+    alive: dict[int, Life] = {}
+    event_life: list[Life] = []
     for tid, text in events:
+        life = alive.get(tid)
+        if life is None:
+            life = alive[tid] = Life()
+        event_life.append(life)
+        if text.startswith("+++ exited") or text.startswith("+++ killed"):
+            alive.pop(tid, None)
+            continue
         match = re.match(r"^clone3?\((.*)\)\s*=\s*(\d+)", text)
         if match and "CLONE_THREAD" in match.group(1):
-            parent[int(match.group(2))] = tid
+            child = int(match.group(2))
+            child_life = alive.get(child)
+            if child_life is None:
+                child_life = alive[child] = Life()
+            child_life.parent = life
 
-    def process(tid: int) -> int:
-        while tid in parent:
-            tid = parent[tid]
-        return tid
+    def process(life: Life) -> Life:
+        while life.parent is not None:
+            life = life.parent
+        return life
 
-    watched: set[int] = set()
+    watched: set[int] = set()            # id() of the root lives that run a binary of this build
     program: dict[int, str] = {}
     findings: list[str] = []
-    for tid, text in events:
-        owner = process(tid)
+    execs = 0
+    for (tid, text), life in zip(events, event_life):
+        owner = id(process(life))
         exec_match = re.match(r'^execve\("([^"]*)".*=\s*0', text)
         if exec_match:
             program[owner] = exec_match.group(1)
             if build in exec_match.group(1) or exec_match.group(1).startswith(".build"):
                 watched.add(owner)
+                execs += 1
             else:
                 watched.discard(owner)
             continue
         if owner not in watched or "EBADF" not in text:
             continue
         if text.startswith("close(") or text.startswith("epoll_ctl("):
-            findings.append(f"{program.get(owner, '?')} (pid {owner}, thread {tid}): {' '.join(text.split())}")
+            findings.append(f"{program.get(owner, '?')} (thread {tid}): {' '.join(text.split())}")
     for finding in findings:
         print(f"scripts/fd-audit.py: {finding}")
     print(f"scripts/fd-audit.py: {len(findings)} descriptor(s) closed twice or closed under an event loop "
-          f"in {len(watched)} process(es) of this build", file=sys.stderr)
+          f"in {execs} process(es) of this build", file=sys.stderr)
     return 1 if findings else 0
 
 
