@@ -18,8 +18,10 @@ import sys
 
 
 def main() -> int:
+    if sys.argv[1:] == ["--self-test"]:
+        return self_test()
     if len(sys.argv) != 3:
-        print("usage: scripts/fd-audit.py STRACE_OUTPUT BUILD_DIR", file=sys.stderr)
+        print("usage: scripts/fd-audit.py STRACE_OUTPUT BUILD_DIR | --self-test", file=sys.stderr)
         return 2
     path, build = sys.argv[1], sys.argv[2]
     try:
@@ -27,6 +29,16 @@ def main() -> int:
     except OSError as error:
         print(f"scripts/fd-audit.py: cannot read {path}: {error}", file=sys.stderr)
         return 2
+    findings, execs = audit(lines, build)
+    for finding in findings:
+        print(f"scripts/fd-audit.py: {finding}")
+    print(f"scripts/fd-audit.py: {len(findings)} descriptor(s) closed twice or closed under an event loop "
+          f"in {execs} process(es) of this build", file=sys.stderr)
+    return 1 if findings else 0
+
+
+def audit(lines: list[str], build: str) -> tuple[list[str], int]:
+    """The findings in strace output `lines`, and how many processes ran a binary of `build`."""
     pending: dict[int, str] = {}
     events: list[tuple[int, str]] = []
     for line in lines:
@@ -95,11 +107,42 @@ def main() -> int:
             continue
         if text.startswith("close(") or text.startswith("epoll_ctl("):
             findings.append(f"{program.get(owner, '?')} (thread {tid}): {' '.join(text.split())}")
-    for finding in findings:
-        print(f"scripts/fd-audit.py: {finding}")
-    print(f"scripts/fd-audit.py: {len(findings)} descriptor(s) closed twice or closed under an event loop "
-          f"in {execs} process(es) of this build", file=sys.stderr)
-    return 1 if findings else 0
+    return findings, execs
+
+
+def self_test() -> int:
+    """The audit on small traces of its own: it must find what it is for and
+    nothing else (run by scripts/test, so the audit can be seen to fail)."""
+    build = "/w/.build"
+    bundle = 'execve("/w/.build/debug/t.xctest", ["t"], 0x0 /* 1 vars */) = 0'
+    thread = "clone3({flags=CLONE_VM|CLONE_FILES|CLONE_THREAD, exit_signal=0} => {parent_tid=[101]}, 88) = 101"
+    spawn = "clone3({flags=CLONE_VM|CLONE_VFORK, exit_signal=SIGCHLD}, 88) = 102"
+    ebadf = "close(7)                          = -1 EBADF (Bad file descriptor)"
+    cases = [
+        # A thread of the test bundle closes a descriptor twice: found.
+        ("double close in a thread", [f"100 {bundle}", f"100 {thread}", f"101 {ebadf}"], 1),
+        # NIO finds its socket gone: found.
+        ("epoll_ctl EBADF", [f"100 {bundle}", "100 epoll_ctl(20, EPOLL_CTL_DEL, 6, 0x1) = -1 EBADF (Bad file descriptor)"], 1),
+        # posix_spawn's child closing what it inherited, then another program: not ours.
+        ("spawned child", [f"100 {bundle}", f"100 {spawn}", f"102 {ebadf}", '102 execve("/usr/bin/openssl", ["o"], 0x0) = 0',
+                           f"102 {ebadf}"], 0),
+        # A thread id reused by a spawned program must not take the bundle out of the watch.
+        ("reused task id", [f"100 {bundle}", f"100 {thread}", "101 +++ exited with 0 +++",
+                            "100 clone3({flags=CLONE_VM|CLONE_VFORK, exit_signal=SIGCHLD}, 88) = 101",
+                            '101 execve("/usr/bin/curl", ["c"], 0x0) = 0', f"101 {ebadf}", f"100 {ebadf}"], 1),
+        # A call split across lines by another thread's output.
+        ("unfinished and resumed", [f"100 {bundle}", "100 close(9 <unfinished ...>", "100 <... close resumed>) = -1 EBADF (Bad file descriptor)"], 1),
+        # Programs not built here are not audited.
+        ("other program", ['200 execve("/usr/bin/python3", ["p"], 0x0) = 0', f"200 {ebadf}"], 0),
+    ]
+    failed = 0
+    for name, lines, expected in cases:
+        findings, _ = audit(lines, build)
+        if len(findings) != expected:
+            print(f"scripts/fd-audit.py --self-test: {name}: {len(findings)} finding(s), expected {expected}: {findings}", file=sys.stderr)
+            failed += 1
+    print(f"scripts/fd-audit.py --self-test: {len(cases) - failed} of {len(cases)} cases as expected", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
