@@ -85,7 +85,8 @@ public struct KeyValueFile: Sendable, Equatable {
         return lines.joined(separator: "\n") + "\n"
     }
 
-    static func trim(_ text: Substring) -> Substring {
+    /// `text` without leading and trailing spaces, tabs and CRs.
+    public static func trim(_ text: Substring) -> Substring {
         var text = text
         while let first = text.first, first == " " || first == "\t" || first == "\r" { text = text.dropFirst() }
         while let last = text.last, last == " " || last == "\t" || last == "\r" { text = text.dropLast() }

@@ -57,7 +57,7 @@ public struct SecurityGatewayConfig: Sendable, Equatable {
             case "enablecollaboration":
                 config.enableCollaboration = try kv.bool(entry)
             case "collaborationsourceports":
-                let parts = value.split(separator: "-").map { $0.trimmingPrefix(while: { $0 == " " || $0 == "\t" }).reversed().drop(while: { $0 == " " || $0 == "\t" }).reversed() }.map { String($0) }
+                let parts = value.split(separator: "-").map { KeyValueFile.trim($0) }
                 guard parts.count == 2, let low = UInt16(parts[0]), let high = UInt16(parts[1]), low > 0, low <= high else {
                     throw kv.error(entry, "\"\(value)\" is not a range FIRST-LAST of ports")
                 }

@@ -20,11 +20,11 @@ public enum FlatJSON {
     /// `fields` as one JSON object, keys in ascending order.
     public static func encode(_ fields: [String: Value]) -> [UInt8] {
         var out: [UInt8] = [UInt8(ascii: "{")]
-        for (index, key) in fields.keys.sorted().enumerated() {
+        for (index, (key, value)) in fields.sorted(by: { $0.key < $1.key }).enumerated() {
             if index > 0 { out.append(UInt8(ascii: ",")) }
             appendString(key, to: &out)
             out.append(UInt8(ascii: ":"))
-            switch fields[key]! {
+            switch value {
             case .string(let text): appendString(text, to: &out)
             case .int(let number): out.append(contentsOf: String(number).utf8)
             case .bool(let flag): out.append(contentsOf: (flag ? "true" : "false").utf8)
@@ -33,6 +33,8 @@ public enum FlatJSON {
         out.append(UInt8(ascii: "}"))
         return out
     }
+
+    private static let hexDigits = Array("0123456789abcdef".utf8)
 
     /// `text` as a JSON string (RFC 8259): quotes, backslashes and control
     /// characters escaped; everything else as its UTF-8 bytes.
@@ -46,8 +48,7 @@ public enum FlatJSON {
             case 0x0D: out.append(contentsOf: [UInt8(ascii: "\\"), UInt8(ascii: "r")])
             case 0x09: out.append(contentsOf: [UInt8(ascii: "\\"), UInt8(ascii: "t")])
             case 0..<0x20:
-                let hex = Array("0123456789abcdef".utf8)
-                out.append(contentsOf: Array("\\u00".utf8) + [hex[Int(byte >> 4)], hex[Int(byte & 0x0F)]])
+                out.append(contentsOf: Array("\\u00".utf8) + [hexDigits[Int(byte >> 4)], hexDigits[Int(byte & 0x0F)]])
             default: out.append(byte)
             }
         }

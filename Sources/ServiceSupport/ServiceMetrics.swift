@@ -82,8 +82,7 @@ public struct PrometheusText: Sendable {
 
     /// Starts a family: its HELP and TYPE lines.
     public mutating func family(_ name: String, _ kind: Kind, help: String) {
-        let escapedHelp = ByteEscape.apply(help) { $0 == 0x5C ? ByteEscape.backslash("\\") : $0 == 0x0A ? ByteEscape.backslash("n") : nil }
-        append("# HELP \(name) \(escapedHelp)\n")
+        append("# HELP \(name) \(Self.escape(help, quotes: false))\n")
         append("# TYPE \(name) \(kind.rawValue)\n")
     }
 
@@ -115,17 +114,18 @@ public struct PrometheusText: Sendable {
         bytes.append(contentsOf: string.utf8)
     }
 
-    static func escape(_ value: String) -> String {
-        var out = ""
-        for c in value {
-            switch c {
-            case "\\": out += "\\\\"
-            case "\"": out += "\\\""
-            case "\n": out += "\\n"
-            default: out.append(c)
+    /// The exposition format's escapes: backslash and line feed, and in a
+    /// label value (`quotes`) the double quote. Byte by byte, so the line
+    /// feed of a CRLF is escaped too and cannot end the line.
+    static func escape(_ value: String, quotes: Bool = true) -> String {
+        ByteEscape.apply(value) { byte in
+            switch byte {
+            case 0x5C: ByteEscape.backslash("\\")
+            case 0x0A: ByteEscape.backslash("n")
+            case 0x22 where quotes: ByteEscape.backslash("\"")
+            default: nil
             }
         }
-        return out
     }
 
     /// A valid metric or label name: `[a-zA-Z_:][a-zA-Z0-9_:]*` (dots and

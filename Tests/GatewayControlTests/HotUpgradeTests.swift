@@ -17,8 +17,6 @@ import TestSupport
         return try RelayEngine(settings: RelaySettings(loops: 2), logger: logger)
     }
 
-    private static func freePort() throws -> Int { Int(TestPorts.free()) }
-
     /// Runs the predecessor's side on a thread; `result` answers once it ended.
     private final class Predecessor: @unchecked Sendable {
         let done = DispatchSemaphore(value: 0)
@@ -50,7 +48,7 @@ import TestSupport
     func handover() throws {
         let echo = try TCPEcho()
         defer { echo.stop() }
-        let port = try Self.freePort()
+        let port = Int(TestPorts.free())
         let rule = RelayRule(id: "desk", listen: SocketAddress(ip: IPAddress("127.0.0.1")!, port: UInt16(port)), target: echo.address)
         let old = try Self.engine()
         try old.apply([rule])
@@ -88,7 +86,7 @@ import TestSupport
     func successorAborts() throws {
         let echo = try TCPEcho()
         defer { echo.stop() }
-        let port = try Self.freePort()
+        let port = Int(TestPorts.free())
         let rule = RelayRule(id: "desk", listen: SocketAddress(ip: IPAddress("127.0.0.1")!, port: UInt16(port)), target: echo.address)
         let old = try Self.engine()
         defer { old.shutdown() }

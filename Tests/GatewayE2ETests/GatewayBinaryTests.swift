@@ -59,7 +59,7 @@ struct GatewayBinaryTests {
     func serveMalformed() throws {
         let dir = TempDir()
         defer { dir.cleanup() }
-        let port = freePort()
+        let port = TestPorts.free()
         let file = dir.write("bad.conf", "[forward ok]\nlisten = 127.0.0.1:\(port)\ntarget = 127.0.0.1:9\n[forward broken]\nlisten = 127.0.0.1:1\n")
         let result = try GatewayProcess.run(["serve", "--config", file])
         #expect(result.status == 2)
@@ -92,7 +92,7 @@ struct GatewayBinaryTests {
         defer { udpEcho.stop() }
         let dir = TempDir()
         defer { dir.cleanup() }
-        let port = freeDualPort()
+        let port = TestPorts.free()
         let text = config(forwards: [("both", port, echo.address)]) + "protocol = tcp+udp\nudp_idle_timeout = 30s\n"
         let file = dir.write("gw.conf", text)
         let check = try GatewayProcess.run(["--check", "--config", file])
@@ -117,7 +117,7 @@ struct GatewayBinaryTests {
         defer { echo.stop() }
         let dir = TempDir()
         defer { dir.cleanup() }
-        let a = freePort(), b = freePort()
+        let a = TestPorts.free(), b = TestPorts.free()
         let file = dir.write("gw.conf", config(forwards: [("a", a, echo.address)]))
         let gateway = try GatewayProcess.start(["serve", "--config", file])
         defer { gateway.stop() }
@@ -153,7 +153,7 @@ struct GatewayBinaryTests {
         defer { echo.stop() }
         let dir = TempDir()
         defer { dir.cleanup() }
-        let port = freePort()
+        let port = TestPorts.free()
         let file = dir.write("gw.conf", config(forwards: [("d", port, echo.address)], extra: "drain_timeout = 60s"))
         let gateway = try GatewayProcess.start(["serve", "--config", file])
         defer { gateway.stop() }
@@ -178,7 +178,7 @@ struct GatewayBinaryTests {
         defer { echo.stop() }
         let dir = TempDir()
         defer { dir.cleanup() }
-        let port = freePort()
+        let port = TestPorts.free()
         let file = dir.write("gw.conf", config(forwards: [("d", port, echo.address)], extra: "drain_timeout = 500ms"))
         let gateway = try GatewayProcess.start(["serve", "--config", file])
         defer { gateway.stop() }
@@ -198,7 +198,7 @@ struct GatewayBinaryTests {
         defer { echo.stop() }
         let dir = TempDir()
         defer { dir.cleanup() }
-        let port = freePort()
+        let port = TestPorts.free()
         let file = dir.write("gw.conf", config(forwards: [("fd", port, echo.address)], extra: "max_pipes = 4"))
         // 64 descriptors: the runtime, epoll, eventfds and listeners take some;
         // each relayed session takes two.

@@ -48,7 +48,3 @@ struct TempDir {
     func cleanup() { try? FileManager.default.removeItem(atPath: path) }
 }
 
-func freePort() -> UInt16 { TestPorts.free() }
-
-/// A loopback port free for both TCP and UDP at this moment.
-func freeDualPort() -> UInt16 { TestPorts.free() }

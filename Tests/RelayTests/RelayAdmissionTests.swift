@@ -11,7 +11,7 @@ struct RelayAdmissionTests {
         defer { target.close() }
         let engine = try makeEngine()
         defer { engine.shutdown() }
-        let listen = freeLoopbackAddress()
+        let listen = TestPorts.freeAddress()
         try engine.apply([RelayRule(id: "limited", listen: listen, target: target.address, maxConnections: 5)])
         var sessions: [(TestClient, TestClient)] = []
         for _ in 0..<5 {
@@ -45,7 +45,7 @@ struct RelayAdmissionTests {
         defer { target.close() }
         let engine = try makeEngine { $0.maxConnections = 3 }
         defer { engine.shutdown() }
-        let a = freeLoopbackAddress(), b = freeLoopbackAddress()
+        let a = TestPorts.freeAddress(), b = TestPorts.freeAddress()
         try engine.apply([RelayRule(id: "a", listen: a, target: target.address),
                           RelayRule(id: "b", listen: b, target: target.address)])
         var open: [TestClient] = []
@@ -67,7 +67,7 @@ struct RelayAdmissionTests {
         defer { wide.close(); narrow.close() }
         let engine = try makeEngine()
         defer { engine.shutdown() }
-        let listen = freeLoopbackAddress()
+        let listen = TestPorts.freeAddress()
         try engine.apply([
             RelayRule(id: "wide", listen: listen, allow: [CIDR("127.0.0.0/8")!], target: wide.address),
             RelayRule(id: "narrow", listen: listen, allow: [CIDR("127.0.0.1/32")!], target: narrow.address),
@@ -88,7 +88,7 @@ struct RelayAdmissionTests {
         defer { server.stop() }
         let engine = try makeEngine()
         defer { engine.shutdown() }
-        let first = freeLoopbackAddress(), second = freeLoopbackAddress()
+        let first = TestPorts.freeAddress(), second = TestPorts.freeAddress()
         try engine.apply([RelayRule(id: "first", listen: first, target: server.address)])
         let plans = (0..<200).map { _ in
             ClientPlan(upLength: UInt64.random(in: 100_000...400_000), downLength: UInt64.random(in: 100_000...400_000),
@@ -120,7 +120,7 @@ struct RelayAdmissionTests {
         defer { target.close() }
         let engine = try makeEngine()
         defer { engine.shutdown() }
-        let a = freeLoopbackAddress(), b = freeLoopbackAddress()
+        let a = TestPorts.freeAddress(), b = TestPorts.freeAddress()
         try engine.apply([RelayRule(id: "a", listen: a, target: target.address),
                           RelayRule(id: "b", listen: b, target: target.address)])
         let clientA = try TestClient.connect(a)
@@ -143,7 +143,7 @@ struct RelayAdmissionTests {
         defer { target.close() }
         let engine = try makeEngine()
         defer { engine.shutdown() }
-        let listen = freeLoopbackAddress()
+        let listen = TestPorts.freeAddress()
         try engine.apply([RelayRule(id: "acct", listen: listen, target: target.address)])
         let client = try TestClient.connect(listen)
         let upstream = try #require(target.accept())
@@ -166,7 +166,7 @@ struct RelayAdmissionTests {
         defer { target.close() }
         let engine = try makeEngine { $0.liveness = Liveness(keepaliveIdle: 77, keepaliveInterval: 5, keepaliveCount: 3, userTimeoutMilliseconds: 45_000) }
         defer { engine.shutdown() }
-        let listen = freeLoopbackAddress()
+        let listen = TestPorts.freeAddress()
         try engine.apply([RelayRule(id: "live", listen: listen, target: target.address)])
         let client = try TestClient.connect(listen)
         let upstream = try #require(target.accept())
@@ -198,7 +198,7 @@ struct RelayAdmissionTests {
         defer { target.close() }
         let engine = try makeEngine()
         defer { engine.shutdown() }
-        let quick = freeLoopbackAddress(), forever = freeLoopbackAddress()
+        let quick = TestPorts.freeAddress(), forever = TestPorts.freeAddress()
         try engine.apply([
             RelayRule(id: "quick", listen: quick, target: target.address, idleTimeoutNanoseconds: 200_000_000),
             RelayRule(id: "forever", listen: forever, target: target.address),

@@ -19,7 +19,7 @@ struct RelayDatagramTests {
         defer { echo.stop() }
         let engine = try makeEngine()
         defer { engine.shutdown() }
-        let listen = freeUDPAddress()
+        let listen = TestPorts.freeAddress()
         try engine.apply([udpRule("u", listen, echo.address)])
         let client = try DatagramClient()
         defer { client.close() }
@@ -43,7 +43,7 @@ struct RelayDatagramTests {
         defer { echo.stop() }
         let engine = try makeEngine()
         defer { engine.shutdown() }
-        let port = freeUDPAddress().port
+        let port = TestPorts.freeAddress().port
         try engine.apply([udpRule("w", SocketAddress(ip: .v4(0), port: port), echo.address)])
         let client = try DatagramClient()
         defer { client.close() }
@@ -61,7 +61,7 @@ struct RelayDatagramTests {
         defer { echo.stop() }
         let engine = try makeEngine()
         defer { engine.shutdown() }
-        let listen = freeUDPAddress()
+        let listen = TestPorts.freeAddress()
         try engine.apply([udpRule("sizes", listen, echo.address)])
         let client = try DatagramClient()
         defer { client.close() }
@@ -76,7 +76,7 @@ struct RelayDatagramTests {
         defer { echo.stop() }
         let engine = try makeEngine { $0.udpReceiveBuffer = 4 << 20; $0.udpSendBuffer = 4 << 20 }
         defer { engine.shutdown() }
-        let listen = freeUDPAddress()
+        let listen = TestPorts.freeAddress()
         try engine.apply([udpRule("many", listen, echo.address)])
         let clients = try (0..<1000).map { _ in try DatagramClient() }
         defer { clients.forEach { $0.close() } }
@@ -116,7 +116,7 @@ struct RelayDatagramTests {
         defer { echo.stop() }
         let engine = try makeEngine()
         defer { engine.shutdown() }
-        let quick = freeUDPAddress(), slow = freeUDPAddress()
+        let quick = TestPorts.freeAddress(), slow = TestPorts.freeAddress()
         try engine.apply([udpRule("quick", quick, echo.address, idle: 300_000_000),
                           udpRule("slow", slow, echo.address)])
         let a = try DatagramClient(), b = try DatagramClient()
@@ -137,7 +137,7 @@ struct RelayDatagramTests {
         defer { echo.stop() }
         let engine = try makeEngine { $0.maxFlows = 60 }
         defer { engine.shutdown() }
-        let listen = freeUDPAddress(), other = freeUDPAddress()
+        let listen = TestPorts.freeAddress(), other = TestPorts.freeAddress()
         try engine.apply([udpRule("limited", listen, echo.address, maxFlows: 50),
                           udpRule("other", other, echo.address)])
         let veteran = try DatagramClient()
@@ -172,9 +172,9 @@ struct RelayDatagramTests {
         defer { echo1.stop(); echo2.stop() }
         let engine = try makeEngine()
         defer { engine.shutdown() }
-        let base = freeUDPAddress().port
+        let base = TestPorts.freeAddress().port
         let ports = base...(base + 1)
-        let toOne = freeUDPAddress(), toTwo = freeUDPAddress()
+        let toOne = TestPorts.freeAddress(), toTwo = TestPorts.freeAddress()
         try engine.apply([udpRule("one", toOne, echo1.address, sourcePorts: ports),
                           udpRule("two", toTwo, echo2.address, sourcePorts: ports)])
         let a = try DatagramClient(), b = try DatagramClient(), c = try DatagramClient(), d = try DatagramClient()
@@ -202,7 +202,7 @@ struct RelayDatagramTests {
 
     @Test("TCP and UDP on one port number at once")
     func bothOnOnePort() throws {
-        let port = freeDualPort()
+        let port = TestPorts.free()
         // The target's TCP listener and UDP echo share a port number too.
         var target: (TestListener, DatagramEchoServer)?
         for _ in 0..<20 where target == nil {
@@ -235,11 +235,11 @@ struct RelayDatagramTests {
         defer { echo.stop() }
         let engine = try makeEngine()
         defer { engine.shutdown() }
-        let dead = freeUDPAddress() // nobody listens: ICMP port unreachable
-        let toDead = freeUDPAddress(), toEcho = freeUDPAddress()
+        let dead = TestPorts.freeAddress() // nobody listens: ICMP port unreachable
+        let toDead = TestPorts.freeAddress(), toEcho = TestPorts.freeAddress()
         try engine.apply([udpRule("dead", toDead, dead),
                           udpRule("live", toEcho, echo.address),
-                          udpRule("closed", freeUDPAddress(), echo.address, allow: [CIDR("10.0.0.0/8")!])])
+                          udpRule("closed", TestPorts.freeAddress(), echo.address, allow: [CIDR("10.0.0.0/8")!])])
         let client = try DatagramClient()
         defer { client.close() }
         // Each datagram to the dead target brings an ICMP unreachable back.
@@ -270,7 +270,7 @@ struct RelayDatagramTests {
         defer { engine.shutdown() }
         let echo = try DatagramEchoServer()
         defer { echo.stop() }
-        let good = freeUDPAddress()
+        let good = TestPorts.freeAddress()
         try engine.apply([udpRule("good", good, echo.address)])
         #expect {
             try engine.apply([udpRule("good", good, echo.address), udpRule("taken", holder.address, echo.address)])
@@ -291,7 +291,7 @@ struct RelayDatagramTests {
         defer { echo.stop() }
         let engine = try makeEngine { $0.udpSegmentation = segmentation }
         defer { engine.shutdown() }
-        let listen = freeUDPAddress()
+        let listen = TestPorts.freeAddress()
         try engine.apply([udpRule("burst", listen, echo.address)])
         let client = try DatagramClient()
         defer { client.close() }
@@ -328,7 +328,7 @@ struct RelayDatagramTests {
         defer { target.close() }
         let engine = try makeEngine()
         defer { engine.shutdown() }
-        let listen = freeUDPAddress()
+        let listen = TestPorts.freeAddress()
         try engine.apply([udpRule("v", listen, target.address)])
         let gone = try DatagramClient()
         try gone.send([1], to: listen)

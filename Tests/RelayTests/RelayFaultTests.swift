@@ -10,8 +10,8 @@ struct RelayFaultTests {
     func targetRefuses() throws {
         let engine = try makeEngine()
         defer { engine.shutdown() }
-        let listen = freeLoopbackAddress()
-        let closedPort = freeLoopbackAddress()
+        let listen = TestPorts.freeAddress()
+        let closedPort = TestPorts.freeAddress()
         try engine.apply([RelayRule(id: "refused", listen: listen, target: closedPort)])
         let client = try TestClient.connect(listen)
         defer { client.close() }
@@ -36,7 +36,7 @@ struct RelayFaultTests {
         #expect(eventually { fillers.contains { BlockingWait.writable($0, timeoutMilliseconds: 0) && Socket.pendingError($0) == nil } })
         let engine = try makeEngine { $0.connectTimeoutNanoseconds = 300_000_000 }
         defer { engine.shutdown() }
-        let listen = freeLoopbackAddress()
+        let listen = TestPorts.freeAddress()
         try engine.apply([RelayRule(id: "slow", listen: listen, target: blackhole.address)])
         let client = try TestClient.connect(listen)
         defer { client.close() }
@@ -50,7 +50,7 @@ struct RelayFaultTests {
         defer { target.close() }
         let engine = try makeEngine()
         defer { engine.shutdown() }
-        let listen = freeLoopbackAddress()
+        let listen = TestPorts.freeAddress()
         try engine.apply([RelayRule(id: "rst", listen: listen, target: target.address)])
         let client = try TestClient.connect(listen)
         defer { client.close() }
@@ -69,7 +69,7 @@ struct RelayFaultTests {
         defer { target.close() }
         let engine = try makeEngine()
         defer { engine.shutdown() }
-        let listen = freeLoopbackAddress()
+        let listen = TestPorts.freeAddress()
         try engine.apply([RelayRule(id: "gone", listen: listen, target: target.address)])
         let client = try TestClient.connect(listen)
         let upstream = try #require(target.accept())
@@ -95,7 +95,7 @@ struct RelayFaultTests {
         }
         let engine = try makeEngine { $0.connectTimeoutNanoseconds = 30_000_000_000 }
         defer { engine.shutdown() }
-        let listen = freeLoopbackAddress()
+        let listen = TestPorts.freeAddress()
         try engine.apply([RelayRule(id: "slow", listen: listen, target: blackhole.address)])
         let client = try TestClient.connect(listen)
         #expect(eventually { engine.stats().active == 1 })
@@ -109,7 +109,7 @@ struct RelayFaultTests {
         defer { target.close() }
         let engine = try makeEngine()
         defer { engine.shutdown() }
-        let listen = freeLoopbackAddress()
+        let listen = TestPorts.freeAddress()
         try engine.apply([RelayRule(id: "stuck", listen: listen, target: target.address)])
         let client = try TestClient.connect(listen)
         defer { client.close() }
@@ -151,9 +151,9 @@ struct RelayFaultTests {
         defer { holder.close() }
         let engine = try makeEngine()
         defer { engine.shutdown() }
-        let good = freeLoopbackAddress()
+        let good = TestPorts.freeAddress()
         try engine.apply([RelayRule(id: "good", listen: good, target: holder.address)])
-        let other = freeLoopbackAddress()
+        let other = TestPorts.freeAddress()
         #expect {
             try engine.apply([
                 RelayRule(id: "good", listen: good, target: holder.address),

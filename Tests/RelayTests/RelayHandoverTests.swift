@@ -56,7 +56,7 @@ struct RelayHandoverTests {
         // Small buffers at both ends, so that a few MiB fill the path up to
         // the relay's pipe (the test shares the machine with the others).
         Socket.setBufferSizes(target.fd, receive: 65536, send: 65536)
-        let listen = freeLoopbackAddress()
+        let listen = TestPorts.freeAddress()
         let rule = RelayRule(id: "desk", listen: listen, target: target.address)
         let a = try makeEngine { $0.maxPipes = maxPipes; $0.pipeSize = 65536 }
         try a.apply([rule])
@@ -131,7 +131,7 @@ struct RelayHandoverTests {
     func resumeAfterFailedHandover() throws {
         let target = try TestListener()
         defer { target.close() }
-        let listen = freeLoopbackAddress()
+        let listen = TestPorts.freeAddress()
         let engine = try makeEngine()
         defer { engine.shutdown() }
         try engine.apply([RelayRule(id: "desk", listen: listen, target: target.address)])
@@ -166,7 +166,7 @@ struct RelayHandoverTests {
     func udpFlow() throws {
         let echo = try DatagramEchoServer()
         defer { echo.stop() }
-        let listen = freeUDPAddress()
+        let listen = TestPorts.freeAddress()
         let rule = RelayRule(id: "udp", listen: listen, target: echo.address, transport: .udp)
         let a = try makeEngine()
         try a.apply([rule])
@@ -203,7 +203,7 @@ struct RelayHandoverTests {
     func inspectingRulesRefused() throws {
         let engine = try makeEngine()
         defer { engine.shutdown() }
-        var rule = RelayRule(id: "sg", listen: freeLoopbackAddress(), target: freeLoopbackAddress())
+        var rule = RelayRule(id: "sg", listen: TestPorts.freeAddress(), target: TestPorts.freeAddress())
         rule.inspector = RuleInspector(name: "never", inspector: NeverDecides())
         try engine.apply([rule])
         #expect(throws: HandoverError.self) { try engine.suspendForHandover() }

@@ -15,7 +15,7 @@ struct RelayTransferTests {
         defer { server.stop() }
         let engine = try makeEngine { $0.maxPipes = maxPipes }
         defer { engine.shutdown() }
-        let listen = freeLoopbackAddress()
+        let listen = TestPorts.freeAddress()
         try engine.apply([RelayRule(id: "t", listen: listen, target: server.address)])
 
         var plans: [ClientPlan] = []
@@ -54,7 +54,7 @@ struct RelayTransferTests {
         defer { server.stop() }
         let engine = try makeEngine()
         defer { engine.shutdown() }
-        let listen = freeLoopbackAddress()
+        let listen = TestPorts.freeAddress()
         try engine.apply([RelayRule(id: "many", listen: listen, target: server.address)])
 
         let plans = (0..<1000).map { _ in
@@ -84,7 +84,7 @@ struct RelayTransferTests {
         defer { target.close() }
         let engine = try makeEngine { $0.idlePipesPerLoop = 0 }
         defer { engine.shutdown() }
-        let listen = freeLoopbackAddress()
+        let listen = TestPorts.freeAddress()
         try engine.apply([RelayRule(id: "idle", listen: listen, target: target.address)])
         var pairs: [(TestClient, TestClient)] = []
         for _ in 0..<50 {

@@ -99,14 +99,14 @@ struct RuleChangeTests {
         defer { target.close() }
         let engine = try makeEngine()
         defer { engine.shutdown() }
-        let a = RelayRule(id: "a", listen: freeLoopbackAddress(), target: target.address)
+        let a = RelayRule(id: "a", listen: TestPorts.freeAddress(), target: target.address)
         try engine.change(upserting: [a])
         let live = try TestClient.connect(a.listen)
         defer { live.close() }
         let liveUp = try #require(target.accept())
         defer { liveUp.close() }
 
-        let b = RelayRule(id: "b", listen: freeLoopbackAddress(), target: target.address)
+        let b = RelayRule(id: "b", listen: TestPorts.freeAddress(), target: target.address)
         try engine.change(upserting: [b])
         let viaB = try TestClient.connect(b.listen)
         defer { viaB.close() }
@@ -123,7 +123,7 @@ struct RuleChangeTests {
         #expect(liveUp.readExactly(2) == [2, 3])
 
         // A port held by someone else: refused, nothing changes.
-        let holder = try Socket.listen(on: freeLoopbackAddress(), reusePort: false)
+        let holder = try Socket.listen(on: TestPorts.freeAddress(), reusePort: false)
         defer { holder.close() }
         let taken = RelayRule(id: "c", listen: Socket.localAddress(holder)!, target: target.address)
         #expect(throws: RuleError.self) { try engine.change(upserting: [taken], removing: ["b"]) }

@@ -106,7 +106,7 @@ struct RuleScaleTests {
         defer { other.stop() }
         let engine = try makeEngine()
         defer { engine.shutdown() }
-        let relay = freeUDPAddress()
+        let relay = TestPorts.freeAddress()
         // Real clients on 127.0.0.2-127.0.0.5; the rest of the rules name addresses nobody uses.
         let clients = try (2...5).map { i in
             try Socket.bindUDP(SocketAddress("127.0.0.\(i):0")!, reusePort: false, receiveBuffer: 1 << 20)

@@ -65,7 +65,7 @@ struct SecurityGatewayCommandTests {
         let grant = SessionGrant(sessionID: "kept", agent: "127.0.0.1:9", serverName: "a.test", audience: "g",
                                  issuedAt: now.addingTimeInterval(-5), expires: now.addingTimeInterval(600))
         #expect(earlier.prepare(grant, token: try await signer.sign(grant)) == .added)
-        let (sg, control) = (try SGTest.freePort(), try SGTest.freePort())
+        let (sg, control) = (TestPorts.free(), TestPorts.free())
         try "GatewayGroup = g\nJwtVerifyingCert = c.pem\nListenAddress = 127.0.0.1:\(sg)\nControlListen = 127.0.0.1:\(control)\n"
             .write(toFile: dir + "/sg.conf", atomically: true, encoding: .utf8)
         let process = try ChildProcess(Self.binary, ["serve", "--config", dir + "/sg.conf", "--data-dir", dir + "/data"])
@@ -101,7 +101,7 @@ struct SecurityGatewayCommandTests {
         #expect(status == 0, "\(err)")
         let tokens = out.split(separator: "\n").map(String.init)
         #expect(tokens.count == 2500)
-        let (sg, control) = (try SGTest.freePort(), try SGTest.freePort())
+        let (sg, control) = (TestPorts.free(), TestPorts.free())
         try "GatewayGroup = g\nJwtVerifyingCert = c.pem\nListenAddress = 127.0.0.1:\(sg)\nControlListen = 127.0.0.1:\(control)\nControlPlainHTTP = true\n"
             .write(toFile: dir + "/sg.conf", atomically: true, encoding: .utf8)
         let arguments = ["serve", "--config", dir + "/sg.conf", "--data-dir", dir + "/data"]

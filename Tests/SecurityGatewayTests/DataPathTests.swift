@@ -34,9 +34,9 @@ final class GatewayFixture: @unchecked Sendable {
         try SGTest.openssl(["req", "-x509", "-new", "-key", "cm.key", "-days", "2", "-subj", "/CN=cm", "-out", "cm.crt"], in: dir)
         try SGTest.openssl(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "agent.key", "-days", "2",
                             "-subj", "/CN=agent.test", "-out", "agent.crt"], in: dir)
-        let sgPort = try SGTest.freePort()
-        let agentPort = try SGTest.freePort()
-        let sourcePort = try SGTest.freePort()
+        let sgPort = TestPorts.free()
+        let agentPort = TestPorts.free()
+        let sourcePort = TestPorts.free()
         let text = """
             GatewayGroup = sg-test
             JwtVerifyingCert = \(dir)/cm.crt

@@ -23,9 +23,6 @@ enum SGTest {
         return dir
     }
 
-    /// A port free for both TCP and UDP on 127.0.0.1 (`TestPorts`: below the ephemeral range).
-    static func freePort() throws -> UInt16 { TestPorts.free() }
-
     static func loopback(_ port: UInt16, host: String = "127.0.0.1") -> sockaddr_in {
         var address = sockaddr_in()
         address.sin_family = sa_family_t(AF_INET)

@@ -57,6 +57,9 @@ struct FormatTests {
                                           metadata: ["client": "x\r\ny", "plain": "z"], now: Date(timeIntervalSince1970: 0))
         #expect(line == "1970-01-01T00:00:00.000Z warning sg: a\\r\\nb\\rc client=\"x\\r\\ny\" plain=z\n")
         #expect(line.utf8.filter { $0 == 0x0A || $0 == 0x0D }.count == 1)
+        // The metrics exposition escapes the same way: a CRLF's line feed cannot end the sample line.
+        #expect(PrometheusText.escape("a\r\nb\"c\\") == "a\r\\nb\\\"c\\\\")
+        #expect(PrometheusText.escape("a\r\nb\"", quotes: false) == "a\r\\nb\"")
     }
 
     @Test("percent-decoding agrees with Foundation's removingPercentEncoding", arguments: [

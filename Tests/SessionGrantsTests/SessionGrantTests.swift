@@ -113,12 +113,8 @@ struct SessionGrantTests {
 
     @Test("the unverified header: alg must be a string, crit must be absent, the header a JSON object")
     func headerChecks() throws {
-        func b64(_ text: String) -> String {
-            Data(text.utf8).base64EncodedString().replacingOccurrences(of: "+", with: "-")
-                .replacingOccurrences(of: "/", with: "_").replacingOccurrences(of: "=", with: "")
-        }
         func parse(_ header: String) -> Result<GrantToken, GrantError> {
-            Result { () throws(GrantError) in try GrantToken(parsing: b64(header) + "." + b64(#"{"sid":"s"}"#) + ".c2ln") }
+            Result { () throws(GrantError) in try GrantToken(parsing: base64url(header) + "." + base64url(#"{"sid":"s"}"#) + ".c2ln") }
         }
         #expect(try parse(#"{"alg":"ES256","typ":"JWT"}"#).get().algorithm == "ES256")
         #expect(try parse(#"{"alg":"ES256"}"#).get().payload == Array(#"{"sid":"s"}"#.utf8))
@@ -132,7 +128,7 @@ struct SessionGrantTests {
             #expect(throws: GrantError.malformed(reason), "\(header)") { try parse(header).get() }
         }
         #expect(throws: GrantError.malformed("the header is not base64url JSON")) {
-            try GrantToken(parsing: "e30+." + b64("{}") + ".c2ln")
+            try GrantToken(parsing: "e30+." + base64url("{}") + ".c2ln")
         }
     }
 
@@ -143,19 +139,14 @@ struct SessionGrantTests {
         let signer = try await GrantSigner.load(pem: key)
         let verifier = try await GrantVerifier.load(certificatePEM: cert, audience: "sg-group-a")
         let payload = String(try await signer.sign(grant()).split(separator: ".")[1])
-        func b64(_ text: String) -> String {
-            Data(text.utf8).base64EncodedString().replacingOccurrences(of: "+", with: "-")
-                .replacingOccurrences(of: "/", with: "_").replacingOccurrences(of: "=", with: "")
-        }
-        let none = b64(#"{"alg":"none","typ":"JWT"}"#) + "." + payload + "."
+        let none = base64url(#"{"alg":"none","typ":"JWT"}"#) + "." + payload + "."
         await #expect(throws: GrantError.algorithmNotAllowed("none")) { try await verifier.verify(none, now: now) }
-        let hs = b64(#"{"alg":"HS256","typ":"JWT"}"#) + "." + payload
+        let hs = base64url(#"{"alg":"HS256","typ":"JWT"}"#) + "." + payload
         let mac = hmacSHA256(key: Array(cert.utf8), message: Array(hs.utf8))
-        let hsToken = hs + "." + Data(mac).base64EncodedString().replacingOccurrences(of: "+", with: "-")
-            .replacingOccurrences(of: "/", with: "_").replacingOccurrences(of: "=", with: "")
+        let hsToken = hs + "." + base64url(mac)
         await #expect(throws: GrantError.algorithmNotAllowed("HS256")) { try await verifier.verify(hsToken, now: now) }
         // ES256 presented to an RS256 verifier.
-        let es = b64(#"{"alg":"ES256","typ":"JWT"}"#) + "." + payload + ".AAAA"
+        let es = base64url(#"{"alg":"ES256","typ":"JWT"}"#) + "." + payload + ".AAAA"
         await #expect(throws: GrantError.algorithmNotAllowed("ES256")) { try await verifier.verify(es, now: now) }
     }
 
@@ -186,6 +177,14 @@ struct SessionGrantTests {
             _ = try await GrantVerifier.load(certificatePEM: "hello", audience: "a")
         }
     }
+}
+
+/// Unpadded base64url, as a JWT's parts are written.
+func base64url(_ text: String) -> String { base64url(Array(text.utf8)) }
+
+func base64url(_ bytes: [UInt8]) -> String {
+    Data(bytes).base64EncodedString().replacingOccurrences(of: "+", with: "-")
+        .replacingOccurrences(of: "/", with: "_").replacingOccurrences(of: "=", with: "")
 }
 
 /// HMAC-SHA-256 by the `openssl` command (the attacker's tool in the algorithm-confusion test).

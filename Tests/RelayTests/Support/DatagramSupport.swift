@@ -79,14 +79,9 @@ struct DatagramClient {
     func close() { fd.close() }
 }
 
-func freeUDPAddress() -> SocketAddress { TestPorts.freeAddress() }
-
 /// Milliseconds left until `deadline` (monotonic nanoseconds), at least 0.
 func remainingMilliseconds(until deadline: UInt64) -> Int32 {
     let now = MonotonicClock.nowNanoseconds
     return now >= deadline ? 0 : Int32((deadline - now) / 1_000_000)
 }
 
-/// A loopback port free for both TCP and UDP at this moment, so a test can
-/// open both on one number.
-func freeDualPort() -> UInt16 { TestPorts.free() }

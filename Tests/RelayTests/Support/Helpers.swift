@@ -4,9 +4,6 @@ import Logging
 import SystemLayer
 import TestSupport
 
-/// A loopback port that was free a moment ago (bound to port 0, then closed).
-func freeLoopbackAddress() -> SocketAddress { TestPorts.freeAddress() }
-
 func makeEngine(_ configure: (inout RelaySettings) -> Void = { _ in }) throws -> RelayEngine {
     var settings = RelaySettings(loops: 2)
     configure(&settings)
