@@ -374,8 +374,7 @@ final class LoopContext: TimerHandler {
     func inspectionConnect(_ connection: InspectingConnection, target: SocketAddress) {
         inspecting[connection.id] = nil
         loop.deregister(connection.client)
-        var rule = connection.rule
-        rule.target = target
+        let rule = connection.rule
         let upstream: FileDescriptor
         do {
             upstream = try Socket.makeTCP(family: target.family)
@@ -392,7 +391,7 @@ final class LoopContext: TimerHandler {
         }
         Socket.setNoDelay(upstream)
         let relay = RelayConnection(id: connection.id, client: connection.client, upstream: upstream,
-                                    clientAddress: connection.clientAddress, rule: rule, gate: connection.gate,
+                                    clientAddress: connection.clientAddress, rule: rule, target: target, gate: connection.gate,
                                     ruleCounters: tcpCounters(for: rule.id), context: self, now: loop.now, replay: connection.bytes,
                                     inspection: connection.inspection, startedAt: connection.startedAt)
         let interest: EpollEvents = [.readable, .writable, .readHangUp, .edgeTriggered]
@@ -465,7 +464,7 @@ final class LoopContext: TimerHandler {
             toClient: Int(truncatingIfNeeded: connection.toClient.delivered))
         if log.logger.logLevel <= .debug {
             let seconds = Double(loop.now &- connection.startedAt) / 1e9
-            log.logger.debug("closed \(connection.clientAddress) -> \(connection.rule.target) rule=\(connection.rule.id) established=\(wasEstablished) bytes_to_target=\(connection.toTarget.delivered) bytes_to_client=\(connection.toClient.delivered) seconds=\(seconds)")
+            log.logger.debug("closed \(connection.clientAddress) -> \(connection.target) rule=\(connection.rule.id) established=\(wasEstablished) bytes_to_target=\(connection.toTarget.delivered) bytes_to_client=\(connection.toClient.delivered) seconds=\(seconds)")
         }
     }
 }
@@ -551,17 +550,16 @@ extension LoopContext {
         switch record.kind {
         case .connection:
             guard let state = record.connection else { return refuse("no connection state") }
-            var rule = byID[ruleID] ?? RelayRule(id: ruleID, listen: listen, target: target,
+            // The connection keeps going where it went (`target`), whatever its rule says now.
+            let rule = byID[ruleID] ?? RelayRule(id: ruleID, listen: listen, target: target,
                                                  idleTimeoutNanoseconds: state.idleTimeoutNanoseconds)
-            // The connection keeps going where it went, whatever its rule says now.
-            rule.target = target
             let gate = gates[listen] ?? AdmissionGate.unlimited(record.listen)
             let ruleCounters = tcpCounters(for: ruleID)
             nextID &+= 1
             let connection: RelayConnection
             do throws(HandoverError) {
                 connection = try RelayConnection.adopted(item, state: state, id: nextID, clientAddress: client, rule: rule,
-                                                         gate: gate, ruleCounters: ruleCounters, context: self)
+                                                         target: target, gate: gate, ruleCounters: ruleCounters, context: self)
             } catch {
                 return refuse(error.message)
             }

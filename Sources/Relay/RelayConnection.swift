@@ -14,7 +14,11 @@ final class RelayConnection: EventHandler, TimerHandler {
     let client: FileDescriptor
     let upstream: FileDescriptor
     let clientAddress: SocketAddress
+    /// The rule (shared with the listener and every connection of it).
     let rule: RelayRule
+    /// Where this connection goes: the rule's target, or the one its
+    /// inspection chose (the rule stays shared rather than copied per connection).
+    let target: SocketAddress
     let gate: AdmissionGate
     /// The rule's counters on this loop (bytes added at close without a lookup).
     let ruleCounters: TCPRuleCounters
@@ -48,13 +52,14 @@ final class RelayConnection: EventHandler, TimerHandler {
     }
 
     init(id: UInt64, client: FileDescriptor, upstream: FileDescriptor, clientAddress: SocketAddress,
-         rule: RelayRule, gate: AdmissionGate, ruleCounters: TCPRuleCounters, context: LoopContext, now: UInt64,
-         replay: [UInt8] = [], inspection: (any Inspection)? = nil, startedAt: UInt64? = nil) {
+         rule: RelayRule, target: SocketAddress? = nil, gate: AdmissionGate, ruleCounters: TCPRuleCounters, context: LoopContext,
+         now: UInt64, replay: [UInt8] = [], inspection: (any Inspection)? = nil, startedAt: UInt64? = nil) {
         self.id = id
         self.client = client
         self.upstream = upstream
         self.clientAddress = clientAddress
         self.rule = rule
+        self.target = target ?? rule.target
         self.gate = gate
         self.ruleCounters = ruleCounters
         self.context = context
@@ -69,7 +74,7 @@ final class RelayConnection: EventHandler, TimerHandler {
     func startConnect(loop: EventLoop) {
         let progress: ConnectProgress
         do {
-            progress = try Socket.connect(upstream, to: rule.target)
+            progress = try Socket.connect(upstream, to: self.target)
         } catch {
             connectFailed(error)
             return
@@ -209,7 +214,7 @@ final class RelayConnection: EventHandler, TimerHandler {
         case .success(.wouldBlock):
             return true
         case .failure(let error):
-            context.log.limited(.connectFailure, "cannot write the inspected bytes to \(rule.target) for rule \"\(rule.id)\" (client \(clientAddress)): \(error)")
+            context.log.limited(.connectFailure, "cannot write the inspected bytes to \(self.target) for rule \"\(rule.id)\" (client \(clientAddress)): \(error)")
             close(resetClient: true, resetUpstream: false, countReset: true)
             return false
         }
@@ -225,7 +230,7 @@ final class RelayConnection: EventHandler, TimerHandler {
         let bytes = preamble.make(clientAddress, local)
         let written = bytes.withUnsafeBytes { raw in try? upstream.write(raw) }
         guard case .done(let n)? = written, n == bytes.count else {
-            context.log.limited(.connectFailure, "cannot write the \(preamble.name) to \(rule.target) for rule \"\(rule.id)\" (client \(clientAddress))")
+            context.log.limited(.connectFailure, "cannot write the \(preamble.name) to \(self.target) for rule \"\(rule.id)\" (client \(clientAddress))")
             context.counters.bump(context.counters.connectOtherFailure)
             close(resetClient: true, resetUpstream: true)
             return false
@@ -241,8 +246,8 @@ final class RelayConnection: EventHandler, TimerHandler {
         } else {
             context.counters.bump(context.counters.connectOtherFailure)
         }
-        context.log.limited(.connectFailure, "cannot reach \(rule.target) for rule \"\(rule.id)\" (client \(clientAddress)): \(error)",
-                            ["client": "\(clientAddress)", "target": "\(rule.target)", "rule": "\(rule.id)", "reason": "\(error)"])
+        context.log.limited(.connectFailure, "cannot reach \(self.target) for rule \"\(rule.id)\" (client \(clientAddress)): \(error)",
+                            ["client": "\(clientAddress)", "target": "\(self.target)", "rule": "\(rule.id)", "reason": "\(error)"])
         close(resetClient: true, resetUpstream: false)
     }
 
@@ -294,7 +299,7 @@ final class RelayConnection: EventHandler, TimerHandler {
     }
 
     var info: ConnectionInfo {
-        ConnectionInfo(id: id, loop: context.loop.id, rule: rule.id, client: clientAddress, target: rule.target,
+        ConnectionInfo(id: id, loop: context.loop.id, rule: rule.id, client: clientAddress, target: self.target,
                        startedAtNanoseconds: startedAt, established: state == .established,
                        bytesClientToTarget: toTarget.delivered &+ replayedBytes, bytesTargetToClient: toClient.delivered)
     }
@@ -391,14 +396,14 @@ extension RelayConnection {
         let descriptors = [client, upstream] + targetPipe + backPipe
         return HandedSocket(record: HandoverRecord(kind: .connection, loop: loop, listen: "\(rule.listen)",
                                                    descriptors: descriptors.count, rule: rule.id,
-                                                   target: "\(rule.target)", client: "\(clientAddress)",
+                                                   target: "\(self.target)", client: "\(clientAddress)",
                                                    connection: state),
                             descriptors: descriptors)
     }
 
     /// A connection handed over by a predecessor, not yet watched (`resume` does that).
     static func adopted(_ item: HandedSocket, state: HandoverRecord.ConnectionState, id: UInt64, clientAddress: SocketAddress,
-                        rule: RelayRule, gate: AdmissionGate, ruleCounters: TCPRuleCounters,
+                        rule: RelayRule, target: SocketAddress, gate: AdmissionGate, ruleCounters: TCPRuleCounters,
                         context: LoopContext) throws(HandoverError) -> RelayConnection {
         let fds = item.descriptors
         let pipeCount = (state.toTarget.pipeCapacity != nil ? 2 : 0) + (state.toClient.pipeCapacity != nil ? 2 : 0)
@@ -407,7 +412,7 @@ extension RelayConnection {
         }
         let now = context.loop.now
         let connection = RelayConnection(id: id, client: fds[0], upstream: fds[1], clientAddress: clientAddress, rule: rule,
-                                         gate: gate, ruleCounters: ruleCounters, context: context, now: now,
+                                         target: target, gate: gate, ruleCounters: ruleCounters, context: context, now: now,
                                          startedAt: now &- min(state.ageNanoseconds, now))
         var next = 2
         func pipe(_ direction: HandoverRecord.DirectionState) -> Pipe? {

@@ -20,63 +20,137 @@ public struct Transport: OptionSet, Hashable, Sendable, CustomStringConvertible 
 
 /// One port-forward: connections (TCP) or flows (UDP) arriving on `listen`
 /// from a client inside `allow` are relayed to `target`.
+///
+/// A value type whose fields live in one shared, immutable box: every
+/// connection and flow holds its rule, so a copy costs a reference (8 bytes)
+/// rather than the ~270 bytes of the fields (issue 15: 5,000 Security
+/// Gateway sessions each held two copies). Setting a field makes a new box.
 public struct RelayRule: Hashable, Sendable, CustomStringConvertible {
+    @usableFromInline
+    struct Fields: Hashable, Sendable {
+        var id: String
+        var listen: SocketAddress
+        @usableFromInline var allow: [CIDR]
+        var target: SocketAddress
+        var idleTimeoutNanoseconds: UInt64?
+        var maxConnections: Int?
+        var transport: Transport
+        var udpIdleTimeoutNanoseconds: UInt64
+        var maxFlows: Int?
+        var sourcePorts: ClosedRange<UInt16>?
+        var preamble: ConnectionPreamble?
+        var inspector: RuleInspector?
+        var router: RuleRouter?
+    }
+
+    @usableFromInline
+    final class Box: Sendable {
+        @usableFromInline let fields: Fields
+        init(_ fields: Fields) { self.fields = fields }
+    }
+
+    @usableFromInline
+    private(set) var box: Box
+
+    private mutating func update(_ change: (inout Fields) -> Void) {
+        var fields = box.fields
+        change(&fields)
+        box = Box(fields)
+    }
+
     /// A name unique within a rule set (the config section name, or the broker's rule id).
-    public var id: String
-    public var listen: SocketAddress
+    public var id: String {
+        get { box.fields.id }
+        set { update { $0.id = newValue } }
+    }
+    public var listen: SocketAddress {
+        get { box.fields.listen }
+        set { update { $0.listen = newValue } }
+    }
     /// Allowed clients; empty means anyone.
-    public var allow: [CIDR]
-    public var target: SocketAddress
+    public var allow: [CIDR] {
+        get { box.fields.allow }
+        set { update { $0.allow = newValue } }
+    }
+    public var target: SocketAddress {
+        get { box.fields.target }
+        set { update { $0.target = newValue } }
+    }
     /// Close a connection after this many nanoseconds with no byte either
     /// way. Nil (the default) means never: remote-desktop sessions are quiet
     /// for hours and liveness comes from TCP keepalive instead.
-    public var idleTimeoutNanoseconds: UInt64?
+    public var idleTimeoutNanoseconds: UInt64? {
+        get { box.fields.idleTimeoutNanoseconds }
+        set { update { $0.idleTimeoutNanoseconds = newValue } }
+    }
     /// The connection limit of this rule's listener (nil: the engine's default).
-    public var maxConnections: Int?
+    public var maxConnections: Int? {
+        get { box.fields.maxConnections }
+        set { update { $0.maxConnections = newValue } }
+    }
     /// TCP, UDP or both on the same port number.
-    public var transport: Transport
+    public var transport: Transport {
+        get { box.fields.transport }
+        set { update { $0.transport = newValue } }
+    }
     /// A UDP flow with no datagram either way for this long is removed.
-    public var udpIdleTimeoutNanoseconds: UInt64
+    public var udpIdleTimeoutNanoseconds: UInt64 {
+        get { box.fields.udpIdleTimeoutNanoseconds }
+        set { update { $0.udpIdleTimeoutNanoseconds = newValue } }
+    }
     /// The flow limit of this rule's UDP listener (nil: the engine's default).
-    public var maxFlows: Int?
+    public var maxFlows: Int? {
+        get { box.fields.maxFlows }
+        set { update { $0.maxFlows = newValue } }
+    }
     /// UDP flows leave from one of these source ports (e.g. 55000, as the
     /// PCoIP Security Gateway does) instead of an ephemeral one. Flows to the
     /// same target share a port only when they cannot be told apart by the
     /// target's address, so each (port, target) pair serves one flow.
-    public var sourcePorts: ClosedRange<UInt16>?
+    public var sourcePorts: ClosedRange<UInt16>? {
+        get { box.fields.sourcePorts }
+        set { update { $0.sourcePorts = newValue } }
+    }
     /// Bytes written to the upstream socket right after its connect
     /// succeeds and before any client byte (e.g. a PROXY protocol v2 header).
     /// TCP only.
-    public var preamble: ConnectionPreamble?
+    public var preamble: ConnectionPreamble? {
+        get { box.fields.preamble }
+        set { update { $0.preamble = newValue } }
+    }
     /// Inspect first: the target is chosen per connection by this inspector
     /// from the client's first bytes (which are then written upstream before
     /// any other client byte), and `target` is not used. TCP only.
-    public var inspector: RuleInspector?
+    public var inspector: RuleInspector? {
+        get { box.fields.inspector }
+        set { update { $0.inspector = newValue } }
+    }
     /// Routed UDP: each new flow's target and source port come from this
     /// router (e.g. the Security Gateway choosing among the sessions of one
     /// client address); `target` and `sourcePorts` are then only what the
     /// router falls back on. UDP only.
-    public var router: RuleRouter?
+    public var router: RuleRouter? {
+        get { box.fields.router }
+        set { update { $0.router = newValue } }
+    }
 
     public init(id: String, listen: SocketAddress, allow: [CIDR] = [], target: SocketAddress,
                 idleTimeoutNanoseconds: UInt64? = nil, maxConnections: Int? = nil,
                 transport: Transport = .tcp, udpIdleTimeoutNanoseconds: UInt64 = 120_000_000_000,
                 maxFlows: Int? = nil, sourcePorts: ClosedRange<UInt16>? = nil) {
-        self.id = id
-        self.listen = listen
-        self.allow = allow
-        self.target = target
-        self.idleTimeoutNanoseconds = idleTimeoutNanoseconds
-        self.maxConnections = maxConnections
-        self.transport = transport
-        self.udpIdleTimeoutNanoseconds = udpIdleTimeoutNanoseconds
-        self.maxFlows = maxFlows
-        self.sourcePorts = sourcePorts
+        box = Box(Fields(id: id, listen: listen, allow: allow, target: target,
+                         idleTimeoutNanoseconds: idleTimeoutNanoseconds, maxConnections: maxConnections,
+                         transport: transport, udpIdleTimeoutNanoseconds: udpIdleTimeoutNanoseconds,
+                         maxFlows: maxFlows, sourcePorts: sourcePorts))
     }
+
+    public static func == (a: RelayRule, b: RelayRule) -> Bool { a.box === b.box || a.box.fields == b.box.fields }
+    public func hash(into hasher: inout Hasher) { hasher.combine(box.fields) }
 
     /// True when `client` may use this rule.
     @inlinable
     public func admits(_ client: IPAddress) -> Bool {
+        let allow = box.fields.allow
         if allow.isEmpty { return true }
         for prefix in allow where prefix.contains(client) { return true }
         return false

@@ -35,7 +35,9 @@ public enum SessionRefusal: String, CaseIterable, Sendable, Error {
 /// prepared grant → the agent. No socket here: the relay feeds bytes in and
 /// carries the decision out, so this is tested with plain byte arrays.
 public final class SNIInspection: Inspection {
-    private var reader: ClientHelloReader
+    /// Nil once decided: this object lives as long as the session (to end
+    /// it), so it keeps only the decision and the ticket.
+    private var reader: ClientHelloReader?
     private var fed = 0
     /// The decision once made; later bytes do not change it.
     private var settled: InspectionDecision?
@@ -44,8 +46,8 @@ public final class SNIInspection: Inspection {
     private let sessions: SessionTracker
     /// The session this connection started (after `.connect`).
     public private(set) var ticket: SessionTracker.Ticket?
-    /// The grant that admitted the connection.
-    public private(set) var grant: SessionGrant?
+    /// The session id of the grant that admitted the connection (nil before, and once ended).
+    public var sessionID: String? { ticket?.sessionID }
 
     public init(client: SocketAddress, maxBytes: Int, grants: PreparedGrants, sessions: SessionTracker) {
         self.client = client
@@ -55,12 +57,14 @@ public final class SNIInspection: Inspection {
     }
 
     public func feed(_ all: [UInt8]) -> InspectionDecision {
-        if let settled { return settled }
+        // Taken out while fed, so that its buffer is not copied on write.
+        guard settled == nil, var reader = reader.take() else { return settled ?? .needMore }
         let outcome = reader.feed(all[fed...])
         fed = all.count
         let decision: InspectionDecision
         switch outcome {
         case .needMore:
+            self.reader = reader
             return .needMore
         case .rejected(let error):
             decision = .refuse(Self.reason(error).rawValue)
@@ -71,7 +75,6 @@ public final class SNIInspection: Inspection {
         // object lives as long as the session (to end it), so the reader's
         // buffer (2 KiB reserved) goes now, not at the session's end.
         settled = decision
-        reader = ClientHelloReader(maxBytes: 0)
         return decision
     }
 
@@ -85,7 +88,6 @@ public final class SNIInspection: Inspection {
         switch sessions.start(client: ip, agent: agent, sessionID: entry.grant.sessionID) {
         case .success(let ticket):
             self.ticket = ticket
-            grant = entry.grant
             return .connect(agent)
         case .failure(let refusal):
             return .refuse(refusal.rawValue)

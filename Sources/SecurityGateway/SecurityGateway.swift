@@ -210,7 +210,7 @@ public final class SecurityGateway: Sendable {
         // Live connections of the session end too (their UDP binding with
         // them): a revoked session must not go on until the client leaves.
         let closed = engine.closeInspected { inspection in
-            (inspection as? SNIInspection)?.grant?.sessionID == sessionID
+            (inspection as? SNIInspection)?.sessionID == sessionID
         }
         if n > 0 || closed > 0 {
             logger.info("session \(sessionID) revoked (\(n) prepared grant(s), \(closed) live connection(s) closed)")

@@ -47,7 +47,28 @@ public final class SessionTracker: DatagramRouter, Sendable {
         /// Start order, for choosing the newest path.
         let sequence: UInt64
         /// Client UDP ports whose flows use this path.
-        var flows: Set<UInt16> = []
+        var flows = PortSet()
+    }
+
+    /// A set of ports that almost always holds none or one (a path's flows,
+    /// the source ports toward one agent): that one is kept inline, so a
+    /// session allocates no hash table for it (issue 15: 5,000 sessions each
+    /// held two, about 200 bytes).
+    struct PortSet: Sendable {
+        private var first: UInt16?
+        private var others: Set<UInt16> = []
+
+        var isEmpty: Bool { first == nil }
+
+        func contains(_ port: UInt16) -> Bool { first == port || (!others.isEmpty && others.contains(port)) }
+
+        mutating func insert(_ port: UInt16) {
+            if first == nil { first = port } else if first != port { others.insert(port) }
+        }
+
+        mutating func remove(_ port: UInt16) {
+            if first == port { first = others.popFirst() } else if !others.isEmpty { others.remove(port) }
+        }
     }
 
     private struct State {
@@ -56,7 +77,7 @@ public final class SessionTracker: DatagramRouter, Sendable {
         var pathCount = 0
         /// The source ports in use toward each agent (so a new path finds
         /// its port without scanning every path).
-        var portsByAgent: [SocketAddress: Set<UInt16>] = [:]
+        var portsByAgent: [SocketAddress: PortSet] = [:]
         var sequence: UInt64 = 0
         var active = 0
         /// Connections admitted by a prepared grant since start (for `/metrics`).
@@ -121,7 +142,7 @@ public final class SessionTracker: DatagramRouter, Sendable {
                 s.activeBySession[sessionID, default: 0] += 1
                 return .success(Ticket(client: client, agent: agent, sessionID: sessionID))
             }
-            let taken = s.portsByAgent[agent] ?? []
+            let taken = s.portsByAgent[agent] ?? PortSet()
             let port: UInt16
             if !taken.contains(agentSourcePort) {
                 port = agentSourcePort
@@ -134,7 +155,7 @@ public final class SessionTracker: DatagramRouter, Sendable {
             s.paths[client, default: []].append(Path(binding: Binding(client: client, agent: agent, sourcePort: port, sessions: 1),
                                                      sequence: s.sequence))
             s.pathCount += 1
-            s.portsByAgent[agent, default: []].insert(port)
+            s.portsByAgent[agent, default: PortSet()].insert(port)
             s.active += 1
             s.started += 1
             s.activeBySession[sessionID, default: 0] += 1
@@ -174,19 +195,23 @@ public final class SessionTracker: DatagramRouter, Sendable {
     public func route(client: SocketAddress, rule: String) -> DatagramRoute? {
         let ip = client.ip.unmapped
         return state.withLock { s -> DatagramRoute? in
-            guard var list = s.paths[ip], !list.isEmpty else { return nil }
-            var chosen = list.count - 1
-            if list.count > 1 {
-                var newestFree: Int?
-                for (index, path) in list.enumerated() where path.flows.isEmpty {
-                    if newestFree.map({ list[$0].sequence < path.sequence }) ?? true { newestFree = index }
-                }
-                chosen = newestFree ?? list.indices.max { list[$0].sequence < list[$1].sequence }!
-            }
-            list[chosen].flows.insert(client.port)
-            s.paths[ip] = list
-            return DatagramRoute(target: list[chosen].binding.agent, sourcePort: list[chosen].binding.sourcePort)
+            guard let chosen = Self.choosePath(s.paths[ip] ?? []) else { return nil }
+            // In place: the address's list is not copied for the change.
+            s.paths[ip]![chosen].flows.insert(client.port)
+            let binding = s.paths[ip]![chosen].binding
+            return DatagramRoute(target: binding.agent, sourcePort: binding.sourcePort)
         }
+    }
+
+    /// The newest path without a flow, else the newest; nil for none.
+    private static func choosePath(_ list: [Path]) -> Int? {
+        guard !list.isEmpty else { return nil }
+        guard list.count > 1 else { return 0 }
+        var newestFree: Int?
+        for (index, path) in list.enumerated() where path.flows.isEmpty {
+            if newestFree.map({ list[$0].sequence < path.sequence }) ?? true { newestFree = index }
+        }
+        return newestFree ?? list.indices.max { list[$0].sequence < list[$1].sequence }!
     }
 
     public func flowEnded(client: SocketAddress, route: DatagramRoute) {

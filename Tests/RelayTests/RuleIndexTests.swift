@@ -18,6 +18,23 @@ struct RuleIndexTests {
         return index
     }
 
+    @Test("a rule is a value: copies share one box until one is changed, and compare and hash by their fields")
+    func ruleIsAValueSharingItsFields() {
+        let original = rule("a", "0.0.0.0:20001", allow: ["10.1.0.1/32"])
+        var copy = original
+        #expect(copy.box === original.box, "a copy costs a reference, not the fields")
+        copy.target = SocketAddress("10.0.0.7:3389")!
+        #expect(copy.box !== original.box)
+        #expect(original.target == SocketAddress("10.0.0.9:3389")! && copy.target == SocketAddress("10.0.0.7:3389")!)
+        #expect(copy != original)
+        copy.target = original.target
+        #expect(copy == original && copy.hashValue == original.hashValue, "equal fields in two boxes are equal")
+        copy.allow.append(CIDR("10.2.0.0/16")!)
+        #expect(copy.allow.count == 2 && original.allow.count == 1)
+        #expect(copy.admits(IPAddress("10.2.3.4")!) && !original.admits(IPAddress("10.2.3.4")!))
+        #expect(Set([original, copy, original]).count == 2)
+    }
+
     @Test("a listener opens with its address's first rule and closes with its last")
     func openAndClose() throws {
         var index = try indexed([rule("a", "0.0.0.0:20001", allow: ["10.1.0.1/32"])])

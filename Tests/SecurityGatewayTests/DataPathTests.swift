@@ -496,12 +496,13 @@ struct SecurityGatewayDataPathTests {
         }
         #expect(decision == .connect(SocketAddress("10.1.2.3:4172")!))
         #expect(sessions.active == 1 && sessions.bindings.first?.sourcePort == 55000)
+        #expect(inspection.sessionID == "s", "revoking session s finds this connection")
         // Decided once: more bytes (its reader's buffer is gone) give the same
         // decision and start no second session.
         #expect(inspection.feed(hello + [0x17, 0x03, 0x03]) == decision)
         #expect(sessions.active == 1)
         inspection.sessionEnded()
-        #expect(sessions.active == 0 && sessions.bindings.isEmpty)
+        #expect(sessions.active == 0 && sessions.bindings.isEmpty && inspection.sessionID == nil)
         let idle = SNIInspection(client: SocketAddress("192.0.2.1:5000")!, maxBytes: 16384, grants: grants, sessions: sessions)
         #expect(idle.endOfStream() == .refuse("truncated") && idle.timedOut() == .refuse("timeout"))
         #expect(run([UInt8](hello.prefix(10))) == .needMore)
