@@ -526,3 +526,47 @@ int shim_reap_child(int pid, int *status) {
     *status = WIFEXITED(raw) ? WEXITSTATUS(raw) : 128 + (WIFSIGNALED(raw) ? WTERMSIG(raw) : 0);
     return rc;
 }
+
+int shim_run_capture(const char *path, char *const argv[], char *const envp[],
+                     unsigned char *out, size_t cap, size_t *len, int *status) {
+    int fds[2];
+    *len = 0;
+    if (pipe2(fds, O_CLOEXEC) != 0) return -1;
+    posix_spawn_file_actions_t actions;
+    posix_spawnattr_t attr;
+    int rc = posix_spawn_file_actions_init(&actions);
+    if (rc != 0) { close(fds[0]); close(fds[1]); errno = rc; return -1; }
+    rc = posix_spawnattr_init(&attr);
+    if (rc != 0) { posix_spawn_file_actions_destroy(&actions); close(fds[0]); close(fds[1]); errno = rc; return -1; }
+    // The pipe's write end becomes the child's stdout; nothing else of ours stays open in it.
+    rc = posix_spawn_file_actions_adddup2(&actions, fds[1], 1);
+    if (rc == 0) rc = posix_spawn_file_actions_addclosefrom_np(&actions, 3);
+    sigset_t empty, all;
+    sigemptyset(&empty);
+    sigfillset(&all);
+    if (rc == 0) rc = posix_spawnattr_setsigmask(&attr, &empty);
+    if (rc == 0) rc = posix_spawnattr_setsigdefault(&attr, &all);
+    if (rc == 0) rc = posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
+    pid_t child = 0;
+    if (rc == 0) rc = posix_spawn(&child, path, &actions, &attr, argv, envp);
+    posix_spawn_file_actions_destroy(&actions);
+    posix_spawnattr_destroy(&attr);
+    close(fds[1]);
+    if (rc != 0) { close(fds[0]); errno = rc; return -1; }
+    unsigned char drop[4096];
+    for (;;) {
+        unsigned char *into = *len < cap ? out + *len : drop;
+        size_t room = *len < cap ? cap - *len : sizeof drop;
+        ssize_t n = read(fds[0], into, room);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) break;
+        if (into != drop) *len += (size_t)n;
+    }
+    close(fds[0]);
+    int raw = 0;
+    while (waitpid(child, &raw, 0) < 0) {
+        if (errno != EINTR) return -1;
+    }
+    *status = WIFEXITED(raw) ? WEXITSTATUS(raw) : 128 + (WIFSIGNALED(raw) ? WTERMSIG(raw) : 0);
+    return 0;
+}

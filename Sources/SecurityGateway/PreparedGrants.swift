@@ -117,7 +117,7 @@ public final class PreparedGrants: Sendable {
 
     /// Adds a verified grant; returns once it is durable in the journal.
     public func prepare(_ grant: SessionGrant, token: String, now: Date = Date()) -> PrepareResult {
-        let name = grant.serverName.lowercased()
+        let name = Self.key(grant.serverName)
         let outcome = state.withLock { s -> (PrepareResult, AppendOnlyFile.Appended?) in
             if s.consumed[grant.id] != nil { return (.alreadyUsed, nil) }
             if s.byName[name]?.contains(where: { $0.grant.id == grant.id }) == true { return (.alreadyPrepared, nil) }
@@ -140,9 +140,17 @@ public final class PreparedGrants: Sendable {
         return outcome.0
     }
 
+    /// The key of a server name: lower case. A name that already is (as SNI
+    /// names almost always are) is its own key, so the table holds no second
+    /// copy of it per grant and a lookup allocates nothing for it.
+    static func key(_ name: String) -> String {
+        if name.utf8.allSatisfy({ $0 < 0x80 && !(0x41...0x5A).contains($0) }) { return name }
+        return name.lowercased()
+    }
+
     /// Adds a restored entry. - Returns: false when its id is already there.
     private func insert(_ entry: Entry) -> Bool {
-        let name = entry.grant.serverName.lowercased()
+        let name = Self.key(entry.grant.serverName)
         return state.withLock { s in
             guard s.byName[name]?.contains(where: { $0.grant.id == entry.grant.id }) != true else { return false }
             s.byName[name, default: []].append(entry)
@@ -156,7 +164,7 @@ public final class PreparedGrants: Sendable {
     /// grants are skipped. Single-use grants are removed by the lookup (the
     /// use is journalled at once and made durable in the background).
     public func lookup(serverName: String, client: String, now: Date = Date(), leeway: TimeInterval = 30) -> Entry? {
-        let name = serverName.lowercased()
+        let name = Self.key(serverName)
         var used: AppendOnlyFile.Appended?
         let found = state.withLock { s -> Entry? in
             guard let entries = s.byName[name] else { return nil }

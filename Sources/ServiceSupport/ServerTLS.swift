@@ -31,49 +31,144 @@ public struct ServerTLS: Sendable {
     /// "SHA256:AB:CD:..." of the certificate (what peers pin).
     public let fingerprint: String
 
+    /// Where the OpenSSL part of `load` runs: making a missing pair,
+    /// checking it (`CertificateFiles.checkServerPair`) and hashing it.
+    public enum PairCheck: Sendable {
+        /// In this process.
+        case inProcess
+        /// In a short-lived child: `executable` with `arguments` and the
+        /// request (one JSON argument) after them, which prints
+        /// `ServerTLS.answer(request:)`. The daemon then never runs
+        /// OpenSSL's decoders or key generation itself: they stay out of its
+        /// address space and its resident memory (the Security Gateway,
+        /// issue 15: about 2.4 MiB of libcrypto's pages), and a fault in
+        /// them ends the child, not the daemon.
+        case child(executable: String, arguments: [String], environment: [String])
+    }
+
+    /// A checked pair: its files, the exact bytes checked (the daemon loads
+    /// these, not a second read), and the certificate's SHA-256.
+    struct CheckedPair: Codable, Sendable {
+        var certificatePath: String
+        var keyPath: String
+        var certificatePEM: [UInt8]
+        var keyPEM: [UInt8]
+        var sha256: [UInt8]
+    }
+
+    /// What `load` asks of a check.
+    struct PairRequest: Codable, Sendable {
+        var certificate: String?
+        var key: String?
+        var folder: String
+        var names: [String]
+        var certificateField: String
+        var keyField: String
+        var stem: String
+    }
+
+    /// A check's answer: the pair, or the problem.
+    struct PairAnswer: Codable, Sendable {
+        var pair: CheckedPair?
+        var field: String?
+        var message: String?
+    }
+
     /// Loads the configured pair, or the folder's (made when missing).
     /// - Parameters:
     ///   - fields: the config keys named in errors (certificate, key).
     ///   - names: IP addresses and names a made certificate is for.
     ///   - stem: the made pair's file names in `folder` (`STEM.crt`, `STEM.key`).
+    ///   - check: where the pair is made and checked (see `PairCheck`).
     /// - Throws: `Problem` naming the config key and the file.
     public static func load(certificate: String?, key: String?, folder: String, names: [String],
-                            fields: (certificate: String, key: String), stem: String = "control-tls") throws(Problem) -> ServerTLS {
+                            fields: (certificate: String, key: String), stem: String = "control-tls",
+                            check: PairCheck = .inProcess) throws(Problem) -> ServerTLS {
+        let request = PairRequest(certificate: certificate, key: key, folder: folder, names: names,
+                                  certificateField: fields.certificate, keyField: fields.key, stem: stem)
+        let pair: CheckedPair
+        switch check {
+        case .inProcess:
+            pair = try checkedPair(request)
+        case .child(let executable, let arguments, let environment):
+            pair = try checkedPairInChild(request, executable: executable, arguments: arguments, environment: environment)
+        }
+        do {
+            let chain = try NIOSSLCertificate.fromPEMBytes(pair.certificatePEM)
+            var configuration = TLSConfiguration.makeServerConfiguration(
+                certificateChain: chain.map { .certificate($0) },
+                privateKey: .privateKey(try NIOSSLPrivateKey(bytes: pair.keyPEM, format: .pem)))
+            configuration.minimumTLSVersion = .tlsv12
+            return ServerTLS(configuration: configuration, certificatePEM: String(decoding: pair.certificatePEM, as: UTF8.self),
+                             source: pair.certificatePath, fingerprint: TLSClientSession.fingerprint(pair.sha256))
+        } catch {
+            throw Problem(field: fields.certificate, message: "\(pair.certificatePath): \(error)")
+        }
+    }
+
+    /// The child's side of `PairCheck.child`: checks (and makes) the pair a
+    /// request names. - Returns: the answer, one JSON line, for stdout.
+    public static func answer(request json: String) -> String {
+        let answer: PairAnswer
+        if let request = try? JSONDecoder().decode(PairRequest.self, from: Data(json.utf8)) {
+            do throws(Problem) {
+                answer = PairAnswer(pair: try checkedPair(request))
+            } catch {
+                answer = PairAnswer(field: error.field, message: error.message)
+            }
+        } else {
+            answer = PairAnswer(field: "request", message: "not a certificate check request")
+        }
+        let bytes = (try? JSONEncoder().encode(answer)) ?? Data()
+        return String(decoding: bytes, as: UTF8.self)
+    }
+
+    /// Makes a missing pair, reads and checks it, and hashes the certificate (OpenSSL).
+    static func checkedPair(_ request: PairRequest) throws(Problem) -> CheckedPair {
         let certificatePath: String, keyPath: String
-        if let certificate, let key {
+        if let certificate = request.certificate, let key = request.key {
             (certificatePath, keyPath) = (certificate, key)
         } else {
-            certificatePath = folder + "/" + stem + ".crt"
-            keyPath = folder + "/" + stem + ".key"
+            certificatePath = request.folder + "/" + request.stem + ".crt"
+            keyPath = request.folder + "/" + request.stem + ".key"
             if !FileManager.default.fileExists(atPath: certificatePath) || !FileManager.default.fileExists(atPath: keyPath) {
-                try make(certificatePath: certificatePath, keyPath: keyPath, names: names, field: fields.certificate)
+                try make(certificatePath: certificatePath, keyPath: keyPath, names: request.names, field: request.certificateField)
             }
         }
         guard let certificatePEM = FileManager.default.contents(atPath: certificatePath) else {
-            throw Problem(field: fields.certificate, message: "\(certificatePath) cannot be read")
+            throw Problem(field: request.certificateField, message: "\(certificatePath) cannot be read")
         }
         guard let keyPEM = FileManager.default.contents(atPath: keyPath) else {
-            throw Problem(field: fields.key, message: "\(keyPath) cannot be read")
+            throw Problem(field: request.keyField, message: "\(keyPath) cannot be read")
         }
-        let hash: [UInt8]
         do throws(CertificateFiles.Problem) {
             try CertificateFiles.checkServerPair(certificate: Array(certificatePEM), certificateFile: certificatePath,
                                                  key: Array(keyPEM), keyFile: keyPath)
-            hash = try CertificateFiles.sha256(pem: Array(certificatePEM), file: certificatePath)
+            let hash = try CertificateFiles.sha256(pem: Array(certificatePEM), file: certificatePath)
+            return CheckedPair(certificatePath: certificatePath, keyPath: keyPath, certificatePEM: Array(certificatePEM),
+                               keyPEM: Array(keyPEM), sha256: hash)
         } catch {
-            throw Problem(field: error.file == keyPath ? fields.key : fields.certificate, message: error.description)
+            throw Problem(field: error.file == keyPath ? request.keyField : request.certificateField, message: error.description)
         }
-        do {
-            let chain = try NIOSSLCertificate.fromPEMBytes(Array(certificatePEM))
-            var configuration = TLSConfiguration.makeServerConfiguration(
-                certificateChain: chain.map { .certificate($0) },
-                privateKey: .privateKey(try NIOSSLPrivateKey(bytes: Array(keyPEM), format: .pem)))
-            configuration.minimumTLSVersion = .tlsv12
-            return ServerTLS(configuration: configuration, certificatePEM: String(decoding: certificatePEM, as: UTF8.self),
-                             source: certificatePath, fingerprint: TLSClientSession.fingerprint(hash))
+    }
+
+    /// `checkedPair` in a child process (see `PairCheck.child`).
+    static func checkedPairInChild(_ request: PairRequest, executable: String, arguments: [String],
+                                   environment: [String]) throws(Problem) -> CheckedPair {
+        let json = String(decoding: (try? JSONEncoder().encode(request)) ?? Data(), as: UTF8.self)
+        let result: (status: Int32, output: [UInt8])
+        do throws(Errno) {
+            result = try ChildProcessLauncher.output(of: executable, arguments: [executable] + arguments + [json],
+                                                     environment: environment, limit: 1 << 20)
         } catch {
-            throw Problem(field: fields.certificate, message: "\(certificatePath): \(error)")
+            throw Problem(field: request.certificateField, message: "cannot start the certificate check (\(executable)): \(error)")
         }
+        guard result.status == 0, let answer = try? JSONDecoder().decode(PairAnswer.self, from: Data(result.output)) else {
+            throw Problem(field: request.certificateField,
+                          message: "the certificate check (\(executable)) failed with exit status \(result.status) and no answer")
+        }
+        if let pair = answer.pair { return pair }
+        throw Problem(field: answer.field ?? request.certificateField, message: answer.message ?? "the certificate check gave no reason")
     }
 
     private static func make(certificatePath: String, keyPath: String, names: [String], field: String) throws(Problem) {

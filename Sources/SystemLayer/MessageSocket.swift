@@ -89,6 +89,29 @@ public enum ChildProcessLauncher {
         return pid
     }
 
+    /// Runs `path` with `arguments` (argv[0] included) and `environment`,
+    /// waits for it, and returns its exit code (128 + signal when killed) and
+    /// the first `limit` bytes of its standard output. Its stderr is ours.
+    /// Blocking: for dedicated threads (the blocking pool), never a loop.
+    /// - Throws: `Errno` when it cannot be started.
+    public static func output(of path: String, arguments: [String], environment: [String],
+                              limit: Int = 64 * 1024) throws(Errno) -> (status: Int32, output: [UInt8]) {
+        let argv = arguments.map { strdup($0) } + [nil]
+        let envp = environment.map { strdup($0) } + [nil]
+        defer {
+            argv.forEach { free($0) }
+            envp.forEach { free($0) }
+        }
+        var output = [UInt8](repeating: 0, count: max(limit, 1))
+        var length = 0
+        var status: Int32 = 0
+        let rc = output.withUnsafeMutableBufferPointer { buffer in
+            shim_run_capture(path, argv, envp, buffer.baseAddress, max(limit, 0), &length, &status)
+        }
+        if rc != 0 { throw Errno.current }
+        return (status, Array(output.prefix(length)))
+    }
+
     /// Whether `pid` (our child) has ended, without waiting.
     /// - Returns: its exit code (128 + signal when killed), or nil while it runs.
     public static func exitStatus(of pid: Int32) -> Int32? {

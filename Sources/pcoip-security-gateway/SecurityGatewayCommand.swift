@@ -54,7 +54,7 @@ struct SecurityGatewayCommand: AsyncParsableCommand {
         close every session.
         """,
         version: securityGatewayVersion,
-        subcommands: [Serve.self, Grant.self]
+        subcommands: [Serve.self, Grant.self, CheckControlTLS.self]
     )
 
     @Flag(name: .long, help: "Check --config (and the certificate it names), print a summary and exit: 0 when valid, 1 otherwise.")
@@ -73,6 +73,26 @@ struct SecurityGatewayCommand: AsyncParsableCommand {
         print("listen \(loaded.listen) (tcp+udp), control \(loaded.controlListen)")
         print("gateway group \(loaded.gatewayGroup), grants verified with \(verifier.algorithm.rawValue) from \(loaded.jwtVerifyingCertificate)")
         print("MaxConnections \(loaded.maxConnections), AgentSourcePort \(loaded.agentSourcePort), collaboration \(loaded.enableCollaboration ? "on (\(loaded.collaborationSourcePorts.lowerBound)-\(loaded.collaborationSourcePorts.upperBound))" : "off")")
+    }
+}
+
+/// Not for operators: `serve` runs this as a child to make and check the
+/// control endpoint's certificate and key with OpenSSL, so that OpenSSL's
+/// decoders and key generation never run in the serving process (see
+/// `ServerTLS.PairCheck`). Prints one JSON answer.
+struct CheckControlTLS: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "check-control-tls",
+        abstract: "Make and check the control endpoint's TLS pair (run by serve).",
+        shouldDisplay: false)
+
+    @Argument(help: "The request (JSON), as serve writes it.")
+    var request: String
+
+    func run() async {
+        // Files and key generation: on a dedicated thread, as everywhere.
+        let request = request
+        print(await BlockingExecutor.shared.run { ServerTLS.answer(request: request) })
     }
 }
 
@@ -153,9 +173,12 @@ struct Serve: AsyncParsableCommand {
             let names = ServerTLS.names(listening: listen)
             let made = await BlockingExecutor.shared.run { () -> Result<ServerTLS, ServerTLS.Problem> in
                 Result { () throws(ServerTLS.Problem) in
+                    // Made and checked by a child (OpenSSL stays out of this process's memory, issue 15).
                     try ServerTLS.load(certificate: loaded.controlTLSCertificate.isEmpty ? nil : loaded.controlTLSCertificate,
                                        key: loaded.controlTLSKey.isEmpty ? nil : loaded.controlTLSKey,
-                                       folder: dataDir, names: names, fields: ("ControlTLSCert", "ControlTLSKey"))
+                                       folder: dataDir, names: names, fields: ("ControlTLSCert", "ControlTLSKey"),
+                                       check: .child(executable: "/proc/self/exe", arguments: ["check-control-tls"],
+                                                     environment: ProcessInfo.processInfo.environment.map { "\($0.key)=\($0.value)" }))
                 }
             }
             switch made {

@@ -90,6 +90,44 @@ struct SecurityGatewayCommandTests {
         #expect(output.contains("1 kept") && !output.contains("eyJ"), "no token in the log: \(output)")
     }
 
+    @Test("serve checks ControlTLSCert/ControlTLSKey in a child process: a key of another certificate, or an RSA key under 2,048 bits, stops it naming the key and the file; a bad request to the check is answered, not crashed on")
+    func controlTLSCheckedByChild() throws {
+        let dir = try SGTest.temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try SGTest.openssl(["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", "k.pem"], in: dir)
+        try SGTest.openssl(["req", "-x509", "-new", "-key", "k.pem", "-days", "2", "-subj", "/CN=cm", "-out", "c.pem"], in: dir)
+        for name in ["tls", "other"] {
+            try SGTest.openssl(["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", "\(name).key"], in: dir)
+        }
+        try SGTest.openssl(["req", "-x509", "-new", "-key", "tls.key", "-days", "2", "-subj", "/CN=sg", "-out", "tls.crt"], in: dir)
+        try SGTest.openssl(["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:1024", "-out", "weak.key"], in: dir)
+        try SGTest.openssl(["req", "-x509", "-new", "-key", "weak.key", "-days", "2", "-subj", "/CN=sg", "-out", "weak.crt"], in: dir)
+        func serve(certificate: String, key: String) throws -> (Int32, String) {
+            let (sg, control) = (TestPorts.free(), TestPorts.free())
+            try """
+                GatewayGroup = g
+                JwtVerifyingCert = c.pem
+                ListenAddress = 127.0.0.1:\(sg)
+                ControlListen = 127.0.0.1:\(control)
+                ControlTLSCert = \(dir)/\(certificate)
+                ControlTLSKey = \(dir)/\(key)
+
+                """.write(toFile: dir + "/sg.conf", atomically: true, encoding: .utf8)
+            let (status, _, err) = try run(["serve", "--config", dir + "/sg.conf", "--data-dir", dir + "/data"])
+            return (status, err)
+        }
+        let (mismatched, mismatchedErr) = try serve(certificate: "tls.crt", key: "other.key")
+        #expect(mismatched != 0 && mismatchedErr.contains("ControlTLSKey") && mismatchedErr.contains("other.key")
+                && mismatchedErr.contains("does not belong"), "\(mismatchedErr)")
+        let (weak, weakErr) = try serve(certificate: "weak.crt", key: "weak.key")
+        #expect(weak != 0 && weakErr.contains("ControlTLSCert") && weakErr.contains("1024"), "\(weakErr)")
+        #expect(!mismatchedErr.contains("PRIVATE") && !weakErr.contains("PRIVATE"), "no key material in errors")
+        let (status, out, _) = try run(["check-control-tls", "{not json"])
+        #expect(status == 0 && out.contains(#""field":"request""#), "\(out)")
+        let (helpStatus, help, _) = try run(["--help"])
+        #expect(helpStatus == 0 && !help.contains("check-control-tls"), "not an operator's command")
+    }
+
     @Test("a crash in the middle of a burst of prepares loses no acknowledged grant, while the journal is rewritten in the background (issue 15)")
     func crashMidBurstKeepsAcknowledgedGrants() async throws {
         let dir = try SGTest.temporaryDirectory()

@@ -155,3 +155,20 @@ struct DescriptorTests {
         #expect(seen == [0xABCD_0000_0007])
     }
 }
+
+@Suite("Child processes", .offPool)
+struct ChildProcessTests {
+    @Test("output(of:): a child's exit status and its stdout (cut at the limit, the rest drained), stderr not captured; a missing program throws")
+    func output() throws {
+        let done = try ChildProcessLauncher.output(of: "/bin/sh", arguments: ["sh", "-c", "echo out; echo err >&2; exit 3"],
+                                                   environment: [])
+        #expect(done.status == 3 && done.output == Array("out\n".utf8))
+        // 100,000 bytes into a 10-byte limit: the child is not stopped by a full pipe (it would hang or die of SIGPIPE).
+        let long = try ChildProcessLauncher.output(of: "/bin/sh", arguments: ["sh", "-c", "head -c 100000 /dev/zero; echo done >&2"],
+                                                   environment: ["PATH=/usr/bin:/bin"], limit: 10)
+        #expect(long.status == 0 && long.output.count == 10)
+        let killed = try ChildProcessLauncher.output(of: "/bin/sh", arguments: ["sh", "-c", "kill -TERM $$"], environment: [])
+        #expect(killed.status == 128 + SIGTERM)
+        #expect(throws: Errno.self) { try ChildProcessLauncher.output(of: "/nonexistent/program", arguments: ["x"], environment: []) }
+    }
+}

@@ -133,6 +133,15 @@ int shim_spawn_passing_fd(const char *path, char *const argv[], char *const envp
 /// exit code, or 128 + the signal), -1 with errno.
 int shim_reap_child(int pid, int *status);
 
+/// Runs `path` with its standard output into a pipe and waits for it:
+/// at most `cap` bytes of that output land in `out` (`*len`; the rest is
+/// read and dropped), `*status` is its exit code (128 + signal when
+/// killed). stdin and stderr are inherited, nothing else; signals as a
+/// shell would start it. Blocking: dedicated threads only.
+/// Returns 0, or -1 with errno set (the program could not be started).
+int shim_run_capture(const char *path, char *const argv[], char *const envp[],
+                     unsigned char *out, size_t cap, size_t *len, int *status);
+
 #endif
 
 // MARK: datagram batches (recvmmsg/sendmmsg)
