@@ -483,6 +483,19 @@ ssize_t shim_recv_fds(int sock, void *buf, size_t len, int *fds, int maxfds, int
     return n;
 }
 
+// A child starts with no signal blocked and every disposition at its
+// default, as a process started by a shell would (ours block some and
+// ignore SIGPIPE). Returns 0 or an error number.
+static int shell_like_signals(posix_spawnattr_t *attr) {
+    sigset_t empty, all;
+    sigemptyset(&empty);
+    sigfillset(&all);
+    int rc = posix_spawnattr_setsigmask(attr, &empty);
+    if (rc == 0) rc = posix_spawnattr_setsigdefault(attr, &all);
+    if (rc == 0) rc = posix_spawnattr_setflags(attr, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
+    return rc;
+}
+
 int shim_spawn_passing_fd(const char *path, char *const argv[], char *const envp[], int passfd, int childfd, int *pid) {
     posix_spawn_file_actions_t actions;
     posix_spawnattr_t attr;
@@ -503,12 +516,7 @@ int shim_spawn_passing_fd(const char *path, char *const argv[], char *const envp
     }
     rc = posix_spawn_file_actions_adddup2(&actions, source, childfd);
     if (rc == 0) rc = posix_spawn_file_actions_addclosefrom_np(&actions, childfd + 1);
-    sigset_t empty, all;
-    sigemptyset(&empty);
-    sigfillset(&all);
-    if (rc == 0) rc = posix_spawnattr_setsigmask(&attr, &empty);
-    if (rc == 0) rc = posix_spawnattr_setsigdefault(&attr, &all);
-    if (rc == 0) rc = posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
+    if (rc == 0) rc = shell_like_signals(&attr);
     pid_t child = 0;
     if (rc == 0) rc = posix_spawn(&child, path, &actions, &attr, argv, envp);
     posix_spawn_file_actions_destroy(&actions);
@@ -541,12 +549,7 @@ int shim_run_capture(const char *path, char *const argv[], char *const envp[],
     // The pipe's write end becomes the child's stdout; nothing else of ours stays open in it.
     rc = posix_spawn_file_actions_adddup2(&actions, fds[1], 1);
     if (rc == 0) rc = posix_spawn_file_actions_addclosefrom_np(&actions, 3);
-    sigset_t empty, all;
-    sigemptyset(&empty);
-    sigfillset(&all);
-    if (rc == 0) rc = posix_spawnattr_setsigmask(&attr, &empty);
-    if (rc == 0) rc = posix_spawnattr_setsigdefault(&attr, &all);
-    if (rc == 0) rc = posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
+    if (rc == 0) rc = shell_like_signals(&attr);
     pid_t child = 0;
     if (rc == 0) rc = posix_spawn(&child, path, &actions, &attr, argv, envp);
     posix_spawn_file_actions_destroy(&actions);
