@@ -43,8 +43,9 @@ struct SecurityGatewayCommand: AsyncParsableCommand {
         audience GatewayGroup. Prepared grants persist in --data-dir and are
         restored (verified again, expired ones dropped) at start.
 
-        --check --config FILE checks the file and the certificate and exits 0,
-        or 1 naming the file, line and key (or the certificate's problem).
+        --check --config FILE checks the file, JwtVerifyingCert and, when set,
+        ControlTLSCert/ControlTLSKey (as serve will) and exits 0, or 1 naming
+        the file, line and key (or the certificate's problem).
 
         grant --jwt-signing-key KEY --audience GROUP --agent HOST:PORT --sni NAME
         signs grants as a Connection Manager would and prints them, one JWT per
@@ -57,7 +58,7 @@ struct SecurityGatewayCommand: AsyncParsableCommand {
         subcommands: [Serve.self, Grant.self, CheckControlTLS.self]
     )
 
-    @Flag(name: .long, help: "Check --config (and the certificate it names), print a summary and exit: 0 when valid, 1 otherwise.")
+    @Flag(name: .long, help: "Check --config (and the certificates it names), print a summary and exit: 0 when valid, 1 otherwise.")
     var check = false
 
     @Option(name: .long, help: "The SecurityGateway.conf to use (serve) or to check (--check).")
@@ -73,6 +74,23 @@ struct SecurityGatewayCommand: AsyncParsableCommand {
         print("listen \(loaded.listen) (tcp+udp), control \(loaded.controlListen)")
         print("gateway group \(loaded.gatewayGroup), grants verified with \(verifier.algorithm.rawValue) from \(loaded.jwtVerifyingCertificate)")
         print("MaxConnections \(loaded.maxConnections), AgentSourcePort \(loaded.agentSourcePort), collaboration \(loaded.enableCollaboration ? "on (\(loaded.collaborationSourcePorts.lowerBound)-\(loaded.collaborationSourcePorts.upperBound))" : "off")")
+        // The control endpoint's pair, when the config names one: checked as serve will (a made pair is serve's, in --data-dir).
+        if loaded.controlPlainHTTP {
+            print("control endpoint: plain HTTP (ControlPlainHTTP = true)")
+        } else if loaded.controlTLSCertificate.isEmpty {
+            print("control endpoint: TLS with a self-signed pair serve makes in --data-dir")
+        } else {
+            let checked = await BlockingExecutor.shared.run { () -> Result<ServerTLS, ServerTLS.Problem> in
+                Result { () throws(ServerTLS.Problem) in
+                    try ServerTLS.load(certificate: loaded.controlTLSCertificate, key: loaded.controlTLSKey, folder: "",
+                                       names: [], fields: ("ControlTLSCert", "ControlTLSKey"))
+                }
+            }
+            switch checked {
+            case .success(let pair): print("control endpoint: TLS with \(pair.source) (\(pair.fingerprint))")
+            case .failure(let problem): throw Failure("\(config): \(problem)")
+            }
+        }
     }
 }
 

@@ -90,7 +90,7 @@ struct SecurityGatewayCommandTests {
         #expect(output.contains("1 kept") && !output.contains("eyJ"), "no token in the log: \(output)")
     }
 
-    @Test("serve checks ControlTLSCert/ControlTLSKey in a child process: a key of another certificate, or an RSA key under 2,048 bits, stops it naming the key and the file; a bad request to the check is answered, not crashed on")
+    @Test("serve checks ControlTLSCert/ControlTLSKey in a child process: a key of another certificate, or an RSA key under 2,048 bits, stops it naming the key and the file, as --check does; a bad request to the check is answered, not crashed on")
     func controlTLSCheckedByChild() throws {
         let dir = try SGTest.temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: dir) }
@@ -102,7 +102,7 @@ struct SecurityGatewayCommandTests {
         try SGTest.openssl(["req", "-x509", "-new", "-key", "tls.key", "-days", "2", "-subj", "/CN=sg", "-out", "tls.crt"], in: dir)
         try SGTest.openssl(["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:1024", "-out", "weak.key"], in: dir)
         try SGTest.openssl(["req", "-x509", "-new", "-key", "weak.key", "-days", "2", "-subj", "/CN=sg", "-out", "weak.crt"], in: dir)
-        func serve(certificate: String, key: String) throws -> (Int32, String) {
+        func configure(certificate: String, key: String) throws {
             let (sg, control) = (TestPorts.free(), TestPorts.free())
             try """
                 GatewayGroup = g
@@ -113,6 +113,9 @@ struct SecurityGatewayCommandTests {
                 ControlTLSKey = \(dir)/\(key)
 
                 """.write(toFile: dir + "/sg.conf", atomically: true, encoding: .utf8)
+        }
+        func serve(certificate: String, key: String) throws -> (Int32, String) {
+            try configure(certificate: certificate, key: key)
             let (status, _, err) = try run(["serve", "--config", dir + "/sg.conf", "--data-dir", dir + "/data"])
             return (status, err)
         }
@@ -121,6 +124,15 @@ struct SecurityGatewayCommandTests {
                 && mismatchedErr.contains("does not belong"), "\(mismatchedErr)")
         let (weak, weakErr) = try serve(certificate: "weak.crt", key: "weak.key")
         #expect(weak != 0 && weakErr.contains("ControlTLSCert") && weakErr.contains("1024"), "\(weakErr)")
+        // --check finds the same before serve would.
+        let (checkBad, _, checkBadErr) = try run(["--check", "--config", dir + "/sg.conf"])
+        #expect(checkBad != 0 && checkBadErr.contains("ControlTLSCert") && checkBadErr.contains("1024"), "\(checkBadErr)")
+        try configure(certificate: "tls.crt", key: "other.key")
+        let (checkOther, _, checkOtherErr) = try run(["--check", "--config", dir + "/sg.conf"])
+        #expect(checkOther != 0 && checkOtherErr.contains("ControlTLSKey") && checkOtherErr.contains("does not belong"), "\(checkOtherErr)")
+        try configure(certificate: "tls.crt", key: "tls.key")
+        let (checkGood, checkGoodOut, checkGoodErr) = try run(["--check", "--config", dir + "/sg.conf"])
+        #expect(checkGood == 0 && checkGoodOut.contains("tls.crt (SHA256:"), "\(checkGoodOut) \(checkGoodErr)")
         #expect(!mismatchedErr.contains("PRIVATE") && !weakErr.contains("PRIVATE"), "no key material in errors")
         let (status, out, _) = try run(["check-control-tls", "{not json"])
         #expect(status == 0 && out.contains(#""field":"request""#), "\(out)")
