@@ -100,6 +100,27 @@ struct PreparedGrantsTests {
         #expect(store.prepare(once, token: token) == .alreadyUsed)
     }
 
+    @Test("a burst of single-use lookups on a journalled store: each use is in the journal at once (a restart finds every grant used), made durable in the background")
+    func singleUseBurstIsJournalled() async throws {
+        let (signer, verifier, dir) = try await material()
+        let path = dir + "/grants.json"
+        let store = PreparedGrants(path: path)
+        var tokens: [(SessionGrant, String)] = []
+        for i in 0..<200 {
+            let g = grant("burst\(i).example", session: "b\(i)", singleUse: true, life: 3600)
+            let token = try await signer.sign(g)
+            #expect(store.prepare(g, token: token) == .added)
+            tokens.append((g, token))
+        }
+        for i in 0..<200 { #expect(store.lookup(serverName: "burst\(i).example", client: "c", now: now) != nil) }
+        // Read back at once, before any background sync could have run: every use is there.
+        let reborn = PreparedGrants(path: path)
+        let restored = await reborn.restore(verifier: verifier, now: now)
+        #expect(restored.kept == 0, "no single-use grant comes back usable")
+        for (g, token) in tokens.prefix(5) { #expect(reborn.prepare(g, token: token) == .alreadyUsed) }
+        #expect(store.storeProblem == nil)
+    }
+
     @Test("revoke by session or grant id")
     func revoke() async throws {
         let (signer, _, _) = try await material()
