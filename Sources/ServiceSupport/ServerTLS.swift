@@ -47,13 +47,14 @@ public struct ServerTLS: Sendable {
     }
 
     /// A checked pair: its files, the exact bytes checked (the daemon loads
-    /// these, not a second read), and the certificate's SHA-256.
+    /// these, not a second read), and the certificate's SHA-256. `Data`, so
+    /// that a child's answer carries them as base64.
     struct CheckedPair: Codable, Sendable {
         var certificatePath: String
         var keyPath: String
-        var certificatePEM: [UInt8]
-        var keyPEM: [UInt8]
-        var sha256: [UInt8]
+        var certificatePEM: Data
+        var keyPEM: Data
+        var sha256: Data
     }
 
     /// What `load` asks of a check.
@@ -94,13 +95,13 @@ public struct ServerTLS: Sendable {
             pair = try checkedPairInChild(request, executable: executable, arguments: arguments, environment: environment)
         }
         do {
-            let chain = try NIOSSLCertificate.fromPEMBytes(pair.certificatePEM)
+            let chain = try NIOSSLCertificate.fromPEMBytes(Array(pair.certificatePEM))
             var configuration = TLSConfiguration.makeServerConfiguration(
                 certificateChain: chain.map { .certificate($0) },
-                privateKey: .privateKey(try NIOSSLPrivateKey(bytes: pair.keyPEM, format: .pem)))
+                privateKey: .privateKey(try NIOSSLPrivateKey(bytes: Array(pair.keyPEM), format: .pem)))
             configuration.minimumTLSVersion = .tlsv12
             return ServerTLS(configuration: configuration, certificatePEM: String(decoding: pair.certificatePEM, as: UTF8.self),
-                             source: pair.certificatePath, fingerprint: TLSClientSession.fingerprint(pair.sha256))
+                             source: pair.certificatePath, fingerprint: TLSClientSession.fingerprint(Array(pair.sha256)))
         } catch {
             throw Problem(field: fields.certificate, message: "\(pair.certificatePath): \(error)")
         }
@@ -145,8 +146,8 @@ public struct ServerTLS: Sendable {
             try CertificateFiles.checkServerPair(certificate: Array(certificatePEM), certificateFile: certificatePath,
                                                  key: Array(keyPEM), keyFile: keyPath)
             let hash = try CertificateFiles.sha256(pem: Array(certificatePEM), file: certificatePath)
-            return CheckedPair(certificatePath: certificatePath, keyPath: keyPath, certificatePEM: Array(certificatePEM),
-                               keyPEM: Array(keyPEM), sha256: hash)
+            return CheckedPair(certificatePath: certificatePath, keyPath: keyPath, certificatePEM: certificatePEM,
+                               keyPEM: keyPEM, sha256: Data(hash))
         } catch {
             throw Problem(field: error.file == keyPath ? request.keyField : request.certificateField, message: error.description)
         }
@@ -159,7 +160,7 @@ public struct ServerTLS: Sendable {
         let result: (status: Int32, output: [UInt8])
         do throws(Errno) {
             result = try ChildProcessLauncher.output(of: executable, arguments: [executable] + arguments + [json],
-                                                     environment: environment, limit: 1 << 20)
+                                                     environment: environment, limit: 256 * 1024)
         } catch {
             throw Problem(field: request.certificateField, message: "cannot start the certificate check (\(executable)): \(error)")
         }

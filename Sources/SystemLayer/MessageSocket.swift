@@ -102,14 +102,18 @@ public enum ChildProcessLauncher {
             argv.forEach { free($0) }
             envp.forEach { free($0) }
         }
-        var output = [UInt8](repeating: 0, count: max(limit, 1))
-        var length = 0
         var status: Int32 = 0
-        let rc = output.withUnsafeMutableBufferPointer { buffer in
-            shim_run_capture(path, argv, envp, buffer.baseAddress, max(limit, 0), &length, &status)
+        var failure: Errno?
+        // Not zero-filled first: only the pages the output reaches are touched.
+        // Safe: the shim writes at most `limit` bytes and reports how many in `count`.
+        let output = [UInt8](unsafeUninitializedCapacity: max(limit, 1)) { buffer, count in
+            if shim_run_capture(path, argv, envp, buffer.baseAddress, max(limit, 0), &count, &status) != 0 {
+                failure = Errno.current
+                count = 0
+            }
         }
-        if rc != 0 { throw Errno.current }
-        return (status, Array(output.prefix(length)))
+        if let failure { throw failure }
+        return (status, output)
     }
 
     /// Whether `pid` (our child) has ended, without waiting.
