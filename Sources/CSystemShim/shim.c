@@ -483,46 +483,51 @@ ssize_t shim_recv_fds(int sock, void *buf, size_t len, int *fds, int maxfds, int
     return n;
 }
 
-// A child starts with no signal blocked and every disposition at its
-// default, as a process started by a shell would (ours block some and
-// ignore SIGPIPE). Returns 0 or an error number.
-static int shell_like_signals(posix_spawnattr_t *attr) {
-    sigset_t empty, all;
-    sigemptyset(&empty);
-    sigfillset(&all);
-    int rc = posix_spawnattr_setsigmask(attr, &empty);
-    if (rc == 0) rc = posix_spawnattr_setsigdefault(attr, &all);
-    if (rc == 0) rc = posix_spawnattr_setflags(attr, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
-    return rc;
-}
-
-int shim_spawn_passing_fd(const char *path, char *const argv[], char *const envp[], int passfd, int childfd, int *pid) {
+// posix_spawn of `path` with `passfd` at `childfd` in the child, without
+// close-on-exec (dup2 clears it on the new descriptor), every descriptor
+// from `closefrom` up closed there (descriptors made without close-on-exec
+// by libraries, a listening socket among them, must not stay open in it),
+// no signal blocked and every disposition at its default, as a process
+// started by a shell would be (ours block some and ignore SIGPIPE).
+// `envp` NULL: our environment. Returns 0 and the pid, or -1 with errno.
+static int spawn_with_fd(const char *path, char *const argv[], char *const envp[],
+                         int passfd, int childfd, int closefrom, pid_t *pid) {
     posix_spawn_file_actions_t actions;
     posix_spawnattr_t attr;
     int rc = posix_spawn_file_actions_init(&actions);
     if (rc != 0) { errno = rc; return -1; }
     rc = posix_spawnattr_init(&attr);
     if (rc != 0) { posix_spawn_file_actions_destroy(&actions); errno = rc; return -1; }
-    // The child sees the socket at `childfd`, without close-on-exec (dup2
-    // clears it on the new descriptor), and nothing else beyond stdin,
-    // stdout and stderr: descriptors made without close-on-exec by
-    // libraries (a listening socket among them) must not stay open in it.
-    // It starts with no signal blocked and every signal at its default, as
-    // a process started by a shell would.
     int source = passfd;
     if (passfd == childfd) {
-        source = fcntl(passfd, F_DUPFD_CLOEXEC, childfd + 1);
+        // dup2 onto itself would keep close-on-exec: go through another number.
+        source = fcntl(passfd, F_DUPFD_CLOEXEC, closefrom);
         if (source < 0) { posix_spawn_file_actions_destroy(&actions); posix_spawnattr_destroy(&attr); return -1; }
     }
     rc = posix_spawn_file_actions_adddup2(&actions, source, childfd);
-    if (rc == 0) rc = posix_spawn_file_actions_addclosefrom_np(&actions, childfd + 1);
-    if (rc == 0) rc = shell_like_signals(&attr);
-    pid_t child = 0;
-    if (rc == 0) rc = posix_spawn(&child, path, &actions, &attr, argv, envp);
+    if (rc == 0) rc = posix_spawn_file_actions_addclosefrom_np(&actions, closefrom);
+    sigset_t empty, all;
+    sigemptyset(&empty);
+    sigfillset(&all);
+    if (rc == 0) rc = posix_spawnattr_setsigmask(&attr, &empty);
+    if (rc == 0) rc = posix_spawnattr_setsigdefault(&attr, &all);
+    if (rc == 0) rc = posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
+    if (rc == 0) rc = posix_spawn(pid, path, &actions, &attr, argv, envp ? envp : environ);
     posix_spawn_file_actions_destroy(&actions);
     posix_spawnattr_destroy(&attr);
     if (source != passfd) close(source);
     if (rc != 0) { errno = rc; return -1; }
+    return 0;
+}
+
+// A wait status as an exit code: 128 + the signal when killed.
+static int exit_code(int raw) {
+    return WIFEXITED(raw) ? WEXITSTATUS(raw) : 128 + (WIFSIGNALED(raw) ? WTERMSIG(raw) : 0);
+}
+
+int shim_spawn_passing_fd(const char *path, char *const argv[], char *const envp[], int passfd, int childfd, int *pid) {
+    pid_t child = 0;
+    if (spawn_with_fd(path, argv, envp, passfd, childfd, childfd + 1, &child) != 0) return -1;
     *pid = (int)child;
     return 0;
 }
@@ -531,7 +536,7 @@ int shim_reap_child(int pid, int *status) {
     int raw = 0;
     int rc = waitpid(pid, &raw, WNOHANG);
     if (rc <= 0) return rc;
-    *status = WIFEXITED(raw) ? WEXITSTATUS(raw) : 128 + (WIFSIGNALED(raw) ? WTERMSIG(raw) : 0);
+    *status = exit_code(raw);
     return rc;
 }
 
@@ -540,22 +545,12 @@ int shim_run_capture(const char *path, char *const argv[], char *const envp[],
     int fds[2];
     *len = 0;
     if (pipe2(fds, O_CLOEXEC) != 0) return -1;
-    posix_spawn_file_actions_t actions;
-    posix_spawnattr_t attr;
-    int rc = posix_spawn_file_actions_init(&actions);
-    if (rc != 0) { close(fds[0]); close(fds[1]); errno = rc; return -1; }
-    rc = posix_spawnattr_init(&attr);
-    if (rc != 0) { posix_spawn_file_actions_destroy(&actions); close(fds[0]); close(fds[1]); errno = rc; return -1; }
-    // The pipe's write end becomes the child's stdout; nothing else of ours stays open in it.
-    rc = posix_spawn_file_actions_adddup2(&actions, fds[1], 1);
-    if (rc == 0) rc = posix_spawn_file_actions_addclosefrom_np(&actions, 3);
-    if (rc == 0) rc = shell_like_signals(&attr);
+    // The pipe's write end is the child's stdout; stdin and stderr are ours.
     pid_t child = 0;
-    if (rc == 0) rc = posix_spawn(&child, path, &actions, &attr, argv, envp);
-    posix_spawn_file_actions_destroy(&actions);
-    posix_spawnattr_destroy(&attr);
+    int spawned = spawn_with_fd(path, argv, envp, fds[1], 1, 3, &child);
+    int saved = errno;
     close(fds[1]);
-    if (rc != 0) { close(fds[0]); errno = rc; return -1; }
+    if (spawned != 0) { close(fds[0]); errno = saved; return -1; }
     unsigned char drop[4096];
     for (;;) {
         unsigned char *into = *len < cap ? out + *len : drop;
@@ -570,6 +565,6 @@ int shim_run_capture(const char *path, char *const argv[], char *const envp[],
     while (waitpid(child, &raw, 0) < 0) {
         if (errno != EINTR) return -1;
     }
-    *status = WIFEXITED(raw) ? WEXITSTATUS(raw) : 128 + (WIFSIGNALED(raw) ? WTERMSIG(raw) : 0);
+    *status = exit_code(raw);
     return 0;
 }

@@ -52,87 +52,49 @@ public struct RelayRule: Hashable, Sendable, CustomStringConvertible {
     @usableFromInline
     private(set) var box: Box
 
-    private mutating func update(_ change: (inout Fields) -> Void) {
+    /// Sets one field: a new box, so copies made before keep theirs.
+    private mutating func change<T>(_ field: WritableKeyPath<Fields, T>, to value: T) {
         var fields = box.fields
-        change(&fields)
+        fields[keyPath: field] = value
         box = Box(fields)
     }
 
     /// A name unique within a rule set (the config section name, or the broker's rule id).
-    public var id: String {
-        get { box.fields.id }
-        set { update { $0.id = newValue } }
-    }
-    public var listen: SocketAddress {
-        get { box.fields.listen }
-        set { update { $0.listen = newValue } }
-    }
+    public var id: String { get { box.fields.id } set { change(\.id, to: newValue) } }
+    public var listen: SocketAddress { get { box.fields.listen } set { change(\.listen, to: newValue) } }
     /// Allowed clients; empty means anyone.
-    public var allow: [CIDR] {
-        get { box.fields.allow }
-        set { update { $0.allow = newValue } }
-    }
-    public var target: SocketAddress {
-        get { box.fields.target }
-        set { update { $0.target = newValue } }
-    }
+    public var allow: [CIDR] { get { box.fields.allow } set { change(\.allow, to: newValue) } }
+    public var target: SocketAddress { get { box.fields.target } set { change(\.target, to: newValue) } }
     /// Close a connection after this many nanoseconds with no byte either
     /// way. Nil (the default) means never: remote-desktop sessions are quiet
     /// for hours and liveness comes from TCP keepalive instead.
-    public var idleTimeoutNanoseconds: UInt64? {
-        get { box.fields.idleTimeoutNanoseconds }
-        set { update { $0.idleTimeoutNanoseconds = newValue } }
-    }
+    public var idleTimeoutNanoseconds: UInt64? { get { box.fields.idleTimeoutNanoseconds } set { change(\.idleTimeoutNanoseconds, to: newValue) } }
     /// The connection limit of this rule's listener (nil: the engine's default).
-    public var maxConnections: Int? {
-        get { box.fields.maxConnections }
-        set { update { $0.maxConnections = newValue } }
-    }
+    public var maxConnections: Int? { get { box.fields.maxConnections } set { change(\.maxConnections, to: newValue) } }
     /// TCP, UDP or both on the same port number.
-    public var transport: Transport {
-        get { box.fields.transport }
-        set { update { $0.transport = newValue } }
-    }
+    public var transport: Transport { get { box.fields.transport } set { change(\.transport, to: newValue) } }
     /// A UDP flow with no datagram either way for this long is removed.
-    public var udpIdleTimeoutNanoseconds: UInt64 {
-        get { box.fields.udpIdleTimeoutNanoseconds }
-        set { update { $0.udpIdleTimeoutNanoseconds = newValue } }
-    }
+    public var udpIdleTimeoutNanoseconds: UInt64 { get { box.fields.udpIdleTimeoutNanoseconds } set { change(\.udpIdleTimeoutNanoseconds, to: newValue) } }
     /// The flow limit of this rule's UDP listener (nil: the engine's default).
-    public var maxFlows: Int? {
-        get { box.fields.maxFlows }
-        set { update { $0.maxFlows = newValue } }
-    }
+    public var maxFlows: Int? { get { box.fields.maxFlows } set { change(\.maxFlows, to: newValue) } }
     /// UDP flows leave from one of these source ports (e.g. 55000, as the
     /// PCoIP Security Gateway does) instead of an ephemeral one. Flows to the
     /// same target share a port only when they cannot be told apart by the
     /// target's address, so each (port, target) pair serves one flow.
-    public var sourcePorts: ClosedRange<UInt16>? {
-        get { box.fields.sourcePorts }
-        set { update { $0.sourcePorts = newValue } }
-    }
+    public var sourcePorts: ClosedRange<UInt16>? { get { box.fields.sourcePorts } set { change(\.sourcePorts, to: newValue) } }
     /// Bytes written to the upstream socket right after its connect
     /// succeeds and before any client byte (e.g. a PROXY protocol v2 header).
     /// TCP only.
-    public var preamble: ConnectionPreamble? {
-        get { box.fields.preamble }
-        set { update { $0.preamble = newValue } }
-    }
+    public var preamble: ConnectionPreamble? { get { box.fields.preamble } set { change(\.preamble, to: newValue) } }
     /// Inspect first: the target is chosen per connection by this inspector
     /// from the client's first bytes (which are then written upstream before
     /// any other client byte), and `target` is not used. TCP only.
-    public var inspector: RuleInspector? {
-        get { box.fields.inspector }
-        set { update { $0.inspector = newValue } }
-    }
+    public var inspector: RuleInspector? { get { box.fields.inspector } set { change(\.inspector, to: newValue) } }
     /// Routed UDP: each new flow's target and source port come from this
     /// router (e.g. the Security Gateway choosing among the sessions of one
     /// client address); `target` and `sourcePorts` are then only what the
     /// router falls back on. UDP only.
-    public var router: RuleRouter? {
-        get { box.fields.router }
-        set { update { $0.router = newValue } }
-    }
+    public var router: RuleRouter? { get { box.fields.router } set { change(\.router, to: newValue) } }
 
     public init(id: String, listen: SocketAddress, allow: [CIDR] = [], target: SocketAddress,
                 idleTimeoutNanoseconds: UInt64? = nil, maxConnections: Int? = nil,

@@ -16,7 +16,7 @@ public struct ServerTLS: Sendable {
     }
 
     /// Why the pair cannot be used: the config key (or file) at fault and a sentence.
-    public struct Problem: Error, Sendable, CustomStringConvertible {
+    public struct Problem: Error, Sendable, Codable, CustomStringConvertible {
         public let field: String
         public let message: String
         public var description: String { "\(field): \(message)" }
@@ -36,14 +36,14 @@ public struct ServerTLS: Sendable {
     public enum PairCheck: Sendable {
         /// In this process.
         case inProcess
-        /// In a short-lived child: `executable` with `arguments` and the
-        /// request (one JSON argument) after them, which prints
+        /// In a short-lived child (with our environment): `executable` with
+        /// `arguments` and the request (one JSON argument) after them, which prints
         /// `ServerTLS.answer(request:)`. The daemon then never runs
         /// OpenSSL's decoders or key generation itself: they stay out of its
         /// address space and its resident memory (the Security Gateway,
         /// issue 15: about 2.4 MiB of libcrypto's pages), and a fault in
         /// them ends the child, not the daemon.
-        case child(executable: String, arguments: [String], environment: [String])
+        case child(executable: String, arguments: [String])
     }
 
     /// A checked pair: its files, the exact bytes checked (the daemon loads
@@ -71,8 +71,7 @@ public struct ServerTLS: Sendable {
     /// A check's answer: the pair, or the problem.
     struct PairAnswer: Codable, Sendable {
         var pair: CheckedPair?
-        var field: String?
-        var message: String?
+        var problem: Problem?
     }
 
     /// Loads the configured pair, or the folder's (made when missing).
@@ -91,8 +90,8 @@ public struct ServerTLS: Sendable {
         switch check {
         case .inProcess:
             pair = try checkedPair(request)
-        case .child(let executable, let arguments, let environment):
-            pair = try checkedPairInChild(request, executable: executable, arguments: arguments, environment: environment)
+        case .child(let executable, let arguments):
+            pair = try checkedPairInChild(request, executable: executable, arguments: arguments)
         }
         do {
             let chain = try NIOSSLCertificate.fromPEMBytes(Array(pair.certificatePEM))
@@ -115,10 +114,10 @@ public struct ServerTLS: Sendable {
             do throws(Problem) {
                 answer = PairAnswer(pair: try checkedPair(request))
             } catch {
-                answer = PairAnswer(field: error.field, message: error.message)
+                answer = PairAnswer(problem: error)
             }
         } else {
-            answer = PairAnswer(field: "request", message: "not a certificate check request")
+            answer = PairAnswer(problem: Problem(field: "request", message: "not a certificate check request"))
         }
         let bytes = (try? JSONEncoder().encode(answer)) ?? Data()
         return String(decoding: bytes, as: UTF8.self)
@@ -154,13 +153,11 @@ public struct ServerTLS: Sendable {
     }
 
     /// `checkedPair` in a child process (see `PairCheck.child`).
-    static func checkedPairInChild(_ request: PairRequest, executable: String, arguments: [String],
-                                   environment: [String]) throws(Problem) -> CheckedPair {
+    static func checkedPairInChild(_ request: PairRequest, executable: String, arguments: [String]) throws(Problem) -> CheckedPair {
         let json = String(decoding: (try? JSONEncoder().encode(request)) ?? Data(), as: UTF8.self)
         let result: (status: Int32, output: [UInt8])
         do throws(Errno) {
-            result = try ChildProcessLauncher.output(of: executable, arguments: [executable] + arguments + [json],
-                                                     environment: environment, limit: 256 * 1024)
+            result = try ChildProcessLauncher.output(of: executable, arguments: [executable] + arguments + [json], limit: 256 * 1024)
         } catch {
             throw Problem(field: request.certificateField, message: "cannot start the certificate check (\(executable)): \(error)")
         }
@@ -169,7 +166,7 @@ public struct ServerTLS: Sendable {
                           message: "the certificate check (\(executable)) failed with exit status \(result.status) and no answer")
         }
         if let pair = answer.pair { return pair }
-        throw Problem(field: answer.field ?? request.certificateField, message: answer.message ?? "the certificate check gave no reason")
+        throw answer.problem ?? Problem(field: request.certificateField, message: "the certificate check gave no reason")
     }
 
     private static func make(certificatePath: String, keyPath: String, names: [String], field: String) throws(Problem) {

@@ -89,25 +89,31 @@ public enum ChildProcessLauncher {
         return pid
     }
 
-    /// Runs `path` with `arguments` (argv[0] included) and `environment`,
-    /// waits for it, and returns its exit code (128 + signal when killed) and
-    /// the first `limit` bytes of its standard output. Its stderr is ours.
+    /// Runs `path` with `arguments` (argv[0] included) and `environment`
+    /// ("NAME=value"; nil: ours), waits for it, and returns its exit code
+    /// (128 + signal when killed) and the first `limit` bytes of its standard
+    /// output. Its stderr is ours.
     /// Blocking: for dedicated threads (the blocking pool), never a loop.
     /// - Throws: `Errno` when it cannot be started.
-    public static func output(of path: String, arguments: [String], environment: [String],
+    public static func output(of path: String, arguments: [String], environment: [String]? = nil,
                               limit: Int = 64 * 1024) throws(Errno) -> (status: Int32, output: [UInt8]) {
         let argv = arguments.map { strdup($0) } + [nil]
-        let envp = environment.map { strdup($0) } + [nil]
+        let envp = environment.map { $0.map { strdup($0) } + [nil] }
         defer {
             argv.forEach { free($0) }
-            envp.forEach { free($0) }
+            envp?.forEach { free($0) }
         }
         var status: Int32 = 0
         var failure: Errno?
         // Not zero-filled first: only the pages the output reaches are touched.
         // Safe: the shim writes at most `limit` bytes and reports how many in `count`.
         let output = [UInt8](unsafeUninitializedCapacity: max(limit, 1)) { buffer, count in
-            if shim_run_capture(path, argv, envp, buffer.baseAddress, max(limit, 0), &count, &status) != 0 {
+            let rc = if let envp {
+                shim_run_capture(path, argv, envp, buffer.baseAddress, max(limit, 0), &count, &status)
+            } else {
+                shim_run_capture(path, argv, nil, buffer.baseAddress, max(limit, 0), &count, &status)
+            }
+            if rc != 0 {
                 failure = Errno.current
                 count = 0
             }

@@ -80,16 +80,23 @@ struct SecurityGatewayCommand: AsyncParsableCommand {
         } else if loaded.controlTLSCertificate.isEmpty {
             print("control endpoint: TLS with a self-signed pair serve makes in --data-dir")
         } else {
-            let checked = await BlockingExecutor.shared.run { () -> Result<ServerTLS, ServerTLS.Problem> in
-                Result { () throws(ServerTLS.Problem) in
-                    try ServerTLS.load(certificate: loaded.controlTLSCertificate, key: loaded.controlTLSKey, folder: "",
-                                       names: [], fields: ("ControlTLSCert", "ControlTLSKey"))
-                }
-            }
-            switch checked {
+            switch await controlTLS(loaded, folder: "", names: [], check: .inProcess) {
             case .success(let pair): print("control endpoint: TLS with \(pair.source) (\(pair.fingerprint))")
             case .failure(let problem): throw Failure("\(config): \(problem)")
             }
+        }
+    }
+}
+
+/// The control endpoint's TLS pair as the config names it (or the one made
+/// in `folder`), loaded on a dedicated thread: files, and maybe a child.
+func controlTLS(_ loaded: SecurityGatewayConfig, folder: String, names: [String],
+                check: ServerTLS.PairCheck) async -> Result<ServerTLS, ServerTLS.Problem> {
+    await BlockingExecutor.shared.run {
+        Result { () throws(ServerTLS.Problem) in
+            try ServerTLS.load(certificate: loaded.controlTLSCertificate.isEmpty ? nil : loaded.controlTLSCertificate,
+                               key: loaded.controlTLSKey.isEmpty ? nil : loaded.controlTLSKey,
+                               folder: folder, names: names, fields: ("ControlTLSCert", "ControlTLSKey"), check: check)
         }
     }
 }
@@ -189,17 +196,9 @@ struct Serve: AsyncParsableCommand {
             logger.warning("control endpoint on \(listen) speaks plain HTTP (ControlPlainHTTP = true): grants cross the network in clear")
         } else {
             let names = ServerTLS.names(listening: listen)
-            let made = await BlockingExecutor.shared.run { () -> Result<ServerTLS, ServerTLS.Problem> in
-                Result { () throws(ServerTLS.Problem) in
-                    // Made and checked by a child (OpenSSL stays out of this process's memory, issue 15).
-                    try ServerTLS.load(certificate: loaded.controlTLSCertificate.isEmpty ? nil : loaded.controlTLSCertificate,
-                                       key: loaded.controlTLSKey.isEmpty ? nil : loaded.controlTLSKey,
-                                       folder: dataDir, names: names, fields: ("ControlTLSCert", "ControlTLSKey"),
-                                       check: .child(executable: "/proc/self/exe", arguments: ["check-control-tls"],
-                                                     environment: ProcessInfo.processInfo.environment.map { "\($0.key)=\($0.value)" }))
-                }
-            }
-            switch made {
+            // Made and checked by a child (OpenSSL stays out of this process's memory, issue 15).
+            switch await controlTLS(loaded, folder: dataDir, names: names,
+                                    check: .child(executable: "/proc/self/exe", arguments: ["check-control-tls"])) {
             case .success(let pair):
                 tls = pair
                 logger.info("control endpoint TLS with \(pair.source)")

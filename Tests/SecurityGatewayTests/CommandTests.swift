@@ -33,8 +33,7 @@ struct SecurityGatewayCommandTests {
     func check() throws {
         let dir = try SGTest.temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        try SGTest.openssl(["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", "k.pem"], in: dir)
-        try SGTest.openssl(["req", "-x509", "-new", "-key", "k.pem", "-days", "2", "-subj", "/CN=cm", "-out", "c.pem"], in: dir)
+        try SGTest.makeSigningPair(in: dir)
         let good = dir + "/good.conf"
         try "GatewayGroup = g\nJwtVerifyingCert = c.pem\nListenAddress = 127.0.0.1:4172\n".write(toFile: good, atomically: true, encoding: .utf8)
         let (status, out, _) = try run(["--check", "--config", good])
@@ -56,8 +55,7 @@ struct SecurityGatewayCommandTests {
     func serve() async throws {
         let dir = try SGTest.temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        try SGTest.openssl(["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", "k.pem"], in: dir)
-        try SGTest.openssl(["req", "-x509", "-new", "-key", "k.pem", "-days", "2", "-subj", "/CN=cm", "-out", "c.pem"], in: dir)
+        try SGTest.makeSigningPair(in: dir)
         let signer = try await GrantSigner.load(pem: try String(contentsOfFile: dir + "/k.pem", encoding: .utf8))
         try FileManager.default.createDirectory(atPath: dir + "/data", withIntermediateDirectories: true)
         let earlier = PreparedGrants(path: dir + "/data/prepared-grants.json")
@@ -94,8 +92,7 @@ struct SecurityGatewayCommandTests {
     func controlTLSCheckedByChild() throws {
         let dir = try SGTest.temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        try SGTest.openssl(["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", "k.pem"], in: dir)
-        try SGTest.openssl(["req", "-x509", "-new", "-key", "k.pem", "-days", "2", "-subj", "/CN=cm", "-out", "c.pem"], in: dir)
+        try SGTest.makeSigningPair(in: dir)
         for name in ["tls", "other"] {
             try SGTest.openssl(["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", "\(name).key"], in: dir)
         }
@@ -144,8 +141,7 @@ struct SecurityGatewayCommandTests {
     func crashMidBurstKeepsAcknowledgedGrants() async throws {
         let dir = try SGTest.temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        try SGTest.openssl(["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", "k.pem"], in: dir)
-        try SGTest.openssl(["req", "-x509", "-new", "-key", "k.pem", "-days", "2", "-subj", "/CN=cm", "-out", "c.pem"], in: dir)
+        try SGTest.makeSigningPair(in: dir)
         let (status, out, err) = try run(["grant", "--jwt-signing-key", dir + "/k.pem", "--audience", "g", "--agent", "127.0.0.1:9",
                                           "--sni", "d{n}.example", "--session-id", "s{n}", "--lifetime", "600", "--count", "2500"])
         #expect(status == 0, "\(err)")
@@ -214,8 +210,7 @@ struct SecurityGatewayCommandTests {
     func grant() async throws {
         let dir = try SGTest.temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        try SGTest.openssl(["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", "k.pem"], in: dir)
-        try SGTest.openssl(["req", "-x509", "-new", "-key", "k.pem", "-days", "2", "-subj", "/CN=cm", "-out", "c.pem"], in: dir)
+        try SGTest.makeSigningPair(in: dir)
         let certificate = try String(contentsOfFile: dir + "/c.pem", encoding: .utf8)
         let verifier = try await GrantVerifier.load(certificatePEM: certificate, audience: "sg-east")
         let (status, out, err) = try run(["grant", "--jwt-signing-key", dir + "/k.pem", "--audience", "sg-east",

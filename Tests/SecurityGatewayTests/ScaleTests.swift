@@ -15,8 +15,7 @@ struct SecurityGatewayScaleTests {
 
     func material() async throws -> (GrantSigner, GrantVerifier, String) {
         let dir = try SGTest.temporaryDirectory()
-        try SGTest.openssl(["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", "k.pem"], in: dir)
-        try SGTest.openssl(["req", "-x509", "-new", "-key", "k.pem", "-days", "2", "-subj", "/CN=cm", "-out", "c.pem"], in: dir)
+        try SGTest.makeSigningPair(in: dir)
         let signer = try await GrantSigner.load(pem: try String(contentsOfFile: dir + "/k.pem", encoding: .utf8))
         let verifier = try await GrantVerifier.load(certificatePEM: try String(contentsOfFile: dir + "/c.pem", encoding: .utf8), audience: "g")
         return (signer, verifier, dir)

@@ -58,10 +58,7 @@ struct PreparedGrantsTests {
     func material() async throws -> (GrantSigner, GrantVerifier, String) {
         let dir = NSTemporaryDirectory() + "sg-\(UUID().uuidString)"
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-        for arguments in [["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", "k.pem"],
-                          ["req", "-x509", "-new", "-key", "k.pem", "-days", "2", "-subj", "/CN=cm", "-out", "c.pem"]] {
-            try SGTest.openssl(arguments, in: dir)
-        }
+        try SGTest.makeSigningPair(in: dir)
         let signer = try await GrantSigner.load(pem: try String(contentsOfFile: dir + "/k.pem", encoding: .utf8))
         let verifier = try await GrantVerifier.load(certificatePEM: try String(contentsOfFile: dir + "/c.pem", encoding: .utf8), audience: "g")
         return (signer, verifier, dir)

@@ -12,6 +12,13 @@ enum SGTest {
         guard done.status == 0 else { throw Failed("openssl \(arguments.joined(separator: " ")) exited \(done.status): \(done.stderr)") }
     }
 
+    /// A Connection Manager's grant-signing pair in `directory`: `k.pem`
+    /// (ECDSA P-256) and its self-signed certificate `c.pem` (CN=cm, 2 days).
+    static func makeSigningPair(in directory: String) throws {
+        try openssl(["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", "k.pem"], in: directory)
+        try openssl(["req", "-x509", "-new", "-key", "k.pem", "-days", "2", "-subj", "/CN=cm", "-out", "c.pem"], in: directory)
+    }
+
     struct Failed: Error, CustomStringConvertible {
         let description: String
         init(_ description: String) { self.description = description }

@@ -137,7 +137,8 @@ int shim_reap_child(int pid, int *status);
 /// at most `cap` bytes of that output land in `out` (`*len`; the rest is
 /// read and dropped), `*status` is its exit code (128 + signal when
 /// killed). stdin and stderr are inherited, nothing else; signals as a
-/// shell would start it. Blocking: dedicated threads only.
+/// shell would start it; `envp` NULL: our environment. Blocking: dedicated
+/// threads only.
 /// Returns 0, or -1 with errno set (the program could not be started).
 int shim_run_capture(const char *path, char *const argv[], char *const envp[],
                      unsigned char *out, size_t cap, size_t *len, int *status);
