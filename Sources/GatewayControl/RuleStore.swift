@@ -154,7 +154,8 @@ public struct RuleStore: Sendable {
         let decoder = JSONDecoder()
         for generation in journalGenerations() where generation >= since {
             let file = journalPath(generation)
-            guard let bytes = try? StateFile.read(file, limit: 1 << 30) else { continue }
+            guard let contents = try? StateFile.read(file, limit: 1 << 30) else { continue }
+            let bytes = AppendOnlyFile.records(in: contents)
             let lines = bytes.split(separator: 0x0A, omittingEmptySubsequences: true)
             for (index, line) in lines.enumerated() {
                 guard let record = try? decoder.decode(Record.self, from: Data(line)) else {

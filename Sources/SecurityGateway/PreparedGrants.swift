@@ -82,7 +82,7 @@ public final class PreparedGrants: Sendable {
     public func restore(verifier: GrantVerifier, now: Date = Date()) async -> (kept: Int, dropped: Int) {
         guard let path else { return (0, 0) }
         let bytes = (try? StateFile.read(path, limit: 1 << 30)) ?? []
-        let replay = Journal.replay(bytes, now: now)
+        let replay = Journal.replay(Array(AppendOnlyFile.records(in: bytes)), now: now)
         state.withLock { s in
             for (id, expires) in replay.consumed { s.consumed[id] = expires }
         }

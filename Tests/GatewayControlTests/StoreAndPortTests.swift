@@ -57,13 +57,16 @@ import TestSupport
         try store.save(rules)
         #expect(try StateFile.read(store.path) == snapshot, "a change rewrote the snapshot")
         let journal = folder.file("rules.journal.1")
-        let lines = String(decoding: try #require(try StateFile.read(journal)), as: UTF8.self).split(separator: "\n")
+        let written = try #require(try StateFile.read(journal))
+        let records = AppendOnlyFile.records(in: written)
+        #expect(written.count >= 64 << 10 && written[records.count...].allSatisfy { $0 == 0 }, "zeros are written ahead of the records")
+        let lines = String(decoding: records, as: UTF8.self).split(separator: "\n")
         #expect(lines.count == 2 && lines[0].hasPrefix(#"{"put":"#) && lines[1] == #"{"delete":"j0"}"#, "\(lines)")
         #expect(RuleStore(directory: folder.path).load().rules == rules)
 
         // A crash in the middle of an append leaves a torn last line: dropped, nothing else lost.
         let handle = try #require(FileHandle(forWritingAtPath: journal))
-        handle.seekToEndOfFile()
+        handle.seek(toFileOffset: UInt64(records.count))
         handle.write(Data(#"{"put":{"id":"torn","po"#.utf8))
         try handle.close()
         let reloaded = RuleStore(directory: folder.path).load()

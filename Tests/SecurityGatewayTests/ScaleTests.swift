@@ -59,7 +59,7 @@ struct SecurityGatewayScaleTests {
 
         // A crash while a line was being appended: its last line is cut short.
         let handle = try #require(FileHandle(forWritingAtPath: path))
-        handle.seekToEndOfFile()
+        handle.seek(toFileOffset: UInt64(AppendOnlyFile.records(in: try #require(try StateFile.read(path, limit: 1 << 30))).count))
         handle.write(Data(#"{"op":"prepare","id":"torn","tok"#.utf8))
         try handle.close()
         let reborn = PreparedGrants(path: path)

@@ -33,10 +33,75 @@ struct AppendOnlyFileTests {
         }
         done.wait()
         #expect(failures.withLock { $0 }.isEmpty)
-        let lines = try String(contentsOfFile: folder + "/journal", encoding: .utf8).split(separator: "\n")
+        let bytes = try #require(try StateFile.read(folder + "/journal"))
+        let lines = String(decoding: AppendOnlyFile.records(in: bytes), as: UTF8.self).split(separator: "\n")
         #expect(lines.count == threads * perThread)
         #expect(Set(lines).count == threads * perThread, "a record was torn or written twice")
         // A sequence already covered returns at once.
         try file.sync(through: 1)
+    }
+
+    @Test("records overwrite zeros written ahead; a reopened file continues after its last record; the readers' view stops at the first zero")
+    func filledAhead() throws {
+        let folder = FileManager.default.temporaryDirectory.appendingPathComponent("aof-\(UInt64.random(in: 0...UInt64.max))").path
+        try FileManager.default.createDirectory(atPath: folder, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: folder) }
+        let path = folder + "/journal"
+        func contents() throws -> [UInt8] { try #require(try StateFile.read(path)) }
+
+        let file = try AppendOnlyFile(path: path)
+        try file.append(Array("one\n".utf8)).makeDurable()
+        var bytes = try contents()
+        #expect(bytes.count == 64 << 10, "the first fill is 64 KiB")
+        #expect(Array(AppendOnlyFile.records(in: bytes)) == Array("one\n".utf8))
+        #expect(bytes[4...].allSatisfy { $0 == 0 })
+
+        // A record larger than what is filled: the fill covers it, rounded to a page.
+        let big = [UInt8](repeating: UInt8(ascii: "b"), count: 100_000) + [UInt8(ascii: "\n")]
+        try file.append(big).makeDurable()
+        bytes = try contents()
+        let most: Int = 4 + big.count + (64 << 10) + 4096
+        #expect(bytes.count >= 4 + big.count && bytes.count % 4096 == 0 && bytes.count <= most, "\(bytes.count)")
+        #expect(Array(AppendOnlyFile.records(in: bytes)) == Array("one\n".utf8) + big)
+
+        // Another instance (a restart, or the journal reopened after a rename) appends after the last record, not at the file's end.
+        let size = bytes.count
+        let again = try AppendOnlyFile(path: path)
+        try again.append(Array("two\n".utf8)).makeDurable()
+        bytes = try contents()
+        #expect(bytes.count == size, "no new fill while the zeros last")
+        #expect(Array(AppendOnlyFile.records(in: bytes)) == Array("one\n".utf8) + big + Array("two\n".utf8))
+
+        // A file written whole elsewhere (a snapshot, no zeros): appends follow it.
+        try StateFile.writeAtomically(path, Array("snap\n".utf8), mode: 0o600)
+        let snapshot = try AppendOnlyFile(path: path)
+        try snapshot.append(Array("next\n".utf8)).makeDurable()
+        #expect(Array(AppendOnlyFile.records(in: try contents())) == Array("snap\nnext\n".utf8))
+
+        // An empty file, and one that is only zeros.
+        #expect(AppendOnlyFile.records(in: []).isEmpty && AppendOnlyFile.records(in: [0, 0, 0]).isEmpty)
+        var info = stat()
+        #expect(stat(path, &info) == 0 && info.st_mode & 0o777 == 0o600)
+    }
+
+    @Test("the fill doubles from 64 KiB up to 1 MiB at a time")
+    func fillGrowth() throws {
+        let folder = FileManager.default.temporaryDirectory.appendingPathComponent("aof-\(UInt64.random(in: 0...UInt64.max))").path
+        try FileManager.default.createDirectory(atPath: folder, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: folder) }
+        let path = folder + "/journal"
+        let file = try AppendOnlyFile(path: path)
+        let record = [UInt8](repeating: UInt8(ascii: "r"), count: 4095) + [UInt8(ascii: "\n")]
+        var sizes: [Int] = []
+        for _ in 0..<1024 {
+            _ = try file.append(record)
+            var info = stat()
+            #expect(stat(path, &info) == 0)
+            if sizes.last != Int(info.st_size) { sizes.append(Int(info.st_size)) }
+        }
+        let expected: [Int] = [64 << 10, 128 << 10, 256 << 10, 512 << 10, 1 << 20, 2 << 20]
+        #expect(Array(sizes.prefix(6)) == expected, "\(sizes)")
+        let steps: [Int] = zip(sizes, sizes.dropFirst()).map { $1 - $0 }
+        #expect(sizes.last == 4 << 20 && steps.allSatisfy { $0 <= 1 << 20 }, "\(sizes)")
     }
 }
