@@ -8,6 +8,9 @@ public struct GrantToken: Sendable, Equatable {
 
     public let algorithm: String
     public let payload: [UInt8]
+    /// The signature's bytes, and what it signs (`header.payload`, as sent).
+    public let signature: [UInt8]
+    public let signingInput: [UInt8]
 
     /// - Throws: `GrantError.malformed` saying which part is wrong.
     public init(parsing token: String) throws(GrantError) {
@@ -21,9 +24,11 @@ public struct GrantToken: Sendable, Equatable {
         guard let alg = header.alg, !alg.isEmpty, alg.utf8.count <= 16 else { throw .malformed("the header has no alg") }
         guard !header.hasCrit else { throw .malformed("critical header extensions are not supported") }
         guard let payload = GrantToken.base64url(parts[1]), !payload.isEmpty else { throw .malformed("the payload is not base64url") }
-        guard GrantToken.base64url(parts[2]) != nil else { throw .malformed("the signature is not base64url") }
+        guard let signature = GrantToken.base64url(parts[2]) else { throw .malformed("the signature is not base64url") }
         algorithm = alg
         self.payload = payload
+        self.signature = signature
+        signingInput = Array(token.utf8.prefix(parts[0].utf8.count + 1 + parts[1].utf8.count))
     }
 
     /// Strict unpadded base64url; nil for any other character.

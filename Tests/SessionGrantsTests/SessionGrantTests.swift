@@ -21,6 +21,14 @@ final class KeyFactory: @unchecked Sendable {
 
     func read(_ name: String) throws -> String { try String(contentsOfFile: dir + "/" + name, encoding: .utf8) }
 
+    /// `openssl dgst -sha256 -sign`: PKCS #1 v1.5 for RSA, DER for ECDSA.
+    func sign(_ input: [UInt8], key: String) throws -> [UInt8] {
+        let name = "input-\(UUID().uuidString)"
+        _ = FileManager.default.createFile(atPath: dir + "/" + name, contents: Data(input))
+        #expect(try openssl(["dgst", "-sha256", "-sign", key, "-out", name + ".sig", name]) == 0)
+        return [UInt8](try #require(FileManager.default.contents(atPath: dir + "/" + name + ".sig")))
+    }
+
     /// (private key PEM, certificate PEM) for `kind`: rsa2048, rsa1024, ec256, ec384, dsa.
     func pair(_ kind: String, digest: String = "-sha256") throws -> (key: String, cert: String) {
         let key = "\(kind).key", cert = "\(kind)\(digest).crt"
@@ -150,6 +158,45 @@ struct SessionGrantTests {
         await #expect(throws: GrantError.algorithmNotAllowed("ES256")) { try await verifier.verify(es, now: now) }
     }
 
+    @Test("tokens signed by the openssl command (RS256; ES256 as raw r || s) verify; a DER ES256 signature, a changed header and a signed payload that is not a grant are refused")
+    func signaturesMadeElsewhere() async throws {
+        let keys = try KeyFactory()
+        let expected = grant()
+        let payload = String(decoding: try JSONEncoder().encode(expected), as: UTF8.self)
+        for kind in ["rsa2048", "ec256"] {
+            let (_, cert) = try keys.pair(kind)
+            let verifier = try await GrantVerifier.load(certificatePEM: cert, audience: "sg-group-a")
+            let header = base64url(#"{"alg":"\#(kind == "ec256" ? "ES256" : "RS256")","typ":"JWT"}"#)
+            func token(_ header: String, _ payload: String) throws -> (input: String, signature: [UInt8]) {
+                let input = header + "." + base64url(payload)
+                let signed = try keys.sign(Array(input.utf8), key: "\(kind).key")
+                return (input, kind == "ec256" ? try rawECDSA(fromDER: signed) : signed)
+            }
+            let good = try token(header, payload)
+            #expect(try await verifier.verify(good.input + "." + base64url(good.signature), now: now) == expected, "\(kind)")
+            // The header is signed too: another typ with the same signature fails.
+            let otherHeader = base64url(#"{"alg":"\#(kind == "ec256" ? "ES256" : "RS256")","typ":"jwt"}"#)
+            let moved = otherHeader + "." + base64url(payload) + "." + base64url(good.signature)
+            await #expect(throws: GrantError.badSignature, "\(kind)") { try await verifier.verify(moved, now: now) }
+            // A signature cut short, and (ES256) the DER form JWS does not use.
+            let cut = good.input + "." + base64url(Array(good.signature.dropLast()))
+            await #expect(throws: GrantError.badSignature, "\(kind)") { try await verifier.verify(cut, now: now) }
+            if kind == "ec256" {
+                let der = try keys.sign(Array(good.input.utf8), key: "ec256.key")
+                await #expect(throws: GrantError.badSignature) { try await verifier.verify(good.input + "." + base64url(der), now: now) }
+            }
+            // Signed, but not a grant: named after the signature is checked.
+            let partial = try token(header, #"{"sid":"s-1"}"#)
+            await #expect(throws: GrantError.malformed("the payload is not a grant (agent: missing)"), "\(kind)") {
+                try await verifier.verify(partial.input + "." + base64url(partial.signature), now: now)
+            }
+            let array = try token(header, "[1]")
+            await #expect(throws: GrantError.malformed("the payload is not a grant (not a JSON object)"), "\(kind)") {
+                try await verifier.verify(array.input + "." + base64url(array.signature), now: now)
+            }
+        }
+    }
+
     @Test("DSA keys, RSA under 2,048 bits, other curves and MD5-signed certificates are refused with a clear message")
     func weakKeys() async throws {
         let keys = try KeyFactory()
@@ -185,6 +232,23 @@ func base64url(_ text: String) -> String { base64url(Array(text.utf8)) }
 func base64url(_ bytes: [UInt8]) -> String {
     Data(bytes).base64EncodedString().replacingOccurrences(of: "+", with: "-")
         .replacingOccurrences(of: "/", with: "_").replacingOccurrences(of: "=", with: "")
+}
+
+/// An ECDSA P-256 signature in DER (SEQUENCE of two INTEGERs) as JWS
+/// writes it: r and s, 32 bytes each.
+func rawECDSA(fromDER der: [UInt8]) throws -> [UInt8] {
+    var at = 2   // SEQUENCE, length (short form: at most 72 bytes)
+    try #require(der.count > 8 && der[0] == 0x30)
+    var raw: [UInt8] = []
+    for _ in 0..<2 {
+        try #require(der[at] == 0x02)
+        let length = Int(der[at + 1])
+        var value = Array(der[(at + 2)..<(at + 2 + length)])
+        while value.count > 32 && value.first == 0 { value.removeFirst() }
+        raw += [UInt8](repeating: 0, count: 32 - value.count) + value
+        at += 2 + length
+    }
+    return raw
 }
 
 /// HMAC-SHA-256 by the `openssl` command (the attacker's tool in the algorithm-confusion test).
