@@ -10,8 +10,8 @@ import Synchronization
 /// just replaced. The rules journal (gateway) and the prepared grants'
 /// journal (Security Gateway) use it.
 ///
-/// The file is filled with zeros ahead of the records (64 KiB at first,
-/// doubling up to 1 MiB at a time), and records overwrite them: an
+/// The file is filled with zeros ahead of the records (64 KiB at a time),
+/// and records overwrite them: an
 /// fdatasync of bytes written inside the file need not also write its
 /// inode, as one that grows the file must (on this machine's disk: -30 %
 /// latency and -38 % CPU per synced append, measured). So a journal's
@@ -50,8 +50,11 @@ public final class AppendOnlyFile: Sendable {
         var directoryUnsynced = false
     }
 
-    /// The first zeros written ahead of the records, and the most at a time.
-    static let firstFill = 64 << 10, largestFill = 1 << 20
+    /// The zeros written ahead of the records at a time. The fdatasync after
+    /// a fill writes them and the inode: 64 KiB keeps that one sync short
+    /// (larger fills made it a stall of milliseconds for the whole group),
+    /// and it comes once per few hundred records instead of at every one.
+    static let fillStep = 64 << 10
 
     /// Opens `path` for appending after its last record, creating it with
     /// `mode` (exactly, whatever the umask) when missing.
@@ -126,7 +129,7 @@ public final class AppendOnlyFile: Sendable {
     }
 
     /// One page of zeros, the source of every fill: `pwritev` repeats it, so
-    /// filling 1 MiB takes no 1 MiB buffer (a large allocation freed would
+    /// filling takes no buffer of the fill's size (a large allocation freed would
     /// also raise glibc's mmap threshold and stay in the heap). Never written.
     nonisolated(unsafe) private static let zeroPage = UnsafeRawPointer(calloc(1, 4096)!)
 
@@ -134,8 +137,7 @@ public final class AppendOnlyFile: Sendable {
     /// filled. Best effort: where it fails (a full disk), the record's own
     /// write grows the file instead.
     private func fill(_ s: inout Space, toHold needed: Int) {
-        let step = min(max(Self.firstFill, s.filled), Self.largestFill)
-        let target = (max(needed, s.filled + step) + 4095) & ~4095
+        let target = (max(needed, s.filled + Self.fillStep) + 4095) & ~4095
         // s.filled is a multiple of 4096 unless the file was written whole
         // elsewhere (a snapshot): the first iovec then ends at a page boundary.
         var vectors: [iovec] = []
