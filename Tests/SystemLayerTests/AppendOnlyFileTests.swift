@@ -9,10 +9,16 @@ import TestSupport
 /// share fdatasyncs, and every append is in the file when its wait returns.
 @Suite("Append-only file", .offPool)
 struct AppendOnlyFileTests {
-    @Test("appends from 8 threads, each waiting for its own, are all there and whole")
-    func groupCommit() throws {
+    /// A fresh folder for one test's journal (the caller removes it).
+    static func makeFolder() throws -> String {
         let folder = FileManager.default.temporaryDirectory.appendingPathComponent("aof-\(UInt64.random(in: 0...UInt64.max))").path
         try FileManager.default.createDirectory(atPath: folder, withIntermediateDirectories: true)
+        return folder
+    }
+
+    @Test("appends from 8 threads, each waiting for its own, are all there and whole")
+    func groupCommit() throws {
+        let folder = try Self.makeFolder()
         defer { try? FileManager.default.removeItem(atPath: folder) }
         let file = try AppendOnlyFile(path: folder + "/journal")
         let failures = Mutex<[String]>([])
@@ -43,8 +49,7 @@ struct AppendOnlyFileTests {
 
     @Test("records overwrite zeros written ahead; a reopened file continues after its last record; the readers' view stops at the first zero")
     func filledAhead() throws {
-        let folder = FileManager.default.temporaryDirectory.appendingPathComponent("aof-\(UInt64.random(in: 0...UInt64.max))").path
-        try FileManager.default.createDirectory(atPath: folder, withIntermediateDirectories: true)
+        let folder = try Self.makeFolder()
         defer { try? FileManager.default.removeItem(atPath: folder) }
         let path = folder + "/journal"
         func contents() throws -> [UInt8] { try #require(try StateFile.read(path)) }
@@ -86,8 +91,7 @@ struct AppendOnlyFileTests {
 
     @Test("the zeros come 64 KiB at a time, and each fill is made durable with the next record")
     func fillSteps() throws {
-        let folder = FileManager.default.temporaryDirectory.appendingPathComponent("aof-\(UInt64.random(in: 0...UInt64.max))").path
-        try FileManager.default.createDirectory(atPath: folder, withIntermediateDirectories: true)
+        let folder = try Self.makeFolder()
         defer { try? FileManager.default.removeItem(atPath: folder) }
         let path = folder + "/journal"
         let file = try AppendOnlyFile(path: path)
