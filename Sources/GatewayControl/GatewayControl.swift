@@ -29,7 +29,7 @@ public final class GatewayControl: Sendable {
     private let logger: Logger
     private let clock: @Sendable () -> Int64
     private let probe: @Sendable (ControlSettings) -> PortAllocator.Probe
-    private let state: Mutex<State>
+    private let state: BlockingMutex<State>
     /// Copies of the settings and the signer, under a lock of their own held
     /// only to copy: every request reads them (body limit, signature check)
     /// and must not wait for a change in progress (which holds `state`
@@ -90,7 +90,7 @@ public final class GatewayControl: Sendable {
         self.probe = probe
         var initial = State(settings: settings, signer: signer, baseRules: baseRules)
         Self.indexFixedPorts(&initial)
-        state = Mutex(initial)
+        state = BlockingMutex(initial)
         published = Mutex((settings, signer))
     }
 

@@ -46,7 +46,7 @@ public struct RuleStore: Sendable {
             /// A snapshot is being written in the background.
             var compacting = false
         }
-        let state = Mutex(State())
+        let state = BlockingMutex(State())
         /// Snapshots are written one at a time, and never one older than the
         /// latest written (a slow background write must not replace a newer
         /// snapshot). Taken after `state` or alone, never the other way round.

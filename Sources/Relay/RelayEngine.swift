@@ -19,7 +19,7 @@ public final class RelayEngine: Sendable {
     private let group: EventLoopGroup
     private let contexts: LoopContexts
     private let logger: Logger
-    private let control: Mutex<ControlState>
+    private let control: BlockingMutex<ControlState>
 
     private struct ControlState {
         /// Every rule, indexed for changes one at a time.
@@ -54,7 +54,7 @@ public final class RelayEngine: Sendable {
         flowAdmission = AdmissionControl(maxConnections: settings.maxFlows)
         pipeBudget = PipeBudget(limit: settings.maxPipes)
         group = try EventLoopGroup(count: settings.loops, name: "relay")
-        control = Mutex(ControlState())
+        control = BlockingMutex(ControlState())
         let contexts = LoopContexts()
         for loop in group.loops {
             contexts.all.append(LoopContext(loop: loop, settings: settings, admission: admission,

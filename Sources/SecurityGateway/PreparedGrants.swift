@@ -55,7 +55,7 @@ public final class PreparedGrants: Sendable {
         var tail: (bytes: [UInt8], records: Int)?
     }
 
-    private let state = Mutex<State>(State())
+    private let state = BlockingMutex<State>(State())
     private let path: String?
     /// The most grants held; preparing beyond it is refused.
     public let capacity: Int
