@@ -99,9 +99,8 @@ public enum ControlServer {
     /// Rule pushes (PUT, DELETE) and reads (GET) by status, and how long each took.
     static func countCall(method: String, status: Int, since started: UInt64) {
         let elapsed = MonotonicClock.nowNanoseconds &- started
-        Counter(label: "gateway_rule_pushes_total", dimensions: [("method", method), ("status", String(status))]).increment()
-        CoreMetrics.Timer(label: "gateway_rule_push_duration_seconds", dimensions: [("method", method)])
-            .recordNanoseconds(Int64(clamping: elapsed))
+        MetricHandles.counter("gateway_rule_pushes_total", [("method", method), ("status", String(status))]).increment()
+        MetricHandles.timer("gateway_rule_push_duration_seconds", [("method", method)]).recordNanoseconds(Int64(clamping: elapsed))
     }
 
     static func ruleMetadata(_ path: String) -> Logger.Metadata {

@@ -159,7 +159,7 @@ public final class SecurityGateway: Sendable {
     ///   The answer never holds the token.
     public func prepare(token: String) async -> PrepareAnswer {
         let answer = await prepareGrant(token: token)
-        Counter(label: "sg_grants_prepare_total", dimensions: [("status", String(answer.status)), ("result", answer.result)]).increment()
+        MetricHandles.counter("sg_grants_prepare_total", [("status", String(answer.status)), ("result", answer.result)]).increment()
         return answer
     }
 
