@@ -39,7 +39,7 @@ public final class PreparedGrants: Sendable {
         var count = 0
         /// Single-use grants already used, until they expire: preparing one
         /// of them again is refused (a replayed prepare).
-        var consumed: [String: Date] = [:]
+        var consumed: [UsedGrantID: Date] = [:]
         /// The journal (nil: memory only, or not opened yet).
         var journal: AppendOnlyFile?
         /// Records in the journal, to know when to rewrite it.
@@ -84,7 +84,7 @@ public final class PreparedGrants: Sendable {
         let bytes = (try? StateFile.read(path, limit: 1 << 30)) ?? []
         let replay = Journal.replay(Array(AppendOnlyFile.records(in: bytes)), now: now)
         state.withLock { s in
-            for (id, expires) in replay.consumed { s.consumed[id] = expires }
+            for (id, expires) in replay.consumed { s.consumed[UsedGrantID(id)] = expires }
         }
         var kept = 0, dropped = 0
         for token in replay.tokens {
@@ -119,7 +119,7 @@ public final class PreparedGrants: Sendable {
     public func prepare(_ grant: SessionGrant, token: String, now: Date = Date()) -> PrepareResult {
         let name = Self.key(grant.serverName)
         let outcome = state.withLock { s -> (PrepareResult, AppendOnlyFile.Appended?) in
-            if s.consumed[grant.id] != nil { return (.alreadyUsed, nil) }
+            if s.consumed[UsedGrantID(grant.id)] != nil { return (.alreadyUsed, nil) }
             if s.byName[name]?.contains(where: { $0.grant.id == grant.id }) == true { return (.alreadyPrepared, nil) }
             if s.count >= capacity { removeExpired(&s, now: now) }
             guard s.count < capacity else { return (.full, nil) }
@@ -171,7 +171,7 @@ public final class PreparedGrants: Sendable {
             let live = entries.filter { now.timeIntervalSince($0.grant.expires) < leeway && $0.grant.notBefore.timeIntervalSince(now) <= leeway }
             let match = live.first(where: { $0.grant.client == client }) ?? live.first(where: { $0.grant.client == nil })
             if let match, match.grant.singleUse {
-                s.consumed[match.grant.id] = match.grant.expires
+                s.consumed[UsedGrantID(match.grant.id)] = match.grant.expires
                 s.byName[name]?.removeAll { $0.grant.id == match.grant.id }
                 if s.byName[name]?.isEmpty == true { s.byName[name] = nil }
                 s.count -= 1
@@ -286,7 +286,7 @@ public final class PreparedGrants: Sendable {
     /// Where the background snapshot is written before it replaces the journal.
     private func compactingPath(_ path: String) -> String { path + ".compacting" }
 
-    private func compactInBackground(path: String, byName: [String: [Entry]], consumed: [String: Date]) {
+    private func compactInBackground(path: String, byName: [String: [Entry]], consumed: [UsedGrantID: Date]) {
         let (snapshot, records) = Self.snapshot(byName: byName, consumed: consumed)
         let temporary = compactingPath(path)
         StateFile.remove(temporary)
@@ -335,7 +335,7 @@ public final class PreparedGrants: Sendable {
     }
 
     /// The journal lines of a snapshot of `byName` and `consumed`, and how many.
-    private static func snapshot(byName: [String: [Entry]], consumed: [String: Date]) -> (bytes: [UInt8], records: Int) {
+    private static func snapshot(byName: [String: [Entry]], consumed: [UsedGrantID: Date]) -> (bytes: [UInt8], records: Int) {
         var snapshot: [UInt8] = []
         var records = 0
         for entries in byName.values {
@@ -345,7 +345,7 @@ public final class PreparedGrants: Sendable {
             }
         }
         for (id, expires) in consumed {
-            snapshot += Journal.Record(op: .used, id: id, expires: expires.timeIntervalSince1970).line
+            snapshot += Journal.Record(op: .used, id: id.string, expires: expires.timeIntervalSince1970).line
             records += 1
         }
         return (snapshot, records)
@@ -381,6 +381,45 @@ public final class PreparedGrants: Sendable {
             let problem = "cannot sync \(appended.file.path): \(error)"
             state.withLock { $0.journalError = problem }
             return problem
+        }
+    }
+}
+
+/// A used single-use grant's id (`jti`), kept until the grant expires so a
+/// replayed prepare is refused. The CM's ids are UUIDs: one written exactly
+/// as `UUID.uuidString` writes it is kept as its 16 bytes (about 40 B per
+/// used grant in the table instead of about 110 with a heap string); any
+/// other id is kept as it is. Two ids are the same only if their strings
+/// are.
+struct UsedGrantID: Hashable, Sendable {
+    private enum Form: Hashable, Sendable {
+        case uuid(UInt64, UInt64)
+        case other(String)
+    }
+    private let form: Form
+
+    init(_ id: String) {
+        if id.utf8.count == 36, let uuid = UUID(uuidString: id), uuid.uuidString == id {
+            let b = uuid.uuid
+            let hi = [b.0, b.1, b.2, b.3, b.4, b.5, b.6, b.7].reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
+            let lo = [b.8, b.9, b.10, b.11, b.12, b.13, b.14, b.15].reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
+            form = .uuid(hi, lo)
+        } else {
+            form = .other(id)
+        }
+    }
+
+    /// The id as the grant had it.
+    var string: String {
+        switch form {
+        case .other(let id): return id
+        case .uuid(let hi, let lo):
+            var b = [UInt8](repeating: 0, count: 16)
+            for i in 0..<8 {
+                b[i] = UInt8(truncatingIfNeeded: hi >> (56 - 8 * UInt64(i)))
+                b[8 + i] = UInt8(truncatingIfNeeded: lo >> (56 - 8 * UInt64(i)))
+            }
+            return UUID(uuid: (b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15])).uuidString
         }
     }
 }

@@ -153,4 +153,34 @@ struct PreparedGrantsTests {
         try Data("{not json".utf8).write(to: URL(fileURLWithPath: path))
         #expect(await PreparedGrants(path: path).restore(verifier: verifier, now: now) == (0, 0))
     }
+
+    @Test("used ids are told apart exactly as written (a UUID kept as 16 bytes; another case or any other id as the string), through a restart")
+    func usedIDs() async throws {
+        let (signer, verifier, dir) = try await material()
+        let path = dir + "/grants.json"
+        let store = PreparedGrants(path: path)
+        let upper = UUID().uuidString
+        let ids = [upper, upper.lowercased(), "jti-\(UUID().uuidString)", "\(UUID().uuidString)x"]
+        var grants: [(SessionGrant, String)] = []
+        for (n, id) in ids.enumerated() {
+            var g = grant("used\(n).example", session: "u\(n)", singleUse: true, life: 3600)
+            g.id = id
+            grants.append((g, try await signer.sign(g)))
+        }
+        // The upper-case UUID is used; the same letters in lower case are another grant.
+        #expect(store.prepare(grants[0].0, token: grants[0].1) == .added)
+        #expect(store.lookup(serverName: "used0.example", client: "c", now: now) != nil)
+        #expect(store.prepare(grants[0].0, token: grants[0].1) == .alreadyUsed)
+        for (g, t) in grants.dropFirst() {
+            #expect(store.prepare(g, token: t) == .added, "\(g.id)")
+            #expect(store.lookup(serverName: g.serverName, client: "c", now: now) != nil)
+            #expect(store.prepare(g, token: t) == .alreadyUsed, "\(g.id)")
+        }
+        // After a restart every one is still used, each by its own id.
+        let reborn = PreparedGrants(path: path)
+        _ = await reborn.restore(verifier: verifier, now: now)
+        for (g, t) in grants { #expect(reborn.prepare(g, token: t) == .alreadyUsed, "\(g.id)") }
+        let fresh = grant("fresh.example", session: "f", singleUse: true, life: 3600)
+        #expect(reborn.prepare(fresh, token: try await signer.sign(fresh)) == .added)
+    }
 }
