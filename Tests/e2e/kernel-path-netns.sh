@@ -268,16 +268,22 @@ for rule in m0-udp m1-both m2-udp m2-tcp used; do [ -n "$(rule_json $rule)" ] ||
 pass "SIGKILL with live TCP and UDP flows: they went on while it was dead and after the restart; rules and counters kept"
 
 # ---------------------------------------------------------------- a failed batch changes nothing
-in_ns "$NS_GW" nft add element inet $TABLE dnat_open "{ $GW_PUB . tcp . 21090 : $DK_IP . $TCP_PORT }" \
+# The stray element takes a port no rule holds: on a rule's own port, `nft
+# add` of its element is a no-op and the delete below would take the rule's
+# element away (the rules' ports are random in the range).
+ctl GET /control/v1/rules
+STRAY=$(python3 -c 'import json,sys; held={r["port"] for r in json.loads(sys.argv[1])}; print(next(p for p in range(21099, 20999, -1) if p not in held))' "$BODY") \
+    || fail "no free port in the range for the stray element"
+in_ns "$NS_GW" nft add element inet $TABLE dnat_open "{ $GW_PUB . tcp . $STRAY : $DK_IP . $TCP_PORT }" \
     || fail "cannot add the stray element"
 TABLE_BEFORE=$(in_ns "$NS_GW" nft -s list table inet $TABLE | grep -v expires)
 ctl GET /control/v1/rules; RULES_BEFORE=$(python3 -c 'import json,sys; print(sorted(r["id"] for r in json.loads(sys.argv[1])))' "$BODY")
-ctl PUT /control/v1/rules/clash "{\"protocol\":\"tcp\",\"method\":0,\"port\":21090,\"target\":\"$DK_IP:$TCP_PORT\"}"
+ctl PUT /control/v1/rules/clash "{\"protocol\":\"tcp\",\"method\":0,\"port\":$STRAY,\"target\":\"$DK_IP:$TCP_PORT\"}"
 [ "$STATUS" = 409 ] || fail "a push clashing with an element already in the table: HTTP $STATUS (expected 409): $BODY"
 [ "$(in_ns "$NS_GW" nft -s list table inet $TABLE | grep -v expires)" = "$TABLE_BEFORE" ] || fail "the failed batch changed the table"
 ctl GET /control/v1/rules; RULES_AFTER=$(python3 -c 'import json,sys; print(sorted(r["id"] for r in json.loads(sys.argv[1])))' "$BODY")
 [ "$RULES_AFTER" = "$RULES_BEFORE" ] || fail "the failed push changed the rules: $RULES_AFTER"
-in_ns "$NS_GW" nft delete element inet $TABLE dnat_open "{ $GW_PUB . tcp . 21090 }"
+in_ns "$NS_GW" nft delete element inet $TABLE dnat_open "{ $GW_PUB . tcp . $STRAY }"
 pass "a batch the kernel refuses (element exists) answers 409 and changes neither the table nor the rules"
 
 # ---------------------------------------------------------------- offload
