@@ -348,7 +348,13 @@ static int element(nfk_batch *b, uint16_t type, uint16_t flags, const char *tabl
 
 int nfk_batch_add_element(nfk_batch *b, const char *table, const char *set, const void *key, uint32_t key_len,
                           const void *data, uint32_t data_len, uint64_t timeout_ms) {
-    return element(b, NFT_MSG_NEWSETELEM, NLM_F_CREATE | NLM_F_EXCL, table, set, key, key_len, data, data_len, timeout_ms);
+    // A map's element (with data: where a port goes) is added exclusively:
+    // an existing one is a clash, and the batch fails. A set's element (a
+    // counter, an address) is added or kept as it is: a forward put back
+    // after its map element was deleted by hand finds its counter there,
+    // and failing on it would fail every later batch too.
+    uint16_t flags = NLM_F_CREATE | ((data && data_len) ? NLM_F_EXCL : 0);
+    return element(b, NFT_MSG_NEWSETELEM, flags, table, set, key, key_len, data, data_len, timeout_ms);
 }
 
 int nfk_batch_delete_element(nfk_batch *b, const char *table, const char *set, const void *key, uint32_t key_len) {

@@ -69,6 +69,7 @@ struct KernelBatchBytesTests {
         #expect(map.flags & 0x0400 != 0 && map.flags & 0x0200 != 0 && map.flags & 0x0004 != 0, "NLM_F_CREATE | NLM_F_EXCL | NLM_F_ACK")
         #expect(string(map.attribute(1)) == "rdgw" && string(map.attribute(2)) == "dnat_client")
         #expect(string(traffic.attribute(2)) == "traffic_client")
+        #expect(traffic.flags & 0x0400 != 0 && traffic.flags & 0x0200 == 0, "the counter: NLM_F_CREATE without NLM_F_EXCL (kept if there)")
         let element = try Self.firstElement(map)
         let key = NetlinkMessage.attributes(try #require(element.first { $0.type == 1 }?.value)).first?.value
         #expect(key == [198, 51, 100, 7, 203, 0, 113, 1, 6, 0, 0, 0, 0x0D, 0x3D, 0, 0], "client . public . tcp . 3389")
@@ -161,6 +162,11 @@ struct KernelTableLiveTests {
                               target: SocketAddress("10.1.0.7:22")!)
         #expect(throws: NetfilterError.self) { try table.apply([.add(c, timeoutMilliseconds: nil), .add(b, timeoutMilliseconds: nil)]) }
         #expect(Set(try table.forwards().map(\.forward)) == [a, b], "the failed batch added nothing")
+        // Someone deletes only b's map element: putting b back keeps its counter element and succeeds.
+        #expect(try ns.nft(["delete", "element", "inet", "rdgw-test", "dnat_client", "{ 198.51.100.7 . 203.0.113.1 . udp . 4000 }"]).status == 0)
+        #expect(Set(try table.forwards().map(\.forward)) == [a])
+        try table.apply([.add(b, timeoutMilliseconds: nil)])
+        #expect(Set(try table.forwards().map(\.forward)) == [a, b])
         try table.apply([.remove(a)])
         #expect(try table.forwards().map(\.forward) == [b])
         // The installed table is replaced whole, atomically.

@@ -53,7 +53,9 @@ const uint8_t *nfk_batch_bytes(nfk_batch *batch, size_t *length);
 int nfk_batch_delete_table(nfk_batch *batch, const char *table);
 // Creates the table with its sets, maps, chains and rules (it must not exist).
 int nfk_batch_create_table(nfk_batch *batch, const char *table);
-// Adds an element; `data` NULL for a set. `timeout_ms` 0 means none.
+// Adds an element; `data` NULL for a set. `timeout_ms` 0 means none. A map
+// element (with data) must not exist yet (NLM_F_EXCL); a set element that
+// exists is kept.
 int nfk_batch_add_element(nfk_batch *batch, const char *table, const char *set, const void *key, uint32_t key_len,
                           const void *data, uint32_t data_len, uint64_t timeout_ms);
 // Deletes an element.
