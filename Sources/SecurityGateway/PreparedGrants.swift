@@ -393,17 +393,14 @@ public final class PreparedGrants: Sendable {
 /// are.
 struct UsedGrantID: Hashable, Sendable {
     private enum Form: Hashable, Sendable {
-        case uuid(UInt64, UInt64)
+        case uuid(UUID)
         case other(String)
     }
     private let form: Form
 
     init(_ id: String) {
         if id.utf8.count == 36, let uuid = UUID(uuidString: id), uuid.uuidString == id {
-            let b = uuid.uuid
-            let hi = [b.0, b.1, b.2, b.3, b.4, b.5, b.6, b.7].reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
-            let lo = [b.8, b.9, b.10, b.11, b.12, b.13, b.14, b.15].reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
-            form = .uuid(hi, lo)
+            form = .uuid(uuid)
         } else {
             form = .other(id)
         }
@@ -412,14 +409,8 @@ struct UsedGrantID: Hashable, Sendable {
     /// The id as the grant had it.
     var string: String {
         switch form {
+        case .uuid(let uuid): return uuid.uuidString
         case .other(let id): return id
-        case .uuid(let hi, let lo):
-            var b = [UInt8](repeating: 0, count: 16)
-            for i in 0..<8 {
-                b[i] = UInt8(truncatingIfNeeded: hi >> (56 - 8 * UInt64(i)))
-                b[8 + i] = UInt8(truncatingIfNeeded: lo >> (56 - 8 * UInt64(i)))
-            }
-            return UUID(uuid: (b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15])).uuidString
         }
     }
 }

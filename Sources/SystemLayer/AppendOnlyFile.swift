@@ -192,7 +192,7 @@ public final class AppendOnlyFile: Sendable {
     public func sync(through sequence: UInt64) throws(Errno) {
         BlockingCallCheck.check("fdatasync of \(path)")
         while true {
-            enum Next { case done, failed(Errno), wait, sync(UInt64) }
+            enum Next { case done, failed(Errno), wait, sync(UInt64, directory: Bool) }
             let next: Next = durability.withLock {
                 if progress.synced >= sequence { return .done }
                 if let failure = progress.failure, failure.through >= sequence { return .failed(failure.error) }
@@ -201,24 +201,20 @@ public final class AppendOnlyFile: Sendable {
                     return .wait
                 }
                 progress.syncing = true
-                return .sync(progress.appended)
+                return .sync(progress.appended, directory: progress.directoryUnsynced)
             }
             switch next {
             case .done: return
             case .failed(let error): throw error
             case .wait: continue
-            case .sync(let target):
+            case .sync(let target, let directory):
                 var failed: Errno? = fdatasync(fd.rawValue) == 0 ? nil : Errno.current
-                if failed == nil, durability.withLock({ progress.directoryUnsynced }) {
-                    do throws(Errno) {
-                        try StateFile.syncDirectory(of: path)
-                        durability.withLock { progress.directoryUnsynced = false }
-                    } catch {
-                        failed = error
-                    }
+                if failed == nil && directory {
+                    do throws(Errno) { try StateFile.syncDirectory(of: path) } catch { failed = error }
                 }
                 durability.withLock {
                     progress.syncing = false
+                    if directory && failed == nil { progress.directoryUnsynced = false }
                     if let failed {
                         if failed != .interrupted { progress.failure = (target, failed) }
                     } else {
