@@ -1,76 +1,66 @@
 import ControlProtocol
 import Foundation
-import Hummingbird
-import HummingbirdCore
-import HummingbirdTLS
 import NIOSSL
 import Logging
 import CoreMetrics
-import NIOCore
 import ServiceSupport
 import SystemLayer
 
 /// The control endpoint the broker calls (`control_listen`):
 /// `PUT|DELETE /control/v1/rules/{id}` and `GET /control/v1/rules`, each
-/// signed broker-to-gateway, and an unsigned `GET /health`. Runs on Hummingbird's own NIO threads, apart
-/// from the relay loops. Every refusal is `{"error": ..., "field": ...}`
-/// with a 4xx, and changes nothing.
+/// signed broker-to-gateway, and an unsigned `GET /health`. Served by an
+/// `InlineHTTPServer`: threads of its own, apart from the relay loops, each
+/// reading a request, handling it and answering on the same thread. Every
+/// refusal is `{"error": ..., "field": ...}` with a 4xx, and changes nothing.
 public enum ControlServer {
     public static let rulesPath = "/control/v1/rules"
 
-    /// A Hummingbird application serving `control` on `address`.
+    /// The endpoint's threads: a push blocks its thread while the relay loop
+    /// installs the rule and the journal syncs, so concurrent pushes need a
+    /// thread each to share one fdatasync (group commit).
+    public static let defaultThreads = 8
+
+    /// A server of `control` on `host`:`port`, run as a `Service`.
     /// - Parameter onServerRunning: called with the bound address (`host:port`).
     /// - Parameter tls: TLS for the endpoint (`ServerTLS`); nil: plain HTTP (`control_plain_http = yes`, tests).
-    public static func application(control: GatewayControl, address: BindAddress, logger: Logger, tls: TLSConfiguration? = nil,
-                                   onServerRunning: @escaping @Sendable (String) async -> Void = { _ in }) throws
-        -> some ApplicationProtocol
-    {
-        let responder = CallbackResponder<BasicRequestContext> { request, context in
-            await handle(request, control: control, logger: context.logger)
+    /// - Throws: what NIOSSL throws for an unusable TLS configuration.
+    public static func application(control: GatewayControl, host: String, port: Int, logger: Logger, tls: TLSConfiguration? = nil,
+                                   threads: Int = defaultThreads,
+                                   onServerRunning: @escaping @Sendable (String) -> Void = { _ in }) throws -> InlineHTTPServer {
+        let limit = control.settings.maxBodyBytes
+        return try InlineHTTPServer(host: host, port: port, tls: tls, threads: threads, maxBodyBytes: limit,
+                                    tooLarge: { method, declared in
+                                        let error = declared.map { ControlError(413, field: "body", "body: \($0) bytes is larger than the limit of \(limit) bytes") }
+                                            ?? ControlError(413, field: "body", "body: larger than the limit of \(limit) bytes")
+                                        countCall(method: method, status: 413, since: MonotonicClock.nowNanoseconds)
+                                        return json(413, errorBody(error))
+                                    },
+                                    logger: logger, onBound: onServerRunning) { request in
+            handle(request, control: control, logger: logger)
         }
-        let server: HTTPServerBuilder = if let tls { try .tls(.http1(), tlsConfiguration: tls) } else { .http1() }
-        return Application(responder: responder, server: server, configuration: .init(address: address, serverName: nil),
-                           onServerRunning: { channel in
-                               if let local = channel.localAddress, let ip = local.ipAddress, let port = local.port {
-                                   await onServerRunning(ip.contains(":") ? "[\(ip)]:\(port)" : "\(ip):\(port)")
-                               }
-                           },
-                           logger: logger)
     }
 
-    /// Answers one request. Checking the signature and the change itself
-    /// (the control state's lock, the relay loops taking the new rules, the
-    /// rules file's fdatasync) may block, so they never run on Swift's
-    /// cooperative threads: inline when the request already runs on a
-    /// dedicated thread (the gateway runs this server's tasks on
-    /// `BlockingExecutor.shared`: no hop per request), else on
-    /// `BlockingExecutor.shared`. One slow push never holds back another
-    /// server of the process.
-    static func handle(_ request: Request, control: GatewayControl, logger: Logger) async -> Response {
-        var request = request
-        let method = request.method.rawValue
-        let path = request.uri.path
+    /// Answers one request, on the server's thread that read it. Checking the
+    /// signature and the change itself (the control state's lock, the relay
+    /// loops taking the new rules, the rules journal's fdatasync) may block:
+    /// that thread is the server's own, never one of Swift's cooperative
+    /// threads, and one slow push holds back only the connections of its
+    /// thread, never another server of the process.
+    static func handle(_ request: InlineRequest, control: GatewayControl, logger: Logger) -> InlineResponse {
+        let method = request.method
+        let path = request.path
         if path == healthPath {
-            return await health(method: method, control: control)
+            return health(method: method, control: control)
         }
         if path == metricsPath {
-            return await metrics(method: method)
+            return metrics(method: method)
         }
         let started = MonotonicClock.nowNanoseconds
         do throws(ControlError) {
-            // A copy under a lock held only to copy: no hop to another thread.
-            let body = try await readBody(&request, limit: control.settings.maxBodyBytes)
-            let authorization = request.headers[.authorization]
-            let work = { @Sendable () -> Result<Response, ControlError> in
-                Result { () throws(ControlError) in
-                    try control.authenticate(header: authorization, method: method, path: path, body: body)
-                    return try route(method: method, path: path, body: body, control: control)
-                }
-            }
-            let result = await BlockingExecutor.shared.runOffPool(work)
-            let response = try result.get()
-            countCall(method: method, status: Int(response.status.code), since: started)
-            logger.info("control: \(method) \(path) -> \(response.status.code)", metadata: ruleMetadata(path))
+            try control.authenticate(header: request.header("authorization"), method: method, path: path, body: request.body)
+            let response = try route(method: method, path: path, body: request.body, control: control)
+            countCall(method: method, status: response.status, since: started)
+            logger.info("control: \(method) \(path) -> \(response.status)", metadata: ruleMetadata(path))
             return response
         } catch {
             countCall(method: method, status: error.status, since: started)
@@ -87,13 +77,11 @@ public enum ControlServer {
     /// `GET /metrics`, unsigned like `/health`: the Prometheus exposition of
     /// `ServiceMetrics.shared` (read off Swift's cooperative threads: the
     /// relay's collectors wait for each loop).
-    static func metrics(method: String) async -> Response {
+    static func metrics(method: String) -> InlineResponse {
         guard method == "GET" else {
             return json(405, errorBody(ControlError(405, "\(method) \(metricsPath): only GET is allowed here")))
         }
-        let bytes = await ServiceMetrics.shared.scrape()
-        return Response(status: .ok, headers: [.contentType: ServiceMetrics.contentType],
-                        body: ResponseBody(byteBuffer: ByteBuffer(bytes: bytes)))
+        return InlineResponse(status: 200, contentType: ServiceMetrics.contentType, body: ServiceMetrics.shared.exposition())
     }
 
     /// Rule pushes (PUT, DELETE) and reads (GET) by status, and how long each took.
@@ -113,11 +101,11 @@ public enum ControlServer {
     /// `GET /health`, unsigned (it tells nothing a port scan does not):
     /// 200 `{"code":200,"status":"success","rules":N}`, or 500 with `reason`
     /// when the relay no longer takes rules.
-    static func health(method: String, control: GatewayControl) async -> Response {
+    static func health(method: String, control: GatewayControl) -> InlineResponse {
         guard method == "GET" else {
             return json(405, errorBody(ControlError(405, "\(method) \(healthPath): only GET is allowed here")))
         }
-        let (rules, problem) = await BlockingExecutor.shared.runOffPool { (control.pushedRules().count, control.problem) }
+        let (rules, problem) = (control.pushedRules().count, control.problem)
         if let problem {
             return json(500, ControlJSON.encode(HealthAnswer(code: 500, status: "failure", rules: rules, reason: problem)))
         }
@@ -131,7 +119,7 @@ public enum ControlServer {
         let reason: String?
     }
 
-    static func route(method: String, path: String, body: [UInt8], control: GatewayControl) throws(ControlError) -> Response {
+    static func route(method: String, path: String, body: [UInt8], control: GatewayControl) throws(ControlError) -> InlineResponse {
         if path == rulesPath || path == rulesPath + "/" {
             guard method == "GET" else { throw ControlError(405, "\(method) \(path): only GET is allowed here") }
             return json(200, ControlJSON.encode(control.rules()))
@@ -152,7 +140,7 @@ public enum ControlServer {
             return json(created ? 201 : 200, ControlJSON.encode(PutAnswer(id: rule.id, port: rule.port, listen: listen)))
         case "DELETE":
             try control.delete(id: id)
-            return Response(status: .noContent)
+            return InlineResponse(status: 204, contentType: nil)
         case "GET":
             guard let rule = control.rules().first(where: { $0.id == id }) else {
                 throw ControlError(404, field: "id", "id: no rule \(id)")
@@ -169,29 +157,13 @@ public enum ControlServer {
         let listen: String
     }
 
-    /// The body, at most `limit` bytes: 413 beyond (declared or read).
-    static func readBody(_ request: inout Request, limit: Int) async throws(ControlError) -> [UInt8] {
-        if let declared = request.headers[.contentLength].flatMap({ Int($0) }), declared > limit {
-            throw ControlError(413, field: "body", "body: \(declared) bytes is larger than the limit of \(limit) bytes")
-        }
-        do {
-            let buffer = try await request.collectBody(upTo: limit)
-            return Array(buffer.readableBytesView)
-        } catch is NIOTooManyBytesError {
-            throw ControlError(413, field: "body", "body: larger than the limit of \(limit) bytes")
-        } catch {
-            throw ControlError(400, field: "body", "body: cannot be read (\(error))")
-        }
-    }
-
     static func errorBody(_ error: ControlError) -> [UInt8] {
         var object: [String: String] = ["error": error.message]
         if let field = error.field { object["field"] = field }
         return ControlJSON.encode(object)
     }
 
-    static func json(_ status: Int, _ bytes: [UInt8]) -> Response {
-        Response(status: HTTPResponse.Status(code: status), headers: [.contentType: "application/json"],
-                 body: ResponseBody(byteBuffer: ByteBuffer(bytes: bytes)))
+    static func json(_ status: Int, _ bytes: [UInt8]) -> InlineResponse {
+        InlineResponse(status: status, body: bytes)
     }
 }

@@ -1,10 +1,6 @@
 import FoundationEssentials
-import Hummingbird
-import HummingbirdCore
-import HummingbirdTLS
 import NIOSSL
 import Logging
-import NIOCore
 import ServiceSupport
 import SystemLayer
 
@@ -22,60 +18,50 @@ import SystemLayer
 public enum SecurityGatewayControl {
     public static let maxBodyBytes = 16 * 1024
 
-    /// A Hummingbird application serving `gateway` on `address`.
+    /// The endpoint's threads: a prepare blocks its thread for the grant
+    /// journal's fdatasync, so concurrent prepares need a thread each to
+    /// share one (group commit).
+    public static let defaultThreads = 8
+
+    /// A server of `gateway` on `host`:`port` (an `InlineHTTPServer`: each
+    /// request read, handled and answered on one of its own threads), run as
+    /// a `Service`.
     /// - Parameter onServerRunning: called with the bound address (`host:port`).
     /// - Parameter tls: TLS for the endpoint (`ServerTLS`); nil: plain HTTP (`ControlPlainHTTP = true`, tests).
-    public static func application(gateway: SecurityGateway, address: BindAddress, logger: Logger, tls: TLSConfiguration? = nil,
-                                   onServerRunning: @escaping @Sendable (String) async -> Void = { _ in }) throws
-        -> some ApplicationProtocol
-    {
-        let responder = CallbackResponder<BasicRequestContext> { request, context in
-            await handle(request, gateway: gateway, logger: context.logger)
+    /// - Throws: what NIOSSL throws for an unusable TLS configuration.
+    public static func application(gateway: SecurityGateway, host: String, port: Int, logger: Logger, tls: TLSConfiguration? = nil,
+                                   threads: Int = defaultThreads,
+                                   onServerRunning: @escaping @Sendable (String) -> Void = { _ in }) throws -> InlineHTTPServer {
+        try InlineHTTPServer(host: host, port: port, tls: tls, threads: threads, maxBodyBytes: maxBodyBytes,
+                             tooLarge: { _, _ in
+                                 json(413, ["error": "body: larger than the limit of \(maxBodyBytes) bytes", "field": "body"])
+                             },
+                             logger: logger, onBound: onServerRunning) { request in
+            handle(request, gateway: gateway, logger: logger)
         }
-        let server: HTTPServerBuilder = if let tls { try .tls(.http1(), tlsConfiguration: tls) } else { .http1() }
-        return Application(responder: responder, server: server, configuration: .init(address: address, serverName: nil),
-                           onServerRunning: { channel in
-                               if let local = channel.localAddress, let ip = local.ipAddress, let port = local.port {
-                                   await onServerRunning(ip.contains(":") ? "[\(ip)]:\(port)" : "\(ip):\(port)")
-                               }
-                           },
-                           logger: logger)
     }
 
-    /// Answers one request. Whatever may block (the grant journal's fsync,
-    /// waits for the relay loops, locks held across them) runs on
-    /// `BlockingExecutor.shared`, never on Swift's cooperative threads, so
-    /// `/health` answers while the machine is busy: inline when the request
-    /// already runs there (`serve` runs its servers' tasks on that pool), else
-    /// handed to it.
-    static func handle(_ request: Request, gateway: SecurityGateway, logger: Logger) async -> Response {
-        var request = request
-        let method = request.method.rawValue
-        let path = request.uri.path
+    /// Answers one request on the server's thread that read it. What may
+    /// block (the grant journal's fdatasync, waits for the relay loops, locks
+    /// held across them) blocks that thread, the server's own: never one of
+    /// Swift's cooperative threads, so `/health` of another server answers
+    /// while the machine is busy.
+    static func handle(_ request: InlineRequest, gateway: SecurityGateway, logger: Logger) -> InlineResponse {
+        let method = request.method
+        let path = request.path
         switch (method, path) {
         case ("GET", "/health"):
-            if let reason = await BlockingExecutor.shared.runOffPool({ gateway.problem }) {
+            if let reason = gateway.problem {
                 return json(500, ["code": 500, "status": "failure", "reason": .string(reason)])
             }
             return json(200, ["code": 200, "status": "success"])
         case ("GET", "/metrics"):
-            let bytes = await ServiceMetrics.shared.scrape()
-            return Response(status: .ok, headers: [.contentType: ServiceMetrics.contentType],
-                            body: ResponseBody(byteBuffer: ByteBuffer(bytes: bytes)))
+            return InlineResponse(status: 200, contentType: ServiceMetrics.contentType, body: ServiceMetrics.shared.exposition())
         case ("GET", "/v1/status"):
-            let status = await BlockingExecutor.shared.runOffPool { gateway.status() }
-            let data = (try? JSONEncoder().encode(status)) ?? Data("{}".utf8)
+            let data = (try? JSONEncoder().encode(gateway.status())) ?? Data("{}".utf8)
             return raw(200, Array(data))
         case ("POST", "/v1/sessions"):
-            let body: [UInt8]
-            do {
-                body = Array(try await request.collectBody(upTo: maxBodyBytes).readableBytesView)
-            } catch is NIOTooManyBytesError {
-                return json(413, ["error": "body: larger than the limit of \(maxBodyBytes) bytes", "field": "body"])
-            } catch {
-                return json(400, ["error": "body: cannot be read", "field": "body"])
-            }
-            guard let object = try? JSONDecoder().decode(PrepareBody.self, from: Data(body)) else {
+            guard let object = try? JSONDecoder().decode(PrepareBody.self, from: Data(request.body)) else {
                 return json(400, ["error": "body: not a JSON object", "field": "body"])
             }
             guard let token = object.grant, !token.isEmpty else {
@@ -84,7 +70,7 @@ public enum SecurityGatewayControl {
             if let extra = object.keys.sorted().first(where: { $0 != "grant" }) {
                 return json(400, ["error": "\(extra): unknown field", "field": .string(extra)])
             }
-            let answer = await gateway.prepare(token: token)
+            let answer = gateway.prepare(token: token)
             logger.info("control: POST /v1/sessions -> \(answer.status)")
             return json(answer.status, answer.body.mapValues(FlatJSON.Value.string))
         default:
@@ -95,7 +81,7 @@ public enum SecurityGatewayControl {
                 }
                 let id = PercentDecoding.decode(path.dropFirst(prefix.count)) ?? ""
                 guard !id.isEmpty, id.utf8.count <= 256 else { return json(400, ["error": "session id: empty or too long", "field": "id"]) }
-                let done = await BlockingExecutor.shared.runOffPool { gateway.revoke(sessionID: id) }
+                let done = gateway.revoke(sessionID: id)
                 return done.grants > 0 || done.connections > 0
                     ? json(200, ["revoked": .int(done.grants), "closed_connections": .int(done.connections)])
                     : json(404, ["error": "session id: no prepared grant or live connection for this session", "field": "id"])
@@ -104,13 +90,12 @@ public enum SecurityGatewayControl {
         }
     }
 
-    static func json(_ status: Int, _ object: [String: FlatJSON.Value]) -> Response {
+    static func json(_ status: Int, _ object: [String: FlatJSON.Value]) -> InlineResponse {
         raw(status, FlatJSON.encode(object))
     }
 
-    static func raw(_ status: Int, _ bytes: [UInt8]) -> Response {
-        Response(status: HTTPResponse.Status(code: status), headers: [.contentType: "application/json"],
-                 body: ResponseBody(byteBuffer: ByteBuffer(bytes: bytes)))
+    static func raw(_ status: Int, _ bytes: [UInt8]) -> InlineResponse {
+        InlineResponse(status: status, body: bytes)
     }
 }
 

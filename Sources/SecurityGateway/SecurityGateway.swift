@@ -157,16 +157,18 @@ public final class SecurityGateway: Sendable {
     /// - Returns: 201 prepared, 200 already prepared, 400 malformed, 401 not
     ///   admissible (with the reason), 409 a used single-use grant, 503 full.
     ///   The answer never holds the token.
-    public func prepare(token: String) async -> PrepareAnswer {
-        let answer = await prepareGrant(token: token)
+    ///   Blocks (the journal's fdatasync): call it where blocking is allowed
+    ///   (the control endpoint's own threads).
+    public func prepare(token: String) -> PrepareAnswer {
+        let answer = prepareGrant(token: token)
         MetricHandles.counter("sg_grants_prepare_total", [("status", String(answer.status)), ("result", answer.result)]).increment()
         return answer
     }
 
-    private func prepareGrant(token: String) async -> PrepareAnswer {
+    private func prepareGrant(token: String) -> PrepareAnswer {
         let grant: SessionGrant
         do throws(GrantError) {
-            grant = try await verifier.verify(token, recordUse: false)
+            grant = try verifier.check(token, recordUse: false)
         } catch {
             let status: Int
             switch error {
@@ -183,10 +185,9 @@ public final class SecurityGateway: Sendable {
         }
         let answer = ["session_id": grant.sessionID, "server_name": grant.serverName,
                       "expires": String(Int64(grant.expires.timeIntervalSince1970))]
-        // The store waits for its journal's fdatasync: not on Swift's
-        // cooperative threads, nor on Dispatch's global queues (as narrow).
-        let grants = self.grants
-        let stored = await BlockingExecutor.shared.runOffPool { grants.prepare(grant, token: token) }
+        // The store waits for its journal's fdatasync: the caller's thread
+        // is one where that is allowed (see `prepareNow`).
+        let stored = grants.prepare(grant, token: token)
         switch stored {
         case .added:
             logger.info("session \(grant.sessionID) prepared for \(grant.serverName)",

@@ -133,6 +133,13 @@ public final class GrantVerifier: Sendable {
     ///   not marked used (the caller enforces single use itself, as the
     ///   Security Gateway's grant store does at the connection).
     public func verify(_ token: String, now: Date = Date(), recordUse: Bool = true) async throws(GrantError) -> SessionGrant {
+        try check(token, now: now, recordUse: recordUse)
+    }
+
+    /// `verify` without suspending: nothing in it waits (a signature check
+    /// and a JSON decode), so a server handling the request on its own
+    /// thread calls this.
+    public func check(_ token: String, now: Date = Date(), recordUse: Bool = true) throws(GrantError) -> SessionGrant {
         // The header first: only this certificate's algorithm is accepted, so
         // `none` and HMAC-with-the-public-key are refused before any crypto.
         let outside = try GrantToken(parsing: token)

@@ -45,6 +45,11 @@ public enum BlockingCallCheck {
         return shim_is_main_thread() == 0 && shim_thread_is_dedicated() == 0
     }
 
+    /// Marks the calling thread as one where blocking is allowed: a thread
+    /// that runs no Swift tasks and serves one component alone (an
+    /// `InlineHTTPServer`'s event loop). Idempotent.
+    public static func markDedicated() { shim_mark_thread_dedicated() }
+
     /// Reports `what` (a blocking call about to be made) when it would block
     /// a thread that runs Swift tasks.
     /// - Parameter what: the call and why it blocks, e.g. `"fsync of rules.json"`.

@@ -3,7 +3,6 @@ import Dispatch
 import Foundation
 import GatewayConfig
 import GatewayControl
-import Hummingbird
 import Logging
 import NetfilterKernel
 import Relay
@@ -115,10 +114,10 @@ final class ControlPlane: Sendable {
         let bound = Mutex<String?>(nil)
         let server: ServerTask
         do {
-            let app = try ControlServer.application(control: control, address: .hostname("\(listen.ip)", port: Int(listen.port)),
+            let app = try ControlServer.application(control: control, host: "\(listen.ip)", port: Int(listen.port),
                                                     logger: logger, tls: tls?.configuration,
                                                     onServerRunning: { address in bound.withLock { $0 = address } })
-            server = try ServerTask(app, bound: bound, seconds: 10, executor: BlockingExecutor.shared, logger: logger)
+            server = try ServerTask(app, bound: bound, seconds: 10, logger: logger)
         } catch {
             throw ControlError(500, field: "control_listen", "control_listen: cannot serve on \(listen): \(error)")
         }

@@ -1,9 +1,7 @@
 import Dispatch
 import GatewayConfig
 import GatewayControl
-import Hummingbird
 import Logging
-import NIOCore
 import Relay
 import ServiceLifecycle
 import ServiceSupport
@@ -42,7 +40,7 @@ enum GatewayOperations {
 
 }
 
-/// A Hummingbird application run from the gateway's main thread (which
+/// A server (`Service`) run from the gateway's main thread (which
 /// waits for signals, not for tasks): started in a Task of its own, waited
 /// for until it is bound, stopped with a bounded wait.
 final class ServerTask: Sendable {
@@ -97,32 +95,26 @@ final class ServerTask: Sendable {
     }
 }
 
-/// `metrics_listen`: `GET /metrics` and `GET /health` on an address of their own.
+/// `metrics_listen`: `GET /metrics` and `GET /health` on an address of their
+/// own, served by one thread of its own (`InlineHTTPServer`).
 enum MetricsListener {
     static func start(listen: SystemLayer.SocketAddress, logger: Logger) throws -> ServerTask {
-        let responder = CallbackResponder<BasicRequestContext> { request, _ in
-            switch (request.method, request.uri.path) {
-            case (.get, "/metrics"):
-                let bytes = await ServiceMetrics.shared.scrape()
-                return Response(status: .ok, headers: [.contentType: ServiceMetrics.contentType],
-                                body: ResponseBody(byteBuffer: ByteBuffer(bytes: bytes)))
-            case (.get, "/health"):
-                return Response(status: .ok, headers: [.contentType: "application/json"],
-                                body: ResponseBody(byteBuffer: ByteBuffer(string: #"{"code":200,"status":"success"}"#)))
-            default:
-                return Response(status: .notFound, headers: [.contentType: "application/json"],
-                                body: ResponseBody(byteBuffer: ByteBuffer(string: #"{"error":"only GET /metrics and GET /health are served here"}"#)))
-            }
-        }
         let bound = Mutex<String?>(nil)
-        let app = Application(responder: responder, configuration: .init(address: .hostname("\(listen.ip)", port: Int(listen.port)), serverName: nil),
-                              onServerRunning: { channel in
-                                  if let local = channel.localAddress, let ip = local.ipAddress, let port = local.port {
-                                      bound.withLock { $0 = ip.contains(":") ? "[\(ip)]:\(port)" : "\(ip):\(port)" }
-                                  }
-                              }, logger: logger)
         do {
-            return try ServerTask(app, bound: bound, logger: logger)
+            let server = try InlineHTTPServer(
+                host: "\(listen.ip)", port: Int(listen.port), tls: nil, threads: 1, maxBodyBytes: 0,
+                tooLarge: { _, _ in InlineResponse(status: 413, body: Array(#"{"error":"requests here have no body"}"#.utf8)) },
+                logger: logger, onBound: { address in bound.withLock { $0 = address } }) { request in
+                switch (request.method, request.path) {
+                case ("GET", "/metrics"):
+                    return InlineResponse(status: 200, contentType: ServiceMetrics.contentType, body: ServiceMetrics.shared.exposition())
+                case ("GET", "/health"):
+                    return InlineResponse(status: 200, body: Array(#"{"code":200,"status":"success"}"#.utf8))
+                default:
+                    return InlineResponse(status: 404, body: Array(#"{"error":"only GET /metrics and GET /health are served here"}"#.utf8))
+                }
+            }
+            return try ServerTask(server, bound: bound, logger: logger)
         } catch {
             throw ValidationFailure("metrics_listen: cannot serve on \(listen): \(error)")
         }

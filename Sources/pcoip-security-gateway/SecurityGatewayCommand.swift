@@ -1,6 +1,5 @@
 import ArgumentParser
 import FoundationEssentials
-import Hummingbird
 import Logging
 import Relay
 import SecurityGateway
@@ -208,7 +207,7 @@ struct Serve: AsyncParsableCommand {
             }
         }
         let app = try SecurityGatewayControl.application(
-            gateway: gateway, address: .hostname("\(listen.ip)", port: Int(listen.port)), logger: logger, tls: tls?.configuration,
+            gateway: gateway, host: "\(listen.ip)", port: Int(listen.port), logger: logger, tls: tls?.configuration,
             onServerRunning: { address in
                 log.notice("control endpoint on \(address)")
                 // The data listeners opened in start(); the grants are restored: ready.
@@ -227,9 +226,8 @@ struct Serve: AsyncParsableCommand {
                                                       logger: logger))
         defer { link.finish() }
         do {
-            // The servers' tasks run on the blocking pool: a prepare's JWT
-            // check and journal fdatasync run where the request is, without
-            // a hop to another thread and back (issue 15).
+            // The control endpoint handles requests on threads of its own;
+            // the reloader's start-up work blocks: on the blocking pool.
             try await withTaskExecutorPreference(BlockingExecutor.shared) { try await group.run() }
         } catch {
             await BlockingExecutor.shared.run {

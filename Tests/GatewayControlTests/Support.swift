@@ -90,7 +90,7 @@ final class TestGateway: Sendable {
                                      clock: { clock.now })
         try control.restore()
         let bound = Mutex<String?>(nil)
-        let app = try ControlServer.application(control: control, address: .hostname("127.0.0.1", port: 0), logger: logger,
+        let app = try ControlServer.application(control: control, host: "127.0.0.1", port: 0, logger: logger,
                                             onServerRunning: { address in bound.withLock { $0 = address } })
         let services = ServiceGroup(configuration: .init(services: [app], logger: logger))
         let server = Task { try await services.run() }

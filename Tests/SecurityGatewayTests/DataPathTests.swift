@@ -64,7 +64,7 @@ final class GatewayFixture: @unchecked Sendable {
         let bound = BoundAddress()
         var logger = Logger(label: "sg-test")
         logger.logLevel = .warning
-        let app = try SecurityGatewayControl.application(gateway: gateway, address: .hostname("127.0.0.1", port: 0), logger: logger,
+        let app = try SecurityGatewayControl.application(gateway: gateway, host: "127.0.0.1", port: 0, logger: logger,
                                                      onServerRunning: { address in bound.value.withLock { $0 = address } })
         let services = ServiceGroup(configuration: .init(services: [app], gracefulShutdownSignals: [], logger: logger))
         let task = Task { try await services.run() }
