@@ -269,3 +269,147 @@ public enum ControlMessageError: Error, Equatable, CustomStringConvertible {
         }
     }
 }
+
+/// The two JSON texts every push writes, straight to bytes: the rule's
+/// journal record and the answer. They are the exact bytes `ControlJSON.encode`
+/// (JSONEncoder, sorted keys) writes for the same values (tested), at a
+/// fraction of the cost: JSONEncoder was 9 % of the gateway's CPU per rule
+/// operation (issue 15).
+extension ControlJSON {
+    /// `encode(rule)`.
+    public static func encodeRule(_ rule: RuleState) -> [UInt8] {
+        var object = ObjectWriter(capacity: 192)
+        object.int("created", rule.created)
+        object.string("id", rule.id)
+        if let kernel = rule.kernel {
+            object.object("kernel") { traffic in
+                traffic.unsigned("bytes", kernel.bytes)
+                traffic.unsigned("flows", kernel.flows)
+                traffic.int("offloaded_clients", Int64(kernel.offloadedClients))
+                traffic.unsigned("packets", kernel.packets)
+            }
+        }
+        if let lastUsed = rule.lastUsed { object.int("last_used", lastUsed) }
+        if let offloaded = rule.offloaded {
+            object.raw("offloaded") { out in
+                out.append(UInt8(ascii: "["))
+                for (index, client) in offloaded.enumerated() {
+                    if index > 0 { out.append(UInt8(ascii: ",")) }
+                    appendString(client, to: &out)
+                }
+                out.append(UInt8(ascii: "]"))
+            }
+        }
+        object.int("port", Int64(rule.port))
+        object.object("push") { fields in
+            let push = rule.push
+            if let client = push.clientIP { fields.string("client_ip", client) }
+            if let path = push.forwardingPath { fields.string("forwarding_path", path.rawValue) }
+            fields.int("method", Int64(push.method.rawValue))
+            if let port = push.port { fields.int("port", Int64(port)) }
+            fields.string("protocol", push.protocol.rawValue)
+            fields.string("target", push.target)
+            if let expiry = push.unusedExpirySeconds { fields.int("unused_expiry_s", Int64(expiry)) }
+        }
+        object.int("sessions", Int64(rule.sessions))
+        return object.finish()
+    }
+
+    /// `encode(["delete": id])`: a removal's journal record.
+    public static func encodeDelete(_ id: String) -> [UInt8] {
+        var object = ObjectWriter(capacity: 64)
+        object.string("delete", id)
+        return object.finish()
+    }
+
+    /// `{"id":…,"listen":…,"port":…}`: the answer to a push.
+    public static func encodePutAnswer(id: String, port: Int, listen: String) -> [UInt8] {
+        var object = ObjectWriter(capacity: 64)
+        object.string("id", id)
+        object.string("listen", listen)
+        object.int("port", Int64(port))
+        return object.finish()
+    }
+
+    /// An object's fields, written in the order given (the callers give
+    /// them sorted, as `.sortedKeys` does).
+    struct ObjectWriter {
+        private var out: [UInt8] = []
+        private var first = true
+
+        init(capacity: Int) {
+            out.reserveCapacity(capacity)
+            out.append(UInt8(ascii: "{"))
+        }
+
+        private mutating func key(_ name: StaticString) {
+            if !first { out.append(UInt8(ascii: ",")) }
+            first = false
+            out.append(UInt8(ascii: "\""))
+            name.withUTF8Buffer { out.append(contentsOf: $0) }
+            out.append(contentsOf: [UInt8(ascii: "\""), UInt8(ascii: ":")])
+        }
+
+        mutating func string(_ name: StaticString, _ value: String) {
+            key(name)
+            ControlJSON.appendString(value, to: &out)
+        }
+
+        mutating func int(_ name: StaticString, _ value: Int64) {
+            key(name)
+            out.append(contentsOf: String(value).utf8)
+        }
+
+        mutating func unsigned(_ name: StaticString, _ value: UInt64) {
+            key(name)
+            out.append(contentsOf: String(value).utf8)
+        }
+
+        /// A value written by `write` as it is (an array).
+        mutating func raw(_ name: StaticString, _ write: (inout [UInt8]) -> Void) {
+            key(name)
+            write(&out)
+        }
+
+        /// A nested object, written into the same buffer (no copy).
+        mutating func object(_ name: StaticString, _ body: (inout ObjectWriter) -> Void) {
+            key(name)
+            var nested = ObjectWriter(capacity: 0)
+            swap(&nested.out, &out)
+            out.removeAll()
+            nested.out.append(UInt8(ascii: "{"))
+            body(&nested)
+            nested.out.append(UInt8(ascii: "}"))
+            swap(&nested.out, &out)
+        }
+
+        consuming func finish() -> [UInt8] {
+            out.append(UInt8(ascii: "}"))
+            return out
+        }
+    }
+
+    private static let hexDigits = Array("0123456789abcdef".utf8)
+
+    /// `text` as JSONEncoder writes a string: `"`, `\` and `/` escaped with
+    /// a backslash; \b \f \n \r \t; other control characters as \u00XX;
+    /// everything else as its UTF-8 bytes.
+    static func appendString(_ text: String, to out: inout [UInt8]) {
+        out.append(UInt8(ascii: "\""))
+        for byte in text.utf8 {
+            switch byte {
+            case UInt8(ascii: "\""), UInt8(ascii: "\\"), UInt8(ascii: "/"): out.append(contentsOf: [UInt8(ascii: "\\"), byte])
+            case 0x08: out.append(contentsOf: [UInt8(ascii: "\\"), UInt8(ascii: "b")])
+            case 0x0C: out.append(contentsOf: [UInt8(ascii: "\\"), UInt8(ascii: "f")])
+            case 0x0A: out.append(contentsOf: [UInt8(ascii: "\\"), UInt8(ascii: "n")])
+            case 0x0D: out.append(contentsOf: [UInt8(ascii: "\\"), UInt8(ascii: "r")])
+            case 0x09: out.append(contentsOf: [UInt8(ascii: "\\"), UInt8(ascii: "t")])
+            case 0..<0x20:
+                out.append(contentsOf: [UInt8(ascii: "\\"), UInt8(ascii: "u"), UInt8(ascii: "0"), UInt8(ascii: "0"),
+                                        hexDigits[Int(byte >> 4)], hexDigits[Int(byte & 0x0F)]])
+            default: out.append(byte)
+            }
+        }
+        out.append(UInt8(ascii: "\""))
+    }
+}

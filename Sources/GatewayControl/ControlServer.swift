@@ -137,7 +137,7 @@ public enum ControlServer {
             }
             let (rule, created) = try control.put(id: id, push: push)
             let listen = "\(control.settings.publicAddress.isIPv4 ? "\(control.settings.publicAddress)" : "[\(control.settings.publicAddress)]"):\(rule.port)"
-            return json(created ? 201 : 200, ControlJSON.encode(PutAnswer(id: rule.id, port: rule.port, listen: listen)))
+            return json(created ? 201 : 200, ControlJSON.encodePutAnswer(id: rule.id, port: rule.port, listen: listen))
         case "DELETE":
             try control.delete(id: id)
             return InlineResponse(status: 204, contentType: nil)
@@ -149,12 +149,6 @@ public enum ControlServer {
         default:
             throw ControlError(405, "\(method) \(path): only PUT, DELETE and GET are allowed here")
         }
-    }
-
-    struct PutAnswer: Encodable {
-        let id: String
-        let port: Int
-        let listen: String
     }
 
     static func errorBody(_ error: ControlError) -> [UInt8] {

@@ -60,7 +60,8 @@ public struct RuleStore: Sendable {
         var journal: Int?
     }
 
-    private enum Record: Codable {
+    /// A journal line as read back (`ControlJSON.encodeRule`/`encodeDelete` write them).
+    private enum Record: Decodable {
         case put(RuleState)
         case delete(String)
 
@@ -72,14 +73,6 @@ public struct RuleStore: Sendable {
                 self = .put(rule)
             } else {
                 self = .delete(try container.decode(String.self, forKey: .delete))
-            }
-        }
-
-        func encode(to encoder: any Encoder) throws {
-            var container = encoder.container(keyedBy: CodingKeys.self)
-            switch self {
-            case .put(let rule): try container.encode(rule, forKey: .put)
-            case .delete(let id): try container.encode(id, forKey: .delete)
             }
         }
     }
@@ -234,14 +227,11 @@ public struct RuleStore: Sendable {
     /// change of the process then writes them whole as a snapshot, with the
     /// change, and a new journal after it.
     public func seed(_ rules: [RuleState]) {
-        let encoder = JSONEncoder()
-        encoder.outputFormatting = [.sortedKeys]
         journal.state.withLock { j in
             guard j.file == nil else { return }
             j.table = [:]
             for (index, rule) in rules.enumerated() {
-                guard let json = try? encoder.encode(rule) else { continue }
-                j.table[rule.id] = Journal.Entry(sequence: index, state: rule, json: [UInt8](json))
+                j.table[rule.id] = Journal.Entry(sequence: index, state: rule, json: ControlJSON.encodeRule(rule))
             }
             j.nextSequence = rules.count
         }
@@ -262,24 +252,18 @@ public struct RuleStore: Sendable {
     /// snapshot), then updates the table.
     private func commit(_ j: inout Journal.State, upserting: [RuleState], removing: [String],
                         order: [String]?) throws(ControlError) -> Pending? {
-        let encoder = JSONEncoder()
-        encoder.outputFormatting = [.sortedKeys]
         var changed: [(id: String, state: RuleState, json: [UInt8])] = []
         var gone: [String] = []
         var records: [UInt8] = []
-        do {
-            for rule in upserting {
-                if let known = j.table[rule.id], known.state == rule { continue }
-                let json = [UInt8](try encoder.encode(rule))
-                changed.append((rule.id, rule, json))
-                records += Array(#"{"put":"#.utf8) + json + Array("}\n".utf8)
-            }
-            for id in Set(removing) where j.table[id] != nil {
-                gone.append(id)
-                records += [UInt8](try encoder.encode(Record.delete(id))) + [0x0A]
-            }
-        } catch {
-            throw ControlError(500, "cannot encode the rules: \(error)")
+        for rule in upserting {
+            if let known = j.table[rule.id], known.state == rule { continue }
+            let json = ControlJSON.encodeRule(rule)
+            changed.append((rule.id, rule, json))
+            records += Array(#"{"put":"#.utf8) + json + Array("}\n".utf8)
+        }
+        for id in Set(removing) where j.table[id] != nil {
+            gone.append(id)
+            records += ControlJSON.encodeDelete(id) + [0x0A]
         }
         let count = changed.count + gone.count
         var pending: Pending?

@@ -108,6 +108,35 @@ struct ControlProtocolTests {
         }
     }
 
+    @Test("a rule's journal record, a delete record and a push's answer written by hand are JSONEncoder's exact bytes (sorted keys, escaping included), and read back the same")
+    func handWrittenJSON() throws {
+        let odd = "q\"b\\s/c\u{8}f\u{c}n\nr\rt\tu\u{1}\u{1f}\u{7f} é 😀"
+        let pushes = [
+            RulePush(protocol: .tcp, method: .randomPort, target: "10.0.0.5:3389"),
+            RulePush(protocol: .udp, method: .protocolPortClientOnly, target: "[fd00::5]:4172", clientIP: "203.0.113.9",
+                     port: 4172, unusedExpirySeconds: 0, forwardingPath: .kernel),
+            RulePush(protocol: .both, method: .randomPortClientOnly, target: odd, clientIP: odd, port: -1,
+                     unusedExpirySeconds: Int.max, forwardingPath: .offload),
+        ]
+        var rules: [RuleState] = []
+        for (index, push) in pushes.enumerated() {
+            rules.append(RuleState(id: "r\(index)", push: push, port: 20_001 + index, created: 1_765_000_000 + Int64(index)))
+        }
+        rules.append(RuleState(id: odd, push: pushes[2], port: 0, created: Int64.min, lastUsed: Int64.max, sessions: Int.max,
+                               offloaded: ["198.51.100.7", odd], kernel: KernelTraffic(flows: 1, packets: UInt64.max, bytes: 0, offloadedClients: 2)))
+        rules.append(RuleState(id: "", push: pushes[0], port: 1, created: 0, lastUsed: -5, sessions: 0, offloaded: []))
+        for rule in rules {
+            let mine = ControlJSON.encodeRule(rule)
+            #expect(mine == ControlJSON.encode(rule), "\(String(decoding: mine, as: UTF8.self))")
+            #expect(try JSONDecoder().decode(RuleState.self, from: Data(mine)) == rule)
+            #expect(ControlJSON.encodeDelete(rule.id) == ControlJSON.encode(["delete": rule.id]))
+        }
+        struct Answer: Encodable { let id: String; let port: Int; let listen: String }
+        for (id, listen) in [("a", "192.0.2.1:20001"), (odd, "[2001:db8::1]:65535")] {
+            #expect(ControlJSON.encodePutAnswer(id: id, port: 65_535, listen: listen) == ControlJSON.encode(Answer(id: id, port: 65_535, listen: listen)))
+        }
+    }
+
     @Test("strict decoding names the unknown, missing or mistyped field")
     func strictDecoding() throws {
         let good = Array(#"{"protocol":"tcp+udp","method":2,"target":"10.0.0.5:3389","client_ip":"198.51.100.7","unused_expiry_s":300}"#.utf8)
