@@ -71,7 +71,8 @@ public enum SecurityGatewayControl {
                 return json(400, ["error": "\(extra): unknown field", "field": .string(extra)])
             }
             let answer = gateway.prepare(token: token)
-            logger.info("control: POST /v1/sessions -> \(answer.status)")
+            // A prepared session has its own line (the session, the target); the rest are said here.
+            if answer.status != 201 { logger.info("control: POST /v1/sessions -> \(answer.status)") }
             return json(answer.status, answer.body.mapValues(FlatJSON.Value.string))
         default:
             let prefix = "/v1/sessions/"

@@ -154,10 +154,15 @@ struct Serve: AsyncParsableCommand {
         // relay loops: on threads made for blocking work, not Swift's
         // cooperative ones (the control endpoint below runs there).
         let dataDir = self.dataDir
-        let startLogger = logger
+        let (startLogger, levelFlag) = (logger, logLevel)
         let (loaded, gateway) = try await withTaskExecutorPreference(BlockingExecutor.shared) {
             () async throws -> (SecurityGatewayConfig, SecurityGateway) in
             let (loaded, verifier) = try await Loader.load(config)
+            // --log-level, else the config's LogLevel, for everything from
+            // here on: the gateway keeps this logger (a copy; setting the
+            // level on another copy later would not reach it).
+            var startLogger = startLogger
+            if let level = (levelFlag ?? loaded.logLevel).flatMap({ Logger.Level(rawValue: $0) }) { startLogger.logLevel = level }
             do {
                 try FileManager.default.createDirectory(atPath: dataDir, withIntermediateDirectories: true,
                                                         attributes: [.posixPermissions: 0o700])

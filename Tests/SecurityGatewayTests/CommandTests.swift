@@ -88,6 +88,37 @@ struct SecurityGatewayCommandTests {
         #expect(output.contains("1 kept") && !output.contains("eyJ"), "no token in the log: \(output)")
     }
 
+    @Test("--log-level reaches the gateway's own messages: at warning a prepare logs nothing, at the default (info) it logs the session")
+    func logLevel() async throws {
+        let dir = try SGTest.temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try SGTest.makeSigningPair(in: dir)
+        let signer = try await GrantSigner.load(pem: try String(contentsOfFile: dir + "/k.pem", encoding: .utf8))
+        for level in ["warning", nil] {
+            let (sg, control) = (TestPorts.free(), TestPorts.free())
+            try "GatewayGroup = g\nJwtVerifyingCert = c.pem\nListenAddress = 127.0.0.1:\(sg)\nControlListen = 127.0.0.1:\(control)\nControlPlainHTTP = true\n"
+                .write(toFile: dir + "/sg.conf", atomically: true, encoding: .utf8)
+            let process = try ChildProcess(Self.binary, ["serve", "--config", dir + "/sg.conf", "--data-dir", dir + "/data-\(level ?? "info")"]
+                                           + (level.map { ["--log-level", $0] } ?? []))
+            defer { process.stop() }
+            #expect(await eventuallyAsync { (try? SGTest.curl("GET", "http://127.0.0.1:\(control)/health"))?.0 == 200 }, "\(process.output)")
+            let now = Date()
+            let session = "log-\(level ?? "info")"
+            let grant = SessionGrant(sessionID: session, agent: "127.0.0.1:9", serverName: "\(session).test", audience: "g",
+                                     issuedAt: now.addingTimeInterval(-5), expires: now.addingTimeInterval(600))
+            let body = #"{"grant":"\#(try await signer.sign(grant))"}"#
+            #expect(try SGTest.curl("POST", "http://127.0.0.1:\(control)/v1/sessions", json: body).0 == 201)
+            process.signal(SIGTERM)
+            #expect(process.waitForExit() == 0, "\(process.output)")
+            let output = process.output
+            if level == nil {
+                #expect(output.contains("session \(session) prepared"), "\(output)")
+            } else {
+                #expect(!output.contains(" info ") && !output.contains("prepared for"), "\(output)")
+            }
+        }
+    }
+
     @Test("serve checks ControlTLSCert/ControlTLSKey in a child process: a key of another certificate, or an RSA key under 2,048 bits, stops it naming the key and the file, as --check does; a bad request to the check is answered, not crashed on")
     func controlTLSCheckedByChild() throws {
         let dir = try SGTest.temporaryDirectory()
