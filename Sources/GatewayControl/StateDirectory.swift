@@ -221,7 +221,31 @@ public struct StatusReport: Codable, Sendable {
 
     /// Written often, so not fsynced: a lost status is rewritten a second later.
     public func write(to directory: StateDirectory) {
-        try? StateFile.writeAtomically(directory.statusPath, ControlJSON.encode(self), mode: 0o644, durable: false)
+        try? StateFile.writeAtomically(directory.statusPath, encoded(), mode: 0o644, durable: false)
+    }
+
+    /// `ControlJSON.encode(self)`, byte for byte (tested), with the rules
+    /// written by `ControlJSON.encodeRule`: the maintenance thread writes
+    /// this every second, and with 2,000 rules held JSONEncoder took 3 % of
+    /// the gateway's CPU (issue 15). The rest of the report goes through
+    /// JSONEncoder with no rules; its `"rules":[]`, which with sorted keys
+    /// appears once and only as a key (a string value cannot hold an
+    /// unescaped quote), is then replaced by the rules.
+    public func encoded() -> [UInt8] {
+        var shell = self
+        shell.rules = []
+        var bytes = ControlJSON.encode(shell)
+        let empty = Array(#""rules":[]"#.utf8)
+        guard let at = bytes.firstRange(of: empty) else { return ControlJSON.encode(self) }
+        var list = Array(#""rules":["#.utf8)
+        list.reserveCapacity(rules.count * 200 + 10)
+        for (index, rule) in rules.enumerated() {
+            if index > 0 { list.append(UInt8(ascii: ",")) }
+            list += ControlJSON.encodeRule(rule)
+        }
+        list.append(UInt8(ascii: "]"))
+        bytes.replaceSubrange(at, with: list)
+        return bytes
     }
 
     public static func read(from directory: StateDirectory) -> StatusReport? {

@@ -120,6 +120,20 @@ import TestSupport
         #expect(RuleStore(directory: folder.path).load().rules.map(\.id) == expected)
     }
 
+    @Test("status.json: the rules written by hand inside JSONEncoder's report are its exact bytes, with no rules, one, and several (one named \"rules\":[]), and read back the same")
+    func statusBytes() throws {
+        let push = RulePush(protocol: .tcp, method: .randomPortClientOnly, target: "10.0.0.5:3389", clientIP: "203.0.113.9")
+        let tricky = RuleState(id: #"x","rules":[]"#, push: push, port: 20_002, created: 2, lastUsed: 3, sessions: 1, offloaded: ["198.51.100.1"])
+        for rules in [[], [RuleState(id: "a", push: push, port: 20_001, created: 1)], [RuleState(id: "a", push: push, port: 20_001, created: 1), tricky]] {
+            let report = StatusReport(pid: 42, updated: 1_765_000_000, broker: #"https://broker.example:8443/"rules":[]"#, gatewayID: 7,
+                                      registration: .init(state: "registered", lastRegistered: 5, lastError: "none"),
+                                      rules: rules, sessions: 3, portsInUse: ["20001/tcp"], portRange: PortRange(first: 20_001, last: 22_000))
+            let bytes = report.encoded()
+            #expect(bytes == ControlJSON.encode(report), "\(String(decoding: bytes, as: UTF8.self))")
+            #expect(try JSONDecoder().decode(StatusReport.self, from: Data(bytes)).rules == rules)
+        }
+    }
+
     @Test func missingFileIsEmpty() {
         let folder = TempFolder()
         defer { folder.remove() }
