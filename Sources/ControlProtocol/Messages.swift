@@ -315,10 +315,10 @@ extension ControlJSON {
         object.string("id", rule.id)
         if let kernel = rule.kernel {
             object.object("kernel") { traffic in
-                traffic.unsigned("bytes", kernel.bytes)
-                traffic.unsigned("flows", kernel.flows)
-                traffic.int("offloaded_clients", Int64(kernel.offloadedClients))
-                traffic.unsigned("packets", kernel.packets)
+                traffic.int("bytes", kernel.bytes)
+                traffic.int("flows", kernel.flows)
+                traffic.int("offloaded_clients", kernel.offloadedClients)
+                traffic.int("packets", kernel.packets)
             }
         }
         if let lastUsed = rule.lastUsed { object.int("last_used", lastUsed) }
@@ -332,18 +332,18 @@ extension ControlJSON {
                 out.append(UInt8(ascii: "]"))
             }
         }
-        object.int("port", Int64(rule.port))
+        object.int("port", rule.port)
         object.object("push") { fields in
             let push = rule.push
             if let client = push.clientIP { fields.string("client_ip", client) }
             if let path = push.forwardingPath { fields.string("forwarding_path", path.rawValue) }
-            fields.int("method", Int64(push.method.rawValue))
-            if let port = push.port { fields.int("port", Int64(port)) }
+            fields.int("method", push.method.rawValue)
+            if let port = push.port { fields.int("port", port) }
             fields.string("protocol", push.protocol.rawValue)
             fields.string("target", push.target)
-            if let expiry = push.unusedExpirySeconds { fields.int("unused_expiry_s", Int64(expiry)) }
+            if let expiry = push.unusedExpirySeconds { fields.int("unused_expiry_s", expiry) }
         }
-        object.int("sessions", Int64(rule.sessions))
+        object.int("sessions", rule.sessions)
         return object.finish()
     }
 
@@ -359,7 +359,7 @@ extension ControlJSON {
         var object = ObjectWriter(capacity: 64)
         object.string("id", id)
         object.string("listen", listen)
-        object.int("port", Int64(port))
+        object.int("port", port)
         return object.finish()
     }
 
@@ -387,12 +387,7 @@ extension ControlJSON {
             ControlJSON.appendString(value, to: &out)
         }
 
-        mutating func int(_ name: StaticString, _ value: Int64) {
-            key(name)
-            out.append(contentsOf: String(value).utf8)
-        }
-
-        mutating func unsigned(_ name: StaticString, _ value: UInt64) {
+        mutating func int(_ name: StaticString, _ value: some BinaryInteger) {
             key(name)
             out.append(contentsOf: String(value).utf8)
         }
@@ -403,16 +398,14 @@ extension ControlJSON {
             write(&out)
         }
 
-        /// A nested object, written into the same buffer (no copy).
+        /// A nested object: `body` writes its fields with this same writer.
         mutating func object(_ name: StaticString, _ body: (inout ObjectWriter) -> Void) {
             key(name)
-            var nested = ObjectWriter(capacity: 0)
-            swap(&nested.out, &out)
-            out.removeAll()
-            nested.out.append(UInt8(ascii: "{"))
-            body(&nested)
-            nested.out.append(UInt8(ascii: "}"))
-            swap(&nested.out, &out)
+            out.append(UInt8(ascii: "{"))
+            first = true
+            body(&self)
+            out.append(UInt8(ascii: "}"))
+            first = false
         }
 
         consuming func finish() -> [UInt8] {

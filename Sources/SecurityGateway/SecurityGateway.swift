@@ -186,7 +186,7 @@ public final class SecurityGateway: Sendable {
         let answer = ["session_id": grant.sessionID, "server_name": grant.serverName,
                       "expires": String(Int64(grant.expires.timeIntervalSince1970))]
         // The store waits for its journal's fdatasync: the caller's thread
-        // is one where that is allowed (see `prepareNow`).
+        // is one where that is allowed (see `prepare`).
         let stored = grants.prepare(grant, token: token)
         switch stored {
         case .added:

@@ -52,16 +52,10 @@ final class ServerTask: Sendable {
     /// Runs `app`, whose `onServerRunning` stores its bound address in `bound`.
     /// - Parameter seconds: how long to wait for the bind (nil: until it binds or fails).
     /// - Throws: `ValidationFailure` with why it did not start (the caller names the key).
-    /// - Parameter executor: where the server's tasks prefer to run (nil:
-    ///   Swift's cooperative pool). The control endpoint runs on
-    ///   `BlockingExecutor.shared`, so that a request's blocking work (the
-    ///   relay loops, the journal's fdatasync) runs where the request is,
-    ///   without a hop to another thread and back (issue 15).
-    init(_ app: some Service, bound: borrowing Mutex<String?>, seconds: UInt64? = nil,
-         executor: (any TaskExecutor)? = nil, logger: Logger) throws {
+    init(_ app: some Service, bound: borrowing Mutex<String?>, seconds: UInt64? = nil, logger: Logger) throws {
         let services = ServiceGroup(configuration: .init(services: [app], logger: logger))
         let failure = Mutex<String?>(nil)
-        let task = Task(executorPreference: executor) {
+        let task = Task {
             do { try await services.run() } catch {
                 failure.withLock { $0 = "\(error)" }
                 throw error

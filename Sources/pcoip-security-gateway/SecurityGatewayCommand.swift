@@ -155,12 +155,13 @@ struct Serve: AsyncParsableCommand {
         // cooperative ones (the control endpoint below runs there).
         let dataDir = self.dataDir
         let (startLogger, levelFlag) = (logger, logLevel)
-        let (loaded, gateway) = try await withTaskExecutorPreference(BlockingExecutor.shared) {
-            () async throws -> (SecurityGatewayConfig, SecurityGateway) in
+        let (loaded, gateway, leveled) = try await withTaskExecutorPreference(BlockingExecutor.shared) {
+            () async throws -> (SecurityGatewayConfig, SecurityGateway, Logger) in
             let (loaded, verifier) = try await Loader.load(config)
             // --log-level, else the config's LogLevel, for everything from
             // here on: the gateway keeps this logger (a copy; setting the
-            // level on another copy later would not reach it).
+            // level on another copy later would not reach it), and the
+            // command goes on with it too.
             var startLogger = startLogger
             if let level = (levelFlag ?? loaded.logLevel).flatMap({ Logger.Level(rawValue: $0) }) { startLogger.logLevel = level }
             do {
@@ -184,9 +185,9 @@ struct Serve: AsyncParsableCommand {
                 gateway.shutdown()
                 throw Failure("\(config): ListenAddress: \(error)")
             }
-            return (loaded, gateway)
+            return (loaded, gateway, startLogger)
         }
-        if let level = (logLevel ?? loaded.logLevel).flatMap({ Logger.Level(rawValue: $0) }) { logger.logLevel = level }
+        logger = leveled
         let listen = loaded.controlListen
         let log = logger
         ServiceMetrics.shared.addCollector { text in gateway.writeMetrics(into: &text) }
