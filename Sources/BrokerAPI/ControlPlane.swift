@@ -234,7 +234,9 @@ extension BrokerAPI {
             clientIP = given
         }
 
-        let desktop = try await desktopForConnect(Int64(desktopID))
+        // One store read for the desktop, the gateways that could carry it and their keys (issue 15).
+        let reading = try await readingForConnect(Int64(desktopID))
+        let desktop = reading.desktop
         guard desktop.entitles(user) || user.role == .admin else {
             throw APIError(.forbidden, "desktop_id: user '\(user.login)' is not entitled to desktop \(desktop.id) ('\(desktop.name)')",
                            field: "desktop_id")
@@ -244,13 +246,7 @@ extension BrokerAPI {
         }
 
         let now = clock()
-        let gateways = try await store.gateways()
-        let cluster = try await desktop.loadBalancerID.asyncMap { id in try await store.gatewayCluster(id: id) }
-        // Rules per gateway only where the choice uses them (clusters L and P):
-        // counting every rule held is not a pinned desktop's cost (issue 15).
-        let needsCounts = desktop.gatewayID == nil && cluster.map { $0.loadBalanceVia != .everyGateway } == true
-        let ruleCounts = needsCounts ? try await store.ruleCounts() : [:]
-        let choice = try Self.choose(desktop: desktop, gateways: gateways, cluster: cluster, ruleCounts: ruleCounts,
+        let choice = try Self.choose(desktop: desktop, gateways: reading.gateways, cluster: reading.cluster, ruleCounts: reading.ruleCounts,
                                      loginGatewayID: session.session.loginGatewayID, now: now,
                                      offlineAfter: TimeInterval(configuration.offlineAfter))
         let method = RoutingMethod(rawValue: choice.method.rawValue) ?? .randomPort
@@ -266,7 +262,7 @@ extension BrokerAPI {
                             unusedExpirySeconds: configuration.ruleUnusedExpiry)
         var keys: [ControlKey] = []
         for gateway in choice.all {
-            guard let key = try await store.controlKey(gatewayID: gateway.id) else {
+            guard let key = reading.controlKeys[gateway.id] else {
                 throw APIError(.serviceUnavailable, "gateway \(GatewayControlClient.name(gateway)) is not enrolled")
             }
             keys.append(key)
@@ -396,19 +392,19 @@ extension BrokerAPI {
         guard (1...64).contains(ruleID.utf8.count), ruleID.utf8.allSatisfy({ ($0 >= 0x30 && $0 <= 0x39) || ($0 >= 0x61 && $0 <= 0x66) }) else {
             throw APIError.badField("rule_id", "must be the rule_id a connect call answered (lower-case hex), got \(Validate.quotedForAPI(ruleID))")
         }
-        let rule = try await store.rule(id: ruleID)
+        // The rule, every rule of its connect call (one per gateway of an E
+        // cluster), their gateways and keys: one store read (issue 15).
+        let reading = try await store.disconnectReading(ruleID: ruleID)
+        let rule = reading.rule
         guard rule.userID == user.id || user.role == .admin else {
             throw APIError(.forbidden, "rule \(ruleID) belongs to another user")
         }
-        // Every rule of the connect call (one per gateway of an E cluster).
-        let rules = try await store.rules(connectionID: rule.connectionID)
+        let rules = reading.rules.map(\.rule)
         let now = clock()
         var deletes: [(rule: GatewayRule, gateway: Gateway, key: ControlKey)] = []
-        for rule in rules {
-            let gateway = try await store.gateway(id: rule.gatewayID)
-            if gateway.isLive(now: now, offlineAfter: TimeInterval(configuration.offlineAfter)),
-               let key = try await store.controlKey(gatewayID: gateway.id) {
-                deletes.append((rule, gateway, key))
+        for placed in reading.rules {
+            if placed.gateway.isLive(now: now, offlineAfter: TimeInterval(configuration.offlineAfter)), let key = placed.controlKey {
+                deletes.append((placed.rule, placed.gateway, key))
             }
         }
         // Every gateway at once (issue 15); the first failure in the cluster's order is the answer.
@@ -445,10 +441,10 @@ extension BrokerAPI {
         }
     }
 
-    /// The desktop of a connect call; 404 naming `desktop_id` when there is none.
-    private func desktopForConnect(_ id: Int64) async throws -> Desktop {
+    /// What a connect call reads; 404 naming `desktop_id` when there is no such desktop.
+    private func readingForConnect(_ id: Int64) async throws -> ConnectReading {
         do {
-            return try await store.desktop(id: id)
+            return try await store.connectReading(desktopID: id)
         } catch {
             if case .notFound(let message) = error { throw APIError(.notFound, "desktop_id: \(message)", field: "desktop_id") }
             throw error
@@ -475,9 +471,3 @@ extension BrokerAPI {
     }
 }
 
-extension Optional {
-    func asyncMap<T>(_ transform: (Wrapped) async throws -> T) async rethrows -> T? {
-        guard let value = self else { return nil }
-        return try await transform(value)
-    }
-}

@@ -98,6 +98,57 @@ public struct AuthenticatedSession: Sendable, Equatable {
     }
 }
 
+/// What a connect call reads before it pushes a rule (`BrokerStore.connectReading`).
+public struct ConnectReading: Sendable {
+    public var desktop: Desktop
+    /// The gateways that could carry the connection, by id: the desktop's own,
+    /// or every member of its cluster. Others are not read.
+    public var gateways: [Gateway]
+    /// The desktop's cluster, when it names one.
+    public var cluster: GatewayCluster?
+    /// Active rules per gateway, only where the choice uses them (a cluster
+    /// balanced by `L` or `P`); empty otherwise.
+    public var ruleCounts: [Int64: Int]
+    /// The control keys of the enrolled gateways among `gateways`.
+    public var controlKeys: [Int64: ControlKey]
+
+    public init(desktop: Desktop, gateways: [Gateway], cluster: GatewayCluster?, ruleCounts: [Int64: Int],
+                controlKeys: [Int64: ControlKey]) {
+        self.desktop = desktop
+        self.gateways = gateways
+        self.cluster = cluster
+        self.ruleCounts = ruleCounts
+        self.controlKeys = controlKeys
+    }
+}
+
+/// What a disconnect reads before it deletes rules (`BrokerStore.disconnectReading`).
+public struct DisconnectReading: Sendable {
+    /// One rule of the connect call, where it lives and the gateway's key.
+    public struct Placed: Sendable {
+        public var rule: GatewayRule
+        public var gateway: Gateway
+        /// nil when the gateway is no longer enrolled.
+        public var controlKey: ControlKey?
+
+        public init(rule: GatewayRule, gateway: Gateway, controlKey: ControlKey?) {
+            self.rule = rule
+            self.gateway = gateway
+            self.controlKey = controlKey
+        }
+    }
+
+    /// The rule asked for.
+    public var rule: GatewayRule
+    /// Every rule of its connect call (one per gateway it was pushed to), first rule first.
+    public var rules: [Placed]
+
+    public init(rule: GatewayRule, rules: [Placed]) {
+        self.rule = rule
+        self.rules = rules
+    }
+}
+
 /// Everything the broker keeps: one interface, so an external PostgreSQL store
 /// can stand beside the embedded SQLite one (`SQLiteBrokerStore`).
 ///
@@ -156,6 +207,14 @@ public protocol BrokerStore: Sendable {
     func deleteRule(id: String) async throws(StoreError)
     /// Removes every rule of a connect call; `.notFound` when there is none.
     func deleteRules(connectionID: String) async throws(StoreError)
+
+    /// What a connect call for `desktopID` needs, read in one snapshot
+    /// (issue 15: one store call per connect instead of four or five).
+    /// `.notFound` when the desktop, or the cluster it names, does not exist.
+    func connectReading(desktopID: Int64) async throws(StoreError) -> ConnectReading
+    /// What a disconnect of the connect call that `ruleID` belongs to needs, read
+    /// in one snapshot; `.notFound` when there is no rule with that id.
+    func disconnectReading(ruleID: String) async throws(StoreError) -> DisconnectReading
 
     // MARK: Gateway clusters
     func gatewayClusters() async throws(StoreError) -> [GatewayCluster]

@@ -312,6 +312,58 @@ public final class SQLiteBrokerStore: BrokerStore {
         }
     }
 
+    public func connectReading(desktopID: Int64) async throws(StoreError) -> ConnectReading {
+        let path = self.path
+        return try await read { db in
+            let desktop = try Self.fetchDesktop(db, id: desktopID)
+            // A cluster that is gone is the chooser's to report (no route), as with a gateway.
+            let cluster = try desktop.loadBalancerID.flatMap { id in
+                try Row.fetchOne(db.cachedStatement(sql: "SELECT \(Self.clusterColumns) FROM gateway_cluster WHERE id = ?"), arguments: [id])
+            }.map(StoreRecords.cluster)
+            var gateways: [Gateway] = []
+            var controlKeys: [Int64: ControlKey] = [:]
+            // The desktop's own gateway, or its cluster's members (-1 matches neither column).
+            for row in try Row.fetchAll(db.cachedStatement(sql: """
+                SELECT \(Self.gatewayColumns), control_key FROM gateway WHERE id = ? OR load_balancer_id = ? ORDER BY id
+                """), arguments: [desktop.gatewayID ?? -1, desktop.gatewayID == nil ? desktop.loadBalancerID ?? -1 : -1]) {
+                let gateway = try StoreRecords.gateway(row)
+                gateways.append(gateway)
+                controlKeys[gateway.id] = try StoreMessages.controlKey(row["control_key"], gatewayID: gateway.id, location: path)
+            }
+            var ruleCounts: [Int64: Int] = [:]
+            if desktop.gatewayID == nil, let cluster, cluster.loadBalanceVia != .everyGateway {
+                for row in try Row.fetchAll(db.cachedStatement(sql: """
+                    SELECT r.gateway_id, count(*) AS n FROM gateway_rule r JOIN gateway g ON g.id = r.gateway_id
+                    WHERE g.load_balancer_id = ? GROUP BY r.gateway_id
+                    """), arguments: [cluster.id]) {
+                    ruleCounts[row["gateway_id"]] = row["n"]
+                }
+            }
+            return ConnectReading(desktop: desktop, gateways: gateways, cluster: cluster, ruleCounts: ruleCounts, controlKeys: controlKeys)
+        }
+    }
+
+    public func disconnectReading(ruleID: String) async throws(StoreError) -> DisconnectReading {
+        let path = self.path
+        return try await read { db in
+            guard let row = try Row.fetchOne(db.cachedStatement(sql: "SELECT * FROM gateway_rule WHERE id = ?"), arguments: [ruleID]) else {
+                throw StoreMessages.noRule(ruleID)
+            }
+            let rule = try StoreRecords.rule(row)
+            var placed: [DisconnectReading.Placed] = []
+            for row in try Row.fetchAll(db.cachedStatement(sql: """
+                SELECT r.*, g.control_key AS gateway_control_key FROM gateway_rule r JOIN gateway g ON g.id = r.gateway_id
+                WHERE r.connection_id = ? ORDER BY r.id = r.connection_id DESC, r.gateway_id, r.id
+                """), arguments: [rule.connectionID]) {
+                let each = try StoreRecords.rule(row)
+                let gateway = try Self.fetchGateway(db, id: each.gatewayID)
+                let key = try StoreMessages.controlKey(row["gateway_control_key"], gatewayID: gateway.id, location: path)
+                placed.append(.init(rule: each, gateway: gateway, controlKey: key))
+            }
+            return DisconnectReading(rule: rule, rules: placed)
+        }
+    }
+
     public func createRules(_ rules: [GatewayRule]) async throws(StoreError) {
         try await write { db in
             for rule in rules {

@@ -317,6 +317,63 @@ public final class PostgresBrokerStore: BrokerStore {
         }
     }
 
+    public func connectReading(desktopID: Int64) async throws(StoreError) -> ConnectReading {
+        let location = self.location
+        return try await read(consistent: true) { db in
+            let desktop = try await Self.fetchDesktop(db, id: desktopID)
+            var cluster: GatewayCluster?
+            // A cluster that is gone is the chooser's to report (no route), as with a gateway.
+            if let clusterID = desktop.loadBalancerID,
+               let row = try await db.rows("SELECT \(unescaped: StoreRecords.clusterColumns) FROM gateway_cluster WHERE id = \(clusterID)").first {
+                cluster = try StoreRecords.cluster(row)
+            }
+            // The desktop's own gateway, or its cluster's members (-1 matches neither column).
+            let ownID = desktop.gatewayID ?? -1, clusterID = desktop.gatewayID == nil ? desktop.loadBalancerID ?? -1 : -1
+            var gateways: [Gateway] = []
+            var controlKeys: [Int64: ControlKey] = [:]
+            for row in try await db.rows("""
+                SELECT \(unescaped: StoreRecords.gatewayColumns), control_key FROM gateway
+                WHERE id = \(ownID) OR load_balancer_id = \(clusterID) ORDER BY id
+                """) {
+                let gateway = try StoreRecords.gateway(row)
+                gateways.append(gateway)
+                controlKeys[gateway.id] = try StoreMessages.controlKey(try row.optionalString("control_key"), gatewayID: gateway.id, location: location)
+            }
+            var ruleCounts: [Int64: Int] = [:]
+            if desktop.gatewayID == nil, let cluster, cluster.loadBalanceVia != .everyGateway {
+                for row in try await db.rows("""
+                    SELECT r.gateway_id, count(*) AS n FROM gateway_rule r JOIN gateway g ON g.id = r.gateway_id
+                    WHERE g.load_balancer_id = \(cluster.id) GROUP BY r.gateway_id
+                    """) {
+                    ruleCounts[try row.int64("gateway_id")] = try row.int("n")
+                }
+            }
+            return ConnectReading(desktop: desktop, gateways: gateways, cluster: cluster, ruleCounts: ruleCounts, controlKeys: controlKeys)
+        }
+    }
+
+    public func disconnectReading(ruleID: String) async throws(StoreError) -> DisconnectReading {
+        let location = self.location
+        return try await read(consistent: true) { db in
+            guard let row = try await db.rows("SELECT \(unescaped: StoreRecords.ruleColumns) FROM gateway_rule WHERE id = \(ruleID)").first else {
+                throw StoreMessages.noRule(ruleID)
+            }
+            let rule = try StoreRecords.rule(row)
+            var placed: [DisconnectReading.Placed] = []
+            for row in try await db.rows("""
+                SELECT \(unescaped: StoreRecords.ruleColumns), (SELECT control_key FROM gateway g WHERE g.id = gateway_id) AS gateway_control_key
+                FROM gateway_rule WHERE connection_id = \(rule.connectionID)
+                ORDER BY id = connection_id DESC, gateway_id, id
+                """) {
+                let each = try StoreRecords.rule(row)
+                let gateway = try await Self.fetchGateway(db, id: each.gatewayID)
+                let key = try StoreMessages.controlKey(try row.optionalString("gateway_control_key"), gatewayID: gateway.id, location: location)
+                placed.append(.init(rule: each, gateway: gateway, controlKey: key))
+            }
+            return DisconnectReading(rule: rule, rules: placed)
+        }
+    }
+
     public func createRules(_ rules: [GatewayRule]) async throws(StoreError) {
         try await write { db in
             for rule in rules {

@@ -183,6 +183,54 @@ struct StoreContractTests {
         }
     }
 
+    @Test("connect and disconnect readings: the desktop, only its candidate gateways, their keys, counts where the choice uses them", arguments: StoreBackend.allCases)
+    func readings(_ backend: StoreBackend) async throws {
+        try await backend.with { store in
+            let now = Date(timeIntervalSince1970: 1_900_000_100)
+            let cluster = try await store.createGatewayCluster(GatewayClusterChanges(name: "East", loadBalanceVia: .leastConnections), now: now)
+            let member = try await store.createGateway(GatewayChanges(name: "m1", address: "198.51.100.1", loadBalancerID: .set(cluster.id)), now: now)
+            let unenrolled = try await store.createGateway(GatewayChanges(name: "m2", address: "198.51.100.2", loadBalancerID: .set(cluster.id)), now: now)
+            let alone = try await store.createGateway(GatewayChanges(name: "alone", address: "198.51.100.3"), now: now)
+            let memberKey = ControlKey.generate(), aloneKey = ControlKey.generate()
+            try await store.enrollGateway(id: member.id, key: memberKey, now: now)
+            try await store.enrollGateway(id: alone.id, key: aloneKey, now: now)
+            let protocols = [DesktopProtocol(name: "rdp", port: 3389)]
+            let pinned = try await store.createDesktop(DesktopChanges(name: "pinned", address: "10.0.0.5", protocols: protocols,
+                                                                      gatewayID: .set(alone.id)), now: now)
+            let pooled = try await store.createDesktop(DesktopChanges(name: "pooled", address: "10.0.0.6", protocols: protocols,
+                                                                      loadBalancerID: .set(cluster.id)), now: now)
+            let push = RulePush(protocol: .tcp, method: .randomPort, target: "10.0.0.5:3389")
+            let first = GatewayRule(id: GatewayRule.newID(), gatewayID: member.id, desktopID: pooled.id, userID: nil, protocolName: "rdp",
+                                    push: push, port: 40000, created: now)
+            let sibling = GatewayRule(id: GatewayRule.newID(), gatewayID: alone.id, desktopID: pooled.id, userID: nil, protocolName: "rdp",
+                                      push: push, port: 40000, created: now, connectionID: first.id)
+            try await store.createRules([first, sibling])
+
+            let own = try await store.connectReading(desktopID: pinned.id)
+            #expect(own.desktop == pinned && own.cluster == nil)
+            #expect(own.gateways == [try await store.gateway(id: alone.id)])
+            #expect(own.controlKeys == [alone.id: aloneKey] && own.ruleCounts.isEmpty)
+
+            let balanced = try await store.connectReading(desktopID: pooled.id)
+            #expect(balanced.desktop == pooled && balanced.cluster == cluster)
+            #expect(balanced.gateways.map(\.id) == [member.id, unenrolled.id])
+            #expect(balanced.controlKeys == [member.id: memberKey])
+            // Only the cluster's gateways are counted: the rule on "alone" is not.
+            #expect(balanced.ruleCounts == [member.id: 1])
+            // The choice with E does not use counts, so none are read.
+            _ = try await store.updateGatewayCluster(id: cluster.id, GatewayClusterChanges(loadBalanceVia: .everyGateway), now: now)
+            #expect(try await store.connectReading(desktopID: pooled.id).ruleCounts.isEmpty)
+            await #expect(throws: StoreError.notFound("no desktop with id 999")) { _ = try await store.connectReading(desktopID: 999) }
+
+            let reading = try await store.disconnectReading(ruleID: sibling.id)
+            #expect(reading.rule == sibling)
+            #expect(reading.rules.map(\.rule) == [first, sibling])
+            #expect(reading.rules.map(\.gateway.id) == [member.id, alone.id])
+            #expect(reading.rules.map(\.controlKey) == [memberKey, aloneKey])
+            await #expect(throws: StoreError.notFound("no connection rule with id 'nope'")) { _ = try await store.disconnectReading(ruleID: "nope") }
+        }
+    }
+
     @Test("heartbeats and the offline sweep", arguments: StoreBackend.allCases)
     func heartbeats(_ backend: StoreBackend) async throws {
         try await backend.with { store in
