@@ -37,7 +37,7 @@ struct GatewayControlClient: Sendable {
     /// - Returns: the public port the gateway opened.
     /// - Throws: `GatewayCallError`.
     func put(ruleID: String, push: RulePush, gateway: Gateway, key: ControlKey) async throws(GatewayCallError) -> Int {
-        let body = ControlJSON.encode(push)
+        let body = ControlJSON.encodePush(push)
         let (status, answer) = try await call(.PUT, ruleID: ruleID, body: body, gateway: gateway, key: key)
         guard status == 200 || status == 201 else {
             throw .refused(gateway: Self.name(gateway), status: status, message: Self.errorText(answer))

@@ -94,7 +94,7 @@ public enum StoreRecords {
 
     /// The rule's push as stored (JSON text).
     public static func pushText(_ rule: GatewayRule) -> String {
-        String(decoding: ControlJSON.encode(rule.push), as: UTF8.self)
+        String(decoding: ControlJSON.encodePush(rule.push), as: UTF8.self)
     }
 }
 

@@ -60,6 +60,15 @@ public struct InlineResponse: Sendable {
 /// Refusals: a body over `maxBodyBytes` (declared or read) gets
 /// `tooLarge(method, declared)` and the connection is closed; a request HTTP cannot
 /// parse gets 400 and the connection is closed (NIO's error handler).
+///
+/// Peers cannot hold descriptors: a connection must deliver each whole
+/// request (the first one including the TLS handshake) within `idleTimeout`
+/// of its start or of the answer before it, else it is closed; that bounds
+/// an idle keep-alive connection and a request sent a byte at a time alike.
+/// The timeout is longer than HTTP clients keep an idle connection pooled
+/// (AsyncHTTPClient 60 s), so a client does not race the close. Beyond
+/// `maxConnections` open at once, a new connection is closed as it is
+/// accepted (logged at most every 10 s).
 public final class InlineHTTPServer: Service, Sendable {
     public typealias Handler = @Sendable (InlineRequest) -> InlineResponse
 
@@ -70,8 +79,10 @@ public final class InlineHTTPServer: Service, Sendable {
     private let settings: Settings
     private let logger: Logger
     private let onBound: @Sendable (String) -> Void
+    private let maxConnections: Int
 
     struct Settings: Sendable {
+        let idleTimeout: TimeAmount
         let maxBodyBytes: Int
         let tooLarge: @Sendable (_ method: String, _ declared: Int?) -> InlineResponse
         let handler: Handler
@@ -83,17 +94,24 @@ public final class InlineHTTPServer: Service, Sendable {
     ///   - threads: event loops (≥ 1), each handling one request at a time.
     ///   - maxBodyBytes: the largest body read; `tooLarge` answers beyond it
     ///     (given the method, and the declared length when there was one).
+    ///   - idleTimeout: how long a connection may take to deliver a whole request.
+    ///   - maxConnections: connections open at once; more are closed as they come.
     ///   - onBound: called once with the bound address (`host:port`, an IPv6 host in brackets).
     /// - Throws: what NIOSSL throws for an unusable TLS configuration.
     public init(host: String, port: Int, tls: TLSConfiguration?, threads: Int, maxBodyBytes: Int,
+                idleTimeout: Duration = .seconds(75), maxConnections: Int = 512,
                 tooLarge: @escaping @Sendable (_ method: String, _ declared: Int?) -> InlineResponse, logger: Logger,
                 onBound: @escaping @Sendable (String) -> Void = { _ in }, handler: @escaping Handler) throws {
         precondition(threads >= 1, "InlineHTTPServer needs at least one thread")
+        precondition(maxConnections >= 1, "InlineHTTPServer needs to allow at least one connection")
         self.host = host
         self.port = port
         self.tls = try tls.map { try NIOSSLContext(configuration: $0) }
         self.threads = threads
-        settings = Settings(maxBodyBytes: maxBodyBytes, tooLarge: tooLarge, handler: handler)
+        self.maxConnections = maxConnections
+        let (seconds, attoseconds) = idleTimeout.components
+        settings = Settings(idleTimeout: .nanoseconds(seconds * 1_000_000_000 + attoseconds / 1_000_000_000),
+                            maxBodyBytes: maxBodyBytes, tooLarge: tooLarge, handler: handler)
         self.logger = logger
         self.onBound = onBound
     }
@@ -103,14 +121,18 @@ public final class InlineHTTPServer: Service, Sendable {
     /// - Throws: why it could not bind.
     public func run() async throws {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: threads)
-        let (tls, settings) = (self.tls, self.settings)
+        let (tls, settings, limit, logger) = (self.tls, self.settings, self.maxConnections, self.logger)
+        let open = ConnectionCount()
         let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 256)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
             .childChannelOption(.maxMessagesPerRead, value: 4)
             .childChannelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture {
+                // Failing the initializer makes NIO close the new connection.
+                guard open.admit(limit: limit, logger: logger) else { return channel.eventLoop.makeFailedFuture(TooManyConnections()) }
+                channel.closeFuture.whenComplete { _ in open.release() }
+                return channel.eventLoop.makeCompletedFuture {
                     let pipeline = channel.pipeline.syncOperations
                     if let tls { try pipeline.addHandler(NIOSSLServerHandler(context: tls)) }
                     try pipeline.configureHTTPServerPipeline(withPipeliningAssistance: true, withErrorHandling: true)
@@ -134,6 +156,28 @@ public final class InlineHTTPServer: Service, Sendable {
     }
 }
 
+private struct TooManyConnections: Error {}
+
+/// The connections a server has open, and when it last logged refusing one.
+private final class ConnectionCount: Sendable {
+    private let count = Atomic<Int>(0)
+    private let lastLogged = Atomic<UInt64>(0)
+
+    /// Counts a new connection in, or says it is one too many.
+    func admit(limit: Int, logger: Logger) -> Bool {
+        if count.add(1, ordering: .relaxed).newValue <= limit { return true }
+        count.subtract(1, ordering: .relaxed)
+        let now = MonotonicClock.nowNanoseconds, last = lastLogged.load(ordering: .relaxed)
+        if now &- last >= 10_000_000_000 || last == 0,
+           lastLogged.compareExchange(expected: last, desired: now, ordering: .relaxed).exchanged {
+            logger.warning("refusing connections: \(limit) are open, the most this endpoint keeps")
+        }
+        return false
+    }
+
+    func release() { count.subtract(1, ordering: .relaxed) }
+}
+
 /// Collects one request (head, body up to the limit, end), runs the handler
 /// right here, writes the answer. Pipelined requests are held back by NIO's
 /// pipelining handler until the answer before them is written.
@@ -146,6 +190,8 @@ private final class InlineHTTPHandler: ChannelInboundHandler, RemovableChannelHa
     private var body: [UInt8] = []
     /// The request was refused before its end: drop what is left of it.
     private var refused = false
+    /// Closes the connection unless the next request is whole by then.
+    private var deadline: Scheduled<Void>?
 
     init(settings: InlineHTTPServer.Settings) {
         self.settings = settings
@@ -154,6 +200,19 @@ private final class InlineHTTPHandler: ChannelInboundHandler, RemovableChannelHa
     func handlerAdded(context: ChannelHandlerContext) {
         // This event loop is the server's own: the handler may block here.
         BlockingCallCheck.markDedicated()
+        armDeadline(context: context)
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        deadline?.cancel()
+        deadline = nil
+    }
+
+    /// From now, the peer has `idleTimeout` to deliver a whole request.
+    private func armDeadline(context: ChannelHandlerContext) {
+        deadline?.cancel()
+        let channel = context.channel
+        deadline = context.eventLoop.scheduleTask(in: settings.idleTimeout) { channel.close(promise: nil) }
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -175,6 +234,8 @@ private final class InlineHTTPHandler: ChannelInboundHandler, RemovableChannelHa
         case .end:
             guard !refused, let request = head else { return }
             head = nil
+            deadline?.cancel()
+            deadline = nil
             let uri = request.uri
             let path = uri.firstIndex(of: "?").map { String(uri[..<$0]) } ?? uri
             let response = settings.handler(InlineRequest(method: request.method.rawValue, path: path,
@@ -207,6 +268,7 @@ private final class InlineHTTPHandler: ChannelInboundHandler, RemovableChannelHa
         }
         if keepAlive {
             context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
+            armDeadline(context: context)
         } else {
             let channel = context.channel
             context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in channel.close(promise: nil) }

@@ -125,6 +125,9 @@ struct ControlProtocolTests {
         rules.append(RuleState(id: odd, push: pushes[2], port: 0, created: Int64.min, lastUsed: Int64.max, sessions: Int.max,
                                offloaded: ["198.51.100.7", odd], kernel: KernelTraffic(flows: 1, packets: UInt64.max, bytes: 0, offloadedClients: 2)))
         rules.append(RuleState(id: "", push: pushes[0], port: 1, created: 0, lastUsed: -5, sessions: 0, offloaded: []))
+        for push in pushes {
+            #expect(ControlJSON.encodePush(push) == ControlJSON.encode(push), "\(String(decoding: ControlJSON.encodePush(push), as: UTF8.self))")
+        }
         for rule in rules {
             let mine = ControlJSON.encodeRule(rule)
             #expect(mine == ControlJSON.encode(rule), "\(String(decoding: mine, as: UTF8.self))")

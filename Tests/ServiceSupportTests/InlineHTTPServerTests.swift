@@ -27,13 +27,14 @@ struct InlineHTTPServerTests {
         private let group: ServiceGroup
         private let task: Task<Void, any Error>
 
-        init(limit: Int = 16) async throws {
+        init(limit: Int = 16, idleTimeout: Duration = .seconds(75), maxConnections: Int = 512) async throws {
             var logger = Logger(label: "inline-http-test")
             logger.logLevel = .warning
             let bound = Mutex<String?>(nil)
             let seen = self.seen
             let server = try InlineHTTPServer(
                 host: "127.0.0.1", port: 0, tls: nil, threads: 2, maxBodyBytes: limit,
+                idleTimeout: idleTimeout, maxConnections: maxConnections,
                 tooLarge: { method, declared in
                     seen.refusals.withLock { $0.append("\(method) \(declared.map(String.init) ?? "read")") }
                     return InlineResponse(status: 413, body: Array("too large".utf8))
@@ -95,7 +96,8 @@ struct InlineHTTPServerTests {
                 let answers = Answer.parse(bytes)
                 if answers.count >= wanted && wanted > 0 { return (answers, false) }
                 let n = recv(fd, &buffer, buffer.count, 0)
-                if n <= 0 { return (Answer.parse(bytes), n == 0) }
+                // A reset (the server closed with our request unread) is a close too; a timeout is not.
+                if n <= 0 { return (Answer.parse(bytes), n == 0 || errno == ECONNRESET) }
                 bytes += buffer[0..<n]
             }
         }
@@ -147,6 +149,52 @@ struct InlineHTTPServerTests {
         let again = client.read(responses: 1).answers
         #expect(again.first?.body == "POST /c 3 - dedicated=true")
         #expect(server.calls == 4)
+        try await server.stop()
+    }
+
+    @Test("a connection must deliver each whole request within the idle timeout: an idle one, one that sends nothing and one that sends part of a request are closed; the part never reaches the handler")
+    func idleTimeout() async throws {
+        let server = try await Running(idleTimeout: .milliseconds(300))
+        let idle = try Client(port: server.port)
+        idle.send("GET /a HTTP/1.1\r\nHost: t\r\n\r\n")
+        #expect(idle.read(responses: 1).answers.map(\.status) == [200])
+        let silent = try Client(port: server.port)
+        let partial = try Client(port: server.port)
+        partial.send("PUT /b HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhel")
+        // Each read returns when the server closes (or after the test deadline, failing).
+        for client in [idle.read(responses: 0), silent.read(responses: 0), partial.read(responses: 0)] {
+            #expect(client.closed && client.answers.isEmpty)
+        }
+        #expect(server.calls == 1)
+        try await server.stop()
+    }
+
+    @Test("beyond maxConnections a new connection is closed as it comes; those open go on being served, and a closed one frees its place")
+    func connectionCap() async throws {
+        let server = try await Running(maxConnections: 2)
+        let first = try Client(port: server.port)
+        first.send("GET /1 HTTP/1.1\r\nHost: t\r\n\r\n")
+        #expect(first.read(responses: 1).answers.count == 1)
+        do {
+            let second = try Client(port: server.port)
+            second.send("GET /2 HTTP/1.1\r\nHost: t\r\n\r\n")
+            #expect(second.read(responses: 1).answers.count == 1)
+            let third = try Client(port: server.port)
+            third.send("GET /3 HTTP/1.1\r\nHost: t\r\n\r\n")
+            let refused = third.read(responses: 1)
+            #expect(refused.closed && refused.answers.isEmpty)
+            first.send("GET /1 HTTP/1.1\r\nHost: t\r\n\r\n")
+            #expect(first.read(responses: 1).answers.count == 1)
+            second.send("GET /2 HTTP/1.1\r\nHost: t\r\n\r\n")
+            #expect(second.read(responses: 1).answers.count == 1)
+        }
+        // `second` is closed: once the server has seen that, a new connection is served.
+        try await waitUntilAsync("a place freed by a closed connection") {
+            let next = try Client(port: server.port)
+            next.send("GET /4 HTTP/1.1\r\nHost: t\r\n\r\n")
+            return next.read(responses: 1).answers.count == 1
+        }
+        #expect(server.calls == 5)
         try await server.stop()
     }
 
