@@ -208,7 +208,7 @@ let package = Package(
         // desktops and users) as a Hummingbird application.
         .target(name: "BrokerAPI", dependencies: [
             "BrokerCore", "ControlProtocol", "PCoIPBrokerProtocol", "PCoIPHTTP", "ServiceSupport", "CertificateFiles",
-            .product(name: "AsyncHTTPClient", package: "async-http-client"),
+            .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             .product(name: "Hummingbird", package: "hummingbird"),
             .product(name: "HummingbirdCore", package: "hummingbird"),

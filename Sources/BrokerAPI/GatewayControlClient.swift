@@ -1,4 +1,3 @@
-import AsyncHTTPClient
 import BrokerCore
 import ControlProtocol
 import Foundation
@@ -32,6 +31,8 @@ enum GatewayCallError: Error, Sendable, CustomStringConvertible {
 struct GatewayControlClient: Sendable {
     /// How long one call may take, connect included.
     let timeout: TimeAmount
+    /// Kept-alive connections to the gateways.
+    let connections = GatewayConnections()
 
     /// Pushes a rule.
     /// - Returns: the public port the gateway opened.
@@ -61,30 +62,35 @@ struct GatewayControlClient: Sendable {
                       key: ControlKey) async throws(GatewayCallError) -> (Int, [UInt8]) {
         let base = gateway.controlURL.hasSuffix("/") ? String(gateway.controlURL.dropLast()) : gateway.controlURL
         let url = "\(base)/control/v1/rules/\(ruleID)"
-        guard let path = URLComponents(string: url)?.percentEncodedPath, !path.isEmpty else {
+        guard let parts = URLComponents(string: url), let scheme = parts.scheme?.lowercased(), scheme == "http" || scheme == "https",
+              var host = parts.host, !host.isEmpty else {
+            throw .unreachable(gateway: Self.name(gateway), reason: "its control_url \(Validate.quotedForAPI(gateway.controlURL)) is not an http or https URL")
+        }
+        let path = parts.percentEncodedPath
+        guard !path.isEmpty else {
             throw .unreachable(gateway: Self.name(gateway), reason: "its control_url \(Validate.quotedForAPI(gateway.controlURL)) is not a URL")
         }
-        let signer = ControlSigner(gatewayID: Int(gateway.id), key: key)
-        var request = HTTPClientRequest(url: url)
-        request.method = method
-        if url.lowercased().hasPrefix("https://") {
+        if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
+        let port = parts.port ?? (scheme == "https" ? 443 : 80)
+        var tls: GatewayConnections.PinnedContext?
+        if scheme == "https" {
             // Only the certificate the gateway registered (signed with its
             // control key) is trusted; its name is not what identifies it.
-            guard let pem = gateway.controlCertificate, let tls = Self.pinned.configuration(trusting: pem) else {
+            guard let pem = gateway.controlCertificate, let pinned = Self.pinned.context(trusting: pem) else {
                 throw .unreachable(gateway: Self.name(gateway), reason: "its https control endpoint registered no usable certificate")
             }
-            request.tlsConfiguration = tls
+            tls = pinned
         }
-        request.headers.add(name: "Authorization",
-                            value: signer.authorize(direction: .brokerToGateway, method: method.rawValue, path: path, body: body))
-        if !body.isEmpty {
-            request.headers.add(name: "Content-Type", value: "application/json")
-            request.body = .bytes(ByteBuffer(bytes: body))
-        }
+        let signer = ControlSigner(gatewayID: Int(gateway.id), key: key)
+        var headers = HTTPHeaders()
+        headers.add(name: "Host", value: host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)")
+        headers.add(name: "Authorization", value: signer.authorize(direction: .brokerToGateway, method: method.rawValue, path: path, body: body))
+        if !body.isEmpty { headers.add(name: "Content-Type", value: "application/json") }
+        headers.add(name: "Content-Length", value: String(body.count))
+        let head = HTTPRequestHead(version: .http1_1, method: method, uri: path, headers: headers)
         do {
-            let response = try await HTTPClient.shared.execute(request, timeout: timeout)
-            let answer = try await response.body.collect(upTo: 1 << 20)
-            return (Int(response.status.code), Array(answer.readableBytesView))
+            let answer = try await connections.send(.init(host: host, port: port, tls: tls), head: head, body: body, timeout: timeout)
+            return (answer.status, answer.body)
         } catch {
             throw .unreachable(gateway: Self.name(gateway), reason: "\(method.rawValue) \(url): \(error)")
         }
@@ -92,25 +98,27 @@ struct GatewayControlClient: Sendable {
 
     static func name(_ gateway: Gateway) -> String { "\(gateway.id) ('\(gateway.name)')" }
 
-    /// Client TLS per registered certificate, parsed once (not on every push).
+    /// Client TLS per registered certificate, made once (not on every push).
     private static let pinned = PinnedTLS()
 
     private final class PinnedTLS: Sendable {
-        private let byPEM = Mutex<[String: TLSConfiguration]>([:])
+        private let byPEM = Mutex<[String: GatewayConnections.PinnedContext]>([:])
 
-        func configuration(trusting pem: String) -> TLSConfiguration? {
+        func context(trusting pem: String) -> GatewayConnections.PinnedContext? {
             if let known = byPEM.withLock({ $0[pem] }) { return known }
             guard let certificates = try? NIOSSLCertificate.fromPEMBytes(Array(pem.utf8)), !certificates.isEmpty else { return nil }
             var tls = TLSConfiguration.makeClientConfiguration()
             tls.minimumTLSVersion = .tlsv12
             tls.trustRoots = .certificates(certificates)
             tls.certificateVerification = .noHostnameVerification
+            guard let context = try? NIOSSLContext(configuration: tls) else { return nil }
+            let pinned = GatewayConnections.PinnedContext(pem: pem, context: context)
             byPEM.withLock { table in
                 // Bounded: replaced certificates do not pile up.
                 if table.count >= 4096 { table.removeAll() }
-                table[pem] = tls
+                table[pem] = pinned
             }
-            return tls
+            return pinned
         }
     }
 

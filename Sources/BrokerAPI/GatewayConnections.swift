@@ -1,0 +1,267 @@
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+import NIOSSL
+import Synchronization
+
+/// Keep-alive HTTP/1.1 connections from the broker to gateways' control
+/// endpoints, one request at a time on each, and the request itself.
+///
+/// A push is one small request and answer. AsyncHTTPClient, which made
+/// them before, crossed from the calling task to the event loop four times
+/// per request (a deadline timer set and cancelled, the pool's idle timer
+/// cancelled, the request handed over) and ran its request and pool state
+/// machines: a sixth of the broker's CPU per connect (issue 15). Here a
+/// request is one hand-over to the connection's event loop, which writes
+/// it, arms the timeout there and fulfils the answer's promise.
+///
+/// Idle connections are kept per endpoint (at most `maxIdle`), newest first,
+/// and reused only within `reuseWithin` of their last answer: gateways close
+/// a connection that brings no whole request within 75 s
+/// (`InlineHTTPServer`), so a request never races that close.
+final class GatewayConnections: Sendable {
+    /// Where a request goes: host and port, and for HTTPS the one
+    /// certificate trusted (the one the gateway registered).
+    struct Endpoint: Hashable, Sendable {
+        let host: String
+        let port: Int
+        let tls: PinnedContext?
+    }
+
+    /// A client TLS context that trusts one certificate, with no host name
+    /// check (the certificate, signed with the control key, identifies the
+    /// gateway). Compared by the certificate's PEM.
+    struct PinnedContext: Hashable, Sendable {
+        let pem: String
+        let context: NIOSSLContext
+
+        static func == (a: Self, b: Self) -> Bool { a.pem == b.pem }
+        func hash(into hasher: inout Hasher) { hasher.combine(pem) }
+    }
+
+    struct Answer: Sendable {
+        let status: Int
+        let body: [UInt8]
+    }
+
+    /// Why a request got no answer, in words for the operator.
+    struct Failure: Error, CustomStringConvertible {
+        let description: String
+    }
+
+    static let maxIdle = 16
+    static let reuseWithin: UInt64 = 50_000_000_000
+    static let maxAnswerBytes = 1 << 20
+
+    private struct Idle {
+        let connection: Connection
+        let since: UInt64
+    }
+
+    private struct Connection: Sendable {
+        let channel: any Channel
+        let collector: NIOLoopBound<AnswerCollector>
+    }
+
+    private let group: any EventLoopGroup
+    private let idle = Mutex<[Endpoint: [Idle]]>([:])
+
+    init(group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton) {
+        self.group = group
+    }
+
+    deinit {
+        for connection in idle.withLock({ $0.values.flatMap { $0 } }) { connection.connection.channel.close(promise: nil) }
+    }
+
+    /// Sends one request and collects its answer (at most `maxAnswerBytes`)
+    /// within `timeout`, connection included.
+    /// - Throws: `Failure` naming what went wrong (refused, timed out,
+    ///   the TLS handshake, a closed connection, a bad answer).
+    func send(_ endpoint: Endpoint, head: HTTPRequestHead, body: [UInt8], timeout: TimeAmount) async throws(Failure) -> Answer {
+        let deadline = NIODeadline.now() + timeout
+        let connection: Connection
+        if let reused = take(endpoint) {
+            connection = reused
+        } else {
+            connection = try await connect(endpoint, timeout: timeout)
+        }
+        let channel = connection.channel
+        let promise = channel.eventLoop.makePromise(of: Collected.self)
+        let collector = connection.collector
+        channel.eventLoop.execute {
+            collector.value.send(head: head, body: body, deadline: deadline, promise: promise)
+        }
+        let collected: Collected
+        do {
+            collected = try await promise.futureResult.get()
+        } catch {
+            channel.close(promise: nil)
+            throw Self.failure(error)
+        }
+        if collected.keepAlive && head.isKeepAlive {
+            giveBack(connection, to: endpoint)
+        } else {
+            channel.close(promise: nil)
+        }
+        return Answer(status: collected.status, body: collected.body)
+    }
+
+    /// The newest idle connection that is open and fresh; stale ones are closed.
+    private func take(_ endpoint: Endpoint) -> Connection? {
+        let now = NIODeadline.now().uptimeNanoseconds
+        var stale: [any Channel] = []
+        let found: Connection? = idle.withLock { table in
+            defer { if table[endpoint]?.isEmpty == true { table[endpoint] = nil } }
+            while let last = table[endpoint]?.popLast() {
+                if last.connection.channel.isActive && now &- last.since < Self.reuseWithin { return last.connection }
+                stale.append(last.connection.channel)
+            }
+            return nil
+        }
+        for channel in stale { channel.close(promise: nil) }
+        return found
+    }
+
+    private func giveBack(_ connection: Connection, to endpoint: Endpoint) {
+        let now = NIODeadline.now().uptimeNanoseconds
+        var closing: [any Channel] = []
+        idle.withLock { table in
+            var list = table[endpoint] ?? []
+            // What has waited too long goes now (the oldest are first).
+            while let first = list.first, now &- first.since >= Self.reuseWithin {
+                closing.append(first.connection.channel)
+                list.removeFirst()
+            }
+            if list.count >= Self.maxIdle { closing.append(list.removeFirst().connection.channel) }
+            list.append(Idle(connection: connection, since: now))
+            table[endpoint] = list
+        }
+        for channel in closing { channel.close(promise: nil) }
+    }
+
+    private func connect(_ endpoint: Endpoint, timeout: TimeAmount) async throws(Failure) -> Connection {
+        let tls = endpoint.tls
+        let bootstrap = ClientBootstrap(group: group)
+            .connectTimeout(timeout)
+            .channelOption(.socketOption(.tcp_nodelay), value: 1)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    let pipeline = channel.pipeline.syncOperations
+                    if let tls { try pipeline.addHandler(NIOSSLClientHandler(context: tls.context, serverHostname: nil)) }
+                    try pipeline.addHTTPClientHandlers()
+                    try pipeline.addHandler(AnswerCollector())
+                }
+            }
+        do {
+            let channel = try await bootstrap.connect(host: endpoint.host, port: endpoint.port).get()
+            let collector = try await channel.eventLoop.submit {
+                NIOLoopBound(try channel.pipeline.syncOperations.handler(type: AnswerCollector.self), eventLoop: channel.eventLoop)
+            }.get()
+            return Connection(channel: channel, collector: collector)
+        } catch {
+            throw Self.failure(error)
+        }
+    }
+
+    private static func failure(_ error: any Error) -> Failure {
+        if let failure = error as? Failure { return failure }
+        if let error = error as? ChannelError, case .connectTimeout = error { return Failure(description: "no connection within the call's timeout") }
+        return Failure(description: "\(error)")
+    }
+}
+
+/// What came back for one request.
+private struct Collected: Sendable {
+    let status: Int
+    let body: [UInt8]
+    let keepAlive: Bool
+}
+
+/// Writes one request and gathers its answer; fails the request when the
+/// deadline passes, the connection ends or errs first (and closes it).
+private final class AnswerCollector: ChannelInboundHandler {
+    typealias InboundIn = HTTPClientResponsePart
+    typealias OutboundOut = HTTPClientRequestPart
+
+    private var context: ChannelHandlerContext?
+    private var pending: EventLoopPromise<Collected>?
+    private var timer: Scheduled<Void>?
+    private var status = 0
+    private var keepAlive = false
+    private var body: [UInt8] = []
+
+    func handlerAdded(context: ChannelHandlerContext) { self.context = context }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        fail(GatewayConnections.Failure(description: "the connection was closed before the answer"))
+        self.context = nil
+    }
+
+    func send(head: HTTPRequestHead, body: [UInt8], deadline: NIODeadline, promise: EventLoopPromise<Collected>) {
+        guard let context, context.channel.isActive, pending == nil else {
+            promise.fail(GatewayConnections.Failure(description: "the connection was closed before the request"))
+            return
+        }
+        pending = promise
+        status = 0
+        keepAlive = false
+        self.body.removeAll(keepingCapacity: true)
+        timer = context.eventLoop.assumeIsolated().scheduleTask(deadline: deadline) { [weak self] in
+            self?.fail(GatewayConnections.Failure(description: "no answer within the call's timeout"))
+            context.close(promise: nil)
+        }
+        context.write(wrapOutboundOut(.head(head)), promise: nil)
+        if !body.isEmpty {
+            var buffer = context.channel.allocator.buffer(capacity: body.count)
+            buffer.writeBytes(body)
+            context.write(wrapOutboundOut(.body(.byteBuffer(buffer))), promise: nil)
+        }
+        context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard pending != nil else {
+            // Nothing was asked: an answer out of turn is a broken connection.
+            context.close(promise: nil)
+            return
+        }
+        switch unwrapInboundIn(data) {
+        case .head(let head):
+            status = Int(head.status.code)
+            keepAlive = head.isKeepAlive
+        case .body(let buffer):
+            guard body.count + buffer.readableBytes <= GatewayConnections.maxAnswerBytes else {
+                fail(GatewayConnections.Failure(description: "an answer larger than \(GatewayConnections.maxAnswerBytes) bytes"))
+                context.close(promise: nil)
+                return
+            }
+            body.append(contentsOf: buffer.readableBytesView)
+        case .end:
+            timer?.cancel()
+            timer = nil
+            let answer = Collected(status: status, body: body, keepAlive: keepAlive)
+            let promise = pending
+            pending = nil
+            promise?.succeed(answer)
+        }
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        fail(GatewayConnections.Failure(description: "the gateway closed the connection before answering"))
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        fail(error)
+        context.close(promise: nil)
+    }
+
+    private func fail(_ error: any Error) {
+        timer?.cancel()
+        timer = nil
+        let promise = pending
+        pending = nil
+        promise?.fail(error)
+    }
+}

@@ -1,0 +1,141 @@
+@testable import BrokerAPI
+import Foundation
+import Glibc
+import NIOCore
+import NIOHTTP1
+import Synchronization
+import Testing
+import TestSupport
+
+/// The broker's connections to gateways' control endpoints: kept alive and
+/// reused, replaced when closed, and a request without an answer in time is
+/// a failure that names it, against a plain socket server that counts
+/// connections.
+@Suite("Gateway connections", .offPool)
+struct GatewayConnectionsTests {
+    /// Answers `200` with the request's path as the body; `/close` also
+    /// closes the connection after answering, `/silent` is never answered.
+    final class CountingServer: Sendable {
+        final class Count: Sendable { let value = Atomic<Int>(0) }
+
+        let port: Int
+        private let count = Count()
+        var accepted: Int { count.value.load(ordering: .relaxed) }
+        private let listener: Int32
+
+        init() throws {
+            let listener = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+            self.listener = listener
+            var address = sockaddr_in()
+            address.sin_family = sa_family_t(AF_INET)
+            address.sin_addr.s_addr = inet_addr("127.0.0.1")
+            var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+            let bound = withUnsafeMutablePointer(to: &address) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { pointer in
+                    bind(listener, pointer, length) == 0 && listen(listener, 16) == 0 && getsockname(listener, pointer, &length) == 0
+                }
+            }
+            guard bound else { throw TimedOut("a listening socket", seconds: 0) }
+            port = Int(UInt16(bigEndian: address.sin_port))
+            let count = self.count
+            Thread.detachNewThread {
+                while true {
+                    let fd = accept(listener, nil, nil)
+                    guard fd >= 0 else { return }
+                    count.value.add(1, ordering: .relaxed)
+                    Thread.detachNewThread { Self.serve(fd) }
+                }
+            }
+        }
+
+        deinit { shutdown(listener, Int32(SHUT_RDWR)); close(listener) }
+
+        private static func serve(_ fd: Int32) {
+            defer { close(fd) }
+            var pending: [UInt8] = []
+            var buffer = [UInt8](repeating: 0, count: 4096)
+            while true {
+                guard let end = pending.firstRange(of: Array("\r\n\r\n".utf8)) else {
+                    let n = recv(fd, &buffer, buffer.count, 0)
+                    if n <= 0 { return }
+                    pending += buffer[0..<n]
+                    continue
+                }
+                let head = String(decoding: pending[..<end.lowerBound], as: UTF8.self)
+                let length = head.split(separator: "\r\n").first { $0.lowercased().hasPrefix("content-length:") }
+                    .flatMap { Int($0.split(separator: ":")[1].trimmingPrefix(" ")) } ?? 0
+                guard pending.count >= end.upperBound + length else {
+                    let n = recv(fd, &buffer, buffer.count, 0)
+                    if n <= 0 { return }
+                    pending += buffer[0..<n]
+                    continue
+                }
+                pending.removeFirst(end.upperBound + length)
+                let path = String(head.split(separator: " ")[1])
+                if path == "/silent" { continue }
+                let closing = path == "/close"
+                let answer = "HTTP/1.1 200 OK\r\nContent-Length: \(path.utf8.count)\r\n\(closing ? "Connection: close\r\n" : "")\r\n\(path)"
+                _ = Array(answer.utf8).withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+                if closing { return }
+            }
+        }
+    }
+
+    func request(_ connections: GatewayConnections, _ server: CountingServer, _ path: String,
+                 timeout: TimeAmount = .seconds(Int64(TestDeadline.seconds))) async throws(GatewayConnections.Failure) -> String {
+        var headers = HTTPHeaders()
+        headers.add(name: "Host", value: "127.0.0.1:\(server.port)")
+        headers.add(name: "Content-Length", value: "2")
+        let answer = try await connections.send(.init(host: "127.0.0.1", port: server.port, tls: nil),
+                                                head: HTTPRequestHead(version: .http1_1, method: .PUT, uri: path, headers: headers),
+                                                body: Array("{}".utf8), timeout: timeout)
+        #expect(answer.status == 200)
+        return String(decoding: answer.body, as: UTF8.self)
+    }
+
+    @Test("requests go one after another on one kept-alive connection; one the gateway closes is replaced")
+    func reuse() async throws {
+        let server = try CountingServer()
+        let connections = GatewayConnections()
+        for path in ["/a", "/b", "/c"] {
+            #expect(try await request(connections, server, path) == path)
+        }
+        #expect(server.accepted == 1)
+        #expect(try await request(connections, server, "/close") == "/close")
+        #expect(try await request(connections, server, "/d") == "/d")
+        #expect(try await request(connections, server, "/e") == "/e")
+        #expect(server.accepted == 2)
+    }
+
+    @Test("no answer within the timeout: a failure saying so, and that connection is not used again")
+    func timeout() async throws {
+        let server = try CountingServer()
+        let connections = GatewayConnections()
+        #expect(try await request(connections, server, "/a") == "/a")
+        do {
+            _ = try await request(connections, server, "/silent", timeout: .milliseconds(200))
+            Issue.record("a request that was never answered succeeded")
+        } catch {
+            #expect(error.description == "no answer within the call's timeout")
+        }
+        #expect(try await request(connections, server, "/b") == "/b")
+        #expect(server.accepted == 2)
+    }
+
+    @Test("nothing listening: a failure naming the refusal")
+    func refused() async throws {
+        let port: Int
+        do { let server = try CountingServer(); port = server.port }
+        let connections = GatewayConnections()
+        var headers = HTTPHeaders()
+        headers.add(name: "Content-Length", value: "0")
+        do {
+            _ = try await connections.send(.init(host: "127.0.0.1", port: port, tls: nil),
+                                           head: HTTPRequestHead(version: .http1_1, method: .DELETE, uri: "/x", headers: headers),
+                                           body: [], timeout: .seconds(5))
+            Issue.record("a request to a closed port succeeded")
+        } catch {
+            #expect(error.description.contains("refused"), "\(error)")
+        }
+    }
+}
