@@ -377,7 +377,10 @@ public final class PostgresBrokerStore: BrokerStore {
     public func createRules(_ rules: [GatewayRule]) async throws(StoreError) {
         try await write { db in
             for rule in rules {
-                _ = try await Self.fetchGateway(db, id: rule.gatewayID)
+                // Only whether it exists, not the whole row decoded.
+                guard try await !db.rows("SELECT 1 FROM gateway WHERE id = \(rule.gatewayID)").isEmpty else {
+                    throw StoreMessages.noGateway(rule.gatewayID)
+                }
                 try await db.run("""
                     INSERT INTO gateway_rule (id, gateway_id, desktop_id, user_id, protocol_name, push, port, created, connection_id)
                     VALUES (\(rule.id), \(rule.gatewayID), \(rule.desktopID), \(rule.userID), \(rule.protocolName),

@@ -369,8 +369,9 @@ final class Counters: Sendable {
 /// Unguessable cookie values: 32 bytes from the system's CSPRNG, base64url.
 enum ControlTokens {
     static func make() -> String {
+        // Eight bytes per getrandom(2), not one.
         var generator = SystemRandomNumberGenerator()
-        let bytes = (0..<32).map { _ in UInt8.random(in: 0...255, using: &generator) }
+        let bytes = (0..<4).flatMap { _ in withUnsafeBytes(of: generator.next() as UInt64) { Array($0) } }
         return Data(bytes).base64EncodedString().replacingOccurrences(of: "+", with: "-")
             .replacingOccurrences(of: "/", with: "_").replacingOccurrences(of: "=", with: "")
     }

@@ -140,6 +140,17 @@ struct ControlProtocolTests {
         }
     }
 
+    @Test("random bytes: exactly the count asked for, at every length around a word, and never the same twice")
+    func randomBytes() {
+        for count in [0, 1, 7, 8, 9, 15, 16, 17, 32, 33] {
+            #expect(ControlCrypto.randomBytes(count).count == count)
+        }
+        let draws = (0..<64).map { _ in ControlCrypto.randomBytes(16) }
+        #expect(Set(draws).count == 64)
+        // Every byte position varies across draws (a tail left zero would not).
+        for position in 0..<16 { #expect(Set(draws.map { $0[position] }).count > 1) }
+    }
+
     @Test("strict decoding names the unknown, missing or mistyped field")
     func strictDecoding() throws {
         let good = Array(#"{"protocol":"tcp+udp","method":2,"target":"10.0.0.5:3389","client_ip":"198.51.100.7","unused_expiry_s":300}"#.utf8)
