@@ -425,12 +425,14 @@ extension ControlJSON {
     private static let hexDigits = Array("0123456789abcdef".utf8)
 
     /// `text` as JSONEncoder writes a string: `"`, `\` and `/` escaped with
-    /// a backslash; \b \f \n \r \t; other control characters as \u00XX;
-    /// everything else as its UTF-8 bytes.
-    static func appendString(_ text: String, to out: inout [UInt8]) {
+    /// a backslash (`/` not with `escapingSlashes` false, as
+    /// `.withoutEscapingSlashes`); \b \f \n \r \t; other control characters
+    /// as \u00XX; everything else as its UTF-8 bytes.
+    public static func appendString(_ text: String, to out: inout [UInt8], escapingSlashes: Bool = true) {
         out.append(UInt8(ascii: "\""))
         for byte in text.utf8 {
             switch byte {
+            case UInt8(ascii: "/") where !escapingSlashes: out.append(byte)
             case UInt8(ascii: "\""), UInt8(ascii: "\\"), UInt8(ascii: "/"): out.append(contentsOf: [UInt8(ascii: "\\"), byte])
             case 0x08: out.append(contentsOf: [UInt8(ascii: "\\"), UInt8(ascii: "b")])
             case 0x0C: out.append(contentsOf: [UInt8(ascii: "\\"), UInt8(ascii: "f")])
