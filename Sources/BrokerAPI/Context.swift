@@ -1,4 +1,5 @@
 import BrokerCore
+import ControlProtocol
 import Foundation
 import Hummingbird
 import Logging
@@ -108,7 +109,8 @@ struct BearerAuthentication: RouterMiddleware {
         guard parts.count == 2, parts[0].lowercased() == "bearer" else {
             throw APIError.unauthorized("the Authorization header must be 'Bearer <sid>'")
         }
-        let token = String(parts[1]).trimmingCharacters(in: .whitespaces)
+        let sent = String(parts[1])
+        let token = ControlCrypto.visibleASCIIAtBothEnds(sent) ? sent : sent.trimmingCharacters(in: .whitespaces)
         guard Secrets.looksLikeToken(token),
               let found = try await store.session(tokenHash: Secrets.sha256Hex(token), now: clock()) else {
             throw APIError.unauthorized("the session is unknown or has expired; log in again")

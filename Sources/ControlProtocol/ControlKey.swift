@@ -12,7 +12,9 @@ public struct ControlKey: Sendable, Equatable, CustomStringConvertible, CustomDe
     /// space ignored).
     /// - Throws: `ControlKeyError` saying what is wrong, never echoing the text.
     public init(text: String) throws(ControlKeyError) {
-        let trimmed = text.trimmingCharacters(in: .whitespacesAndNewlines)
+        // Foundation's trim (through NSString) only when an end could need it:
+        // a key read from the broker's database has none (issue 15).
+        let trimmed = ControlCrypto.visibleASCIIAtBothEnds(text) ? text : text.trimmingCharacters(in: .whitespacesAndNewlines)
         guard !trimmed.isEmpty else { throw .empty }
         guard let bytes = ControlCrypto.fromBase64url(trimmed) else { throw .notBase64url }
         guard bytes.count == 32 else { throw .wrongLength(bytes.count) }

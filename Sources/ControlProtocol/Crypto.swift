@@ -19,6 +19,13 @@ public enum ControlCrypto {
         return bytes
     }
 
+    /// Whether `text` starts and ends with a visible ASCII character, so no
+    /// whitespace trim (of any kind) would change it.
+    public static func visibleASCIIAtBothEnds(_ text: String) -> Bool {
+        guard let first = text.utf8.first, let last = text.utf8.last else { return false }
+        return (0x21...0x7E).contains(first) && (0x21...0x7E).contains(last)
+    }
+
     /// SHA-256 of `bytes` (32 bytes).
     public static func sha256(_ bytes: [UInt8]) -> [UInt8] {
         var digest = [UInt8](repeating: 0, count: 32)

@@ -1,4 +1,6 @@
 @testable import BrokerAPI
+@testable import BrokerCore
+import GRDB
 import Foundation
 import Testing
 
@@ -58,5 +60,27 @@ struct JSONValueTests {
         #expect(try JSONValue.parse(Data("[]".utf8)) == .array([]))
         #expect(try JSONValue.parse(Data("{}".utf8)) == .object([:]))
         #expect(throws: APIError.self) { try JSONValue.parse(Data("{\"a\": ".utf8)) }
+    }
+}
+
+/// Dates bound into the broker's SQLite statements are written by hand; they
+/// must be the text GRDB itself stores, or comparisons and reads would change.
+@Suite("stored dates")
+struct StoredDateTests {
+    @Test("the text GRDB writes for a date, at every millisecond edge, leap day and the ends of the range")
+    func sameAsGRDB() {
+        var dates = [0, 0.0005, 0.9995, 0.999_999, 951_782_400, 951_868_799.999, 4_107_542_400, 1_900_000_000.1235,
+                     1_765_000_000.5, 253_402_300_799.999, -1, 253_402_300_800, 1e12].map(Date.init(timeIntervalSince1970:))
+        dates.append(Date())
+        var generator = SystemRandomNumberGenerator()
+        for _ in 0..<20_000 { dates.append(Date(timeIntervalSince1970: Double.random(in: 0..<253_402_300_800, using: &generator))) }
+        for _ in 0..<5_000 { dates.append(Date(timeIntervalSince1970: Double.random(in: 1.7e9..<2.1e9, using: &generator))) }
+        var mismatches: [String] = []
+        for date in dates {
+            let grdb = String.fromDatabaseValue(date.databaseValue) ?? "?"
+            if StoredDate.text(date) != grdb { mismatches.append("\(date.timeIntervalSince1970): \(StoredDate.text(date)) vs \(grdb)") }
+        }
+        let count = mismatches.count, first = mismatches.prefix(3).joined(separator: "; ")
+        #expect(count == 0, "\(first)")
     }
 }

@@ -151,6 +151,17 @@ struct ControlProtocolTests {
         for position in 0..<16 { #expect(Set(draws.map { $0[position] }).count > 1) }
     }
 
+    @Test("a key's text is trimmed of any whitespace around it, ASCII or not; a key with none skips the trim")
+    func keyTrim() throws {
+        let key = ControlKey.generate()
+        for text in [key.text, " \(key.text)\n", "\t\(key.text)\r\n", "\u{a0}\(key.text)\u{2028}", "\u{3000}\(key.text)"] {
+            #expect(try ControlKey(text: text) == key)
+        }
+        #expect(ControlCrypto.visibleASCIIAtBothEnds(key.text))
+        for text in ["", " a", "a ", "\u{a0}a", "é", "a\n"] { #expect(!ControlCrypto.visibleASCIIAtBothEnds(text)) }
+        #expect(throws: ControlKeyError.empty) { try ControlKey(text: " \n ") }
+    }
+
     @Test("strict decoding names the unknown, missing or mistyped field")
     func strictDecoding() throws {
         let good = Array(#"{"protocol":"tcp+udp","method":2,"target":"10.0.0.5:3389","client_ip":"198.51.100.7","unused_expiry_s":300}"#.utf8)
