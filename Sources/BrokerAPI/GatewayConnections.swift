@@ -80,31 +80,43 @@ final class GatewayConnections: Sendable {
     ///   the TLS handshake, a closed connection, a bad answer).
     func send(_ endpoint: Endpoint, head: HTTPRequestHead, body: [UInt8], timeout: TimeAmount) async throws(Failure) -> Answer {
         let deadline = NIODeadline.now() + timeout
-        let connection: Connection
-        if let reused = take(endpoint) {
-            connection = reused
-        } else {
-            connection = try await connect(endpoint, timeout: timeout)
+        var reusable = take(endpoint)
+        while true {
+            let reused = reusable != nil
+            let connection: Connection
+            if let idle = reusable {
+                connection = idle
+                reusable = nil
+            } else {
+                connection = try await connect(endpoint, timeout: timeout)
+            }
+            let channel = connection.channel
+            let promise = channel.eventLoop.makePromise(of: Collected.self)
+            let collector = connection.collector
+            channel.eventLoop.execute {
+                collector.value.send(head: head, body: body, deadline: deadline, promise: promise)
+            }
+            let collected: Collected
+            do {
+                collected = try await promise.futureResult.get()
+            } catch {
+                channel.close(promise: nil)
+                // A kept connection that closed while idle: nothing was sent, so a new one may carry it.
+                if reused, error is NotSent { continue }
+                throw Self.failure(error)
+            }
+            if collected.keepAlive && head.isKeepAlive {
+                giveBack(connection, to: endpoint)
+            } else {
+                channel.close(promise: nil)
+            }
+            return Answer(status: collected.status, body: collected.body)
         }
-        let channel = connection.channel
-        let promise = channel.eventLoop.makePromise(of: Collected.self)
-        let collector = connection.collector
-        channel.eventLoop.execute {
-            collector.value.send(head: head, body: body, deadline: deadline, promise: promise)
-        }
-        let collected: Collected
-        do {
-            collected = try await promise.futureResult.get()
-        } catch {
-            channel.close(promise: nil)
-            throw Self.failure(error)
-        }
-        if collected.keepAlive && head.isKeepAlive {
-            giveBack(connection, to: endpoint)
-        } else {
-            channel.close(promise: nil)
-        }
-        return Answer(status: collected.status, body: collected.body)
+    }
+
+    /// Idle connections to `endpoint` that are still open.
+    func openIdleConnections(to endpoint: Endpoint) -> Int {
+        idle.withLock { $0[endpoint]?.filter { $0.connection.channel.isActive }.count ?? 0 }
     }
 
     /// The newest idle connection that is open and fresh; stale ones are closed.
@@ -171,6 +183,11 @@ final class GatewayConnections: Sendable {
     }
 }
 
+/// The request was not written: the connection had closed.
+private struct NotSent: Error, CustomStringConvertible {
+    var description: String { "the connection was closed before the request" }
+}
+
 /// What came back for one request.
 private struct Collected: Sendable {
     let status: Int
@@ -200,7 +217,7 @@ private final class AnswerCollector: ChannelInboundHandler {
 
     func send(head: HTTPRequestHead, body: [UInt8], deadline: NIODeadline, promise: EventLoopPromise<Collected>) {
         guard let context, context.channel.isActive, pending == nil else {
-            promise.fail(GatewayConnections.Failure(description: "the connection was closed before the request"))
+            promise.fail(NotSent())
             return
         }
         pending = promise

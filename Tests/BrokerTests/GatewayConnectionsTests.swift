@@ -41,14 +41,16 @@ struct GatewayConnectionsTests {
             Thread.detachNewThread {
                 while true {
                     let fd = accept(listener, nil, nil)
-                    guard fd >= 0 else { return }
+                    // Shut down: this thread closes the listener, so its number
+                    // cannot be reused under a later accept of this loop.
+                    guard fd >= 0 else { close(listener); return }
                     count.value.add(1, ordering: .relaxed)
                     Thread.detachNewThread { Self.serve(fd) }
                 }
             }
         }
 
-        deinit { shutdown(listener, Int32(SHUT_RDWR)); close(listener) }
+        deinit { shutdown(listener, Int32(SHUT_RDWR)) }
 
         private static func serve(_ fd: Int32) {
             defer { close(fd) }
@@ -76,7 +78,8 @@ struct GatewayConnectionsTests {
                 let closing = path == "/close"
                 let answer = "HTTP/1.1 200 OK\r\nContent-Length: \(path.utf8.count)\r\n\(closing ? "Connection: close\r\n" : "")\r\n\(path)"
                 _ = Array(answer.utf8).withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
-                if closing { return }
+                // `/drop`: answered as kept alive, then closed anyway (a gateway restarting, or its idle close).
+                if closing || path == "/drop" { return }
             }
         }
     }
@@ -105,6 +108,12 @@ struct GatewayConnectionsTests {
         #expect(try await request(connections, server, "/d") == "/d")
         #expect(try await request(connections, server, "/e") == "/e")
         #expect(server.accepted == 2)
+        // The gateway closes a kept connection while it is idle: once the broker has seen that, it is not used.
+        #expect(try await request(connections, server, "/drop") == "/drop")
+        let endpoint = GatewayConnections.Endpoint(host: "127.0.0.1", port: server.port, tls: nil)
+        try await waitUntilAsync("the dropped connection seen closed") { connections.openIdleConnections(to: endpoint) == 0 }
+        #expect(try await request(connections, server, "/f") == "/f")
+        #expect(server.accepted == 3)
     }
 
     @Test("no answer within the timeout: a failure saying so, and that connection is not used again")
