@@ -109,8 +109,7 @@ struct BearerAuthentication: RouterMiddleware {
         guard parts.count == 2, parts[0].lowercased() == "bearer" else {
             throw APIError.unauthorized("the Authorization header must be 'Bearer <sid>'")
         }
-        let sent = String(parts[1])
-        let token = ControlCrypto.visibleASCIIAtBothEnds(sent) ? sent : sent.trimmingCharacters(in: .whitespaces)
+        let token = ControlCrypto.trimmingWhitespace(String(parts[1]), newlines: false)
         guard Secrets.looksLikeToken(token),
               let found = try await store.session(tokenHash: Secrets.sha256Hex(token), now: clock()) else {
             throw APIError.unauthorized("the session is unknown or has expired; log in again")

@@ -122,6 +122,22 @@ public struct ConnectReading: Sendable {
     }
 }
 
+extension ConnectReading {
+    /// Which gateway rows a connect for `desktop` reads, by `id` or by
+    /// `load_balancer_id`: its own gateway, or its cluster's members. The
+    /// other is -1, which matches no row.
+    public static func candidates(of desktop: Desktop) -> (gatewayID: Int64, clusterID: Int64) {
+        if let own = desktop.gatewayID { return (own, -1) }
+        return (-1, desktop.loadBalancerID ?? -1)
+    }
+
+    /// Whether the choice uses rule counts: a desktop placed by a cluster
+    /// that balances by them (`L`, `P`).
+    public static func countsRules(desktop: Desktop, cluster: GatewayCluster?) -> Bool {
+        desktop.gatewayID == nil && cluster.map { $0.loadBalanceVia != .everyGateway } == true
+    }
+}
+
 /// What a disconnect reads before it deletes rules (`BrokerStore.disconnectReading`).
 public struct DisconnectReading: Sendable {
     /// One rule of the connect call, where it lives and the gateway's key.

@@ -320,18 +320,18 @@ public final class SQLiteBrokerStore: BrokerStore {
             let cluster = try desktop.loadBalancerID.flatMap { id in
                 try Row.fetchOne(db.cachedStatement(sql: "SELECT \(Self.clusterColumns) FROM gateway_cluster WHERE id = ?"), arguments: [id])
             }.map(StoreRecords.cluster)
+            let candidates = ConnectReading.candidates(of: desktop)
             var gateways: [Gateway] = []
             var controlKeys: [Int64: ControlKey] = [:]
-            // The desktop's own gateway, or its cluster's members (-1 matches neither column).
             for row in try Row.fetchAll(db.cachedStatement(sql: """
-                SELECT \(Self.gatewayColumns), control_key FROM gateway WHERE id = ? OR load_balancer_id = ? ORDER BY id
-                """), arguments: [desktop.gatewayID ?? -1, desktop.gatewayID == nil ? desktop.loadBalancerID ?? -1 : -1]) {
-                let gateway = try StoreRecords.gateway(row)
+                SELECT \(Self.gatewayWithKeyColumns) FROM gateway WHERE id = ? OR load_balancer_id = ? ORDER BY id
+                """), arguments: [candidates.gatewayID, candidates.clusterID]) {
+                let (gateway, key) = try Self.gatewayAndKey(row, path: path)
                 gateways.append(gateway)
-                controlKeys[gateway.id] = try StoreMessages.controlKey(row["control_key"], gatewayID: gateway.id, location: path)
+                controlKeys[gateway.id] = key
             }
             var ruleCounts: [Int64: Int] = [:]
-            if desktop.gatewayID == nil, let cluster, cluster.loadBalanceVia != .everyGateway {
+            if let cluster, ConnectReading.countsRules(desktop: desktop, cluster: cluster) {
                 for row in try Row.fetchAll(db.cachedStatement(sql: """
                     SELECT r.gateway_id, count(*) AS n FROM gateway_rule r JOIN gateway g ON g.id = r.gateway_id
                     WHERE g.load_balancer_id = ? GROUP BY r.gateway_id
@@ -346,22 +346,34 @@ public final class SQLiteBrokerStore: BrokerStore {
     public func disconnectReading(ruleID: String) async throws(StoreError) -> DisconnectReading {
         let path = self.path
         return try await read { db in
-            guard let row = try Row.fetchOne(db.cachedStatement(sql: "SELECT * FROM gateway_rule WHERE id = ?"), arguments: [ruleID]) else {
+            // The rule itself is one of its connection's: read and decoded once, there.
+            guard let connectionID = try String.fetchOne(db.cachedStatement(sql: "SELECT connection_id FROM gateway_rule WHERE id = ?"),
+                                                         arguments: [ruleID]) else {
                 throw StoreMessages.noRule(ruleID)
             }
-            let rule = try StoreRecords.rule(row)
             var placed: [DisconnectReading.Placed] = []
-            for row in try Row.fetchAll(db.cachedStatement(sql: """
-                SELECT r.*, g.control_key AS gateway_control_key FROM gateway_rule r JOIN gateway g ON g.id = r.gateway_id
-                WHERE r.connection_id = ? ORDER BY r.id = r.connection_id DESC, r.gateway_id, r.id
-                """), arguments: [rule.connectionID]) {
-                let each = try StoreRecords.rule(row)
-                let gateway = try Self.fetchGateway(db, id: each.gatewayID)
-                let key = try StoreMessages.controlKey(row["gateway_control_key"], gatewayID: gateway.id, location: path)
-                placed.append(.init(rule: each, gateway: gateway, controlKey: key))
+            for row in try Row.fetchAll(db.cachedStatement(sql: "SELECT * FROM gateway_rule WHERE connection_id = ? ORDER BY id = connection_id DESC, gateway_id, id"),
+                                        arguments: [connectionID]) {
+                let rule = try StoreRecords.rule(row)
+                guard let gatewayRow = try Row.fetchOne(db.cachedStatement(sql: "SELECT \(Self.gatewayWithKeyColumns) FROM gateway WHERE id = ?"),
+                                                        arguments: [rule.gatewayID]) else {
+                    throw StoreMessages.noGateway(rule.gatewayID)
+                }
+                let (gateway, key) = try Self.gatewayAndKey(gatewayRow, path: path)
+                placed.append(.init(rule: rule, gateway: gateway, controlKey: key))
             }
+            guard let rule = placed.first(where: { $0.rule.id == ruleID })?.rule else { throw StoreMessages.noRule(ruleID) }
             return DisconnectReading(rule: rule, rules: placed)
         }
+    }
+
+    /// A gateway's columns and then its control key.
+    private static let gatewayWithKeyColumns = "\(gatewayColumns), control_key"
+
+    /// A row of `gatewayWithKeyColumns`: the gateway, and its key when it is enrolled.
+    private static func gatewayAndKey(_ row: Row, path: String) throws -> (Gateway, ControlKey?) {
+        let gateway = try StoreRecords.gateway(row)
+        return (gateway, try StoreMessages.controlKey(row["control_key"], gatewayID: gateway.id, location: path))
     }
 
     public func createRules(_ rules: [GatewayRule]) async throws(StoreError) {
@@ -830,10 +842,10 @@ extension Row: StoreRecord {
 }
 
 /// A date as GRDB stores it (`yyyy-MM-dd HH:mm:ss.SSS`, UTC, rounded to the
-/// nearest millisecond as its DateFormatter does), written
-/// without GRDB's DateFormatter: binding a date went through ICU, 2 % of
-/// the broker's CPU per connect call (issue 15). The same text, so stored
-/// dates compare and read back as before (tested against GRDB's own).
+/// nearest millisecond as its DateFormatter does), written by
+/// `UTCTimestamp` without GRDB's DateFormatter: binding a date went through
+/// ICU, 2 % of the broker's CPU per connect call (issue 15). The same text,
+/// so stored dates compare and read back as before (tested against GRDB's own).
 enum StoredDate {
     static func text(_ date: Date) -> String {
         let milliseconds = (date.timeIntervalSince1970 * 1000).rounded()
@@ -841,35 +853,6 @@ enum StoredDate {
         guard milliseconds >= 0, milliseconds < 253_402_300_800_000 else {
             return String.fromDatabaseValue(date.databaseValue) ?? ""
         }
-        let total = Int64(milliseconds)
-        let days = total / 86_400_000
-        let inDay = total % 86_400_000
-        // The civil date of a day count since 1970-01-01 (Howard Hinnant's algorithm).
-        let z = days + 719_468
-        let era = z / 146_097
-        let dayOfEra = z - era * 146_097
-        let yearOfEra = (dayOfEra - dayOfEra / 1460 + dayOfEra / 36_524 - dayOfEra / 146_096) / 365
-        let dayOfYear = dayOfEra - (365 * yearOfEra + yearOfEra / 4 - yearOfEra / 100)
-        let shifted = (5 * dayOfYear + 2) / 153
-        let day = dayOfYear - (153 * shifted + 2) / 5 + 1
-        let month = shifted < 10 ? shifted + 3 : shifted - 9
-        let year = yearOfEra + era * 400 + (month <= 2 ? 1 : 0)
-        var out: [UInt8] = []
-        out.reserveCapacity(23)
-        func digits(_ value: Int64, _ count: Int) {
-            var divisor: Int64 = 1
-            for _ in 1..<count { divisor *= 10 }
-            var rest = value
-            while divisor > 0 {
-                out.append(UInt8(ascii: "0") + UInt8(rest / divisor))
-                rest %= divisor
-                divisor /= 10
-            }
-        }
-        digits(year, 4); out.append(UInt8(ascii: "-")); digits(month, 2); out.append(UInt8(ascii: "-")); digits(day, 2)
-        out.append(UInt8(ascii: " "))
-        digits(inDay / 3_600_000, 2); out.append(UInt8(ascii: ":")); digits(inDay / 60_000 % 60, 2); out.append(UInt8(ascii: ":"))
-        digits(inDay / 1000 % 60, 2); out.append(UInt8(ascii: ".")); digits(inDay % 1000, 3)
-        return String(decoding: out, as: UTF8.self)
+        return UTCTimestamp.sqliteText(millisecondsSince1970: Int64(milliseconds))
     }
 }

@@ -327,20 +327,19 @@ public final class PostgresBrokerStore: BrokerStore {
                let row = try await db.rows("SELECT \(unescaped: StoreRecords.clusterColumns) FROM gateway_cluster WHERE id = \(clusterID)").first {
                 cluster = try StoreRecords.cluster(row)
             }
-            // The desktop's own gateway, or its cluster's members (-1 matches neither column).
-            let ownID = desktop.gatewayID ?? -1, clusterID = desktop.gatewayID == nil ? desktop.loadBalancerID ?? -1 : -1
+            let candidates = ConnectReading.candidates(of: desktop)
             var gateways: [Gateway] = []
             var controlKeys: [Int64: ControlKey] = [:]
             for row in try await db.rows("""
-                SELECT \(unescaped: StoreRecords.gatewayColumns), control_key FROM gateway
-                WHERE id = \(ownID) OR load_balancer_id = \(clusterID) ORDER BY id
+                SELECT \(unescaped: Self.gatewayWithKeyColumns) FROM gateway
+                WHERE id = \(candidates.gatewayID) OR load_balancer_id = \(candidates.clusterID) ORDER BY id
                 """) {
-                let gateway = try StoreRecords.gateway(row)
+                let (gateway, key) = try Self.gatewayAndKey(row, location: location)
                 gateways.append(gateway)
-                controlKeys[gateway.id] = try StoreMessages.controlKey(try row.optionalString("control_key"), gatewayID: gateway.id, location: location)
+                controlKeys[gateway.id] = key
             }
             var ruleCounts: [Int64: Int] = [:]
-            if desktop.gatewayID == nil, let cluster, cluster.loadBalanceVia != .everyGateway {
+            if let cluster, ConnectReading.countsRules(desktop: desktop, cluster: cluster) {
                 for row in try await db.rows("""
                     SELECT r.gateway_id, count(*) AS n FROM gateway_rule r JOIN gateway g ON g.id = r.gateway_id
                     WHERE g.load_balancer_id = \(cluster.id) GROUP BY r.gateway_id
@@ -355,23 +354,35 @@ public final class PostgresBrokerStore: BrokerStore {
     public func disconnectReading(ruleID: String) async throws(StoreError) -> DisconnectReading {
         let location = self.location
         return try await read(consistent: true) { db in
-            guard let row = try await db.rows("SELECT \(unescaped: StoreRecords.ruleColumns) FROM gateway_rule WHERE id = \(ruleID)").first else {
+            // The rule itself is one of its connection's: read and decoded once, there.
+            guard let connectionID = try await db.rows("SELECT connection_id FROM gateway_rule WHERE id = \(ruleID)").first?
+                .optionalString("connection_id") else {
                 throw StoreMessages.noRule(ruleID)
             }
-            let rule = try StoreRecords.rule(row)
             var placed: [DisconnectReading.Placed] = []
             for row in try await db.rows("""
-                SELECT \(unescaped: StoreRecords.ruleColumns), (SELECT control_key FROM gateway g WHERE g.id = gateway_id) AS gateway_control_key
-                FROM gateway_rule WHERE connection_id = \(rule.connectionID)
+                SELECT \(unescaped: StoreRecords.ruleColumns) FROM gateway_rule WHERE connection_id = \(connectionID)
                 ORDER BY id = connection_id DESC, gateway_id, id
                 """) {
-                let each = try StoreRecords.rule(row)
-                let gateway = try await Self.fetchGateway(db, id: each.gatewayID)
-                let key = try StoreMessages.controlKey(try row.optionalString("gateway_control_key"), gatewayID: gateway.id, location: location)
-                placed.append(.init(rule: each, gateway: gateway, controlKey: key))
+                let rule = try StoreRecords.rule(row)
+                guard let gatewayRow = try await db.rows("SELECT \(unescaped: Self.gatewayWithKeyColumns) FROM gateway WHERE id = \(rule.gatewayID)").first else {
+                    throw StoreMessages.noGateway(rule.gatewayID)
+                }
+                let (gateway, key) = try Self.gatewayAndKey(gatewayRow, location: location)
+                placed.append(.init(rule: rule, gateway: gateway, controlKey: key))
             }
+            guard let rule = placed.first(where: { $0.rule.id == ruleID })?.rule else { throw StoreMessages.noRule(ruleID) }
             return DisconnectReading(rule: rule, rules: placed)
         }
+    }
+
+    /// A gateway's columns and then its control key.
+    private static let gatewayWithKeyColumns = "\(StoreRecords.gatewayColumns), control_key"
+
+    /// A row of `gatewayWithKeyColumns`: the gateway, and its key when it is enrolled.
+    private static func gatewayAndKey(_ row: PostgresRecord, location: String) throws -> (Gateway, ControlKey?) {
+        let gateway = try StoreRecords.gateway(row)
+        return (gateway, try StoreMessages.controlKey(try row.optionalString("control_key"), gatewayID: gateway.id, location: location))
     }
 
     public func createRules(_ rules: [GatewayRule]) async throws(StoreError) {

@@ -12,9 +12,7 @@ public struct ControlKey: Sendable, Equatable, CustomStringConvertible, CustomDe
     /// space ignored).
     /// - Throws: `ControlKeyError` saying what is wrong, never echoing the text.
     public init(text: String) throws(ControlKeyError) {
-        // Foundation's trim (through NSString) only when an end could need it:
-        // a key read from the broker's database has none (issue 15).
-        let trimmed = ControlCrypto.visibleASCIIAtBothEnds(text) ? text : text.trimmingCharacters(in: .whitespacesAndNewlines)
+        let trimmed = ControlCrypto.trimmingWhitespace(text)
         guard !trimmed.isEmpty else { throw .empty }
         guard let bytes = ControlCrypto.fromBase64url(trimmed) else { throw .notBase64url }
         guard bytes.count == 32 else { throw .wrongLength(bytes.count) }

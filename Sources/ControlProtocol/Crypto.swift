@@ -26,6 +26,15 @@ public enum ControlCrypto {
         return (0x21...0x7E).contains(first) && (0x21...0x7E).contains(last)
     }
 
+    /// `text` without the whitespace around it (Foundation's `.whitespaces`,
+    /// or `.whitespacesAndNewlines` with `newlines`), through NSString only
+    /// when an end could need it: a key or token as stored or sent has none
+    /// (issue 15: the trim was 1.5 % of a connect call).
+    public static func trimmingWhitespace(_ text: String, newlines: Bool = true) -> String {
+        if visibleASCIIAtBothEnds(text) { return text }
+        return text.trimmingCharacters(in: newlines ? .whitespacesAndNewlines : .whitespaces)
+    }
+
     /// SHA-256 of `bytes` (32 bytes).
     public static func sha256(_ bytes: [UInt8]) -> [UInt8] {
         var digest = [UInt8](repeating: 0, count: 32)

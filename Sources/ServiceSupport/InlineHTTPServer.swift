@@ -109,9 +109,7 @@ public final class InlineHTTPServer: Service, Sendable {
         self.tls = try tls.map { try NIOSSLContext(configuration: $0) }
         self.threads = threads
         self.maxConnections = maxConnections
-        let (seconds, attoseconds) = idleTimeout.components
-        settings = Settings(idleTimeout: .nanoseconds(seconds * 1_000_000_000 + attoseconds / 1_000_000_000),
-                            maxBodyBytes: maxBodyBytes, tooLarge: tooLarge, handler: handler)
+        settings = Settings(idleTimeout: TimeAmount(idleTimeout), maxBodyBytes: maxBodyBytes, tooLarge: tooLarge, handler: handler)
         self.logger = logger
         self.onBound = onBound
     }

@@ -1,5 +1,6 @@
 import Foundation
 @testable import ServiceSupport
+@testable import SystemLayer
 import Testing
 
 @Suite("Log timestamps and small JSON answers, without Foundation's locale machinery")

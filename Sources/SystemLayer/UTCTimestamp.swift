@@ -1,13 +1,23 @@
-/// ISO 8601 timestamps in UTC with milliseconds (`2026-12-06T15:43:33.123Z`),
-/// computed from the Unix time alone: no time zone database, no locale.
-/// Foundation's `Date.ISO8601FormatStyle` loads ICU's time zone and calendar
-/// data on first use (about 4 MiB of resident pages in every daemon that
-/// logs); the log line needs none of it.
+/// UTC timestamps with milliseconds computed from the Unix time alone: no
+/// time zone database, no locale. Foundation's `Date.ISO8601FormatStyle`
+/// loads ICU's time zone and calendar data on first use (about 4 MiB of
+/// resident pages in every daemon that logs), and GRDB writes a stored date
+/// through DateFormatter and ICU; neither text needs any of it.
 public enum UTCTimestamp {
+    /// ISO 8601 (`2026-12-06T15:43:33.123Z`), the milliseconds truncated: log lines.
     /// - Parameter secondsSince1970: Unix time; before 1970 and after 9999 are clamped.
     public static func format(secondsSince1970: Double) -> String {
         let clamped = min(max(secondsSince1970.isFinite ? secondsSince1970 : 0, 0), 253_402_300_799.999)
-        let totalMilliseconds = Int64((clamped * 1000).rounded(.down))
+        return text(millisecondsSince1970: Int64((clamped * 1000).rounded(.down)), separator: UInt8(ascii: "T"), zone: true)
+    }
+
+    /// SQLite's date text (`2026-12-06 15:43:33.123`, UTC), as GRDB stores a date.
+    /// - Parameter millisecondsSince1970: 0 (1970) to 253,402,300,799,999 (the end of 9999).
+    public static func sqliteText(millisecondsSince1970: Int64) -> String {
+        text(millisecondsSince1970: millisecondsSince1970, separator: UInt8(ascii: " "), zone: false)
+    }
+
+    private static func text(millisecondsSince1970 totalMilliseconds: Int64, separator: UInt8, zone: Bool) -> String {
         let milliseconds = Int(totalMilliseconds % 1000)
         let seconds = totalMilliseconds / 1000
         let days = seconds / 86_400
@@ -17,11 +27,12 @@ public enum UTCTimestamp {
         out.reserveCapacity(24)
         digits(year, 4, &out); out.append(UInt8(ascii: "-"))
         digits(month, 2, &out); out.append(UInt8(ascii: "-"))
-        digits(day, 2, &out); out.append(UInt8(ascii: "T"))
+        digits(day, 2, &out); out.append(separator)
         digits(secondOfDay / 3600, 2, &out); out.append(UInt8(ascii: ":"))
         digits(secondOfDay / 60 % 60, 2, &out); out.append(UInt8(ascii: ":"))
         digits(secondOfDay % 60, 2, &out); out.append(UInt8(ascii: "."))
-        digits(milliseconds, 3, &out); out.append(UInt8(ascii: "Z"))
+        digits(milliseconds, 3, &out)
+        if zone { out.append(UInt8(ascii: "Z")) }
         return String(decoding: out, as: UTF8.self)
     }
 
