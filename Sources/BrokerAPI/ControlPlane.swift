@@ -178,12 +178,15 @@ extension BrokerAPI {
                 if push.port == nil { push.port = model.port }
                 let ruleID = GatewayRule.newID()
                 do {
+                    // Reserved as a connect's are: a registration while it is pushed keeps it.
+                    try await store.reserveRules([PendingRule(id: ruleID, gatewayID: gatewayID)], now: clock())
                     let port = try await client.put(ruleID: ruleID, push: push, gateway: gateway, key: key)
                     try await store.createRules([GatewayRule(id: ruleID, gatewayID: gatewayID, desktopID: model.desktopID,
                                                              userID: model.userID, protocolName: model.protocolName, push: push,
                                                              port: port, created: clock(), connectionID: model.connectionID)])
                 } catch {
                     try? await client.delete(ruleID: ruleID, gateway: gateway, key: key)
+                    try? await store.releaseRules(ids: [ruleID])
                     logger.warning("gateway \(gatewayID) cannot join connection \(model.connectionID) on port \(model.port): \(error)")
                 }
             }
@@ -267,7 +270,7 @@ extension BrokerAPI {
             }
             keys.append(key)
         }
-        let placed = try await place(push, on: choice, keys: keys, logger: context.logger)
+        let placed = try await place(push, on: choice, keys: keys, now: now, logger: context.logger)
         let connectionID = placed[0].ruleID
         let rules = placed.map { placement in
             GatewayRule(id: placement.ruleID, gatewayID: placement.gateway.id, desktopID: desktop.id, userID: user.id,
@@ -279,6 +282,7 @@ extension BrokerAPI {
         } catch {
             // Keep the gateways and the table in step: take the rules back.
             await takeBack(placed)
+            await release(placed.map(\.ruleID), logger: context.logger)
             throw error
         }
         let port = placed[0].port
@@ -313,25 +317,34 @@ extension BrokerAPI {
     /// again, at most three times; any other failure takes them back and
     /// answers 502 naming the first gateway (in the cluster's order) that
     /// failed. All or nothing.
-    private func place(_ push: RulePush, on choice: GatewayChoice, keys: [ControlKey],
-                       logger: Logger) async throws(APIError) -> [Placement] {
+    ///
+    /// Each attempt's rules are reserved in the store before they are pushed
+    /// (`reserveRules`): a gateway that registers between holding a rule and
+    /// the broker storing it is told to keep it. The caller's `createRules`
+    /// ends the reservations of the placements returned; a failed attempt's
+    /// are ended here.
+    private func place(_ push: RulePush, on choice: GatewayChoice, keys: [ControlKey], now: Date,
+                       logger: Logger) async throws -> [Placement] {
         let attempts = choice.others.isEmpty ? 1 : 3
         let client = gatewayClient
         for attempt in 1...attempts {
             var shared = push
+            let ids = choice.all.map { _ in GatewayRule.newID() }
+            try await store.reserveRules(zip(ids, choice.all).map { PendingRule(id: $0, gatewayID: $1.id) }, now: now)
             let first: Placement
-            switch await Self.push(shared, to: choice.all[0], key: keys[0], client: client) {
+            switch await Self.push(shared, ruleID: ids[0], to: choice.all[0], key: keys[0], client: client) {
             case .success(let placement): first = placement
             case .failure(let error):
+                await release(ids, logger: logger)
                 logger.warning("connect: \(error)")
                 throw APIError(.badGateway, error.description)
             }
             if shared.method != .protocolPortClientOnly { shared.port = first.port }
-            let rest = Array(zip(choice.all.dropFirst(), keys.dropFirst()))
+            let rest = Array(zip(zip(choice.all.dropFirst(), keys.dropFirst()), ids.dropFirst()))
             let results = await withTaskGroup(of: (Int, Result<Placement, GatewayCallError>).self) { group in
-                for (index, (gateway, key)) in rest.enumerated() {
+                for (index, ((gateway, key), ruleID)) in rest.enumerated() {
                     let sharedPush = shared
-                    group.addTask { (index, await Self.push(sharedPush, to: gateway, key: key, client: client)) }
+                    group.addTask { (index, await Self.push(sharedPush, ruleID: ruleID, to: gateway, key: key, client: client)) }
                 }
                 var collected = [Result<Placement, GatewayCallError>?](repeating: nil, count: rest.count)
                 for await (index, result) in group { collected[index] = result }
@@ -347,6 +360,7 @@ extension BrokerAPI {
             }
             guard let failure else { return placed }
             await takeBack(placed)
+            await release(ids, logger: logger)
             if case .refused(_, 409, _) = failure, attempt < attempts {
                 logger.notice("connect: \(failure); trying another port on every gateway")
                 continue
@@ -358,9 +372,8 @@ extension BrokerAPI {
     }
 
     /// One push; each gateway's record says which path its rules take (nil: the gateway's default).
-    private static func push(_ shared: RulePush, to gateway: Gateway, key: ControlKey,
+    private static func push(_ shared: RulePush, ruleID: String, to gateway: Gateway, key: ControlKey,
                              client: GatewayControlClient) async -> Result<Placement, GatewayCallError> {
-        let ruleID = GatewayRule.newID()
         var own = shared
         own.forwardingPath = ForwardingPath(rawValue: gateway.forwardingPath.rawValue)
         do {
@@ -380,6 +393,17 @@ extension BrokerAPI {
             for placement in placed {
                 group.addTask { try? await client.delete(ruleID: placement.ruleID, gateway: placement.gateway, key: placement.key) }
             }
+        }
+    }
+
+    /// Ends the reservations of rules whose push failed or was taken back. A
+    /// reservation left behind only lets a registration keep a rule that
+    /// `takeBack` could not delete, until `PendingRule.lifetime` ends it.
+    private func release(_ ids: [String], logger: Logger) async {
+        do {
+            try await store.releaseRules(ids: ids)
+        } catch {
+            logger.warning("connect: could not end the reservation of rule(s) \(ids.joined(separator: ", ")): \(error)")
         }
     }
 

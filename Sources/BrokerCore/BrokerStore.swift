@@ -98,6 +98,24 @@ public struct AuthenticatedSession: Sendable, Equatable {
     }
 }
 
+/// A rule a connect call is pushing to a gateway: the gateway may hold it
+/// before the broker stores it (`BrokerStore.reserveRules`).
+public struct PendingRule: Sendable, Equatable {
+    public var id: String
+    public var gatewayID: Int64
+
+    public init(id: String, gatewayID: Int64) {
+        self.id = id
+        self.gatewayID = gatewayID
+    }
+
+    /// How long a reservation counts as known to a registration. A connect
+    /// ends its reservations within seconds (its pushes time out far sooner);
+    /// only a broker that died mid-connect leaves one behind, and a
+    /// registration after this long drops that rule again.
+    public static let lifetime: TimeInterval = 600
+}
+
 /// What a connect call reads before it pushes a rule (`BrokerStore.connectReading`).
 public struct ConnectReading: Sendable {
     public var desktop: Desktop
@@ -198,7 +216,9 @@ public protocol BrokerStore: Sendable {
     func controlKey(gatewayID: Int64) async throws(StoreError) -> ControlKey?
     /// Records a registration (version, control URL, port range), marks the
     /// gateway online with a heartbeat at `now`, and returns the ids among
-    /// `registration.ruleIDs` the broker still has for this gateway (`keep`).
+    /// `registration.ruleIDs` the broker still has for this gateway (`keep`):
+    /// its stored rules and the ones reserved for it within
+    /// `PendingRule.lifetime` before `now`, read in one snapshot.
     func registerGateway(id: Int64, _ registration: GatewayRegistration, now: Date) async throws(StoreError) -> [String]
     /// Records a heartbeat at `now` with the gateway's load, and marks it online.
     func recordHeartbeat(id: Int64, load: Double, sessions: Int, now: Date) async throws(StoreError)
@@ -215,8 +235,17 @@ public protocol BrokerStore: Sendable {
     func rules(connectionID: String) async throws(StoreError) -> [GatewayRule]
     /// The number of rules per gateway (gateways without rules are absent).
     func ruleCounts() async throws(StoreError) -> [Int64: Int]
-    /// Stores the rules of one connect call, all or none.
+    /// Stores the rules of one connect call, all or none, and ends their
+    /// reservations (`reserveRules`) in the same transaction.
     func createRules(_ rules: [GatewayRule]) async throws(StoreError)
+    /// Marks rules as being pushed, before the push: a gateway that holds one
+    /// and registers before the broker stores it must be told to keep it
+    /// (a registration's `keep` lists reserved rules as known). Every broker
+    /// sharing the database sees the reservation. `createRules` ends it; a
+    /// push that failed ends it with `releaseRules`.
+    func reserveRules(_ rules: [PendingRule], now: Date) async throws(StoreError)
+    /// Ends reservations whose push failed or was taken back (ids without one are ignored).
+    func releaseRules(ids: [String]) async throws(StoreError)
     /// Records the port a gateway opened for a rule pushed again.
     func updateRulePort(id: String, port: Int) async throws(StoreError)
     /// Removes a rule; `.notFound` when there is none with that id.

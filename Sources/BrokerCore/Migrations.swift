@@ -153,6 +153,12 @@ enum Migrations {
                 ALTER TABLE gateway ADD COLUMN control_certificate TEXT;
                 """)
         }
+        migrator.registerMigration("0007-pending-rules") { _ in
+            // PostgreSQL's brokers share their reservations of rules being
+            // pushed in an unlogged table; an SQLite file serves one broker,
+            // which keeps them in memory (`SQLiteBrokerStore.reserveRules`).
+            // Nothing to change here: the identifier keeps both lists alike.
+        }
         return migrator
     }
 }

@@ -1,6 +1,7 @@
 import ControlProtocol
 import Foundation
 import GRDB
+import Synchronization
 import SystemLayer
 
 /// The embedded store: one SQLite file in WAL mode through GRDB.
@@ -22,6 +23,11 @@ public final class SQLiteBrokerStore: BrokerStore {
     public var location: String { "sqlite:\(path)" }
 
     private let database: any DatabaseWriter
+    /// Rules being pushed (`reserveRules`): rule id → gateway and when. An
+    /// SQLite file serves one broker process, so the reservations live here,
+    /// read and ended only inside writer transactions (`registerGateway`,
+    /// `createRules`), which the single writer runs one at a time.
+    private let pending = Mutex<[String: (gatewayID: Int64, since: Date)]>([:])
     /// The file's (device, inode) when opened, to notice it being removed or replaced.
     private let identity: FileIdentity?
 
@@ -229,7 +235,13 @@ public final class SQLiteBrokerStore: BrokerStore {
                 WHERE id = ?
                 """, arguments: [registration.version, registration.controlURL, registration.portRange.first,
                                  registration.portRange.last, now, registration.controlCertificate, id])
-            let known = Set(try String.fetchAll(db.cachedStatement(sql: "SELECT id FROM gateway_rule WHERE gateway_id = ?"), arguments: [id]))
+            var known = Set(try String.fetchAll(db.cachedStatement(sql: "SELECT id FROM gateway_rule WHERE gateway_id = ?"), arguments: [id]))
+            // Rules a connect is pushing: the gateway may already hold them (issue 15's race).
+            let cutoff = now.addingTimeInterval(-PendingRule.lifetime)
+            self.pending.withLock { pending in
+                pending = pending.filter { $0.value.since > cutoff }
+                for (ruleID, entry) in pending where entry.gatewayID == id { known.insert(ruleID) }
+            }
             return StoreMessages.keptRules(reported: registration.ruleIDs, known: known)
         }
     }
@@ -390,6 +402,23 @@ public final class SQLiteBrokerStore: BrokerStore {
                     """).execute(arguments: [rule.id, rule.gatewayID, rule.desktopID, rule.userID, rule.protocolName, push,
                                      rule.port, StoredDate.text(rule.created), rule.connectionID])
             }
+            // Inside the writer's transaction: a registration sees the rule stored or still reserved.
+            self.pending.withLock { pending in
+                for rule in rules { pending.removeValue(forKey: rule.id) }
+            }
+        }
+    }
+
+    public func reserveRules(_ rules: [PendingRule], now: Date) async throws(StoreError) {
+        guard mode == .readWrite else { throw StoreError.unavailable("\(path) is open read-only") }
+        pending.withLock { pending in
+            for rule in rules { pending[rule.id] = (rule.gatewayID, now) }
+        }
+    }
+
+    public func releaseRules(ids: [String]) async throws(StoreError) {
+        pending.withLock { pending in
+            for id in ids { pending.removeValue(forKey: id) }
         }
     }
 

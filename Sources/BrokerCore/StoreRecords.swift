@@ -157,7 +157,8 @@ public enum StoreMessages {
     /// The ids among `reported` the broker still has for the gateway, first occurrence order.
     public static func keptRules(reported: [String], known: Set<String>) -> [String] {
         var keep: [String] = []
-        for ruleID in reported where known.contains(ruleID) && !keep.contains(ruleID) {
+        var listed = Set<String>()
+        for ruleID in reported where known.contains(ruleID) && listed.insert(ruleID).inserted {
             keep.append(ruleID)
         }
         return keep

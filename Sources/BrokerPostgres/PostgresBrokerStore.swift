@@ -228,7 +228,14 @@ public final class PostgresBrokerStore: BrokerStore {
                                    last_heartbeat = \(now), control_certificate = \(registration.controlCertificate)
                 WHERE id = \(id)
                 """)
-            let known = Set(try await db.rows("SELECT id FROM gateway_rule WHERE gateway_id = \(id)").map { try $0.string("id") })
+            // Stored rules and the ones a connect is pushing (the gateway may
+            // already hold them: issue 15's race), in one statement's snapshot.
+            let cutoff = now.addingTimeInterval(-PendingRule.lifetime)
+            try await db.run("DELETE FROM gateway_rule_pending WHERE since <= \(cutoff)")
+            let known = Set(try await db.rows("""
+                SELECT id FROM gateway_rule WHERE gateway_id = \(id)
+                UNION ALL SELECT id FROM gateway_rule_pending WHERE gateway_id = \(id)
+                """).map { try $0.string("id") })
             return StoreMessages.keptRules(reported: registration.ruleIDs, known: known)
         }
     }
@@ -398,6 +405,29 @@ public final class PostgresBrokerStore: BrokerStore {
                             \(StoreRecords.pushText(rule)), \(rule.port), \(rule.created), \(rule.connectionID))
                     """)
             }
+            // In the same transaction: a registration sees each rule stored or still reserved.
+            try await db.run("DELETE FROM gateway_rule_pending WHERE id = ANY(\(rules.map(\.id)))")
+        }
+    }
+
+    public func reserveRules(_ rules: [PendingRule], now: Date) async throws(StoreError) {
+        guard !rules.isEmpty else { return }
+        // One statement, outside a transaction: nothing to check, and a
+        // reservation that a registration misses was not yet needed (the
+        // gateway cannot hold a rule whose push has not been sent).
+        try await read { db in
+            try await db.run("""
+                INSERT INTO gateway_rule_pending (id, gateway_id, since)
+                SELECT id, gateway_id, \(now) FROM unnest(\(rules.map(\.id)), \(rules.map(\.gatewayID))) AS reserved(id, gateway_id)
+                ON CONFLICT (id) DO UPDATE SET gateway_id = excluded.gateway_id, since = excluded.since
+                """)
+        }
+    }
+
+    public func releaseRules(ids: [String]) async throws(StoreError) {
+        guard !ids.isEmpty else { return }
+        try await read { db in
+            try await db.run("DELETE FROM gateway_rule_pending WHERE id = ANY(\(ids))")
         }
     }
 

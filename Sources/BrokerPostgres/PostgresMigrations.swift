@@ -166,5 +166,18 @@ enum PostgresMigrations {
         Migration(identifier: "0006-control-certificate", statements: [
             "ALTER TABLE gateway ADD COLUMN control_certificate TEXT",
         ]),
+        // Rules a connect call is pushing, before the gateway answers and the
+        // rule is stored (issue 15): a registration with any broker keeps
+        // them. Unlogged: a reservation lives for seconds and needs no WAL;
+        // one lost in a server crash only reopens the race it closes.
+        Migration(identifier: "0007-pending-rules", statements: [
+            """
+            CREATE UNLOGGED TABLE gateway_rule_pending (
+                id TEXT PRIMARY KEY,
+                gateway_id BIGINT NOT NULL,
+                since TIMESTAMPTZ NOT NULL
+            )
+            """,
+        ]),
     ]
 }

@@ -137,7 +137,7 @@ struct BinaryTests {
         #expect(info.status == 0, "\(info)")
         let version = try BrokerProcess.run(["--version"]).stdout.trimmingCharacters(in: .whitespacesAndNewlines)
         #expect(version.contains("(commit "), "--version names the commit: \(version)")
-        for text in ["leostream-broker \(version)", database, "schema:    0006-control-certificate (current)", "\(listen) (accepting connections)",
+        for text in ["leostream-broker \(version)", database, "schema:    0007-pending-rules (current)", "\(listen) (accepting connections)",
                      "gateways:  2 registered, 1 online, 1 offline", "gw-one", "gw1.example.com", "CPU(s)", "memory", "disk:",
                      "version 9.8.7", "enrolled (key \(Secrets.fingerprint(key)))", "not enrolled"] {
             #expect(info.stdout.contains(text), "--info lacks \(text):\n\(info.stdout)")

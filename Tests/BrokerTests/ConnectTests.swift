@@ -358,6 +358,57 @@ struct ConnectTests {
         }
     }
 
+    @Test("a gateway that registers while a push to it is unanswered keeps that rule (single gateway and E); a push taken back is not kept")
+    func registrationDuringPush() async throws {
+        try await withConnectSetup { setup in
+            let broker = setup.broker, sid = setup.sid
+            let gatewayID = try await setup.addGateway("gw-a")
+            let (key, fake) = try #require(setup.gateways[gatewayID])
+            let desktopID = try await setup.desktop("desk-1", gatewayID: gatewayID)
+            func register(_ id: Int, _ fake: FakeGateway, key: ControlKey, _ rules: [String]) async throws -> [String] {
+                let reply = try await agentCall(broker, "/v1/gateway-agent/register",
+                                                registerBody(id, controlURL: fake.controlURL, rules: rules.map(reportedRule)),
+                                                gatewayID: id, key: key).reply
+                #expect(reply.status == 200, "\(reply)")
+                return try #require(reply.object["keep"] as? [String], "\(reply)")
+            }
+
+            // The gateway holds the rule; the broker has not had its answer, so has not stored it.
+            fake.holdAnswers(true)
+            let connect = Task { try await broker.client.json("POST", "/v1/connect", ["desktop_id": desktopID, "protocol": "rdp"], token: sid) }
+            try await waitUntilAsync("the push reaching the gateway") { !fake.rules.isEmpty }
+            let held = try #require(fake.rules.keys.first)
+            #expect(try await broker.store.rules(gatewayID: nil).isEmpty, "not stored before the gateway answers")
+            let gone = GatewayRule.newID()
+            #expect(try await register(gatewayID, fake, key: key, [gone, held]) == [held],
+                    "a registration in the push's window keeps the rule the connect will answer with, and drops one the broker never made")
+            fake.holdAnswers(false)
+            let reply = try await connect.value
+            #expect(reply.status == 200 && reply.object["rule_id"] as? String == held, "\(reply)")
+            #expect(try await register(gatewayID, fake, key: key, [held]) == [held], "stored now")
+
+            // E: the second gateway refuses, after a while; meanwhile the first holds its rule and registers.
+            let every = try await setup.cluster("cl-every", via: "E")
+            let g1 = try await setup.addGateway("gw-1", extra: ["load_balancer_id": every])
+            let g2 = try await setup.addGateway("gw-2", extra: ["load_balancer_id": every])
+            let (key1, fake1) = try #require(setup.gateways[g1])
+            let pooled = try await setup.desktop("desk-e", clusterID: every)
+            let fake2 = try #require(setup.gateways[g2]?.fake)
+            fake2.refuse(500, "disk full")
+            fake2.holdAnswers(true)
+            let refused = Task { try await broker.client.json("POST", "/v1/connect", ["desktop_id": pooled, "protocol": "rdp"], token: sid) }
+            try await waitUntilAsync("the pushes reaching both gateways") { !fake1.rules.isEmpty && fake2.calls.contains { $0.method == "PUT" } }
+            let first = try #require(fake1.rules.keys.first)
+            #expect(try await register(g1, fake1, key: key1, [first]) == [first], "kept while the connect is undecided")
+            fake2.holdAnswers(false)
+            #expect(try await refused.value.status == 502)
+            #expect(fake1.rules.isEmpty, "taken back")
+            #expect(try await register(g1, fake1, key: key1, [first]) == [], "a push taken back is not kept: its reservation ended")
+            fake2.accept()
+            #expect(setup.allSignaturesVerified())
+        }
+    }
+
     @Test("a gateway that refuses or cannot be reached: 502 naming it and its error, nothing stored")
     func gatewayFailures() async throws {
         try await withConnectSetup { setup in

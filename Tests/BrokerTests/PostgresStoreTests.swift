@@ -24,6 +24,15 @@ struct PostgresStoreTests {
             let seen = try await a.gateway(id: gateway.id)
             #expect(seen.online && seen.version == "2", "a registration through one broker is seen by the other")
 
+            // A rule one broker is pushing is kept by a registration with the other.
+            let pushing = GatewayRule.newID()
+            try await a.reserveRules([PendingRule(id: pushing, gatewayID: gateway.id)], now: now)
+            let kept = try await b.registerGateway(id: gateway.id, GatewayRegistration(version: "2", controlURL: "http://198.51.100.10:9443",
+                                                                                      portRange: PortRange(first: 41000, last: 41999),
+                                                                                      ruleIDs: [pushing]), now: now)
+            #expect(kept == [pushing], "one broker's reservation is seen by the other's registration")
+            try await a.releaseRules(ids: [pushing])
+
             // The same name created through both at once, 10 times: exactly one wins each time.
             for round in 0..<10 {
                 async let first: Result<Gateway, StoreError> = Self.result { try await a.createGateway(GatewayChanges(name: "race-\(round)", address: "192.0.2.\(round * 2 + 1)"), now: now) }

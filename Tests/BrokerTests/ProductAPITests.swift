@@ -192,7 +192,7 @@ struct LimitsAndHealthTests {
             #expect(body["status"] as? String == "ok" || body["status"] as? String == "degraded")
             let database = body["database"] as? [String: Any] ?? [:]
             #expect(database["status"] as? String == "ok")
-            #expect(database["schema_version"] as? String == "0006-control-certificate")
+            #expect(database["schema_version"] as? String == "0007-pending-rules")
             let listeners = body["listeners"] as? [[String: Any]] ?? []
             #expect(listeners.first?["address"] as? String == "127.0.0.1:\(broker.client.port)")
             #expect((body["gateways"] as? [String: Any])?["registered"] as? Int == 0)

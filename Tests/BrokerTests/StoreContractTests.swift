@@ -8,7 +8,7 @@ import TestSupport
 /// and PostgreSQL (a real server started by scripts/test).
 @Suite("store contract (SQLite and PostgreSQL)", .offPool)
 struct StoreContractTests {
-    static let known = ["0001-initial", "0002-control-plane", "0003-connection-groups", "0004-entitlements", "0005-forwarding-path", "0006-control-certificate"]
+    static let known = ["0001-initial", "0002-control-plane", "0003-connection-groups", "0004-entitlements", "0005-forwarding-path", "0006-control-certificate", "0007-pending-rules"]
 
     @Test("a new store has every migration applied and is healthy", arguments: StoreBackend.allCases)
     func migrated(_ backend: StoreBackend) async throws {
@@ -180,6 +180,52 @@ struct StoreContractTests {
             try await store.deleteRules(connectionID: first.id)
             #expect(try await store.rules(gatewayID: nil).isEmpty)
             await #expect(throws: StoreError.notFound("no connection with rule_id '\(first.id)'")) { try await store.deleteRules(connectionID: first.id) }
+        }
+    }
+
+    @Test("a rule being pushed is kept by a registration until it is stored or released; a reservation past its lifetime is not", arguments: StoreBackend.allCases)
+    func reservations(_ backend: StoreBackend) async throws {
+        try await backend.with { store in
+            let now = Date(timeIntervalSince1970: 1_900_000_200)
+            let one = try await store.createGateway(GatewayChanges(name: "one", address: "198.51.100.1"), now: now)
+            let two = try await store.createGateway(GatewayChanges(name: "two", address: "198.51.100.2"), now: now)
+            func register(_ gateway: Gateway, _ ids: [String], at time: Date) async throws -> [String] {
+                try await store.registerGateway(id: gateway.id, GatewayRegistration(version: "9", controlURL: "http://\(gateway.address):9443",
+                                                                                   portRange: PortRange(first: 40000, last: 40999),
+                                                                                   ruleIDs: ids), now: time)
+            }
+            let stored = GatewayRule.newID(), released = GatewayRule.newID(), elsewhere = GatewayRule.newID()
+            try await store.reserveRules([PendingRule(id: stored, gatewayID: one.id), PendingRule(id: released, gatewayID: one.id),
+                                          PendingRule(id: elsewhere, gatewayID: two.id)], now: now)
+            // The gateway holds them before the broker stored them: kept, in the order reported.
+            #expect(try await register(one, ["gone", released, stored, elsewhere], at: now) == [released, stored],
+                    "reserved rules are kept; another gateway's reservation is not this gateway's rule")
+            #expect(try await register(two, [elsewhere], at: now) == [elsewhere])
+            #expect(try await store.rules(gatewayID: nil).isEmpty, "a reservation is not a stored rule")
+
+            // Stored: kept as a rule; the reservation ended with it (a later release changes nothing).
+            let push = RulePush(protocol: .tcp, method: .randomPort, target: "10.0.0.5:3389")
+            try await store.createRules([GatewayRule(id: stored, gatewayID: one.id, desktopID: nil, userID: nil, protocolName: "rdp",
+                                                     push: push, port: 40000, created: now)])
+            try await store.releaseRules(ids: [released])
+            #expect(try await register(one, [released, stored], at: now) == [stored])
+            try await store.deleteRule(id: stored)
+            #expect(try await register(one, [stored], at: now) == [], "createRules ended the reservation")
+
+            // A reservation left behind (a broker that died mid-connect) counts only within its lifetime.
+            #expect(try await register(two, [elsewhere], at: now.addingTimeInterval(PendingRule.lifetime - 1)) == [elsewhere])
+            #expect(try await register(two, [elsewhere], at: now.addingTimeInterval(PendingRule.lifetime + 1)) == [])
+            #expect(try await register(two, [elsewhere], at: now) == [], "the stale reservation was removed, not only skipped")
+
+            // Reserving the same id again moves it (a retried push) and nothing else.
+            try await store.reserveRules([PendingRule(id: elsewhere, gatewayID: two.id)], now: now)
+            try await store.reserveRules([PendingRule(id: elsewhere, gatewayID: one.id)], now: now)
+            #expect(try await register(two, [elsewhere], at: now) == [])
+            #expect(try await register(one, [elsewhere], at: now) == [elsewhere])
+            try await store.releaseRules(ids: [elsewhere, "never-reserved"])
+            #expect(try await register(one, [elsewhere], at: now) == [])
+            try await store.releaseRules(ids: [])
+            try await store.reserveRules([], now: now)
         }
     }
 

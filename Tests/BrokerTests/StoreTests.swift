@@ -15,9 +15,9 @@ struct StoreTests {
         #expect(!FileManager.default.fileExists(atPath: path))
         let store = try SQLiteBrokerStore(path: path)
         let schema = try await store.schema()
-        #expect(schema.applied == ["0001-initial", "0002-control-plane", "0003-connection-groups", "0004-entitlements", "0005-forwarding-path", "0006-control-certificate"])
+        #expect(schema.applied == ["0001-initial", "0002-control-plane", "0003-connection-groups", "0004-entitlements", "0005-forwarding-path", "0006-control-certificate", "0007-pending-rules"])
         #expect(schema.pending.isEmpty && schema.unknown.isEmpty)
-        #expect(schema.version == "0006-control-certificate")
+        #expect(schema.version == "0007-pending-rules")
 
         let queue = try DatabaseQueue(path: path)
         try await queue.read { db in
@@ -47,7 +47,7 @@ struct StoreTests {
         }
         let store = try SQLiteBrokerStore(path: path)
         #expect(try await store.gateways().map(\.name) == ["gw"])
-        #expect(try await store.schema().applied == ["0001-initial", "0002-control-plane", "0003-connection-groups", "0004-entitlements", "0005-forwarding-path", "0006-control-certificate"])
+        #expect(try await store.schema().applied == ["0001-initial", "0002-control-plane", "0003-connection-groups", "0004-entitlements", "0005-forwarding-path", "0006-control-certificate", "0007-pending-rules"])
     }
 
     @Test("a database from a newer broker is refused, naming the file and the migrations")

@@ -37,6 +37,9 @@ final class FakeGateway: Sendable {
         var refusal: (status: Int, message: String)?
         /// Ports a push may not ask for (held by something else): 409.
         var taken: Set<Int> = []
+        /// Set: a push is applied at once but answered only once this is cleared
+        /// (the window between a gateway holding a rule and the broker learning it).
+        var holdAnswers = false
     }
 
     /// TLS: the control endpoint's certificate (PEM); nil for plain HTTP.
@@ -48,6 +51,7 @@ final class FakeGateway: Sendable {
     func refuse(_ status: Int, _ message: String) { state.withLock { $0.refusal = (status, message) } }
     func accept() { state.withLock { $0.refusal = nil } }
     func take(_ ports: Set<Int>) { state.withLock { $0.taken = ports } }
+    func holdAnswers(_ hold: Bool) { state.withLock { $0.holdAnswers = hold } }
 
     /// - Parameter tls: a certificate and key (PEM) to serve HTTPS with.
     init(gatewayID: Int, key: ControlKey?, tls: (certificate: String, key: String)? = nil) async throws {
@@ -106,6 +110,15 @@ final class FakeGateway: Sendable {
             authError = error.description
         }
         let call = Call(method: method, ruleID: ruleID, authError: authError)
+        let response = answer(call, body: body)
+        if method == "PUT" {
+            try await waitUntilAsync("the test to release the held answer") { !state.withLock { $0.holdAnswers } }
+        }
+        return response
+    }
+
+    private func answer(_ call: Call, body: [UInt8]) -> Response {
+        let (method, ruleID, authError) = (call.method, call.ruleID, call.authError)
         return state.withLock { state -> Response in
             state.calls.append(call)
             if let authError { return Self.json(401, ["error": authError]) }
