@@ -49,6 +49,16 @@ final class GatewayConnections: Sendable {
         let description: String
     }
 
+    /// Methods whose request may be sent twice with the effect of once
+    /// (a gateway answers a second PUT of the same rule with the rule it
+    /// holds, and a DELETE of a rule it no longer has with 404).
+    static func idempotent(_ method: HTTPMethod) -> Bool {
+        switch method {
+        case .PUT, .DELETE, .GET, .HEAD: true
+        default: false
+        }
+    }
+
     static let maxIdle = 16
     static let reuseWithin: UInt64 = 50_000_000_000
     static let maxAnswerBytes = 1 << 20
@@ -76,9 +86,19 @@ final class GatewayConnections: Sendable {
 
     /// Sends one request and collects its answer (at most `maxAnswerBytes`)
     /// within `timeout`, connection included.
+    ///
+    /// `head` makes the request's head; it is called again when the request
+    /// is sent a second time, so a signed request is signed afresh (a
+    /// gateway refuses a signature it has seen). That happens only on a kept
+    /// connection: when it turns out closed before the request was written,
+    /// and, for an idempotent method (PUT, DELETE, GET, HEAD), when the
+    /// gateway closes it without a byte of answer (a gateway restarting or
+    /// hot-upgrading as the request arrives). The second try is on a new
+    /// connection, within the same deadline, and is not tried again.
     /// - Throws: `Failure` naming what went wrong (refused, timed out,
     ///   the TLS handshake, a closed connection, a bad answer).
-    func send(_ endpoint: Endpoint, head: HTTPRequestHead, body: [UInt8], timeout: TimeAmount) async throws(Failure) -> Answer {
+    func send(_ endpoint: Endpoint, body: [UInt8], timeout: TimeAmount,
+              head: () -> HTTPRequestHead) async throws(Failure) -> Answer {
         let deadline = NIODeadline.now() + timeout
         var reusable = take(endpoint)
         while true {
@@ -88,13 +108,14 @@ final class GatewayConnections: Sendable {
                 connection = idle
                 reusable = nil
             } else {
-                connection = try await connect(endpoint, timeout: timeout)
+                connection = try await connect(endpoint, timeout: max(deadline - .now(), .milliseconds(1)))
             }
             let channel = connection.channel
             let promise = channel.eventLoop.makePromise(of: Collected.self)
             let collector = connection.collector
+            let request = head()
             channel.eventLoop.execute {
-                collector.value.send(head: head, body: body, deadline: deadline, promise: promise)
+                collector.value.send(head: request, body: body, deadline: deadline, promise: promise)
             }
             let collected: Collected
             do {
@@ -103,9 +124,11 @@ final class GatewayConnections: Sendable {
                 channel.close(promise: nil)
                 // A kept connection that closed while idle: nothing was sent, so a new one may carry it.
                 if reused, error is NotSent { continue }
+                // Closed with no answer: an idempotent request may be sent again, once, on a new connection.
+                if reused, error is Unanswered, Self.idempotent(request.method) { continue }
                 throw Self.failure(error)
             }
-            if collected.keepAlive && head.isKeepAlive {
+            if collected.keepAlive && request.isKeepAlive {
                 giveBack(connection, to: endpoint)
             } else {
                 channel.close(promise: nil)
@@ -178,6 +201,7 @@ final class GatewayConnections: Sendable {
 
     private static func failure(_ error: any Error) -> Failure {
         if let failure = error as? Failure { return failure }
+        if let unanswered = error as? Unanswered { return Failure(description: unanswered.description) }
         if let error = error as? ChannelError, case .connectTimeout = error { return Failure(description: "no connection within the call's timeout") }
         return Failure(description: "\(error)")
     }
@@ -186,6 +210,11 @@ final class GatewayConnections: Sendable {
 /// The request was not written: the connection had closed.
 private struct NotSent: Error, CustomStringConvertible {
     var description: String { "the connection was closed before the request" }
+}
+
+/// The connection ended, or was reset, before a byte of the answer came.
+private struct Unanswered: Error, CustomStringConvertible {
+    let description: String
 }
 
 /// What came back for one request.
@@ -205,13 +234,15 @@ private final class AnswerCollector: ChannelInboundHandler {
     private var pending: EventLoopPromise<Collected>?
     private var timer: Scheduled<Void>?
     private var status = 0
+    /// The answer's head has come (a failure after it is not `Unanswered`).
+    private var answered = false
     private var keepAlive = false
     private var body: [UInt8] = []
 
     func handlerAdded(context: ChannelHandlerContext) { self.context = context }
 
     func handlerRemoved(context: ChannelHandlerContext) {
-        fail(GatewayConnections.Failure(description: "the connection was closed before the answer"))
+        failClosed("the connection was closed before the answer")
         self.context = nil
     }
 
@@ -222,6 +253,7 @@ private final class AnswerCollector: ChannelInboundHandler {
         }
         pending = promise
         status = 0
+        answered = false
         keepAlive = false
         self.body.removeAll(keepingCapacity: true)
         timer = context.eventLoop.assumeIsolated().scheduleTask(deadline: deadline) { [weak self] in
@@ -245,6 +277,7 @@ private final class AnswerCollector: ChannelInboundHandler {
         }
         switch unwrapInboundIn(data) {
         case .head(let head):
+            answered = true
             status = Int(head.status.code)
             keepAlive = head.isKeepAlive
         case .body(let buffer):
@@ -265,13 +298,22 @@ private final class AnswerCollector: ChannelInboundHandler {
     }
 
     func channelInactive(context: ChannelHandlerContext) {
-        fail(GatewayConnections.Failure(description: "the gateway closed the connection before answering"))
+        failClosed("the gateway closed the connection before answering")
         context.fireChannelInactive()
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        fail(error)
+        if !answered, let error = error as? IOError, [ECONNRESET, EPIPE].contains(error.errnoCode) {
+            failClosed("the gateway reset the connection before answering (\(error))")
+        } else {
+            fail(error)
+        }
         context.close(promise: nil)
+    }
+
+    /// The connection ended: before the answer's head that is `Unanswered`.
+    private func failClosed(_ reason: String) {
+        fail(answered ? GatewayConnections.Failure(description: reason) as any Error : Unanswered(description: reason))
     }
 
     private func fail(_ error: any Error) {

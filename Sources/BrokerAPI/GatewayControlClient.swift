@@ -82,14 +82,17 @@ struct GatewayControlClient: Sendable {
             tls = pinned
         }
         let signer = ControlSigner(gatewayID: Int(gateway.id), key: key)
-        var headers = HTTPHeaders()
-        headers.add(name: "Host", value: host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)")
-        headers.add(name: "Authorization", value: signer.authorize(direction: .brokerToGateway, method: method.rawValue, path: path, body: body))
-        if !body.isEmpty { headers.add(name: "Content-Type", value: "application/json") }
-        headers.add(name: "Content-Length", value: String(body.count))
-        let head = HTTPRequestHead(version: .http1_1, method: method, uri: path, headers: headers)
+        let hostHeader = host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)"
         do {
-            let answer = try await connections.send(.init(host: host, port: port, tls: tls), head: head, body: body, timeout: timeout)
+            // Signed for each sending: a request sent again carries a new nonce.
+            let answer = try await connections.send(.init(host: host, port: port, tls: tls), body: body, timeout: timeout) {
+                var headers = HTTPHeaders()
+                headers.add(name: "Host", value: hostHeader)
+                headers.add(name: "Authorization", value: signer.authorize(direction: .brokerToGateway, method: method.rawValue, path: path, body: body))
+                if !body.isEmpty { headers.add(name: "Content-Type", value: "application/json") }
+                headers.add(name: "Content-Length", value: String(body.count))
+                return HTTPRequestHead(version: .http1_1, method: method, uri: path, headers: headers)
+            }
             return (answer.status, answer.body)
         } catch {
             throw .unreachable(gateway: Self.name(gateway), reason: "\(method.rawValue) \(url): \(error)")

@@ -55,6 +55,7 @@ struct GatewayConnectionsTests {
         private static func serve(_ fd: Int32) {
             defer { close(fd) }
             var pending: [UInt8] = []
+            var served = 0
             var buffer = [UInt8](repeating: 0, count: 4096)
             while true {
                 guard let end = pending.firstRange(of: Array("\r\n\r\n".utf8)) else {
@@ -73,8 +74,12 @@ struct GatewayConnectionsTests {
                     continue
                 }
                 pending.removeFirst(end.upperBound + length)
+                served += 1
                 let path = String(head.split(separator: " ")[1])
                 if path == "/silent" { continue }
+                // Closed without a byte of answer: always, or only on a connection that served before
+                // (a gateway restarting as a kept connection's request arrives).
+                if path.hasPrefix("/vanish-always") || (path.hasPrefix("/vanish") && served > 1) { return }
                 let closing = path == "/close"
                 let answer = "HTTP/1.1 200 OK\r\nContent-Length: \(path.utf8.count)\r\n\(closing ? "Connection: close\r\n" : "")\r\n\(path)"
                 _ = Array(answer.utf8).withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
@@ -84,16 +89,60 @@ struct GatewayConnectionsTests {
         }
     }
 
-    func request(_ connections: GatewayConnections, _ server: CountingServer, _ path: String,
+    func request(_ connections: GatewayConnections, _ server: CountingServer, _ path: String, method: HTTPMethod = .PUT,
+                 heads: CountingServer.Count? = nil,
                  timeout: TimeAmount = .seconds(Int64(TestDeadline.seconds))) async throws(GatewayConnections.Failure) -> String {
         var headers = HTTPHeaders()
         headers.add(name: "Host", value: "127.0.0.1:\(server.port)")
         headers.add(name: "Content-Length", value: "2")
         let answer = try await connections.send(.init(host: "127.0.0.1", port: server.port, tls: nil),
-                                                head: HTTPRequestHead(version: .http1_1, method: .PUT, uri: path, headers: headers),
-                                                body: Array("{}".utf8), timeout: timeout)
+                                                body: Array("{}".utf8), timeout: timeout) {
+            heads?.value.add(1, ordering: .relaxed)
+            return HTTPRequestHead(version: .http1_1, method: method, uri: path, headers: headers)
+        }
         #expect(answer.status == 200)
         return String(decoding: answer.body, as: UTF8.self)
+    }
+
+    @Test("a kept connection closed with no answer: an idempotent request is sent again once, with a new head, on a new connection; a POST is not")
+    func unansweredSentAgain() async throws {
+        let server = try CountingServer()
+        let connections = GatewayConnections()
+        #expect(try await request(connections, server, "/a") == "/a")
+        let heads = CountingServer.Count()
+        #expect(try await request(connections, server, "/vanish", heads: heads) == "/vanish", "PUT, sent again")
+        #expect(heads.value.load(ordering: .relaxed) == 2, "the head is made again (a signed request is signed afresh)")
+        #expect(server.accepted == 2)
+        #expect(try await request(connections, server, "/vanish-d", method: .DELETE) == "/vanish-d")
+        #expect(server.accepted == 3)
+
+        // Not idempotent: the failure comes back, and nothing is sent again.
+        do {
+            _ = try await request(connections, server, "/vanish-post", method: .POST)
+            Issue.record("a POST on a connection closed without an answer succeeded")
+        } catch {
+            #expect(error.description.contains("before answering"), "\(error)")
+        }
+        #expect(server.accepted == 3)
+
+        // Sent again once only; and a new connection closed without an answer is a failure at once.
+        #expect(try await request(connections, server, "/b") == "/b")
+        let again = CountingServer.Count()
+        do {
+            _ = try await request(connections, server, "/vanish-always", heads: again)
+            Issue.record("a request that no connection answered succeeded")
+        } catch {
+            #expect(error.description.contains("before answering"), "\(error)")
+        }
+        #expect(again.value.load(ordering: .relaxed) == 2 && server.accepted == 5, "once on the kept connection, once on a new one")
+        let fresh = CountingServer.Count()
+        do {
+            _ = try await request(connections, server, "/vanish-always", heads: fresh)
+            Issue.record("a request that no connection answered succeeded")
+        } catch {
+            #expect(error.description.contains("before answering"), "\(error)")
+        }
+        #expect(fresh.value.load(ordering: .relaxed) == 1 && server.accepted == 6, "a new connection's failure is not tried again")
     }
 
     @Test("requests go one after another on one kept-alive connection; one the gateway closes is replaced")
@@ -139,9 +188,9 @@ struct GatewayConnectionsTests {
         var headers = HTTPHeaders()
         headers.add(name: "Content-Length", value: "0")
         do {
-            _ = try await connections.send(.init(host: "127.0.0.1", port: port, tls: nil),
-                                           head: HTTPRequestHead(version: .http1_1, method: .DELETE, uri: "/x", headers: headers),
-                                           body: [], timeout: .seconds(5))
+            _ = try await connections.send(.init(host: "127.0.0.1", port: port, tls: nil), body: [], timeout: .seconds(5)) {
+                HTTPRequestHead(version: .http1_1, method: .DELETE, uri: "/x", headers: headers)
+            }
             Issue.record("a request to a closed port succeeded")
         } catch {
             #expect(error.description.contains("refused"), "\(error)")
