@@ -154,6 +154,18 @@ extension ConnectReading {
     public static func countsRules(desktop: Desktop, cluster: GatewayCluster?) -> Bool {
         desktop.gatewayID == nil && cluster.map { $0.loadBalanceVia != .everyGateway } == true
     }
+
+    /// `candidates(of:)` as an SQL condition on a desktop row and a gateway
+    /// row (for a store that reads a connect in one statement).
+    public static func candidateCondition(desktop d: String, gateway g: String) -> String {
+        "(\(d).gateway_id IS NOT NULL AND \(g).id = \(d).gateway_id) OR (\(d).gateway_id IS NULL AND \(g).load_balancer_id = \(d).load_balancer_id)"
+    }
+
+    /// `countsRules(desktop:cluster:)` as an SQL condition on a desktop row
+    /// and its cluster's row (NULL when it has none).
+    public static func countsRulesCondition(desktop d: String, cluster c: String) -> String {
+        "\(d).gateway_id IS NULL AND \(c).id IS NOT NULL AND \(c).load_balance_via <> '\(LoadBalanceMethod.everyGateway.rawValue)'"
+    }
 }
 
 /// What a disconnect reads before it deletes rules (`BrokerStore.disconnectReading`).

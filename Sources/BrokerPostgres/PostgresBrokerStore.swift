@@ -326,37 +326,76 @@ public final class PostgresBrokerStore: BrokerStore {
 
     public func connectReading(desktopID: Int64) async throws(StoreError) -> ConnectReading {
         let location = self.location
-        return try await read(consistent: true) { db in
-            let desktop = try await Self.fetchDesktop(db, id: desktopID)
-            var cluster: GatewayCluster?
-            // A cluster that is gone is the chooser's to report (no route), as with a gateway.
-            if let clusterID = desktop.loadBalancerID,
-               let row = try await db.rows("SELECT \(unescaped: StoreRecords.clusterColumns) FROM gateway_cluster WHERE id = \(clusterID)").first {
-                cluster = try StoreRecords.cluster(row)
+        // One statement, so one snapshot without BEGIN and COMMIT: a row per
+        // candidate gateway (or one row with no gateway), each carrying the
+        // desktop, its protocols and users as arrays, and its cluster. It was
+        // up to eight round trips to the server, each a hop of its own (issue 15).
+        let rows = try await read { db in
+            try await db.rows("""
+                SELECT \(unescaped: Self.connectReadingColumns)
+                FROM desktop d
+                LEFT JOIN gateway_cluster c ON c.id = d.load_balancer_id
+                LEFT JOIN gateway g ON \(unescaped: ConnectReading.candidateCondition(desktop: "d", gateway: "g"))
+                WHERE d.id = \(desktopID)
+                ORDER BY g.id
+                """)
+        }
+        guard let first = rows.first else { throw StoreMessages.noDesktop(desktopID) }
+        do {
+            let names = try first.row["protocol_names"].decode([String].self, context: .default)
+            let ports = try first.row["protocol_ports"].decode([Int64].self, context: .default)
+            let transports = try first.row["protocol_transports"].decode([String].self, context: .default)
+            guard names.count == ports.count, names.count == transports.count else {
+                throw StoreError.unavailable("\(location): desktop \(desktopID)'s protocols were read incompletely")
             }
-            let candidates = ConnectReading.candidates(of: desktop)
+            let protocols = (0..<names.count).map { index in
+                DesktopProtocol(name: names[index], port: Int(ports[index]), transport: Transport(rawValue: transports[index]) ?? .tcp)
+            }
+            let users = try first.row["user_ids"].decode([Int64].self, context: .default)
+            let desktop = try StoreRecords.desktop(first, protocols: protocols, users: users)
+            // A cluster that is gone is the chooser's to report (no route), as with a gateway.
+            let cluster = try first.optionalInt64("c_id") == nil ? nil : try StoreRecords.cluster(first.prefixed("c_"))
+            let counted = ConnectReading.countsRules(desktop: desktop, cluster: cluster)
             var gateways: [Gateway] = []
             var controlKeys: [Int64: ControlKey] = [:]
-            for row in try await db.rows("""
-                SELECT \(unescaped: Self.gatewayWithKeyColumns) FROM gateway
-                WHERE id = \(candidates.gatewayID) OR load_balancer_id = \(candidates.clusterID) ORDER BY id
-                """) {
-                let (gateway, key) = try Self.gatewayAndKey(row, location: location)
+            var ruleCounts: [Int64: Int] = [:]
+            for row in rows where try row.optionalInt64("g_id") != nil {
+                let (gateway, key) = try Self.gatewayAndKey(row.prefixed("g_"), location: location)
                 gateways.append(gateway)
                 controlKeys[gateway.id] = key
-            }
-            var ruleCounts: [Int64: Int] = [:]
-            if let cluster, ConnectReading.countsRules(desktop: desktop, cluster: cluster) {
-                for row in try await db.rows("""
-                    SELECT r.gateway_id, count(*) AS n FROM gateway_rule r JOIN gateway g ON g.id = r.gateway_id
-                    WHERE g.load_balancer_id = \(cluster.id) GROUP BY r.gateway_id
-                    """) {
-                    ruleCounts[try row.int64("gateway_id")] = try row.int("n")
-                }
+                if counted, let rules = try row.optionalInt("g_rules"), rules > 0 { ruleCounts[gateway.id] = rules }
             }
             return ConnectReading(desktop: desktop, gateways: gateways, cluster: cluster, ruleCounts: ruleCounts, controlKeys: controlKeys)
+        } catch let error as StoreError {
+            throw error
+        } catch {
+            throw StoreError.unavailable("\(location): reading desktop \(desktopID) for a connect: \(error)")
         }
     }
+
+    /// The columns of `connectReading`'s one statement: the desktop's own, its
+    /// protocols and users as arrays, the cluster's as `c_*`, the candidate
+    /// gateway's with its key as `g_*`, and that gateway's rule count where
+    /// the choice uses counts (`ConnectReading.countsRules`).
+    private static let connectReadingColumns: String = {
+        func prefixed(_ columns: String, _ table: String) -> String {
+            columns.split(separator: ",").map { $0.trimmingCharacters(in: .whitespacesAndNewlines) }
+                .map { "\(table).\($0) AS \(table)_\($0)" }.joined(separator: ", ")
+        }
+        let desktop = StoreRecords.desktopColumns.split(separator: ",").map { "d.\($0.trimmingCharacters(in: .whitespaces))" }
+            .joined(separator: ", ")
+        return """
+            \(desktop),
+            ARRAY(SELECT p.name FROM desktop_protocol p WHERE p.desktop_id = d.id ORDER BY p.position) AS protocol_names,
+            ARRAY(SELECT p.port::bigint FROM desktop_protocol p WHERE p.desktop_id = d.id ORDER BY p.position) AS protocol_ports,
+            ARRAY(SELECT p.transport FROM desktop_protocol p WHERE p.desktop_id = d.id ORDER BY p.position) AS protocol_transports,
+            ARRAY(SELECT u.user_id FROM desktop_user u WHERE u.desktop_id = d.id ORDER BY u.user_id) AS user_ids,
+            \(prefixed(StoreRecords.clusterColumns, "c")),
+            \(prefixed(gatewayWithKeyColumns, "g")),
+            CASE WHEN \(ConnectReading.countsRulesCondition(desktop: "d", cluster: "c"))
+                 THEN (SELECT count(*) FROM gateway_rule r WHERE r.gateway_id = g.id) END AS g_rules
+            """
+    }()
 
     public func disconnectReading(ruleID: String) async throws(StoreError) -> DisconnectReading {
         let location = self.location
@@ -393,20 +432,23 @@ public final class PostgresBrokerStore: BrokerStore {
     }
 
     public func createRules(_ rules: [GatewayRule]) async throws(StoreError) {
+        let ids = rules.map(\.id)
         try await write { db in
-            for rule in rules {
-                // Only whether it exists, not the whole row decoded.
-                guard try await !db.rows("SELECT 1 FROM gateway WHERE id = \(rule.gatewayID)").isEmpty else {
-                    throw StoreMessages.noGateway(rule.gatewayID)
-                }
-                try await db.run("""
+            for (index, rule) in rules.enumerated() {
+                // One statement per rule: the gateway's existence checked by the
+                // insert itself, and (with the first) the reservations ended in
+                // the same transaction, so a registration sees each rule stored
+                // or still reserved. Three round trips for one rule, not five.
+                let inserted = try await db.rows("""
+                    WITH ended AS (DELETE FROM gateway_rule_pending WHERE \(index == 0) AND id = ANY(\(ids)))
                     INSERT INTO gateway_rule (id, gateway_id, desktop_id, user_id, protocol_name, push, port, created, connection_id)
-                    VALUES (\(rule.id), \(rule.gatewayID), \(rule.desktopID), \(rule.userID), \(rule.protocolName),
-                            \(StoreRecords.pushText(rule)), \(rule.port), \(rule.created), \(rule.connectionID))
+                    SELECT \(rule.id), \(rule.gatewayID), \(rule.desktopID), \(rule.userID), \(rule.protocolName),
+                           \(StoreRecords.pushText(rule)), \(rule.port), \(rule.created), \(rule.connectionID)
+                    WHERE EXISTS (SELECT 1 FROM gateway WHERE id = \(rule.gatewayID))
+                    RETURNING id
                     """)
+                guard !inserted.isEmpty else { throw StoreMessages.noGateway(rule.gatewayID) }
             }
-            // In the same transaction: a registration sees each rule stored or still reserved.
-            try await db.run("DELETE FROM gateway_rule_pending WHERE id = ANY(\(rules.map(\.id)))")
         }
     }
 
@@ -959,9 +1001,14 @@ struct PostgresSession {
 /// A PostgreSQL row as the shared row mapping reads it.
 struct PostgresRecord: StoreRecord {
     let row: PostgresRandomAccessRow
+    /// Put before every column name read: one table's columns among a join's, aliased `c_id`, `c_name`, ...
+    var prefix = ""
+
+    /// The same row, reading the columns aliased with `prefix`.
+    func prefixed(_ prefix: String) -> PostgresRecord { PostgresRecord(row: row, prefix: prefix) }
 
     private func value<T: PostgresDecodable>(_ column: String, _ type: T.Type) throws -> T {
-        try row[column].decode(T.self, context: .default)
+        try row[prefix.isEmpty ? column : prefix + column].decode(T.self, context: .default)
     }
 
     func int64(_ column: String) throws -> Int64 { try value(column, Int64.self) }

@@ -241,8 +241,15 @@ struct StoreContractTests {
             try await store.enrollGateway(id: member.id, key: memberKey, now: now)
             try await store.enrollGateway(id: alone.id, key: aloneKey, now: now)
             let protocols = [DesktopProtocol(name: "rdp", port: 3389)]
-            let pinned = try await store.createDesktop(DesktopChanges(name: "pinned", address: "10.0.0.5", protocols: protocols,
-                                                                      gatewayID: .set(alone.id)), now: now)
+            let bob = try await store.createUser(UserChanges(login: "bob", passwordHash: "x", role: .user), now: now)
+            let alice = try await store.createUser(UserChanges(login: "alice", passwordHash: "x", role: .user), now: now)
+            // Several protocols (their order and transports) and entitlements come back whole.
+            let pinned = try await store.createDesktop(DesktopChanges(name: "pinned", address: "10.0.0.5",
+                                                                      protocols: [DesktopProtocol(name: "rdp", port: 3389),
+                                                                                  DesktopProtocol(name: "pcoip", port: 4172, transport: .both),
+                                                                                  DesktopProtocol(name: "echo", port: 7, transport: .udp)],
+                                                                      gatewayID: .set(alone.id), users: [bob.id, alice.id]), now: now)
+            #expect(pinned.protocols.count == 3 && pinned.users.count == 2)
             let pooled = try await store.createDesktop(DesktopChanges(name: "pooled", address: "10.0.0.6", protocols: protocols,
                                                                       loadBalancerID: .set(cluster.id)), now: now)
             let push = RulePush(protocol: .tcp, method: .randomPort, target: "10.0.0.5:3389")
@@ -267,6 +274,17 @@ struct StoreContractTests {
             _ = try await store.updateGatewayCluster(id: cluster.id, GatewayClusterChanges(loadBalanceVia: .everyGateway), now: now)
             #expect(try await store.connectReading(desktopID: pooled.id).ruleCounts.isEmpty)
             await #expect(throws: StoreError.notFound("no desktop with id 999")) { _ = try await store.connectReading(desktopID: 999) }
+            // A desktop whose own gateway is not enrolled, and one in a cluster with no members: read, with nothing to choose.
+            let bare = try await store.createGateway(GatewayChanges(name: "bare", address: "198.51.100.4"), now: now)
+            let onBare = try await store.createDesktop(DesktopChanges(name: "on-bare", address: "10.0.0.7", protocols: protocols,
+                                                                      gatewayID: .set(bare.id)), now: now)
+            let unkeyed = try await store.connectReading(desktopID: onBare.id)
+            #expect(unkeyed.desktop == onBare && unkeyed.gateways.map(\.id) == [bare.id] && unkeyed.controlKeys.isEmpty)
+            let empty = try await store.createGatewayCluster(GatewayClusterChanges(name: "Empty", loadBalanceVia: .leastConnections), now: now)
+            let stranded = try await store.createDesktop(DesktopChanges(name: "stranded", address: "10.0.0.8", protocols: protocols,
+                                                                        loadBalancerID: .set(empty.id)), now: now)
+            let nothing = try await store.connectReading(desktopID: stranded.id)
+            #expect(nothing.desktop == stranded && nothing.cluster == empty && nothing.gateways.isEmpty && nothing.ruleCounts.isEmpty)
 
             let reading = try await store.disconnectReading(ruleID: sibling.id)
             #expect(reading.rule == sibling)
