@@ -21,6 +21,8 @@ public final class PostgresBrokerStore: BrokerStore {
 
     private let client: PostgresClient
     private let runner: Task<Void, Never>
+    /// Gives up on a call after `callTimeout`, one timer for every call.
+    private let watchdog = CallWatchdog(limit: PostgresBrokerStore.callTimeout)
     private let logger: Logger
     private let password: String?
 
@@ -104,6 +106,7 @@ public final class PostgresBrokerStore: BrokerStore {
 
     /// Closes the pool's connections and stops its background task.
     public func close() async {
+        watchdog.stop()
         runner.cancel()
         await runner.value
     }
@@ -857,19 +860,14 @@ public final class PostgresBrokerStore: BrokerStore {
     /// Runs `body` on a pooled connection, giving up after `callTimeout`.
     private func leased<T: Sendable>(_ body: @escaping @Sendable (PostgresSession) async throws -> T) async throws -> T {
         let client = self.client, logger = self.logger
-        return try await withThrowingTaskGroup(of: T?.self) { group in
-            group.addTask {
+        do {
+            return try await watchdog.run {
                 try await client.withConnection { connection in
                     try await body(PostgresSession(connection: connection, logger: logger))
                 }
             }
-            group.addTask {
-                try await Task.sleep(for: Self.callTimeout)
-                return nil
-            }
-            defer { group.cancelAll() }
-            guard let first = try await group.next(), let value = first else { throw NoConnection() }
-            return value
+        } catch is CallWatchdog.Expired {
+            throw NoConnection()
         }
     }
 
