@@ -124,8 +124,9 @@ public struct ConnectReading: Sendable {
     public var gateways: [Gateway]
     /// The desktop's cluster, when it names one.
     public var cluster: GatewayCluster?
-    /// Active rules per gateway, only where the choice uses them (a cluster
-    /// balanced by `L` or `P`); empty otherwise.
+    /// Active rules per gateway, stored or being pushed (`reserveRules`), only
+    /// where the choice uses them (a cluster balanced by `L` or `P`); empty
+    /// otherwise. Gateways without any are absent.
     public var ruleCounts: [Int64: Int]
     /// The control keys of the enrolled gateways among `gateways`.
     public var controlKeys: [Int64: ControlKey]

@@ -350,6 +350,13 @@ public final class SQLiteBrokerStore: BrokerStore {
                     """), arguments: [cluster.id]) {
                     ruleCounts[row["gateway_id"]] = row["n"]
                 }
+                // Rules being pushed count too: connects that arrive together
+                // spread over the cluster instead of all taking the gateway
+                // that had the fewest before any of them was stored.
+                let members = Set(gateways.map(\.id))
+                self.pending.withLock { pending in
+                    for entry in pending.values where members.contains(entry.gatewayID) { ruleCounts[entry.gatewayID, default: 0] += 1 }
+                }
             }
             return ConnectReading(desktop: desktop, gateways: gateways, cluster: cluster, ruleCounts: ruleCounts, controlKeys: controlKeys)
         }

@@ -381,10 +381,6 @@ public final class PostgresBrokerStore: BrokerStore {
     /// gateway's with its key as `g_*`, and that gateway's rule count where
     /// the choice uses counts (`ConnectReading.countsRules`).
     private static let connectReadingColumns: String = {
-        func prefixed(_ columns: String, _ table: String) -> String {
-            columns.split(separator: ",").map { $0.trimmingCharacters(in: .whitespacesAndNewlines) }
-                .map { "\(table).\($0) AS \(table)_\($0)" }.joined(separator: ", ")
-        }
         let desktop = StoreRecords.desktopColumns.split(separator: ",").map { "d.\($0.trimmingCharacters(in: .whitespaces))" }
             .joined(separator: ", ")
         return """
@@ -393,36 +389,56 @@ public final class PostgresBrokerStore: BrokerStore {
             ARRAY(SELECT p.port::bigint FROM desktop_protocol p WHERE p.desktop_id = d.id ORDER BY p.position) AS protocol_ports,
             ARRAY(SELECT p.transport FROM desktop_protocol p WHERE p.desktop_id = d.id ORDER BY p.position) AS protocol_transports,
             ARRAY(SELECT u.user_id FROM desktop_user u WHERE u.desktop_id = d.id ORDER BY u.user_id) AS user_ids,
-            \(prefixed(StoreRecords.clusterColumns, "c")),
-            \(prefixed(gatewayWithKeyColumns, "g")),
+            \(prefixedColumns(StoreRecords.clusterColumns, "c")),
+            \(prefixedColumns(gatewayWithKeyColumns, "g")),
             CASE WHEN \(ConnectReading.countsRulesCondition(desktop: "d", cluster: "c"))
-                 THEN (SELECT count(*) FROM gateway_rule r WHERE r.gateway_id = g.id) END AS g_rules
+                 THEN (SELECT count(*) FROM gateway_rule r WHERE r.gateway_id = g.id)
+                      + (SELECT count(*) FROM gateway_rule_pending p
+                         WHERE p.gateway_id = g.id AND p.since > now() - interval '\(Int(PendingRule.lifetime)) seconds') END AS g_rules
             """
     }()
 
     public func disconnectReading(ruleID: String) async throws(StoreError) -> DisconnectReading {
         let location = self.location
-        return try await read(consistent: true) { db in
-            // The rule itself is one of its connection's: read and decoded once, there.
-            guard let connectionID = try await db.rows("SELECT connection_id FROM gateway_rule WHERE id = \(ruleID)").first?
-                .optionalString("connection_id") else {
-                throw StoreMessages.noRule(ruleID)
-            }
-            var placed: [DisconnectReading.Placed] = []
-            for row in try await db.rows("""
-                SELECT \(unescaped: StoreRecords.ruleColumns) FROM gateway_rule WHERE connection_id = \(connectionID)
-                ORDER BY id = connection_id DESC, gateway_id, id
-                """) {
+        // One statement (one snapshot, no BEGIN and COMMIT): every rule of the
+        // connection the rule belongs to, each with its gateway and key as
+        // `g_*`. It was two statements and one per gateway in a transaction.
+        let rows = try await read { db in
+            try await db.rows("""
+                SELECT \(unescaped: Self.disconnectReadingColumns)
+                FROM gateway_rule r LEFT JOIN gateway g ON g.id = r.gateway_id
+                WHERE r.connection_id = (SELECT connection_id FROM gateway_rule WHERE id = \(ruleID))
+                ORDER BY r.id = r.connection_id DESC, r.gateway_id, r.id
+                """)
+        }
+        var placed: [DisconnectReading.Placed] = []
+        do {
+            for row in rows {
                 let rule = try StoreRecords.rule(row)
-                guard let gatewayRow = try await db.rows("SELECT \(unescaped: Self.gatewayWithKeyColumns) FROM gateway WHERE id = \(rule.gatewayID)").first else {
-                    throw StoreMessages.noGateway(rule.gatewayID)
-                }
-                let (gateway, key) = try Self.gatewayAndKey(gatewayRow, location: location)
+                guard try row.optionalInt64("g_id") != nil else { throw StoreMessages.noGateway(rule.gatewayID) }
+                let (gateway, key) = try Self.gatewayAndKey(row.prefixed("g_"), location: location)
                 placed.append(.init(rule: rule, gateway: gateway, controlKey: key))
             }
-            guard let rule = placed.first(where: { $0.rule.id == ruleID })?.rule else { throw StoreMessages.noRule(ruleID) }
-            return DisconnectReading(rule: rule, rules: placed)
+        } catch let error as StoreError {
+            throw error
+        } catch {
+            throw StoreError.unavailable("\(location): reading rule \(ruleID) for a disconnect: \(error)")
         }
+        guard let rule = placed.first(where: { $0.rule.id == ruleID })?.rule else { throw StoreMessages.noRule(ruleID) }
+        return DisconnectReading(rule: rule, rules: placed)
+    }
+
+    /// The columns of `disconnectReading`'s one statement: the rule's, and its gateway's with its key as `g_*`.
+    private static let disconnectReadingColumns: String = {
+        let rule = StoreRecords.ruleColumns.split(separator: ",").map { "r.\($0.trimmingCharacters(in: .whitespaces))" }
+            .joined(separator: ", ")
+        return "\(rule), \(prefixedColumns(gatewayWithKeyColumns, "g"))"
+    }()
+
+    /// `a, b` as `t.a AS t_a, t.b AS t_b`: one table's columns among a join's, read back with `PostgresRecord.prefixed`.
+    private static func prefixedColumns(_ columns: String, _ table: String) -> String {
+        columns.split(separator: ",").map { $0.trimmingCharacters(in: .whitespacesAndNewlines) }
+            .map { "\(table).\($0) AS \(table)_\($0)" }.joined(separator: ", ")
     }
 
     /// A gateway's columns and then its control key.

@@ -236,6 +236,21 @@ struct ConnectTests {
             #expect(gatewayOf(try await connect(desktopL)) == c, "c has fewer rules now")
             #expect(gatewayOf(try await connect(desktopL)) == b)
 
+            // Connects that arrive together: one still being pushed counts, so the next goes elsewhere.
+            let fakeB = try #require(setup.gateways[b]?.fake), fakeC = try #require(setup.gateways[c]?.fake)
+            fakeB.holdAnswers(true)
+            fakeC.holdAnswers(true)
+            let held = fakeC.rules.count
+            let sid = setup.sid
+            let pushing = Task { try await broker.client.json("POST", "/v1/connect", ["desktop_id": desktopL, "protocol": "rdp"], token: sid) }
+            try await waitUntilAsync("the push reaching gw-c (the fewest: 1 against 2)") { fakeC.rules.count == held + 1 }
+            let next = Task { try await broker.client.json("POST", "/v1/connect", ["desktop_id": desktopL, "protocol": "rdp"], token: sid) }
+            try await waitUntilAsync("the next push reaching a gateway") { fakeB.rules.count + fakeC.rules.count == 4 + 1 }
+            fakeB.holdAnswers(false)
+            fakeC.holdAnswers(false)
+            #expect(gatewayOf(try await pushing.value) == c)
+            #expect(gatewayOf(try await next.value) == b, "gw-c's rule being pushed counted: 2 against 2, lowest id")
+
             let every = try await setup.cluster("cl-every", via: "E", useSourceIP: 2)
             let d = try await setup.addGateway("gw-d", extra: ["load_balancer_id": every])
             let e = try await setup.addGateway("gw-e", extra: ["load_balancer_id": every])

@@ -270,6 +270,14 @@ struct StoreContractTests {
             #expect(balanced.controlKeys == [member.id: memberKey])
             // Only the cluster's gateways are counted: the rule on "alone" is not.
             #expect(balanced.ruleCounts == [member.id: 1])
+            // Rules being pushed count as the gateway's (connects that arrive together spread out); released, they do not.
+            let pushing = GatewayRule.newID()
+            try await store.reserveRules([PendingRule(id: pushing, gatewayID: unenrolled.id), PendingRule(id: GatewayRule.newID(), gatewayID: alone.id)],
+                                         now: Date())
+            #expect(try await store.connectReading(desktopID: pooled.id).ruleCounts == [member.id: 1, unenrolled.id: 1],
+                    "only the cluster's reservations count")
+            try await store.releaseRules(ids: [pushing])
+            #expect(try await store.connectReading(desktopID: pooled.id).ruleCounts == [member.id: 1])
             // The choice with E does not use counts, so none are read.
             _ = try await store.updateGatewayCluster(id: cluster.id, GatewayClusterChanges(loadBalanceVia: .everyGateway), now: now)
             #expect(try await store.connectReading(desktopID: pooled.id).ruleCounts.isEmpty)
