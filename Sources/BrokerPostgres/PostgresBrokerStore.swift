@@ -334,14 +334,7 @@ public final class PostgresBrokerStore: BrokerStore {
         // desktop, its protocols and users as arrays, and its cluster. It was
         // up to eight round trips to the server, each a hop of its own (issue 15).
         let rows = try await read { db in
-            try await db.rows("""
-                SELECT \(unescaped: Self.connectReadingColumns)
-                FROM desktop d
-                LEFT JOIN gateway_cluster c ON c.id = d.load_balancer_id
-                LEFT JOIN gateway g ON \(unescaped: ConnectReading.candidateCondition(desktop: "d", gateway: "g"))
-                WHERE d.id = \(desktopID)
-                ORDER BY g.id
-                """)
+            try await db.rows(HotStatements.ConnectReading.self) { try $0.append(desktopID) }
         }
         guard let first = rows.first else { throw StoreMessages.noDesktop(desktopID) }
         do {
@@ -380,6 +373,15 @@ public final class PostgresBrokerStore: BrokerStore {
     /// protocols and users as arrays, the cluster's as `c_*`, the candidate
     /// gateway's with its key as `g_*`, and that gateway's rule count where
     /// the choice uses counts (`ConnectReading.countsRules`).
+    static let connectReadingSQL = """
+        SELECT \(connectReadingColumns)
+        FROM desktop d
+        LEFT JOIN gateway_cluster c ON c.id = d.load_balancer_id
+        LEFT JOIN gateway g ON \(ConnectReading.candidateCondition(desktop: "d", gateway: "g"))
+        WHERE d.id = $1
+        ORDER BY g.id
+        """
+
     private static let connectReadingColumns: String = {
         let desktop = StoreRecords.desktopColumns.split(separator: ",").map { "d.\($0.trimmingCharacters(in: .whitespaces))" }
             .joined(separator: ", ")
@@ -404,12 +406,7 @@ public final class PostgresBrokerStore: BrokerStore {
         // connection the rule belongs to, each with its gateway and key as
         // `g_*`. It was two statements and one per gateway in a transaction.
         let rows = try await read { db in
-            try await db.rows("""
-                SELECT \(unescaped: Self.disconnectReadingColumns)
-                FROM gateway_rule r LEFT JOIN gateway g ON g.id = r.gateway_id
-                WHERE r.connection_id = (SELECT connection_id FROM gateway_rule WHERE id = \(ruleID))
-                ORDER BY r.id = r.connection_id DESC, r.gateway_id, r.id
-                """)
+            try await db.rows(HotStatements.DisconnectReading.self) { try $0.append(ruleID) }
         }
         var placed: [DisconnectReading.Placed] = []
         do {
@@ -427,6 +424,13 @@ public final class PostgresBrokerStore: BrokerStore {
         guard let rule = placed.first(where: { $0.rule.id == ruleID })?.rule else { throw StoreMessages.noRule(ruleID) }
         return DisconnectReading(rule: rule, rules: placed)
     }
+
+    static let disconnectReadingSQL = """
+        SELECT \(disconnectReadingColumns)
+        FROM gateway_rule r LEFT JOIN gateway g ON g.id = r.gateway_id
+        WHERE r.connection_id = (SELECT connection_id FROM gateway_rule WHERE id = $1)
+        ORDER BY r.id = r.connection_id DESC, r.gateway_id, r.id
+        """
 
     /// The columns of `disconnectReading`'s one statement: the rule's, and its gateway's with its key as `g_*`.
     private static let disconnectReadingColumns: String = {
@@ -458,14 +462,19 @@ public final class PostgresBrokerStore: BrokerStore {
                 // insert itself, and (with the first) the reservations ended in
                 // the same transaction, so a registration sees each rule stored
                 // or still reserved. Three round trips for one rule, not five.
-                let inserted = try await db.rows("""
-                    WITH ended AS (DELETE FROM gateway_rule_pending WHERE \(index == 0) AND id = ANY(\(ids)))
-                    INSERT INTO gateway_rule (id, gateway_id, desktop_id, user_id, protocol_name, push, port, created, connection_id)
-                    SELECT \(rule.id), \(rule.gatewayID), \(rule.desktopID), \(rule.userID), \(rule.protocolName),
-                           \(StoreRecords.pushText(rule)), \(rule.port), \(rule.created), \(rule.connectionID)
-                    WHERE EXISTS (SELECT 1 FROM gateway WHERE id = \(rule.gatewayID))
-                    RETURNING id
-                    """)
+                let inserted = try await db.rows(HotStatements.CreateRule.self) {
+                    try $0.append(index == 0)
+                    try $0.append(ids)
+                    try $0.append(rule.id)
+                    try $0.append(rule.gatewayID)
+                    try $0.append(rule.desktopID)
+                    try $0.append(rule.userID)
+                    try $0.append(rule.protocolName)
+                    try $0.append(StoreRecords.pushText(rule))
+                    try $0.append(Int64(rule.port))
+                    try $0.append(rule.created)
+                    try $0.append(rule.connectionID)
+                }
                 guard !inserted.isEmpty else { throw StoreMessages.noGateway(rule.gatewayID) }
             }
         }
@@ -477,11 +486,11 @@ public final class PostgresBrokerStore: BrokerStore {
         // reservation that a registration misses was not yet needed (the
         // gateway cannot hold a rule whose push has not been sent).
         try await read { db in
-            try await db.run("""
-                INSERT INTO gateway_rule_pending (id, gateway_id, since)
-                SELECT id, gateway_id, \(now) FROM unnest(\(rules.map(\.id)), \(rules.map(\.gatewayID))) AS reserved(id, gateway_id)
-                ON CONFLICT (id) DO UPDATE SET gateway_id = excluded.gateway_id, since = excluded.since
-                """)
+            _ = try await db.rows(HotStatements.Reserve.self) {
+                try $0.append(rules.map(\.id))
+                try $0.append(rules.map(\.gatewayID))
+                try $0.append(now)
+            }
         }
     }
 
@@ -510,7 +519,7 @@ public final class PostgresBrokerStore: BrokerStore {
 
     public func deleteRules(connectionID: String) async throws(StoreError) {
         try await write { db in
-            if try await db.rows("DELETE FROM gateway_rule WHERE connection_id = \(connectionID) RETURNING id").isEmpty {
+            if try await db.rows(HotStatements.DeleteConnection.self, { try $0.append(connectionID) }).isEmpty {
                 throw StoreMessages.noConnection(connectionID)
             }
         }
@@ -798,12 +807,10 @@ public final class PostgresBrokerStore: BrokerStore {
 
     public func session(tokenHash: String, now: Date) async throws(StoreError) -> AuthenticatedSession? {
         try await read { db in
-            guard let row = try await db.rows("""
-                SELECT s.token_hash, s.user_id, s.created AS session_created, s.expires, s.client_address, s.login_gateway_id,
-                       u.id, u.login, u.display_name, u.role, u.enabled, u.created, u.updated
-                FROM user_session s JOIN user_account u ON u.id = s.user_id
-                WHERE s.token_hash = \(tokenHash) AND s.expires > \(now) AND u.enabled
-                """).first else { return nil }
+            guard let row = try await db.rows(HotStatements.SessionLookup.self, {
+                try $0.append(tokenHash)
+                try $0.append(now)
+            }).first else { return nil }
             return try StoreRecords.authenticatedSession(row)
         }
     }
