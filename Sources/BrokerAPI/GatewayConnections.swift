@@ -73,15 +73,26 @@ final class GatewayConnections: Sendable {
         let collector: NIOLoopBound<AnswerCollector>
     }
 
-    private let group: any EventLoopGroup
-    private let idle = Mutex<[Endpoint: [Idle]]>([:])
+    /// Idle connections by endpoint, oldest first, and when they were last
+    /// swept for every endpoint.
+    private struct Table {
+        var byEndpoint: [Endpoint: [Idle]] = [:]
+        var swept: UInt64 = 0
+    }
 
-    init(group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton) {
+    private let group: any EventLoopGroup
+    private let idle = Mutex(Table())
+    /// Monotonic nanoseconds (a test's clock can jump).
+    private let clock: @Sendable () -> UInt64
+
+    init(group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
+         clock: @escaping @Sendable () -> UInt64 = { NIODeadline.now().uptimeNanoseconds }) {
         self.group = group
+        self.clock = clock
     }
 
     deinit {
-        for connection in idle.withLock({ $0.values.flatMap { $0 } }) { connection.connection.channel.close(promise: nil) }
+        for connection in idle.withLock({ $0.byEndpoint.values.flatMap { $0 } }) { connection.connection.channel.close(promise: nil) }
     }
 
     /// Sends one request and collects its answer (at most `maxAnswerBytes`)
@@ -139,16 +150,16 @@ final class GatewayConnections: Sendable {
 
     /// Idle connections to `endpoint` that are still open.
     func openIdleConnections(to endpoint: Endpoint) -> Int {
-        idle.withLock { $0[endpoint]?.filter { $0.connection.channel.isActive }.count ?? 0 }
+        idle.withLock { $0.byEndpoint[endpoint]?.filter { $0.connection.channel.isActive }.count ?? 0 }
     }
 
     /// The newest idle connection that is open and fresh; stale ones are closed.
     private func take(_ endpoint: Endpoint) -> Connection? {
-        let now = NIODeadline.now().uptimeNanoseconds
+        let now = clock()
         var stale: [any Channel] = []
         let found: Connection? = idle.withLock { table in
-            defer { if table[endpoint]?.isEmpty == true { table[endpoint] = nil } }
-            while let last = table[endpoint]?.popLast() {
+            defer { if table.byEndpoint[endpoint]?.isEmpty == true { table.byEndpoint[endpoint] = nil } }
+            while let last = table.byEndpoint[endpoint]?.popLast() {
                 if last.connection.channel.isActive && now &- last.since < Self.reuseWithin { return last.connection }
                 stale.append(last.connection.channel)
             }
@@ -159,10 +170,22 @@ final class GatewayConnections: Sendable {
     }
 
     private func giveBack(_ connection: Connection, to endpoint: Endpoint) {
-        let now = NIODeadline.now().uptimeNanoseconds
+        let now = clock()
         var closing: [any Channel] = []
         idle.withLock { table in
-            var list = table[endpoint] ?? []
+            // Once per `reuseWithin`, every endpoint: connections to a gateway
+            // that is no longer pushed to (deleted, or its control_url
+            // changed) are closed here rather than kept until it closes them.
+            if now &- table.swept >= Self.reuseWithin {
+                table.swept = now
+                for (kept, list) in table.byEndpoint where kept != endpoint {
+                    let fresh = list.filter { now &- $0.since < Self.reuseWithin }
+                    guard fresh.count < list.count else { continue }
+                    closing += list.filter { now &- $0.since >= Self.reuseWithin }.map(\.connection.channel)
+                    table.byEndpoint[kept] = fresh.isEmpty ? nil : fresh
+                }
+            }
+            var list = table.byEndpoint[endpoint] ?? []
             // What has waited too long goes now (the oldest are first).
             while let first = list.first, now &- first.since >= Self.reuseWithin {
                 closing.append(first.connection.channel)
@@ -170,7 +193,7 @@ final class GatewayConnections: Sendable {
             }
             if list.count >= Self.maxIdle { closing.append(list.removeFirst().connection.channel) }
             list.append(Idle(connection: connection, since: now))
-            table[endpoint] = list
+            table.byEndpoint[endpoint] = list
         }
         for channel in closing { channel.close(promise: nil) }
     }

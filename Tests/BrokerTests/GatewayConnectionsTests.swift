@@ -116,33 +116,48 @@ struct GatewayConnectionsTests {
         #expect(try await request(connections, server, "/vanish-d", method: .DELETE) == "/vanish-d")
         #expect(server.accepted == 3)
 
-        // Not idempotent: the failure comes back, and nothing is sent again.
-        do {
-            _ = try await request(connections, server, "/vanish-post", method: .POST)
-            Issue.record("a POST on a connection closed without an answer succeeded")
-        } catch {
-            #expect(error.description.contains("before answering"), "\(error)")
+        /// Sends a request that must fail with the connection closed unanswered; returns how many heads were made.
+        func unanswered(_ path: String, method: HTTPMethod = .PUT) async -> Int {
+            let heads = CountingServer.Count()
+            do {
+                _ = try await request(connections, server, path, method: method, heads: heads)
+                Issue.record("\(method) \(path), which no connection answered, succeeded")
+            } catch {
+                #expect(error.description.contains("before answering"), "\(error)")
+            }
+            return heads.value.load(ordering: .relaxed)
         }
+
+        // Not idempotent: the failure comes back, and nothing is sent again.
+        #expect(await unanswered("/vanish-post", method: .POST) == 1)
         #expect(server.accepted == 3)
 
         // Sent again once only; and a new connection closed without an answer is a failure at once.
         #expect(try await request(connections, server, "/b") == "/b")
-        let again = CountingServer.Count()
-        do {
-            _ = try await request(connections, server, "/vanish-always", heads: again)
-            Issue.record("a request that no connection answered succeeded")
-        } catch {
-            #expect(error.description.contains("before answering"), "\(error)")
-        }
-        #expect(again.value.load(ordering: .relaxed) == 2 && server.accepted == 5, "once on the kept connection, once on a new one")
-        let fresh = CountingServer.Count()
-        do {
-            _ = try await request(connections, server, "/vanish-always", heads: fresh)
-            Issue.record("a request that no connection answered succeeded")
-        } catch {
-            #expect(error.description.contains("before answering"), "\(error)")
-        }
-        #expect(fresh.value.load(ordering: .relaxed) == 1 && server.accepted == 6, "a new connection's failure is not tried again")
+        #expect(await unanswered("/vanish-always") == 2 && server.accepted == 5, "once on the kept connection, once on a new one")
+        #expect(await unanswered("/vanish-always") == 1 && server.accepted == 6, "a new connection's failure is not tried again")
+    }
+
+    @Test("idle connections to an endpoint no longer used are closed once they are stale, when another endpoint is used")
+    func staleEndpointsSwept() async throws {
+        let (a, b) = (try CountingServer(), try CountingServer())
+        let elapsed = CountingServer.Count()
+        let connections = GatewayConnections(clock: {
+            NIODeadline.now().uptimeNanoseconds &+ UInt64(elapsed.value.load(ordering: .relaxed)) * 1_000_000_000
+        })
+        let toA = GatewayConnections.Endpoint(host: "127.0.0.1", port: a.port, tls: nil)
+        #expect(try await request(connections, a, "/a") == "/a")
+        #expect(try await request(connections, b, "/b") == "/b")
+        #expect(connections.openIdleConnections(to: toA) == 1)
+        // Within the reuse window, using b leaves a's connection kept.
+        elapsed.value.store(30, ordering: .relaxed)
+        #expect(try await request(connections, b, "/b") == "/b")
+        #expect(connections.openIdleConnections(to: toA) == 1)
+        // Past it (a deleted gateway is never asked again): using b closes a's.
+        elapsed.value.store(120, ordering: .relaxed)
+        #expect(try await request(connections, b, "/b") == "/b")
+        #expect(connections.openIdleConnections(to: toA) == 0)
+        #expect(a.accepted == 1 && b.accepted == 2, "b's own stale connection was replaced as before")
     }
 
     @Test("requests go one after another on one kept-alive connection; one the gateway closes is replaced")
