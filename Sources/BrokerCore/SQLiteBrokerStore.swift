@@ -53,6 +53,14 @@ public final class SQLiteBrokerStore: BrokerStore {
                     throw StoreError.unavailable("\(path): the schema (\(applied.joined(separator: ", "))) is from a newer broker than this one (knows \(migrator.migrations.joined(separator: ", "))); refusing to use it")
                 }
                 try migrator.migrate(pool)
+                // GRDB sets WAL's usual synchronous = NORMAL, under which a
+                // commit is safe from the broker crashing but not from the
+                // machine losing power: the last acknowledged connects, users
+                // or desktops could be gone after the reboot while the
+                // gateways (which fdatasync each change) still hold the
+                // rules. FULL syncs the WAL at every commit, as PostgreSQL's
+                // default does.
+                try pool.writeWithoutTransaction { db in try db.execute(sql: "PRAGMA synchronous = FULL") }
                 database = pool
             case .readOnly:
                 guard FileManager.default.fileExists(atPath: path) else {
@@ -81,6 +89,18 @@ public final class SQLiteBrokerStore: BrokerStore {
             try? pool.close()
         } else if let queue = database as? DatabaseQueue {
             try? queue.close()
+        }
+    }
+
+    /// How the writer's connection syncs at commit (`PRAGMA synchronous`:
+    /// 2, FULL, for a store opened read-write: every commit is on the disk
+    /// before it is acknowledged).
+    public func synchronousSetting() async throws(StoreError) -> Int {
+        guard mode == .readWrite else { throw StoreError.unavailable("\(path) is open read-only") }
+        do {
+            return try await database.writeWithoutTransaction { db in try Int.fetchOne(db, sql: "PRAGMA synchronous") ?? -1 }
+        } catch {
+            throw Self.storeError(error, path: path)
         }
     }
 

@@ -18,6 +18,7 @@ struct StoreTests {
         #expect(schema.applied == ["0001-initial", "0002-control-plane", "0003-connection-groups", "0004-entitlements", "0005-forwarding-path", "0006-control-certificate", "0007-pending-rules"])
         #expect(schema.pending.isEmpty && schema.unknown.isEmpty)
         #expect(schema.version == "0007-pending-rules")
+        #expect(try await store.synchronousSetting() == 2, "every commit synced (FULL), not GRDB's WAL default NORMAL")
 
         let queue = try DatabaseQueue(path: path)
         try await queue.read { db in
