@@ -178,24 +178,27 @@ final class GatewayConnections: Sendable {
             // changed) are closed here rather than kept until it closes them.
             if now &- table.swept >= Self.reuseWithin {
                 table.swept = now
-                for (kept, list) in table.byEndpoint where kept != endpoint {
-                    let fresh = list.filter { now &- $0.since < Self.reuseWithin }
-                    guard fresh.count < list.count else { continue }
-                    closing += list.filter { now &- $0.since >= Self.reuseWithin }.map(\.connection.channel)
-                    table.byEndpoint[kept] = fresh.isEmpty ? nil : fresh
+                for kept in Array(table.byEndpoint.keys) where kept != endpoint {
+                    var list = table.byEndpoint[kept] ?? []
+                    closing += Self.dropStale(&list, now: now)
+                    table.byEndpoint[kept] = list.isEmpty ? nil : list
                 }
             }
             var list = table.byEndpoint[endpoint] ?? []
-            // What has waited too long goes now (the oldest are first).
-            while let first = list.first, now &- first.since >= Self.reuseWithin {
-                closing.append(first.connection.channel)
-                list.removeFirst()
-            }
+            closing += Self.dropStale(&list, now: now)
             if list.count >= Self.maxIdle { closing.append(list.removeFirst().connection.channel) }
             list.append(Idle(connection: connection, since: now))
             table.byEndpoint[endpoint] = list
         }
         for channel in closing { channel.close(promise: nil) }
+    }
+
+    /// Removes what has waited `reuseWithin` or longer (the oldest are
+    /// first) and returns their channels, to be closed outside the lock.
+    private static func dropStale(_ list: inout [Idle], now: UInt64) -> [any Channel] {
+        let stale = list.prefix { now &- $0.since >= reuseWithin }.map(\.connection.channel)
+        list.removeFirst(stale.count)
+        return stale
     }
 
     private func connect(_ endpoint: Endpoint, timeout: TimeAmount) async throws(Failure) -> Connection {
@@ -256,9 +259,8 @@ private final class AnswerCollector: ChannelInboundHandler {
     private var context: ChannelHandlerContext?
     private var pending: EventLoopPromise<Collected>?
     private var timer: Scheduled<Void>?
+    /// The answer's status; 0 until its head has come (a failure after it is not `Unanswered`).
     private var status = 0
-    /// The answer's head has come (a failure after it is not `Unanswered`).
-    private var answered = false
     private var keepAlive = false
     private var body: [UInt8] = []
 
@@ -276,7 +278,6 @@ private final class AnswerCollector: ChannelInboundHandler {
         }
         pending = promise
         status = 0
-        answered = false
         keepAlive = false
         self.body.removeAll(keepingCapacity: true)
         timer = context.eventLoop.assumeIsolated().scheduleTask(deadline: deadline) { [weak self] in
@@ -300,7 +301,6 @@ private final class AnswerCollector: ChannelInboundHandler {
         }
         switch unwrapInboundIn(data) {
         case .head(let head):
-            answered = true
             status = Int(head.status.code)
             keepAlive = head.isKeepAlive
         case .body(let buffer):
@@ -326,7 +326,7 @@ private final class AnswerCollector: ChannelInboundHandler {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        if !answered, let error = error as? IOError, [ECONNRESET, EPIPE].contains(error.errnoCode) {
+        if status == 0, let error = error as? IOError, [ECONNRESET, EPIPE].contains(error.errnoCode) {
             failClosed("the gateway reset the connection before answering (\(error))")
         } else {
             fail(error)
@@ -336,7 +336,7 @@ private final class AnswerCollector: ChannelInboundHandler {
 
     /// The connection ended: before the answer's head that is `Unanswered`.
     private func failClosed(_ reason: String) {
-        fail(answered ? GatewayConnections.Failure(description: reason) as any Error : Unanswered(description: reason))
+        fail(status != 0 ? GatewayConnections.Failure(description: reason) as any Error : Unanswered(description: reason))
     }
 
     private func fail(_ error: any Error) {

@@ -24,9 +24,12 @@ public final class SQLiteBrokerStore: BrokerStore {
 
     private let database: any DatabaseWriter
     /// Rules being pushed (`reserveRules`): rule id → gateway and when. An
-    /// SQLite file serves one broker process, so the reservations live here,
-    /// read and ended only inside writer transactions (`registerGateway`,
-    /// `createRules`), which the single writer runs one at a time.
+    /// SQLite file serves one broker process, so the reservations live here.
+    /// `registerGateway` reads them and `createRules` ends them inside writer
+    /// transactions, which the single writer runs one at a time, so a
+    /// registration sees each rule stored or still reserved;
+    /// `connectReading` counts them from a reader, where a count may be off
+    /// by one while a rule moves from one to the other.
     private let pending = Mutex<[String: (gatewayID: Int64, since: Date)]>([:])
     /// The file's (device, inode) when opened, to notice it being removed or replaced.
     private let identity: FileIdentity?
@@ -95,7 +98,7 @@ public final class SQLiteBrokerStore: BrokerStore {
     /// How the writer's connection syncs at commit (`PRAGMA synchronous`:
     /// 2, FULL, for a store opened read-write: every commit is on the disk
     /// before it is acknowledged).
-    public func synchronousSetting() async throws(StoreError) -> Int {
+    func synchronousSetting() async throws(StoreError) -> Int {
         guard mode == .readWrite else { throw StoreError.unavailable("\(path) is open read-only") }
         do {
             return try await database.writeWithoutTransaction { db in try Int.fetchOne(db, sql: "PRAGMA synchronous") ?? -1 }

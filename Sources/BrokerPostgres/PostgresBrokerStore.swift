@@ -334,7 +334,7 @@ public final class PostgresBrokerStore: BrokerStore {
         // desktop, its protocols and users as arrays, and its cluster. It was
         // up to eight round trips to the server, each a hop of its own (issue 15).
         let rows = try await read { db in
-            try await db.rows(HotStatements.ConnectReading.self) { try $0.append(desktopID) }
+            try await db.rows(HotStatements.ConnectReading.self) { $0.append(desktopID) }
         }
         guard let first = rows.first else { throw StoreMessages.noDesktop(desktopID) }
         do {
@@ -383,16 +383,14 @@ public final class PostgresBrokerStore: BrokerStore {
         """
 
     private static let connectReadingColumns: String = {
-        let desktop = StoreRecords.desktopColumns.split(separator: ",").map { "d.\($0.trimmingCharacters(in: .whitespaces))" }
-            .joined(separator: ", ")
-        return """
-            \(desktop),
+        """
+            \(qualified(StoreRecords.desktopColumns, "d")),
             ARRAY(SELECT p.name FROM desktop_protocol p WHERE p.desktop_id = d.id ORDER BY p.position) AS protocol_names,
             ARRAY(SELECT p.port::bigint FROM desktop_protocol p WHERE p.desktop_id = d.id ORDER BY p.position) AS protocol_ports,
             ARRAY(SELECT p.transport FROM desktop_protocol p WHERE p.desktop_id = d.id ORDER BY p.position) AS protocol_transports,
             ARRAY(SELECT u.user_id FROM desktop_user u WHERE u.desktop_id = d.id ORDER BY u.user_id) AS user_ids,
-            \(prefixedColumns(StoreRecords.clusterColumns, "c")),
-            \(prefixedColumns(gatewayWithKeyColumns, "g")),
+            \(qualified(StoreRecords.clusterColumns, "c", aliased: true)),
+            \(qualified(gatewayWithKeyColumns, "g", aliased: true)),
             CASE WHEN \(ConnectReading.countsRulesCondition(desktop: "d", cluster: "c"))
                  THEN (SELECT count(*) FROM gateway_rule r WHERE r.gateway_id = g.id)
                       + (SELECT count(*) FROM gateway_rule_pending p
@@ -406,7 +404,7 @@ public final class PostgresBrokerStore: BrokerStore {
         // connection the rule belongs to, each with its gateway and key as
         // `g_*`. It was two statements and one per gateway in a transaction.
         let rows = try await read { db in
-            try await db.rows(HotStatements.DisconnectReading.self) { try $0.append(ruleID) }
+            try await db.rows(HotStatements.DisconnectReading.self) { $0.append(ruleID) }
         }
         var placed: [DisconnectReading.Placed] = []
         do {
@@ -433,16 +431,14 @@ public final class PostgresBrokerStore: BrokerStore {
         """
 
     /// The columns of `disconnectReading`'s one statement: the rule's, and its gateway's with its key as `g_*`.
-    private static let disconnectReadingColumns: String = {
-        let rule = StoreRecords.ruleColumns.split(separator: ",").map { "r.\($0.trimmingCharacters(in: .whitespaces))" }
-            .joined(separator: ", ")
-        return "\(rule), \(prefixedColumns(gatewayWithKeyColumns, "g"))"
-    }()
+    private static let disconnectReadingColumns =
+        "\(qualified(StoreRecords.ruleColumns, "r")), \(qualified(gatewayWithKeyColumns, "g", aliased: true))"
 
-    /// `a, b` as `t.a AS t_a, t.b AS t_b`: one table's columns among a join's, read back with `PostgresRecord.prefixed`.
-    private static func prefixedColumns(_ columns: String, _ table: String) -> String {
+    /// `a, b` of `table` t as `t.a, t.b`, or `aliased` as `t.a AS t_a, t.b AS t_b`
+    /// (one table's columns among a join's, read back with `PostgresRecord.prefixed`).
+    private static func qualified(_ columns: String, _ table: String, aliased: Bool = false) -> String {
         columns.split(separator: ",").map { $0.trimmingCharacters(in: .whitespacesAndNewlines) }
-            .map { "\(table).\($0) AS \(table)_\($0)" }.joined(separator: ", ")
+            .map { aliased ? "\(table).\($0) AS \(table)_\($0)" : "\(table).\($0)" }.joined(separator: ", ")
     }
 
     /// A gateway's columns and then its control key.
@@ -463,17 +459,17 @@ public final class PostgresBrokerStore: BrokerStore {
                 // the same transaction, so a registration sees each rule stored
                 // or still reserved. Three round trips for one rule, not five.
                 let inserted = try await db.rows(HotStatements.CreateRule.self) {
-                    try $0.append(index == 0)
-                    try $0.append(ids)
-                    try $0.append(rule.id)
-                    try $0.append(rule.gatewayID)
-                    try $0.append(rule.desktopID)
-                    try $0.append(rule.userID)
-                    try $0.append(rule.protocolName)
-                    try $0.append(StoreRecords.pushText(rule))
-                    try $0.append(Int64(rule.port))
-                    try $0.append(rule.created)
-                    try $0.append(rule.connectionID)
+                    $0.append(index == 0)
+                    $0.append(ids)
+                    $0.append(rule.id)
+                    $0.append(rule.gatewayID)
+                    $0.append(rule.desktopID)
+                    $0.append(rule.userID)
+                    $0.append(rule.protocolName)
+                    $0.append(StoreRecords.pushText(rule))
+                    $0.append(Int64(rule.port))
+                    $0.append(rule.created)
+                    $0.append(rule.connectionID)
                 }
                 guard !inserted.isEmpty else { throw StoreMessages.noGateway(rule.gatewayID) }
             }
@@ -485,18 +481,18 @@ public final class PostgresBrokerStore: BrokerStore {
         // One statement, outside a transaction: nothing to check, and a
         // reservation that a registration misses was not yet needed (the
         // gateway cannot hold a rule whose push has not been sent).
-        try await read { db in
+        try await statement { db in
             _ = try await db.rows(HotStatements.Reserve.self) {
-                try $0.append(rules.map(\.id))
-                try $0.append(rules.map(\.gatewayID))
-                try $0.append(now)
+                $0.append(rules.map(\.id))
+                $0.append(rules.map(\.gatewayID))
+                $0.append(now)
             }
         }
     }
 
     public func releaseRules(ids: [String]) async throws(StoreError) {
         guard !ids.isEmpty else { return }
-        try await read { db in
+        try await statement { db in
             try await db.run("DELETE FROM gateway_rule_pending WHERE id = ANY(\(ids))")
         }
     }
@@ -519,7 +515,7 @@ public final class PostgresBrokerStore: BrokerStore {
 
     public func deleteRules(connectionID: String) async throws(StoreError) {
         try await write { db in
-            if try await db.rows(HotStatements.DeleteConnection.self, { try $0.append(connectionID) }).isEmpty {
+            if try await db.rows(HotStatements.DeleteConnection.self, { $0.append(connectionID) }).isEmpty {
                 throw StoreMessages.noConnection(connectionID)
             }
         }
@@ -808,8 +804,8 @@ public final class PostgresBrokerStore: BrokerStore {
     public func session(tokenHash: String, now: Date) async throws(StoreError) -> AuthenticatedSession? {
         try await read { db in
             guard let row = try await db.rows(HotStatements.SessionLookup.self, {
-                try $0.append(tokenHash)
-                try $0.append(now)
+                $0.append(tokenHash)
+                $0.append(now)
             }).first else { return nil }
             return try StoreRecords.authenticatedSession(row)
         }
@@ -836,6 +832,12 @@ public final class PostgresBrokerStore: BrokerStore {
         if consistent {
             return try await transaction(isolation: "REPEATABLE READ READ ONLY", body)
         }
+        return try await statement(body)
+    }
+
+    /// One statement on a pooled connection, in its own implicit transaction:
+    /// a read, or a write that needs no checks around it.
+    private func statement<T: Sendable>(_ body: @escaping @Sendable (PostgresSession) async throws -> T) async throws(StoreError) -> T {
         do {
             return try await leased { session in try await body(session) }
         } catch {

@@ -29,9 +29,9 @@ struct Prepared<Statement: HotStatement>: PostgresPreparedStatement {
 extension PostgresSession {
     /// Runs a hot statement with `bind` filling in its parameters, in order.
     func rows<Statement: HotStatement>(_ statement: Statement.Type,
-                                       _ bind: (inout PostgresBindings) throws -> Void) async throws -> [PostgresRecord] {
+                                       _ bind: (inout PostgresBindings) -> Void) async throws -> [PostgresRecord] {
         var bindings = PostgresBindings(capacity: Statement.types.count)
-        try bind(&bindings)
+        bind(&bindings)
         var found: [PostgresRecord] = []
         for try await row in try await connection.execute(Prepared<Statement>(bindings: bindings), logger: logger) {
             found.append(PostgresRecord(row: row.makeRandomAccess()))

@@ -1,5 +1,5 @@
 import ControlProtocol
-import BrokerCore
+@testable import BrokerCore
 import Foundation
 import GRDB
 import Testing
