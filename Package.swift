@@ -107,7 +107,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         // Load generator and servers used by Bench/run (not part of the product).
-        .executableTarget(name: "relay-bench", dependencies: ["SystemLayer", "EventLoop", "NetfilterKernel"],
+        .executableTarget(name: "relay-bench", dependencies: ["SystemLayer", "EventLoop", "NetfilterKernel", "ControlProtocol"],
                           path: "Bench/relay-bench"),
 
         // The gateway <-> broker control protocol: message types and request
