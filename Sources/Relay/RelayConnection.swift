@@ -98,6 +98,7 @@ final class RelayConnection: EventHandler, TimerHandler {
                 // Writable without error or hang-up means connected; only a
                 // failure needs SO_ERROR to say why.
                 if events.isDisjoint(with: [.error, .hangUp]) {
+                    toClient.io.trustShortRead = events.isDisjoint(with: [.readHangUp])
                     becomeEstablished(loop: loop, upstreamReadable: !events.isDisjoint(with: [.readable, .readHangUp]))
                 } else {
                     connectFailed(Socket.pendingError(upstream) ?? .connectionRefused)
@@ -107,10 +108,18 @@ final class RelayConnection: EventHandler, TimerHandler {
                 close(resetClient: false, resetUpstream: true)
             } else if !events.isDisjoint(with: [.readable, .readHangUp]) {
                 clientReadableDuringConnect = true
+                // The latest event carries the client's whole readiness (a FIN included).
+                toTarget.io.trustShortRead = events.isDisjoint(with: [.readHangUp])
             }
         case .established:
             let fromReadSide: EpollEvents = [.readable, .readHangUp, .hangUp, .error]
             let fromWriteSide: EpollEvents = [.writable, .hangUp, .error]
+            // A short read proves the source drained only when its event
+            // announced no end (see SocketDirectionIO.trustShortRead).
+            let quiet = events.isDisjoint(with: [.readHangUp, .hangUp, .error])
+            if !events.isDisjoint(with: fromReadSide) {
+                if fd == client { toTarget.io.trustShortRead = quiet } else { toClient.io.trustShortRead = quiet }
+            }
             if hasPendingReplay {
                 // The inspected bytes go first: the client is not read until they are out.
                 if fd == client && !events.isDisjoint(with: fromReadSide) { clientReadableDuringConnect = true }

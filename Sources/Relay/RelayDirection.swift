@@ -18,6 +18,15 @@ public protocol DirectionIO {
     mutating func flush(maxBytes: Int) throws(Errno) -> IOResult<Int>
     /// Tells the destination that no more bytes will come (a FIN).
     mutating func finishDestination()
+    /// The last `fill` took everything the source held at that moment (a
+    /// read shorter than asked, with no hang-up announced): once those bytes
+    /// are out, the pump may wait for the source's next readiness edge
+    /// instead of reading again only to be told it would block.
+    var sourceDrained: Bool { get }
+}
+
+extension DirectionIO {
+    public var sourceDrained: Bool { false }
 }
 
 /// Where a direction stopped after a pump.
@@ -41,6 +50,9 @@ public enum PumpOutcome: Equatable, Sendable {
 /// would-block from `fill` always means "source empty", never "buffer full";
 /// with edge-triggered readiness, the pump therefore always stops at a point
 /// where a later event (source readable, destination writable) will resume it.
+/// A fill the IO reports as having drained the source (`sourceDrained`) ends
+/// the pump once its bytes are delivered: the source's next bytes raise an
+/// edge of their own.
 public struct RelayDirection<IO: DirectionIO> {
     public var io: IO
     /// Bytes read from the source and not yet written to the destination.
@@ -66,6 +78,7 @@ public struct RelayDirection<IO: DirectionIO> {
     /// stream ended or a side failed.
     public mutating func pump() -> PumpOutcome {
         if finished { return .finished }
+        var drained = false
         while true {
             while inFlight > 0 {
                 let result: IOResult<Int>
@@ -80,6 +93,12 @@ public struct RelayDirection<IO: DirectionIO> {
                 finished = true
                 return .finished
             }
+            if drained {
+                // The last read took all the source had: its next bytes (or
+                // its FIN) raise an edge of their own, so no probe read.
+                io.releaseBuffer()
+                return .waitingForSource
+            }
             let capacity = io.acquireBuffer()
             let result: IOResult<Int>
             do { result = try io.fill(maxBytes: capacity) } catch {
@@ -91,6 +110,7 @@ public struct RelayDirection<IO: DirectionIO> {
                 sourceEnded = true
             case .done(let n):
                 inFlight = n
+                drained = io.sourceDrained
             case .wouldBlock:
                 io.releaseBuffer()
                 return .waitingForSource
@@ -108,6 +128,14 @@ enum Carrier {
 
 /// `DirectionIO` on two sockets: splice through a pooled pipe, or read/write
 /// through memory when no pipe can be had or the kernel refuses to splice.
+///
+/// A direction starts by copying through a small buffer (`copyChunk`) and
+/// moves to splice at its first read that fills it. A short exchange (a
+/// request, an echo, an interactive session's keystrokes) then costs a read
+/// and a write per message, where splice costs three calls (in, out, and a
+/// probe that finds the socket empty): a read shorter than asked proves
+/// the socket drained at that moment, a short splice does not (it also
+/// stops when the pipe's slots run out). Bulk transfers splice, as before.
 struct SocketDirectionIO: DirectionIO {
     let source: FileDescriptor
     let destination: FileDescriptor
@@ -119,8 +147,17 @@ struct SocketDirectionIO: DirectionIO {
     /// The opposite direction has finished, so the connection closes right
     /// after this one ends and the explicit shutdown can be skipped.
     var closeFollows = false
+    /// Copying through `copyChunk` until a read fills it; splice after that.
+    var copying = true
+    /// Set by the connection before each pump a readiness event of the
+    /// source starts: the event announced no hang-up or error. A short read
+    /// proves the socket drained only then (a FIN that came with the bytes
+    /// raises no further edge, so it must be read now).
+    var trustShortRead = false
+    private(set) var sourceDrained = false
 
     static let memoryChunk = 64 * 1024
+    static let copyChunk = 16 * 1024
 
     init(source: FileDescriptor, destination: FileDescriptor, pool: PipePool) {
         self.source = source
@@ -133,11 +170,12 @@ struct SocketDirectionIO: DirectionIO {
         case .pipe(let pipe): return pipe.capacity
         case .memory(let buffer, _, _): return buffer.count
         case .none:
-            if !spliceUnsupported, let pipe = pool.take() {
+            if !spliceUnsupported, !copying, let pipe = pool.take() {
                 carrier = .pipe(pipe)
                 return pipe.capacity
             }
-            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Self.memoryChunk, alignment: 16)
+            let size = copying && !spliceUnsupported ? Self.copyChunk : Self.memoryChunk
+            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: size, alignment: 16)
             carrier = .memory(buffer, offset: 0, end: 0)
             return buffer.count
         }
@@ -166,6 +204,7 @@ struct SocketDirectionIO: DirectionIO {
     mutating func fill(maxBytes: Int) throws(Errno) -> IOResult<Int> {
         switch carrier {
         case .pipe(let pipe):
+            sourceDrained = false
             do {
                 return try Splice.move(from: source, to: pipe.writeEnd, maxBytes: maxBytes)
             } catch let error where error == .invalidArgument || error == .notSupported {
@@ -178,8 +217,14 @@ struct SocketDirectionIO: DirectionIO {
                 return try fill(maxBytes: maxBytes)
             }
         case .memory(let buffer, _, _):
-            let result = try source.read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<min(maxBytes, buffer.count)]))
-            if case .done(let n) = result { carrier = .memory(buffer, offset: 0, end: n) }
+            let asked = min(maxBytes, buffer.count)
+            sourceDrained = false
+            let result = try source.read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<asked]))
+            if case .done(let n) = result {
+                carrier = .memory(buffer, offset: 0, end: n)
+                sourceDrained = trustShortRead && n > 0 && n < asked
+                if n == asked { copying = false }
+            }
             return result
         case .none:
             preconditionFailure("fill without a buffer")

@@ -11,6 +11,9 @@ struct ScriptedIO: DirectionIO {
     var capacity = 100
     var holding = false
     var log: [String] = []
+    /// Every fill reports the source drained (a short read with no hang-up).
+    var drainsSource = false
+    var sourceDrained: Bool { drainsSource }
 
     mutating func acquireBuffer() -> Int { holding = true; return capacity }
     mutating func releaseBuffer() { if holding { log.append("release") }; holding = false }
@@ -46,6 +49,38 @@ struct RelayStateTests {
         #expect(direction.delivered == 160)
         #expect(direction.io.holding == false)
         #expect(direction.io.log == ["fill", "flush", "fill", "flush", "fill", "release"])
+    }
+
+    @Test("a fill that drained the source is delivered, and the source is not read again until its next edge")
+    func drainedSourceNotProbed() {
+        var direction = RelayDirection(io: ScriptedIO(reads: [.bytes(60), .bytes(40), .eof], writes: [], drainsSource: true))
+        #expect(direction.pump() == .waitingForSource)
+        #expect(direction.delivered == 60)
+        #expect(direction.io.log == ["fill", "flush", "release"])
+        #expect(direction.io.holding == false)
+        // The next edge: the next bytes, then (a separate edge) the end.
+        direction.io.log = []
+        #expect(direction.pump() == .waitingForSource)
+        #expect(direction.delivered == 100)
+        #expect(direction.io.log == ["fill", "flush", "release"])
+        #expect(direction.pump() == .finished)
+        // Without the proof, the same bytes take a probe read that would block.
+        var probing = RelayDirection(io: ScriptedIO(reads: [.bytes(60), .wouldBlock], writes: []))
+        #expect(probing.pump() == .waitingForSource)
+        #expect(probing.io.log == ["fill", "flush", "fill", "release"])
+    }
+
+    @Test("a drained fill whose destination is full keeps its bytes in flight until it is writable")
+    func drainedSourceBackpressure() {
+        var direction = RelayDirection(io: ScriptedIO(reads: [.bytes(80)], writes: [.bytes(30), .wouldBlock], drainsSource: true))
+        #expect(direction.pump() == .waitingForDestination)
+        #expect(direction.inFlight == 50)
+        #expect(direction.io.holding)
+        // Writable: the rest goes; then the source is read (this pump has no proof of its own).
+        direction.io.log = []
+        #expect(direction.pump() == .waitingForSource)
+        #expect(direction.delivered == 80)
+        #expect(direction.io.log == ["flush", "fill", "release"])
     }
 
     @Test("a full destination stops reading: backpressure, and the bytes stay in flight")

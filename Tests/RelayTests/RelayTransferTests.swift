@@ -48,6 +48,44 @@ struct RelayTransferTests {
         #expect(stats.bytesTargetToClient == Int(plans.reduce(UInt64(0)) { $0 + $1.downLength }))
     }
 
+    @Test("bytes followed at once by the sender's FIN arrive, and so does the FIN, both ways",
+          arguments: [1024, 0])
+    func bytesThenFinAtOnce(maxPipes: Int) throws {
+        // A small read that takes everything proves the socket drained, so
+        // the relay waits for the next edge instead of reading again; a FIN
+        // that came with the bytes raises no edge of its own and must still
+        // be seen. 64 rounds of each direction, small and odd sizes.
+        let target = try TestListener()
+        defer { target.close() }
+        let engine = try makeEngine { $0.maxPipes = maxPipes }
+        defer { engine.shutdown() }
+        let listen = TestPorts.freeAddress()
+        try engine.apply([RelayRule(id: "fin", listen: listen, target: target.address)])
+        for round in 0..<64 {
+            let up = randomBytes(1 + round * 37 % 700)
+            let down = randomBytes(1 + round * 53 % 900)
+            let client = try TestClient.connect(listen)
+            defer { client.close() }
+            guard let upstream = target.accept() else {
+                Issue.record("round \(round): the relay did not connect to the target")
+                return
+            }
+            defer { upstream.close() }
+            // Client to target: bytes and FIN in one go.
+            try client.send(up)
+            client.shutdownWrite()
+            let (gotUp, upEnd) = upstream.readToEnd()
+            #expect(gotUp == up && upEnd == .eof, "round \(round) up: \(gotUp.count) of \(up.count) bytes, ended \(upEnd)")
+            // Target to client, the same.
+            try upstream.send(down)
+            upstream.shutdownWrite()
+            let (gotDown, downEnd) = client.readToEnd()
+            #expect(gotDown == down && downEnd == .eof, "round \(round) down: \(gotDown.count) of \(down.count) bytes, ended \(downEnd)")
+        }
+        #expect(eventually { engine.stats().active == 0 })
+        #expect(engine.stats().resets == 0)
+    }
+
     @Test("1,000 concurrent relayed connections, all open at once, all intact")
     func thousandConcurrent() throws {
         let server = try PayloadServer()
