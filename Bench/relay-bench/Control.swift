@@ -24,6 +24,9 @@ import SystemLayer
 /// Why a request failed, for the one line the tool prints before exiting 1.
 struct LoadFailure: Error, CustomStringConvertible {
     let description: String
+    /// A kept connection failed before any byte of the answer (the server
+    /// closed it meanwhile): the request may go again on a new one.
+    var beforeAnswer = false
 }
 
 /// One keep-alive HTTP/1.1 connection, TLS or plain, blocking.
@@ -80,29 +83,31 @@ final class KeepAliveHTTP {
     private func send(_ bytes: [UInt8]) throws(LoadFailure) {
         guard let fd else { throw LoadFailure(description: "not connected") }
         if let tls {
-            do { try tls.writeAll(bytes) } catch { throw LoadFailure(description: "sending to \(address): \(error)") }
+            do { try tls.writeAll(bytes) } catch { throw LoadFailure(description: "sending to \(address): \(error)", beforeAnswer: true) }
             return
         }
-        do { try fd.writeAll(bytes) } catch { throw LoadFailure(description: "sending to \(address): \(error)") }
+        do { try fd.writeAll(bytes) } catch { throw LoadFailure(description: "sending to \(address): \(error)", beforeAnswer: true) }
     }
 
     /// Appends what arrives to `pending`; false at the end of the stream.
     private func receiveMore() throws(LoadFailure) -> Bool {
         if let tls {
             let chunk: [UInt8]
-            do { chunk = try tls.read(maximum: 65536) } catch { throw LoadFailure(description: "reading from \(address): \(error)") }
+            do { chunk = try tls.read(maximum: 65536) } catch {
+                throw LoadFailure(description: "reading from \(address): \(error)", beforeAnswer: pending.isEmpty)
+            }
             pending.append(contentsOf: chunk)
             return !chunk.isEmpty
         }
         guard let fd else { throw LoadFailure(description: "not connected") }
         let got = readBuffer.withUnsafeMutableBytes { raw in Glibc.read(fd.rawValue, raw.baseAddress, raw.count) }
-        if got < 0 { throw LoadFailure(description: "reading from \(address): \(Errno(rawValue: errno))") }
+        if got < 0 { throw LoadFailure(description: "reading from \(address): \(Errno(rawValue: errno))", beforeAnswer: pending.isEmpty) }
         pending.append(contentsOf: readBuffer[0..<got])
         return got > 0
     }
 
-    /// Sends one request and reads its answer; a request on a kept connection
-    /// that closed before any byte of answer is sent once more on a new one.
+    /// Sends one request and reads its answer; an idempotent request on a kept
+    /// connection that closed before any byte of answer is sent once more on a new one.
     func request(_ method: String, _ path: String, headers: String = "", body: [UInt8] = []) throws(LoadFailure) -> (status: Int, body: [UInt8]) {
         var head = "\(method) \(path) HTTP/1.1\r\nHost: \(address)\r\n\(headers)"
         if !body.isEmpty || method == "POST" || method == "PUT" { head += "Content-Length: \(body.count)\r\n" }
@@ -115,7 +120,8 @@ final class KeepAliveHTTP {
             return try readAnswer()
         } catch {
             disconnect()
-            guard reused, error.description.hasPrefix("closed before") || error.description.hasPrefix("sending") else { throw error }
+            // Not a POST: a connect the broker did take must not be made twice.
+            guard reused, error.beforeAnswer, method != "POST" else { throw error }
             try connect()
             try send(outgoing)
             return try readAnswer()
@@ -128,7 +134,8 @@ final class KeepAliveHTTP {
         while headEnd == nil {
             if let found = find(separator, in: pending) { headEnd = found; break }
             guard try receiveMore() else {
-                throw LoadFailure(description: pending.isEmpty ? "closed before an answer" : "\(address) closed in an answer's head")
+                throw pending.isEmpty ? LoadFailure(description: "\(address) closed the connection before answering", beforeAnswer: true)
+                    : LoadFailure(description: "\(address) closed in an answer's head")
             }
         }
         let end = headEnd!
