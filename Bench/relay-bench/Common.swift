@@ -96,9 +96,9 @@ func openDescriptors(pid: Int32) -> Int {
     return count - 2
 }
 
-/// The p-th percentile (0...100) of sorted values, nearest-rank.
-func percentile(_ sorted: [UInt32], _ p: Double) -> UInt32 {
-    guard !sorted.isEmpty else { return 0 }
+/// The p-th percentile (0...100) of sorted values, nearest-rank (zero when there are none).
+func percentile<Value: Comparable & AdditiveArithmetic>(_ sorted: [Value], _ p: Double) -> Value {
+    guard !sorted.isEmpty else { return .zero }
     let rank = Int((p / 100 * Double(sorted.count)).rounded(.up)) - 1
     return sorted[max(0, min(sorted.count - 1, rank))]
 }

@@ -54,28 +54,12 @@ final class KeepAliveHTTP {
     }
 
     private func connect() throws(LoadFailure) {
-        let socket: FileDescriptor
-        do { socket = try Socket.makeTCP(family: address.family) } catch {
-            throw LoadFailure(description: "cannot open a socket: \(error)")
-        }
-        do throws(Errno) {
-            if case .inProgress = try Socket.connect(socket, to: address) {
-                guard BlockingWait.writable(socket, timeoutMilliseconds: timeoutMilliseconds) else { throw Errno(rawValue: ETIMEDOUT) }
-                if let error = Socket.pendingError(socket) { throw error }
-            }
-        } catch {
-            socket.close()
-            throw LoadFailure(description: "cannot connect to \(address): \(error)")
-        }
-        Socket.setNoDelay(socket)
+        let socket = try connectBlocking(to: address, timeoutMilliseconds: timeoutMilliseconds)
         if let trust {
             do { tls = try TLSClientSession(fd: socket, host: address.ip.description, trust: trust, timeoutMilliseconds: timeoutMilliseconds) } catch {
                 socket.close()
                 throw LoadFailure(description: "TLS with \(address): \(error)")
             }
-        } else {
-            let flags = fcntl(socket.rawValue, F_GETFL)
-            _ = fcntl(socket.rawValue, F_SETFL, flags & ~O_NONBLOCK)
         }
         fd = socket
     }
@@ -253,7 +237,7 @@ struct ControlSetup: Sendable {
         guard id > 0 else { fail("--gateway-id is required (a positive integer)") }
         gatewayID = id
         let keyFile = options.required("key-file")
-        guard let text = try? readWholeFile(keyFile) else { fail("--key-file: cannot read \(keyFile)") }
+        guard let text = readText(keyFile) else { fail("--key-file: cannot read \(keyFile)") }
         do { key = try ControlKey(text: text) } catch { fail("--key-file \(keyFile): \(error)") }
         trust = options.string("ca").map { .caFile($0) }
         target = options.required("target")
@@ -269,18 +253,9 @@ struct ControlSetup: Sendable {
     }
 }
 
-func readWholeFile(_ path: String) throws(Errno) -> String {
-    let fd = open(path, O_RDONLY | O_CLOEXEC)
-    guard fd >= 0 else { throw Errno(rawValue: errno) }
-    defer { _ = Glibc.close(fd) }
-    var bytes: [UInt8] = []
-    var chunk = [UInt8](repeating: 0, count: 4096)
-    while true {
-        let got = chunk.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
-        if got < 0 { throw Errno(rawValue: errno) }
-        if got == 0 { break }
-        bytes += chunk[0..<got]
-    }
+/// A small file's text (a key, a session id), or nil when it cannot be read.
+func readText(_ path: String) -> String? {
+    guard let bytes = try? StateFile.read(path, limit: 1 << 16) else { return nil }
     return String(decoding: bytes, as: UTF8.self)
 }
 
@@ -325,22 +300,32 @@ private func jsonValueStart(_ name: String, in body: [UInt8]) -> Int? {
 
 func randomRuleID() -> String { ControlCrypto.hex(ControlCrypto.randomBytes(16)) }
 
-/// A TCP connection to `address` that completes a 64-byte echo (blocking).
-func echoThrough(_ address: SocketAddress, size: Int = 64) throws(LoadFailure) {
+/// A connected TCP socket to `address`, blocking, with TCP_NODELAY.
+func connectBlocking(to address: SocketAddress, timeoutMilliseconds: Int32) throws(LoadFailure) -> FileDescriptor {
     let fd: FileDescriptor
     do { fd = try Socket.makeTCP(family: address.family) } catch { throw LoadFailure(description: "cannot open a socket: \(error)") }
-    defer { fd.close() }
     do throws(Errno) {
         if case .inProgress = try Socket.connect(fd, to: address) {
-            guard BlockingWait.writable(fd, timeoutMilliseconds: 10_000) else { throw Errno(rawValue: ETIMEDOUT) }
+            guard BlockingWait.writable(fd, timeoutMilliseconds: timeoutMilliseconds) else { throw Errno(rawValue: ETIMEDOUT) }
             if let error = Socket.pendingError(fd) { throw error }
         }
     } catch {
-        throw LoadFailure(description: "echo through \(address): cannot connect: \(error)")
+        fd.close()
+        throw LoadFailure(description: "cannot connect to \(address): \(error)")
     }
     Socket.setNoDelay(fd)
     let flags = fcntl(fd.rawValue, F_GETFL)
     _ = fcntl(fd.rawValue, F_SETFL, flags & ~O_NONBLOCK)
+    return fd
+}
+
+/// A TCP connection to `address` that completes a 64-byte echo (blocking).
+func echoThrough(_ address: SocketAddress, size: Int = 64) throws(LoadFailure) {
+    let fd: FileDescriptor
+    do { fd = try connectBlocking(to: address, timeoutMilliseconds: 10_000) } catch {
+        throw LoadFailure(description: "echo through \(address): \(error)")
+    }
+    defer { fd.close() }
     var payload = [UInt8](repeating: 0, count: size)
     for i in 0..<size { payload[i] = payloadByte(i &+ Int(truncatingIfNeeded: nowNs())) }
     do { try fd.writeAll(payload) } catch { throw LoadFailure(description: "echo through \(address): \(error)") }
@@ -355,7 +340,7 @@ func echoThrough(_ address: SocketAddress, size: Int = 64) throws(LoadFailure) {
     guard got == payload else { throw LoadFailure(description: "echo through \(address): wrong bytes") }
 }
 
-private func milliseconds(_ sorted: [Double], _ p: Double) -> String { fixed(percentileMs(sorted, p), 3) }
+private func milliseconds(_ sorted: [Double], _ p: Double) -> String { fixed(percentile(sorted, p), 3) }
 
 private func exitFailing(_ scenario: String, _ error: LoadFailure) -> Never {
     note("error: \(scenario): \(error)")
@@ -487,7 +472,7 @@ func runConnectRate(_ arguments: ArraySlice<String>) -> Never {
         return address
     }
     let sidFile = options.required("sid-file")
-    guard let sidText = try? readWholeFile(sidFile) else { fail("--sid-file: cannot read \(sidFile)") }
+    guard let sidText = readText(sidFile) else { fail("--sid-file: cannot read \(sidFile)") }
     let sid = ControlCrypto.trimmingWhitespace(sidText)
     let desktop = options.int("desktop-id", default: 0)
     guard desktop > 0 else { fail("--desktop-id is required (a positive integer)") }
@@ -539,15 +524,9 @@ func runConnectRate(_ arguments: ArraySlice<String>) -> Never {
     let connectMs = connects.samples.flatMap { $0 }.sorted()
     let deleteMs = deletes.samples.flatMap { $0 }.sorted()
     print("scenario=connect-rate workers=\(workers) brokers=\(brokers.count) count=\(connectMs.count) "
-        + "connect_per_s=\(Int(Double(connectMs.count) / connectSeconds)) connect_p50_ms=\(fixed(percentileMs(connectMs, 50), 2)) "
-        + "connect_p99_ms=\(fixed(percentileMs(connectMs, 99), 2)) "
-        + "disconnect_per_s=\(Int(Double(deleteMs.count) / disconnectSeconds)) disconnect_p50_ms=\(fixed(percentileMs(deleteMs, 50), 2)) "
-        + "disconnect_p99_ms=\(fixed(percentileMs(deleteMs, 99), 2))")
+        + "connect_per_s=\(Int(Double(connectMs.count) / connectSeconds)) connect_p50_ms=\(fixed(percentile(connectMs, 50), 2)) "
+        + "connect_p99_ms=\(fixed(percentile(connectMs, 99), 2)) "
+        + "disconnect_per_s=\(Int(Double(deleteMs.count) / disconnectSeconds)) disconnect_p50_ms=\(fixed(percentile(deleteMs, 50), 2)) "
+        + "disconnect_p99_ms=\(fixed(percentile(deleteMs, 99), 2))")
     exit(0)
-}
-
-/// The nearest-rank percentile of sorted samples (control-load.py's rule).
-private func percentileMs(_ sorted: [Double], _ p: Double) -> Double {
-    guard !sorted.isEmpty else { return .nan }
-    return sorted[min(sorted.count - 1, max(0, Int((p / 100 * Double(sorted.count) + 0.5).rounded()) - 1))]
 }

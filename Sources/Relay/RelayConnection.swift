@@ -88,6 +88,11 @@ final class RelayConnection: EventHandler, TimerHandler {
         }
     }
 
+    /// What in an event says its socket's stream may have ended: a short
+    /// read proves the socket drained only when none of it came with the
+    /// event that started the pump (see SocketDirectionIO.trustShortRead).
+    private static let sourceEnd: EpollEvents = [.readHangUp, .hangUp, .error]
+
     func handle(events: EpollEvents, fd: FileDescriptor, loop: EventLoop) {
         switch state {
         case .closed:
@@ -98,7 +103,7 @@ final class RelayConnection: EventHandler, TimerHandler {
                 // Writable without error or hang-up means connected; only a
                 // failure needs SO_ERROR to say why.
                 if events.isDisjoint(with: [.error, .hangUp]) {
-                    toClient.io.trustShortRead = events.isDisjoint(with: [.readHangUp])
+                    toClient.io.trustShortRead = events.isDisjoint(with: Self.sourceEnd)
                     becomeEstablished(loop: loop, upstreamReadable: !events.isDisjoint(with: [.readable, .readHangUp]))
                 } else {
                     connectFailed(Socket.pendingError(upstream) ?? .connectionRefused)
@@ -109,15 +114,13 @@ final class RelayConnection: EventHandler, TimerHandler {
             } else if !events.isDisjoint(with: [.readable, .readHangUp]) {
                 clientReadableDuringConnect = true
                 // The latest event carries the client's whole readiness (a FIN included).
-                toTarget.io.trustShortRead = events.isDisjoint(with: [.readHangUp])
+                toTarget.io.trustShortRead = events.isDisjoint(with: Self.sourceEnd)
             }
         case .established:
             let fromReadSide: EpollEvents = [.readable, .readHangUp, .hangUp, .error]
             let fromWriteSide: EpollEvents = [.writable, .hangUp, .error]
-            // A short read proves the source drained only when its event
-            // announced no end (see SocketDirectionIO.trustShortRead).
-            let quiet = events.isDisjoint(with: [.readHangUp, .hangUp, .error])
             if !events.isDisjoint(with: fromReadSide) {
+                let quiet = events.isDisjoint(with: Self.sourceEnd)
                 if fd == client { toTarget.io.trustShortRead = quiet } else { toClient.io.trustShortRead = quiet }
             }
             if hasPendingReplay {
