@@ -172,8 +172,8 @@ struct RelayDatagramTests {
         defer { echo1.stop(); echo2.stop() }
         let engine = try makeEngine()
         defer { engine.shutdown() }
-        let base = TestPorts.freeAddress().port
-        let ports = base...(base + 1)
+        let ports = TestPorts.freeBlock(2)
+        let base = ports.lowerBound
         let toOne = TestPorts.freeAddress(), toTwo = TestPorts.freeAddress()
         try engine.apply([udpRule("one", toOne, echo1.address, sourcePorts: ports),
                           udpRule("two", toTwo, echo2.address, sourcePorts: ports)])

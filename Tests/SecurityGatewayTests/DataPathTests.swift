@@ -36,7 +36,8 @@ final class GatewayFixture: @unchecked Sendable {
                             "-subj", "/CN=agent.test", "-out", "agent.crt"], in: dir)
         let sgPort = TestPorts.free()
         let agentPort = TestPorts.free()
-        let sourcePort = TestPorts.free()
+        let sourcePorts = TestPorts.freeBlock(4)
+        let sourcePort = sourcePorts.lowerBound
         let text = """
             GatewayGroup = sg-test
             JwtVerifyingCert = \(dir)/cm.crt
@@ -44,7 +45,7 @@ final class GatewayFixture: @unchecked Sendable {
             ControlListen = 127.0.0.1:0
             AgentSourcePort = \(sourcePort)
             EnableCollaboration = \(collaboration)
-            CollaborationSourcePorts = \(sourcePort + 1)-\(sourcePort + 3)
+            CollaborationSourcePorts = \(sourcePort + 1)-\(sourcePorts.upperBound)
             ClientHelloTimeout = \(helloTimeout)
             """
         let config = try SecurityGatewayConfig.parse(text)
