@@ -124,6 +124,62 @@ public struct RuleState: Codable, Sendable, Equatable {
     public var forwardingPath: ForwardingPath { push.forwardingPath ?? .userspace }
 }
 
+/// `POST /control/v1/rules`: many puts and deletes in one call (a broker's
+/// burst). `{"put": [{"id": ID, ...the push's fields}], "delete": [ID]}`;
+/// either list may be left out. Every put's fields are checked as strictly
+/// as a single push's: an unknown one refuses the whole batch, naming
+/// `put.N.field`.
+public struct RuleBatch: Decodable, Sendable, Equatable {
+    public struct Put: Decodable, Sendable, Equatable {
+        public var id: String
+        public var push: RulePush
+
+        public init(id: String, push: RulePush) {
+            self.id = id
+            self.push = push
+        }
+
+        private enum IDKey: String, CodingKey { case id }
+
+        public init(from decoder: any Decoder) throws {
+            let keys = try decoder.container(keyedBy: AnyKey.self).allKeys.map(\.stringValue)
+            if let unknown = keys.sorted().first(where: { $0 != "id" && !RulePush.fields.contains($0) }) {
+                throw StrictRefusal.unknownField(ControlJSON.path(decoder.codingPath) + "." + unknown)
+            }
+            id = try decoder.container(keyedBy: IDKey.self).decode(String.self, forKey: .id)
+            push = try RulePush(from: decoder)
+        }
+    }
+
+    public var put: [Put]
+    public var delete: [String]
+
+    public static let fields: Set<String> = ["put", "delete"]
+    /// Items in one batch, puts and deletes together.
+    public static let maxItems = 256
+
+    enum CodingKeys: String, CodingKey { case put, delete }
+
+    public init(put: [Put] = [], delete: [String] = []) {
+        self.put = put
+        self.delete = delete
+    }
+
+    public init(from decoder: any Decoder) throws {
+        let container = try decoder.container(keyedBy: CodingKeys.self)
+        put = try container.decodeIfPresent([Put].self, forKey: .put) ?? []
+        delete = try container.decodeIfPresent([String].self, forKey: .delete) ?? []
+    }
+}
+
+/// Any key of a JSON object, to list them.
+struct AnyKey: CodingKey {
+    let stringValue: String
+    var intValue: Int? { nil }
+    init(stringValue: String) { self.stringValue = stringValue }
+    init?(intValue: Int) { nil }
+}
+
 public struct PortRange: Codable, Sendable, Equatable {
     public var first: Int
     public var last: Int
@@ -217,6 +273,11 @@ public enum ControlJSON {
     /// Decodes `bytes` as `T`, refusing a body that is not a JSON object, has
     /// a field outside `allowed`, or has a field of the wrong type.
     /// - Throws: `ControlMessageError` naming the field.
+    /// A coding path as the errors name a field: `put.3.target`.
+    static func path(_ codingPath: [any CodingKey]) -> String {
+        codingPath.map { key in key.intValue.map(String.init) ?? key.stringValue }.joined(separator: ".")
+    }
+
     public static func decodeStrict<T: Decodable>(_ type: T.Type, from bytes: [UInt8],
                                                   allowed: Set<String>) throws(ControlMessageError) -> T {
         // One parse: the keys are checked inside the decode (`Strict`), not
@@ -231,13 +292,13 @@ public enum ControlJSON {
             case .unknownField(let name): throw .unknownField(name)
             }
         } catch let DecodingError.typeMismatch(_, context) {
-            throw .wrongType(context.codingPath.map(\.stringValue).joined(separator: "."))
+            throw .wrongType(path(context.codingPath))
         } catch let DecodingError.valueNotFound(_, context) {
-            throw .wrongType(context.codingPath.map(\.stringValue).joined(separator: "."))
-        } catch let DecodingError.keyNotFound(key, _) {
-            throw .missingField(key.stringValue)
+            throw .wrongType(path(context.codingPath))
+        } catch let DecodingError.keyNotFound(key, context) {
+            throw .missingField(path(context.codingPath + [key]))
         } catch let DecodingError.dataCorrupted(context) {
-            let field = context.codingPath.map(\.stringValue).joined(separator: ".")
+            let field = path(context.codingPath)
             throw field.isEmpty ? .malformed("the body is not valid JSON") : .wrongType(field)
         } catch {
             throw .malformed("\(error)")
@@ -257,13 +318,6 @@ private struct Strict<T: Decodable>: Decodable {
     static var allowedKey: CodingUserInfoKey { CodingUserInfoKey(rawValue: "ControlJSON.allowed")! }
 
     let value: T
-
-    private struct AnyKey: CodingKey {
-        let stringValue: String
-        var intValue: Int? { nil }
-        init(stringValue: String) { self.stringValue = stringValue }
-        init?(intValue: Int) { nil }
-    }
 
     init(from decoder: any Decoder) throws {
         let keys: [String]
@@ -368,6 +422,50 @@ extension ControlJSON {
         object.string("id", id)
         object.string("listen", listen)
         object.int("port", port)
+        return object.finish()
+    }
+
+    /// One item of a batch's answer: its id and the status it would have
+    /// had alone, with the port and listen address of a put in effect, or
+    /// the error (and the field it names) of a refusal.
+    public struct BatchItemAnswer: Sendable, Equatable {
+        public var id: String
+        public var status: Int
+        public var port: Int?
+        public var listen: String?
+        public var error: String?
+        public var field: String?
+
+        public init(id: String, status: Int, port: Int? = nil, listen: String? = nil, error: String? = nil, field: String? = nil) {
+            self.id = id
+            self.status = status
+            self.port = port
+            self.listen = listen
+            self.error = error
+            self.field = field
+        }
+    }
+
+    /// `{"delete": [...], "put": [...]}`, each item's keys sorted.
+    public static func encodeBatchAnswer(put: [BatchItemAnswer], delete: [BatchItemAnswer]) -> [UInt8] {
+        func list(_ items: [BatchItemAnswer], into out: inout [UInt8]) {
+            out.append(UInt8(ascii: "["))
+            for (i, item) in items.enumerated() {
+                if i > 0 { out.append(UInt8(ascii: ",")) }
+                var object = ObjectWriter(capacity: 96)
+                if let error = item.error { object.string("error", error) }
+                if let field = item.field { object.string("field", field) }
+                object.string("id", item.id)
+                if let listen = item.listen { object.string("listen", listen) }
+                if let port = item.port { object.int("port", port) }
+                object.int("status", item.status)
+                out.append(contentsOf: object.finish())
+            }
+            out.append(UInt8(ascii: "]"))
+        }
+        var object = ObjectWriter(capacity: 64 + 96 * (put.count + delete.count))
+        object.raw("delete") { list(delete, into: &$0) }
+        object.raw("put") { list(put, into: &$0) }
         return object.finish()
     }
 

@@ -7,7 +7,8 @@ import ServiceSupport
 import SystemLayer
 
 /// The control endpoint the broker calls (`control_listen`):
-/// `PUT|DELETE /control/v1/rules/{id}` and `GET /control/v1/rules`, each
+/// `PUT|DELETE /control/v1/rules/{id}`, `GET /control/v1/rules` and
+/// `POST /control/v1/rules` (a batch of puts and deletes), each
 /// signed broker-to-gateway, and an unsigned `GET /health`. Served by an
 /// `InlineHTTPServer`: threads of its own, apart from the relay loops, each
 /// reading a request, handling it and answering on the same thread. Every
@@ -121,8 +122,11 @@ public enum ControlServer {
 
     static func route(method: String, path: String, body: [UInt8], control: GatewayControl) throws(ControlError) -> InlineResponse {
         if path == rulesPath || path == rulesPath + "/" {
-            guard method == "GET" else { throw ControlError(405, "\(method) \(path): only GET is allowed here") }
-            return json(200, ControlJSON.encode(control.rules()))
+            switch method {
+            case "GET": return json(200, ControlJSON.encode(control.rules()))
+            case "POST": return try batch(body: body, control: control)
+            default: throw ControlError(405, "\(method) \(path): only GET and POST are allowed here")
+            }
         }
         guard path.hasPrefix(rulesPath + "/") else { throw ControlError(404, "\(path): not a control path") }
         let id = String(path.dropFirst(rulesPath.count + 1))
@@ -149,6 +153,42 @@ public enum ControlServer {
         default:
             throw ControlError(405, "\(method) \(path): only PUT, DELETE and GET are allowed here")
         }
+    }
+
+    /// `POST /control/v1/rules`: a batch of puts and deletes. A body that
+    /// cannot be read, or holds more than `RuleBatch.maxItems` items, is
+    /// refused whole (400, nothing changes); otherwise 200 with each item's
+    /// own status, as it would have had alone (201/200 with its port, 204,
+    /// or the refusal's status, error and field).
+    static func batch(body: [UInt8], control: GatewayControl) throws(ControlError) -> InlineResponse {
+        let batch: RuleBatch
+        do throws(ControlMessageError) {
+            batch = try ControlJSON.decodeStrict(RuleBatch.self, from: body, allowed: RuleBatch.fields)
+        } catch {
+            throw ControlError(400, field: error.field, error.description)
+        }
+        let items = batch.put.count + batch.delete.count
+        guard items <= RuleBatch.maxItems else {
+            throw ControlError(400, field: "put", "put, delete: \(items) items; a batch holds at most \(RuleBatch.maxItems)")
+        }
+        let outcome = control.batch(putting: batch.put.map { ($0.id, $0.push) }, deleting: batch.delete)
+        let address = control.settings.publicAddress
+        let host = address.isIPv4 ? "\(address)" : "[\(address)]"
+        let puts = zip(batch.put, outcome.put).map { item, result -> ControlJSON.BatchItemAnswer in
+            switch result {
+            case .success(let done):
+                .init(id: item.id, status: done.created ? 201 : 200, port: done.rule.port, listen: "\(host):\(done.rule.port)")
+            case .failure(let error):
+                .init(id: item.id, status: error.status, error: error.message, field: error.field)
+            }
+        }
+        let deletes = zip(batch.delete, outcome.delete).map { id, result -> ControlJSON.BatchItemAnswer in
+            switch result {
+            case .success: .init(id: id, status: 204)
+            case .failure(let error): .init(id: id, status: error.status, error: error.message, field: error.field)
+            }
+        }
+        return json(200, ControlJSON.encodeBatchAnswer(put: puts, delete: deletes))
     }
 
     static func errorBody(_ error: ControlError) -> [UInt8] {

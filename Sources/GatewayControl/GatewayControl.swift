@@ -269,68 +269,222 @@ public final class GatewayControl: Sendable {
     public func put(id: String, push: RulePush) throws(ControlError) -> (rule: RuleState, created: Bool) {
         try RulePolicy.checkID(id)
         let now = clock()
-        let probe = self.probe
         let (rule, created, pending) = try state.withLock { s throws(ControlError) -> (RuleState, Bool, RuleStore.Pending?) in
-            let checked = try RulePolicy.check(push, settings: s.settings)
-            var normalized = push
-            normalized.unusedExpirySeconds = checked.unusedExpirySeconds
-            let path = push.forwardingPath ?? s.settings.defaultForwarding
-            normalized.forwardingPath = path == .userspace ? nil : path
-            if path != .userspace {
-                guard kernel != nil else {
-                    throw ControlError(409, field: "forwarding_path", "forwarding_path: \(path.rawValue) needs the kernel path, which this gateway's config does not enable (kernel_path = on; it needs CAP_NET_ADMIN)")
-                }
-                if let refusal = KernelRules.refusal(checked, settings: s.settings) { throw refusal }
+            let placed: Placed
+            switch try place(id: id, push: push, now: now, in: &s, alsoHeld: { _ in [] }) {
+            case .existing(let rule): return (rule, false, nil)
+            case .new(let new): placed = new
             }
-            if let existing = s.pushed[id] {
-                guard existing.push == normalized else {
-                    throw ControlError(409, field: "id", "id: rule \(id) already exists with other settings (delete it first)")
-                }
-                return (existing, false, nil)
-            }
-            let allocator = PortAllocator(range: s.settings.portRange)
-            let port = try allocator.allocate(method: push.method, requested: push.port, client: checked.client,
-                                              transport: checked.transport,
-                                              holders: { s.fixedPorts.holders($0) + s.pushedPorts.holders($0) },
-                                              probe: probe(s.settings))
-            let rule = RuleState(id: id, push: normalized, port: port, created: now)
-            var added: [KernelForward] = []
-            if path == .kernel, let kernel {
-                added = KernelRules.forwards(rule, publicAddress: s.settings.publicAddress)
-                let timeout = KernelRules.timeoutMilliseconds(rule, now: now, defaultExpiry: s.settings.defaultUnusedExpirySeconds)
-                do throws(NetfilterError) {
-                    try kernel.apply(added.map { .add($0, timeoutMilliseconds: timeout) })
-                } catch {
-                    throw error.isAlreadyPresent
-                        ? ControlError(409, field: "port", "port: \(port) is already forwarded in the kernel table (\(error))")
-                        : error.controlError
-                }
-            } else {
-                try applyToEngine(upserting: relayRules([rule], s.settings))
-            }
+            if !placed.onKernel { try applyToEngine(upserting: relayRules([placed.rule], s.settings)) }
             let pending: RuleStore.Pending?
             do throws(ControlError) {
-                pending = try store.record(upserting: [rule])
+                pending = try store.record(upserting: [placed.rule])
             } catch {
                 s.storeError = error.message
-                if !added.isEmpty { try? kernel?.apply(added.map { .remove($0) }) }
-                try? engine.change(removing: [RulePolicy.idPrefix + id])
-                relayCache.withLock { $0[id] = nil }
+                undo([placed])
                 throw error
             }
-            if !added.isEmpty {
-                s.kernelGeneration += 1
-                s.kernelAddedIn[id] = s.kernelGeneration
-            }
-            s.storeError = nil
-            s.pushed[id] = rule
-            s.pushedPorts.set(id, portUses(of: rule, s.settings))
-            return (rule, true, pending)
+            commit([placed], to: &s)
+            return (placed.rule, true, pending)
         }
         // Durable before the answer, outside the lock: pushes arriving
         // meanwhile share one fdatasync (group commit).
         if let pending { try waitDurable(pending) }
         return (rule, created)
+    }
+
+    /// One item's outcome in a batch: a put's rule and whether it was
+    /// created, or why it was refused; a delete's success or refusal.
+    public typealias PutOutcome = Result<(rule: RuleState, created: Bool), ControlError>
+    public typealias DeleteOutcome = Result<Void, ControlError>
+
+    /// `POST /control/v1/rules`: many puts and deletes in one call, each
+    /// with the outcome it would have had alone (what one refusal refuses is
+    /// that item, nothing else), for a broker that pushes in bursts. What
+    /// the calls share is paid once: the request, one change of the relay's
+    /// listeners (when one rule of it cannot listen, each is tried alone, so
+    /// only that one is refused), one journal write and one fdatasync before
+    /// the answer. Deletes go first, so their ports are free for the puts.
+    /// An id named twice in one batch is refused (400) the second time.
+    /// - Returns: one outcome per item, in the order given.
+    public func batch(putting puts: [(id: String, push: RulePush)], deleting deletes: [String])
+        -> (put: [PutOutcome], delete: [DeleteOutcome]) {
+        let now = clock()
+        var putOutcomes: [PutOutcome] = []
+        var deleteOutcomes: [DeleteOutcome] = []
+        let pending = state.withLock { s -> [RuleStore.Pending] in
+            var pending: [RuleStore.Pending] = []
+            var named = Set<String>()
+            func claim(_ id: String) throws(ControlError) {
+                try RulePolicy.checkID(id)
+                guard named.insert(id).inserted else {
+                    throw ControlError(400, field: "id", "id: \(id) is named twice in this batch")
+                }
+            }
+            var leaving: [String] = []
+            for id in deletes {
+                do throws(ControlError) {
+                    try claim(id)
+                    guard s.pushed.contains(id) else { throw ControlError(404, field: "id", "id: no rule \(id)") }
+                    leaving.append(id)
+                    deleteOutcomes.append(.success(()))
+                } catch {
+                    deleteOutcomes.append(.failure(error))
+                }
+            }
+            if !leaving.isEmpty {
+                do throws(ControlError) {
+                    if let written = try remove(Set(leaving), from: &s, waitDurable: false) { pending.append(written) }
+                } catch {
+                    for i in deleteOutcomes.indices where (try? deleteOutcomes[i].get()) != nil { deleteOutcomes[i] = .failure(error) }
+                }
+            }
+
+            var placed: [(index: Int, placed: Placed)] = []
+            var held = PortUses()
+            for (index, item) in puts.enumerated() {
+                do throws(ControlError) {
+                    try claim(item.id)
+                    switch try place(id: item.id, push: item.push, now: now, in: &s, alsoHeld: { held.holders($0) }) {
+                    case .existing(let rule):
+                        putOutcomes.append(.success((rule, false)))
+                    case .new(let new):
+                        held.set(new.rule.id, portUses(of: new.rule, s.settings))
+                        placed.append((index, new))
+                        putOutcomes.append(.success((new.rule, true)))
+                    }
+                } catch {
+                    putOutcomes.append(.failure(error))
+                }
+            }
+            let relayed = placed.filter { !$0.placed.onKernel }
+            if !relayed.isEmpty {
+                do throws(ControlError) {
+                    try applyToEngine(upserting: relayRules(relayed.map(\.placed.rule), s.settings))
+                } catch {
+                    // Each alone: only the rules that cannot be opened are refused.
+                    var refused = Set<Int>()
+                    for item in relayed {
+                        do throws(ControlError) {
+                            try applyToEngine(upserting: relayRules([item.placed.rule], s.settings))
+                        } catch {
+                            refused.insert(item.index)
+                            putOutcomes[item.index] = .failure(error)
+                            relayCache.withLock { $0[item.placed.rule.id] = nil }
+                        }
+                    }
+                    placed.removeAll { refused.contains($0.index) }
+                }
+            }
+            guard !placed.isEmpty else { return pending }
+            do throws(ControlError) {
+                if let written = try store.record(upserting: placed.map(\.placed.rule)) { pending.append(written) }
+            } catch {
+                s.storeError = error.message
+                undo(placed.map(\.placed))
+                for item in placed { putOutcomes[item.index] = .failure(error) }
+                return pending
+            }
+            commit(placed.map(\.placed), to: &s)
+            return pending
+        }
+        // One fdatasync covers the batch (the last append first: the earlier
+        // one, in the same file, is then durable already).
+        for written in pending.reversed() {
+            do throws(ControlError) {
+                try waitDurable(written)
+            } catch {
+                for i in putOutcomes.indices {
+                    if case .success(let done) = putOutcomes[i], done.created { putOutcomes[i] = .failure(error) }
+                }
+                for i in deleteOutcomes.indices where (try? deleteOutcomes[i].get()) != nil { deleteOutcomes[i] = .failure(error) }
+                break
+            }
+        }
+        return (putOutcomes, deleteOutcomes)
+    }
+
+    /// A push checked and given a port; on the kernel path already in the
+    /// kernel table, otherwise not yet in the relay.
+    private struct Placed {
+        let rule: RuleState
+        /// The kernel forwards added for it (`onKernel`), to undo them.
+        let added: [KernelForward]
+        var onKernel: Bool { rule.forwardingPath == .kernel }
+    }
+
+    private enum Placement {
+        /// An identical rule is held already.
+        case existing(RuleState)
+        case new(Placed)
+    }
+
+    /// Checks a push and gives it a port (one that neither a held rule nor
+    /// `alsoHeld`, the rules placed earlier in the same batch, holds); a
+    /// kernel-path rule's forwards are added to the kernel table.
+    /// - Throws: `ControlError` (400, 403, 409); nothing changed.
+    private func place(id: String, push: RulePush, now: Int64, in s: inout State,
+                       alsoHeld: (Int) -> [PortAllocator.Use]) throws(ControlError) -> Placement {
+        let checked = try RulePolicy.check(push, settings: s.settings)
+        var normalized = push
+        normalized.unusedExpirySeconds = checked.unusedExpirySeconds
+        let path = push.forwardingPath ?? s.settings.defaultForwarding
+        normalized.forwardingPath = path == .userspace ? nil : path
+        if path != .userspace {
+            guard kernel != nil else {
+                throw ControlError(409, field: "forwarding_path", "forwarding_path: \(path.rawValue) needs the kernel path, which this gateway's config does not enable (kernel_path = on; it needs CAP_NET_ADMIN)")
+            }
+            if let refusal = KernelRules.refusal(checked, settings: s.settings) { throw refusal }
+        }
+        if let existing = s.pushed[id] {
+            guard existing.push == normalized else {
+                throw ControlError(409, field: "id", "id: rule \(id) already exists with other settings (delete it first)")
+            }
+            return .existing(existing)
+        }
+        let allocator = PortAllocator(range: s.settings.portRange)
+        let fixed = s.fixedPorts, pushed = s.pushedPorts
+        let port = try allocator.allocate(method: push.method, requested: push.port, client: checked.client,
+                                          transport: checked.transport,
+                                          holders: { fixed.holders($0) + pushed.holders($0) + alsoHeld($0) },
+                                          probe: probe(s.settings))
+        let rule = RuleState(id: id, push: normalized, port: port, created: now)
+        var added: [KernelForward] = []
+        if path == .kernel, let kernel {
+            added = KernelRules.forwards(rule, publicAddress: s.settings.publicAddress)
+            let timeout = KernelRules.timeoutMilliseconds(rule, now: now, defaultExpiry: s.settings.defaultUnusedExpirySeconds)
+            do throws(NetfilterError) {
+                try kernel.apply(added.map { .add($0, timeoutMilliseconds: timeout) })
+            } catch {
+                throw error.isAlreadyPresent
+                    ? ControlError(409, field: "port", "port: \(port) is already forwarded in the kernel table (\(error))")
+                    : error.controlError
+            }
+        }
+        return .new(Placed(rule: rule, added: added))
+    }
+
+    /// Takes placed rules out of the kernel table and the relay again (their
+    /// journal record could not be written).
+    private func undo(_ placed: [Placed]) {
+        let added = placed.flatMap(\.added)
+        if !added.isEmpty { try? kernel?.apply(added.map { .remove($0) }) }
+        let relayed = placed.filter { !$0.onKernel }.map { RulePolicy.idPrefix + $0.rule.id }
+        if !relayed.isEmpty { try? engine.change(removing: relayed) }
+        relayCache.withLock { cache in for item in placed { cache[item.rule.id] = nil } }
+    }
+
+    /// Placed rules, in effect and recorded, become held rules.
+    private func commit(_ placed: [Placed], to s: inout State) {
+        s.storeError = nil
+        for item in placed {
+            if !item.added.isEmpty {
+                s.kernelGeneration += 1
+                s.kernelAddedIn[item.rule.id] = s.kernelGeneration
+            }
+            s.pushed[item.rule.id] = item.rule
+            s.pushedPorts.set(item.rule.id, portUses(of: item.rule, s.settings))
+        }
     }
 
     /// Waits for a recorded change to be durable. A failure leaves the change

@@ -24,7 +24,7 @@ public struct ControlSettings: Sendable, Equatable {
     public var defaultForwarding: ForwardingPath = .userspace
 
     public init(publicAddress: IPAddress = .v4(0), desktopNetworks: [CIDR] = [], portRange: ClosedRange<Int> = 20001...22000,
-                ownAddresses: [SocketAddress] = [], defaultUnusedExpirySeconds: Int = 300, maxBodyBytes: Int = 16 * 1024) {
+                ownAddresses: [SocketAddress] = [], defaultUnusedExpirySeconds: Int = 300, maxBodyBytes: Int = 64 * 1024) {
         self.publicAddress = publicAddress
         self.desktopNetworks = desktopNetworks
         self.portRange = portRange

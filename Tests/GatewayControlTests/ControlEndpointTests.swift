@@ -165,7 +165,7 @@ import TestSupport
             #expect(reply.object["field"] as? String == "body")
             #expect(gateway.snapshot() == before)
             // Unknown path and method.
-            #expect(try gateway.send("POST", "/control/v1/rules").status == 405)
+            #expect(try gateway.send("PATCH", "/control/v1/rules").status == 405)
             #expect(try gateway.send("GET", "/control/v2/other").status == 404)
             #expect(gateway.snapshot() == before)
         }
