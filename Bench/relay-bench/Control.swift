@@ -13,7 +13,7 @@ import SystemLayer
 //
 //   relay-bench control-push  --control H:P --gateway-id N --key-file F --target H:P [--ca F]
 //                             [--count 500] [--warmup 20] [--public-host 127.0.0.1]
-//   relay-bench control-rate  (the same) [--seconds 5] [--workers 1]
+//   relay-bench control-rate  (the same) [--seconds 5] [--workers 1] [--batch N]
 //   relay-bench control-fill  (the same) [--count 2000]
 //   relay-bench connect-rate  --broker H:P[,H:P...] --sid-file F --desktop-id N
 //                             [--protocol echo] [--count 1000] [--workers 4]
@@ -202,6 +202,26 @@ final class ControlLoadClient {
         let answer = try signed("DELETE", "/control/v1/rules/\(id)")
         guard answer.status == 204 else {
             throw LoadFailure(description: "DELETE rule: HTTP \(answer.status): \(String(decoding: answer.body.prefix(200), as: UTF8.self))")
+        }
+    }
+
+    /// Puts TCP rules (method 0) to `target` in one batch (`POST /control/v1/rules`); every item must be created.
+    func putBatch(_ ids: [String], target: String, extra: String) throws(LoadFailure) {
+        let items = ids.map { "{\"id\":\"\($0)\",\"protocol\":\"tcp\",\"method\":0,\"target\":\"\(target)\"\(extra)}" }
+        try batch(Array("{\"put\":[\(items.joined(separator: ","))]}".utf8), expecting: "\"status\":201", count: ids.count, what: "put")
+    }
+
+    /// Deletes rules in one batch; every item must be deleted.
+    func deleteBatch(_ ids: [String]) throws(LoadFailure) {
+        let list = ids.map { "\"\($0)\"" }.joined(separator: ",")
+        try batch(Array("{\"delete\":[\(list)]}".utf8), expecting: "\"status\":204", count: ids.count, what: "delete")
+    }
+
+    private func batch(_ body: [UInt8], expecting marker: String, count: Int, what: String) throws(LoadFailure) {
+        let answer = try signed("POST", "/control/v1/rules", body: body)
+        let text = String(decoding: answer.body, as: UTF8.self)
+        guard answer.status == 200, text.components(separatedBy: marker).count - 1 == count else {
+            throw LoadFailure(description: "POST rules (\(what) batch of \(count)): HTTP \(answer.status): \(text.prefix(300))")
         }
     }
 
@@ -430,11 +450,14 @@ private func runThreads(_ n: Int, _ name: String, _ body: @escaping @Sendable (I
 }
 
 func runControlRate(_ arguments: ArraySlice<String>) -> Never {
-    let options = Options(arguments, allowed: ControlSetup.optionNames.union(["seconds", "workers"]))
+    let options = Options(arguments, allowed: ControlSetup.optionNames.union(["seconds", "workers", "batch"]))
     let setup = ControlSetup(options)
     let seconds = options.double("seconds", default: 5)
     let workers = max(1, options.int("workers", default: 1))
+    // 0: one PUT and one DELETE per rule; N: N puts in one POST, then N deletes in another.
+    let batch = options.int("batch", default: 0)
     guard seconds > 0 else { fail("--seconds must be > 0") }
+    guard (0...256).contains(batch) else { fail("--batch must be 0 (single calls) to 256") }
     ignoreSigpipe()
     let board = LoadBoard(workers)
     let stop = nowNs() + UInt64(seconds * 1e9)
@@ -442,10 +465,17 @@ func runControlRate(_ arguments: ArraySlice<String>) -> Never {
         let client = ControlLoadClient(setup)
         do throws(LoadFailure) {
             while nowNs() < stop {
-                let id = randomRuleID()
-                _ = try client.putRule(id, target: setup.target, extra: setup.extra)
-                try client.deleteRule(id)
-                board.counts[i] += 2
+                if batch == 0 {
+                    let id = randomRuleID()
+                    _ = try client.putRule(id, target: setup.target, extra: setup.extra)
+                    try client.deleteRule(id)
+                    board.counts[i] += 2
+                } else {
+                    let ids = (0..<batch).map { _ in randomRuleID() }
+                    try client.putBatch(ids, target: setup.target, extra: setup.extra)
+                    try client.deleteBatch(ids)
+                    board.counts[i] += 2 * batch
+                }
             }
         } catch {
             board.errors[i] = error.description
@@ -453,8 +483,10 @@ func runControlRate(_ arguments: ArraySlice<String>) -> Never {
     }
     if let error = board.firstError { note("error: rule-rate: \(error)"); exit(1) }
     let ops = board.counts.reduce(0, +)
-    print("scenario=rule-rate workers=\(workers) seconds=\(fixed(elapsed, 2)) ops=\(ops) "
-        + "ops_per_s=\(Int(Double(ops) / elapsed)) pairs_per_s=\(Int(Double(ops) / 2 / elapsed))")
+    let requests = batch == 0 ? ops : ops / batch
+    print("scenario=rule-rate workers=\(workers) batch=\(batch) seconds=\(fixed(elapsed, 2)) ops=\(ops) "
+        + "ops_per_s=\(Int(Double(ops) / elapsed)) pairs_per_s=\(Int(Double(ops) / 2 / elapsed)) "
+        + "requests_per_s=\(Int(Double(requests) / elapsed))")
     exit(0)
 }
 

@@ -28,7 +28,7 @@ let usage = """
       relay-bench kernel-rules --table NAME [--present 2000] [--count 1000]
       relay-bench control-push --control HOST:PORT --gateway-id N --key-file F --target HOST:PORT [--ca F]
                                [--count 500] [--warmup 20] [--public-host 127.0.0.1] [--forwarding-path P]
-      relay-bench control-rate (the same options) [--seconds 5] [--workers 1]
+      relay-bench control-rate (the same options) [--seconds 5] [--workers 1] [--batch N]
       relay-bench control-fill (the same options) [--count 2000]
       relay-bench connect-rate --broker HOST:PORT[,HOST:PORT...] --sid-file F --desktop-id N
                                [--protocol echo] [--count 1000] [--workers 4]

@@ -140,11 +140,15 @@ struct RuleIndex {
             if rule.transport.contains(.tcp), plan.owners[rule.listen] == nil { plan.owners[rule.listen] = rule.id }
             if rule.transport.contains(.udp), plan.udpOwners[rule.listen] == nil { plan.udpOwners[rule.listen] = rule.id }
         }
-        let order = { (a: SocketAddress, b: SocketAddress) in a.description < b.description }
-        plan.openTCP.sort(by: order)
-        plan.openUDP.sort(by: order)
-        plan.closeTCP.sort(by: order)
-        plan.closeUDP.sort(by: order)
+        // In the order of their text, for errors that do not depend on hashing;
+        // each address written once, not at every comparison.
+        func ordered(_ addresses: [SocketAddress]) -> [SocketAddress] {
+            addresses.count < 2 ? addresses : addresses.map { ($0.description, $0) }.sorted { $0.0 < $1.0 }.map(\.1)
+        }
+        plan.openTCP = ordered(plan.openTCP)
+        plan.openUDP = ordered(plan.openUDP)
+        plan.closeTCP = ordered(plan.closeTCP)
+        plan.closeUDP = ordered(plan.closeUDP)
         return plan
     }
 

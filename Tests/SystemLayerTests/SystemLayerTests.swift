@@ -11,6 +11,19 @@ struct AddressTests {
         #expect(IPAddress(ip.description) == ip)
     }
 
+    @Test("IPv4 text is the four octets in decimal, for every octet value and position")
+    func ipv4Text() {
+        var values: [UInt32] = [0, 0xffff_ffff, 0x7f00_0001, 0x0a00_0a64, 0x6400_0009, 0x0909_0909]
+        for octet in UInt32(0)...255 { values += [octet << 24 | 0x01_0203, octet << 16 | 0x0100_0003, octet << 8 | 0x0102_0003, octet | 0x0102_0300] }
+        var generator = SystemRandomNumberGenerator()
+        for _ in 0..<2000 { values.append(UInt32.random(in: .min ... .max, using: &generator)) }
+        for value in values {
+            let expected = "\(value >> 24).\(value >> 16 & 0xff).\(value >> 8 & 0xff).\(value & 0xff)"
+            #expect(IPAddress.v4(value).description == expected)
+            #expect(IPAddress(expected) == .v4(value))
+        }
+    }
+
     @Test("non-addresses are refused", arguments: ["", "1.2.3", "256.1.1.1", "example.com", "1.2.3.4:80", "::g"])
     func rejects(text: String) {
         #expect(IPAddress(text) == nil)
