@@ -108,7 +108,10 @@ final class GatewayConnections: Sendable {
     /// connection, within the same deadline, and is not tried again.
     /// - Throws: `Failure` naming what went wrong (refused, timed out,
     ///   the TLS handshake, a closed connection, a bad answer).
-    func send(_ endpoint: Endpoint, body: [UInt8], timeout: TimeAmount,
+    /// - Parameter retryable: whether the request may be sent again when
+    ///   the gateway closes a kept connection without a byte of answer
+    ///   (`idempotent(method)` unless the caller knows better).
+    func send(_ endpoint: Endpoint, body: [UInt8], timeout: TimeAmount, retryable: Bool,
               head: () -> HTTPRequestHead) async throws(Failure) -> Answer {
         let deadline = NIODeadline.now() + timeout
         var reusable = take(endpoint)
@@ -136,7 +139,7 @@ final class GatewayConnections: Sendable {
                 // A kept connection that closed while idle: nothing was sent, so a new one may carry it.
                 if reused, error is NotSent { continue }
                 // Closed with no answer: an idempotent request may be sent again, once, on a new connection.
-                if reused, error is Unanswered, Self.idempotent(request.method) { continue }
+                if reused, error is Unanswered, retryable { continue }
                 throw Self.failure(error)
             }
             if collected.keepAlive && request.isKeepAlive {

@@ -5,6 +5,7 @@ import NIOCore
 import NIOHTTP1
 import NIOSSL
 import Synchronization
+import SystemLayer
 
 /// Why a gateway did not carry out a push or a delete. Descriptions name the
 /// gateway and what it said; they never hold its key.
@@ -25,19 +26,94 @@ enum GatewayCallError: Error, Sendable, CustomStringConvertible {
     }
 }
 
-/// Calls a gateway's control API (`PUT`/`DELETE /control/v1/rules/{id}` under
-/// its `control_url`), each request signed broker-to-gateway with the
-/// gateway's control key.
+/// Calls a gateway's control API (`PUT`/`DELETE /control/v1/rules/{id}` and
+/// `POST /control/v1/rules` under its `control_url`), each request signed
+/// broker-to-gateway with the gateway's control key.
+///
+/// Calls to one gateway go through its queue (`GatewayCallQueue`): at most
+/// `GatewayCallQueue.maxInFlight` requests at once; the puts and deletes
+/// that arrive meanwhile go together in the next request, one batch (issue
+/// 15: a burst of connects costs the gateway one request, one change of its
+/// listeners and one fdatasync per batch rather than per rule). A call
+/// alone is sent alone, as before.
 struct GatewayControlClient: Sendable {
     /// How long one call may take, connect included.
     let timeout: TimeAmount
     /// Kept-alive connections to the gateways.
     let connections = GatewayConnections()
+    let queue = GatewayCallQueue()
 
     /// Pushes a rule.
     /// - Returns: the public port the gateway opened.
     /// - Throws: `GatewayCallError`.
     func put(ruleID: String, push: RulePush, gateway: Gateway, key: ControlKey) async throws(GatewayCallError) -> Int {
+        try await queue.submit(.init(ruleID: ruleID, push: push, gateway: gateway, key: key), client: self).get()
+    }
+
+    /// Deletes a rule; a rule the gateway does not know (404) counts as deleted.
+    func delete(ruleID: String, gateway: Gateway, key: ControlKey) async throws(GatewayCallError) {
+        _ = try await queue.submit(.init(ruleID: ruleID, push: nil, gateway: gateway, key: key), client: self).get()
+    }
+
+    /// One call, alone.
+    func send(_ call: GatewayCallQueue.Call) async -> Result<Int, GatewayCallError> {
+        do throws(GatewayCallError) {
+            if let push = call.push {
+                return .success(try await putAlone(ruleID: call.ruleID, push: push, gateway: call.gateway, key: call.key))
+            }
+            try await deleteAlone(ruleID: call.ruleID, gateway: call.gateway, key: call.key)
+            return .success(0)
+        } catch {
+            return .failure(error)
+        }
+    }
+
+    /// Calls in one `POST /control/v1/rules`, each with its own outcome.
+    /// - Returns: nil when the gateway does not know batches (404 or 405:
+    ///   a gateway older than the broker); the outcomes otherwise, in the
+    ///   order of `calls` (a failure of the request fails every call).
+    func sendBatch(_ calls: [GatewayCallQueue.Call]) async -> [Result<Int, GatewayCallError>]? {
+        let gateway = calls[0].gateway
+        let puts = calls.filter { $0.push != nil }, deletes = calls.filter { $0.push == nil }
+        let body = ControlJSON.encodeBatch(put: puts.map { ($0.ruleID, $0.push!) }, delete: deletes.map(\.ruleID))
+        let status: Int, answer: [UInt8]
+        do throws(GatewayCallError) {
+            (status, answer) = try await call(.POST, ruleID: nil, body: body, gateway: gateway, key: calls[0].key, retryable: true)
+        } catch {
+            return calls.map { _ in .failure(error) }
+        }
+        if status == 404 || status == 405 { return nil }
+        let name = Self.name(gateway)
+        guard status == 200 else {
+            return calls.map { _ in .failure(.refused(gateway: name, status: status, message: Self.errorText(answer))) }
+        }
+        guard let object = try? JSONSerialization.jsonObject(with: Data(answer)) as? [String: Any],
+              let putItems = object["put"] as? [[String: Any]], let deleteItems = object["delete"] as? [[String: Any]],
+              putItems.count == puts.count, deleteItems.count == deletes.count else {
+            return calls.map { _ in .failure(.badAnswer(gateway: name, reason: "a batch answer without one item per call")) }
+        }
+        var byID: [String: Result<Int, GatewayCallError>] = [:]
+        for (call, item) in zip(puts, putItems) {
+            let itemStatus = item["status"] as? Int ?? 0
+            if itemStatus == 200 || itemStatus == 201 {
+                guard let port = item["port"] as? Int, (1...65535).contains(port) else {
+                    byID[call.ruleID] = .failure(.badAnswer(gateway: name, reason: "status \(itemStatus) without a \"port\" of 1 to 65535"))
+                    continue
+                }
+                byID[call.ruleID] = .success(port)
+            } else {
+                byID[call.ruleID] = .failure(.refused(gateway: name, status: itemStatus, message: item["error"] as? String ?? "(no message)"))
+            }
+        }
+        for (call, item) in zip(deletes, deleteItems) {
+            let itemStatus = item["status"] as? Int ?? 0
+            byID[call.ruleID] = itemStatus == 204 || itemStatus == 200 || itemStatus == 404 ? .success(0)
+                : .failure(.refused(gateway: name, status: itemStatus, message: item["error"] as? String ?? "(no message)"))
+        }
+        return calls.map { byID[$0.ruleID] ?? .failure(.badAnswer(gateway: name, reason: "no answer for rule \($0.ruleID)")) }
+    }
+
+    private func putAlone(ruleID: String, push: RulePush, gateway: Gateway, key: ControlKey) async throws(GatewayCallError) -> Int {
         let body = ControlJSON.encodePush(push)
         let (status, answer) = try await call(.PUT, ruleID: ruleID, body: body, gateway: gateway, key: key)
         guard status == 200 || status == 201 else {
@@ -50,18 +126,22 @@ struct GatewayControlClient: Sendable {
         return port
     }
 
-    /// Deletes a rule; a rule the gateway does not know (404) counts as deleted.
-    func delete(ruleID: String, gateway: Gateway, key: ControlKey) async throws(GatewayCallError) {
+    private func deleteAlone(ruleID: String, gateway: Gateway, key: ControlKey) async throws(GatewayCallError) {
         let (status, answer) = try await call(.DELETE, ruleID: ruleID, body: [], gateway: gateway, key: key)
         guard status == 204 || status == 200 || status == 404 else {
             throw .refused(gateway: Self.name(gateway), status: status, message: Self.errorText(answer))
         }
     }
 
-    private func call(_ method: HTTPMethod, ruleID: String, body: [UInt8], gateway: Gateway,
-                      key: ControlKey) async throws(GatewayCallError) -> (Int, [UInt8]) {
+    /// - Parameters:
+    ///   - ruleID: the rule's path, or nil for the rules' path (a batch).
+    ///   - retryable: the request may be sent again when a kept connection
+    ///     closes without answering (a batch of puts and deletes is: a put
+    ///     seen twice is answered with the rule held, a delete with 404).
+    private func call(_ method: HTTPMethod, ruleID: String?, body: [UInt8], gateway: Gateway,
+                      key: ControlKey, retryable: Bool? = nil) async throws(GatewayCallError) -> (Int, [UInt8]) {
         let base = gateway.controlURL.hasSuffix("/") ? String(gateway.controlURL.dropLast()) : gateway.controlURL
-        let url = "\(base)/control/v1/rules/\(ruleID)"
+        let url = ruleID.map { "\(base)/control/v1/rules/\($0)" } ?? "\(base)/control/v1/rules"
         guard let parts = URLComponents(string: url), let scheme = parts.scheme?.lowercased(), scheme == "http" || scheme == "https",
               var host = parts.host, !host.isEmpty else {
             throw .unreachable(gateway: Self.name(gateway), reason: "its control_url \(Validate.quotedForAPI(gateway.controlURL)) is not an http or https URL")
@@ -85,7 +165,8 @@ struct GatewayControlClient: Sendable {
         let hostHeader = host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)"
         do {
             // Signed for each sending: a request sent again carries a new nonce.
-            let answer = try await connections.send(.init(host: host, port: port, tls: tls), body: body, timeout: timeout) {
+            let answer = try await connections.send(.init(host: host, port: port, tls: tls), body: body, timeout: timeout,
+                                                    retryable: retryable ?? GatewayConnections.idempotent(method)) {
                 var headers = HTTPHeaders()
                 headers.add(name: "Host", value: hostHeader)
                 headers.add(name: "Authorization", value: signer.authorize(direction: .brokerToGateway, method: method.rawValue, path: path, body: body))
@@ -133,5 +214,122 @@ struct GatewayControlClient: Sendable {
         }
         let text = String(decoding: answer.prefix(200), as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
         return text.isEmpty ? "(no message)" : text
+    }
+}
+
+/// The calls waiting for one gateway, and how many requests to it are under
+/// way. A call that finds fewer than `maxInFlight` under way starts a
+/// sender; otherwise it waits, and the next sender to finish takes every
+/// waiting call (up to `maxBatch`) into one batch. The first calls of a
+/// burst go at once; the rest of it goes in batches as the gateway answers.
+final class GatewayCallQueue: Sendable {
+    /// Requests to one gateway at once: one answered while the next is sent.
+    static let maxInFlight = 2
+    /// Calls in one batch (the gateway takes up to 256 and a 64 KiB body;
+    /// a call is at most about 400 bytes).
+    static let maxBatch = 64
+    /// How long a gateway that answered a batch with 404 or 405 (older than
+    /// the broker) gets its calls one at a time before a batch is tried again.
+    static let unbatchedFor: UInt64 = 600 * 1_000_000_000
+
+    /// A put (with its push) or a delete (push nil).
+    struct Call: Sendable {
+        let ruleID: String
+        let push: RulePush?
+        let gateway: Gateway
+        let key: ControlKey
+    }
+
+    /// One gateway as the calls address it: its record and key may change
+    /// (a new control_url, a new enrolment); calls made with other ones
+    /// are another queue.
+    private struct Target: Hashable {
+        let gatewayID: Int64
+        let controlURL: String
+        let certificate: String?
+        let key: [UInt8]
+    }
+
+    private struct Waiting {
+        let call: Call
+        let done: CheckedContinuation<Result<Int, GatewayCallError>, Never>
+    }
+
+    private struct Queue {
+        var waiting: [Waiting] = []
+        /// Calls taken by a sender and not yet answered.
+        var taken = 0
+        var sending = 0
+        var unbatchedUntil: UInt64 = 0
+    }
+
+    private let queues = Mutex<[Target: Queue]>([:])
+
+    /// Batches sent and the calls they carried (tests, and to read in a profile).
+    let batches = Atomic<Int>(0)
+    let batchedCalls = Atomic<Int>(0)
+
+    /// Calls to a gateway (whatever its record and key) not yet answered:
+    /// waiting, or taken by a sender.
+    func pendingCalls(gatewayID: Int64) -> Int {
+        queues.withLock { table in
+            table.filter { $0.key.gatewayID == gatewayID }.reduce(0) { $0 + $1.value.waiting.count + $1.value.taken }
+        }
+    }
+
+    func submit(_ call: Call, client: GatewayControlClient) async -> Result<Int, GatewayCallError> {
+        let target = Target(gatewayID: call.gateway.id, controlURL: call.gateway.controlURL,
+                            certificate: call.gateway.controlCertificate, key: call.key.bytes)
+        return await withCheckedContinuation { done in
+            let start = queues.withLock { table -> Bool in
+                table[target, default: Queue()].waiting.append(Waiting(call: call, done: done))
+                guard table[target]!.sending < Self.maxInFlight else { return false }
+                table[target]!.sending += 1
+                return true
+            }
+            if start { Task { await self.drain(target, client: client) } }
+        }
+    }
+
+    /// Sends what waits for `target` until nothing does.
+    private func drain(_ target: Target, client: GatewayControlClient) async {
+        while true {
+            let now = MonotonicClock.nowNanoseconds
+            let (next, batching): ([Waiting], Bool) = queues.withLock { table in
+                guard var queue = table[target], !queue.waiting.isEmpty else {
+                    table[target]?.sending -= 1
+                    if let queue = table[target], queue.sending == 0, queue.waiting.isEmpty, queue.taken == 0, queue.unbatchedUntil <= now {
+                        table[target] = nil
+                    }
+                    return ([], false)
+                }
+                // One call per rule id in a batch (the gateway refuses a second).
+                var ids = Set<String>()
+                let batching = queue.unbatchedUntil <= now
+                let count = batching ? queue.waiting.prefix(Self.maxBatch).prefix { ids.insert($0.call.ruleID).inserted }.count : 1
+                let taken = Array(queue.waiting.prefix(count))
+                queue.waiting.removeFirst(count)
+                queue.taken += count
+                table[target] = queue
+                return (taken, batching)
+            }
+            guard !next.isEmpty else { return }
+            func answer(_ item: Waiting, _ outcome: Result<Int, GatewayCallError>) {
+                queues.withLock { $0[target]?.taken -= 1 }
+                item.done.resume(returning: outcome)
+            }
+            if next.count == 1 || !batching {
+                for item in next { answer(item, await client.send(item.call)) }
+                continue
+            }
+            if let outcomes = await client.sendBatch(next.map(\.call)) {
+                batches.add(1, ordering: .relaxed)
+                batchedCalls.add(next.count, ordering: .relaxed)
+                for (item, outcome) in zip(next, outcomes) { answer(item, outcome) }
+            } else {
+                queues.withLock { $0[target]?.unbatchedUntil = MonotonicClock.nowNanoseconds + Self.unbatchedFor }
+                for item in next { answer(item, await client.send(item.call)) }
+            }
+        }
     }
 }

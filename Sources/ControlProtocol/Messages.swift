@@ -425,6 +425,30 @@ extension ControlJSON {
         return object.finish()
     }
 
+    /// A batch (`POST /control/v1/rules`): `{"delete": [ids], "put": [{"id": ..., push fields}]}`,
+    /// each put's fields as `encodePush` writes them, after its id.
+    public static func encodeBatch(put: [(id: String, push: RulePush)], delete: [String]) -> [UInt8] {
+        var out: [UInt8] = []
+        out.reserveCapacity(32 + 200 * put.count + 40 * delete.count)
+        out.append(contentsOf: Array("{\"delete\":[".utf8))
+        for (i, id) in delete.enumerated() {
+            if i > 0 { out.append(UInt8(ascii: ",")) }
+            appendString(id, to: &out)
+        }
+        out.append(contentsOf: Array("],\"put\":[".utf8))
+        for (i, item) in put.enumerated() {
+            if i > 0 { out.append(UInt8(ascii: ",")) }
+            out.append(contentsOf: Array("{\"id\":".utf8))
+            appendString(item.id, to: &out)
+            let push = encodePush(item.push)
+            // The push's own object without its opening brace, after the id.
+            if push.count > 2 { out.append(UInt8(ascii: ",")) }
+            out.append(contentsOf: push.dropFirst())
+        }
+        out.append(contentsOf: Array("]}".utf8))
+        return out
+    }
+
     /// One item of a batch's answer: its id and the status it would have
     /// had alone, with the port and listen address of a put in effect, or
     /// the error (and the field it names) of a refusal.

@@ -1,7 +1,9 @@
+@testable import BrokerAPI
 import BrokerCore
 import CertificateFiles
 import ControlProtocol
 import Foundation
+import Synchronization
 import Testing
 import TestSupport
 
@@ -481,6 +483,110 @@ struct ConnectTests {
             let other = try await broker.client.json("POST", "/v1/connect", ["desktop_id": desktopID, "protocol": "rdp"], token: alice)
             #expect(other.status == 200)
             try await expectRejected(broker, "DELETE", "/v1/desktops/\(desktopID)", nil, token: setup.sid, status: 409, mentions: "connection rule")
+        }
+    }
+
+    /// Starts `count` connects at once while the fake holds its answers, and
+    /// waits until every one is at the gateway (held) or in the broker's
+    /// queue for it; `whenQueued` runs then, before the answers are released.
+    private static func heldBurst(_ setup: ConnectSetup, gatewayID: Int, desktopID: Int, count: Int,
+                                  whenQueued: () -> Void = {}) async throws -> [HTTPReply] {
+        let fake = try #require(setup.gateways[gatewayID]?.fake)
+        let broker = setup.broker, sid = setup.sid
+        fake.holdAnswers(true)
+        let burst = Task {
+            try await withThrowingTaskGroup(of: HTTPReply.self) { group in
+                for _ in 0..<count {
+                    group.addTask { try await broker.client.json("POST", "/v1/connect", ["desktop_id": desktopID, "protocol": "rdp"], token: sid) }
+                }
+                var replies: [HTTPReply] = []
+                for try await reply in group { replies.append(reply) }
+                return replies
+            }
+        }
+        do {
+            try await waitUntilAsync("all \(count) pushes in the broker's queue for the gateway or at it") {
+                broker.api.gatewayClient.queue.pendingCalls(gatewayID: Int64(gatewayID)) == count
+            }
+        } catch {
+            fake.holdAnswers(false)
+            throw error
+        }
+        whenQueued()
+        fake.holdAnswers(false)
+        return try await burst.value
+    }
+
+    @Test("a burst of connects to one gateway: two pushes go at once, the rest in one batch, each connect with its own port; an item refused in a batch fails only its connect; disconnects too")
+    func burstIsBatched() async throws {
+        try await withConnectSetup { setup in
+            let broker = setup.broker
+            let gatewayID = try await setup.addGateway("gw-a")
+            let fake = try #require(setup.gateways[gatewayID]?.fake)
+            let desktopID = try await setup.desktop("desk-1", gatewayID: gatewayID)
+
+            let replies = try await Self.heldBurst(setup, gatewayID: gatewayID, desktopID: desktopID, count: 8)
+            #expect(replies.allSatisfy { $0.status == 200 }, "\(replies.filter { $0.status != 200 })")
+            // At most two requests were under way while all eight waited: at least six went in batches.
+            #expect(fake.batchSizes.reduce(0, +) >= 6, "\(fake.batchSizes)")
+            #expect(fake.calls.filter { $0.method == "PUT" }.count == 8, "each push once")
+            let ports = replies.compactMap { $0.object["port"] as? Int }
+            #expect(Set(ports).count == 8, "each connect has its own port: \(ports)")
+            let ruleIDs = replies.compactMap { $0.object["rule_id"] as? String }
+            #expect(Set(fake.rules.keys) == Set(ruleIDs))
+            #expect(Set(try await broker.store.rules(gatewayID: nil).map(\.id)) == Set(ruleIDs))
+            for reply in replies {
+                let id = try #require(reply.object["rule_id"] as? String)
+                #expect(try await broker.store.rule(id: id).port == reply.object["port"] as? Int, "the port stored is the one answered")
+            }
+            #expect(setup.allSignaturesVerified())
+
+            // The gateway refuses every item of the next batch: only those connects fail, naming it.
+            let batchesBefore = fake.batchSizes.count, callsBefore = fake.calls.count
+            let answered = Mutex(0)
+            let mixed = try await Self.heldBurst(setup, gatewayID: gatewayID, desktopID: desktopID, count: 5) {
+                // What reached the gateway so far is answered; everything after is refused.
+                answered.withLock { $0 = fake.calls.count - callsBefore }
+                fake.refuse(500, "disk full")
+            }
+            let before = answered.withLock { $0 }
+            #expect(mixed.filter { $0.status == 200 }.count == before, "\(mixed)")
+            #expect(mixed.filter { $0.status == 502 && $0.text.contains("disk full") }.count == 5 - before, "\(mixed)")
+            // The calls after the refusal went together (two or more wait: one batch).
+            if before <= 3 { #expect(fake.batchSizes.count > batchesBefore, "\(fake.batchSizes)") }
+            fake.accept()
+            let kept = mixed.compactMap { $0.object["rule_id"] as? String }
+            #expect(Set(try await broker.store.rules(gatewayID: nil).map(\.id)) == Set(ruleIDs + kept), "nothing stored for a refused item")
+
+            // Every disconnect at once: each 204, every rule gone on the gateway and in the store.
+            let all = ruleIDs + kept
+            let statuses = try await withThrowingTaskGroup(of: Int.self) { group in
+                let sid = setup.sid
+                for id in all { group.addTask { try await broker.client.json("DELETE", "/v1/connect/\(id)", token: sid).status } }
+                var statuses: [Int] = []
+                for try await status in group { statuses.append(status) }
+                return statuses
+            }
+            #expect(statuses.allSatisfy { $0 == 204 }, "\(statuses)")
+            #expect(fake.rules.isEmpty)
+            #expect(try await broker.store.rules(gatewayID: nil).isEmpty)
+            #expect(broker.api.gatewayClient.queue.pendingCalls(gatewayID: Int64(gatewayID)) == 0)
+        }
+    }
+
+    @Test("a gateway older than batches (405): the waiting pushes go one at a time, and every connect succeeds")
+    func gatewayWithoutBatches() async throws {
+        try await withConnectSetup { setup in
+            let gatewayID = try await setup.addGateway("gw-old")
+            let fake = try #require(setup.gateways[gatewayID]?.fake)
+            fake.takeBatches(false)
+            let desktopID = try await setup.desktop("desk-1", gatewayID: gatewayID)
+            let replies = try await Self.heldBurst(setup, gatewayID: gatewayID, desktopID: desktopID, count: 5)
+            #expect(replies.allSatisfy { $0.status == 200 }, "\(replies.filter { $0.status != 200 })")
+            #expect(fake.batchSizes.isEmpty)
+            #expect(fake.calls.filter { $0.method == "PUT" }.count == 5, "each push once, alone")
+            #expect(Set(replies.compactMap { $0.object["port"] as? Int }).count == 5)
+            #expect(fake.rules.count == 5)
         }
     }
 }

@@ -96,7 +96,8 @@ struct GatewayConnectionsTests {
         headers.add(name: "Host", value: "127.0.0.1:\(server.port)")
         headers.add(name: "Content-Length", value: "2")
         let answer = try await connections.send(.init(host: "127.0.0.1", port: server.port, tls: nil),
-                                                body: Array("{}".utf8), timeout: timeout) {
+                                                body: Array("{}".utf8), timeout: timeout,
+                                                retryable: GatewayConnections.idempotent(method)) {
             heads?.value.add(1, ordering: .relaxed)
             return HTTPRequestHead(version: .http1_1, method: method, uri: path, headers: headers)
         }
@@ -203,7 +204,8 @@ struct GatewayConnectionsTests {
         var headers = HTTPHeaders()
         headers.add(name: "Content-Length", value: "0")
         do {
-            _ = try await connections.send(.init(host: "127.0.0.1", port: port, tls: nil), body: [], timeout: .seconds(5)) {
+            _ = try await connections.send(.init(host: "127.0.0.1", port: port, tls: nil), body: [], timeout: .seconds(5),
+                                           retryable: true) {
                 HTTPRequestHead(version: .http1_1, method: .DELETE, uri: "/x", headers: headers)
             }
             Issue.record("a request to a closed port succeeded")

@@ -40,6 +40,10 @@ final class FakeGateway: Sendable {
         /// Set: a push is applied at once but answered only once this is cleared
         /// (the window between a gateway holding a rule and the broker learning it).
         var holdAnswers = false
+        /// False: `POST /control/v1/rules` is answered 405, as by a gateway older than batches.
+        var batches = true
+        /// Batch requests received, and the calls each carried.
+        var batchSizes: [Int] = []
     }
 
     /// TLS: the control endpoint's certificate (PEM); nil for plain HTTP.
@@ -52,6 +56,8 @@ final class FakeGateway: Sendable {
     func accept() { state.withLock { $0.refusal = nil } }
     func take(_ ports: Set<Int>) { state.withLock { $0.taken = ports } }
     func holdAnswers(_ hold: Bool) { state.withLock { $0.holdAnswers = hold } }
+    func takeBatches(_ on: Bool) { state.withLock { $0.batches = on } }
+    var batchSizes: [Int] { state.withLock { $0.batchSizes } }
 
     /// - Parameter tls: a certificate and key (PEM) to serve HTTPS with.
     init(gatewayID: Int, key: ControlKey?, tls: (certificate: String, key: String)? = nil) async throws {
@@ -67,6 +73,9 @@ final class FakeGateway: Sendable {
         }
         router.delete("/control/v1/rules/:id") { request, context in
             try await box.gateway!.handle(request, context, method: "DELETE")
+        }
+        router.post("/control/v1/rules") { request, context in
+            try await box.gateway!.handleBatch(request, context)
         }
         var logger = Logger(label: "fake-gateway")
         logger.logLevel = .warning
@@ -94,10 +103,38 @@ final class FakeGateway: Sendable {
         _ = try? await server.value
     }
 
-    private func handle(_ request: Request, _ context: BasicRequestContext, method: String) async throws -> Response {
-        let ruleID = context.parameters.get("id") ?? ""
+    /// `POST /control/v1/rules`: each item answered as a call of its own
+    /// (and recorded as one, PUT or DELETE), deletes first, as the gateway does.
+    private func handleBatch(_ request: Request, _ context: BasicRequestContext) async throws -> Response {
         let body = Array(try await request.body.collect(upTo: 1 << 20).readableBytesView)
-        var authError: String?
+        let authError = verify(request, method: "POST", body: body)
+        guard state.withLock({ $0.batches }) else { return Self.json(405, ["error": "POST /control/v1/rules: only GET is allowed here"]) }
+        if let authError { return Self.json(401, ["error": authError]) }
+        let batch: RuleBatch
+        do {
+            batch = try ControlJSON.decodeStrict(RuleBatch.self, from: body, allowed: RuleBatch.fields)
+        } catch {
+            return Self.json(400, ["error": "\(error)"])
+        }
+        state.withLock { $0.batchSizes.append(batch.put.count + batch.delete.count) }
+        func item(_ id: String, _ outcome: (status: Int, object: [String: Any])) -> [String: Any] {
+            var item = outcome.object
+            item["id"] = id
+            item["status"] = outcome.status
+            return item
+        }
+        let deletes = batch.delete.map { id in item(id, outcome(Call(method: "DELETE", ruleID: id, authError: nil), body: [])) }
+        let puts = batch.put.map { put in
+            item(put.id, outcome(Call(method: "PUT", ruleID: put.id, authError: nil), body: ControlJSON.encodePush(put.push)))
+        }
+        if !batch.put.isEmpty {
+            try await waitUntilAsync("the test to release the held answer") { !state.withLock { $0.holdAnswers } }
+        }
+        return Self.json(200, ["put": puts, "delete": deletes])
+    }
+
+    /// Why the request's signature is refused; nil when it verifies.
+    private func verify(_ request: Request, method: String, body: [UInt8]) -> String? {
         do throws(ControlAuthError) {
             guard let header = request.headers[.authorization] else { throw .missing }
             let authorization = try ControlAuthorization(header: header)
@@ -106,43 +143,50 @@ final class FakeGateway: Sendable {
             }
             try ControlSigner(gatewayID: gatewayID, key: key).verify(authorization, direction: .brokerToGateway, method: method,
                                                                      path: request.uri.path, body: body, replay: replay)
+            return nil
         } catch {
-            authError = error.description
+            return error.description
         }
+    }
+
+    private func handle(_ request: Request, _ context: BasicRequestContext, method: String) async throws -> Response {
+        let ruleID = context.parameters.get("id") ?? ""
+        let body = Array(try await request.body.collect(upTo: 1 << 20).readableBytesView)
+        let authError = verify(request, method: method, body: body)
         let call = Call(method: method, ruleID: ruleID, authError: authError)
-        let response = answer(call, body: body)
+        let (status, object) = outcome(call, body: body)
         if method == "PUT" {
             try await waitUntilAsync("the test to release the held answer") { !state.withLock { $0.holdAnswers } }
         }
-        return response
+        return status == 204 ? Response(status: .noContent) : Self.json(status, object)
     }
 
-    private func answer(_ call: Call, body: [UInt8]) -> Response {
+    /// What the gateway answers a call: its status and JSON object (empty for 204).
+    private func outcome(_ call: Call, body: [UInt8]) -> (status: Int, object: [String: Any]) {
         let (method, ruleID, authError) = (call.method, call.ruleID, call.authError)
-        return state.withLock { state -> Response in
+        return state.withLock { state -> (Int, [String: Any]) in
             state.calls.append(call)
-            if let authError { return Self.json(401, ["error": authError]) }
-            if let refusal = state.refusal { return Self.json(refusal.status, ["error": refusal.message]) }
+            if let authError { return (401, ["error": authError]) }
+            if let refusal = state.refusal { return (refusal.status, ["error": refusal.message]) }
             if method == "DELETE" {
-                return state.rules.removeValue(forKey: ruleID) == nil ? Self.json(404, ["error": "no rule \(ruleID)"])
-                    : Response(status: .noContent)
+                return state.rules.removeValue(forKey: ruleID) == nil ? (404, ["error": "no rule \(ruleID)"]) : (204, [:])
             }
             let push: RulePush
             do {
                 push = try ControlJSON.decodeStrict(RulePush.self, from: body, allowed: RulePush.fields)
             } catch {
-                return Self.json(400, ["error": "\(error)"])
+                return (400, ["error": "\(error)"])
             }
             let port: Int
             if let fixed = push.port {
-                if state.taken.contains(fixed) { return Self.json(409, ["error": "port: \(fixed)/tcp is already taken by another rule"]) }
+                if state.taken.contains(fixed) { return (409, ["error": "port: \(fixed)/tcp is already taken by another rule"]) }
                 port = fixed
             } else {
                 port = state.nextPort
                 state.nextPort += 1
             }
             state.rules[ruleID] = (push, port)
-            return Self.json(201, ["id": ruleID, "port": port, "listen": "0.0.0.0:\(port)"])
+            return (201, ["id": ruleID, "port": port, "listen": "0.0.0.0:\(port)"])
         }
     }
 

@@ -1,4 +1,4 @@
-import BrokerAPI
+@testable import BrokerAPI
 import BrokerCore
 import Foundation
 import GRDB
@@ -42,11 +42,13 @@ final class TestBroker: Sendable {
     let store: SQLiteBrokerStore
     let clock: TestClock
     let client: HTTPClient
+    let api: BrokerAPI
     private let services: ServiceGroup
     private let server: Task<Void, any Error>
 
     private init(folder: TemporaryFolder, databasePath: String, store: SQLiteBrokerStore, clock: TestClock,
-                 client: HTTPClient, services: ServiceGroup, server: Task<Void, any Error>) {
+                 client: HTTPClient, api: BrokerAPI, services: ServiceGroup, server: Task<Void, any Error>) {
+        self.api = api
         self.folder = folder
         self.databasePath = databasePath
         self.store = store
@@ -98,7 +100,7 @@ final class TestBroker: Sendable {
         }
         let port = Int(listeners.all[0].split(separator: ":").last!)!
         return TestBroker(folder: folder, databasePath: path, store: store, clock: clock, client: HTTPClient(port: port),
-                          services: services, server: server)
+                          api: api, services: services, server: server)
     }
 
     /// Shuts the server down gracefully (as SIGTERM would) and removes the folder.
