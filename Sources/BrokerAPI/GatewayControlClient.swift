@@ -218,10 +218,11 @@ struct GatewayControlClient: Sendable {
 }
 
 /// The calls waiting for one gateway, and how many requests to it are under
-/// way. A call that finds fewer than `maxInFlight` under way starts a
-/// sender; otherwise it waits, and the next sender to finish takes every
-/// waiting call (up to `maxBatch`) into one batch. The first calls of a
-/// burst go at once; the rest of it goes in batches as the gateway answers.
+/// way. A call that finds nothing waiting and fewer than `maxInFlight`
+/// requests under way is sent at once, on its caller's task; otherwise it
+/// waits, and a sender (a task started when a request slot frees) takes
+/// every waiting call (up to `maxBatch`) into one batch. The first calls of
+/// a burst go at once; the rest of it goes in batches as the gateway answers.
 final class GatewayCallQueue: Sendable {
     /// Requests to one gateway at once: one answered while the next is sent.
     static let maxInFlight = 2
@@ -280,6 +281,33 @@ final class GatewayCallQueue: Sendable {
     func submit(_ call: Call, client: GatewayControlClient) async -> Result<Int, GatewayCallError> {
         let target = Target(gatewayID: call.gateway.id, controlURL: call.gateway.controlURL,
                             certificate: call.gateway.controlCertificate, key: call.key.bytes)
+        // Nothing waits and a request may start: the call goes at once, on
+        // the caller's own task (no hand-over: most calls, when the broker
+        // is not in a burst).
+        let direct = queues.withLock { table -> Bool in
+            var queue = table[target, default: Queue()]
+            guard queue.sending < Self.maxInFlight, queue.waiting.isEmpty else { return false }
+            queue.sending += 1
+            queue.taken += 1
+            table[target] = queue
+            return true
+        }
+        if direct {
+            let outcome = await client.send(call)
+            // Calls that arrived meanwhile get this request slot: a sender takes them.
+            let handOff = queues.withLock { table -> Bool in
+                table[target]!.taken -= 1
+                if !table[target]!.waiting.isEmpty { return true }
+                table[target]!.sending -= 1
+                if let queue = table[target], queue.sending == 0, queue.taken == 0,
+                   queue.unbatchedUntil <= MonotonicClock.nowNanoseconds {
+                    table[target] = nil
+                }
+                return false
+            }
+            if handOff { Task { await self.drain(target, client: client) } }
+            return outcome
+        }
         return await withCheckedContinuation { done in
             let start = queues.withLock { table -> Bool in
                 table[target, default: Queue()].waiting.append(Waiting(call: call, done: done))
