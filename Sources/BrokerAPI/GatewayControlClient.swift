@@ -4,8 +4,8 @@ import Foundation
 import NIOCore
 import NIOHTTP1
 import NIOSSL
+import ServiceSupport
 import Synchronization
-import SystemLayer
 
 /// Why a gateway did not carry out a push or a delete. Descriptions name the
 /// gateway and what it said; they never hold its key.
@@ -31,7 +31,7 @@ enum GatewayCallError: Error, Sendable, CustomStringConvertible {
 /// broker-to-gateway with the gateway's control key.
 ///
 /// Calls to one gateway go through its queue (`GatewayCallQueue`): at most
-/// `GatewayCallQueue.maxInFlight` requests at once; the puts and deletes
+/// two requests at once; the puts and deletes
 /// that arrive meanwhile go together in the next request, one batch (issue
 /// 15: a burst of connects costs the gateway one request, one change of its
 /// listeners and one fdatasync per batch rather than per rule). A call
@@ -217,22 +217,10 @@ struct GatewayControlClient: Sendable {
     }
 }
 
-/// The calls waiting for one gateway, and how many requests to it are under
-/// way. A call that finds nothing waiting and fewer than `maxInFlight`
-/// requests under way is sent at once, on its caller's task; otherwise it
-/// waits, and a sender (a task started when a request slot frees) takes
-/// every waiting call (up to `maxBatch`) into one batch. The first calls of
-/// a burst go at once; the rest of it goes in batches as the gateway answers.
+/// The calls to the gateways, gathered per gateway by a `CallBatcher`: at
+/// most two requests to a gateway at once; the calls that wait behind them
+/// go together in one batch (up to 64, one per rule id).
 final class GatewayCallQueue: Sendable {
-    /// Requests to one gateway at once: one answered while the next is sent.
-    static let maxInFlight = 2
-    /// Calls in one batch (the gateway takes up to 256 and a 64 KiB body;
-    /// a call is at most about 400 bytes).
-    static let maxBatch = 64
-    /// How long a gateway that answered a batch with 404 or 405 (older than
-    /// the broker) gets its calls one at a time before a batch is tried again.
-    static let unbatchedFor: UInt64 = 600 * 1_000_000_000
-
     /// A put (with its push) or a delete (push nil).
     struct Call: Sendable {
         let ruleID: String
@@ -243,121 +231,28 @@ final class GatewayCallQueue: Sendable {
 
     /// One gateway as the calls address it: its record and key may change
     /// (a new control_url, a new enrolment); calls made with other ones
-    /// are another queue.
-    private struct Target: Hashable {
+    /// go to another queue.
+    private struct Target: Hashable, Sendable {
         let gatewayID: Int64
         let controlURL: String
         let certificate: String?
         let key: [UInt8]
     }
 
-    private struct Waiting {
-        let call: Call
-        let done: CheckedContinuation<Result<Int, GatewayCallError>, Never>
-    }
+    /// Calls in one batch (the gateway takes up to 256 and a 64 KiB body;
+    /// a call is at most about 400 bytes).
+    static let maxBatch = 64
 
-    private struct Queue {
-        var waiting: [Waiting] = []
-        /// Calls taken by a sender and not yet answered.
-        var taken = 0
-        var sending = 0
-        var unbatchedUntil: UInt64 = 0
-    }
+    private let batcher = CallBatcher<Target, Call, Result<Int, GatewayCallError>>(maxBatch: maxBatch, key: { $0.ruleID })
 
-    private let queues = Mutex<[Target: Queue]>([:])
-
-    /// Batches sent and the calls they carried (tests, and to read in a profile).
-    let batches = Atomic<Int>(0)
-    let batchedCalls = Atomic<Int>(0)
-
-    /// Calls to a gateway (whatever its record and key) not yet answered:
-    /// waiting, or taken by a sender.
+    /// Calls to a gateway (whatever its record and key) not yet answered.
     func pendingCalls(gatewayID: Int64) -> Int {
-        queues.withLock { table in
-            table.filter { $0.key.gatewayID == gatewayID }.reduce(0) { $0 + $1.value.waiting.count + $1.value.taken }
-        }
+        batcher.pendingCalls { $0.gatewayID == gatewayID }
     }
 
     func submit(_ call: Call, client: GatewayControlClient) async -> Result<Int, GatewayCallError> {
         let target = Target(gatewayID: call.gateway.id, controlURL: call.gateway.controlURL,
                             certificate: call.gateway.controlCertificate, key: call.key.bytes)
-        // Nothing waits and a request may start: the call goes at once, on
-        // the caller's own task (no hand-over: most calls, when the broker
-        // is not in a burst).
-        let direct = queues.withLock { table -> Bool in
-            var queue = table[target, default: Queue()]
-            guard queue.sending < Self.maxInFlight, queue.waiting.isEmpty else { return false }
-            queue.sending += 1
-            queue.taken += 1
-            table[target] = queue
-            return true
-        }
-        if direct {
-            let outcome = await client.send(call)
-            // Calls that arrived meanwhile get this request slot: a sender takes them.
-            let handOff = queues.withLock { table -> Bool in
-                table[target]!.taken -= 1
-                if !table[target]!.waiting.isEmpty { return true }
-                table[target]!.sending -= 1
-                if let queue = table[target], queue.sending == 0, queue.taken == 0,
-                   queue.unbatchedUntil <= MonotonicClock.nowNanoseconds {
-                    table[target] = nil
-                }
-                return false
-            }
-            if handOff { Task { await self.drain(target, client: client) } }
-            return outcome
-        }
-        return await withCheckedContinuation { done in
-            let start = queues.withLock { table -> Bool in
-                table[target, default: Queue()].waiting.append(Waiting(call: call, done: done))
-                guard table[target]!.sending < Self.maxInFlight else { return false }
-                table[target]!.sending += 1
-                return true
-            }
-            if start { Task { await self.drain(target, client: client) } }
-        }
-    }
-
-    /// Sends what waits for `target` until nothing does.
-    private func drain(_ target: Target, client: GatewayControlClient) async {
-        while true {
-            let now = MonotonicClock.nowNanoseconds
-            let (next, batching): ([Waiting], Bool) = queues.withLock { table in
-                guard var queue = table[target], !queue.waiting.isEmpty else {
-                    table[target]?.sending -= 1
-                    if let queue = table[target], queue.sending == 0, queue.waiting.isEmpty, queue.taken == 0, queue.unbatchedUntil <= now {
-                        table[target] = nil
-                    }
-                    return ([], false)
-                }
-                // One call per rule id in a batch (the gateway refuses a second).
-                var ids = Set<String>()
-                let batching = queue.unbatchedUntil <= now
-                let count = batching ? queue.waiting.prefix(Self.maxBatch).prefix { ids.insert($0.call.ruleID).inserted }.count : 1
-                let taken = Array(queue.waiting.prefix(count))
-                queue.waiting.removeFirst(count)
-                queue.taken += count
-                table[target] = queue
-                return (taken, batching)
-            }
-            guard !next.isEmpty else { return }
-            func answer(_ item: Waiting, _ outcome: Result<Int, GatewayCallError>) {
-                queues.withLock { $0[target]?.taken -= 1 }
-                item.done.resume(returning: outcome)
-            }
-            if next.count == 1 || !batching {
-                for item in next { answer(item, await client.send(item.call)) }
-                continue
-            }
-            if let outcomes = await client.sendBatch(next.map(\.call)) {
-                batches.add(1, ordering: .relaxed)
-                batchedCalls.add(next.count, ordering: .relaxed)
-                for (item, outcome) in zip(next, outcomes) { answer(item, outcome) }
-            } else {
-                queues.withLock { $0[target]?.unbatchedUntil = MonotonicClock.nowNanoseconds + Self.unbatchedFor }
-                for item in next { answer(item, await client.send(item.call)) }
-            }
-        }
+        return await batcher.submit(call, to: target, one: { await client.send($0) }, many: { await client.sendBatch($0) })
     }
 }

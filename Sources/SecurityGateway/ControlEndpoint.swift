@@ -11,12 +11,16 @@ import SystemLayer
 /// - `POST /v1/sessions` `{"grant": "<JWT>"}` → 201 prepared, 200 already
 ///   prepared, 400 malformed, 401 not admissible (forged, expired, not yet
 ///   valid, another group, `none` or HMAC), 409 replayed single-use grant.
+/// - `POST /v1/sessions` `{"grants": ["<JWT>", ...]}` → 200 `{"results": [...]}`:
+///   a batch (a Connection Manager in a reconnect storm), each grant answered
+///   as alone with its `status`, the journal made durable once.
 /// - `DELETE /v1/sessions/{session id}` → 200 `{"revoked": n, "closed_connections": c}`
 ///   (prepared grants removed, live connections reset), 404 when neither.
 /// - `GET /health` → 200 `{"code":200,"status":"success"}` or 500 with `reason`.
 /// - `GET /v1/status` → the counters (`SecurityGateway.Status`).
 public enum SecurityGatewayControl {
-    public static let maxBodyBytes = 16 * 1024
+    /// A batch of `maxGrants` grants of about 700 bytes each fits.
+    public static let maxBodyBytes = 128 * 1024
 
     /// The endpoint's threads: a prepare blocks its thread for the grant
     /// journal's fdatasync, so concurrent prepares need a thread each to
@@ -64,11 +68,14 @@ public enum SecurityGatewayControl {
             guard let object = try? JSONDecoder().decode(PrepareBody.self, from: Data(request.body)) else {
                 return json(400, ["error": "body: not a JSON object", "field": "body"])
             }
+            if let extra = object.keys.sorted().first(where: { $0 != "grant" && $0 != "grants" }) {
+                return json(400, ["error": "\(extra): unknown field", "field": .string(extra)])
+            }
+            if object.keys.contains("grants") {
+                return prepareMany(object, gateway: gateway, logger: logger)
+            }
             guard let token = object.grant, !token.isEmpty else {
                 return json(400, ["error": "grant: missing (a string holding the signed JWT)", "field": "grant"])
-            }
-            if let extra = object.keys.sorted().first(where: { $0 != "grant" }) {
-                return json(400, ["error": "\(extra): unknown field", "field": .string(extra)])
             }
             let answer = gateway.prepare(token: token)
             // A prepared session has its own line (the session, the target); the rest are said here.
@@ -91,6 +98,35 @@ public enum SecurityGatewayControl {
         }
     }
 
+    /// `POST /v1/sessions` `{"grants": ["<JWT>", ...]}`: a batch, each grant
+    /// checked and prepared as alone, the journal made durable once; 200
+    /// `{"results": [<each grant's answer with its "status">, ...]}` in order.
+    /// A batch that is not a list of 1 to `maxGrants` non-empty strings, or
+    /// that also holds `grant`, is refused whole (400) and prepares nothing.
+    static func prepareMany(_ object: PrepareBody, gateway: SecurityGateway, logger: Logger) -> InlineResponse {
+        guard object.grant == nil, !object.keys.contains("grant") else {
+            return json(400, ["error": "grant, grants: one or the other, not both", "field": "grants"])
+        }
+        guard let tokens = object.grants, (1...maxGrants).contains(tokens.count), tokens.allSatisfy({ !$0.isEmpty }) else {
+            return json(400, ["error": "grants: a list of 1 to \(maxGrants) signed JWTs (non-empty strings)", "field": "grants"])
+        }
+        let answers = gateway.prepare(tokens: tokens)
+        let refused = answers.filter { $0.status != 201 && $0.status != 200 }.count
+        if refused > 0 { logger.info("control: POST /v1/sessions (batch of \(tokens.count)): \(refused) refused") }
+        var out = Array("{\"results\":[".utf8)
+        for (i, answer) in answers.enumerated() {
+            if i > 0 { out.append(UInt8(ascii: ",")) }
+            var item = answer.body.mapValues(FlatJSON.Value.string)
+            item["status"] = .int(answer.status)
+            out.append(contentsOf: FlatJSON.encode(item))
+        }
+        out.append(contentsOf: Array("]}".utf8))
+        return raw(200, out)
+    }
+
+    /// Grants in one batch.
+    public static let maxGrants = 128
+
     static func json(_ status: Int, _ object: [String: FlatJSON.Value]) -> InlineResponse {
         raw(status, FlatJSON.encode(object))
     }
@@ -102,8 +138,10 @@ public enum SecurityGatewayControl {
 
 /// The body of `POST /v1/sessions`: any JSON object; `grant` when it is a
 /// string, and every key, so that an unknown one is named.
-private struct PrepareBody: Decodable {
+struct PrepareBody: Decodable {
     let grant: String?
+    /// A batch's grants; nil when absent or not a list of strings.
+    let grants: [String]?
     let keys: [String]
 
     private struct Key: CodingKey {
@@ -117,5 +155,6 @@ private struct PrepareBody: Decodable {
         let fields = try decoder.container(keyedBy: Key.self)
         keys = fields.allKeys.map(\.stringValue)
         grant = try? fields.decode(String.self, forKey: Key(stringValue: "grant"))
+        grants = try? fields.decode([String].self, forKey: Key(stringValue: "grants"))
     }
 }

@@ -140,6 +140,40 @@ public final class PreparedGrants: Sendable {
         return outcome.0
     }
 
+    /// Prepares many grants under one hold of the lock, each as `prepare`
+    /// would, with one fdatasync for them all (a batch of prepares).
+    /// - Returns: one result per grant, in order.
+    public func prepare(many items: [(grant: SessionGrant, token: String)], now: Date = Date()) -> [PrepareResult] {
+        guard !items.isEmpty else { return [] }
+        let (results, last) = state.withLock { s -> ([PrepareResult], AppendOnlyFile.Appended?) in
+            var results: [PrepareResult] = []
+            results.reserveCapacity(items.count)
+            var last: AppendOnlyFile.Appended?
+            for (grant, token) in items {
+                let name = Self.key(grant.serverName)
+                if s.consumed[UsedGrantID(grant.id)] != nil { results.append(.alreadyUsed); continue }
+                if s.byName[name]?.contains(where: { $0.grant.id == grant.id }) == true { results.append(.alreadyPrepared); continue }
+                if s.count >= capacity { removeExpired(&s, now: now) }
+                guard s.count < capacity else { results.append(.full); continue }
+                do throws(Errno) {
+                    try append(&s, Journal.Record(op: .prepare, id: grant.id, token: token))
+                } catch {
+                    results.append(.notStored("cannot write \(path ?? "-"): \(error)"))
+                    continue
+                }
+                s.byName[name, default: []].append(Entry(grant: grant, token: token))
+                s.count += 1
+                last = s.lastAppended
+                results.append(.added)
+            }
+            compactIfLarge(&s)
+            return (results, last)
+        }
+        // One fdatasync covers every line before the last.
+        guard let problem = waitDurable(last) else { return results }
+        return results.map { $0 == .added ? .notStored(problem) : $0 }
+    }
+
     /// The key of a server name: lower case. A name that already is (as SNI
     /// names almost always are) is its own key, so the table holds no second
     /// copy of it per grant and a lookup allocates nothing for it.

@@ -165,7 +165,28 @@ public final class SecurityGateway: Sendable {
         return answer
     }
 
-    private func prepareGrant(token: String) -> PrepareAnswer {
+    /// Prepares many grants (a batch of `POST /v1/sessions`): each checked
+    /// and answered as `prepare` would, the journal made durable once.
+    public func prepare(tokens: [String]) -> [PrepareAnswer] {
+        var answers = [PrepareAnswer?](repeating: nil, count: tokens.count)
+        var admitted: [(index: Int, grant: SessionGrant, token: String)] = []
+        for (index, token) in tokens.enumerated() {
+            switch checkGrant(token: token) {
+            case .success(let grant): admitted.append((index, grant, token))
+            case .failure(let refusal): answers[index] = refusal.answer
+            }
+        }
+        let stored = grants.prepare(many: admitted.map { ($0.grant, $0.token) })
+        for (item, result) in zip(admitted, stored) { answers[item.index] = answer(item.grant, result) }
+        let done = answers.map { $0! }
+        for answer in done {
+            MetricHandles.counter("sg_grants_prepare_total", [("status", String(answer.status)), ("result", answer.result)]).increment()
+        }
+        return done
+    }
+
+    /// A grant that verifies and names a numeric agent, or the refusal.
+    private func checkGrant(token: String) -> Result<SessionGrant, PrepareRefusal> {
         let grant: SessionGrant
         do throws(GrantError) {
             grant = try verifier.check(token, recordUse: false)
@@ -178,16 +199,35 @@ public final class SecurityGateway: Sendable {
             default: status = 500
             }
             logger.notice("prepare refused: \(error)", metadata: ["reason": "\(error)"])
-            return PrepareAnswer(status: status, body: ["error": error.description, "field": "grant"], result: Self.label(error))
+            return .failure(PrepareRefusal(PrepareAnswer(status: status, body: ["error": error.description, "field": "grant"], result: Self.label(error))))
         }
         guard SocketAddress(grant.agent) != nil else {
-            return PrepareAnswer(status: 400, body: ["error": "grant: agent \"\(grant.agent)\" is not a numeric HOST:PORT", "field": "grant.agent"], result: "bad_agent")
+            return .failure(PrepareRefusal(PrepareAnswer(status: 400, body: ["error": "grant: agent \"\(grant.agent)\" is not a numeric HOST:PORT", "field": "grant.agent"], result: "bad_agent")))
         }
-        let answer = ["session_id": grant.sessionID, "server_name": grant.serverName,
-                      "expires": String(Int64(grant.expires.timeIntervalSince1970))]
+        return .success(grant)
+    }
+
+    /// A refused grant's answer, as an error for `Result`.
+    private struct PrepareRefusal: Error {
+        let answer: PrepareAnswer
+        init(_ answer: PrepareAnswer) { self.answer = answer }
+    }
+
+    private func prepareGrant(token: String) -> PrepareAnswer {
+        let grant: SessionGrant
+        switch checkGrant(token: token) {
+        case .success(let checked): grant = checked
+        case .failure(let refusal): return refusal.answer
+        }
         // The store waits for its journal's fdatasync: the caller's thread
         // is one where that is allowed (see `prepare`).
-        let stored = grants.prepare(grant, token: token)
+        return answer(grant, grants.prepare(grant, token: token))
+    }
+
+    /// The answer to a grant's prepare, from what the store did with it.
+    private func answer(_ grant: SessionGrant, _ stored: PreparedGrants.PrepareResult) -> PrepareAnswer {
+        let answer = ["session_id": grant.sessionID, "server_name": grant.serverName,
+                      "expires": String(Int64(grant.expires.timeIntervalSince1970))]
         switch stored {
         case .added:
             logger.info("session \(grant.sessionID) prepared for \(grant.serverName)",

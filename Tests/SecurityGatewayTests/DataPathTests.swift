@@ -409,6 +409,56 @@ struct SecurityGatewayDataPathTests {
         await sg.stop()
     }
 
+    @Test("a batch of prepares: each grant answered as alone (prepared, already, forged, expired, replayed), the prepared ones admit their clients and survive a restart; a bad batch is refused whole")
+    func preparedInABatch() async throws {
+        let sg = try await GatewayFixture.start()
+        let base = sg.control_
+        let other = try SGTest.temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: other) }
+        try SGTest.openssl(["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", "k.pem"], in: other)
+        let forger = try await GrantSigner.load(pem: try String(contentsOfFile: other + "/k.pem", encoding: .utf8))
+        let held = sg.grant(sni: "held.test", session: "held")
+        #expect(try await sg.prepare(held) == 201)
+        let tokens = [
+            try await sg.signer.sign(sg.grant(sni: "one.test", session: "b-1")),
+            try await sg.signer.sign(held),
+            try await forger.sign(sg.grant(sni: "forged.test", session: "b-forged")),
+            try await sg.signer.sign(sg.grant(sni: "old.test", session: "b-old", from: -1000, life: 300)),
+            try await sg.signer.sign(sg.grant(sni: "two.test", session: "b-2")),
+            "not.a.jwt",
+        ]
+        let body = "{\"grants\":[" + tokens.map { "\"\($0)\"" }.joined(separator: ",") + "]}"
+        let (status, text) = try SGTest.curl("POST", base + "/v1/sessions", json: body)
+        #expect(status == 200, "\(text)")
+        let results = (try JSONSerialization.jsonObject(with: Data(text.utf8)) as? [String: Any])?["results"] as? [[String: Any]] ?? []
+        #expect(results.map { $0["status"] as? Int } == [201, 200, 401, 401, 201, 400], "\(text)")
+        #expect(results[0]["session_id"] as? String == "b-1" && results[4]["server_name"] as? String == "two.test")
+        #expect((results[2]["error"] as? String)?.contains("signature") == true && (results[3]["error"] as? String)?.contains("expired") == true)
+        #expect(!tokens.contains { text.contains($0) }, "no answer repeats a token")
+        #expect(sg.status().preparedGrants == 3)
+        for name in ["one.test", "two.test"] {
+            let client = try TLSClient(port: sg.sgPort, arguments: ["-servername", name])
+            #expect(await eventuallyAsync { client.text.contains("CONNECTION ESTABLISHED") }, "\(name): \(client.text)")
+            client.close()
+        }
+        // Written before the answer: the journal holds both tokens.
+        let journal = String(decoding: try StateFile.read(sg.dir + "/grants.json", limit: 1 << 24) ?? [], as: UTF8.self)
+        #expect(journal.contains(tokens[0]) && journal.contains(tokens[4]))
+
+        // Refused whole, nothing prepared: not a list, empty, both forms, too many, an empty token.
+        let before = sg.status().preparedGrants
+        let fresh = try await sg.signer.sign(sg.grant(sni: "fresh.test", session: "b-fresh"))
+        let many = Array(repeating: "\"\(fresh)\"", count: SecurityGatewayControl.maxGrants + 1).joined(separator: ",")
+        for bad in [#"{"grants":"x"}"#, #"{"grants":[]}"#, "{\"grants\":[\"\(fresh)\"],\"grant\":\"\(fresh)\"}", "{\"grants\":[\(many)]}",
+                    "{\"grants\":[\"\(fresh)\",\"\"]}", "{\"grants\":[\"\(fresh)\"],\"x\":1}"] {
+            let (code, answer) = try SGTest.curl("POST", base + "/v1/sessions", json: bad)
+            #expect(code == 400, "\(bad.prefix(80)): \(answer)")
+            #expect(answer.contains("grants") || answer.contains("unknown field"), "\(answer)")
+        }
+        #expect(sg.status().preparedGrants == before)
+        await sg.stop()
+    }
+
     @Test("collaboration: a second client to the same agent gets the next source port; without it, it is refused")
     func collaboration() async throws {
         let grants = PreparedGrants(path: nil)
