@@ -256,7 +256,7 @@ let package = Package(
         .testTarget(name: "TLSInspectTests", dependencies: ["TestSupport", "TLSInspect"]),
         .testTarget(name: "SessionGrantsTests", dependencies: ["TestSupport", "SessionGrants"]),
         .testTarget(name: "SecurityGatewayTests", dependencies: [
-            "TestSupport", "SecurityGateway", "SessionGrants", "SystemLayer", "Relay", "GatewayControl",
+            "TestSupport", "SecurityGateway", "SessionGrants", "SystemLayer", "Relay", "GatewayControl", "ConnectionManager",
             .product(name: "Hummingbird", package: "hummingbird"),
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             .product(name: "Logging", package: "swift-log"),

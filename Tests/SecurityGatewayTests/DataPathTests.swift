@@ -1,3 +1,4 @@
+import ConnectionManager
 import Foundation
 import Glibc
 import Hummingbird
@@ -406,6 +407,45 @@ struct SecurityGatewayDataPathTests {
         #expect(object?["bytes_client_to_agent"] as? Int ?? 0 > 0)
         #expect(await eventuallyAsync { sg.status().activeSessions == 0 && sg.status().activeConnections == 0 })
         try? FileManager.default.removeItem(atPath: other)
+        await sg.stop()
+    }
+
+    @Test("the Connection Manager's prepares in a burst: each grant's own outcome (prepared, or the gateway's refusal), some carried in batches")
+    func connectionManagerBatches() async throws {
+        let sg = try await GatewayFixture.start()
+        let client = SecurityGatewayClient(tls: nil)
+        let address = SecurityGatewayAddress(publicAddress: "127.0.0.1", publicPort: Int(sg.sgPort),
+                                              control: SocketAddress(String(sg.control_.dropFirst("http://".count)))!)
+        let other = try SGTest.temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: other) }
+        try SGTest.openssl(["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", "k.pem"], in: other)
+        let forger = try await GrantSigner.load(pem: try String(contentsOfFile: other + "/k.pem", encoding: .utf8))
+        // Bursts of 24 at once until one was batched (the first two of a burst go alone; the rest wait for them).
+        var burst = 0
+        while client.batchFigures.batches == 0 && burst < 5 {
+            burst += 1
+            var tokens: [(String, Bool)] = []
+            for i in 0..<24 {
+                let grant = sg.grant(sni: "cm-\(burst)-\(i).test", session: "cm-\(burst)-\(i)")
+                tokens.append(i % 5 == 4 ? (try await forger.sign(grant), false) : (try await sg.signer.sign(grant), true))
+            }
+            let outcomes = await withTaskGroup(of: (Int, String?).self) { group in
+                for (i, token) in tokens.enumerated() { group.addTask { (i, await client.prepare(address, token: token.0)) } }
+                var outcomes: [Int: String?] = [:]
+                for await (i, outcome) in group { outcomes[i] = outcome }
+                return outcomes
+            }
+            for (i, token) in tokens.enumerated() {
+                if token.1 {
+                    #expect(outcomes[i]! == nil, "grant \(i): \(String(describing: outcomes[i]))")
+                } else {
+                    #expect(outcomes[i]??.contains("HTTP 401") == true, "grant \(i): \(String(describing: outcomes[i]))")
+                }
+            }
+        }
+        #expect(client.batchFigures.batches > 0, "no batch in \(burst) bursts of 24")
+        #expect(sg.status().preparedGrants == 20 * burst, "four of each 24 were forged")
+        await client.shutdown()
         await sg.stop()
     }
 
