@@ -57,6 +57,53 @@ def establish_main(args):
     failures = []
     lock = threading.Lock()
 
+    def prepare_batch(conn, indices):
+        """Prepares the grants of `indices` in one POST {"grants": [...]}; every one must be 201."""
+        body = json.dumps({"grants": [tokens[i] for i in indices]}).encode()
+        conn.request("POST", "/v1/sessions", body=body, headers={"Content-Type": "application/json"})
+        reply = conn.getresponse()
+        answer = reply.read()
+        if reply.status != 200:
+            raise RuntimeError(f"batch prepare: HTTP {reply.status}: {answer[:200]!r}")
+        statuses = [item.get("status") for item in json.loads(answer)["results"]]
+        if statuses != [201] * len(indices):
+            raise RuntimeError(f"batch prepare: statuses {statuses[:8]}...")
+
+    def batch_worker(indices):
+        # Batches of args.batch: their prepares in one call, then each session;
+        # a session's time runs from its batch's start to its first byte.
+        conn = _helper.control_connection(host, port)
+        indices = list(indices)
+        for start in range(0, len(indices), args.batch):
+            batch = indices[start:start + args.batch]
+            began = time.perf_counter()
+            try:
+                prepare_batch(conn, batch)
+            except Exception as error:  # noqa: BLE001 - counted and shown
+                with lock:
+                    failures.extend(f"session {i}: {type(error).__name__}: {error}" for i in batch)
+                conn.close()
+                conn = _helper.control_connection(host, port)
+                continue
+            for i in batch:
+                try:
+                    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    sock.settimeout(10)
+                    sock.bind((str(first + i), 0))
+                    sock.connect(args.sg)
+                    sock.sendall(hellos[i])
+                    if not sock.recv(1):
+                        raise RuntimeError("closed before the first byte")
+                    elapsed = time.perf_counter() - began
+                    sock.close()
+                    with lock:
+                        times.append(elapsed)
+                except Exception as error:  # noqa: BLE001 - counted and shown
+                    with lock:
+                        failures.append(f"session {i}: {type(error).__name__}: {error}")
+        conn.close()
+
     def worker(indices):
         conn = _helper.control_connection(host, port)
         for i in indices:
@@ -89,7 +136,16 @@ def establish_main(args):
         conn.close()
 
     began = time.perf_counter()
-    threads = [threading.Thread(target=worker, args=(range(w, len(tokens), args.workers),)) for w in range(args.workers)]
+    if args.batch > 1 and args.direct:
+        print("sg-load: --batch and --direct do not go together", file=sys.stderr)
+        return 2
+    if args.batch > 1:
+        # Each worker its own contiguous share: a batch's grants are neighbours.
+        share = (len(tokens) + args.workers - 1) // args.workers
+        threads = [threading.Thread(target=batch_worker, args=(range(w * share, min(len(tokens), (w + 1) * share)),))
+                   for w in range(args.workers)]
+    else:
+        threads = [threading.Thread(target=worker, args=(range(w, len(tokens), args.workers),)) for w in range(args.workers)]
     for t in threads:
         t.start()
     for t in threads:
@@ -98,7 +154,7 @@ def establish_main(args):
     for failure in failures[:5]:
         print(f"sg-load: {failure}", file=sys.stderr)
     ms = [t * 1000 for t in times]
-    print(f"sessions={len(times)} failed={len(failures)} workers={args.workers} seconds={wall:.2f} "
+    print(f"sessions={len(times)} failed={len(failures)} workers={args.workers} batch={args.batch} seconds={wall:.2f} "
           f"per_s={len(times) / wall:.0f} p50_ms={percentile(ms, 50):.2f} p99_ms={percentile(ms, 99):.2f} "
           f"mean_ms={(sum(ms) / len(ms) if ms else 0):.2f} max_ms={max(ms) if ms else 0:.2f}", flush=True)
     return 0 if not failures else 1
@@ -208,6 +264,7 @@ def main():
     e.add_argument("--first-client", default="127.1.0.1")
     e.add_argument("--workers", type=int, default=1)
     e.add_argument("--direct", type=host_port, help="no gateway: connect to this agent, without preparing")
+    e.add_argument("--batch", type=int, default=1, help="N > 1: prepare N grants in one call ({\"grants\": [...]}), then their sessions")
     s = sub.add_parser("sink")
     s.add_argument("--listen", type=host_port, required=True)
     b = sub.add_parser("bulk")
