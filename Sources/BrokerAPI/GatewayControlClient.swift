@@ -31,7 +31,7 @@ enum GatewayCallError: Error, Sendable, CustomStringConvertible {
 /// broker-to-gateway with the gateway's control key.
 ///
 /// Calls to one gateway go through its queue (`GatewayCallQueue`): at most
-/// two requests at once; the puts and deletes
+/// four requests at once; the puts and deletes
 /// that arrive meanwhile go together in the next request, one batch (issue
 /// 15: a burst of connects costs the gateway one request, one change of its
 /// listeners and one fdatasync per batch rather than per rule). A call
@@ -218,7 +218,7 @@ struct GatewayControlClient: Sendable {
 }
 
 /// The calls to the gateways, gathered per gateway by a `CallBatcher`: at
-/// most two requests to a gateway at once; the calls that wait behind them
+/// most four requests to a gateway at once; the calls that wait behind them
 /// go together in one batch (up to 64, one per rule id).
 final class GatewayCallQueue: Sendable {
     /// A put (with its push) or a delete (push nil).

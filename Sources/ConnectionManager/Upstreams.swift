@@ -130,7 +130,7 @@ public final class SecurityGatewayClient: Sendable {
         }
     }
 
-    /// Prepares to one Security Gateway at once: the first two alone, the
+    /// Prepares to one Security Gateway at once: the first four alone, the
     /// ones that wait behind them in one `{"grants": [...]}` batch (a
     /// reconnect storm costs the gateway one request and one fdatasync per
     /// batch). At most 64 grants of about 700 bytes: within its 128 KiB body.

@@ -41,11 +41,15 @@ public final class CallBatcher<Target: Hashable & Sendable, Call: Sendable, Outc
     private let counters = Mutex<(batches: Int, batchedCalls: Int)>((0, 0))
 
     /// - Parameters:
-    ///   - maxInFlight: requests to one target at once (one answered while the next is sent: 2).
+    ///   - maxInFlight: requests to one target at once. Below it, calls go
+    ///     alone as they come, so a closed loop of a few callers sees no
+    ///     queueing (with 2, four callers measured about 10 % fewer connects
+    ///     a second: the third and fourth waited a whole round trip);
+    ///     beyond it, a burst goes in batches.
     ///   - maxBatch: calls in one batch, within what the peer takes.
     ///   - unbatchedFor: nanoseconds of single calls after a peer refused a batch.
     ///   - key: calls with equal keys go in different batches.
-    public init(maxInFlight: Int = 2, maxBatch: Int, unbatchedFor: UInt64 = 600 * 1_000_000_000,
+    public init(maxInFlight: Int = 4, maxBatch: Int, unbatchedFor: UInt64 = 600 * 1_000_000_000,
                 key: (@Sendable (Call) -> String)? = nil) {
         precondition(maxInFlight > 0 && maxBatch > 1)
         self.maxInFlight = maxInFlight

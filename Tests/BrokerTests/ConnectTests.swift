@@ -517,7 +517,7 @@ struct ConnectTests {
         return try await burst.value
     }
 
-    @Test("a burst of connects to one gateway: two pushes go at once, the rest in one batch, each connect with its own port; an item refused in a batch fails only its connect; disconnects too")
+    @Test("a burst of connects to one gateway: four pushes go at once, the rest in batches, each connect with its own port; an item refused in a batch fails only its connect; disconnects too")
     func burstIsBatched() async throws {
         try await withConnectSetup { setup in
             let broker = setup.broker
@@ -525,13 +525,13 @@ struct ConnectTests {
             let fake = try #require(setup.gateways[gatewayID]?.fake)
             let desktopID = try await setup.desktop("desk-1", gatewayID: gatewayID)
 
-            let replies = try await Self.heldBurst(setup, gatewayID: gatewayID, desktopID: desktopID, count: 8)
+            let replies = try await Self.heldBurst(setup, gatewayID: gatewayID, desktopID: desktopID, count: 12)
             #expect(replies.allSatisfy { $0.status == 200 }, "\(replies.filter { $0.status != 200 })")
-            // At most two requests were under way while all eight waited: at least six went in batches.
-            #expect(fake.batchSizes.reduce(0, +) >= 6, "\(fake.batchSizes)")
-            #expect(fake.calls.filter { $0.method == "PUT" }.count == 8, "each push once")
+            // At most four requests were under way while all twelve waited: at least eight went in batches.
+            #expect(fake.batchSizes.reduce(0, +) >= 8, "\(fake.batchSizes)")
+            #expect(fake.calls.filter { $0.method == "PUT" }.count == 12, "each push once")
             let ports = replies.compactMap { $0.object["port"] as? Int }
-            #expect(Set(ports).count == 8, "each connect has its own port: \(ports)")
+            #expect(Set(ports).count == 12, "each connect has its own port: \(ports)")
             let ruleIDs = replies.compactMap { $0.object["rule_id"] as? String }
             #expect(Set(fake.rules.keys) == Set(ruleIDs))
             #expect(Set(try await broker.store.rules(gatewayID: nil).map(\.id)) == Set(ruleIDs))
@@ -544,16 +544,16 @@ struct ConnectTests {
             // The gateway refuses every item of the next batch: only those connects fail, naming it.
             let batchesBefore = fake.batchSizes.count, callsBefore = fake.calls.count
             let answered = Mutex(0)
-            let mixed = try await Self.heldBurst(setup, gatewayID: gatewayID, desktopID: desktopID, count: 5) {
+            let mixed = try await Self.heldBurst(setup, gatewayID: gatewayID, desktopID: desktopID, count: 8) {
                 // What reached the gateway so far is answered; everything after is refused.
                 answered.withLock { $0 = fake.calls.count - callsBefore }
                 fake.refuse(500, "disk full")
             }
             let before = answered.withLock { $0 }
             #expect(mixed.filter { $0.status == 200 }.count == before, "\(mixed)")
-            #expect(mixed.filter { $0.status == 502 && $0.text.contains("disk full") }.count == 5 - before, "\(mixed)")
+            #expect(mixed.filter { $0.status == 502 && $0.text.contains("disk full") }.count == 8 - before, "\(mixed)")
             // The calls after the refusal went together (two or more wait: one batch).
-            if before <= 3 { #expect(fake.batchSizes.count > batchesBefore, "\(fake.batchSizes)") }
+            if before <= 6 { #expect(fake.batchSizes.count > batchesBefore, "\(fake.batchSizes)") }
             fake.accept()
             let kept = mixed.compactMap { $0.object["rule_id"] as? String }
             #expect(Set(try await broker.store.rules(gatewayID: nil).map(\.id)) == Set(ruleIDs + kept), "nothing stored for a refused item")
@@ -581,12 +581,12 @@ struct ConnectTests {
             let fake = try #require(setup.gateways[gatewayID]?.fake)
             fake.takeBatches(false)
             let desktopID = try await setup.desktop("desk-1", gatewayID: gatewayID)
-            let replies = try await Self.heldBurst(setup, gatewayID: gatewayID, desktopID: desktopID, count: 5)
+            let replies = try await Self.heldBurst(setup, gatewayID: gatewayID, desktopID: desktopID, count: 8)
             #expect(replies.allSatisfy { $0.status == 200 }, "\(replies.filter { $0.status != 200 })")
             #expect(fake.batchSizes.isEmpty)
-            #expect(fake.calls.filter { $0.method == "PUT" }.count == 5, "each push once, alone")
-            #expect(Set(replies.compactMap { $0.object["port"] as? Int }).count == 5)
-            #expect(fake.rules.count == 5)
+            #expect(fake.calls.filter { $0.method == "PUT" }.count == 8, "each push once, alone")
+            #expect(Set(replies.compactMap { $0.object["port"] as? Int }).count == 8)
+            #expect(fake.rules.count == 8)
         }
     }
 }

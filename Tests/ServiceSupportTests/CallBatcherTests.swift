@@ -68,7 +68,7 @@ struct CallBatcherTests {
 
     @Test("a burst: at most two requests at once, the waiting calls in batches of at most maxBatch, each call its own outcome")
     func burstIsBatched() async throws {
-        let batcher = CallBatcher<String, Int, Int>(maxBatch: 4)
+        let batcher = CallBatcher<String, Int, Int>(maxInFlight: 2, maxBatch: 4)
         let peer = Peer()
         let outcomes = try await Self.burst(batcher, peer, Array(1...12))
         #expect(outcomes.count == 12 && outcomes.allSatisfy { $0.value == $0.key * 10 }, "\(outcomes)")
@@ -83,7 +83,7 @@ struct CallBatcherTests {
 
     @Test("calls with the same key never share a batch")
     func keysSplitBatches() async throws {
-        let batcher = CallBatcher<String, Int, Int>(maxBatch: 16, key: { String($0 % 3) })
+        let batcher = CallBatcher<String, Int, Int>(maxInFlight: 2, maxBatch: 16, key: { String($0 % 3) })
         let peer = Peer()
         let outcomes = try await Self.burst(batcher, peer, Array(1...9))
         #expect(outcomes.count == 9 && outcomes.allSatisfy { $0.value == $0.key * 10 })
@@ -94,7 +94,7 @@ struct CallBatcherTests {
 
     @Test("a peer without batches: the waiting calls go one at a time, and no batch is tried again for unbatchedFor")
     func peerWithoutBatches() async throws {
-        let batcher = CallBatcher<String, Int, Int>(maxBatch: 8)
+        let batcher = CallBatcher<String, Int, Int>(maxInFlight: 2, maxBatch: 8)
         let peer = Peer(takesBatches: false)
         let first = try await Self.burst(batcher, peer, Array(1...6))
         #expect(first.count == 6 && first.allSatisfy { $0.value == $0.key * 10 })
