@@ -263,6 +263,7 @@ let package = Package(
         ]),
         .testTarget(name: "BrokerTests", dependencies: [
             "TestSupport", "BrokerAPI", "BrokerCore", "BrokerPostgres", "ControlProtocol", "PCoIPBrokerProtocol", "CertificateFiles",
+            "GatewayControl", "Relay", "SystemLayer",
             .product(name: "Hummingbird", package: "hummingbird"),
             .product(name: "HummingbirdCore", package: "hummingbird"),
             .product(name: "HummingbirdTLS", package: "hummingbird"),
