@@ -57,6 +57,23 @@ def establish_main(args):
     failures = []
     lock = threading.Lock()
 
+    def session(i, target, began):
+        """Session i from its own client address: connect, ClientHello, first byte back; its time since `began`."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.settimeout(10)
+            sock.bind((str(first + i), 0))
+            sock.connect(target)
+            sock.sendall(hellos[i])
+            if not sock.recv(1):
+                raise RuntimeError("closed before the first byte")
+            elapsed = time.perf_counter() - began
+        finally:
+            sock.close()
+        with lock:
+            times.append(elapsed)
+
     def prepare_batch(conn, indices):
         """Prepares the grants of `indices` in one POST {"grants": [...]}; every one must be 201."""
         body = json.dumps({"grants": [tokens[i] for i in indices]}).encode()
@@ -87,18 +104,7 @@ def establish_main(args):
                 continue
             for i in batch:
                 try:
-                    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    sock.settimeout(10)
-                    sock.bind((str(first + i), 0))
-                    sock.connect(args.sg)
-                    sock.sendall(hellos[i])
-                    if not sock.recv(1):
-                        raise RuntimeError("closed before the first byte")
-                    elapsed = time.perf_counter() - began
-                    sock.close()
-                    with lock:
-                        times.append(elapsed)
+                    session(i, args.sg, began)
                 except Exception as error:  # noqa: BLE001 - counted and shown
                     with lock:
                         failures.append(f"session {i}: {type(error).__name__}: {error}")
@@ -116,18 +122,7 @@ def establish_main(args):
                     reply.read()
                     if reply.status != 201:
                         raise RuntimeError(f"prepare: HTTP {reply.status}")
-                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                sock.settimeout(10)
-                sock.bind((str(first + i), 0))
-                sock.connect(args.direct or args.sg)
-                sock.sendall(hellos[i])
-                if not sock.recv(1):
-                    raise RuntimeError("closed before the first byte")
-                elapsed = time.perf_counter() - began
-                sock.close()
-                with lock:
-                    times.append(elapsed)
+                session(i, args.direct or args.sg, began)
             except Exception as error:  # noqa: BLE001 - counted and shown
                 with lock:
                     failures.append(f"session {i}: {type(error).__name__}: {error}")
