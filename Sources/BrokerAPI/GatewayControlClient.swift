@@ -41,7 +41,13 @@ struct GatewayControlClient: Sendable {
     let timeout: TimeAmount
     /// Kept-alive connections to the gateways.
     let connections = GatewayConnections()
-    let queue = GatewayCallQueue()
+    let queue: GatewayCallQueue
+
+    init(timeout: TimeAmount) {
+        self.timeout = timeout
+        // A call waits for a request slot no longer than a request may take.
+        queue = GatewayCallQueue(maxWait: UInt64(max(0, timeout.nanoseconds)))
+    }
 
     /// Pushes a rule.
     /// - Returns: the public port the gateway opened.
@@ -243,7 +249,12 @@ final class GatewayCallQueue: Sendable {
     /// a call is at most about 400 bytes).
     static let maxBatch = 64
 
-    private let batcher = CallBatcher<Target, Call, Result<Int, GatewayCallError>>(maxBatch: maxBatch, key: { $0.ruleID })
+    private let batcher: CallBatcher<Target, Call, Result<Int, GatewayCallError>>
+
+    /// - Parameter maxWait: nanoseconds a call may wait before it is sent.
+    init(maxWait: UInt64) {
+        batcher = CallBatcher(maxBatch: Self.maxBatch, key: { $0.ruleID }, maxWait: maxWait)
+    }
 
     /// Calls to a gateway (whatever its record and key) not yet answered.
     func pendingCalls(gatewayID: Int64) -> Int {
@@ -253,6 +264,10 @@ final class GatewayCallQueue: Sendable {
     func submit(_ call: Call, client: GatewayControlClient) async -> Result<Int, GatewayCallError> {
         let target = Target(gatewayID: call.gateway.id, controlURL: call.gateway.controlURL,
                             certificate: call.gateway.controlCertificate, key: call.key.bytes)
-        return await batcher.submit(call, to: target, one: { await client.send($0) }, many: { await client.sendBatch($0) })
+        return await batcher.submit(call, to: target, one: { await client.send($0) }, many: { await client.sendBatch($0) },
+                                    expired: { call, waited in
+                                        .failure(.unreachable(gateway: GatewayControlClient.name(call.gateway),
+                                                              reason: "the call waited \(waited / 1_000_000) ms behind earlier calls to it, longer than a call may take"))
+                                    })
     }
 }

@@ -134,13 +134,14 @@ public final class SecurityGatewayClient: Sendable {
     /// ones that wait behind them in one `{"grants": [...]}` batch (a
     /// reconnect storm costs the gateway one request and one fdatasync per
     /// batch). At most 64 grants of about 700 bytes: within its 128 KiB body.
-    private let batcher = CallBatcher<String, String, String?>(maxBatch: 64)
+    private let batcher = CallBatcher<String, String, String?>(maxBatch: 64, maxWait: 5_000_000_000)
 
     /// Prepares `token` on `gateway`, alone or in a batch with others waiting for it.
     /// - Returns: nil when prepared (201 or 200), else why not.
     public func prepare(_ gateway: SecurityGatewayAddress, token: String) async -> String? {
         await batcher.submit(token, to: "\(gateway.control)", one: { await self.prepareAlone(gateway, token: $0) },
-                             many: { await self.prepareMany(gateway, tokens: $0) })
+                             many: { await self.prepareMany(gateway, tokens: $0) },
+                             expired: { _, waited in "waited \(waited / 1_000_000) ms behind earlier prepares to this gateway, longer than a prepare may take" })
     }
 
     /// Batches sent, and the grants they carried.

@@ -18,6 +18,12 @@ public final class CallBatcher<Target: Hashable & Sendable, Call: Sendable, Outc
     public let maxInFlight: Int
     public let maxBatch: Int
     public let unbatchedFor: UInt64
+    /// How long a call may wait for a request slot: one that waited longer
+    /// is answered by `expired` instead of sent (a peer that hangs would
+    /// otherwise make calls wait for the requests ahead of them and then
+    /// for their own); nil: no limit.
+    public let maxWait: UInt64?
+    private let clock: @Sendable () -> UInt64
     /// Calls with the same key never go in one batch (a peer that refuses
     /// an id named twice); nil: no such rule.
     private let key: (@Sendable (Call) -> String)?
@@ -25,6 +31,8 @@ public final class CallBatcher<Target: Hashable & Sendable, Call: Sendable, Outc
     private struct Waiting {
         let call: Call
         let done: CheckedContinuation<Outcome, Never>
+        /// When it started to wait (`clock`).
+        let since: UInt64
     }
 
     private struct Queue {
@@ -49,13 +57,20 @@ public final class CallBatcher<Target: Hashable & Sendable, Call: Sendable, Outc
     ///   - maxBatch: calls in one batch, within what the peer takes.
     ///   - unbatchedFor: nanoseconds of single calls after a peer refused a batch.
     ///   - key: calls with equal keys go in different batches.
+    ///   - maxWait: nanoseconds a call may wait before it is sent (the
+    ///     callers' own request timeout, so a waiting call fails no later
+    ///     than a call sent alone would have); nil: no limit.
+    ///   - clock: nanoseconds, monotonic (tests move it).
     public init(maxInFlight: Int = 4, maxBatch: Int, unbatchedFor: UInt64 = 600 * 1_000_000_000,
-                key: (@Sendable (Call) -> String)? = nil) {
+                key: (@Sendable (Call) -> String)? = nil, maxWait: UInt64? = nil,
+                clock: @escaping @Sendable () -> UInt64 = { MonotonicClock.nowNanoseconds }) {
         precondition(maxInFlight > 0 && maxBatch > 1)
         self.maxInFlight = maxInFlight
         self.maxBatch = maxBatch
         self.unbatchedFor = unbatchedFor
         self.key = key
+        self.maxWait = maxWait
+        self.clock = clock
     }
 
     /// Batches sent, and the calls they carried.
@@ -73,9 +88,12 @@ public final class CallBatcher<Target: Hashable & Sendable, Call: Sendable, Outc
     ///   - one: sends one call alone.
     ///   - many: sends calls as one batch; one outcome per call, in order,
     ///     or nil when the peer does not take batches.
+    ///   - expired: the outcome of a call that waited longer than `maxWait`
+    ///     (with how long it waited, in nanoseconds), which is not sent.
     public func submit(_ call: Call, to target: Target,
                        one: @escaping @Sendable (Call) async -> Outcome,
-                       many: @escaping @Sendable ([Call]) async -> [Outcome]?) async -> Outcome {
+                       many: @escaping @Sendable ([Call]) async -> [Outcome]?,
+                       expired: @escaping @Sendable (Call, UInt64) -> Outcome) async -> Outcome {
         let direct = queues.withLock { table -> Bool in
             var queue = table[target, default: Queue()]
             guard queue.sending < maxInFlight, queue.waiting.isEmpty else { return false }
@@ -94,17 +112,18 @@ public final class CallBatcher<Target: Hashable & Sendable, Call: Sendable, Outc
                 forgetIfIdle(target, in: &table)
                 return false
             }
-            if handOff { Task { await self.drain(target, one: one, many: many) } }
+            if handOff { Task { await self.drain(target, one: one, many: many, expired: expired) } }
             return outcome
         }
+        let since = clock()
         return await withCheckedContinuation { done in
             let start = queues.withLock { table -> Bool in
-                table[target, default: Queue()].waiting.append(Waiting(call: call, done: done))
+                table[target, default: Queue()].waiting.append(Waiting(call: call, done: done, since: since))
                 guard table[target]!.sending < maxInFlight else { return false }
                 table[target]!.sending += 1
                 return true
             }
-            if start { Task { await self.drain(target, one: one, many: many) } }
+            if start { Task { await self.drain(target, one: one, many: many, expired: expired) } }
         }
     }
 
@@ -116,10 +135,18 @@ public final class CallBatcher<Target: Hashable & Sendable, Call: Sendable, Outc
 
     /// Sends what waits for `target` until nothing does, then gives its request slot back.
     private func drain(_ target: Target, one: @Sendable (Call) async -> Outcome,
-                       many: @Sendable ([Call]) async -> [Outcome]?) async {
+                       many: @Sendable ([Call]) async -> [Outcome]?,
+                       expired: @Sendable (Call, UInt64) -> Outcome) async {
         while true {
             let now = MonotonicClock.nowNanoseconds
+            let waitedOut = clock()
+            var late: [Waiting] = []
             let (next, batching): ([Waiting], Bool) = queues.withLock { table in
+                // Calls that waited longer than maxWait are answered, not sent.
+                if let maxWait, let queue = table[target], queue.waiting.contains(where: { waitedOut &- $0.since > maxWait }) {
+                    late = queue.waiting.filter { waitedOut &- $0.since > maxWait }
+                    table[target]!.waiting.removeAll { waitedOut &- $0.since > maxWait }
+                }
                 guard var queue = table[target], !queue.waiting.isEmpty else {
                     table[target]?.sending -= 1
                     forgetIfIdle(target, in: &table)
@@ -140,6 +167,7 @@ public final class CallBatcher<Target: Hashable & Sendable, Call: Sendable, Outc
                 table[target] = queue
                 return (taken, batching)
             }
+            for item in late { item.done.resume(returning: expired(item.call, waitedOut &- item.since)) }
             guard !next.isEmpty else { return }
             func answer(_ item: Waiting, _ outcome: Outcome) {
                 queues.withLock { $0[target]?.taken -= 1 }

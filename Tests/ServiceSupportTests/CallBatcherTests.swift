@@ -42,7 +42,7 @@ struct CallBatcherTests {
         let task = Task {
             await withTaskGroup(of: (Int, Int).self) { group in
                 for call in calls {
-                    group.addTask { (call, await batcher.submit(call, to: "peer", one: peer.one, many: peer.many)) }
+                    group.addTask { (call, await batcher.submit(call, to: "peer", one: peer.one, many: peer.many, expired: { _, _ in -1 })) }
                 }
                 var outcomes: [Int: Int] = [:]
                 for await (call, outcome) in group { outcomes[call] = outcome }
@@ -59,7 +59,7 @@ struct CallBatcherTests {
         let batcher = CallBatcher<String, Int, Int>(maxBatch: 8)
         let peer = Peer()
         for call in 1...5 {
-            #expect(await batcher.submit(call, to: "peer", one: peer.one, many: peer.many) == call * 10)
+            #expect(await batcher.submit(call, to: "peer", one: peer.one, many: peer.many, expired: { _, _ in -1 }) == call * 10)
         }
         #expect(peer.singles.withLock { $0 } == [1, 2, 3, 4, 5])
         #expect(peer.batches.withLock { $0 }.isEmpty)
@@ -78,6 +78,36 @@ struct CallBatcherTests {
         // Only two requests were under way while the twelve waited: the rest went in batches.
         #expect(batches.reduce(0) { $0 + $1.count } >= 10, "\(batches)")
         #expect(batcher.batchFigures.batches == batches.count)
+        #expect(batcher.pendingCalls { _ in true } == 0)
+    }
+
+    @Test("a call that waited longer than maxWait is answered as expired, not sent; those that did not are sent")
+    func waitingCallsExpire() async throws {
+        let now = Mutex<UInt64>(1_000_000_000)
+        let batcher = CallBatcher<String, Int, Int>(maxInFlight: 2, maxBatch: 8, maxWait: 5_000,
+                                                   clock: { now.withLock { $0 } })
+        let peer = Peer()
+        peer.held.withLock { $0 = true }
+        let first = Task {
+            await withTaskGroup(of: (Int, Int).self) { group in
+                for call in 1...6 {
+                    group.addTask { (call, await batcher.submit(call, to: "peer", one: peer.one, many: peer.many,
+                                                               expired: { _, waited in -Int(waited) })) }
+                }
+                var outcomes: [Int: Int] = [:]
+                for await (call, outcome) in group { outcomes[call] = outcome }
+                return outcomes
+            }
+        }
+        try await waitUntilAsync("six calls pending") { batcher.pendingCalls { _ in true } == 6 }
+        // The four that wait now have waited 6,000 ns when a slot frees.
+        now.withLock { $0 += 6_000 }
+        peer.held.withLock { $0 = false }
+        let outcomes = await first.value
+        let sent = peer.singles.withLock { $0 } + peer.batches.withLock { $0 }.flatMap { $0 }
+        #expect(sent.count == 2, "only the two under way were sent: \(sent)")
+        #expect(outcomes.filter { $0.value == $0.key * 10 }.count == 2)
+        #expect(outcomes.filter { $0.value == -6_000 }.count == 4, "\(outcomes)")
         #expect(batcher.pendingCalls { _ in true } == 0)
     }
 
