@@ -150,51 +150,49 @@ public final class SecurityGatewayClient: Sendable {
     /// `POST /v1/sessions {"grants": [...]}`: each grant's outcome, in order;
     /// nil when the gateway does not take batches (one older than this).
     private func prepareMany(_ gateway: SecurityGatewayAddress, tokens: [String]) async -> [String?]? {
-        var request = HTTPClientRequest(url: base(gateway) + "/v1/sessions")
-        request.tlsConfiguration = tls
-        request.method = .POST
-        request.headers.add(name: "Content-Type", value: "application/json")
-        let body = (try? JSONSerialization.data(withJSONObject: ["grants": tokens])) ?? Data()
-        request.body = .bytes(ByteBuffer(bytes: Array(body)))
+        let status: Int, answer: String
         do {
-            let response = try await client.execute(request, timeout: .seconds(5))
-            let answer = try await response.body.collect(upTo: 1 << 20)
-            let code = Int(response.status.code)
-            guard code == 200 else {
-                // An older gateway: no batches (it names `grants` an unknown field).
-                if code == 400, String(buffer: answer).contains("grants: unknown field") || String(buffer: answer).contains("grant: missing") { return nil }
-                let why = "HTTP \(code): \(String(buffer: answer).prefix(200))"
-                return tokens.map { _ in why }
-            }
-            guard let object = try? JSONSerialization.jsonObject(with: Data(answer.readableBytesView)) as? [String: Any],
-                  let results = object["results"] as? [[String: Any]], results.count == tokens.count else {
-                return tokens.map { _ in "a batch answer without one result per grant" }
-            }
-            return results.map { item in
-                let status = item["status"] as? Int ?? 0
-                if status == 201 || status == 200 { return nil }
-                return "HTTP \(status): \((item["error"] as? String ?? "(no message)").prefix(200))"
-            }
+            (status, answer) = try await postSessions(gateway, ["grants": tokens], limit: 1 << 20)
         } catch {
             return tokens.map { _ in "\(error)" }
+        }
+        guard status == 200 else {
+            // An older gateway: no batches (it names `grants` an unknown field, or misses `grant`).
+            if status == 400, answer.contains("grants: unknown field") || answer.contains("grant: missing") { return nil }
+            let why = "HTTP \(status): \(answer.prefix(200))"
+            return tokens.map { _ in why }
+        }
+        guard let object = try? JSONSerialization.jsonObject(with: Data(answer.utf8)) as? [String: Any],
+              let results = object["results"] as? [[String: Any]], results.count == tokens.count else {
+            return tokens.map { _ in "a batch answer without one result per grant" }
+        }
+        return results.map { item in
+            let status = item["status"] as? Int ?? 0
+            if status == 201 || status == 200 { return nil }
+            return "HTTP \(status): \((item["error"] as? String ?? "(no message)").prefix(200))"
         }
     }
 
     private func prepareAlone(_ gateway: SecurityGatewayAddress, token: String) async -> String? {
+        do {
+            let (status, answer) = try await postSessions(gateway, ["grant": token], limit: 64 * 1024)
+            return status == 201 || status == 200 ? nil : "HTTP \(status): \(answer.prefix(200))"
+        } catch {
+            return "\(error)"
+        }
+    }
+
+    /// `POST /v1/sessions` with `object` as its JSON body: the status and the answer's text.
+    private func postSessions(_ gateway: SecurityGatewayAddress, _ object: [String: Any], limit: Int) async throws -> (Int, String) {
         var request = HTTPClientRequest(url: base(gateway) + "/v1/sessions")
         request.tlsConfiguration = tls
         request.method = .POST
         request.headers.add(name: "Content-Type", value: "application/json")
-        let body = (try? JSONSerialization.data(withJSONObject: ["grant": token])) ?? Data()
+        let body = (try? JSONSerialization.data(withJSONObject: object)) ?? Data()
         request.body = .bytes(ByteBuffer(bytes: Array(body)))
-        do {
-            let response = try await client.execute(request, timeout: .seconds(5))
-            let answer = try await response.body.collect(upTo: 64 * 1024)
-            if response.status.code == 201 || response.status.code == 200 { return nil }
-            return "HTTP \(response.status.code): \(String(buffer: answer).prefix(200))"
-        } catch {
-            return "\(error)"
-        }
+        let response = try await client.execute(request, timeout: .seconds(5))
+        let answer = try await response.body.collect(upTo: limit)
+        return (Int(response.status.code), String(buffer: answer))
     }
 
     private func get(_ url: String) async throws -> (status: Int, body: [UInt8]) {

@@ -267,30 +267,9 @@ public final class GatewayControl: Sendable {
     /// - Returns: the rule and whether it was created (false: an identical rule existed).
     /// - Throws: `ControlError` (400, 403, 409, 500); nothing changed.
     public func put(id: String, push: RulePush) throws(ControlError) -> (rule: RuleState, created: Bool) {
-        try RulePolicy.checkID(id)
-        let now = clock()
-        let (rule, created, pending) = try state.withLock { s throws(ControlError) -> (RuleState, Bool, RuleStore.Pending?) in
-            let placed: Placed
-            switch try place(id: id, push: push, now: now, in: &s, alsoHeld: { _ in [] }) {
-            case .existing(let rule): return (rule, false, nil)
-            case .new(let new): placed = new
-            }
-            if !placed.onKernel { try applyToEngine(upserting: relayRules([placed.rule], s.settings)) }
-            let pending: RuleStore.Pending?
-            do throws(ControlError) {
-                pending = try store.record(upserting: [placed.rule])
-            } catch {
-                s.storeError = error.message
-                undo([placed])
-                throw error
-            }
-            commit([placed], to: &s)
-            return (placed.rule, true, pending)
-        }
-        // Durable before the answer, outside the lock: pushes arriving
-        // meanwhile share one fdatasync (group commit).
-        if let pending { try waitDurable(pending) }
-        return (rule, created)
+        // A batch of one: the same checks, placement, journal record and
+        // durable wait (shared with pushes arriving meanwhile: group commit).
+        try batch(putting: [(id, push)], deleting: []).put[0].get()
     }
 
     /// One item's outcome in a batch: a put's rule and whether it was
@@ -361,6 +340,10 @@ public final class GatewayControl: Sendable {
             if !relayed.isEmpty {
                 do throws(ControlError) {
                     try applyToEngine(upserting: relayRules(relayed.map(\.placed.rule), s.settings))
+                } catch where relayed.count == 1 {
+                    putOutcomes[relayed[0].index] = .failure(error)
+                    relayCache.withLock { $0[relayed[0].placed.rule.id] = nil }
+                    placed.removeAll { $0.index == relayed[0].index }
                 } catch {
                     // Each alone: only the rules that cannot be opened are refused.
                     var refused = Set<Int>()
@@ -505,12 +488,7 @@ public final class GatewayControl: Sendable {
     /// established through the rule continue until they end.
     /// - Throws: `ControlError` 404 for an unknown id, 500 when the state cannot be written.
     public func delete(id: String) throws(ControlError) {
-        try RulePolicy.checkID(id)
-        let pending = try state.withLock { s throws(ControlError) -> RuleStore.Pending? in
-            guard s.pushed.contains(id) else { throw ControlError(404, field: "id", "id: no rule \(id)") }
-            return try remove(Set([id]), from: &s, waitDurable: false)
-        }
-        if let pending { try waitDurable(pending) }
+        try batch(putting: [], deleting: [id]).delete[0].get()
         logger.info("control: rule \(id) deleted")
     }
 

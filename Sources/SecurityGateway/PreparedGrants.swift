@@ -117,27 +117,7 @@ public final class PreparedGrants: Sendable {
 
     /// Adds a verified grant; returns once it is durable in the journal.
     public func prepare(_ grant: SessionGrant, token: String, now: Date = Date()) -> PrepareResult {
-        let name = Self.key(grant.serverName)
-        let outcome = state.withLock { s -> (PrepareResult, AppendOnlyFile.Appended?) in
-            if s.consumed[UsedGrantID(grant.id)] != nil { return (.alreadyUsed, nil) }
-            if s.byName[name]?.contains(where: { $0.grant.id == grant.id }) == true { return (.alreadyPrepared, nil) }
-            if s.count >= capacity { removeExpired(&s, now: now) }
-            guard s.count < capacity else { return (.full, nil) }
-            do throws(Errno) {
-                try append(&s, Journal.Record(op: .prepare, id: grant.id, token: token))
-            } catch {
-                return (.notStored("cannot write \(path ?? "-"): \(error)"), nil)
-            }
-            s.byName[name, default: []].append(Entry(grant: grant, token: token))
-            s.count += 1
-            compactIfLarge(&s)
-            return (.added, s.lastAppended)
-        }
-        if outcome.0 == .added, let problem = waitDurable(outcome.1) {
-            // The line is written but not known durable: say so rather than promise.
-            return .notStored(problem)
-        }
-        return outcome.0
+        prepare(many: [(grant, token)], now: now)[0]
     }
 
     /// Prepares many grants under one hold of the lock, each as `prepare`

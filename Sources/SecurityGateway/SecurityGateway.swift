@@ -160,9 +160,7 @@ public final class SecurityGateway: Sendable {
     ///   Blocks (the journal's fdatasync): call it where blocking is allowed
     ///   (the control endpoint's own threads).
     public func prepare(token: String) -> PrepareAnswer {
-        let answer = prepareGrant(token: token)
-        MetricHandles.counter("sg_grants_prepare_total", [("status", String(answer.status)), ("result", answer.result)]).increment()
-        return answer
+        prepare(tokens: [token])[0]
     }
 
     /// Prepares many grants (a batch of `POST /v1/sessions`): each checked
@@ -211,17 +209,6 @@ public final class SecurityGateway: Sendable {
     private struct PrepareRefusal: Error {
         let answer: PrepareAnswer
         init(_ answer: PrepareAnswer) { self.answer = answer }
-    }
-
-    private func prepareGrant(token: String) -> PrepareAnswer {
-        let grant: SessionGrant
-        switch checkGrant(token: token) {
-        case .success(let checked): grant = checked
-        case .failure(let refusal): return refusal.answer
-        }
-        // The store waits for its journal's fdatasync: the caller's thread
-        // is one where that is allowed (see `prepare`).
-        return answer(grant, grants.prepare(grant, token: token))
     }
 
     /// The answer to a grant's prepare, from what the store did with it.

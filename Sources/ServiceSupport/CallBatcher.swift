@@ -128,7 +128,7 @@ public final class CallBatcher<Target: Hashable & Sendable, Call: Sendable, Outc
     }
 
     private func forgetIfIdle(_ target: Target, in table: inout [Target: Queue]) {
-        if let queue = table[target], queue.idle, queue.unbatchedUntil <= MonotonicClock.nowNanoseconds {
+        if let queue = table[target], queue.idle, queue.unbatchedUntil <= clock() {
             table[target] = nil
         }
     }
@@ -138,14 +138,17 @@ public final class CallBatcher<Target: Hashable & Sendable, Call: Sendable, Outc
                        many: @Sendable ([Call]) async -> [Outcome]?,
                        expired: @Sendable (Call, UInt64) -> Outcome) async {
         while true {
-            let now = MonotonicClock.nowNanoseconds
-            let waitedOut = clock()
+            let now = clock()
             var late: [Waiting] = []
             let (next, batching): ([Waiting], Bool) = queues.withLock { table in
                 // Calls that waited longer than maxWait are answered, not sent.
-                if let maxWait, let queue = table[target], queue.waiting.contains(where: { waitedOut &- $0.since > maxWait }) {
-                    late = queue.waiting.filter { waitedOut &- $0.since > maxWait }
-                    table[target]!.waiting.removeAll { waitedOut &- $0.since > maxWait }
+                if let maxWait, var queue = table[target] {
+                    let overdue = { (item: Waiting) in now &- item.since > maxWait }
+                    late = queue.waiting.filter(overdue)
+                    if !late.isEmpty {
+                        queue.waiting.removeAll(where: overdue)
+                        table[target] = queue
+                    }
                 }
                 guard var queue = table[target], !queue.waiting.isEmpty else {
                     table[target]?.sending -= 1
@@ -167,7 +170,7 @@ public final class CallBatcher<Target: Hashable & Sendable, Call: Sendable, Outc
                 table[target] = queue
                 return (taken, batching)
             }
-            for item in late { item.done.resume(returning: expired(item.call, waitedOut &- item.since)) }
+            for item in late { item.done.resume(returning: expired(item.call, now &- item.since)) }
             guard !next.isEmpty else { return }
             func answer(_ item: Waiting, _ outcome: Outcome) {
                 queues.withLock { $0[target]?.taken -= 1 }
@@ -181,7 +184,7 @@ public final class CallBatcher<Target: Hashable & Sendable, Call: Sendable, Outc
                 counters.withLock { $0.batches += 1; $0.batchedCalls += next.count }
                 for (item, outcome) in zip(next, outcomes) { answer(item, outcome) }
             } else {
-                queues.withLock { $0[target]?.unbatchedUntil = MonotonicClock.nowNanoseconds + unbatchedFor }
+                queues.withLock { $0[target]?.unbatchedUntil = clock() + unbatchedFor }
                 for item in next { answer(item, await one(item.call)) }
             }
         }
