@@ -376,6 +376,8 @@ func runControlPush(_ arguments: ArraySlice<String>) -> Never {
     let client = ControlLoadClient(setup)
     var samples: [Double] = []
     samples.reserveCapacity(count)
+    // The two parts of each sample: the PUT's round trip, then the first use (connect + echo).
+    var putSamples: [Double] = [], useSamples: [Double] = []
     var before: [Double: Double] = [:]
     do throws(LoadFailure) {
         for i in 0..<(warmup + count) {
@@ -383,9 +385,14 @@ func runControlPush(_ arguments: ArraySlice<String>) -> Never {
             let id = randomRuleID()
             let start = nowNs()
             let port = try client.putRule(id, target: setup.target, extra: setup.extra)
+            let answered = nowNs()
             try echoThrough(SocketAddress(ip: setup.publicHost, port: UInt16(port)))
-            let elapsed = Double(nowNs() - start) / 1e6
-            if i >= warmup { samples.append(elapsed) }
+            let end = nowNs()
+            if i >= warmup {
+                samples.append(Double(end - start) / 1e6)
+                putSamples.append(Double(answered - start) / 1e6)
+                useSamples.append(Double(end - answered) / 1e6)
+            }
             try client.deleteRule(id)
         }
     } catch {
@@ -401,7 +408,9 @@ func runControlPush(_ arguments: ArraySlice<String>) -> Never {
     }
     let sorted = samples.sorted()
     print("scenario=push-latency count=\(sorted.count) p50_ms=\(milliseconds(sorted, 50)) p99_ms=\(milliseconds(sorted, 99)) "
-        + "mean_ms=\(fixed(sorted.reduce(0, +) / Double(sorted.count), 3)) max_ms=\(fixed(sorted.last ?? 0, 3)) \(server)")
+        + "mean_ms=\(fixed(sorted.reduce(0, +) / Double(sorted.count), 3)) max_ms=\(fixed(sorted.last ?? 0, 3)) \(server) "
+        + "put_p50_ms=\(milliseconds(putSamples.sorted(), 50)) put_p99_ms=\(milliseconds(putSamples.sorted(), 99)) "
+        + "use_p50_ms=\(milliseconds(useSamples.sorted(), 50)) use_p99_ms=\(milliseconds(useSamples.sorted(), 99))")
     exit(0)
 }
 

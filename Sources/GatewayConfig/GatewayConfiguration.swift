@@ -44,6 +44,11 @@ public struct GatewayConfiguration: Sendable, Equatable {
     /// The table's name (`kernel_table`), family inet.
     public var kernelTable = "leostream_gateway"
 
+    /// When a pushed rule's change is answered (`rules_sync`): after the
+    /// rules journal's fdatasync (`each_change`, the default), or after its
+    /// write, with the sync right after on a thread of its own (`background`).
+    public var rulesSync: JournalSync = .eachChange
+
     public init() {}
 }
 
@@ -233,6 +238,11 @@ public enum ConfigParser {
             case "off", "no", "false": config.kernelPath = false
             default: throw fail("kernel_path: \"\(value)\" is not on or off")
             }
+        case "rules_sync":
+            guard let sync = JournalSync(rawValue: value.lowercased()) else {
+                throw fail("rules_sync: \"\(value)\" is not one of \(JournalSync.allCases.map(\.rawValue).joined(separator: ", "))")
+            }
+            config.rulesSync = sync
         case "kernel_table":
             guard value.utf8.count <= 64, value.utf8.allSatisfy({ ($0 >= 0x30 && $0 <= 0x39) || ($0 >= 0x41 && $0 <= 0x5A) || ($0 >= 0x61 && $0 <= 0x7A) || $0 == 0x5F || $0 == 0x2D }) else {
                 throw fail("kernel_table: \"\(value)\" must be 1 to 64 of A-Z a-z 0-9 _ -")

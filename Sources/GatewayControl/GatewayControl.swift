@@ -84,13 +84,18 @@ public final class GatewayControl: Sendable {
                 kernel: (any KernelForwarding)? = nil) {
         self.engine = engine
         self.kernel = kernel
-        self.store = RuleStore(directory: stateDirectory)
         self.logger = logger
         self.clock = clock
         self.probe = probe
         var initial = State(settings: settings, signer: signer, baseRules: baseRules)
         Self.indexFixedPorts(&initial)
-        state = BlockingMutex(initial)
+        let state = BlockingMutex(initial)
+        self.state = state
+        self.store = RuleStore(directory: stateDirectory) { [state] problem in
+            // rules_sync = background: the change was answered, and is in effect, but may not survive the machine's crash.
+            state.withLock { $0.storeError = problem }
+            logger.critical("control: \(problem); changes answered since the last sync are in effect but not durable")
+        }
         published = Mutex((settings, signer))
     }
 
@@ -475,8 +480,9 @@ public final class GatewayControl: Sendable {
     /// whole set again) and says so: the page cache holds it, but it was not
     /// acknowledged as durable.
     private func waitDurable(_ pending: RuleStore.Pending) throws(ControlError) {
+        let sync = published.withLock { $0.settings.rulesSync }
         do throws(ControlError) {
-            try store.makeDurable(pending)
+            try store.makeDurable(pending, sync: sync)
         } catch {
             state.withLock { $0.storeError = error.message }
             logger.critical("control: \(error.message); the change is in effect but not durable")
@@ -858,7 +864,7 @@ public final class GatewayControl: Sendable {
         do throws(ControlError) {
             pending = try store.record(removing: Array(ids))
             if waitDurable, let written = pending {
-                try store.makeDurable(written)
+                try store.makeDurable(written, sync: s.settings.rulesSync)
                 pending = nil
             }
         } catch {

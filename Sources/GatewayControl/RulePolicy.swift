@@ -22,6 +22,9 @@ public struct ControlSettings: Sendable, Equatable {
     public var maxBodyBytes: Int
     /// The path a push takes when it does not say (`forwarding`).
     public var defaultForwarding: ForwardingPath = .userspace
+    /// When a change is answered (`rules_sync`): after its journal record's
+    /// fdatasync (the default), or after its write with the sync in the background.
+    public var rulesSync: JournalSync = .eachChange
 
     public init(publicAddress: IPAddress = .v4(0), desktopNetworks: [CIDR] = [], portRange: ClosedRange<Int> = 20001...22000,
                 ownAddresses: [SocketAddress] = [], defaultUnusedExpirySeconds: Int = 300, maxBodyBytes: Int = 64 * 1024) {

@@ -23,10 +23,18 @@ public struct RuleStore: Sendable {
     private let directory: String
     private let journal: Journal
 
-    public init(directory: String) {
+    /// - Parameter onSyncFailure: told (on the background sync's thread)
+    ///   when a change answered under `JournalSync.background` could not be
+    ///   made durable; the next change then writes the whole set again.
+    public init(directory: String, onSyncFailure: @escaping @Sendable (String) -> Void = { _ in }) {
         self.directory = directory
         path = directory + "/rules.json"
-        journal = Journal()
+        let state = BlockingMutex(Journal.State())
+        let syncer = BackgroundSync(name: "rules-sync") { [state] file, error in
+            state.withLock { j in if j.file === file { j.file = nil } }
+            onSyncFailure("cannot make \(file.path) durable: \(error)")
+        }
+        journal = Journal(state: state, syncer: syncer)
     }
 
     /// The journal's state and each rule's last JSON, by id (re-encoded only
@@ -46,11 +54,18 @@ public struct RuleStore: Sendable {
             /// A snapshot is being written in the background.
             var compacting = false
         }
-        let state = BlockingMutex(State())
+        let state: BlockingMutex<State>
+        /// Makes changes durable after their answer (`JournalSync.background`).
+        let syncer: BackgroundSync
         /// Snapshots are written one at a time, and never one older than the
         /// latest written (a slow background write must not replace a newer
         /// snapshot). Taken after `state` or alone, never the other way round.
         let snapshots = Mutex(0)
+
+        init(state: BlockingMutex<State>, syncer: BackgroundSync) {
+            self.state = state
+            self.syncer = syncer
+        }
     }
 
     private struct File: Codable {
@@ -185,9 +200,15 @@ public struct RuleStore: Sendable {
 
     /// Waits until `pending` is durable; concurrent callers share one
     /// fdatasync (group commit). On failure the next change writes the
-    /// whole set again (the journal may hold a torn record).
+    /// whole set again (the journal may hold a torn record). With
+    /// `.background` it asks the background sync instead and returns at
+    /// once (a failure then reaches `onSyncFailure`).
     /// - Throws: `ControlError` 500 naming the file.
-    public func makeDurable(_ pending: Pending) throws(ControlError) {
+    public func makeDurable(_ pending: Pending, sync: JournalSync = .eachChange) throws(ControlError) {
+        if sync == .background {
+            journal.syncer.request(pending)
+            return
+        }
         do throws(Errno) {
             try pending.makeDurable()
         } catch {
@@ -325,6 +346,17 @@ public struct RuleStore: Sendable {
     private static func ordered(_ table: [String: Journal.Entry]) -> [[UInt8]] {
         table.values.sorted { $0.sequence < $1.sequence }.map(\.json)
     }
+
+    /// Waits (blocking, up to `timeoutMilliseconds`) until every change
+    /// answered under `JournalSync.background` is durable (or its sync
+    /// failed): at a stop. - Returns: false at the deadline.
+    @discardableResult
+    public func flush(timeoutMilliseconds: Int = 30_000) -> Bool {
+        journal.syncer.flush(timeoutMilliseconds: timeoutMilliseconds)
+    }
+
+    /// Changes answered under `JournalSync.background` not yet known durable.
+    public var unsynced: Int { journal.syncer.outstanding }
 
     /// Waits (polling, up to `timeoutMilliseconds`) until no snapshot is
     /// being written, so that another process loading the directory now sees

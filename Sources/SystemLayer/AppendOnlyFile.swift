@@ -185,6 +185,9 @@ public final class AppendOnlyFile: Sendable {
         return Appended(file: self, sequence: sequence)
     }
 
+    /// The number of the last append known durable (0: none yet).
+    public var syncedThrough: UInt64 { durability.withLock { progress.synced } }
+
     /// Makes the appends up to number `sequence` durable. Threads waiting at
     /// once share one fdatasync (group commit): while one syncs, the others
     /// wait for it, and are done when it covered their append.

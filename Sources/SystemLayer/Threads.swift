@@ -62,6 +62,11 @@ public struct ThreadHandle: @unchecked Sendable {
     public func join() {
         pthread_join(thread, nil)
     }
+
+    /// Lets the thread's resources go when it ends, for a thread nobody joins.
+    public func detach() {
+        pthread_detach(thread)
+    }
 }
 
 /// The process signals the gateway reacts to.

@@ -59,6 +59,7 @@ final class ControlPlane: Sendable {
                                        portRange: range, ownAddresses: own)
         settings.localAddresses = SystemInfo.interfaceAddresses()
         settings.defaultForwarding = config.forwarding
+        settings.rulesSync = config.rulesSync
         let signer = Self.signer(stored, key)
         var kernel: KernelTable?
         if config.kernelPath {
@@ -232,6 +233,8 @@ final class ControlPlane: Sendable {
         agent.stop()
         if let handle = maintenance.withLock({ h -> ThreadHandle? in let t = h; h = nil; return t }) { handle.join() }
         server.withLock { s -> ServerTask? in let t = s; s = nil; return t }?.stop()
+        // rules_sync = background: what was answered is made durable before the process goes.
+        if !control.store.flush() { logger.warning("stop: the rules journal's last changes were still being synced after 30 s") }
         if handingOver {
             if !control.store.waitForCompaction() { logger.warning("upgrade: the rules snapshot was still being written after 30 s") }
             return

@@ -352,7 +352,8 @@ struct Serve: ParsableCommand {
             return current
         }
         if fresh.settings != current.settings || fresh.logLevel != current.logLevel || fresh.controlListen != current.controlListen
-            || fresh.publicAddress != current.publicAddress || fresh.desktopNetworks != current.desktopNetworks {
+            || fresh.publicAddress != current.publicAddress || fresh.desktopNetworks != current.desktopNetworks
+            || fresh.rulesSync != current.rulesSync {
             logger.warning("SIGHUP: global settings changed in \(global.config!); they take effect at the next restart (forwards were reloaded)")
         }
         logger.notice("SIGHUP: config reloaded: \(fresh.rules.count) forward(s); \(engine.stats().active) session(s) kept")
@@ -362,6 +363,7 @@ struct Serve: ParsableCommand {
         next.controlListen = current.controlListen
         next.publicAddress = current.publicAddress
         next.desktopNetworks = current.desktopNetworks
+        next.rulesSync = current.rulesSync
         return next
     }
 }

@@ -132,6 +132,8 @@ struct ConfigParserTests {
             ("[forward a]\nlisten = 127.0.0.1:1\ntarget = 127.0.0.1:2\nprotocol = udp\n[forward b]\nlisten = 127.0.0.1:1\ntarget = 127.0.0.1:3\nprotocol = tcp+udp", 5, "both listen on"),
             ("forwarding = fast", 1, "forwarding: \"fast\" is not one of userspace, kernel, offload"),
             ("kernel_path = maybe", 1, "kernel_path"),
+            ("loops = 2\nrules_sync = sometimes", 2, "rules_sync: \"sometimes\" is not one of each_change, background"),
+            ("rules_sync = background\nrules_sync = each_change", 2, "rules_sync is set twice"),
             ("kernel_table = a.b", 1, "kernel_table"),
             ("forwarding = kernel\nkernel_path = off", 1, "kernel_path is off (line 2)"),
             ("kernel_path = on", 1, "sets no control_listen"),
@@ -147,6 +149,13 @@ struct ConfigParserTests {
             return error.file == "gw.conf" && error.line == line && error.description.contains(fragment)
                 && error.description.hasPrefix("gw.conf:\(line): ")
         }
+    }
+
+    @Test("rules_sync: each_change by default, background when asked (either case)")
+    func rulesSync() throws {
+        #expect(try ConfigParser.parse("loops = 1\n").rulesSync == .eachChange)
+        #expect(try ConfigParser.parse("rules_sync = background\n").rulesSync == .background)
+        #expect(try ConfigParser.parse("rules_sync = Each_Change\n").rulesSync == .eachChange)
     }
 
     @Test("the kernel path: forwarding turns it on, kernel_table names the table, userspace stays the default")

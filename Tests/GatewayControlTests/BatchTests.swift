@@ -165,4 +165,36 @@ import TestSupport
         #expect(kernel.elements.isEmpty && engine.rules.isEmpty)
         #expect(RuleStore(directory: folder.path).load().rules.isEmpty)
     }
+
+    @Test("rules_sync = background: a change is in the journal when answered, and made durable right after without anyone waiting")
+    func backgroundSync() async throws {
+        // Ports of this test's own (other tests' gateways use 20001-22000 meanwhile), so the restart can reopen every rule.
+        let block = TestPorts.freeBlock(48)
+        var settings = TestGateway.settings(portRange: Int(block.lowerBound)...Int(block.upperBound))
+        settings.rulesSync = .background
+        let gateway = try await TestGateway.start(settings: settings)
+        let echo = try TCPEcho()
+        defer { echo.stop() }
+        try await offPool {
+            for index in 0..<20 {
+                let reply = try gateway.put("single\(index)", "{\(Self.push("\(echo.address)"))}")
+                #expect(reply.status == 201, "\(reply.text)")
+                // What a crash of the process would leave: the page cache holds the record.
+                #expect(RuleStore(directory: gateway.folder.path).load().rules.count == index + 1)
+            }
+            let target = "\(echo.address)"
+            let items = (0..<20).map { "{\"id\": \"batch\($0)\", \(Self.push(target))}" }.joined(separator: ",")
+            let reply = try gateway.send("POST", "/control/v1/rules", #"{"put": [\#(items)], "delete": ["single0"]}"#)
+            #expect(reply.status == 200, "\(reply.text)")
+            #expect(try gateway.send("DELETE", "/control/v1/rules/single1").status == 204)
+            #expect(RuleStore(directory: gateway.folder.path).load().rules.count == 38)
+            #expect(eventually { gateway.control.store.unsynced == 0 }, "changes still waiting for their sync")
+            #expect(gateway.control.problem == nil)
+            return ()
+        }
+        await gateway.stop(removeFolder: false)
+        let again = try await TestGateway.start(folder: gateway.folder, settings: settings)
+        #expect(again.control.pushedRules().count == 38)
+        await again.stop()
+    }
 }

@@ -242,8 +242,9 @@ final class FakeBroker: @unchecked Sendable {
         #expect(!FileManager.default.fileExists(atPath: state + "/gateway.pid"))
     }
 
-    @Test("a crash in the middle of a burst of pushes loses no acknowledged rule (the journal, issue 15)")
-    func crashMidBurstKeepsAcknowledgedRules() throws {
+    @Test("a crash in the middle of a burst of pushes loses no acknowledged rule (the journal, issue 15)",
+          arguments: ["each_change", "background"])
+    func crashMidBurstKeepsAcknowledgedRules(rulesSync: String) throws {
         let folder = TempFolder()
         defer { folder.remove() }
         let key = ControlKey.generate()
@@ -258,6 +259,7 @@ final class FakeBroker: @unchecked Sendable {
         control_listen = 127.0.0.1:\(port)
         control_plain_http = yes
         drain_timeout = 1s
+        rules_sync = \(rulesSync)
         """.write(toFile: config, atomically: true, encoding: .utf8)
         let set = try GatewayBinary.run(["--state-dir", state, "--gateway-id", "7", "--control-key-file", keyFile])
         #expect(set.status == 0, "\(set.stderr)")

@@ -110,3 +110,65 @@ struct AppendOnlyFileTests {
         #expect(AppendOnlyFile.records(in: bytes).count == 64 * 4096)
     }
 }
+
+/// `rules_sync = background`: appends answered before their sync are made
+/// durable by a thread of its own, one fdatasync per file for what waits.
+@Suite("Background sync", .offPool)
+struct BackgroundSyncTests {
+    @Test("appends to two files requested from 4 threads are all made durable without anyone waiting; flush returns once they are")
+    func syncsWhatIsRequested() throws {
+        let folder = try AppendOnlyFileTests.makeFolder()
+        defer { try? FileManager.default.removeItem(atPath: folder) }
+        let files = [try AppendOnlyFile(path: folder + "/a"), try AppendOnlyFile(path: folder + "/b")]
+        let failures = Mutex<[String]>([])
+        let sync = BackgroundSync(name: "test-sync") { file, error in failures.withLock { $0.append("\(file.path): \(error)") } }
+        let appendLock = Mutex(())
+        let last = Mutex<[UInt64]>([0, 0])
+        let done = DispatchGroup()
+        for t in 0..<4 {
+            done.enter()
+            Thread {
+                defer { done.leave() }
+                for i in 0..<100 {
+                    let which = (t + i) % 2
+                    // Appends to one file are serialized by their owner (AppendOnlyFile's contract).
+                    let appended = appendLock.withLock { _ in
+                        let appended = try? files[which].append(Array("\(t) \(i)\n".utf8))
+                        if let appended { last.withLock { $0[which] = max($0[which], appended.sequence) } }
+                        return appended
+                    }
+                    if let appended { sync.request(appended) }
+                }
+            }.start()
+        }
+        done.wait()
+        let wanted = last.withLock { $0 }
+        #expect(wanted == [200, 200])
+        #expect(eventually { sync.outstanding == 0 }, "requests still outstanding: \(sync.outstanding)")
+        #expect(files[0].syncedThrough == wanted[0] && files[1].syncedThrough == wanted[1],
+                "synced \(files.map(\.syncedThrough)), appended \(wanted)")
+        #expect(failures.withLock { $0 }.isEmpty)
+        // Later requests start the thread again if it ended meanwhile.
+        let more = try files[0].append(Array("late\n".utf8))
+        sync.request(more)
+        #expect(sync.flush(timeoutMilliseconds: 60_000))
+        #expect(files[0].syncedThrough == more.sequence)
+    }
+
+    @Test("an fdatasync that fails is reported with its file, and leaves nothing outstanding")
+    func failureIsReported() throws {
+        let folder = try AppendOnlyFileTests.makeFolder()
+        defer { try? FileManager.default.removeItem(atPath: folder) }
+        // A node of the null device (major 1, minor 3: makedev is a C macro): writes succeed, fdatasync answers EINVAL.
+        let path = folder + "/null"
+        try #require(mknod(path, S_IFCHR | 0o600, dev_t(1 << 8 | 3)) == 0, "mknod needs root: \(Errno.current)")
+        let file = try AppendOnlyFile(path: path)
+        let failures = Mutex<[String]>([])
+        let sync = BackgroundSync(name: "test-sync") { file, error in failures.withLock { $0.append("\(file.path): \(error)") } }
+        sync.request(try file.append(Array("one\n".utf8)))
+        #expect(sync.flush(timeoutMilliseconds: 60_000))
+        let reported = failures.withLock { $0 }
+        #expect(reported.count == 1 && reported.first?.hasPrefix(path + ": ") == true, "\(reported)")
+        #expect(file.syncedThrough == 0)
+    }
+}
