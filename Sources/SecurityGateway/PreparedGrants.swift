@@ -19,7 +19,8 @@ import SystemLayer
 /// journal (`prepare`, `remove`, `used`); a prepare or revoke returns once
 /// its line is durable (fdatasync, shared by the changes that wait at the
 /// same time); a single-use grant consumed by a connection is appended on
-/// the loop and made durable in the background. When the journal holds
+/// the loop and made durable in the background (`BackgroundSync`: one
+/// thread of its own, one fdatasync for the uses appended meanwhile). When the journal holds
 /// much more than the live state it is rewritten, so its size stays
 /// O(live grants): a background thread writes the snapshot of that moment
 /// to a temporary file and fsyncs it while changes go on being appended to
@@ -55,19 +56,35 @@ public final class PreparedGrants: Sendable {
         var tail: (bytes: [UInt8], records: Int)?
     }
 
-    private let state = BlockingMutex<State>(State())
+    private let state: BlockingMutex<State>
     private let path: String?
     /// The most grants held; preparing beyond it is refused.
     public let capacity: Int
+    /// Makes single-use grants' "used" records durable after the lookup
+    /// that consumed them (on a thread of its own, one fdatasync for what
+    /// was appended meanwhile: no thread hop per connection).
+    private let syncer: BackgroundSync
 
     /// - Parameter path: the journal the tokens persist in (nil: memory only).
     ///   It is opened by `restore` (or by the first change).
     public init(path: String?, capacity: Int = 50_000) {
         self.path = path
         self.capacity = capacity
+        let state = BlockingMutex<State>(State())
+        self.state = state
+        syncer = BackgroundSync(name: "grants-sync") { [state] file, error in
+            state.withLock { $0.journalError = "cannot sync \(file.path): \(error)" }
+        }
     }
 
     public var count: Int { state.withLock { $0.count } }
+
+    /// Waits (blocking, up to 30 s) until the "used" records appended so far
+    /// are durable or their sync failed: at a stop.
+    public func flush() { syncer.flush() }
+
+    /// "Used" records whose background sync has not finished (tests).
+    public var unsyncedUses: Int { syncer.outstanding }
 
     /// Why the journal cannot be written (the last failure), or nil.
     public var storeProblem: String? { state.withLock { $0.journalError } }
@@ -196,9 +213,7 @@ public final class PreparedGrants: Sendable {
             }
             return match
         }
-        if let used {
-            BlockingExecutor.shared.execute { [self] in _ = waitDurable(used) }
-        }
+        if let used, path != nil { syncer.request(used) }
         return found
     }
 

@@ -114,6 +114,7 @@ public final class SecurityGateway: Sendable {
     public func shutdown() {
         sync.stop()
         engine.shutdown()
+        grants.flush()
     }
 
     /// Why the gateway is not healthy, or nil.
