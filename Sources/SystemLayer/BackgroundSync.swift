@@ -73,6 +73,7 @@ public final class BackgroundSync: Sendable {
     /// - Returns: false at the deadline.
     @discardableResult
     public func flush(timeoutMilliseconds: Int = 30_000) -> Bool {
+        if outstanding == 0 { return true }
         BlockingCallCheck.check("flush of \(name)")
         return BlockingWait.until(timeoutMilliseconds: timeoutMilliseconds) { outstanding == 0 }
     }
