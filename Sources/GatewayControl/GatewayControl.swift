@@ -55,7 +55,7 @@ public final class GatewayControl: Sendable {
         /// costs the ports it tries, not the rules held.
         var fixedPorts = PortUses()
         var pushedPorts = PortUses()
-        /// Connections and flows ever seen per engine rule id, at the last tick.
+        /// Connections and flows ever seen per pushed rule id, at the last tick.
         var seenUse: [String: Int] = [:]
         /// Why the last write of `rules.json` failed; nil once one succeeds.
         var storeError: String?
@@ -501,8 +501,10 @@ public final class GatewayControl: Sendable {
     /// The pushed rules with their live session counts (`GET /control/v1/rules`).
     public func rules() -> [RuleState] {
         let sessions = sessionCounts()
-        let (pushed, traffic) = state.withLock { ($0.pushed.list, $0.kernelTraffic) }
-        return pushed.map { rule in
+        // A copy under the lock (copy-on-write: O(1)); the ordering outside it,
+        // so a push does not wait for it (--status writes this every second).
+        let (held, traffic) = state.withLock { ($0.pushed, $0.kernelTraffic) }
+        return held.list.map { rule in
             var rule = rule
             rule.sessions = sessions[RulePolicy.idPrefix + rule.id] ?? 0
             if rule.forwardingPath != .userspace {
@@ -595,22 +597,21 @@ public final class GatewayControl: Sendable {
             }
         }
         let now = clock()
+        // Keyed by the pushed rule's own id here, outside the lock: the pass
+        // over every rule under it then makes no string (a push waits for it).
+        let pushedSessions = Self.pushedIDs(sessions), pushedUse = Self.pushedIDs(everUsed)
         let expired: [String] = state.withLock { s in
             var firstUse = false
-            var seen: [String: Int] = [:]
             let seenBefore = s.seenUse
             s.pushed.updateEach { rule in
-                let id = RulePolicy.idPrefix + rule.id
-                let count = sessions[id] ?? 0
-                let total = everUsed[id] ?? 0
-                seen[id] = total
+                let count = pushedSessions[rule.id] ?? 0
                 rule.sessions = count
-                if count > 0 || total > (seenBefore[id] ?? 0) {
+                if count > 0 || (pushedUse[rule.id] ?? 0) > (seenBefore[rule.id] ?? 0) {
                     if rule.lastUsed == nil { firstUse = true }
                     rule.lastUsed = now
                 }
             }
-            s.seenUse = seen
+            s.seenUse = pushedUse
             var kernelExpired = Set<String>()
             if let kernelRead {
                 switch kernelRead {
@@ -749,23 +750,36 @@ public final class GatewayControl: Sendable {
         return counts
     }
 
+    /// `counts` of the engine's rule ids that are pushed rules, by the pushed rule's id.
+    private static func pushedIDs(_ counts: [String: Int]) -> [String: Int] {
+        var plain: [String: Int] = [:]
+        plain.reserveCapacity(counts.count)
+        for (id, count) in counts where id.hasPrefix(RulePolicy.idPrefix) {
+            plain[String(id.dropFirst(RulePolicy.idPrefix.count))] = count
+        }
+        return plain
+    }
+
     /// Every port a rule holds, with its protocol (for `--status`).
     public func portsInUse() -> [String] {
-        state.withLock { s in
-            var ports: [String] = []
-            for rule in s.fixed + relayRules(s.pushed.list, s.settings) {
-                if rule.transport.contains(.tcp) { ports.append("\(rule.listen.port)/tcp") }
-                if rule.transport.contains(.udp) { ports.append("\(rule.listen.port)/udp") }
-            }
-            return Array(Set(ports)).sorted()
+        // Copies under the lock (O(1)), the O(rules) work outside it: a push
+        // does not wait for this (--status and /metrics ask every second).
+        let (fixed, held, settings) = state.withLock { ($0.fixed, $0.pushed, $0.settings) }
+        var ports = Set<String>()
+        for rule in fixed + relayRules(held.list, settings, caching: false) {
+            if rule.transport.contains(.tcp) { ports.insert("\(rule.listen.port)/tcp") }
+            if rule.transport.contains(.udp) { ports.insert("\(rule.listen.port)/udp") }
         }
+        return ports.sorted()
     }
 
     // MARK: Inside the lock
 
     /// The relay rules of `pushed` (`RulePolicy.relayRule` of each, those that
     /// can be opened), made once per rule and public address.
-    private func relayRules(_ pushed: [RuleState], _ settings: ControlSettings) -> [RelayRule] {
+    /// - Parameter caching: false outside the state lock: what is made is not
+    ///   kept (the rule may be gone by then, and its entry would outlive it).
+    private func relayRules(_ pushed: [RuleState], _ settings: ControlSettings, caching: Bool = true) -> [RelayRule] {
         relayCache.withLock { cache in
             var rules: [RelayRule] = []
             rules.reserveCapacity(pushed.count)
@@ -776,7 +790,7 @@ public final class GatewayControl: Sendable {
                     rule = known.rule
                 } else {
                     rule = RulePolicy.relayRule(state, settings: settings)
-                    cache[state.id] = (state, settings.publicAddress, rule)
+                    if caching { cache[state.id] = (state, settings.publicAddress, rule) }
                 }
                 if let rule { rules.append(rule) }
             }
