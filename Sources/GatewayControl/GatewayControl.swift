@@ -777,26 +777,27 @@ public final class GatewayControl: Sendable {
 
     /// The relay rules of `pushed` (`RulePolicy.relayRule` of each, those that
     /// can be opened), made once per rule and public address.
-    /// - Parameter caching: false outside the state lock: what is made is not
-    ///   kept (the rule may be gone by then, and its entry would outlive it).
+    /// - Parameter caching: false outside the state lock: the cache is read
+    ///   from a copy (copy-on-write), so the pass over every rule holds no
+    ///   lock a push needs, and what is made is not kept (the rule may be
+    ///   gone by then, and its entry would outlive it).
     private func relayRules(_ pushed: [RuleState], _ settings: ControlSettings, caching: Bool = true) -> [RelayRule] {
-        relayCache.withLock { cache in
-            var rules: [RelayRule] = []
-            rules.reserveCapacity(pushed.count)
-            for state in pushed where state.forwardingPath != .kernel {
-                let rule: RelayRule?
-                if let known = cache[state.id], known.address == settings.publicAddress,
-                   known.state.push == state.push, known.state.port == state.port {
-                    rule = known.rule
-                } else {
-                    rule = RulePolicy.relayRule(state, settings: settings)
-                    if caching { cache[state.id] = (state, settings.publicAddress, rule) }
-                }
-                if let rule { rules.append(rule) }
+        func made(_ state: RuleState, _ cache: inout [String: (state: RuleState, address: IPAddress, rule: RelayRule?)]) -> RelayRule? {
+            guard state.forwardingPath != .kernel else { return nil }
+            if let known = cache[state.id], known.address == settings.publicAddress,
+               known.state.push == state.push, known.state.port == state.port {
+                return known.rule
             }
-            // Entries go with their rules (`remove`, a failed put, restore).
-            return rules
+            let rule = RulePolicy.relayRule(state, settings: settings)
+            if caching { cache[state.id] = (state, settings.publicAddress, rule) }
+            return rule
         }
+        if !caching {
+            var copy = relayCache.withLock { $0 }
+            return pushed.compactMap { made($0, &copy) }
+        }
+        // Entries go with their rules (`remove`, a failed put, restore).
+        return relayCache.withLock { cache in pushed.compactMap { made($0, &cache) } }
     }
 
     /// The ports one pushed rule holds.
