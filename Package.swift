@@ -112,7 +112,9 @@ let package = Package(
 
         // The gateway <-> broker control protocol: message types and request
         // signing (HMAC-SHA-256 from OpenSSL); used by both sides.
-        .target(name: "ControlProtocol", dependencies: ["COpenSSL"]),
+        // base64url decoding, shared by ControlProtocol and SessionGrants (no Foundation).
+        .target(name: "Base64URL"),
+        .target(name: "ControlProtocol", dependencies: ["COpenSSL", "Base64URL"]),
 
         // `Key = value` config files (SecurityGateway.conf, ConnectionManager.conf).
         .target(name: "KeyValueConfig"),
@@ -182,6 +184,7 @@ let package = Package(
         ]),
         // Signed session grants (JWT, RS256 / ES256) for the Security Gateway.
         .target(name: "SessionGrants", dependencies: [
+            "Base64URL",
             .product(name: "JWTKit", package: "jwt-kit"),
             .product(name: "Crypto", package: "swift-crypto"),
             .product(name: "_CryptoExtras", package: "swift-crypto"),

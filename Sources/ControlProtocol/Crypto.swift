@@ -1,3 +1,4 @@
+import Base64URL
 import COpenSSL
 import Foundation
 
@@ -112,29 +113,6 @@ public enum ControlCrypto {
 
     /// Decodes unpadded (or padded) base64url; nil when the text is not base64url.
     public static func fromBase64url(_ text: String) -> [UInt8]? {
-        var out: [UInt8] = []
-        out.reserveCapacity(text.utf8.count * 3 / 4)
-        var accumulator: UInt32 = 0
-        var bits = 0
-        for byte in text.utf8 {
-            let value: UInt8
-            switch byte {
-            case 0x41...0x5A: value = byte - 0x41
-            case 0x61...0x7A: value = byte - 0x61 + 26
-            case 0x30...0x39: value = byte - 0x30 + 52
-            case 0x2D: value = 62
-            case 0x5F: value = 63
-            case 0x3D: continue   // padding
-            default: return nil
-            }
-            accumulator = accumulator << 6 | UInt32(value)
-            bits += 6
-            if bits >= 8 {
-                bits -= 8
-                out.append(UInt8(truncatingIfNeeded: accumulator >> UInt32(bits)))
-            }
-        }
-        // One character left over (6 bits) cannot end base64.
-        return bits >= 6 ? nil : out
+        Base64URL.decode(text.utf8, allowingPadding: true)
     }
 }

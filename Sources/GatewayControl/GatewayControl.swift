@@ -499,8 +499,10 @@ public final class GatewayControl: Sendable {
     }
 
     /// The pushed rules with their live session counts (`GET /control/v1/rules`).
-    public func rules() -> [RuleState] {
-        let sessions = sessionCounts()
+    /// - Parameter sessions: `sessionCounts()` when the caller has it already
+    ///   (the status writer, which also needs the total).
+    public func rules(sessions: [String: Int]? = nil) -> [RuleState] {
+        let sessions = sessions ?? sessionCounts()
         // A copy under the lock (copy-on-write: O(1)); the ordering outside it,
         // so a push does not wait for it (--status writes this every second).
         let (held, traffic) = state.withLock { ($0.pushed, $0.kernelTraffic) }

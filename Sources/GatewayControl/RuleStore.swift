@@ -355,7 +355,8 @@ public struct RuleStore: Sendable {
         journal.syncer.flush(timeoutMilliseconds: timeoutMilliseconds)
     }
 
-    /// Changes answered under `JournalSync.background` not yet known durable.
+    /// Journal files with changes answered under `JournalSync.background`
+    /// not yet known durable (0: every such change is, or its sync failed).
     public var unsynced: Int { journal.syncer.outstanding }
 
     /// Waits (polling, up to `timeoutMilliseconds`) until no snapshot is

@@ -1,3 +1,7 @@
+// scripts/fuzz compiles this file with Base64URL.swift as one module.
+#if canImport(Base64URL)
+import Base64URL
+#endif
 import FoundationEssentials
 
 /// The unverified outside of a compact JWT: three base64url parts and the
@@ -22,54 +26,18 @@ public struct GrantToken: Sendable, Equatable {
         let bytes = Array(token.utf8)
         let parts = bytes.split(separator: UInt8(ascii: "."), maxSplits: 3, omittingEmptySubsequences: false)
         guard parts.count == 3 else { throw .malformed("not a compact JWT of three parts") }
-        guard let headerBytes = GrantToken.base64url(parts[0]),
+        guard let headerBytes = Base64URL.decode(parts[0], allowingPadding: false),
               let header = try? JSONDecoder().decode(Header.self, from: Data(headerBytes)) else {
             throw .malformed("the header is not base64url JSON")
         }
         guard let alg = header.alg, !alg.isEmpty, alg.utf8.count <= 16 else { throw .malformed("the header has no alg") }
         guard !header.hasCrit else { throw .malformed("critical header extensions are not supported") }
-        guard let payload = GrantToken.base64url(parts[1]), !payload.isEmpty else { throw .malformed("the payload is not base64url") }
-        guard let signature = GrantToken.base64url(parts[2]) else { throw .malformed("the signature is not base64url") }
+        guard let payload = Base64URL.decode(parts[1], allowingPadding: false), !payload.isEmpty else { throw .malformed("the payload is not base64url") }
+        guard let signature = Base64URL.decode(parts[2], allowingPadding: false) else { throw .malformed("the signature is not base64url") }
         algorithm = alg
         self.payload = payload
         self.signature = signature
         signingInput = Array(bytes[..<(parts[0].count + 1 + parts[1].count)])
-    }
-
-    /// Strict unpadded base64url; nil for any other character.
-    static func base64url(_ text: Substring) -> [UInt8]? {
-        base64url(ArraySlice(text.utf8))
-    }
-
-    /// Strict unpadded base64url; nil for any other byte or a length that
-    /// leaves one character over. Bits left over at the end are ignored, as
-    /// Foundation's decoder (which this replaces: it went through a String
-    /// and padding) ignores them; a test holds the two to the same answers.
-    static func base64url(_ text: ArraySlice<UInt8>) -> [UInt8]? {
-        guard text.count % 4 != 1 else { return nil }
-        var out: [UInt8] = []
-        out.reserveCapacity(text.count * 3 / 4)
-        var accumulator: UInt32 = 0
-        var bits = 0
-        for byte in text {
-            let value: UInt32
-            switch byte {
-            case 0x41...0x5A: value = UInt32(byte - 0x41)
-            case 0x61...0x7A: value = UInt32(byte - 0x61 + 26)
-            case 0x30...0x39: value = UInt32(byte - 0x30 + 52)
-            case 0x2D: value = 62
-            case 0x5F: value = 63
-            default: return nil
-            }
-            accumulator = accumulator << 6 | value
-            bits += 6
-            if bits >= 8 {
-                bits -= 8
-                out.append(UInt8(truncatingIfNeeded: accumulator >> UInt32(bits)))
-                accumulator &= (1 << UInt32(bits)) - 1
-            }
-        }
-        return out
     }
 
     /// The header fields read before any cryptography: `alg` when it is a

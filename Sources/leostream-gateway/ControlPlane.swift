@@ -215,12 +215,13 @@ final class ControlPlane: Sendable {
     }
 
     func writeStatus() {
-        let rules = control.rules()
+        let sessions = control.sessionCounts()
+        let rules = control.rules(sessions: sessions)
         let stored = current.withLock { $0 }
         let range = control.settings.portRange
         StatusReport(pid: SystemInfo.processID, updated: ControlClock.unixSeconds(), broker: stored.broker,
                      gatewayID: stored.gatewayID, registration: agent.status, rules: rules,
-                     sessions: control.sessionCounts().values.reduce(0, +), portsInUse: control.portsInUse(),
+                     sessions: sessions.values.reduce(0, +), portsInUse: control.portsInUse(),
                      portRange: PortRange(first: range.lowerBound, last: range.upperBound)).write(to: directory)
     }
 
