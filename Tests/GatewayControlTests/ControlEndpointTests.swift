@@ -27,7 +27,7 @@ import TestSupport
             #expect(reply.status == 201, "\(reply.text)")
             let port = try #require(reply.object["port"] as? Int)
             #expect(reply.object["listen"] as? String == "127.0.0.1:\(port)")
-            if method != 1 { #expect((20001...22000).contains(port)) }
+            if method != 1 { #expect(gateway.control.settings.portRange.contains(port)) }
 
             #expect(echoThrough(port: port) == "hello through the gateway")
             if method == 0 {
@@ -127,6 +127,7 @@ import TestSupport
             let existingPort = ok.object["port"] as! Int
             let before = gateway.snapshot()
             let target = "\"target\":\"\(echo.address)\""
+            let range = gateway.control.settings.portRange
             let cases: [(String, String, Int, String)] = [
                 ("r1", "{\"protocol\":\"tcp\",", 400, "not valid JSON"),
                 ("r1", "[1,2]", 400, "JSON object"),
@@ -138,7 +139,7 @@ import TestSupport
                 ("r1", "{\"protocol\":\"tcp\",\"method\":1,\(target),\"client_ip\":\"127.0.0.1\",\"port\":70000}", 400, "port: 70000 is outside 1-65535"),
                 ("r1", "{\"protocol\":\"tcp\",\"method\":1,\(target),\"client_ip\":\"127.0.0.1\",\"port\":0}", 400, "port: 0 is outside"),
                 ("r1", "{\"protocol\":\"tcp\",\"method\":1,\(target),\"port\":3389}", 400, "client_ip: required"),
-                ("r1", "{\"protocol\":\"tcp\",\"method\":0,\(target),\"port\":3389}", 400, "port: 3389 is outside this gateway's port range 20001-22000"),
+                ("r1", "{\"protocol\":\"tcp\",\"method\":0,\(target),\"port\":3389}", 400, "port: 3389 is outside this gateway's port range \(range.lowerBound)-\(range.upperBound)"),
                 ("r1", "{\"protocol\":\"tcp\",\"method\":2,\(target),\"client_ip\":\"127.0.0.1\",\"port\":70000}", 400, "port: 70000 is outside 1-65535"),
                 ("r1", "{\"protocol\":\"tcp\",\"method\":0,\(target),\"port\":\(existingPort)}", 409, "port: \(existingPort)/tcp is already taken"),
                 ("r1", "{\"protocol\":\"tcp\",\"method\":2,\(target),\"client_ip\":\"not-an-ip\"}", 400, "client_ip"),

@@ -111,12 +111,11 @@ struct KernelPathControlTests {
     static let publicAddress = IPAddress("127.0.0.1")!
 
     /// A control core on an engine and `kernel`, on `folder`; every probe says free.
-    /// - Parameter portRange: where random ports come from (default 20001-22000, which
-    ///   other tests' gateways share: give one of `TestPorts.freeBlock` when a relay
-    ///   rule must be able to listen on its random port).
+    /// - Parameter portRange: where random ports come from (default: a block
+    ///   of `TestPorts` of its own, so a relay rule can listen on its random port).
     static func makeControl(folder: TempFolder, kernel: MemoryKernel?, clock: TestClock,
                             defaultPath: ForwardingPath = .userspace,
-                            portRange: ClosedRange<Int> = 20001...22000) throws -> (GatewayControl, RelayEngine) {
+                            portRange: ClosedRange<Int>? = nil) throws -> (GatewayControl, RelayEngine) {
         var logger = Logger(label: "kernel-path-test")
         logger.logLevel = .critical
         let engine = try RelayEngine(settings: RelaySettings(loops: 1), logger: logger)

@@ -72,15 +72,38 @@ final class TestGateway: Sendable {
         self.server = server
     }
 
-    static func settings(portRange: ClosedRange<Int> = 20001...22000, networks: [String] = ["127.0.0.0/8"]) -> ControlSettings {
+    /// Settings for a test gateway. Its random ports come from `portRange`,
+    /// by default a block of `TestPorts` of its own: a range shared by the
+    /// gateways of parallel tests (20001-22000 once) lets two of them probe
+    /// the same port free at once and both listen on it (SO_REUSEPORT), and
+    /// the gateway binaries the binary tests start use 20001-22000.
+    static func settings(portRange: ClosedRange<Int>? = nil, networks: [String] = ["127.0.0.0/8"]) -> ControlSettings {
         ControlSettings(publicAddress: IPAddress("127.0.0.1")!, desktopNetworks: networks.map { CIDR($0)! },
-                        portRange: portRange, ownAddresses: [], maxBodyBytes: 4096)
+                        portRange: portRange ?? privatePorts(), ownAddresses: [], maxBodyBytes: 4096)
     }
 
-    /// Starts a gateway on `folder` (a new one when nil) and restores its rules.
+    /// 96 ports of this test's own, from `TestPorts`.
+    static func privatePorts() -> ClosedRange<Int> {
+        let block = TestPorts.freeBlock(96)
+        return Int(block.lowerBound)...Int(block.upperBound)
+    }
+
+    /// The port block of each state folder, so that a gateway restarted on a
+    /// folder gets the range its rules were given ports from.
+    private static let folderPorts = Mutex<[String: ClosedRange<Int>]>([:])
+
+    /// Starts a gateway on `folder` (a new one when nil) and restores its
+    /// rules; without `settings`, those of `settings()` with the folder's own
+    /// port block.
     static func start(folder: TempFolder? = nil, key: ControlKey = ControlKey.generate(),
-                      settings: ControlSettings = TestGateway.settings(), baseRules: [RelayRule] = []) async throws -> TestGateway {
+                      settings: ControlSettings? = nil, baseRules: [RelayRule] = []) async throws -> TestGateway {
         let folder = folder ?? TempFolder()
+        let settings = settings ?? TestGateway.settings(portRange: folderPorts.withLock { ranges in
+            if let range = ranges[folder.path] { return range }
+            let range = privatePorts()
+            ranges[folder.path] = range
+            return range
+        })
         var logger = Logger(label: "gwctl-test")
         logger.logLevel = .warning
         let engine = try RelayEngine(settings: RelaySettings(loops: 1), logger: logger)

@@ -1,6 +1,7 @@
 import Foundation
 import Synchronization
 import SystemLayer
+import TestSupport
 
 /// A thread-per-connection echo server on loopback for end-to-end tests.
 final class EchoServer: @unchecked Sendable {
@@ -61,7 +62,7 @@ struct EchoClient {
     static func connect(_ address: SocketAddress) throws -> EchoClient {
         let fd = try Socket.makeTCP(family: address.family)
         do { _ = try Socket.connect(fd, to: address) } catch { fd.close(); throw error }
-        guard BlockingWait.writable(fd, timeoutMilliseconds: 5000) else { fd.close(); throw Errno.timedOut }
+        guard BlockingWait.writable(fd, timeoutMilliseconds: TestDeadline.milliseconds) else { fd.close(); throw Errno.timedOut }
         switch Socket.pendingError(fd) {
         case nil: return EchoClient(fd: fd)
         case .connectionReset?: return EchoClient(fd: fd, resetOnArrival: true)
@@ -70,7 +71,7 @@ struct EchoClient {
     }
 
     /// Sends `text` and waits for it to come back; nil on EOF, reset or timeout.
-    func roundTrip(_ text: String, milliseconds: Int32 = 5000) -> String? {
+    func roundTrip(_ text: String, milliseconds: Int32 = TestDeadline.milliseconds) -> String? {
         if resetOnArrival { return nil }
         let bytes = Array(text.utf8)
         guard (try? fd.writeAll(bytes)) != nil else { return nil }
@@ -85,7 +86,7 @@ struct EchoClient {
     }
 
     /// True when the connection was closed (EOF or reset) within the time.
-    func isClosed(milliseconds: Int32 = 5000) -> Bool {
+    func isClosed(milliseconds: Int32 = TestDeadline.milliseconds) -> Bool {
         if resetOnArrival { return true }
         guard BlockingWait.readable(fd, timeoutMilliseconds: milliseconds) else { return false }
         var buffer = [UInt8](repeating: 0, count: 16)
