@@ -111,7 +111,9 @@ def establish_main(args):
         conn.close()
 
     def worker(indices):
-        conn = _helper.control_connection(host, port)
+        # --direct prepares nothing: no control connection (nor its CA).
+        connect = (lambda: None) if args.direct else (lambda: _helper.control_connection(host, port))
+        conn = connect()
         for i in indices:
             body = json.dumps({"grant": tokens[i]}).encode()
             began = time.perf_counter()
@@ -126,9 +128,11 @@ def establish_main(args):
             except Exception as error:  # noqa: BLE001 - counted and shown
                 with lock:
                     failures.append(f"session {i}: {type(error).__name__}: {error}")
-                conn.close()
-                conn = _helper.control_connection(host, port)
-        conn.close()
+                if conn is not None:
+                    conn.close()
+                conn = connect()
+        if conn is not None:
+            conn.close()
 
     began = time.perf_counter()
     if args.batch > 1 and args.direct:
@@ -152,6 +156,10 @@ def establish_main(args):
     print(f"sessions={len(times)} failed={len(failures)} workers={args.workers} batch={args.batch} seconds={wall:.2f} "
           f"per_s={len(times) / wall:.0f} p50_ms={percentile(ms, 50):.2f} p99_ms={percentile(ms, 99):.2f} "
           f"mean_ms={(sum(ms) / len(ms) if ms else 0):.2f} max_ms={max(ms) if ms else 0:.2f}", flush=True)
+    if len(times) + len(failures) != len(tokens):
+        # A worker that died (an exception outside a session) must not pass as a short run.
+        print(f"sg-load: {len(tokens) - len(times) - len(failures)} session(s) never ran (a worker failed)", file=sys.stderr)
+        return 1
     return 0 if not failures else 1
 
 

@@ -84,7 +84,7 @@ public final class SNIInspection: Inspection {
         guard let entry = grants.lookup(serverName: name, client: "\(ip)") else {
             return .refuse(SessionRefusal.noGrant.rawValue)
         }
-        guard let agent = SocketAddress(entry.grant.agent) else { return .refuse(SessionRefusal.badAgent.rawValue) }
+        guard let agent = entry.agentAddress else { return .refuse(SessionRefusal.badAgent.rawValue) }
         switch sessions.start(client: ip, agent: agent, sessionID: entry.grant.sessionID) {
         case .success(let ticket):
             self.ticket = ticket

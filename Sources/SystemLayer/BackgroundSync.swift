@@ -18,9 +18,13 @@ public enum JournalSync: String, Sendable, CaseIterable {
 /// `request` returns at once, and the thread syncs every file with appends
 /// requested, each with one fdatasync covering everything appended to it so
 /// far, again and again until none is left. The thread ends after a second
-/// without work and starts again at the next request.
+/// without work and starts again at the next request. With a gathering
+/// time, the thread waits that long after it finds work before it syncs, so
+/// that one fdatasync covers the appends of that time (fewer syncs at a high
+/// rate, each append durable that much later).
 public final class BackgroundSync: Sendable {
     private let name: String
+    private let gatherMicroseconds: UInt32
     private let onFailure: @Sendable (_ file: AppendOnlyFile, _ error: Errno) -> Void
     private let lock = ConditionLock()
     private let box = Box()
@@ -35,10 +39,14 @@ public final class BackgroundSync: Sendable {
 
     /// - Parameters:
     ///   - name: the thread's name (up to 15 bytes show in `top -H`).
+    ///   - gatherMicroseconds: how long the thread waits, once it has work,
+    ///     before it syncs (0: at once).
     ///   - onFailure: called on the thread when an fdatasync fails, with the
     ///     file: the appends it was to cover are not known durable.
-    public init(name: String, onFailure: @escaping @Sendable (_ file: AppendOnlyFile, _ error: Errno) -> Void) {
+    public init(name: String, gatherMicroseconds: UInt32 = 0,
+                onFailure: @escaping @Sendable (_ file: AppendOnlyFile, _ error: Errno) -> Void) {
         self.name = name
+        self.gatherMicroseconds = gatherMicroseconds
         self.onFailure = onFailure
     }
 
@@ -86,6 +94,7 @@ public final class BackgroundSync: Sendable {
                 return true
             }
             if !more { return }
+            if gatherMicroseconds > 0 { usleep(gatherMicroseconds) }
             drain()
         }
     }

@@ -163,7 +163,8 @@ struct PreparedGrantsTests {
         let path = dir + "/grants.json"
         let store = PreparedGrants(path: path)
         let upper = UUID().uuidString
-        let ids = [upper, upper.lowercased(), "jti-\(UUID().uuidString)", "\(UUID().uuidString)x"]
+        // The last: characters the journal's hand-written JSON line must escape (quote, backslash, newline, a control character) and a non-ASCII one.
+        let ids = [upper, upper.lowercased(), "jti-\(UUID().uuidString)", "\(UUID().uuidString)x", "odd \"id\" \\ with\na line\u{01} é"]
         var grants: [(SessionGrant, String)] = []
         for (n, id) in ids.enumerated() {
             var g = grant("used\(n).example", session: "u\(n)", singleUse: true, life: 3600)
@@ -183,6 +184,9 @@ struct PreparedGrantsTests {
         let reborn = PreparedGrants(path: path)
         _ = await reborn.restore(verifier: verifier, now: now)
         for (g, t) in grants { #expect(reborn.prepare(g, token: t) == .alreadyUsed, "\(g.id)") }
+        #expect(reborn.storeProblem == nil)
+        // Every record read back whole: a damaged line would have set the journal aside as grants.json.bad-*.
+        #expect(try FileManager.default.contentsOfDirectory(atPath: dir).filter { $0.contains(".bad-") } == [])
         let fresh = grant("fresh.example", session: "f", singleUse: true, life: 3600)
         #expect(reborn.prepare(fresh, token: try await signer.sign(fresh)) == .added)
     }

@@ -115,13 +115,16 @@ struct AppendOnlyFileTests {
 /// durable by a thread of its own, one fdatasync per file for what waits.
 @Suite("Background sync", .offPool)
 struct BackgroundSyncTests {
-    @Test("appends to two files requested from 4 threads are all made durable without anyone waiting; flush returns once they are")
-    func syncsWhatIsRequested() throws {
+    @Test("appends to two files requested from 4 threads are all made durable without anyone waiting; flush returns once they are",
+          arguments: [UInt32(0), 2_000])
+    func syncsWhatIsRequested(gatherMicroseconds: UInt32) throws {
         let folder = try AppendOnlyFileTests.makeFolder()
         defer { try? FileManager.default.removeItem(atPath: folder) }
         let files = [try AppendOnlyFile(path: folder + "/a"), try AppendOnlyFile(path: folder + "/b")]
         let failures = Mutex<[String]>([])
-        let sync = BackgroundSync(name: "test-sync") { file, error in failures.withLock { $0.append("\(file.path): \(error)") } }
+        let sync = BackgroundSync(name: "test-sync", gatherMicroseconds: gatherMicroseconds) { file, error in
+            failures.withLock { $0.append("\(file.path): \(error)") }
+        }
         let appendLock = Mutex(())
         let last = Mutex<[UInt64]>([0, 0])
         let done = DispatchGroup()
