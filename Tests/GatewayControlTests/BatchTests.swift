@@ -63,7 +63,11 @@ import TestSupport
             #expect(echoThrough(port: aPort) == "hello through the gateway")
             #expect(echoThrough(port: bPort) == "hello through the gateway")
             #expect(echoThrough(port: bPort, source: "127.0.0.2") == nil, "method 2 admits only its client")
-            #expect(echoThrough(port: oldPort) == nil, "a deleted rule's port closes")
+            // The batch deletes "old" before its puts, so "a" or "b" may be given its port
+            // (about one run in 47, from this gateway's own block of 96): then it carries their rule.
+            if oldPort != aPort && oldPort != bPort {
+                #expect(echoThrough(port: oldPort) == nil, "a deleted rule's port closes")
+            }
             #expect(Set(gateway.control.pushedRules().map(\.id)) == ["keep", "a", "b"])
             // Durable before the answer: a store opened now reads the batch.
             #expect(Set(RuleStore(directory: gateway.folder.path).load().rules.map(\.id)) == ["keep", "a", "b"])
