@@ -74,6 +74,8 @@ import time
 import traceback
 import urllib.request
 
+import testports
+
 DEADLINE = float(os.environ.get("RDG_TEST_DEADLINE", "60"))
 NAME = "hot-upgrade"
 
@@ -376,22 +378,16 @@ def echo_servers():
 
 
 def free_port_pair():
-    """A port number free for both TCP and UDP on 127.0.0.1 (the forward's listen port)."""
-    for _ in range(50):
-        with socket.socket() as t, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-            t.bind(("127.0.0.1", 0))
-            try:
-                u.bind(("127.0.0.1", t.getsockname()[1]))
-            except OSError:
-                continue
-            return t.getsockname()[1]
-    raise Fatal("no free port for the forward")
+    """A port number free for both TCP and UDP on 127.0.0.1 (the forward's listen port),
+    below the ephemeral range, where no outgoing connection takes it meanwhile."""
+    try:
+        return testports.free_port()
+    except RuntimeError as error:
+        raise Fatal(str(error)) from error
 
 
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port_pair()
 
 
 # ---------------------------------------------------------------- the clients

@@ -299,12 +299,9 @@ else
 fi
 
 # ---------------------------------------------------------------- the installed gateway relays
-# Two free loopback ports: the echo server's and the forward's.
-read -r ECHO_PORT LISTEN_PORT < <(python3 -c '
-import socket
-socks = [socket.socket() for _ in range(2)]
-for s in socks: s.bind(("127.0.0.1", 0))
-print(*(s.getsockname()[1] for s in socks))')
+# Two free loopback ports, below the ephemeral range: the echo server's and the forward's.
+read -r ECHO_PORT LISTEN_PORT < <(python3 "$ROOT/Tests/e2e/testports.py" 2)
+[ -n "$LISTEN_PORT" ] || { echo "package-install: no free ports (Tests/e2e/testports.py)" >&2; exit 1; }
 setsid socat TCP-LISTEN:"$ECHO_PORT",bind=127.0.0.1,reuseaddr,fork EXEC:cat >"$W/echo.log" 2>&1 </dev/null &
 PIDS[echo]=$!
 

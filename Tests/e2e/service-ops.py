@@ -44,6 +44,8 @@ import threading
 import time
 import urllib.request
 
+import testports
+
 try:
     from prometheus_client.parser import text_string_to_metric_families
 except ImportError:
@@ -82,9 +84,8 @@ def eventually(condition, seconds=DEADLINE):
 
 
 def free_port(kind=socket.SOCK_STREAM):
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free for TCP and UDP, below the ephemeral range (testports.py); `kind` is what it is for."""
+    return testports.free_port()
 
 
 class NotifySocket:
