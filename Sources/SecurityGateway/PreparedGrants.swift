@@ -460,11 +460,11 @@ struct UsedGrantID: Hashable, Sendable {
 /// The journal's lines: one JSON object each. Earlier versions wrote one
 /// JSON object `{"tokens": [...], "consumed": {...}}`; `replay` reads that too.
 enum Journal {
-    enum Operation: String, Codable {
+    enum Operation: String, Decodable {
         case prepare, remove, used
     }
 
-    struct Record: Codable {
+    struct Record: Decodable {   // written by `line`
         var op: Operation
         var id: String
         var token: String?

@@ -124,12 +124,9 @@ import TestSupport
     func engineRefusalIsOneItems() throws {
         let folder = TempFolder()
         defer { folder.remove() }
-        // Every probe says free, so the held port is found only when the relay listens;
-        // the random ports come from a block of this test's own (other tests' gateways
-        // listen in 20001-22000 meanwhile, and a clash failed "two" once under load).
-        let block = TestPorts.freeBlock(16)
-        let (control, engine) = try KernelPathControlTests.makeControl(folder: folder, kernel: nil, clock: TestClock(),
-                                                                       portRange: Int(block.lowerBound)...Int(block.upperBound))
+        // Every probe says free, so the held port is found only when the relay listens
+        // (the random ports come from makeControl's block of this test's own).
+        let (control, engine) = try KernelPathControlTests.makeControl(folder: folder, kernel: nil, clock: TestClock())
         defer { engine.shutdown() }
         let taken = try Socket.listen(on: TestPorts.freeAddress(), reusePort: false)
         defer { taken.close() }
@@ -176,9 +173,8 @@ import TestSupport
 
     @Test("rules_sync = background: a change is in the journal when answered, and made durable right after without anyone waiting")
     func backgroundSync() async throws {
-        // Ports of this test's own (other tests' gateways use 20001-22000 meanwhile), so the restart can reopen every rule.
-        let block = TestPorts.freeBlock(48)
-        var settings = TestGateway.settings(portRange: Int(block.lowerBound)...Int(block.upperBound))
+        // The same settings (and so the same block of ports) for the restart, so it can reopen every rule.
+        var settings = TestGateway.settings()
         settings.rulesSync = .background
         let gateway = try await TestGateway.start(settings: settings)
         let echo = try TCPEcho()

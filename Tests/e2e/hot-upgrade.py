@@ -377,17 +377,13 @@ def echo_servers():
     raise Fatal("no port free for both TCP and UDP echo")
 
 
-def free_port_pair():
+def free_port():
     """A port number free for both TCP and UDP on 127.0.0.1 (the forward's listen port),
     below the ephemeral range, where no outgoing connection takes it meanwhile."""
     try:
         return testports.free_port()
     except RuntimeError as error:
         raise Fatal(str(error)) from error
-
-
-def free_port():
-    return free_port_pair()
 
 
 # ---------------------------------------------------------------- the clients
@@ -942,7 +938,7 @@ class HotUpgradeTest:
             self.echo = EchoServer(tcp)
             self.udp_echo = UdpEcho(udp)
             self.driver = LoadDriver()
-            self.port = free_port_pair()
+            self.port = free_port()
             self.metrics = free_port()
         except BaseException:
             shutil.rmtree(self.work, ignore_errors=True)

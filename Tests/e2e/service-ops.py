@@ -44,7 +44,7 @@ import threading
 import time
 import urllib.request
 
-import testports
+from testports import free_port  # free for TCP and UDP, below the ephemeral range
 
 try:
     from prometheus_client.parser import text_string_to_metric_families
@@ -81,11 +81,6 @@ def eventually(condition, seconds=DEADLINE):
             return True
         time.sleep(0.02)
     return condition()
-
-
-def free_port(kind=socket.SOCK_STREAM):
-    """A port free for TCP and UDP, below the ephemeral range (testports.py); `kind` is what it is for."""
-    return testports.free_port()
 
 
 class NotifySocket:
@@ -264,7 +259,7 @@ def test_gateway(bin_dir, work):
     check(version.returncode == 0 and "(commit " in version.stdout, f"leostream-gateway --version names the commit: {version.stdout.strip()!r}")
 
     echo = EchoServer()
-    forward, udp_port, metrics = free_port(), free_port(socket.SOCK_DGRAM), free_port()
+    forward, udp_port, metrics = free_port(), free_port(), free_port()
     config = gateway_config(work, forward, udp_port, metrics, echo)
     proc, notify, log = start_daemon(work, "gateway", [gateway, "serve", "--config", config, "--state-dir", os.path.join(work, "state")])
     try:
@@ -385,7 +380,7 @@ def journal_child(bin_dir, work, result_path):
 
     threading.Thread(target=read, daemon=True).start()
     echo = EchoServer()
-    forward, udp_port, metrics = free_port(), free_port(socket.SOCK_DGRAM), free_port()
+    forward, udp_port, metrics = free_port(), free_port(), free_port()
     config = gateway_config(work, forward, udp_port, metrics, echo)
     closed = free_port()
     with open(config, "a") as f:   # a forward this client may not use: its refusal is an event with fields
@@ -556,7 +551,7 @@ def test_security_gateway(bin_dir, work):
                    check=True, capture_output=True)
     subprocess.run(["openssl", "req", "-x509", "-new", "-key", key, "-days", "2", "-subj", "/CN=ops-cm", "-out", cert],
                    check=True, capture_output=True)
-    listen, control, source = free_port(), free_port(), free_port(socket.SOCK_DGRAM)
+    listen, control, source = free_port(), free_port(), free_port()
     config = os.path.join(work, "SecurityGateway.conf")
     with open(config, "w") as f:
         f.write(f"GatewayGroup = ops\nJwtVerifyingCert = {cert}\nListenAddress = 127.0.0.1:{listen}\n"
