@@ -140,30 +140,83 @@ public struct ControlSigner: Sendable {
 
 /// Nonces seen within the freshness window, per gateway: a request replayed
 /// within the window is refused; one replayed later fails the timestamp check.
+///
+/// A nonce is kept exactly as long as its request could pass that check
+/// (until its timestamp + `ControlSigner.window`), in buckets by that
+/// second, so forgetting is O(1) per nonce, never a pass over the table
+/// under the lock a push waits for. At a steady rate R the table holds
+/// about R x 60 nonces; `capacity` bounds it.
 public final class ReplayGuard: Sendable {
-    private struct Entry: Hashable { let gateway: Int; let nonce: String }
-    private let seen = Mutex<[Entry: Int64]>([:])
-    /// Bound on remembered nonces; beyond it the oldest are dropped, which is
-    /// safe because they are also the first to fall out of the window.
+    /// A nonce as 16 bytes (its 32 hex digits; another text by its SHA-256).
+    private struct Entry: Hashable {
+        let gateway: Int
+        let high: UInt64
+        let low: UInt64
+    }
+
+    private struct Table {
+        /// Each nonce seen, with the last second its request is fresh.
+        var seen: [Entry: Int64] = [:]
+        /// The same nonces by that second.
+        var byExpiry: [Int64: [Entry]] = [:]
+        /// The second of the last sweep: one sweep per second at most.
+        var sweptAt = Int64.min
+    }
+
+    private let table = Mutex(Table())
+    /// Bound on remembered nonces. Beyond it, requests are refused until
+    /// nonces expire (a flood of fresh ones): never forgotten early.
     private let capacity: Int
 
-    public init(capacity: Int = 100_000) { self.capacity = capacity }
+    /// - Parameter capacity: nonces kept at most (about 40 MB at the
+    ///   default; a rate of 8,000 requests/s held for a minute).
+    public init(capacity: Int = 500_000) { self.capacity = capacity }
 
     /// True the first time (gateway, nonce) is seen within the window.
     public func firstSight(gatewayID: Int, nonce: String, timestamp: Int64, now: Int64) -> Bool {
-        seen.withLock { table in
-            if table.count >= capacity || table.count % 1024 == 1023 {
-                table = table.filter { now - $0.value <= 2 * ControlSigner.window }
-                if table.count >= capacity {
-                    // Still full of fresh entries: refuse rather than forget (a flood).
-                    return false
+        let entry = Self.entry(gatewayID: gatewayID, nonce: nonce)
+        // Fresh until this second: a replay later fails the timestamp check.
+        let expiry = timestamp + ControlSigner.window
+        return table.withLock { table in
+            if table.sweptAt != now {
+                table.sweptAt = now
+                // The expired seconds first: removing while iterating the keys would copy the table.
+                let expired = table.byExpiry.keys.filter { $0 < now }
+                for second in expired {
+                    for old in table.byExpiry.removeValue(forKey: second) ?? [] { table.seen[old] = nil }
                 }
             }
-            let entry = Entry(gateway: gatewayID, nonce: nonce)
-            guard table[entry] == nil else { return false }
-            table[entry] = timestamp
+            guard table.seen[entry] == nil else { return false }
+            // Still full of fresh entries: refuse rather than forget (a flood).
+            guard table.seen.count < capacity else { return false }
+            table.seen[entry] = expiry
+            table.byExpiry[expiry, default: []].append(entry)
             return true
         }
+    }
+
+    /// Nonces remembered now (tests).
+    public var count: Int { table.withLock { $0.seen.count } }
+
+    private static func entry(gatewayID: Int, nonce: String) -> Entry {
+        var high: UInt64 = 0, low: UInt64 = 0, digits = 0
+        for byte in nonce.utf8 {
+            let value: UInt8
+            switch byte {
+            case 0x30...0x39: value = byte - 0x30
+            case 0x61...0x66: value = byte - 0x61 + 10
+            default: value = 0xFF
+            }
+            guard value != 0xFF, digits < 32 else { digits = -1; break }
+            if digits < 16 { high = high << 4 | UInt64(value) } else { low = low << 4 | UInt64(value) }
+            digits += 1
+        }
+        if digits == 32 { return Entry(gateway: gatewayID, high: high, low: low) }
+        // Not the header's form (it is checked before): the text's digest.
+        let digest = ControlCrypto.sha256(Array(nonce.utf8))
+        return Entry(gateway: gatewayID,
+                     high: digest[0..<8].reduce(0) { $0 << 8 | UInt64($1) },
+                     low: digest[8..<16].reduce(0) { $0 << 8 | UInt64($1) })
     }
 }
 

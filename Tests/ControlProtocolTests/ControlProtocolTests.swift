@@ -193,4 +193,43 @@ struct ControlProtocolTests {
         // Once the old ones are out of the window, there is room again.
         #expect(guardian.firstSight(gatewayID: 1, nonce: "n5", timestamp: 300, now: 300))
     }
+
+    @Test("the replay guard keeps a nonce exactly while its request is fresh")
+    func replayRetention() {
+        let guardian = ReplayGuard(capacity: 100)
+        let nonce = "0123456789abcdef0123456789abcdef"
+        #expect(guardian.firstSight(gatewayID: 1, nonce: nonce, timestamp: 100, now: 100))
+        // Another gateway's nonce is its own.
+        #expect(guardian.firstSight(gatewayID: 2, nonce: nonce, timestamp: 100, now: 100))
+        // A timestamp 60 s ahead (the most the skew check allows) is fresh 60 s longer.
+        #expect(guardian.firstSight(gatewayID: 1, nonce: "ffffffffffffffffffffffffffffffff", timestamp: 160, now: 100))
+        // Up to ts + 60 the request passes the timestamp check: still refused.
+        #expect(!guardian.firstSight(gatewayID: 1, nonce: nonce, timestamp: 100, now: 160))
+        #expect(guardian.count == 3)
+        // One second later only the timestamp check can refuse it: forgotten.
+        #expect(guardian.firstSight(gatewayID: 3, nonce: nonce, timestamp: 161, now: 161))
+        #expect(guardian.count == 2)
+        #expect(!guardian.firstSight(gatewayID: 1, nonce: "ffffffffffffffffffffffffffffffff", timestamp: 160, now: 220))
+        #expect(guardian.firstSight(gatewayID: 4, nonce: nonce, timestamp: 221, now: 221))
+        #expect(guardian.count == 2)
+    }
+
+    @Test("a steady rate the capacity holds for a minute is never refused")
+    func replaySteadyRate() {
+        // 12 requests/s: 61 s of them (732) fit 1,000; two windows (1,452) would not.
+        let guardian = ReplayGuard(capacity: 1_000)
+        var refused = 0
+        for second in Int64(1_000)..<1_300 {
+            for i in 0..<12 {
+                let nonce = String(repeating: "0", count: 16) + String(String(second * 100 + Int64(i), radix: 16)).leftPadded(to: 16)
+                if !guardian.firstSight(gatewayID: 1, nonce: nonce, timestamp: second, now: second) { refused += 1 }
+            }
+        }
+        #expect(refused == 0)
+        #expect(guardian.count <= 12 * 61)
+    }
+}
+
+private extension String {
+    func leftPadded(to width: Int) -> String { String(repeating: "0", count: max(0, width - count)) + self }
 }
