@@ -368,9 +368,12 @@ private func exitFailing(_ scenario: String, _ error: LoadFailure) -> Never {
 }
 
 func runControlPush(_ arguments: ArraySlice<String>) -> Never {
-    let options = Options(arguments, allowed: ControlSetup.optionNames.union(["count", "warmup"]))
+    let options = Options(arguments, allowed: ControlSetup.optionNames.union(["count", "warmup", "samples"]))
     let setup = ControlSetup(options)
     let count = max(1, options.int("count", default: 500))
+    // --samples FILE: each sample's start (monotonic ms), PUT and first-use ms, to find what a slow one met.
+    let samplesFile = options.string("samples")
+    var timeline: [String] = []
     let warmup = options.int("warmup", default: 20)
     ignoreSigpipe()
     let client = ControlLoadClient(setup)
@@ -392,11 +395,18 @@ func runControlPush(_ arguments: ArraySlice<String>) -> Never {
                 samples.append(Double(end - start) / 1e6)
                 putSamples.append(Double(answered - start) / 1e6)
                 useSamples.append(Double(end - answered) / 1e6)
+                if samplesFile != nil {
+                    timeline.append("\(fixed(Double(start) / 1e6, 3)) \(fixed(Double(answered - start) / 1e6, 3)) \(fixed(Double(end - answered) / 1e6, 3))")
+                }
             }
             try client.deleteRule(id)
         }
     } catch {
         exitFailing("push-latency", error)
+    }
+    if let samplesFile {
+        let text = "start_ms put_ms use_ms\n" + timeline.joined(separator: "\n") + "\n"
+        do throws(Errno) { try StateFile.writeAtomically(samplesFile, Array(text.utf8), durable: false) } catch { fail("cannot write \(samplesFile): \(error)") }
     }
     let after = client.putHistogram()
     var server = "server_within_1ms=nan server_p99_le_ms=nan"

@@ -762,17 +762,19 @@ public final class GatewayControl: Sendable {
         return plain
     }
 
-    /// Every port a rule holds, with its protocol (for `--status`).
+    /// Every port a rule holds, with its protocol ("20001/tcp"), in port order (for `--status`).
     public func portsInUse() -> [String] {
         // Copies under the lock (O(1)), the O(rules) work outside it: a push
         // does not wait for this (--status and /metrics ask every second).
+        // Numbers are gathered and sorted, and each text is made once.
         let (fixed, held, settings) = state.withLock { ($0.fixed, $0.pushed, $0.settings) }
-        var ports = Set<String>()
-        for rule in fixed + relayRules(held.list, settings, caching: false) {
-            if rule.transport.contains(.tcp) { ports.insert("\(rule.listen.port)/tcp") }
-            if rule.transport.contains(.udp) { ports.insert("\(rule.listen.port)/udp") }
+        var keys = Set<Int>()   // port x 2, + 1 for UDP
+        for rule in fixed + relayRules(held.unordered, settings, caching: false) {
+            let port = Int(rule.listen.port)
+            if rule.transport.contains(.tcp) { keys.insert(port * 2) }
+            if rule.transport.contains(.udp) { keys.insert(port * 2 + 1) }
         }
-        return ports.sorted()
+        return keys.sorted().map { "\($0 / 2)/\($0 % 2 == 0 ? "tcp" : "udp")" }
     }
 
     // MARK: Inside the lock

@@ -1,5 +1,6 @@
 import ControlProtocol
 import Foundation
+import Synchronization
 import SystemLayer
 
 /// Where the broker is: `host:port`, or an `http://` or `https://` URL with an optional base path.
@@ -163,7 +164,7 @@ public struct StateDirectory: Sendable {
 }
 
 /// What the daemon last reported (`status.json`), for `--status`. Holds no key.
-public struct StatusReport: Codable, Sendable {
+public struct StatusReport: Codable, Sendable, Equatable {
     public struct Registration: Codable, Sendable, Equatable {
         public var state: String
         public var lastRegistered: Int64?
@@ -219,9 +220,11 @@ public struct StatusReport: Codable, Sendable {
         self.portRange = portRange
     }
 
-    /// Written often, so not fsynced: a lost status is rewritten a second later.
-    public func write(to directory: StateDirectory) {
-        try? StateFile.writeAtomically(directory.statusPath, encoded(), mode: 0o644, durable: false)
+    /// Written often, so not fsynced: a lost status is rewritten later.
+    /// - Returns: false when it could not be written.
+    @discardableResult
+    public func write(to directory: StateDirectory) -> Bool {
+        (try? StateFile.writeAtomically(directory.statusPath, encoded(), mode: 0o644, durable: false)) != nil
     }
 
     /// `ControlJSON.encode(self)`, byte for byte (tested), with the rules
@@ -251,5 +254,40 @@ public struct StatusReport: Codable, Sendable {
     public static func read(from directory: StateDirectory) -> StatusReport? {
         guard let bytes = try? StateFile.read(directory.statusPath) else { return nil }
         return try? JSONDecoder().decode(StatusReport.self, from: Data(bytes))
+    }
+}
+
+/// When the daemon rewrites `status.json`: when what it says changes
+/// (looked at every second), and at least every `refreshSeconds`, so its
+/// `updated` still shows a live daemon. With 2,000 rules the report is
+/// about 400 KB; rewritten every second, its encoding, its write and the
+/// writeback ext4 starts when it is renamed over the old one took 30-50 ms
+/// of the gateway's CPU a second, in bursts that delayed pushes (issue 15).
+public final class StatusWriter: Sendable {
+    public static let refreshSeconds: Int64 = 10
+    private let last = Mutex<StatusReport?>(nil)
+
+    public init() {}
+
+    /// Writes `report` when it is due.
+    /// - Returns: true when it was written.
+    @discardableResult
+    public func write(_ report: StatusReport, to directory: StateDirectory) -> Bool {
+        guard isDue(report), report.write(to: directory) else { return false }
+        last.withLock { $0 = report }
+        return true
+    }
+
+    /// True when `report` differs from the last one written in more than
+    /// its time, or that one is `refreshSeconds` old (or from the future:
+    /// the clock was set back), or none was written yet.
+    public func isDue(_ report: StatusReport) -> Bool {
+        last.withLock { last in
+            guard var previous = last else { return true }
+            let age = report.updated - previous.updated
+            if age >= Self.refreshSeconds || age < 0 { return true }
+            previous.updated = report.updated
+            return previous != report
+        }
     }
 }

@@ -31,6 +31,7 @@ final class ControlPlane: Sendable {
     private let tls: ServerTLS?
     private let configuredURL: String?
     private let maintenance = Mutex<ThreadHandle?>(nil)
+    private let status = StatusWriter()
     private let stopped = Atomic<Bool>(false)
     private let logger: Logger
     private let current = Mutex<StoredSettings>(StoredSettings())
@@ -214,15 +215,18 @@ final class ControlPlane: Sendable {
         }
     }
 
+    /// status.json, for `--status`: rewritten when it changes (and at least
+    /// every `StatusWriter.refreshSeconds`), not every second.
     func writeStatus() {
         let sessions = control.sessionCounts()
         let rules = control.rules(sessions: sessions)
         let stored = current.withLock { $0 }
         let range = control.settings.portRange
-        StatusReport(pid: SystemInfo.processID, updated: ControlClock.unixSeconds(), broker: stored.broker,
-                     gatewayID: stored.gatewayID, registration: agent.status, rules: rules,
-                     sessions: sessions.values.reduce(0, +), portsInUse: control.portsInUse(),
-                     portRange: PortRange(first: range.lowerBound, last: range.upperBound)).write(to: directory)
+        status.write(StatusReport(pid: SystemInfo.processID, updated: ControlClock.unixSeconds(), broker: stored.broker,
+                                  gatewayID: stored.gatewayID, registration: agent.status, rules: rules,
+                                  sessions: sessions.values.reduce(0, +), portsInUse: control.portsInUse(),
+                                  portRange: PortRange(first: range.lowerBound, last: range.upperBound)),
+                     to: directory)
     }
 
     /// Stops registration, the endpoint and the maintenance thread; the relay is the caller's.

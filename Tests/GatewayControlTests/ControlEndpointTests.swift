@@ -212,6 +212,27 @@ import TestSupport
         await gateway.stop()
     }
 
+    @Test("ports in use: each port a rule listens on with its protocol, in port order; a deleted rule's goes")
+    func portsInUse() async throws {
+        let gateway = try await TestGateway.start()
+        let echo = try TCPEcho()
+        defer { echo.stop() }
+        try await offPool {
+            let control = gateway.control
+            #expect(control.portsInUse().isEmpty)
+            let (tcp, _) = try control.put(id: "t", push: RulePush(protocol: .tcp, method: .randomPort, target: "\(echo.address)"))
+            let (udp, _) = try control.put(id: "u", push: RulePush(protocol: .udp, method: .randomPort, target: "\(echo.address)"))
+            let (both, _) = try control.put(id: "b", push: RulePush(protocol: .both, method: .randomPort, target: "\(echo.address)"))
+            let expected = [(tcp.port, "tcp"), (udp.port, "udp"), (both.port, "tcp"), (both.port, "udp")]
+                .sorted { ($0.0, $0.1) < ($1.0, $1.1) }.map { "\($0.0)/\($0.1)" }
+            #expect(control.portsInUse() == expected)
+            try control.delete(id: "b")
+            #expect(control.portsInUse() == expected.filter { !$0.hasPrefix("\(both.port)/") })
+            #expect(control.rules().map(\.id) == ["t", "u"])
+        }
+        await gateway.stop()
+    }
+
     @Test func unusedRuleExpiresAndALiveOneStays() async throws {
         let gateway = try await TestGateway.start()
         let echo = try TCPEcho()

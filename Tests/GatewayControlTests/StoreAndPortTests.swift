@@ -134,6 +134,37 @@ import TestSupport
         }
     }
 
+    @Test("status.json is rewritten when what it says changes, and at least every 10 s; not for its time alone")
+    func statusRewrites() throws {
+        let folder = TempFolder()
+        defer { folder.remove() }
+        let directory = StateDirectory(folder.path)
+        let push = RulePush(protocol: .tcp, method: .randomPortClientOnly, target: "10.0.0.5:3389", clientIP: "203.0.113.9")
+        func report(at t: Int64, sessions: Int = 0, rules: Int = 2) -> StatusReport {
+            StatusReport(pid: 42, updated: t, broker: nil, gatewayID: 7, registration: .init(state: "registered"),
+                         rules: (0..<rules).map { RuleState(id: "r\($0)", push: push, port: 20_001 + $0, created: 1, sessions: $0 == 0 ? sessions : 0) },
+                         sessions: sessions, portsInUse: [], portRange: PortRange(first: 20_001, last: 22_000))
+        }
+        func written() -> StatusReport? { StatusReport.read(from: directory) }
+        let writer = StatusWriter()
+        #expect(writer.write(report(at: 100), to: directory))
+        #expect(written()?.updated == 100)
+        // The same report a second later: not written again.
+        #expect(!writer.write(report(at: 101), to: directory))
+        #expect(written()?.updated == 100)
+        // A session on a rule, a rule more: written.
+        #expect(writer.write(report(at: 102, sessions: 1), to: directory))
+        #expect(written()?.rules.first?.sessions == 1)
+        #expect(writer.write(report(at: 103, sessions: 1, rules: 3), to: directory))
+        #expect(written()?.rules.count == 3)
+        #expect(!writer.write(report(at: 112, sessions: 1, rules: 3), to: directory))
+        // Unchanged for 10 s, or the clock set back: written, so `updated` stays current.
+        #expect(writer.write(report(at: 113, sessions: 1, rules: 3), to: directory))
+        #expect(written()?.updated == 113)
+        #expect(writer.write(report(at: 50, sessions: 1, rules: 3), to: directory))
+        #expect(written()?.updated == 50)
+    }
+
     @Test func missingFileIsEmpty() {
         let folder = TempFolder()
         defer { folder.remove() }
@@ -317,6 +348,12 @@ import TestSupport
         #expect(Set(pushed.filter { $0.port == 1 }.map(\.id)) == ["c", "d"])
         pushed["a"] = rule("a")
         #expect(pushed.list.map(\.id) == ["b", "c", "d", "a"], "a removed id pushed again goes last")
+        #expect(pushed.unordered.map(\.id).sorted() == ["a", "b", "c", "d"])
+        // Many rules: the order of creation, whatever the dictionary's order.
+        var many = PushedRules((0..<500).map { rule("m\($0)") })
+        many.remove(Set(stride(from: 0, to: 500, by: 3).map { "m\($0)" }))
+        many["m3"] = rule("m3")
+        #expect(many.list.map(\.id) == (0..<500).filter { $0 % 3 != 0 }.map { "m\($0)" } + ["m3"])
     }
 
     @Test("the port index answers by port, and forgets an owner's ports with it; the allocator refuses what it holds")
