@@ -135,7 +135,7 @@ public enum ControlServer {
         case "PUT":
             let push: RulePush
             do throws(ControlMessageError) {
-                push = try ControlJSON.decodeStrict(RulePush.self, from: body, allowed: RulePush.fields)
+                push = try RulePush.decode(body)
             } catch {
                 throw ControlError(400, field: error.field, error.description)
             }

@@ -194,6 +194,60 @@ struct ControlProtocolTests {
         #expect(guardian.firstSight(gatewayID: 1, nonce: "n5", timestamp: 300, now: 300))
     }
 
+    @Test("a push read by hand is what the strict decoder reads, on usual bodies and on thousands of damaged ones; it leaves the rest to the strict decoder")
+    func pushReader() throws {
+        let usual = [
+            #"{"protocol":"tcp","method":0,"target":"10.0.0.5:3389"}"#,
+            #"{"protocol":"tcp+udp","method":2,"target":"10.0.0.5:4172","client_ip":"203.0.113.9","unused_expiry_s":604800}"#,
+            #" { "method" : 1 , "protocol" : "udp" ,"target":"[fd00::5]:3389", "client_ip":"fd00::9","port":3389,"forwarding_path":"kernel"}\#n"#,
+            #"{"protocol":"tcp","method":0,"target":"x","port":-0,"unused_expiry_s":0}"#,
+            #"{"protocol":"tcp","method":0,"target":"dé\#u{7F}sk","forwarding_path":"userspace"}"#,
+        ]
+        func strict(_ bytes: [UInt8]) -> RulePush? {
+            try? ControlJSON.decodeStrict(RulePush.self, from: bytes, allowed: RulePush.fields)
+        }
+        for text in usual {
+            let bytes = Array(text.utf8)
+            let read = try #require(RulePushReader.read(bytes), "\(text)")
+            #expect(read == strict(bytes), "\(text)")
+            #expect(try RulePush.decode(bytes) == read)
+        }
+        // Left to the strict decoder (nil here), whatever it then says.
+        let others = [
+            #"{"protocol":"tcp","method":0,"target":"a\"b"}"#, #"{"protocol":"tcp","method":0.0,"target":"a"}"#,
+            #"{"protocol":"tcp","method":0,"target":"a","port":1e3}"#, #"{"protocol":"tcp","method":0,"target":"a","port":null}"#,
+            #"{"protocol":"tcp","method":0,"target":"a","target":"b"}"#, #"{"protocol":"tcp","method":0,"target":"a","x":1}"#,
+            #"{"protocol":"tcp","method":0}"#, #"{"protocol":"TCP","method":0,"target":"a"}"#, #"{"protocol":"tcp","method":7,"target":"a"}"#,
+            #"{"protocol":"tcp","method":0,"target":"a","port":01}"#, #"{"protocol":"tcp","method":0,"target":"a","port":99999999999999999999}"#,
+            #"{"protocol":"tcp","method":"0","target":"a"}"#, #"{"protocol":"tcp","method":0,"target":"a"} x"#, #"[]"#, "", "{",
+        ]
+        for text in others { #expect(RulePushReader.read(Array(text.utf8)) == nil, "\(text)") }
+        #expect(throws: ControlMessageError.unknownField("x")) { try RulePush.decode(Array(others[5].utf8)) }
+        #expect(throws: ControlMessageError.missingField("target")) { try RulePush.decode(Array(others[6].utf8)) }
+        // Damaged bodies: a byte changed, dropped or added at random. Whatever
+        // the hand reader reads, the strict decoder reads the same.
+        var generator = SystemRandomNumberGenerator()
+        let alphabet = Array(#"{}[]":,. -+0123456789eEtrufalsn\/"#.utf8) + [0x00, 0x0A, 0x7F, 0xC3, 0xA9, 0xFF]
+        var read = 0
+        for round in 0..<20_000 {
+            var bytes = Array(usual[round % usual.count].utf8)
+            for _ in 0..<Int.random(in: 1...3, using: &generator) {
+                let at = Int.random(in: 0..<bytes.count, using: &generator)
+                switch Int.random(in: 0..<3, using: &generator) {
+                case 0: bytes[at] = alphabet.randomElement(using: &generator)!
+                case 1: if bytes.count > 1 { bytes.remove(at: at) }
+                default: bytes.insert(alphabet.randomElement(using: &generator)!, at: at)
+                }
+            }
+            if let push = RulePushReader.read(bytes) {
+                read += 1
+                #expect(push == strict(bytes), "\(String(decoding: bytes, as: UTF8.self))")
+            }
+        }
+        // Some damage leaves a valid body (a space added, a digit changed).
+        #expect(read > 100)
+    }
+
     @Test("the replay guard keeps a nonce exactly while its request is fresh")
     func replayRetention() {
         let guardian = ReplayGuard(capacity: 100)
