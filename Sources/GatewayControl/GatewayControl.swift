@@ -344,7 +344,8 @@ public final class GatewayControl: Sendable {
             let relayed = placed.filter { !$0.placed.onKernel }
             if !relayed.isEmpty {
                 do throws(ControlError) {
-                    try applyToEngine(upserting: relayRules(relayed.map(\.placed.rule), s.settings))
+                    try applyToEngine(upserting: relayRules(relayed.map(\.placed.rule), s.settings),
+                                      probedFree: Set(relayed.compactMap(\.placed.probedFree)))
                 } catch where relayed.count == 1 {
                     putOutcomes[relayed[0].index] = .failure(error)
                     relayCache.withLock { $0[relayed[0].placed.rule.id] = nil }
@@ -354,7 +355,8 @@ public final class GatewayControl: Sendable {
                     var refused = Set<Int>()
                     for item in relayed {
                         do throws(ControlError) {
-                            try applyToEngine(upserting: relayRules([item.placed.rule], s.settings))
+                            try applyToEngine(upserting: relayRules([item.placed.rule], s.settings),
+                                              probedFree: item.placed.probedFree.map { [$0] } ?? [])
                         } catch {
                             refused.insert(item.index)
                             putOutcomes[item.index] = .failure(error)
@@ -398,6 +400,8 @@ public final class GatewayControl: Sendable {
         let rule: RuleState
         /// The kernel forwards added for it (`onKernel`), to undo them.
         let added: [KernelForward]
+        /// The TCP address the allocator's probe found free for it just now.
+        var probedFree: SocketAddress? = nil
         var onKernel: Bool { rule.forwardingPath == .kernel }
     }
 
@@ -432,10 +436,17 @@ public final class GatewayControl: Sendable {
         }
         let allocator = PortAllocator(range: s.settings.portRange)
         let fixed = s.fixedPorts, pushed = s.pushedPorts
+        let probe = self.probe(s.settings)
+        // The TCP ports the probe found free: the engine need not probe them again.
+        var probedTCP = Set<Int>()
         let port = try allocator.allocate(method: push.method, requested: push.port, client: checked.client,
                                           transport: checked.transport,
                                           holders: { fixed.holders($0) + pushed.holders($0) + alsoHeld($0) },
-                                          probe: probe(s.settings))
+                                          probe: { port, transport in
+                                              let free = probe(port, transport)
+                                              if free && transport.contains(.tcp) { probedTCP.insert(port) }
+                                              return free
+                                          })
         let rule = RuleState(id: id, push: normalized, port: port, created: now)
         var added: [KernelForward] = []
         if path == .kernel, let kernel {
@@ -449,7 +460,9 @@ public final class GatewayControl: Sendable {
                     : error.controlError
             }
         }
-        return .new(Placed(rule: rule, added: added))
+        let probedFree: SocketAddress? = probedTCP.contains(port) && path != .kernel
+            ? UInt16(exactly: port).map { SocketAddress(ip: s.settings.publicAddress, port: $0) } : nil
+        return .new(Placed(rule: rule, added: added, probedFree: probedFree))
     }
 
     /// Takes placed rules out of the kernel table and the relay again (their
@@ -847,9 +860,10 @@ public final class GatewayControl: Sendable {
 
     /// Adds (or removes) relay rules one change at a time: the engine's cost
     /// is that of the rules changed, not of the rules held.
-    private func applyToEngine(upserting: [RelayRule] = [], removing: [String] = []) throws(ControlError) {
+    private func applyToEngine(upserting: [RelayRule] = [], removing: [String] = [],
+                               probedFree: Set<SocketAddress> = []) throws(ControlError) {
         do throws(RuleError) {
-            try engine.change(upserting: upserting, removing: removing)
+            try engine.change(upserting: upserting, removing: removing, probedFree: probedFree)
         } catch {
             switch error {
             case .listenFailed, .conflictingRules:

@@ -108,14 +108,20 @@ public final class RelayEngine: Sendable {
     /// a listener opens when its address gets its first rule and closes
     /// when its last goes; the loops update only those addresses.
     /// Established connections are never touched.
+    /// - Parameter probedFree: TCP addresses the caller has just found free
+    ///   with `Socket.probeFree` (the gateway's port allocator, under the
+    ///   lock it holds across this call): their listeners open without the
+    ///   engine's own probe of them, the same bind a few microseconds later
+    ///   (issue 15: each probe was about 5 % of a push's CPU).
     /// - Throws: `RuleError` naming the rule and the reason; nothing changed.
-    public func change(upserting: [RelayRule] = [], removing: [String] = [], logLevel: Logger.Level = .debug) throws(RuleError) {
+    public func change(upserting: [RelayRule] = [], removing: [String] = [], logLevel: Logger.Level = .debug,
+                       probedFree: Set<SocketAddress> = []) throws(RuleError) {
         let summary: (rules: Int, addresses: Int)? = try control.withLock { state throws(RuleError) in
             guard !state.stopped else { throw RuleError.invalid(rule: "-", reason: "the relay is shutting down") }
             guard !state.handingOver else { throw RuleError.invalid(rule: "-", reason: "the relay is being handed to its successor") }
             let plan = try state.index.plan(upserting: upserting, removing: removing)
             if plan.isEmpty { return nil }
-            let (opened, openedUDP) = try openListeners(plan, &state)
+            let (opened, openedUDP) = try openListeners(plan, &state, probedFree: probedFree)
             state.index.commit(plan)
 
             // Each touched address's rules, gate and limit (the tightest any
@@ -166,14 +172,15 @@ public final class RelayEngine: Sendable {
     }
 
     /// A probe bind without SO_REUSEPORT (a port another process holds is
-    /// reported, not shared), then one socket per loop from `open`; on a
-    /// failure those opened are closed.
+    /// reported, not shared; skipped when the caller has `probed` it just
+    /// now), then one socket per loop from `open`; on a failure those
+    /// opened are closed.
     private func openPerLoop(_ address: SocketAddress, owner: String,
-                             probe: (SocketAddress) throws(SystemCallError) -> Void,
+                             probe: (SocketAddress) throws(SystemCallError) -> Void, probed: Bool = false,
                              open: () throws(SystemCallError) -> FileDescriptor) throws(RuleError) -> [FileDescriptor] {
         var fds: [FileDescriptor] = []
         do throws(SystemCallError) {
-            try probe(address)
+            if !probed { try probe(address) }
             for _ in group.loops { fds.append(try open()) }
             return fds
         } catch {
@@ -185,7 +192,7 @@ public final class RelayEngine: Sendable {
     /// Opens the listening sockets `plan` needs (one per loop per address),
     /// or takes the handed or passed ones; on any failure closes what it
     /// opened (a passed or handed socket stays, adoptable) and throws.
-    private func openListeners(_ plan: RuleIndex.Plan, _ state: inout ControlState) throws(RuleError)
+    private func openListeners(_ plan: RuleIndex.Plan, _ state: inout ControlState, probedFree: Set<SocketAddress>) throws(RuleError)
         -> ([SocketAddress: [FileDescriptor]], [SocketAddress: [FileDescriptor]]) {
         var opened: [SocketAddress: [FileDescriptor]] = [:]
         var openedUDP: [SocketAddress: [FileDescriptor]] = [:]
@@ -204,7 +211,8 @@ public final class RelayEngine: Sendable {
                     Socket.apply(settings.liveness, to: passed)
                     continue
                 }
-                opened[address] = try openPerLoop(address, owner: owner, probe: Socket.probeFree) { () throws(SystemCallError) in
+                opened[address] = try openPerLoop(address, owner: owner, probe: Socket.probeFree,
+                                                  probed: probedFree.contains(address)) { () throws(SystemCallError) in
                     let fd = try Socket.listen(on: address, reusePort: true, backlog: settings.listenBacklog)
                     // Accepted sockets inherit these, which saves
                     // several setsockopt calls per connection.

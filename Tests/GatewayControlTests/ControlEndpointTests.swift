@@ -124,6 +124,10 @@ import TestSupport
             let held = try Socket.listen(on: SocketAddress("127.0.0.1:0")!, reusePort: false)
             defer { held.close() }
             let heldPort = Socket.localAddress(held)!.port
+            // Held with SO_REUSEPORT, as another process of the same user may: refused too, never shared.
+            let shared = try Socket.listen(on: SocketAddress("127.0.0.1:0")!, reusePort: true)
+            defer { shared.close() }
+            let sharedPort = Socket.localAddress(shared)!.port
             let existingPort = ok.object["port"] as! Int
             let before = gateway.snapshot()
             let target = "\"target\":\"\(echo.address)\""
@@ -146,6 +150,7 @@ import TestSupport
                 ("r1", "{\"protocol\":\"tcp\",\"method\":0,\"target\":\"desktop.example:3389\"}", 400, "target"),
                 ("r1", "{\"protocol\":\"tcp\",\"method\":0,\(target),\"unused_expiry_s\":0}", 400, "unused_expiry_s"),
                 ("r1", "{\"protocol\":\"tcp\",\"method\":1,\(target),\"client_ip\":\"127.0.0.1\",\"port\":\(heldPort)}", 409, "port: \(heldPort)/tcp is already in use"),
+                ("r1", "{\"protocol\":\"tcp\",\"method\":1,\(target),\"client_ip\":\"127.0.0.1\",\"port\":\(sharedPort)}", 409, "port: \(sharedPort)/tcp is already in use"),
                 ("r1", "{\"protocol\":\"tcp\",\"method\":1,\(target),\"client_ip\":\"127.0.0.1\",\"port\":\(existingPort)}", 409, "already taken"),
                 ("r1", "{\"protocol\":\"tcp\",\"method\":0,\"target\":\"10.9.9.9:3389\"}", 403, "target: 10.9.9.9:3389 is outside the desktop networks"),
                 ("r1", "{\"protocol\":\"tcp\",\"method\":0,\"target\":\"127.0.0.1:\(gateway.port)\"}", 403, "is the gateway itself"),

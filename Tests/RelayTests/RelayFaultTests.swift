@@ -170,4 +170,25 @@ struct RelayFaultTests {
         let client = try TestClient.connect(good)
         client.close()
     }
+
+    @Test("a port another socket holds with SO_REUSEPORT is refused by the engine's probe, not shared; unless the caller has just probed it free (the gateway's allocator)")
+    func reusePortHolderRefused() throws {
+        let holder = try Socket.listen(on: TestPorts.freeAddress(), reusePort: true)
+        defer { holder.close() }
+        let held = try #require(Socket.localAddress(holder))
+        let target = try TestListener()
+        defer { target.close() }
+        let engine = try makeEngine()
+        defer { engine.shutdown() }
+        #expect {
+            try engine.change(upserting: [RelayRule(id: "shared", listen: held, target: target.address)])
+        } throws: { error in
+            guard let error = error as? RuleError, case .listenFailed(let rule, _, let cause) = error else { return false }
+            return rule == "shared" && cause.errno == .addressInUse
+        }
+        #expect(engine.rules.isEmpty)
+        // A caller that says it probed the address free is trusted: the listener opens beside the holder.
+        try engine.change(upserting: [RelayRule(id: "shared", listen: held, target: target.address)], probedFree: [held])
+        #expect(engine.rules.map(\.id) == ["shared"])
+    }
 }
