@@ -212,6 +212,15 @@ struct ControlProtocolTests {
             #expect(read == strict(bytes), "\(text)")
             #expect(try RulePush.decode(bytes) == read)
         }
+        // Every field a push may have is read by hand: a field added to
+        // RulePush must be added to the reader (and here), or such pushes
+        // silently take the slower strict path.
+        let samples = ["protocol": #""tcp+udp""#, "method": "2", "target": #""10.0.0.5:4172""#, "client_ip": #""203.0.113.9""#,
+                       "port": "4172", "unused_expiry_s": "60", "forwarding_path": #""kernel""#]
+        #expect(Set(samples.keys) == RulePush.fields, "a field without a sample here: add it to RulePushReader and to this test")
+        let every = Array(("{" + samples.map { "\"\($0.key)\":\($0.value)" }.joined(separator: ",") + "}").utf8)
+        let all = try #require(RulePushReader.read(every))
+        #expect(all == strict(every) && all.clientIP != nil && all.port != nil && all.unusedExpirySeconds != nil && all.forwardingPath != nil)
         // Left to the strict decoder (nil here), whatever it then says.
         let others = [
             #"{"protocol":"tcp","method":0,"target":"a\"b"}"#, #"{"protocol":"tcp","method":0.0,"target":"a"}"#,
