@@ -35,40 +35,19 @@ public enum RulePushReader {
                     skipSpace()
                     guard take(UInt8(ascii: ":")) else { return nil }
                     skipSpace()
-                    let bit: UInt8
+                    // Each field once, with a value of its type.
+                    let bit: UInt8, read: Bool
                     switch key {
-                    case "protocol":
-                        bit = 1
-                        guard let text = plainString(), let value = RuleProtocol(rawValue: text) else { return nil }
-                        proto = value
-                    case "method":
-                        bit = 2
-                        guard let number = integer(), let value = RoutingMethod(rawValue: number) else { return nil }
-                        method = value
-                    case "target":
-                        bit = 4
-                        guard let text = plainString() else { return nil }
-                        target = text
-                    case "client_ip":
-                        bit = 8
-                        guard let text = plainString() else { return nil }
-                        client = text
-                    case "port":
-                        bit = 16
-                        guard let number = integer() else { return nil }
-                        port = number
-                    case "unused_expiry_s":
-                        bit = 32
-                        guard let number = integer() else { return nil }
-                        expiry = number
-                    case "forwarding_path":
-                        bit = 64
-                        guard let text = plainString(), let value = ForwardingPath(rawValue: text) else { return nil }
-                        path = value
-                    default:
-                        return nil
+                    case "protocol": proto = plainString().flatMap(RuleProtocol.init(rawValue:)); (bit, read) = (1, proto != nil)
+                    case "method": method = integer().flatMap(RoutingMethod.init(rawValue:)); (bit, read) = (2, method != nil)
+                    case "target": target = plainString(); (bit, read) = (4, target != nil)
+                    case "client_ip": client = plainString(); (bit, read) = (8, client != nil)
+                    case "port": port = integer(); (bit, read) = (16, port != nil)
+                    case "unused_expiry_s": expiry = integer(); (bit, read) = (32, expiry != nil)
+                    case "forwarding_path": path = plainString().flatMap(ForwardingPath.init(rawValue:)); (bit, read) = (64, path != nil)
+                    default: return nil
                     }
-                    guard seen & bit == 0 else { return nil }
+                    guard read, seen & bit == 0 else { return nil }
                     seen |= bit
                     skipSpace()
                     if take(UInt8(ascii: ",")) { continue }
