@@ -33,6 +33,11 @@ public final class SQLiteBrokerStore: BrokerStore {
     private let pending = Mutex<[String: (gatewayID: Int64, since: Date)]>([:])
     /// The file's (device, inode) when opened, to notice it being removed or replaced.
     private let identity: FileIdentity?
+    /// Sessions found, and desktops' connect readings, each kept until a
+    /// commit changes what they come from (`ReadCache`); nil for a store
+    /// opened read-only, which another process may be writing.
+    private let sessions: ReadCache<AuthenticatedSession>?
+    private let readings: ReadCache<ConnectReading>?
 
     /// Opens the database at `path`.
     /// - Throws: `StoreError.unavailable` naming the file when it cannot be opened,
@@ -64,6 +69,13 @@ public final class SQLiteBrokerStore: BrokerStore {
                 // rules. FULL syncs the WAL at every commit, as PostgreSQL's
                 // default does.
                 try pool.writeWithoutTransaction { db in try db.execute(sql: "PRAGMA synchronous = FULL") }
+                let sessions = ReadCache<AuthenticatedSession>(), readings = ReadCache<ConnectReading>()
+                pool.add(transactionObserver: ReadCacheInvalidator(tables: ReadCacheInvalidator.sessionTables, invalidate: sessions.invalidate),
+                         extent: .databaseLifetime)
+                pool.add(transactionObserver: ReadCacheInvalidator(tables: ReadCacheInvalidator.readingTables, invalidate: readings.invalidate),
+                         extent: .databaseLifetime)
+                self.sessions = sessions
+                self.readings = readings
                 database = pool
             case .readOnly:
                 guard FileManager.default.fileExists(atPath: path) else {
@@ -73,6 +85,8 @@ public final class SQLiteBrokerStore: BrokerStore {
                 let queue = try DatabaseQueue(path: path, configuration: configuration)
                 // Touch the file now so that garbage is reported at open.
                 _ = try queue.read { db in try Int.fetchOne(db.cachedStatement(sql: "SELECT count(*) FROM sqlite_master")) }
+                sessions = nil
+                readings = nil
                 database = queue
             }
         } catch let error as StoreError {
@@ -348,6 +362,19 @@ public final class SQLiteBrokerStore: BrokerStore {
     }
 
     public func connectReading(desktopID: Int64) async throws(StoreError) -> ConnectReading {
+        // A reading with rule counts is never cached: the counts change with every connect.
+        guard let readings else { return try await readConnect(desktopID: desktopID) }
+        let key = String(desktopID)
+        let (cached, generation) = readings.lookup(key)
+        if let cached { return cached }
+        let reading = try await readConnect(desktopID: desktopID)
+        if !ConnectReading.countsRules(desktop: reading.desktop, cluster: reading.cluster) {
+            readings.insert(key, reading, ifGeneration: generation)
+        }
+        return reading
+    }
+
+    private func readConnect(desktopID: Int64) async throws(StoreError) -> ConnectReading {
         let path = self.path
         return try await read { db in
             let desktop = try Self.fetchDesktop(db, id: desktopID)
@@ -608,6 +635,7 @@ public final class SQLiteBrokerStore: BrokerStore {
             }
             if changes.users != nil {
                 try db.cachedStatement(sql: "DELETE FROM desktop_user WHERE desktop_id = ?").execute(arguments: [id])
+                try ReadCacheInvalidator.notify(db, table: "desktop_user")
                 try Self.storeEntitlements(db, desktopID: id, desktop.users)
             }
             return try Self.fetchDesktop(db, id: id)
@@ -651,6 +679,7 @@ public final class SQLiteBrokerStore: BrokerStore {
         for user in users {
             try db.cachedStatement(sql: "INSERT INTO desktop_user (desktop_id, user_id) VALUES (?, ?)").execute(arguments: [desktopID, user])
         }
+        if !users.isEmpty { try ReadCacheInvalidator.notify(db, table: "desktop_user") }
     }
 
     private static func storeProtocols(_ db: Database, desktopID: Int64, _ protocols: [DesktopProtocol]) throws {
@@ -712,6 +741,7 @@ public final class SQLiteBrokerStore: BrokerStore {
                                  changes.passwordHash, id])
             if changes.passwordHash != nil || !user.enabled {
                 try db.cachedStatement(sql: "DELETE FROM user_session WHERE user_id = ?").execute(arguments: [id])
+                try ReadCacheInvalidator.notify(db, table: "user_session")
             }
             return try Self.fetchUser(db, id: id)
         }
@@ -761,10 +791,25 @@ public final class SQLiteBrokerStore: BrokerStore {
                 VALUES (?, ?, ?, ?, ?, ?)
                 """, arguments: [session.tokenHash, session.userID, session.created, session.expires, session.clientAddress,
                                  session.loginGatewayID])
+            // No `ReadCacheInvalidator.notify`: a new session changes none
+            // cached (only sessions found are), so logins keep the cache.
         }
     }
 
     public func session(tokenHash: String, now: Date) async throws(StoreError) -> AuthenticatedSession? {
+        guard let sessions else { return try await readSession(tokenHash: tokenHash, now: now) }
+        let (cached, generation) = sessions.session(tokenHash, now: now)
+        if let cached { return cached }
+        let found = try await readSession(tokenHash: tokenHash, now: now)
+        if let found { sessions.insert(tokenHash, found, ifGeneration: generation) }
+        return found
+    }
+
+    /// How many sessions and connect readings the caches hold (tests).
+    var cachedSessions: Int { sessions?.count ?? 0 }
+    var cachedReadings: Int { readings?.count ?? 0 }
+
+    private func readSession(tokenHash: String, now: Date) async throws(StoreError) -> AuthenticatedSession? {
         try await read { db in
             guard let row = try Row.fetchOne(db.cachedStatement(sql: """
                 SELECT s.token_hash, s.user_id, s.created AS session_created, s.expires, s.client_address, s.login_gateway_id,
@@ -779,6 +824,7 @@ public final class SQLiteBrokerStore: BrokerStore {
     public func deleteSession(tokenHash: String) async throws(StoreError) {
         try await write { db in
             try db.cachedStatement(sql: "DELETE FROM user_session WHERE token_hash = ?").execute(arguments: [tokenHash])
+            try ReadCacheInvalidator.notify(db, table: "user_session")
         }
     }
 
@@ -786,6 +832,7 @@ public final class SQLiteBrokerStore: BrokerStore {
     public func deleteExpiredSessions(now: Date) async throws(StoreError) -> Int {
         try await write { db in
             try db.cachedStatement(sql: "DELETE FROM user_session WHERE expires <= ?").execute(arguments: [now])
+            if db.changesCount > 0 { try ReadCacheInvalidator.notify(db, table: "user_session") }
             return db.changesCount
         }
     }

@@ -169,4 +169,166 @@ struct SecretsTests {
         }
         try Validate.notes("line one\nline two\ttab", field: "notes")
     }
+
+    @Test("sessions are cached until a commit changes them: logout, password, disable, role, user or login gateway removed; expiry still counts; other writes keep the cache")
+    func sessionCache() async throws {
+        let folder = try TemporaryFolder()
+        defer { folder.remove() }
+        let store = try SQLiteBrokerStore(path: folder.path("broker.sqlite"))
+        defer { store.close() }
+        let now = Date()
+        let admin = try await store.createUser(UserChanges(login: "root", passwordHash: "x", role: .admin), now: now)
+        let gateway = try await store.createGateway(GatewayChanges(name: "gw", address: "203.0.113.10"), now: now)
+        var number = 0
+        /// A fresh user with a session through `gateway`, found once so that it is cached.
+        func cachedSession(role: UserRole = .user) async throws -> (User, String) {
+            number += 1
+            let user = try await store.createUser(UserChanges(login: "u\(number)", passwordHash: "x", role: role), now: now)
+            let hash = Secrets.sha256Hex(Secrets.token())
+            try await store.createSession(Session(tokenHash: hash, userID: user.id, created: now, expires: now.addingTimeInterval(60),
+                                                  clientAddress: "", loginGatewayID: gateway.id))
+            let before = store.cachedSessions
+            #expect(try await store.session(tokenHash: hash, now: now)?.user.id == user.id)
+            #expect(store.cachedSessions == before + 1, "the session found is cached")
+            return (user, hash)
+        }
+
+        let (_, kept) = try await cachedSession()
+        #expect(try await store.session(tokenHash: kept, now: now) != nil)
+        // Writes that change no session keep the cache: a login, another user, a gateway, a rule.
+        let entries = store.cachedSessions
+        _ = try await cachedSession()
+        _ = try await store.createGateway(GatewayChanges(name: "gw-2", address: "203.0.113.11"), now: now)
+        try await store.recordHeartbeat(id: gateway.id, load: 0.1, sessions: 1, now: now)
+        #expect(store.cachedSessions == entries + 1)
+        // Expiry needs no write.
+        #expect(try await store.session(tokenHash: kept, now: now.addingTimeInterval(60)) == nil)
+
+        // Each write that ends or changes sessions empties the cache before it returns.
+        var (user, hash) = try await cachedSession()
+        try await store.deleteSession(tokenHash: hash)
+        #expect(try await store.session(tokenHash: hash, now: now) == nil, "logout")
+
+        (user, hash) = try await cachedSession()
+        _ = try await store.updateUser(id: user.id, UserChanges(passwordHash: "y"), now: now)
+        #expect(try await store.session(tokenHash: hash, now: now) == nil, "a new password")
+
+        (user, hash) = try await cachedSession()
+        _ = try await store.updateUser(id: user.id, UserChanges(enabled: false), now: now)
+        #expect(try await store.session(tokenHash: hash, now: now) == nil, "the user disabled")
+
+        (user, hash) = try await cachedSession(role: .admin)
+        _ = try await store.updateUser(id: user.id, UserChanges(role: .user), now: now)
+        #expect(try await store.session(tokenHash: hash, now: now)?.user.role == .user, "the role changed")
+
+        (user, hash) = try await cachedSession()
+        try await store.deleteUser(id: user.id)
+        #expect(try await store.session(tokenHash: hash, now: now) == nil, "the user deleted")
+
+        (user, hash) = try await cachedSession()
+        #expect(store.cachedSessions > 0)
+        #expect(try await store.deleteExpiredSessions(now: now.addingTimeInterval(61)) > 0)
+        #expect(store.cachedSessions == 0, "expired sessions removed")
+
+        // The login gateway removed: the session stays, without it.
+        let other = try await store.createGateway(GatewayChanges(name: "gw-3", address: "203.0.113.12"), now: now)
+        let hash3 = Secrets.sha256Hex(Secrets.token())
+        try await store.createSession(Session(tokenHash: hash3, userID: admin.id, created: now,
+                                              expires: now.addingTimeInterval(60), clientAddress: "", loginGatewayID: other.id))
+        #expect(try await store.session(tokenHash: hash3, now: now)?.session.loginGatewayID == other.id)
+        try await store.deleteGateway(id: other.id)
+        let found = try await store.session(tokenHash: hash3, now: now)
+        #expect(found != nil && found?.session.loginGatewayID == nil, "the login gateway deleted")
+
+        // A failed write changes nothing, the cache included.
+        let entriesBefore = store.cachedSessions
+        await #expect(throws: StoreError.self) { try await store.deleteUser(id: admin.id) }
+        #expect(store.cachedSessions == entriesBefore)
+    }
+
+    @Test("the read caches do not keep what a read found before a change committed during it; an expired session is dropped")
+    func readCacheGeneration() {
+        let cache = ReadCache<AuthenticatedSession>()
+        let now = Date()
+        let session = AuthenticatedSession(
+            session: Session(tokenHash: "h", userID: 1, created: now, expires: now.addingTimeInterval(60), clientAddress: ""),
+            user: User(id: 1, login: "u", displayName: "", role: .user, enabled: true, created: now, updated: now))
+        let (none, generation) = cache.session("h", now: now)
+        #expect(none == nil)
+        cache.invalidate()   // a commit while the read ran
+        cache.insert("h", session, ifGeneration: generation)
+        #expect(cache.session("h", now: now).found == nil)
+        let (_, current) = cache.session("h", now: now)
+        cache.insert("h", session, ifGeneration: current)
+        #expect(cache.session("h", now: now).found == session)
+        #expect(cache.session("h", now: now.addingTimeInterval(60)).found == nil, "expired")
+        #expect(cache.count == 0, "an expired entry is dropped")
+    }
+
+    @Test("connect readings are cached until a desktop, its protocols or entitlements, a gateway or a cluster change; rule writes and logins keep them; readings with rule counts are not cached")
+    func readingCache() async throws {
+        let folder = try TemporaryFolder()
+        defer { folder.remove() }
+        let store = try SQLiteBrokerStore(path: folder.path("broker.sqlite"))
+        defer { store.close() }
+        let now = Date()
+        let gateway = try await store.createGateway(GatewayChanges(name: "gw", address: "203.0.113.10"), now: now)
+        let key = ControlKey.generate()
+        try await store.enrollGateway(id: gateway.id, key: key, now: now)
+        let bob = try await store.createUser(UserChanges(login: "bob", passwordHash: "x", role: .user), now: now)
+        let alice = try await store.createUser(UserChanges(login: "alice", passwordHash: "x", role: .user), now: now)
+        let desktop = try await store.createDesktop(DesktopChanges(name: "d", address: "10.0.0.5", protocols: [DesktopProtocol(name: "rdp", port: 3389)],
+                                                                   gatewayID: .set(gateway.id), users: [bob.id, alice.id]), now: now)
+        /// The reading, read twice: the second from the cache.
+        func reading() async throws -> ConnectReading {
+            let first = try await store.connectReading(desktopID: desktop.id)
+            #expect(store.cachedReadings == 1)
+            let second = try await store.connectReading(desktopID: desktop.id)
+            #expect(second.desktop == first.desktop && second.gateways == first.gateways && second.controlKeys == first.controlKeys)
+            return first
+        }
+        #expect(try await reading().desktop.users == [bob.id, alice.id].sorted())
+
+        // Rule writes, reservations, logins, logouts keep it.
+        let rule = GatewayRule(id: GatewayRule.newID(), gatewayID: gateway.id, desktopID: desktop.id, userID: bob.id, protocolName: "rdp",
+                               push: RulePush(protocol: .tcp, method: .randomPort, target: "10.0.0.5:3389"), port: 40000, created: now)
+        try await store.reserveRules([PendingRule(id: rule.id, gatewayID: gateway.id)], now: now)
+        try await store.createRules([rule])
+        let hash = Secrets.sha256Hex(Secrets.token())
+        try await store.createSession(Session(tokenHash: hash, userID: bob.id, created: now, expires: now.addingTimeInterval(60), clientAddress: ""))
+        try await store.deleteSession(tokenHash: hash)
+        try await store.deleteRules(connectionID: rule.id)
+        #expect(store.cachedReadings == 1)
+
+        // Each change of what a reading says empties the cache before the write returns.
+        _ = try await store.updateDesktop(id: desktop.id, DesktopChanges(users: [alice.id]), now: now)
+        #expect(store.cachedReadings == 0)
+        #expect(try await reading().desktop.users == [alice.id], "an entitlement removed")
+        _ = try await store.updateDesktop(id: desktop.id, DesktopChanges(protocols: [DesktopProtocol(name: "rdp", port: 3390)]), now: now)
+        #expect(try await reading().desktop.protocols.map(\.port) == [3390], "a protocol changed")
+        _ = try await store.updateGateway(id: gateway.id, GatewayChanges(address: "203.0.113.20"), now: now)
+        #expect(try await reading().gateways.map(\.address) == ["203.0.113.20"], "a gateway changed")
+        let newKey = ControlKey.generate()
+        try await store.enrollGateway(id: gateway.id, key: newKey, now: now)
+        #expect(try await reading().controlKeys == [gateway.id: newKey], "a gateway enrolled again")
+        try await store.recordHeartbeat(id: gateway.id, load: 0.5, sessions: 3, now: now.addingTimeInterval(5))
+        #expect(store.cachedReadings == 0, "a heartbeat (a gateway's liveness is read from its row)")
+        _ = try await reading()
+        try await store.deleteUser(id: alice.id)
+        #expect(try await reading().desktop.users.isEmpty, "an entitled user deleted")
+
+        // A desktop in a cluster: its members and the cluster itself.
+        let cluster = try await store.createGatewayCluster(GatewayClusterChanges(name: "East", loadBalanceVia: .everyGateway), now: now)
+        let pooled = try await store.createDesktop(DesktopChanges(name: "p", address: "10.0.0.6", protocols: [DesktopProtocol(name: "rdp", port: 3389)],
+                                                                  loadBalancerID: .set(cluster.id)), now: now)
+        #expect(try await store.connectReading(desktopID: pooled.id).gateways.isEmpty)
+        #expect(store.cachedReadings == 1)
+        let member = try await store.createGateway(GatewayChanges(name: "m1", address: "198.51.100.1", loadBalancerID: .set(cluster.id)), now: now)
+        #expect(try await store.connectReading(desktopID: pooled.id).gateways.map(\.id) == [member.id], "a new member")
+        // Balanced by rule counts: read every time (the counts change with every connect).
+        _ = try await store.updateGatewayCluster(id: cluster.id, GatewayClusterChanges(loadBalanceVia: .leastConnections), now: now)
+        #expect(store.cachedReadings == 0, "the cluster changed")
+        #expect(try await store.connectReading(desktopID: pooled.id).cluster?.loadBalanceVia == .leastConnections)
+        #expect(store.cachedReadings == 0, "a reading with counts is not kept")
+    }
 }
