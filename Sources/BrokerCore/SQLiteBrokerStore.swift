@@ -38,6 +38,10 @@ public final class SQLiteBrokerStore: BrokerStore {
     /// opened read-only, which another process may be writing.
     private let sessions: ReadCache<AuthenticatedSession>?
     private let readings: ReadCache<ConnectReading>?
+    /// `PATH.lock`, held while a store has the file open read-write: the
+    /// caches and the reservations above see only this process's writes,
+    /// so a second broker (or a second read-write store) is refused.
+    private let writerLock: ExclusiveFileLock?
 
     /// Opens the database at `path`.
     /// - Throws: `StoreError.unavailable` naming the file when it cannot be opened,
@@ -52,6 +56,7 @@ public final class SQLiteBrokerStore: BrokerStore {
         do {
             switch mode {
             case .readWrite:
+                writerLock = try Self.lockForWriting(path)
                 configuration.journalMode = .wal
                 let pool = try DatabasePool(path: path, configuration: configuration)
                 let migrator = Migrations.migrator
@@ -87,6 +92,7 @@ public final class SQLiteBrokerStore: BrokerStore {
                 _ = try queue.read { db in try Int.fetchOne(db.cachedStatement(sql: "SELECT count(*) FROM sqlite_master")) }
                 sessions = nil
                 readings = nil
+                writerLock = nil
                 database = queue
             }
         } catch let error as StoreError {
@@ -95,6 +101,24 @@ public final class SQLiteBrokerStore: BrokerStore {
             throw StoreError.unavailable("\(path): \(Self.describe(error))")
         }
         identity = FileIdentity(path: path)
+    }
+
+    /// Takes `PATH.lock`, or names who holds it.
+    private static func lockForWriting(_ path: String) throws(StoreError) -> ExclusiveFileLock {
+        let lockPath = path + ".lock"
+        let outcome: ExclusiveFileLock.Outcome
+        do {
+            outcome = try ExclusiveFileLock.acquire(lockPath)
+        } catch {
+            throw StoreError.unavailable("\(path): cannot take its lock file \(lockPath): \(error)")
+        }
+        switch outcome {
+        case .acquired(let lock):
+            return lock
+        case .held(let pid):
+            let holder = pid.map { pid in pid == getpid() ? "this process" : "process \(pid)" } ?? "another process"
+            throw StoreError.unavailable("\(path) is in use by \(holder) (it holds \(lockPath)): an SQLite database serves one broker; stop that one first, or use PostgreSQL for several brokers")
+        }
     }
 
     /// Closes the database at shutdown: SQLite folds the WAL back into the

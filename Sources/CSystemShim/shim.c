@@ -7,6 +7,7 @@
 #include <execinfo.h>
 #include <string.h>
 #include <fcntl.h>
+#include <sys/file.h>
 #include <pthread.h>
 #include <sched.h>
 #include <signal.h>
@@ -20,6 +21,7 @@
 #include <spawn.h>
 
 int shim_errno(void) { return errno; }
+int shim_flock_exclusive_nonblocking(int fd) { return flock(fd, LOCK_EX | LOCK_NB); }
 void shim_set_errno(int value) { errno = value; }
 
 // MARK: epoll

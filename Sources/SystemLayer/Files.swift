@@ -160,3 +160,52 @@ extension SystemInfo {
         return Array(Set(found))
     }
 }
+
+/// An exclusive advisory lock (`flock`) on a file, held while the value
+/// lives and released when it is freed or the process ends (a crash
+/// included: the kernel drops it with the descriptor). The holder's pid is
+/// written in the file, for the message of whoever finds it held.
+public final class ExclusiveFileLock: Sendable {
+    public let path: String
+    private let descriptor: FileDescriptor
+
+    private init(path: String, descriptor: FileDescriptor) {
+        self.path = path
+        self.descriptor = descriptor
+    }
+
+    deinit { descriptor.close() }
+
+    /// What `acquire` found.
+    public enum Outcome: Sendable {
+        case acquired(ExclusiveFileLock)
+        /// Another open of the file holds it: another process, or another
+        /// lock of this one. `pid` is what the holder wrote, when readable.
+        case held(pid: Int32?)
+    }
+
+    /// Creates `path` (mode 0600) if missing and takes its lock without waiting.
+    /// - Throws: `Errno` when the file cannot be opened or locked for another reason.
+    public static func acquire(_ path: String) throws(Errno) -> Outcome {
+        let fd = try Syscall.run { Glibc.open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600) }
+        let descriptor = FileDescriptor(rawValue: fd)
+        while shim_flock_exclusive_nonblocking(fd) != 0 {
+            let error = Errno.current
+            if error == .interrupted { continue }
+            defer { descriptor.close() }
+            if error == .wouldBlock { return .held(pid: holder(of: descriptor)) }
+            throw error
+        }
+        _ = Glibc.ftruncate(fd, 0)
+        let text = Array("\(getpid())\n".utf8)
+        _ = text.withUnsafeBytes { Glibc.pwrite(fd, $0.baseAddress, $0.count, 0) }
+        return .acquired(ExclusiveFileLock(path: path, descriptor: descriptor))
+    }
+
+    private static func holder(of descriptor: FileDescriptor) -> Int32? {
+        var bytes = [UInt8](repeating: 0, count: 16)
+        let count = bytes.withUnsafeMutableBytes { Glibc.pread(descriptor.rawValue, $0.baseAddress, $0.count, 0) }
+        guard count > 0 else { return nil }
+        return Int32(String(decoding: bytes[..<count].prefix { $0 >= 0x30 && $0 <= 0x39 }, as: UTF8.self))
+    }
+}

@@ -260,6 +260,7 @@ struct BrokerOptions: ParsableArguments {
     func validate() throws {
         _ = try listenAddress()
         _ = try databaseChoice()
+        try checkTLSFlags()
         if !(4...31).contains(bcryptCost) { throw ValidationError("--bcrypt-cost must be 4 to 31, got \(bcryptCost)") }
         if sessionLifetime < 60 { throw ValidationError("--session-lifetime must be at least 60 seconds, got \(sessionLifetime)") }
         if maxBodyBytes < 1024 { throw ValidationError("--max-body-bytes must be at least 1024, got \(maxBodyBytes)") }
@@ -277,20 +278,25 @@ struct BrokerOptions: ParsableArguments {
         }
     }
 
-    /// The listener's TLS: --tls-cert and --tls-key (after HP's checks on
-    /// them), else a self-signed RSA 3072 pair made once in --data-dir
-    /// (broker-tls.crt, broker-tls.key); nil only with --plain-http. The
-    /// same loader as the control endpoints' (`ServerTLS`).
-    func tlsConfiguration() throws -> BrokerTLS? {
-        if plainHttp {
-            if tlsCert != nil || tlsKey != nil { throw ValidationError("--plain-http and --tls-cert/--tls-key: give one") }
-            return nil
-        }
+    /// How the TLS flags combine; checked in `validate()` too, so a bad
+    /// combination is refused before the database is opened (or found held
+    /// by a running broker).
+    func checkTLSFlags() throws {
+        if plainHttp && (tlsCert != nil || tlsKey != nil) { throw ValidationError("--plain-http and --tls-cert/--tls-key: give one") }
         switch (tlsCert, tlsKey) {
         case (_?, nil): throw ValidationError("--tls-cert needs --tls-key")
         case (nil, _?): throw ValidationError("--tls-key needs --tls-cert")
         default: break
         }
+    }
+
+    /// The listener's TLS: --tls-cert and --tls-key (after HP's checks on
+    /// them), else a self-signed RSA 3072 pair made once in --data-dir
+    /// (broker-tls.crt, broker-tls.key); nil only with --plain-http. The
+    /// same loader as the control endpoints' (`ServerTLS`).
+    func tlsConfiguration() throws -> BrokerTLS? {
+        try checkTLSFlags()
+        if plainHttp { return nil }
         var names = tlsName
         if tlsCert == nil {
             let (host, _) = try listenAddress()

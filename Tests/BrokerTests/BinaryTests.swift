@@ -225,6 +225,14 @@ struct BinaryTests {
         #expect(again.waitForOutput("listening on"), "\(again.stderr)")
         #expect(try String(contentsOfFile: certificate, encoding: .utf8) == before)
 
+        // A second broker on the same SQLite file is refused, naming the file, its lock and the holder.
+        let second = try BrokerProcess.run(["--listen", "127.0.0.1:0", "--data-dir", dataDir])
+        #expect(second.status != 0 && second.stderr.contains("broker.sqlite is in use by process")
+                    && second.stderr.contains("broker.sqlite.lock"), "\(second)")
+        let againPort = again.stderr.components(separatedBy: "listening on 127.0.0.1:").last?.prefix { $0.isNumber } ?? ""
+        #expect(try ChildProcess.run("/usr/bin/curl", ["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert", certificate,
+                                                       "https://127.0.0.1:\(againPort)/v1/system/health"]).stdout == "401",
+                "the running broker is unharmed")
         let both = try BrokerProcess.run(["--listen", "127.0.0.1:0", "--data-dir", dataDir, "--plain-http", "--tls-cert", certificate,
                                           "--tls-key", dataDir + "/broker-tls.key"])
         #expect(both.status != 0 && both.stderr.contains("--plain-http and --tls-cert/--tls-key: give one"), "\(both)")

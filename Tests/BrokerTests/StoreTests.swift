@@ -331,4 +331,29 @@ struct SecretsTests {
         #expect(try await store.connectReading(desktopID: pooled.id).cluster?.loadBalanceVia == .leastConnections)
         #expect(store.cachedReadings == 0, "a reading with counts is not kept")
     }
+
+    @Test("one read-write store per file: a second is refused naming the file and the holder, a read-only one is not; the lock goes with the store")
+    func oneWriterPerFile() async throws {
+        let folder = try TemporaryFolder()
+        defer { folder.remove() }
+        let path = folder.path("broker.sqlite")
+        do {
+            let store = try SQLiteBrokerStore(path: path)
+            _ = try await store.createGateway(GatewayChanges(name: "gw", address: "gw.example.com"), now: Date())
+            #expect {
+                _ = try SQLiteBrokerStore(path: path)
+            } throws: { error in
+                guard case .unavailable(let message) = error as? StoreError else { return false }
+                return message.contains(path) && message.contains("this process") && message.contains("\(path).lock")
+                    && message.contains("PostgreSQL")
+            }
+            let readOnly = try SQLiteBrokerStore(path: path, mode: .readOnly)
+            #expect(try await readOnly.gateways().map(\.name) == ["gw"])
+            #expect(try await store.gateways().map(\.name) == ["gw"], "the first store is unharmed")
+            store.close()
+        }
+        // Released with the store: the file opens read-write again.
+        let again = try SQLiteBrokerStore(path: path)
+        #expect(try await again.gateways().map(\.name) == ["gw"])
+    }
 }

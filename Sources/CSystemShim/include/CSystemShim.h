@@ -18,6 +18,8 @@
 // MARK: errno
 
 int shim_errno(void);
+/// flock(2) with LOCK_EX | LOCK_NB: 0, or -1 with errno (EWOULDBLOCK when held).
+int shim_flock_exclusive_nonblocking(int fd);
 void shim_set_errno(int value);
 
 // MARK: epoll
