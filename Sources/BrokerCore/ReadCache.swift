@@ -56,6 +56,16 @@ final class ReadCache<Value: Sendable>: Sendable {
         }
     }
 
+    /// Forgets the entry for `key` and starts a new generation (reads under
+    /// way store nothing), keeping the other entries. Call it after the
+    /// commit that changed that entry alone.
+    func remove(_ key: String) {
+        state.withLock { state in
+            state.generation &+= 1
+            state.entries[key] = nil
+        }
+    }
+
     /// Forgets every entry and starts a new generation.
     func invalidate() {
         state.withLock { state in

@@ -846,9 +846,13 @@ public final class SQLiteBrokerStore: BrokerStore {
     }
 
     public func deleteSession(tokenHash: String) async throws(StoreError) {
+        let sessions = self.sessions
         try await write { db in
             try db.cachedStatement(sql: "DELETE FROM user_session WHERE token_hash = ?").execute(arguments: [tokenHash])
-            try ReadCacheInvalidator.notify(db, table: "user_session")
+            // A logout changes that one session: its entry alone goes, after
+            // the commit (a read that starts then sees the row gone), so the
+            // other users' sessions stay cached.
+            db.afterNextTransaction(onCommit: { _ in sessions?.remove(tokenHash) })
         }
     }
 

@@ -206,8 +206,13 @@ struct SecretsTests {
 
         // Each write that ends or changes sessions empties the cache before it returns.
         var (user, hash) = try await cachedSession()
+        let (_, stillLoggedIn) = try await cachedSession()
+        let cachedBefore = store.cachedSessions
         try await store.deleteSession(tokenHash: hash)
+        #expect(store.cachedSessions == cachedBefore - 1, "a logout drops its own session, not the others'")
         #expect(try await store.session(tokenHash: hash, now: now) == nil, "logout")
+        #expect(try await store.session(tokenHash: stillLoggedIn, now: now) != nil)
+        #expect(store.cachedSessions == cachedBefore - 1)
 
         (user, hash) = try await cachedSession()
         _ = try await store.updateUser(id: user.id, UserChanges(passwordHash: "y"), now: now)
