@@ -20,10 +20,10 @@ import Synchronization
 /// Only commits of this process are seen: the SQLite file serves one broker
 /// process (as its rule reservations already assume). The PostgreSQL store,
 /// which several brokers share, does not cache.
-final class ReadCache<Value: Sendable>: Sendable {
+final class ReadCache<Key: Hashable & Sendable, Value: Sendable>: Sendable {
     private struct State {
         var generation: UInt64 = 0
-        var entries: [String: Value] = [:]
+        var entries: [Key: Value] = [:]
     }
 
     /// At most this many entries; the cache is emptied when full (a bound,
@@ -35,7 +35,7 @@ final class ReadCache<Value: Sendable>: Sendable {
     /// The cached value for `key` if `isValid` accepts it (an entry it
     /// refuses is dropped), and the generation to store a database read
     /// under when there is none.
-    func lookup(_ key: String, isValid: (Value) -> Bool = { _ in true }) -> (found: Value?, generation: UInt64) {
+    func lookup(_ key: Key, isValid: (Value) -> Bool = { _ in true }) -> (found: Value?, generation: UInt64) {
         state.withLock { state in
             guard let entry = state.entries[key] else { return (nil, state.generation) }
             guard isValid(entry) else {
@@ -48,7 +48,7 @@ final class ReadCache<Value: Sendable>: Sendable {
 
     /// Keeps a value read from the database, unless a commit that could
     /// change it came since `generation` was taken.
-    func insert(_ key: String, _ value: Value, ifGeneration generation: UInt64) {
+    func insert(_ key: Key, _ value: Value, ifGeneration generation: UInt64) {
         state.withLock { state in
             guard state.generation == generation else { return }
             if state.entries.count >= Self.capacity { state.entries.removeAll(keepingCapacity: true) }
@@ -59,7 +59,7 @@ final class ReadCache<Value: Sendable>: Sendable {
     /// Forgets the entry for `key` and starts a new generation (reads under
     /// way store nothing), keeping the other entries. Call it after the
     /// commit that changed that entry alone.
-    func remove(_ key: String) {
+    func remove(_ key: Key) {
         state.withLock { state in
             state.generation &+= 1
             state.entries[key] = nil
@@ -77,16 +77,12 @@ final class ReadCache<Value: Sendable>: Sendable {
     var count: Int { state.withLock { $0.entries.count } }
 }
 
-extension ReadCache where Value == AuthenticatedSession {
+extension ReadCache where Key == String, Value == AuthenticatedSession {
     /// The session for `tokenHash` unless it has expired at `now`, compared
     /// as the store's query does: both to the millisecond (`StoredDate`).
     func session(_ tokenHash: String, now: Date) -> (found: AuthenticatedSession?, generation: UInt64) {
-        let nowMilliseconds = Self.milliseconds(now)
-        return lookup(tokenHash) { Self.milliseconds($0.session.expires) > nowMilliseconds }
-    }
-
-    private static func milliseconds(_ date: Date) -> Int64 {
-        Int64((date.timeIntervalSince1970 * 1000).rounded())
+        let nowMilliseconds = StoredDate.milliseconds(now)
+        return lookup(tokenHash) { StoredDate.milliseconds($0.session.expires) > nowMilliseconds }
     }
 }
 

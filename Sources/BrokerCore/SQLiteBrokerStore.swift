@@ -36,8 +36,8 @@ public final class SQLiteBrokerStore: BrokerStore {
     /// Sessions found, and desktops' connect readings, each kept until a
     /// commit changes what they come from (`ReadCache`); nil for a store
     /// opened read-only, which another process may be writing.
-    private let sessions: ReadCache<AuthenticatedSession>?
-    private let readings: ReadCache<ConnectReading>?
+    private let sessions: ReadCache<String, AuthenticatedSession>?
+    private let readings: ReadCache<Int64, ConnectReading>?
     /// `PATH.lock`, held while a store has the file open read-write: the
     /// caches and the reservations above see only this process's writes,
     /// so a second broker (or a second read-write store) is refused.
@@ -74,7 +74,7 @@ public final class SQLiteBrokerStore: BrokerStore {
                 // rules. FULL syncs the WAL at every commit, as PostgreSQL's
                 // default does.
                 try pool.writeWithoutTransaction { db in try db.execute(sql: "PRAGMA synchronous = FULL") }
-                let sessions = ReadCache<AuthenticatedSession>(), readings = ReadCache<ConnectReading>()
+                let sessions = ReadCache<String, AuthenticatedSession>(), readings = ReadCache<Int64, ConnectReading>()
                 pool.add(transactionObserver: ReadCacheInvalidator(tables: ReadCacheInvalidator.sessionTables, invalidate: sessions.invalidate),
                          extent: .databaseLifetime)
                 pool.add(transactionObserver: ReadCacheInvalidator(tables: ReadCacheInvalidator.readingTables, invalidate: readings.invalidate),
@@ -388,12 +388,11 @@ public final class SQLiteBrokerStore: BrokerStore {
     public func connectReading(desktopID: Int64) async throws(StoreError) -> ConnectReading {
         // A reading with rule counts is never cached: the counts change with every connect.
         guard let readings else { return try await readConnect(desktopID: desktopID) }
-        let key = String(desktopID)
-        let (cached, generation) = readings.lookup(key)
+        let (cached, generation) = readings.lookup(desktopID)
         if let cached { return cached }
         let reading = try await readConnect(desktopID: desktopID)
         if !ConnectReading.countsRules(desktop: reading.desktop, cluster: reading.cluster) {
-            readings.insert(key, reading, ifGeneration: generation)
+            readings.insert(desktopID, reading, ifGeneration: generation)
         }
         return reading
     }
@@ -982,11 +981,17 @@ extension Row: StoreRecord {
 /// so stored dates compare and read back as before (tested against GRDB's own).
 enum StoredDate {
     static func text(_ date: Date) -> String {
-        let milliseconds = (date.timeIntervalSince1970 * 1000).rounded()
+        let milliseconds = milliseconds(date)
         // 1970-01-01 to 9999-12-31: outside that (never in practice), GRDB's own.
         guard milliseconds >= 0, milliseconds < 253_402_300_800_000 else {
             return String.fromDatabaseValue(date.databaseValue) ?? ""
         }
-        return UTCTimestamp.sqliteText(millisecondsSince1970: Int64(milliseconds))
+        return UTCTimestamp.sqliteText(millisecondsSince1970: milliseconds)
+    }
+
+    /// The stored precision: whole milliseconds, rounded (what the text
+    /// holds, so comparing these compares as the SQL compares the texts).
+    static func milliseconds(_ date: Date) -> Int64 {
+        Int64((date.timeIntervalSince1970 * 1000).rounded())
     }
 }

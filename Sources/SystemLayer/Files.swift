@@ -187,18 +187,21 @@ public final class ExclusiveFileLock: Sendable {
     /// Creates `path` (mode 0600) if missing and takes its lock without waiting.
     /// - Throws: `Errno` when the file cannot be opened or locked for another reason.
     public static func acquire(_ path: String) throws(Errno) -> Outcome {
-        let fd = try Syscall.run { Glibc.open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600) }
-        let descriptor = FileDescriptor(rawValue: fd)
-        while shim_flock_exclusive_nonblocking(fd) != 0 {
-            let error = Errno.current
-            if error == .interrupted { continue }
-            defer { descriptor.close() }
-            if error == .wouldBlock { return .held(pid: holder(of: descriptor)) }
+        let descriptor = FileDescriptor(rawValue: try Syscall.run { Glibc.open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600) })
+        let locked: IOResult<Int32>
+        do {
+            locked = try Syscall.nonBlocking { shim_flock_exclusive_nonblocking(descriptor.rawValue) }
+        } catch {
+            descriptor.close()
             throw error
         }
-        _ = Glibc.ftruncate(fd, 0)
-        let text = Array("\(getpid())\n".utf8)
-        _ = text.withUnsafeBytes { Glibc.pwrite(fd, $0.baseAddress, $0.count, 0) }
+        guard case .done = locked else {
+            defer { descriptor.close() }
+            return .held(pid: holder(of: descriptor))
+        }
+        // Fresh open: the offset is 0, so the pid replaces what an earlier holder wrote.
+        _ = Glibc.ftruncate(descriptor.rawValue, 0)
+        try? descriptor.writeAll(Array("\(getpid())\n".utf8))
         return .acquired(ExclusiveFileLock(path: path, descriptor: descriptor))
     }
 

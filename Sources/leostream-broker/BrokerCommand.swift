@@ -278,9 +278,9 @@ struct BrokerOptions: ParsableArguments {
         }
     }
 
-    /// How the TLS flags combine; checked in `validate()` too, so a bad
+    /// How the TLS flags combine; checked in `validate()`, so a bad
     /// combination is refused before the database is opened (or found held
-    /// by a running broker).
+    /// by a running broker), and `tlsConfiguration()` may count on it.
     func checkTLSFlags() throws {
         if plainHttp && (tlsCert != nil || tlsKey != nil) { throw ValidationError("--plain-http and --tls-cert/--tls-key: give one") }
         switch (tlsCert, tlsKey) {
@@ -295,7 +295,6 @@ struct BrokerOptions: ParsableArguments {
     /// (broker-tls.crt, broker-tls.key); nil only with --plain-http. The
     /// same loader as the control endpoints' (`ServerTLS`).
     func tlsConfiguration() throws -> BrokerTLS? {
-        try checkTLSFlags()
         if plainHttp { return nil }
         var names = tlsName
         if tlsCert == nil {

@@ -5,6 +5,13 @@ import GRDB
 import Testing
 import TestSupport
 
+/// A new store at `path` holding one gateway, "gw".
+private func storeWithGateway(_ path: String) async throws -> SQLiteBrokerStore {
+    let store = try SQLiteBrokerStore(path: path)
+    _ = try await store.createGateway(GatewayChanges(name: "gw", address: "gw.example.com"), now: Date())
+    return store
+}
+
 @Suite("SQLite store: its file", .offPool)
 struct StoreTests {
     @Test("migrations run from an empty file: every table, WAL, foreign keys, schema current")
@@ -42,10 +49,7 @@ struct StoreTests {
         let folder = try TemporaryFolder()
         defer { folder.remove() }
         let path = folder.path("broker.sqlite")
-        do {
-            let store = try SQLiteBrokerStore(path: path)
-            _ = try await store.createGateway(GatewayChanges(name: "gw", address: "gw.example.com"), now: Date())
-        }
+        _ = try await storeWithGateway(path)
         let store = try SQLiteBrokerStore(path: path)
         #expect(try await store.gateways().map(\.name) == ["gw"])
         #expect(try await store.schema().applied == ["0001-initial", "0002-control-plane", "0003-connection-groups", "0004-entitlements", "0005-forwarding-path", "0006-control-certificate", "0007-pending-rules"])
@@ -253,7 +257,7 @@ struct SecretsTests {
 
     @Test("the read caches do not keep what a read found before a change committed during it; an expired session is dropped")
     func readCacheGeneration() {
-        let cache = ReadCache<AuthenticatedSession>()
+        let cache = ReadCache<String, AuthenticatedSession>()
         let now = Date()
         let session = AuthenticatedSession(
             session: Session(tokenHash: "h", userID: 1, created: now, expires: now.addingTimeInterval(60), clientAddress: ""),
@@ -343,8 +347,7 @@ struct SecretsTests {
         defer { folder.remove() }
         let path = folder.path("broker.sqlite")
         do {
-            let store = try SQLiteBrokerStore(path: path)
-            _ = try await store.createGateway(GatewayChanges(name: "gw", address: "gw.example.com"), now: Date())
+            let store = try await storeWithGateway(path)
             #expect {
                 _ = try SQLiteBrokerStore(path: path)
             } throws: { error in
